@@ -1,0 +1,115 @@
+"""``python -m llm2clip_fast.info``: versions, built extensions, and which backend serves each op here.
+
+For every registered op and for each device/dtype this machine has, prints the backend automatic
+dispatch would pick and, for every other backend, why it would not serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import pkgutil
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from . import __version__
+from ._extensions import cpu_extension, cpu_extension_error, cuda_extension, cuda_extension_error
+from .ops import _backend
+
+_PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "webdataset", "safetensors",
+             "numpy", "xformers", "flash-attn")
+
+
+def load_all_ops() -> dict[str, _backend.Op]:
+    """Import every op module under llm2clip_fast.ops so each registers its backends."""
+    from . import ops
+
+    for mod in pkgutil.iter_modules(ops.__path__):
+        if not mod.name.startswith("_") and mod.name != "reference":
+            importlib.import_module(f"{ops.__name__}.{mod.name}")
+    return _backend.registered_ops()
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict[str, Any]:
+    """Everything ``info`` prints, as a JSON-able dict."""
+    versions = {"llm2clip_fast": __version__, "python": platform.python_version()}
+    versions.update({p: _version(p) for p in _PACKAGES})
+    ext: dict[str, Any] = {}
+    c = cpu_extension()
+    ext["llm2clip_fast._C"] = (
+        {"built": True, "openmp": bool(c.has_openmp()), "omp_threads": int(c.omp_max_threads())}
+        if c is not None
+        else {"built": False, "why": cpu_extension_error()}
+    )
+    cu = cuda_extension()
+    ext["llm2clip_fast._cuda"] = (
+        {"built": True, **dict(cu.runtime_info())} if cu is not None else {"built": False, "why": cuda_extension_error()}
+    )
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    table = []
+    for name, op in sorted(load_all_ops().items()):
+        if op.probe is None:
+            continue
+        for dev in devices:
+            for dtype in (torch.float32, torch.bfloat16):
+                tensors = op.probe(dev, dtype)
+                rows = _backend.explain(name, tensors)
+                chosen = next((b for b, why in rows if not why), None)
+                forced = _backend.env_forced_backend(name)
+                table.append({
+                    "op": name, "device": dev.type, "dtype": str(dtype).replace("torch.", ""),
+                    "serves": chosen, "forced_by_env": forced,
+                    "refusals": {b: why for b, why in rows if why},
+                })
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "cuda_available": torch.cuda.is_available(),
+        "torch_threads": torch.get_num_threads(),
+        "extensions": ext,
+        "ops": table,
+    }
+
+
+def render(info: dict[str, Any]) -> str:
+    out = ["llm2clip_fast info", "", "versions:"]
+    out += [f"  {k:<14} {v if v is not None else '-'}" for k, v in info["versions"].items()]
+    out += ["", f"platform: {info['platform']}", f"cuda available: {info['cuda_available']}",
+            f"torch threads: {info['torch_threads']}", "", "extensions:"]
+    for name, e in info["extensions"].items():
+        detail = ", ".join(f"{k}={v}" for k, v in e.items() if k != "built")
+        out.append(f"  {name:<22} {'built' if e['built'] else 'NOT built'}  {detail}")
+    out += ["", "ops (automatic dispatch):"]
+    for row in info["ops"]:
+        forced = f"  [env forces {row['forced_by_env']}]" if row["forced_by_env"] else ""
+        out.append(f"  {row['op']:<18} {row['device']:<5} {row['dtype']:<9} -> {row['serves'] or 'NONE'}{forced}")
+        for b, why in row["refusals"].items():
+            out.append(f"      {b:<10} not used: {'; '.join(why)}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm2clip_fast.info", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args(argv)
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

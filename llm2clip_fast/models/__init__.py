@@ -1,0 +1,1 @@
+"""Models: text adapter, LLM text encoder, vision towers, LLM2CLIPModel."""

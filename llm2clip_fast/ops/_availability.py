@@ -1,0 +1,75 @@
+"""Reasons shared by backends of many ops: is Triton usable, is an extension built, right device."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from .._extensions import cpu_extension_error, cuda_runtime_problem
+from ._backend import DispatchContext
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.cache
+def triton_import_problem() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def triton_reasons(ctx: DispatchContext) -> list[str]:
+    """Triton serves CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 and only when forced."""
+    why = []
+    problem = triton_import_problem()
+    if problem:
+        why.append(problem)
+    dev = ctx.device
+    if dev.type == "cuda":
+        if triton_interpreter_on():
+            why.append("TRITON_INTERPRET=1 is set, so Triton cannot launch on CUDA tensors")
+    elif dev.type == "cpu":
+        if not triton_interpreter_on():
+            why.append("tensors are on cpu; Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+        elif not ctx.forced:
+            why.append("the Triton interpreter runs CPU tensors only when forced (backend='triton'): it is slow")
+    else:
+        why.append(f"tensors are on {dev.type}; Triton here serves cuda")
+    return why
+
+
+def cpu_extension_reasons(ctx: DispatchContext) -> list[str]:
+    why = []
+    err = cpu_extension_error()
+    if err:
+        why.append(err)
+    if ctx.device.type != "cpu":
+        why.append(f"tensors are on {ctx.device.type}; the C++ extension serves cpu tensors")
+    return why
+
+
+def cuda_extension_reasons(ctx: DispatchContext) -> list[str]:
+    why = []
+    if ctx.device.type != "cuda":
+        why.append(f"tensors are on {ctx.device.type}; llm2clip_fast._cuda serves cuda tensors")
+    problem = cuda_runtime_problem()
+    if problem:
+        why.append(problem)
+    return why
+
+
+def dtype_reasons(ctx: DispatchContext, allowed: tuple[torch.dtype, ...]) -> list[str]:
+    bad = sorted(str(d) for d in ctx.dtypes if d not in allowed)
+    if bad:
+        return [f"dtype {', '.join(bad)} not supported (supports {', '.join(str(d) for d in allowed)})"]
+    return []
+
+
+def reference_reasons(ctx: DispatchContext) -> list[str]:
+    """The materialising reference runs only when forced: it holds O(B^2) memory."""
+    return [] if ctx.forced else ["the reference materialises O(B^2) memory; it serves only when forced"]

@@ -1,0 +1,190 @@
+"""Build llm2clip_fast and its native extensions.
+
+- ``llm2clip_fast._C``: C++ CPU ops (torch C++ API + OpenMP), built by torch's cpp_extension. Always built.
+- ``llm2clip_fast._cuda``: raw CUDA kernels + pybind11, no torch headers, cudart linked statically.
+  Built whenever ``nvcc`` is found; a missing or failing nvcc is a warning, never a failed install.
+
+Environment:
+- ``LLM2CLIP_CUDA_ARCHS``: semicolon/comma separated compute capabilities for ``_cuda`` (default ``80;90``).
+- ``LLM2CLIP_SKIP_CUDA=1``: do not build ``_cuda`` even if nvcc is present.
+- ``CUDA_HOME``: where to look for nvcc first (else ``PATH``, else ``/usr/local/cuda``).
+
+Build with ``pip install --no-build-isolation -e .`` so the build uses the torch you already have.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+from setuptools import Extension, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "80;90"
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def find_nvcc() -> str | None:
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc")
+    on_path = shutil.which("nvcc")
+    if on_path:
+        candidates.append(Path(on_path))
+    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    return None
+
+
+def find_cuda_home(nvcc: str) -> Path:
+    """The toolkit folder holding include/cuda_runtime_api.h (nvcc may be a wrapper script elsewhere)."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(Path(os.environ["CUDA_HOME"]))
+    candidates += [Path(nvcc).resolve().parent.parent, Path("/usr/local/cuda")]
+    for c in candidates:
+        if (c / "include" / "cuda_runtime_api.h").is_file():
+            return c
+    raise FileNotFoundError(
+        f"no CUDA toolkit headers (include/cuda_runtime_api.h) under {[str(c) for c in candidates]}; set CUDA_HOME"
+    )
+
+
+def cuda_archs() -> list[str]:
+    raw = os.environ.get("LLM2CLIP_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+    archs = [a.strip().replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
+    bad = [a for a in archs if not a.isdigit()]
+    if bad or not archs:
+        raise ValueError(
+            f"LLM2CLIP_CUDA_ARCHS={raw!r}: expected compute capabilities such as '80;90', got {bad or 'nothing'}"
+        )
+    return archs
+
+
+class NvccPybindExtension(Extension):
+    """A pybind11 module whose .cu sources go through nvcc and whose .cpp sources through the host compiler."""
+
+
+class BuildNativeExtensions(BuildExtension):
+    """torch's BuildExtension for ``_C``; a hand-driven nvcc + g++ build for ``_cuda`` that may fail softly."""
+
+    def build_extensions(self) -> None:
+        # torch's BuildExtension drives the C++ extension; the nvcc module is built afterwards and
+        # only re-added to the extension list (whose outputs get installed) when it built.
+        soft = [e for e in self.extensions if isinstance(e, NvccPybindExtension)]
+        self.extensions = [e for e in self.extensions if not isinstance(e, NvccPybindExtension)]
+        super().build_extensions()
+        for ext in soft:
+            try:
+                self._build_nvcc_pybind(ext)
+            except Exception as exc:  # noqa: BLE001 - any failure here must not fail the install
+                warnings.warn(
+                    f"llm2clip_fast: could not build {ext.name} ({exc}); CUDA kernels of that module will "
+                    "be unavailable and other backends will serve. Set LLM2CLIP_SKIP_CUDA=1 to skip it.",
+                    stacklevel=1,
+                )
+            else:
+                self.extensions.append(ext)
+
+    def build_extension(self, ext: Extension) -> None:
+        if isinstance(ext, NvccPybindExtension):
+            self._build_nvcc_pybind(ext)
+            return
+        super().build_extension(ext)
+
+    def _build_nvcc_pybind(self, ext: NvccPybindExtension) -> None:
+        import pybind11
+
+        nvcc = find_nvcc()
+        assert nvcc is not None  # checked before the extension was added
+        cuda_home = find_cuda_home(nvcc)
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(self.build_temp) / "cuda_objs"
+        tmp.mkdir(parents=True, exist_ok=True)
+        includes = [
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+            f"-I{cuda_home / 'include'}",
+            f"-I{ROOT / 'csrc' / 'cuda'}",
+        ]
+        gencode = []
+        for a in cuda_archs():
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        objects = []
+        for src in ext.sources:
+            src_path = ROOT / src
+            obj = tmp / (src_path.name + ".o")
+            if src_path.suffix == ".cu":
+                cmd = [nvcc, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+                       *gencode, *includes, str(src_path), "-o", str(obj)]
+            else:
+                cxx = os.environ.get("CXX", "g++")
+                cmd = [cxx, "-c", "-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", *includes,
+                       str(src_path), "-o", str(obj)]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            objects.append(str(obj))
+        cxx = os.environ.get("CXX", "g++")
+        lib_dirs = [cuda_home / "lib64", cuda_home / "lib", cuda_home / "targets" / "x86_64-linux" / "lib"]
+        link = [cxx, "-shared", "-o", str(out), *objects,
+                *[f"-L{d}" for d in lib_dirs if d.is_dir()],
+                "-lcudart_static", "-lrt", "-ldl", "-lpthread"]
+        print(" ".join(link), flush=True)
+        subprocess.run(link, check=True)
+
+
+def native_extensions() -> list[Extension]:
+    cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    openmp = ["-fopenmp"] if sys.platform != "darwin" else []
+    exts: list[Extension] = [
+        CppExtension(
+            "llm2clip_fast._C",
+            sources=cpu_sources,
+            include_dirs=[str(ROOT / "csrc" / "cpu")],
+            extra_compile_args=["-O3", *openmp],
+            extra_link_args=openmp,
+        )
+    ]
+    if _truthy("LLM2CLIP_SKIP_CUDA"):
+        print("llm2clip_fast: LLM2CLIP_SKIP_CUDA is set; not building llm2clip_fast._cuda", flush=True)
+    elif find_nvcc() is None:
+        warnings.warn(
+            "llm2clip_fast: nvcc not found (looked in $CUDA_HOME/bin, PATH, /usr/local/cuda/bin); "
+            "llm2clip_fast._cuda will not be built. Triton, C++ CPU and torch backends still work.",
+            stacklevel=1,
+        )
+    else:
+        cuda_sources = sorted(
+            str(p.relative_to(ROOT))
+            for p in [*(ROOT / "csrc" / "cuda").glob("*.cu"), *(ROOT / "csrc" / "cuda").glob("*.cpp")]
+        )
+        exts.append(NvccPybindExtension("llm2clip_fast._cuda", sources=cuda_sources))
+    return exts
+
+
+setup(
+    packages=[
+        "llm2clip_fast",
+        "llm2clip_fast.ops",
+        "llm2clip_fast.models",
+        "llm2clip_fast.data",
+        "llm2clip_fast.train",
+        "llm2clip_fast.kernels",
+    ],
+    package_dir={"llm2clip_fast": "llm2clip_fast", "llm2clip_fast.kernels": "kernels"},
+    ext_modules=native_extensions(),
+    cmdclass={"build_ext": BuildNativeExtensions.with_options(use_ninja=False)},
+    zip_safe=False,
+)

@@ -1,0 +1,57 @@
+"""Dispatch: order, forcing by argument and environment, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llm2clip_fast.ops import _backend
+from llm2clip_fast.ops._backend import Backend, BackendUnavailableError
+
+
+@pytest.fixture()
+def toy_op():
+    refuse = Backend("fast", run=lambda: "fast", reasons=lambda ctx: ["needs a widget"])
+    fine = Backend("slow", run=lambda: "slow", reasons=lambda ctx: [])
+    forced_only = Backend("exact", run=lambda: "exact", reasons=lambda ctx: [] if ctx.forced else ["only when forced"])
+    _backend.register_op("toy_op", [refuse, fine, forced_only])
+    yield
+    _backend._REGISTRY.pop("toy_op", None)
+
+
+def test_first_backend_without_reasons_serves(toy_op):
+    x = torch.zeros(2)
+    assert _backend.select_backend("toy_op", [x]).name == "slow"
+    rows = dict(_backend.explain("toy_op", [x]))
+    assert rows["fast"] == ["needs a widget"] and rows["slow"] == []
+
+
+def test_forcing_by_argument_and_env(toy_op, monkeypatch):
+    x = torch.zeros(2)
+    assert _backend.select_backend("toy_op", [x], backend="exact").name == "exact"
+    monkeypatch.setenv("LLM2CLIP_BACKEND_TOY_OP", "exact")
+    assert _backend.select_backend("toy_op", [x]).name == "exact"
+    monkeypatch.delenv("LLM2CLIP_BACKEND_TOY_OP")
+    monkeypatch.setenv("LLM2CLIP_BACKEND", "exact")
+    assert _backend.select_backend("toy_op", [x]).name == "exact"
+
+
+def test_forced_backend_that_cannot_serve_lists_reasons(toy_op, monkeypatch):
+    x = torch.zeros(2)
+    with pytest.raises(BackendUnavailableError, match="needs a widget"):
+        _backend.select_backend("toy_op", [x], backend="fast")
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'nope'"):
+        _backend.select_backend("toy_op", [x], backend="nope")
+
+
+def test_global_env_naming_a_backend_this_op_lacks_is_ignored(toy_op, monkeypatch):
+    monkeypatch.setenv("LLM2CLIP_BACKEND", "cuda")
+    assert _backend.select_backend("toy_op", [torch.zeros(2)]).name == "slow"
+
+
+def test_info_runs():
+    from llm2clip_fast import info
+
+    data = info.collect()
+    assert data["extensions"]["llm2clip_fast._C"]["built"]
+    assert "ops" in data
