@@ -1,1 +1,69 @@
-"""Data: caption sources, image preprocessing, loaders, the built-in demo set, the embedding cache."""
+"""Data: caption sources, image preprocessing, loaders, the built-in demo set, the embedding cache.
+
+Public API (stable; other parts of the library build on it):
+
+``open_source(spec, *, image_column="image", caption_columns=None, key_column="key",
+label_column="label", bad_data=None) -> CaptionSource``
+    ``spec`` is a manifest (``.csv``/``.tsv``/``.jsonl``; relative image paths resolve against its
+    folder) or WebDataset shards (brace pattern "d/{000..009}.tar", glob, "::"-joined, or a list).
+    ``caption_columns=None`` takes every caption found. Structural mistakes raise ValueError listing
+    what exists (columns found, patterns tried, folder contents).
+
+``CaptionSource``
+    ``.caption_names`` list[str]; ``len(source)``; ``.keys()``; ``.labels()`` -> {key: label} (the
+    ``label`` field, for zero-shot evaluation; ``.label_column`` is None without one);
+    ``.iter_captions()`` -> (key, {name: text}) without decoding images; ``.iter_records()`` ->
+    :class:`Record` with RGB images; ``.record_at(i)`` / ``.captions_at(i)`` / ``.key_at(i)`` random
+    access. Bad samples are skipped and counted in ``source.bad_data`` (or the tracker passed).
+
+``Record(key, image, captions, label=None)``
+
+``build_loader(source, *, batch_size, image_size=224, train=True, caption="random", with_images=True,
+rank=0, world_size=1, num_workers=0, seed=0, epoch=0, start_batch=0, drop_last=False, bad_data=None,
+...) -> CaptionLoader`` (a ``torch.utils.data.DataLoader``)
+    Batches are dicts: ``keys`` list[str]; ``pixel_values`` float32 (B, 3, S, S) when
+    ``with_images``; ``captions`` / ``caption_names`` list[str] (the chosen caption and its name per
+    sample) when ``caption`` is not None; ``all_captions`` list[dict[str, str]]; ``labels``
+    list[str | None] when the source has labels; ``batch_index`` int.
+    Every sample appears exactly once per epoch across ranks x workers (``drop_last=False``); the
+    shuffle is seeded by (seed, epoch), crops and caption choices by (seed, epoch, key).
+    ``loader.set_epoch(epoch, start_batch=0)`` moves to the next epoch (call it each epoch);
+    ``start_batch=k`` (or ``loader.state_dict()`` / ``load_state_dict()``) resumes an epoch after its
+    first k batch slots, reproducing exactly the batches an uninterrupted run would see. Bad samples
+    shrink their batch (a batch can hold fewer than ``batch_size``); ``loader.bad_data.summary()``
+    reports them, and :class:`BadDataError` stops the run past ``BadDataPolicy.max_fraction`` (default
+    1%) once ``min_samples`` (default 100) samples were seen.
+
+``clip_image_transform(size=224, train=False, *, scale=(0.9, 1.0), ...)``
+    PIL image -> normalised float32 (3, size, size), CLIP mean/std, no torchvision.
+
+``llm2clip_fast.data.demo``: the built-in procedurally drawn demo set (``write_demo``,
+``python -m llm2clip_fast.data.demo``).
+"""
+
+from __future__ import annotations
+
+from .bad_data import BadDataError, BadDataPolicy, BadDataTracker, BadSampleError
+from .caption_source import CaptionSource
+from .image_transforms import CLIP_MEAN, CLIP_STD, ClipImageTransform, clip_image_transform
+from .loader import CaptionLoader, build_loader
+from .manifest import ManifestSource
+from .records import Record
+from .sources import open_source
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "BadDataError",
+    "BadDataPolicy",
+    "BadDataTracker",
+    "BadSampleError",
+    "CaptionLoader",
+    "CaptionSource",
+    "ClipImageTransform",
+    "ManifestSource",
+    "Record",
+    "build_loader",
+    "clip_image_transform",
+    "open_source",
+]

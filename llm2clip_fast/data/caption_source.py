@@ -1,0 +1,155 @@
+"""The interface every caption source implements, and the shared image-decoding and caption checks."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from .bad_data import BadDataTracker, BadSampleError
+from .records import Record
+
+
+def decode_image(key: str, data: bytes) -> Image.Image:
+    """Decode image bytes fully to RGB; any failure becomes :class:`BadSampleError`."""
+    if not data:
+        raise BadSampleError(key, "image is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decoding happens lazily: load() is what exposes truncated files
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise BadSampleError(key, "image cannot be identified (not an image or unsupported format)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadSampleError(key, f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
+
+
+def read_image_file(key: str, path: str | os.PathLike) -> Image.Image:
+    """Read and decode an image file; missing or unreadable files become :class:`BadSampleError`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise BadSampleError(key, f"image file is missing: {os.fspath(path)}") from None
+    except OSError as exc:
+        raise BadSampleError(key, f"image file cannot be read: {os.fspath(path)} ({exc})") from None
+    return decode_image(key, data)
+
+
+def check_captions(key: str, captions: dict[str, str], names: list[str]) -> dict[str, str]:
+    """Return ``{name: text}`` for ``names``; a missing or blank caption makes the sample bad."""
+    out = {}
+    for name in names:
+        text = captions.get(name)
+        if text is None:
+            raise BadSampleError(key, f"caption {name!r} is missing")
+        if not isinstance(text, str):
+            raise BadSampleError(key, f"caption {name!r} is not text ({type(text).__name__})")
+        if not text.strip():
+            raise BadSampleError(key, f"caption {name!r} is empty")
+        out[name] = text
+    return out
+
+
+class CaptionSource:
+    """A random-access collection of (key, image, named captions, optional label) samples.
+
+    Subclasses implement ``__len__``, ``key_at``, ``raw_captions_at``, ``label_at`` and
+    ``image_at``. Everything else (checked captions, records, iteration with bad-data accounting)
+    is shared, so every source behaves the same in loaders.
+
+    Attributes:
+        caption_names: the caption names every sample is expected to carry, in order.
+        label_column: name of the label field, or None when the source has no labels.
+        bad_data: tracker used by ``iter_captions`` / ``iter_records`` when none is passed.
+    """
+
+    caption_names: list[str]
+    label_column: str | None
+    bad_data: BadDataTracker
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def key_at(self, index: int) -> str:
+        raise NotImplementedError
+
+    def raw_captions_at(self, index: int) -> dict[str, str]:
+        """Captions as stored (unchecked); may lack names or hold empty strings."""
+        raise NotImplementedError
+
+    def label_at(self, index: int) -> str | None:
+        raise NotImplementedError
+
+    def image_at(self, index: int) -> Image.Image:
+        """The decoded RGB image; raises :class:`BadSampleError` when it is missing or broken."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    # Shared behaviour -------------------------------------------------------------------------
+
+    def captions_at(self, index: int) -> dict[str, str]:
+        """Checked captions of sample ``index``; raises :class:`BadSampleError` when one is empty."""
+        return check_captions(self.key_at(index), self.raw_captions_at(index), self.caption_names)
+
+    def record_at(self, index: int, with_image: bool = True) -> Record:
+        """The full :class:`Record`; raises :class:`BadSampleError` for a bad sample."""
+        captions = self.captions_at(index)
+        image = self.image_at(index) if with_image else None
+        return Record(self.key_at(index), image, captions, self.label_at(index))
+
+    def keys(self) -> list[str]:
+        """All keys, in source order."""
+        return [self.key_at(i) for i in range(len(self))]
+
+    def labels(self) -> dict[str, str]:
+        """key -> label for every sample with a label (empty when the source has no label column)."""
+        if self.label_column is None:
+            return {}
+        out = {}
+        for i in range(len(self)):
+            label = self.label_at(i)
+            if label is not None:
+                out[self.key_at(i)] = label
+        return out
+
+    def iter_captions(self, bad_data: BadDataTracker | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+        """Yield ``(key, {name: caption})`` in source order without touching images.
+
+        Samples with a missing or empty caption are skipped and counted in ``bad_data`` (default:
+        ``self.bad_data``), which raises :class:`~.bad_data.BadDataError` past its threshold.
+        """
+        tracker = bad_data if bad_data is not None else self.bad_data
+        for i in range(len(self)):
+            tracker.add_seen()
+            try:
+                captions = self.captions_at(i)
+            except BadSampleError as bad:
+                tracker.add_bad(bad.key, bad.reason)
+                tracker.check()
+                continue
+            yield self.key_at(i), captions
+
+    def iter_records(self, bad_data: BadDataTracker | None = None) -> Iterator[Record]:
+        """Yield every good :class:`Record` (image decoded to RGB) in source order.
+
+        Bad samples (missing/undecodable image, empty caption) are skipped and counted in
+        ``bad_data`` (default: ``self.bad_data``), which raises past its threshold.
+        """
+        tracker = bad_data if bad_data is not None else self.bad_data
+        for i in range(len(self)):
+            tracker.add_seen()
+            try:
+                record = self.record_at(i)
+            except BadSampleError as bad:
+                tracker.add_bad(bad.key, bad.reason)
+                tracker.check()
+                continue
+            yield record
+
+    def __repr__(self) -> str:
+        return self.describe()

@@ -1,0 +1,146 @@
+"""CLIP image preprocessing with PIL and torch only (torchvision does not install beside CPU torch).
+
+Evaluation: resize the short side to ``size`` (bicubic), centre crop ``size`` x ``size``, scale to [0, 1],
+normalise with the CLIP mean/std. Training: a random resized crop (area fraction ``scale``, aspect
+``ratio``; the torchvision algorithm) resized to ``size`` x ``size``, then the same normalisation. The
+random choice comes from a ``random.Random`` the caller passes, so loaders can seed it per
+(seed, epoch, key) and reproduce any batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size``, keeping the aspect ratio (bicubic, as CLIP does)."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short == size:
+        return image
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Crop the central ``size`` x ``size`` region (the image must be at least that big)."""
+    w, h = image.size
+    top = round((h - size) / 2.0)
+    left = round((w - size) / 2.0)
+    return image.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a crop with area fraction in ``scale`` and aspect in ``ratio``.
+
+    Same algorithm as torchvision's RandomResizedCrop: ten tries, then a centre crop clamped to ``ratio``.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w = width
+        h = round(w / min(ratio))
+    elif in_ratio > max(ratio):
+        h = height
+        w = round(h * max(ratio))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32, (pixel / 255 - mean) / std per channel."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    x = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+class ClipImageTransform:
+    """Callable ``(image, rng=None) -> FloatTensor (3, size, size)``; see :func:`clip_image_transform`."""
+
+    def __init__(
+        self,
+        size: int,
+        train: bool,
+        scale: tuple[float, float],
+        ratio: tuple[float, float],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ):
+        self.size = size
+        self.train = train
+        self.scale = scale
+        self.ratio = ratio
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+        image = image.convert("RGB")
+        if self.train:
+            rng = rng if rng is not None else random.Random()
+            left, top, w, h = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, rng)
+            image = image.resize(
+                (self.size, self.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)
+            )
+        else:
+            image = center_crop(resize_short_side(image, self.size), self.size)
+        return to_normalized_tensor(image, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        mode = f"train, scale={self.scale}, ratio={self.ratio}" if self.train else "eval"
+        return f"ClipImageTransform(size={self.size}, {mode})"
+
+
+def clip_image_transform(
+    size: int = 224,
+    train: bool = False,
+    *,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> ClipImageTransform:
+    """CLIP preprocessing: PIL image -> normalised float32 tensor (3, size, size).
+
+    Args:
+        size: output side in pixels.
+        train: random resized crop (``scale``, ``ratio``) instead of resize-short-side + centre crop.
+        scale: range of the crop's area as a fraction of the image (train only).
+        ratio: range of the crop's aspect ratio w/h (train only).
+        mean, std: per-channel normalisation (default: CLIP's).
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if not (0.0 < scale[0] <= scale[1] <= 1.0):
+        raise ValueError(f"scale must satisfy 0 < scale[0] <= scale[1] <= 1, got {scale!r}")
+    if not (0.0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1], got {ratio!r}")
+    if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+        raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean!r}, std={std!r}")
+    return ClipImageTransform(size, train, tuple(scale), tuple(ratio), mean, std)

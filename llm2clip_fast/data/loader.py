@@ -1,0 +1,328 @@
+"""DataLoader over a caption source: deterministic rank/worker sharding, seeded shuffle, caption choice.
+
+How an epoch is laid out (a pure function of ``len(source)``, ``seed``, ``epoch``, ``world_size``,
+``batch_size``, ``drop_last`` - never of the data's content):
+
+1. The sample indices are permuted with ``numpy.random.default_rng([seed, epoch])`` (identity order
+   when ``shuffle`` is False).
+2. Rank ``r`` takes every ``world_size``-th index starting at ``r``. With ``drop_last`` every rank gets
+   ``len // world_size`` samples and only full batches, so all ranks run the same number of steps;
+   without it every sample is used exactly once across ranks.
+3. A rank's indices are cut into batch slots of ``batch_size``; slot ``b`` is built by DataLoader worker
+   ``(b - start_batch) % num_workers``. PyTorch's loader takes worker outputs round-robin, so batches
+   arrive in slot order 0, 1, 2, ... whatever ``num_workers`` is.
+
+A bad sample (missing/undecodable image, empty caption) is dropped from its slot, so a batch can be
+smaller than ``batch_size``; a slot whose samples are all bad yields no batch. This keeps batch
+``b``'s content independent of decoding, so resuming at ``start_batch=k`` skips k slots without
+reading them and sees exactly the batches the interrupted run would have seen. Bad-sample counts ride
+inside each batch from the worker to the main process and land in ``loader.bad_data``.
+
+The random crop and the caption choice of a sample are seeded by (seed, epoch, key), so they do not
+depend on the rank, worker or batch the sample lands in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .bad_data import BadDataPolicy, BadDataTracker, BadSampleError
+from .caption_source import CaptionSource
+from .image_transforms import clip_image_transform
+
+ImageTransform = Callable[[Image.Image, random.Random], torch.Tensor]
+
+
+def sample_rng(seed: int, epoch: int, key: str, purpose: str) -> random.Random:
+    """A generator seeded by (seed, epoch, key, purpose): the same sample draws the same choices anywhere."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{purpose}/{key}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The sample order of one epoch (all ranks agree on it)."""
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+
+
+def rank_batches(
+    n: int,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    drop_last: bool,
+) -> list[np.ndarray]:
+    """The batch slots (arrays of source indices) of ``rank`` in ``epoch``; see the module docstring."""
+    order = epoch_order(n, seed, epoch, shuffle)
+    mine = order[rank::world_size]
+    if drop_last:
+        per_rank = n // world_size
+        full = per_rank // batch_size
+        mine = mine[: full * batch_size]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+class CaptionBatches(IterableDataset):
+    """Yields whole batches (dicts) of one rank; the loader hands them through unchanged.
+
+    Besides the public fields each batch carries ``_seen`` (slots visited) and ``_bad`` ((key, reason)
+    pairs) for the main process's :class:`BadDataTracker`.
+    """
+
+    def __init__(
+        self,
+        source: CaptionSource,
+        *,
+        batch_size: int,
+        transform: ImageTransform | None,
+        caption: str | list[str] | None,
+        rank: int,
+        world_size: int,
+        seed: int,
+        epoch: int,
+        start_batch: int,
+        shuffle: bool,
+        drop_last: bool,
+    ):
+        self.source = source
+        self.batch_size = batch_size
+        self.transform = transform
+        self.caption = caption
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = epoch
+        self.start_batch = start_batch
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+
+    def batches(self) -> list[np.ndarray]:
+        return rank_batches(
+            len(self.source),
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+        )
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches()) - self.start_batch)
+
+    def _choose_caption(self, key: str, captions: dict[str, str]) -> tuple[str, str]:
+        if isinstance(self.caption, str) and self.caption != "random":
+            return self.caption, captions[self.caption]
+        names = self.source.caption_names if self.caption == "random" else self.caption
+        name = sample_rng(self.seed, self.epoch, key, "caption").choice(names)
+        return name, captions[name]
+
+    def build_batch(self, batch_index: int, indices: np.ndarray) -> dict[str, Any]:
+        """Load the samples of one slot; bad ones are dropped and reported in ``_bad``."""
+        keys, pixels, chosen, chosen_names, all_captions, labels, bad = [], [], [], [], [], [], []
+        for index in indices.tolist():
+            key = self.source.key_at(index)
+            try:
+                captions = self.source.captions_at(index)
+                if self.transform is not None:
+                    image = self.source.image_at(index)
+                    pixels.append(self.transform(image, sample_rng(self.seed, self.epoch, key, "image")))
+            except BadSampleError as exc:
+                bad.append((exc.key, exc.reason))
+                continue
+            keys.append(key)
+            all_captions.append(captions)
+            labels.append(self.source.label_at(index))
+            if self.caption is not None:
+                name, text = self._choose_caption(key, captions)
+                chosen_names.append(name)
+                chosen.append(text)
+        batch: dict[str, Any] = {"keys": keys, "all_captions": all_captions, "batch_index": batch_index}
+        if self.transform is not None:
+            batch["pixel_values"] = torch.stack(pixels) if pixels else torch.empty(0)
+        if self.caption is not None:
+            batch["captions"] = chosen
+            batch["caption_names"] = chosen_names
+        if self.source.label_column is not None:
+            batch["labels"] = labels
+        batch["_seen"] = len(indices)
+        batch["_bad"] = bad
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        batches = self.batches()
+        for b in range(self.start_batch, len(batches)):
+            if (b - self.start_batch) % num_workers == worker:
+                yield self.build_batch(b, batches[b])
+
+
+class CaptionLoader(DataLoader):
+    """A ``torch.utils.data.DataLoader`` of caption batches; build it with :func:`build_loader`.
+
+    Attributes:
+        bad_data: :class:`BadDataTracker` with every bad sample met so far (``loader.bad_data.summary()``).
+
+    Call ``set_epoch(epoch)`` before each epoch (like ``DistributedSampler.set_epoch``); iterating twice
+    without it repeats the same epoch. ``state_dict()`` / ``load_state_dict()`` save and restore the
+    position (epoch, next batch slot, bad-data counts) for resumption.
+    """
+
+    def __init__(self, dataset: CaptionBatches, *, tracker: BadDataTracker, **kwargs: Any):
+        super().__init__(dataset, batch_size=None, shuffle=False, **kwargs)
+        self.bad_data = tracker
+        self._next_batch = dataset.start_batch
+
+    @property
+    def epoch(self) -> int:
+        return self.dataset.epoch
+
+    @property
+    def next_batch(self) -> int:
+        """Slot index the next batch comes from (what ``start_batch`` must be to resume here)."""
+        return self._next_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Move to ``epoch`` (new shuffle, crops, captions), skipping its first ``start_batch`` slots."""
+        _check_int("epoch", epoch, minimum=0)
+        _check_int("start_batch", start_batch, minimum=0)
+        self.dataset.epoch = epoch
+        self.dataset.start_batch = start_batch
+        self._next_batch = start_batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in super().__iter__():
+            self.bad_data.merge(batch.pop("_seen"), batch.pop("_bad"))
+            self._next_batch = batch["batch_index"] + 1
+            self.bad_data.check()
+            if batch["keys"]:
+                yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "start_batch": self._next_batch, "bad_data": self.bad_data.as_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.set_epoch(int(state["epoch"]), int(state["start_batch"]))
+        if "bad_data" in state:
+            self.bad_data.load_dict(state["bad_data"])
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def build_loader(
+    source: CaptionSource | str | os.PathLike,
+    *,
+    batch_size: int,
+    image_size: int = 224,
+    train: bool = True,
+    caption: str | Sequence[str] | None = "random",
+    with_images: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+    transform: ImageTransform | None = None,
+    bad_data: BadDataPolicy | float | BadDataTracker | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+) -> CaptionLoader:
+    """A DataLoader of caption batches for one rank (see the module docstring for the epoch layout).
+
+    Args:
+        source: a :class:`CaptionSource` or a spec for :func:`~.sources.open_source`.
+        batch_size: samples per batch slot (bad samples make a batch smaller).
+        image_size: side S of ``pixel_values`` (3, S, S).
+        train: random resized crop (``crop_scale``) instead of centre crop; also the default ``shuffle``.
+        caption: "random" (uniform over ``source.caption_names`` per visit), one caption name, a list of
+            names to choose among, or None (no chosen caption; ``all_captions`` still present).
+        with_images: decode images into ``pixel_values``; False gives caption-only batches (fast).
+        rank, world_size: this process's place among the data-parallel ranks.
+        num_workers: DataLoader worker processes (0 = load in this process).
+        seed, epoch: the shuffle, crops and caption choices are functions of (seed, epoch, key).
+        start_batch: skip this many batch slots of the epoch (resumption), without reading them.
+        shuffle: defaults to ``train``.
+        drop_last: equal, full batches on every rank (some samples unused each epoch).
+        transform: ``(PIL image, random.Random) -> (3, S, S)`` tensor replacing the CLIP transform.
+        bad_data: policy (or max fraction, or a tracker to share) for bad samples.
+
+    Returns:
+        :class:`CaptionLoader` yielding dicts: ``keys`` list[str]; ``pixel_values`` float32 (B, 3, S, S)
+        (with images); ``captions`` list[str] and ``caption_names`` list[str] (the chosen caption and its
+        name per sample, when ``caption`` is not None); ``all_captions`` list[dict[str, str]];
+        ``labels`` list[str | None] (when the source has a label column); ``batch_index`` int (the slot).
+    """
+    from .sources import open_source
+
+    if not isinstance(source, CaptionSource):
+        if not isinstance(source, (str, os.PathLike, list, tuple)):
+            raise TypeError(f"source must be a CaptionSource or a source spec, got {type(source).__name__}")
+        source = open_source(source)
+    _check_int("batch_size", batch_size, minimum=1)
+    _check_int("image_size", image_size, minimum=1)
+    _check_int("world_size", world_size, minimum=1)
+    _check_int("rank", rank, minimum=0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be < world_size ({world_size}), got {rank}")
+    _check_int("num_workers", num_workers, minimum=0)
+    _check_int("seed", seed, minimum=0)
+    _check_int("epoch", epoch, minimum=0)
+    _check_int("start_batch", start_batch, minimum=0)
+    if caption is not None and not isinstance(caption, str):
+        caption = list(caption)
+        if not caption:
+            raise ValueError("caption as a list must name at least one caption")
+    names = [caption] if isinstance(caption, str) and caption != "random" else caption
+    if isinstance(names, list):
+        unknown = [n for n in names if n not in source.caption_names]
+        if unknown:
+            raise ValueError(
+                f"caption {unknown} not among the source's captions {source.caption_names} "
+                "(or use 'random' or None)"
+            )
+    if with_images and transform is None:
+        transform = clip_image_transform(image_size, train=train, scale=crop_scale)
+    if isinstance(bad_data, BadDataTracker):
+        tracker = bad_data
+    else:
+        tracker = BadDataTracker(bad_data)
+    dataset = CaptionBatches(
+        source,
+        batch_size=batch_size,
+        transform=transform if with_images else None,
+        caption=caption,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        epoch=epoch,
+        start_batch=start_batch,
+        shuffle=train if shuffle is None else shuffle,
+        drop_last=drop_last,
+    )
+    extra: dict[str, Any] = {}
+    if num_workers > 0 and prefetch_factor is not None:
+        extra["prefetch_factor"] = prefetch_factor
+    return CaptionLoader(dataset, tracker=tracker, num_workers=num_workers, pin_memory=pin_memory, **extra)

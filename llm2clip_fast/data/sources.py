@@ -1,0 +1,61 @@
+"""``open_source``: one entry point for every caption-source format."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from .bad_data import BadDataPolicy
+from .caption_source import CaptionSource
+from .manifest import MANIFEST_SUFFIXES, ManifestSource
+
+SourceSpec = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+def open_source(
+    spec: SourceSpec,
+    *,
+    image_column: str = "image",
+    caption_columns: str | Sequence[str] | None = None,
+    key_column: str | None = "key",
+    label_column: str | None = "label",
+    bad_data: BadDataPolicy | float | None = None,
+) -> CaptionSource:
+    """Open a caption source and check its structure.
+
+    Args:
+        spec: a manifest path (``.csv``, ``.tsv``, ``.jsonl``) or a WebDataset shard spec: a brace
+            pattern ("data/{000..009}.tar"), a glob ("data/*.tar"), several joined by "::", or a list.
+        image_column: manifest column with the image path (relative paths resolve against the
+            manifest's folder). WebDataset samples use their image member (jpg/jpeg/png/webp).
+        caption_columns: caption names to use; None = every caption found (manifest: all columns but
+            key/image/label; WebDataset: every string field of the JSON but key/label/image-ish fields,
+            or "caption" for a .txt member).
+        key_column: manifest column with the sample key (absent: the image path is the key).
+            WebDataset keys are always the tar member prefix (``__key__``).
+        label_column: field with a class label for zero-shot evaluation; never a caption. Used when
+            present, ignored when absent (``source.label_column`` is then None).
+        bad_data: policy for ``iter_captions`` / ``iter_records`` (``source.bad_data`` tracks them).
+
+    Raises:
+        ValueError: a structural mistake (missing column, no shards matched, unreadable manifest); the
+            message lists what was found.
+    """
+    if isinstance(spec, (str, os.PathLike)) and os.fspath(spec).lower().endswith(MANIFEST_SUFFIXES):
+        return ManifestSource(
+            spec,
+            image_column=image_column,
+            caption_columns=caption_columns,
+            key_column=key_column,
+            label_column=label_column,
+            bad_data=bad_data,
+        )
+    if not isinstance(spec, (str, os.PathLike, list, tuple)):
+        raise TypeError(f"spec must be a path, a shard pattern or a list of them, got {type(spec).__name__}")
+    if isinstance(spec, (list, tuple)) and not spec:
+        raise ValueError("spec is an empty list of shards")
+    from .webdataset_source import WebDatasetSource
+
+    return WebDatasetSource(
+        spec, caption_columns=caption_columns, label_column=label_column, bad_data=bad_data
+    )

@@ -1,0 +1,287 @@
+"""WebDataset sources: tar shards of ``key.jpg|jpeg|png|webp`` + ``key.json`` and/or ``key.txt``.
+
+Shard specs follow the WebDataset/OpenCLIP conventions: a brace pattern ("data/{000..009}.tar"),
+several joined by "::", a glob ("data/*.tar"), or a list of any of these. Sequential reading
+(``iter_records``) goes through the ``webdataset`` package; loaders need random access, which comes
+from an index of the tar headers (member offsets), built on first use by scanning headers only.
+Samples are grouped the WebDataset way: consecutive members with the same path up to the first dot of
+the file name; the key is that prefix (``__key__``).
+
+Captions: every string field of the JSON except the key, label and image-ish fields, plus "caption"
+from a ``.txt`` member (when the JSON has no "caption"). Shards must be local, uncompressed tar files.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from .bad_data import BadDataPolicy, BadDataTracker, BadSampleError
+from .caption_source import CaptionSource, check_captions, decode_image
+from .records import Record
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+NON_CAPTION_FIELDS = frozenset(
+    {"__key__", "__url__", "key", "image", "url", "image_path", "path", "filename"}
+)
+_GLOB_CHARS = set("*?[")
+
+
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError:
+        raise ImportError(
+            "reading WebDataset shards needs the webdataset package: pip install 'llm2clip_fast[wds]'"
+        ) from None
+    return webdataset
+
+
+def base_plus_ext(name: str) -> tuple[str | None, str | None]:
+    """Split a member name into (key, extension) the way WebDataset does."""
+    return _webdataset().tariterators.base_plus_ext(name)
+
+
+def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """(existing shard paths, patterns tried) for a brace/glob/'::'/list spec, in the given order."""
+    wds = _webdataset()
+    parts = [os.fspath(spec)] if isinstance(spec, (str, os.PathLike)) else [os.fspath(s) for s in spec]
+    patterns: list[str] = []
+    for part in parts:
+        patterns.extend(wds.shardlists.expand_urls(part))
+    paths: list[str] = []
+    for pattern in patterns:
+        if _GLOB_CHARS & set(pattern):
+            paths.extend(sorted(glob.glob(pattern)))
+        elif os.path.isfile(pattern):
+            paths.append(pattern)
+    return paths, patterns
+
+
+def _what_is_there(patterns: list[str]) -> str:
+    folders = sorted({os.path.dirname(p) or "." for p in patterns})[:3]
+    lines = []
+    for folder in folders:
+        if os.path.isdir(folder):
+            names = sorted(os.listdir(folder))
+            shown = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
+            lines.append(f"{folder!r} holds: {shown or '(nothing)'}")
+        else:
+            lines.append(f"folder {folder!r} does not exist")
+    return "; ".join(lines)
+
+
+@dataclass
+class _Sample:
+    shard: int
+    key: str
+    members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
+
+
+def _index_shard(shard: int, path: str) -> list[_Sample]:
+    samples: list[_Sample] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                if not samples or samples[-1].key != key or ext in samples[-1].members:
+                    samples.append(_Sample(shard, key, {}))
+                samples[-1].members[ext] = (member.offset_data, member.size)
+    except tarfile.ReadError as exc:
+        raise ValueError(f"shard {path!r} is not a readable uncompressed tar file: {exc}") from None
+    return samples
+
+
+def _image_ext(members: dict) -> str | None:
+    for ext in IMAGE_EXTENSIONS:
+        if ext in members:
+            return ext
+    return None
+
+
+class WebDatasetSource(CaptionSource):
+    """Samples in WebDataset tar shards; see :func:`~.sources.open_source` for the arguments."""
+
+    def __init__(
+        self,
+        spec: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        caption_columns: Sequence[str] | None = None,
+        label_column: str | None = "label",
+        bad_data: BadDataPolicy | float | None = None,
+    ):
+        self.shards, self.patterns = expand_shard_spec(spec)
+        missing = [p for p in self.patterns if not (_GLOB_CHARS & set(p)) and not os.path.isfile(p)]
+        if self.shards and missing:
+            raise ValueError(
+                f"{len(missing)} of the shards named by {spec!r} do not exist, e.g. {missing[:5]}; "
+                f"{_what_is_there(missing)}"
+            )
+        if not self.shards:
+            raise ValueError(
+                f"no WebDataset shards matched {spec!r}; patterns tried: {self.patterns[:10]}"
+                f"{' ...' if len(self.patterns) > 10 else ''}; {_what_is_there(self.patterns)}"
+            )
+        self._requested_label = label_column
+        self._index: list[_Sample] | None = None
+        self._handles: dict[int, object] = {}
+        self._handles_pid = os.getpid()
+        first = self._first_sample()
+        fields = self._fields(first)
+        label_present = label_column is not None and label_column in fields
+        self.label_column = label_column if label_present else None
+        available = [f for f, v in fields.items() if isinstance(v, str) and f not in NON_CAPTION_FIELDS]
+        available = [f for f in available if f != label_column]
+        where = f"first sample {first.key!r} of shard {self.shards[first.shard]!r}"
+        if caption_columns is None:
+            if not available:
+                raise ValueError(
+                    f"{where} has no caption (members: {sorted(first.members)}, "
+                    f"json fields: {sorted(fields)})"
+                )
+            self.caption_names = available
+        else:
+            names = [caption_columns] if isinstance(caption_columns, str) else list(caption_columns)
+            missing = [c for c in names if c not in fields]
+            if missing or not names:
+                raise ValueError(
+                    f"{where} lacks caption field(s) {missing or names}; fields found: {sorted(fields)} "
+                    f"(members: {sorted(first.members)})"
+                )
+            self.caption_names = names
+        self.bad_data = BadDataTracker(bad_data)
+
+    # Index and raw reads ----------------------------------------------------------------------
+
+    def _first_sample(self) -> _Sample:
+        for shard, path in enumerate(self.shards):
+            samples = _index_shard(shard, path)
+            if samples:
+                return samples[0]
+        raise ValueError(f"the shards {self.shards[:5]} hold no samples")
+
+    @property
+    def index(self) -> list[_Sample]:
+        if self._index is None:
+            index = []
+            for shard, path in enumerate(self.shards):
+                index.extend(_index_shard(shard, path))
+            self._index = index
+        return self._index
+
+    def _read(self, sample: _Sample, ext: str) -> bytes:
+        if self._handles_pid != os.getpid():  # a forked DataLoader worker must not share file offsets
+            self._handles, self._handles_pid = {}, os.getpid()
+        handle = self._handles.get(sample.shard)
+        if handle is None:
+            handle = self._handles[sample.shard] = open(self.shards[sample.shard], "rb")
+        offset, size = sample.members[ext]
+        handle.seek(offset)
+        return handle.read(size)
+
+    def _fields(self, sample: _Sample) -> dict:
+        """Decoded JSON fields plus "caption" from .txt (JSON wins); invalid JSON raises BadSampleError."""
+        fields: dict = {}
+        if "json" in sample.members:
+            try:
+                fields = json.loads(self._read(sample, "json").decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BadSampleError(sample.key, f"json member cannot be parsed: {exc}") from None
+            if not isinstance(fields, dict):
+                raise BadSampleError(sample.key, f"json member is a {type(fields).__name__}, not an object")
+        if "txt" in sample.members and "caption" not in fields:
+            fields["caption"] = self._read(sample, "txt").decode("utf-8", errors="replace")
+        return fields
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state
+
+    # CaptionSource ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def key_at(self, index: int) -> str:
+        return self.index[index].key
+
+    def raw_captions_at(self, index: int) -> dict[str, str]:
+        fields = self._fields(self.index[index])
+        return {n: fields[n] for n in self.caption_names if n in fields}
+
+    def label_at(self, index: int) -> str | None:
+        if self.label_column is None:
+            return None
+        try:
+            value = self._fields(self.index[index]).get(self.label_column)
+        except BadSampleError:
+            return None
+        return None if value is None else str(value)
+
+    def image_at(self, index: int) -> Image.Image:
+        sample = self.index[index]
+        ext = _image_ext(sample.members)
+        if ext is None:
+            raise BadSampleError(sample.key, f"no image member (members: {sorted(sample.members)})")
+        return decode_image(sample.key, self._read(sample, ext))
+
+    def record_at(self, index: int, with_image: bool = True) -> Record:
+        sample = self.index[index]
+        fields = self._fields(sample)
+        captions = check_captions(sample.key, fields, self.caption_names)
+        image = self.image_at(index) if with_image else None
+        label = fields.get(self.label_column) if self.label_column else None
+        return Record(sample.key, image, captions, None if label is None else str(label))
+
+    def iter_records(self, bad_data: BadDataTracker | None = None) -> Iterator[Record]:
+        """Stream every good record with the ``webdataset`` package, in shard order (no index needed)."""
+        wds = _webdataset()
+        tracker = bad_data if bad_data is not None else self.bad_data
+        for raw in wds.tarfile_samples([{"url": path} for path in self.shards]):
+            key = raw["__key__"]
+            tracker.add_seen()
+            try:
+                yield self._record_from_stream(key, raw)
+            except BadSampleError as bad:
+                tracker.add_bad(bad.key, bad.reason)
+                tracker.check()
+
+    def _record_from_stream(self, key: str, raw: dict) -> Record:
+        fields: dict = {}
+        if "json" in raw:
+            try:
+                fields = json.loads(raw["json"].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BadSampleError(key, f"json member cannot be parsed: {exc}") from None
+            if not isinstance(fields, dict):
+                raise BadSampleError(key, f"json member is a {type(fields).__name__}, not an object")
+        if "txt" in raw and "caption" not in fields:
+            fields["caption"] = raw["txt"].decode("utf-8", errors="replace")
+        captions = check_captions(key, fields, self.caption_names)
+        ext = _image_ext({k.lower(): v for k, v in raw.items() if not k.startswith("__")})
+        if ext is None:
+            raise BadSampleError(
+                key, f"no image member (members: {sorted(k for k in raw if not k.startswith('__'))})"
+            )
+        image = decode_image(key, raw[ext])
+        label = fields.get(self.label_column) if self.label_column else None
+        return Record(key, image, captions, None if label is None else str(label))
+
+    def describe(self) -> str:
+        n = f"{len(self._index)} samples" if self._index is not None else "not indexed yet"
+        return (
+            f"WebDatasetSource({len(self.shards)} shards from {self.patterns[:2]}, {n}, "
+            f"captions={self.caption_names}, label={self.label_column!r})"
+        )
