@@ -6,7 +6,10 @@ expectation under a uniformly random tie-break: a positive tied with ``t`` negat
 ``clamp((K - s) / (t + 1), 0, 1)``. This neither rewards a collapsed model (identical embeddings
 would be a perfect score under an optimistic tie-break) nor punishes a model for inputs that are
 genuinely identical (a 77-token text tower on captions that share their first 77 tokens scores
-``1/group`` on average, not zero). ``K`` larger than the gallery counts every positive as found.
+``1/group`` on average, not zero). Scores within ``TIE_TOLERANCE`` of each other are tied: identical
+inputs embedded in different batches (different padding, different GEMM blocking) differ by a few
+float32 ulps, and such noise must not decide a rank. ``K`` larger than the gallery counts every
+positive as found.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+# Cosine similarities lie in [-1, 1]; batch-dependent float32 noise is ~1e-7, real differences between
+# distinct inputs are orders of magnitude larger.
+TIE_TOLERANCE = 1e-5
 
 
 def _check_embeddings(name: str, x: torch.Tensor) -> None:
@@ -35,12 +42,13 @@ def cosine_similarity_matrix(queries: torch.Tensor, gallery: torch.Tensor) -> to
     return q @ g.t()
 
 
-def topk_hit_rates(similarity: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+def topk_hit_rates(similarity: torch.Tensor, targets: torch.Tensor, ks: Sequence[int],
+                   tie_tolerance: float = TIE_TOLERANCE) -> dict[int, float]:
     """Fraction of queries whose target is among the top ``K`` of their row, for every ``K`` in ``ks``.
 
     similarity: (Q, G) scores, higher is better. targets: (Q,) int64 index of each query's one
-    positive in the gallery. Ties use the expected rank under a random tie-break (module docstring).
-    Returns ``{K: rate in [0, 1]}``.
+    positive in the gallery. Scores within ``tie_tolerance`` of the positive's are ties, counted by
+    the expected rank under a random tie-break (module docstring). Returns ``{K: rate in [0, 1]}``.
     """
     if similarity.dim() != 2:
         raise ValueError(f"similarity must be 2-D (Q, G), got shape {tuple(similarity.shape)}")
@@ -55,9 +63,11 @@ def topk_hit_rates(similarity: torch.Tensor, targets: torch.Tensor, ks: Sequence
         raise ValueError(f"ks must be positive integers, got {ks}")
     sim = similarity.float()
     positive = sim.gather(1, targets.long()[:, None])
-    beaten_by = (sim > positive).sum(dim=1).float()
+    if not tie_tolerance >= 0:
+        raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance!r}")
+    beaten_by = (sim > positive + tie_tolerance).sum(dim=1).double()
     # The positive is tied with itself; the rest of the ties are negatives.
-    tied_with = (sim == positive).sum(dim=1).float() - 1
+    tied_with = ((sim - positive).abs() <= tie_tolerance).sum(dim=1).double() - 1
     return {k: ((k - beaten_by) / (tied_with + 1)).clamp(0, 1).mean().item() for k in ks}
 
 
