@@ -1,0 +1,230 @@
+"""Vision towers for LLM2CLIP: transformers' CLIP, SigLIP and ViT image encoders behind one interface.
+
+A :class:`VisionTower` turns ``pixel_values`` (B, 3, S, S) into one pooled feature per image
+(B, hidden_size), the way each family pools: CLIP takes the class token after the post-LayerNorm,
+SigLIP its attention-pooling head, ViT the class token of the final LayerNorm output. It also knows
+which parameters belong to which transformer layer (for layer-wise learning-rate decay and for
+freezing the first layers) and which module class is one layer (for FSDP wrapping).
+
+Towers are built from a named preset (:data:`VISION_PRESETS`), from a config dict as saved by
+:meth:`VisionTower.config_dict`, or loaded with weights from a local transformers folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+VISION_KINDS = ("clip", "siglip", "vit")
+
+# Presets name an architecture, never weights: they build randomly initialised towers.
+VISION_PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough to train a few hundred steps on 2 CPU cores in minutes (65 tokens, 4 layers).
+    "demo-tiny": {
+        "kind": "clip",
+        "config": {"image_size": 64, "patch_size": 8, "hidden_size": 192, "intermediate_size": 768,
+                   "num_hidden_layers": 4, "num_attention_heads": 4, "hidden_act": "gelu"},
+    },
+    # OpenAI CLIP ViT-B/16 geometry, for benchmarks.
+    "vit-b-16": {
+        "kind": "clip",
+        "config": {"image_size": 224, "patch_size": 16, "hidden_size": 768, "intermediate_size": 3072,
+                   "num_hidden_layers": 12, "num_attention_heads": 12, "hidden_act": "quick_gelu"},
+    },
+    # The tower size the LLM2CLIP paper fine-tunes (ViT-L/14 at 224 and 336).
+    "vit-l-14": {
+        "kind": "clip",
+        "config": {"image_size": 224, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+                   "num_hidden_layers": 24, "num_attention_heads": 16, "hidden_act": "quick_gelu"},
+    },
+    "vit-l-14-336": {
+        "kind": "clip",
+        "config": {"image_size": 336, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+                   "num_hidden_layers": 24, "num_attention_heads": 16, "hidden_act": "quick_gelu"},
+    },
+}
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+# Parameters that sit before the first transformer layer (patch/position embeddings, CLIP's pre-LN).
+_STEM_PREFIXES = ("embeddings.", "pre_layrnorm.")
+
+
+def _config_class(kind: str):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig, ViTConfig
+
+    return {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig, "vit": ViTConfig}[kind]
+
+
+def _model_from_config(kind: str, config) -> nn.Module:
+    from transformers import CLIPVisionModel, SiglipVisionModel, ViTModel
+
+    if kind == "clip":
+        return CLIPVisionModel(config)
+    if kind == "siglip":
+        return SiglipVisionModel(config)
+    return ViTModel(config, add_pooling_layer=False)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in VISION_KINDS:
+        raise ValueError(f"vision tower kind must be one of {VISION_KINDS}, got {kind!r}")
+
+
+class VisionTower(nn.Module):
+    """A transformers image encoder that returns one pooled feature per image.
+
+    Args:
+        kind: "clip", "siglip" or "vit".
+        model: the transformers model (``CLIPVisionModel``, ``SiglipVisionModel`` or ``ViTModel``).
+    """
+
+    def __init__(self, kind: str, model: nn.Module) -> None:
+        super().__init__()
+        _check_kind(kind)
+        self.kind = kind
+        self.model = model
+
+    # -- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, kind: str, config: dict[str, Any] | Any) -> VisionTower:
+        """A randomly initialised tower. ``config`` is a dict of the transformers config's fields
+        (or a config object)."""
+        _check_kind(kind)
+        config_cls = _config_class(kind)
+        if isinstance(config, dict):
+            fields = {k: v for k, v in config.items() if k not in {"transformers_version", "model_type"}}
+            config = config_cls(**fields)
+        elif not isinstance(config, config_cls):
+            raise TypeError(f"config for a {kind!r} tower must be a dict or {config_cls.__name__}, "
+                            f"got {type(config).__name__}")
+        return cls(kind, _model_from_config(kind, config))
+
+    @classmethod
+    def from_preset(cls, name: str) -> VisionTower:
+        """A randomly initialised tower of a named architecture (see :data:`VISION_PRESETS`)."""
+        if name not in VISION_PRESETS:
+            raise ValueError(f"unknown vision preset {name!r}; known presets: {sorted(VISION_PRESETS)}")
+        preset = VISION_PRESETS[name]
+        return cls.from_config(preset["kind"], copy.deepcopy(preset["config"]))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VisionTower:
+        """Load a tower with its weights from a local transformers folder.
+
+        Accepts full CLIP / SigLIP checkpoints (the vision half is taken), their vision-only models,
+        and ViT checkpoints.
+        """
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"vision path {str(path)!r} has no config.json; expected a transformers "
+                             f"model folder (CLIP, SigLIP or ViT)")
+        model_type = json.loads(config_file.read_text()).get("model_type", "")
+        from transformers import CLIPVisionModel, SiglipVisionModel, ViTModel
+
+        if model_type in {"clip", "clip_vision_model"}:
+            return cls("clip", CLIPVisionModel.from_pretrained(path))
+        if model_type in {"siglip", "siglip_vision_model"}:
+            return cls("siglip", SiglipVisionModel.from_pretrained(path))
+        if model_type == "vit":
+            return cls("vit", ViTModel.from_pretrained(path, add_pooling_layer=False))
+        raise ValueError(f"vision path {str(path)!r} holds a {model_type!r} model; supported model types: "
+                         "clip, clip_vision_model, siglip, siglip_vision_model, vit")
+
+    def config_dict(self) -> dict[str, Any]:
+        """What :meth:`from_config` needs to rebuild this architecture: ``{"kind", "config"}``."""
+        cfg = self.model.config.to_dict()
+        for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
+            cfg.pop(k, None)
+        return {"kind": self.kind, "config": cfg}
+
+    # -- geometry -----------------------------------------------------------------------------------
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.config.image_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    def layer_id(self, param_name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay: 0 for the stem (embeddings), ``i + 1`` for
+        transformer layer ``i``, ``num_layers + 1`` for everything after the last layer (final norm,
+        pooling head). ``param_name`` is relative to this tower (or to ``.model``)."""
+        name = param_name.removeprefix("model.")
+        m = _LAYER_RE.search(name)
+        if m:
+            return int(m.group(1)) + 1
+        if name.startswith(_STEM_PREFIXES):
+            return 0
+        return self.num_layers + 1
+
+    def layer_modules(self) -> nn.ModuleList:
+        """The transformer layers, in order."""
+        inner = self.model
+        if self.kind == "vit":
+            layers = getattr(inner, "layers", None) or getattr(getattr(inner, "encoder", None), "layer", None)
+        else:
+            inner = getattr(inner, "vision_model", inner)
+            layers = inner.encoder.layers
+        if layers is None:
+            raise RuntimeError(f"cannot find the transformer layers of this {self.kind!r} tower")
+        return layers
+
+    def layer_classes(self) -> set[type[nn.Module]]:
+        """Module class(es) of one transformer layer (the unit FSDP shards)."""
+        return {type(layer) for layer in self.layer_modules()}
+
+    def freeze_layers(self, n: int) -> None:
+        """Freeze the stem and the first ``n`` transformer layers (``n`` in ``0..num_layers``)."""
+        if not 0 <= n <= self.num_layers:
+            raise ValueError(f"freeze_vision_layers must be in 0..{self.num_layers} for this tower, got {n}")
+        if n == 0:
+            return
+        for name, p in self.named_parameters():
+            if self.layer_id(name) <= n:
+                p.requires_grad_(False)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if enabled:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+    # -- compute ------------------------------------------------------------------------------------
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``pixel_values`` (B, C, S, S) float -> pooled features (B, hidden_size)."""
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be (B, C, H, W), got shape {tuple(pixel_values.shape)}")
+        size = self.image_size
+        if pixel_values.shape[-2:] != (size, size):
+            raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} pixels but this vision "
+                             f"tower takes {size}x{size} images (set the data's image size to {size})")
+        out = self.model(pixel_values=pixel_values)
+        if self.kind == "vit":
+            return out.last_hidden_state[:, 0]
+        return out.pooler_output
+
+
+def build_vision_tower(preset: str | None = None, path: str | Path | None = None) -> VisionTower:
+    """A tower from exactly one of a preset name (random init) or a local transformers folder."""
+    if (preset is None) == (path is None):
+        raise ValueError("give exactly one of a vision preset or a vision path "
+                         f"(got preset={preset!r}, path={path!r})")
+    if preset is not None:
+        return VisionTower.from_preset(preset)
+    return VisionTower.from_pretrained(path)
