@@ -79,3 +79,90 @@ def test_bad_inputs():
         topk_hit_rates(torch.zeros(2, 2), torch.tensor([0, 1]), (0,))
     with pytest.raises(TypeError):
         image_text_retrieval([[1.0]], torch.zeros(1, 1))
+
+
+# -- the eval sub-command on a tiny saved model --------------------------------------------------
+
+COLOURS = {"red": (230, 30, 30), "blue": (30, 30, 230), "green": (30, 200, 30)}
+
+
+def _write_tiny_manifest(folder):
+    import json
+
+    from PIL import Image
+
+    rows = []
+    for i in range(7):
+        name = list(COLOURS)[i % 3]
+        Image.new("RGB", (40, 36), COLOURS[name]).save(folder / f"{i}.png")
+        rows.append({"key": f"k{i}", "image": f"{i}.png", "short": f"a {name} square",
+                     "long": f"a {name} square, picture number {i}, " + "with a plain background " * 4,
+                     "label": name})
+    path = folder / "val.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _tiny_clip_tower_model():
+    from llm2clip_fast.models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
+    from llm2clip_fast.models.vision import VisionTower
+
+    torch.manual_seed(0)
+    vision = VisionTower.from_config("clip", {"image_size": 32, "patch_size": 8, "hidden_size": 32,
+                                              "intermediate_size": 64, "num_hidden_layers": 1,
+                                              "num_attention_heads": 2})
+    config = LLM2CLIPConfig(vision=vision.config_dict(), embed_dim=16, text_tower="clip",
+                            clip_text={"width": 32, "layers": 1, "heads": 2})
+    return LLM2CLIPModel(config, vision_tower=vision)
+
+
+def test_eval_command_on_a_saved_model(tmp_path, capsys):
+    import json
+
+    from llm2clip_fast.data.sources import open_source
+    from llm2clip_fast.train.__main__ import main
+    from llm2clip_fast.train.eval import collect_eval_set, evaluate
+
+    manifest = _write_tiny_manifest(tmp_path)
+    model = _tiny_clip_tower_model().eval()
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "results" / "val.json"
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(manifest),
+                 "--batch-size", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "i2t R@1" in printed and "zero-shot" in printed
+    results = json.loads(out.read_text())
+    assert results["n"] == 7 and results["n_classes"] == 3 and results["text_tower"] == "clip"
+    for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "cra", "zero_shot"):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert results["i2t_R@10"] == 1.0  # K > N
+
+    # The same numbers as the metric functions on embeddings computed by hand from the model.
+    eval_set = collect_eval_set(open_source(str(manifest)), model.image_size)
+    with torch.no_grad():
+        images = model.encode_image(eval_set["pixel_values"], normalize=True)
+        texts = model.encode_captions(eval_set["captions"]["long"], batch_size=3)
+        shorts = model.encode_captions(eval_set["captions"]["short"], batch_size=3)
+    expected = image_text_retrieval(images, texts)
+    for key, value in expected.items():
+        assert results[key] == pytest.approx(value, abs=1e-6), key
+    assert results["cra"] == pytest.approx(caption_retrieval_accuracy(shorts, texts), abs=1e-6)
+    again = evaluate(model, eval_set, caption="short", batch_size=5)
+    assert again["caption"] == "short" and again["cra"] == pytest.approx(results["cra"], abs=1e-6)
+
+
+def test_eval_bad_arguments(tmp_path):
+    from llm2clip_fast.train.eval import evaluate_model_dir
+
+    manifest = _write_tiny_manifest(tmp_path)
+    _tiny_clip_tower_model().save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="caption"):
+        evaluate_model_dir(tmp_path / "model", str(manifest), caption="medium")
+    with pytest.raises(FileNotFoundError, match="not a saved"):
+        evaluate_model_dir(tmp_path / "nothing", str(manifest))
+
+
+def test_float_noise_below_the_tolerance_is_a_tie():
+    sim = torch.tensor([[0.5, 0.5 + 3e-7, 0.1]])
+    assert topk_hit_rates(sim, torch.tensor([0]), (1,)) == pytest.approx({1: 0.5})
+    assert topk_hit_rates(sim, torch.tensor([0]), (1,), tie_tolerance=0.0) == pytest.approx({1: 0.0})
