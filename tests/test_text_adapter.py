@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llm2clip_fast.models.text_adapter import TextAdapter, TextAdapterReference
 from llm2clip_fast.ops import _backend
 from llm2clip_fast.ops import adapter as adapter_ops
+from llm2clip_fast.ops._backend import BackendUnavailableError
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _pair(in_dim: int, out_dim: int, num_blocks: int = 2, seed: int = 0, dtype=torch.float32, **kw):
@@ -74,6 +78,17 @@ def test_bad_constructor_arguments():
         TextAdapter(8, 8, num_blocks=-1)
 
 
+def test_dropout_refuses_forced_triton_with_reason():
+    _, fused = _pair(40, 24, num_blocks=1, dropout=0.1)
+    fused.backend = "triton"
+    fused.train()
+    with pytest.raises(BackendUnavailableError, match="dropout"):
+        fused(torch.randn(3, 40))
+    probe = adapter_ops._probe(torch.device("cpu"), torch.float32)
+    rows = dict(_backend.explain("text_adapter_dropout", probe))
+    assert any("dropout" in why for why in rows["triton"])
+
+
 def test_cpu_dispatch_picks_torch_and_dropout_is_visible():
     x = torch.randn(3, 64)
     probe = adapter_ops._probe(torch.device("cpu"), torch.float32)
@@ -100,3 +115,170 @@ def test_torch_path_matches_reference_with_grads():
     g = torch.autograd.grad(y, [x, *fused.parameters()], gy)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fused Triton path (interpreter on CPU). Sizes: 37 rows (block 32), d=40, hidden 80, out 24.
+
+
+def _grads(model, x, gy):
+    y = model(x)
+    return y, torch.autograd.grad(y, [x, *model.parameters()], gy)
+
+
+def _names(model):
+    return ["x", *(n for n, _ in model.named_parameters())]
+
+
+def _input(rows: int, d: int, device=DEVICE) -> torch.Tensor:
+    # Offset and scale so the L2 norm and the row mean both matter.
+    return (2.5 * torch.randn(rows, d, device=device) + 0.7).requires_grad_(True)
+
+
+def test_fused_fp32_forward_and_every_gradient():
+    ref, fused = _pair(40, 24, num_blocks=2, seed=5)
+    ref, fused = ref.to(DEVICE), fused.to(DEVICE)
+    fused.backend = "triton"
+    x = _input(37, 40)
+    gy = torch.randn(37, 24, device=DEVICE)
+    y_ref, g_ref = _grads(ref, x, gy)
+    y, g = _grads(fused, x, gy)
+    # The interpreter's fp32 dot is exact (a GPU uses TF32 only when torch allows it for matmuls).
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    for name, a, b in zip(_names(ref), g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1.0), rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _assert_within_twice_torch(name, fused, torch_low, ref32):
+    err = (fused.float() - ref32).abs().max().item()
+    err_torch = (torch_low.float() - ref32).abs().max().item()
+    assert err <= 2 * err_torch + 1e-6 * ref32.abs().max().item(), (
+        f"{name}: fused error {err:.3g} > 2 x torch error {err_torch:.3g}")
+
+
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_fused_low_precision_weights_error_at_most_twice_torch(low):
+    ref32, fused = _pair(40, 24, num_blocks=1, seed=7)
+    ref_low = TextAdapterReference(40, 24, num_blocks=1)
+    ref_low.load_state_dict(ref32.state_dict())
+    ref32, ref_low, fused = ref32.to(DEVICE), ref_low.to(DEVICE, low), fused.to(DEVICE, low)
+    fused.backend = "triton"
+    x = _input(37, 40)
+    gy = torch.randn(37, 24, device=DEVICE)
+    y32, g32 = _grads(ref32, x, gy)
+    y_low, g_low = _grads(ref_low, x, gy.to(low))
+    y, g = _grads(fused, x, gy.to(low))
+    assert y.dtype == low
+    _assert_within_twice_torch("output", y, y_low, y32)
+    for name, a, b, c in zip(_names(ref32), g, g_low, g32):
+        _assert_within_twice_torch(name, a, b, c)
+
+
+def test_fused_autocast_bf16_with_fp32_weights():
+    # nn.Linear semantics: GEMM operands in bf16, LayerNorm / residual stream in fp32, bf16 output.
+    ref, fused = _pair(40, 24, num_blocks=1, seed=9)
+    ref, fused = ref.to(DEVICE), fused.to(DEVICE)
+    fused.backend = "triton"
+    x = _input(37, 40)
+    gy = torch.randn(37, 24, device=DEVICE)
+    y32, g32 = _grads(ref, x, gy)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y_low, g_low = _grads(ref, x, gy.bfloat16())
+        y, g = _grads(fused, x, gy.bfloat16())
+    assert y.dtype == y_low.dtype == torch.bfloat16
+    assert all(a.dtype == torch.float32 for a in g)
+    _assert_within_twice_torch("output", y, y_low, y32)
+    for name, a, b, c in zip(_names(ref), g, g_low, g32):
+        _assert_within_twice_torch(name, a, b, c)
+
+
+def test_fused_without_blocks_folds_l2_into_the_head_layernorm():
+    ref, fused = _pair(40, 24, num_blocks=0, seed=11)
+    ref, fused = ref.to(DEVICE), fused.to(DEVICE)
+    fused.backend = "triton"
+    x = _input(21, 40)
+    gy = torch.randn(21, 24, device=DEVICE)
+    y_ref, g_ref = _grads(ref, x, gy)
+    y, g = _grads(fused, x, gy)
+    torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1.0), rtol=1e-4)
+
+
+def test_row_stats_and_layernorm_bwd_kernels_with_l2_fold():
+    from llm2clip_fast.kernels import adapter as K
+
+    torch.manual_seed(13)
+    x = 3.0 * torch.randn(19, 40, device=DEVICE) + 1.0
+    x[4] = 0.0  # norm below eps: F.normalize's clamp is active, its gradient has no radial part
+    x[5] *= 1e-14
+    x.requires_grad_(True)
+    gamma = (1 + 0.2 * torch.randn(40, device=DEVICE)).requires_grad_(True)
+    beta = (0.2 * torch.randn(40, device=DEVICE)).requires_grad_(True)
+    dres = torch.randn(19, 40, device=DEVICE)
+    dln = torch.randn(19, 40, device=DEVICE)
+    x0 = F.normalize(x, dim=-1, eps=1e-12)
+    y = F.layer_norm(x0, (40,), gamma, beta, 1e-5)
+    gx, gg, gb = torch.autograd.grad([y, x0], [x, gamma, beta], [dln, dres])
+
+    xd = x.detach()
+    mean, rstd, norm = K.row_stats(xd, 1e-5, 1e-12)
+    torch.testing.assert_close(norm, xd.norm(dim=-1))
+    ln = (xd - mean[:, None]) * rstd[:, None] * gamma.detach() + beta.detach()
+    torch.testing.assert_close(ln, y.detach(), atol=1e-5, rtol=1e-5)
+    dx, dg, db = K.layernorm_bwd(xd, mean, rstd, gamma.detach(), dln, dres=dres, norm=norm, l2_eps=1e-12)
+    torch.testing.assert_close(dx, gx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dg, gg, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db, gb, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_saves_no_hidden_sized_activation():
+    _, fused = _pair(40, 24, num_blocks=2, seed=15)
+    fused = fused.to(DEVICE)
+    fused.backend = "triton"
+    x = _input(37, 40)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused(x)
+    param_ptrs = {p.data_ptr() for p in fused.parameters()}
+    activations = [t for t in saved if t.data_ptr() not in param_ptrs]
+    # The input, one residual-stream tensor per later block, fp32 row statistics: nothing (37, 80).
+    shapes = [tuple(t.shape) for t in activations]
+    assert all(s in {(37, 40), (37,)} for s in shapes), shapes
+    assert sum(tuple(t.shape) == (37, 40) for t in activations) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights_dtype", [torch.float32, torch.bfloat16])
+def test_gpu_bf16_autocast_matches_reference(weights_dtype):
+    ref32, fused = _pair(1000, 312, num_blocks=4, seed=17)
+    ref_low = TextAdapterReference(1000, 312, num_blocks=4)
+    ref_low.load_state_dict(ref32.state_dict())
+    ref32, ref_low, fused = ref32.cuda(), ref_low.cuda().to(weights_dtype), fused.cuda().to(weights_dtype)
+    probe = adapter_ops._probe(torch.device("cuda"), torch.bfloat16)
+    assert _backend.select_backend("text_adapter", probe).name == "triton"
+    x = _input(1237, 1000, device="cuda")
+    gy = torch.randn(1237, 312, device="cuda")
+    y32, g32 = _grads(ref32, x, gy)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_low, g_low = _grads(ref_low, x, gy.bfloat16())
+        y, g = _grads(fused, x, gy.bfloat16())
+    assert y.dtype == torch.bfloat16
+    _assert_within_twice_torch("output", y, y_low, y32)
+    for name, a, b, c in zip(_names(ref32), g, g_low, g32):
+        _assert_within_twice_torch(name, a, b, c)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_matches_reference_within_tf32():
+    ref, fused = _pair(520, 136, num_blocks=2, seed=19)
+    ref, fused = ref.cuda(), fused.cuda()
+    x = _input(777, 520, device="cuda")
+    gy = torch.randn(777, 136, device="cuda")
+    y_ref, g_ref = _grads(ref, x, gy)
+    y, g = _grads(fused, x, gy)
+    # TF32 only when torch.backends.cuda.matmul.allow_tf32 is on (off by default): loose but not lax.
+    torch.testing.assert_close(y, y_ref, atol=2e-3, rtol=2e-3)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=2e-3 * b.abs().max().item(), rtol=1e-2)

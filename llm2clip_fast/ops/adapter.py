@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._availability import dtype_reasons, triton_import_problem, triton_reasons
 from ._backend import Backend, DispatchContext
 
 OP_NAME = "text_adapter"
@@ -114,10 +115,137 @@ def text_adapter(
                       dropout=dropout, training=training)
 
 
+def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The GEMM operand dtype nn.Linear would use: the autocast dtype under autocast, else the weight's."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+class FusedTextAdapterFunction(torch.autograd.Function):
+    """Autograd around the fused kernels of :mod:`llm2clip_fast.kernels.adapter`.
+
+    Saved for backward: the input x (B, d) and every later block input (B, d) in x's dtype, the row
+    statistics (fp32 mean and rstd per LayerNorm, the input's L2 norm), and the weights (references,
+    not copies). The LayerNorm outputs, pre-GELU and GELU activations are recomputed in backward.
+    Weight gradients come from ``_weight_grad_kernel`` (LayerNorm-on-load, bias gradient fused); the
+    input-gradient GEMMs ``dz @ W1`` and ``dout @ Wp`` are torch.mm: their epilogue is plain.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dot_dtype: torch.dtype, ln_eps: float, l2_eps: float,
+                num_blocks: int, *weights: torch.Tensor) -> torch.Tensor:
+        from ..kernels import adapter as K
+
+        x = x.contiguous()
+        weights = tuple(w.contiguous() for w in weights)
+        mean, rstd, norm0 = K.row_stats(x, ln_eps, l2_eps)
+        inputs, means, rstds = [x], [mean], [rstd]
+        cur = x
+        for i in range(num_blocks):
+            ln_w, ln_b, w1, b1, w2, b2 = weights[6 * i: 6 * i + 6]
+            h = K.fused_linear(cur, w1.to(dot_dtype), b1, out_dtype=dot_dtype, ln=(mean, rstd, ln_w, ln_b),
+                               gelu=True)
+            cur = K.fused_linear(h, w2.to(dot_dtype), b2, out_dtype=x.dtype, residual=cur,
+                                 residual_norm=norm0 if i == 0 else None, l2_eps=l2_eps)
+            del h
+            mean, rstd, _ = K.row_stats(cur, ln_eps)
+            inputs.append(cur)
+            means.append(mean)
+            rstds.append(rstd)
+        lnf_w, lnf_b, wp, bp = weights[6 * num_blocks:]
+        out = K.fused_linear(cur, wp.to(dot_dtype), bp, out_dtype=dot_dtype, ln=(mean, rstd, lnf_w, lnf_b))
+        ctx.save_for_backward(norm0, *inputs, *means, *rstds, *weights)
+        ctx.num_blocks = num_blocks
+        ctx.dot_dtype = dot_dtype
+        ctx.l2_eps = l2_eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        from ..kernels import adapter as K
+
+        nb, cd, l2_eps = ctx.num_blocks, ctx.dot_dtype, ctx.l2_eps
+        saved = ctx.saved_tensors
+        norm0 = saved[0]
+        inputs = saved[1: nb + 2]
+        means = saved[nb + 2: 2 * nb + 3]
+        rstds = saved[2 * nb + 3: 3 * nb + 4]
+        weights = saved[3 * nb + 4:]
+        grads: list[torch.Tensor | None] = [None] * len(weights)
+        dout = dout.contiguous().to(cd)
+
+        lnf_w, lnf_b, wp, _ = weights[6 * nb:]
+        xn, mean, rstd = inputs[nb], means[nb], rstds[nb]
+        dwp, dbp = K.weight_grad(dout, xn, dot_dtype=cd, ln=(mean, rstd, lnf_w, lnf_b))
+        dln = torch.mm(dout, wp.to(cd))
+        g, dlnf_w, dlnf_b = K.layernorm_bwd(xn, mean, rstd, lnf_w, dln, norm=norm0 if nb == 0 else None,
+                                            l2_eps=l2_eps)
+        grads[6 * nb:] = [dlnf_w, dlnf_b, dwp, dbp]
+        for i in reversed(range(nb)):
+            ln_w, ln_b, w1, b1, w2, _ = weights[6 * i: 6 * i + 6]
+            xi, mean, rstd = inputs[i], means[i], rstds[i]
+            w1c = w1.to(cd)
+            dz, h = K.ln_gelu_bwd(xi, mean, rstd, ln_w, ln_b, w1c, b1, g, w2.to(cd))
+            dw2, db2 = K.weight_grad(g, h, dot_dtype=cd)
+            del h
+            dw1, db1 = K.weight_grad(dz, xi, dot_dtype=cd, ln=(mean, rstd, ln_w, ln_b))
+            dln = torch.mm(dz, w1c)
+            del dz
+            g, dln_w, dln_b = K.layernorm_bwd(xi, mean, rstd, ln_w, dln, dres=g,
+                                              norm=norm0 if i == 0 else None, l2_eps=l2_eps)
+            grads[6 * i: 6 * i + 6] = [dln_w, dln_b, dw1, db1, dw2, db2]
+        grads = [gr.to(w.dtype) for gr, w in zip(grads, weights)]
+        return (g.to(inputs[0].dtype), None, None, None, None, *grads)
+
+
+def text_adapter_triton(
+    x: torch.Tensor,
+    block_weights: Sequence[BlockWeights],
+    head_weights: HeadWeights,
+    *,
+    ln_eps: float = 1e-5,
+    l2_eps: float = 1e-12,
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """The adapter on the fused Triton kernels (no dropout: dispatch sends dropout to the torch path)."""
+    if dropout > 0.0 and training:
+        raise ValueError("the fused adapter implements no dropout; use the torch backend for dropout > 0")
+    flat = [t for bw in block_weights for t in bw] + list(head_weights)
+    cd = compute_dtype(x, head_weights[2])
+    return FusedTextAdapterFunction.apply(x, cd, float(ln_eps), float(l2_eps), len(block_weights), *flat)
+
+
+def _triton_reasons(ctx: DispatchContext) -> list[str]:
+    why = triton_reasons(ctx) + dtype_reasons(ctx, SUPPORTED_DTYPES)
+    if len({t.device for t in ctx.tensors}) > 1:
+        why.append("x and the weights are on different devices")
+    if triton_import_problem() is None:
+        from ..kernels.adapter import MAX_FUSED_DIM
+
+        d = ctx.tensors[0].shape[-1]
+        if d > MAX_FUSED_DIM:
+            why.append(f"d={d} > {MAX_FUSED_DIM}: the fused LayerNorm backward keeps a whole row per program")
+    if ctx.options.get("dropout", 0.0) > 0.0 and ctx.options.get("training", False):
+        why.append("dropout > 0 while training: the fused kernels implement no dropout, the torch path runs")
+    return why
+
+
+def _triton_reasons_with_dropout(ctx: DispatchContext) -> list[str]:
+    # The dropout op's probe carries no options; its whole purpose is the dropout case.
+    return _triton_reasons(DispatchContext(ctx.tensors, ctx.forced, {"dropout": 1.0, "training": True}))
+
+
 def _torch_reasons(ctx: DispatchContext) -> list[str]:
     return []
 
 
+_TRITON = Backend("triton", run=text_adapter_triton, reasons=_triton_reasons,
+                  description="fused Triton: LN-on-load GEMMs, bias+GELU/bias+residual epilogues, recompute")
+_TRITON_DROPOUT = Backend("triton", run=text_adapter_triton, reasons=_triton_reasons_with_dropout,
+                          description="fused Triton (no dropout: refuses)")
 _TORCH = Backend("torch", run=text_adapter_torch, reasons=_torch_reasons,
                  description="plain torch (eager): F.layer_norm / F.linear / F.gelu, stores every activation")
 
@@ -133,7 +261,7 @@ def _probe(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]
     return (x, *block, *head)
 
 
-_backend.register_op(OP_NAME, [_TORCH], description="LLM2CLIP text adapter (no dropout, or eval)",
+_backend.register_op(OP_NAME, [_TRITON, _TORCH], description="LLM2CLIP text adapter (no dropout, or eval)",
                      probe=_probe)
-_backend.register_op(DROPOUT_OP_NAME, [_TORCH], probe=_probe,
+_backend.register_op(DROPOUT_OP_NAME, [_TRITON_DROPOUT, _TORCH], probe=_probe,
                      description="LLM2CLIP text adapter while training with dropout > 0")
