@@ -100,5 +100,9 @@ def test_rerun_skips_complete_splits_and_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert set(printed) == {"train", "val", "long_detail"} and printed["train"] in out
     assert len(open_source(printed["train"])) == 4
+    assert open_source(tmp_path / "cli" / "val").keys() == open_source(printed["val"]).keys()  # folder spec
+    assert open_source(tmp_path / "train").keys() == open_source(specs["train"]).keys()
+    with pytest.raises(ValueError, match=r"no manifest.*it holds: cli, long_detail, train, val"):
+        open_source(tmp_path)
     with pytest.raises(ValueError, match="format"):
         write_demo(tmp_path, format="parquet")

@@ -249,6 +249,7 @@ def build_loader(
     bad_data: BadDataPolicy | float | BadDataTracker | None = None,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    multiprocessing_context: str | None = None,
 ) -> CaptionLoader:
     """A DataLoader of caption batches for one rank (see the module docstring for the epoch layout).
 
@@ -268,6 +269,8 @@ def build_loader(
         drop_last: equal, full batches on every rank (some samples unused each epoch).
         transform: ``(PIL image, random.Random) -> (3, S, S)`` tensor replacing the CLIP transform.
         bad_data: policy (or max fraction, or a tracker to share) for bad samples.
+        pin_memory, prefetch_factor, multiprocessing_context: passed to the DataLoader. Workers are
+            started afresh each epoch (no ``persistent_workers``) so they see ``set_epoch``.
 
     Returns:
         :class:`CaptionLoader` yielding dicts: ``keys`` list[str]; ``pixel_values`` float32 (B, 3, S, S)
@@ -303,6 +306,8 @@ def build_loader(
                 f"caption {unknown} not among the source's captions {source.caption_names} "
                 "(or use 'random' or None)"
             )
+    if len(source) == 0:  # also builds a lazy index here, once, rather than in every worker
+        raise ValueError(f"source {source!r} holds no samples")
     if with_images and transform is None:
         transform = clip_image_transform(image_size, train=train, scale=crop_scale)
     if isinstance(bad_data, BadDataTracker):
@@ -325,4 +330,6 @@ def build_loader(
     extra: dict[str, Any] = {}
     if num_workers > 0 and prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
+    if num_workers > 0 and multiprocessing_context is not None:
+        extra["multiprocessing_context"] = multiprocessing_context
     return CaptionLoader(dataset, tracker=tracker, num_workers=num_workers, pin_memory=pin_memory, **extra)

@@ -26,6 +26,8 @@ def open_source(
     Args:
         spec: a manifest path (``.csv``, ``.tsv``, ``.jsonl``) or a WebDataset shard spec: a brace
             pattern ("data/{000..009}.tar"), a glob ("data/*.tar"), several joined by "::", or a list.
+            A folder stands for the single manifest in it, else for all its ``*.tar`` shards (the
+            layout :func:`~.demo.write_demo` produces).
         image_column: manifest column with the image path (relative paths resolve against the
             manifest's folder). WebDataset samples use their image member (jpg/jpeg/png/webp).
         caption_columns: caption names to use; None = every caption found (manifest: all columns but
@@ -41,6 +43,8 @@ def open_source(
         ValueError: a structural mistake (missing column, no shards matched, unreadable manifest); the
             message lists what was found.
     """
+    if isinstance(spec, (str, os.PathLike)) and os.path.isdir(spec):
+        spec = _spec_in_folder(os.fspath(spec))
     if isinstance(spec, (str, os.PathLike)) and os.fspath(spec).lower().endswith(MANIFEST_SUFFIXES):
         return ManifestSource(
             spec,
@@ -58,4 +62,21 @@ def open_source(
 
     return WebDatasetSource(
         spec, caption_columns=caption_columns, label_column=label_column, bad_data=bad_data
+    )
+
+
+def _spec_in_folder(folder: str) -> str:
+    """The one manifest in ``folder``, else a glob of its tar shards; otherwise say what is there."""
+    names = sorted(os.listdir(folder))
+    manifests = [n for n in names if n.lower().endswith(MANIFEST_SUFFIXES)]
+    if len(manifests) == 1:
+        return os.path.join(folder, manifests[0])
+    if len(manifests) > 1:
+        raise ValueError(f"folder {folder!r} holds several manifests {manifests}; pass one of them")
+    if any(n.endswith(".tar") for n in names):
+        return os.path.join(folder, "*.tar")
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
+    raise ValueError(
+        f"folder {folder!r} holds no manifest ({', '.join(MANIFEST_SUFFIXES)}) and no .tar shards; "
+        f"it holds: {shown or '(nothing)'}"
     )
