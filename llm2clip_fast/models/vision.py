@@ -31,6 +31,12 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
         "config": {"image_size": 64, "patch_size": 8, "hidden_size": 192, "intermediate_size": 768,
                    "num_hidden_layers": 4, "num_attention_heads": 4, "hidden_act": "gelu"},
     },
+    # For smoke tests and CI: a full training step takes milliseconds.
+    "micro": {
+        "kind": "clip",
+        "config": {"image_size": 32, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128,
+                   "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_act": "gelu"},
+    },
     # OpenAI CLIP ViT-B/16 geometry, for benchmarks.
     "vit-b-16": {
         "kind": "clip",

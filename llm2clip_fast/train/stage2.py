@@ -1,0 +1,644 @@
+"""Stage 2: train the vision tower + projection + text adapter on cached LLM caption embeddings.
+
+``python -m llm2clip_fast.train stage2 --embeddings DIR --data SOURCE --out DIR [options]``
+
+The LLM never runs here: each caption's embedding is read from the embedding cache written by the
+``embed`` step. The text side is the :class:`TextAdapter` over those embeddings (or, with
+``--text-tower clip``, the CLIP-style baseline text transformer on token ids, tokenised on the fly).
+
+The step:
+
+- contrastive loss over the *global* batch: the fused ``clip_loss`` (or ``siglip_loss``); under
+  ``torchrun`` each rank passes its local features to the distributed mode of the loss, so the
+  negatives span every rank and the gradients equal single-process training on the concatenated batch;
+- ``--grad-accum K`` keeps that property across micro-batches (as OpenCLIP's accumulation does): the
+  features of all K micro-batches are computed once without grad, then each micro-batch is recomputed
+  with grad and its slice of the full K-batch loss back-propagated. The step therefore equals one
+  step at K times the batch (negatives span all K micro-batches), at one extra forward per sample;
+- AdamW (no decay on biases, norms and the logit scale/bias), layer-wise lr decay over the vision
+  tower's depth (``--llrd``), linear warmup + cosine, gradient clipping, bf16 autocast on GPU;
+- DDP under ``torchrun`` (``--fsdp``: FSDP2 sharding of each vision layer, for large towers).
+
+Run folder ``OUT``: ``log.jsonl`` (loss, lr, images/s, grad norm, logit scale), ``loss.png``,
+``checkpoints/step_*`` (atomic, every ``--save-every`` steps and at the end; ``--resume`` continues
+exactly), ``run_config.json``, ``summary.json`` and the final model in ``OUT/model``
+(:meth:`LLM2CLIPModel.save_pretrained`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..distributed import barrier, get_rank, get_world_size, init_distributed_from_env, is_distributed
+from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
+from ..models.vision import VISION_PRESETS, build_vision_tower
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .run_log import JsonlLog, TrainProgress, plot_loss_curve
+
+# Options that change what the run computes: a resumed run must agree on them to continue exactly.
+RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "batch_size", "grad_accum",
+                     "seed", "steps", "epochs", "lr", "wd", "llrd", "warmup", "schedule", "min_lr_ratio",
+                     "grad_clip",
+                     "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
+                     "init_model", "adapter_blocks", "adapter_expansion", "adapter_dropout", "precision",
+                     "world_size", "fsdp", "crop_scale")
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``stage2`` sub-command's options."""
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--embeddings", help="embedding cache folder written by the embed step "
+                    "(required for the llm-adapter text tower)")
+    io.add_argument("--data", required=True,
+                    help="caption source: manifest (.csv/.tsv/.jsonl) or WebDataset shards")
+    io.add_argument("--out", required=True, help="run folder (log, checkpoints, loss.png, model/)")
+    io.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    io.add_argument("--init-model", help="start from a saved LLM2CLIPModel folder instead of a fresh one")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--text-tower", choices=("llm-adapter", "clip"), default="llm-adapter",
+                       help="llm-adapter: adapter on cached LLM embeddings (LLM2CLIP); clip: CLIP text "
+                       "transformer from scratch on 77 tokens (the baseline)")
+    model.add_argument("--vision-preset", default=None,
+                       help=f"random-init vision tower: one of {sorted(VISION_PRESETS)} (default demo-tiny)")
+    model.add_argument("--vision-path",
+                       help="local transformers CLIP/SigLIP/ViT folder to start the tower from")
+    model.add_argument("--embed-dim", type=int, default=512, help="shared embedding size (default 512)")
+    model.add_argument("--image-size", type=int, default=None,
+                       help="image side for preprocessing; must equal the tower's (default: the tower's)")
+    model.add_argument("--adapter-blocks", type=int, default=4)
+    model.add_argument("--adapter-expansion", type=int, default=2)
+    model.add_argument("--adapter-dropout", type=float, default=0.0)
+    model.add_argument("--clip-text-width", type=int, default=256, help="clip text tower width")
+    model.add_argument("--clip-text-layers", type=int, default=4, help="clip text tower depth")
+    model.add_argument("--clip-text-heads", type=int, default=4, help="clip text tower heads")
+    model.add_argument("--freeze-vision-layers", type=int, default=0,
+                       help="freeze the vision stem and the first N transformer layers")
+    model.add_argument("--grad-checkpointing", action="store_true", help="recompute vision activations")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--loss", choices=("clip", "siglip"), default="clip")
+    train.add_argument("--caption", default="long",
+                       help="cached caption to train on: a caption name (default long) or 'random' "
+                       "(a random one of the cached captions per sample and epoch)")
+    train.add_argument("--batch-size", type=int, default=64, help="images per rank per micro-batch")
+    train.add_argument("--grad-accum", type=int, default=1,
+                       help="micro-batches per step; negatives span all of them (global batch = "
+                       "batch-size x world-size x grad-accum)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    train.add_argument("--beta2", type=float, default=0.98)
+    train.add_argument("--llrd", type=float, default=0.85,
+                       help="layer-wise lr decay of the vision tower (1: off)")
+    train.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps)")
+    train.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    train.add_argument("--min-lr-ratio", type=float, default=0.0)
+    train.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    train.add_argument("--crop-scale", type=float, nargs=2, default=(0.9, 1.0), metavar=("MIN", "MAX"),
+                       help="random resized crop area range")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--cache-verify", choices=("full", "size"), default="full",
+                       help="check the cache's shard checksums (full) or only their shapes (size, fast)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
+    run.add_argument("--save-every", type=int, default=500,
+                     help="checkpoint every N steps (0: only at the end)")
+    run.add_argument("--keep-checkpoints", type=int, default=2)
+    run.add_argument("--log-every", type=int, default=10, help="log line every N steps")
+    run.add_argument("--max-bad-fraction", type=float, default=0.01,
+                     help="stop when more than this fraction of samples is bad (default 1%%)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# -------------------------------------------------------------------------------------------------
+# Set-up checks
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    positive = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "embed_dim": args.embed_dim,
+                "log_every": args.log_every}
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.epochs is not None and not args.epochs > 0:
+        raise ValueError(f"--epochs must be > 0, got {args.epochs}")
+    if args.lr <= 0 or args.wd < 0:
+        raise ValueError(f"--lr must be > 0 and --wd >= 0, got {args.lr} and {args.wd}")
+    if not 0 < args.llrd <= 1:
+        raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
+    if args.save_every < 0 or args.num_workers < 0 or args.freeze_vision_layers < 0:
+        raise ValueError("--save-every, --num-workers and --freeze-vision-layers must be >= 0")
+    if args.vision_preset and args.vision_path:
+        raise ValueError("give one of --vision-preset and --vision-path, not both")
+    if args.init_model and (args.vision_preset or args.vision_path):
+        raise ValueError("--init-model brings its own vision tower; drop --vision-preset/--vision-path")
+    if args.text_tower == "llm-adapter" and not args.embeddings:
+        raise ValueError("--embeddings DIR is required for the llm-adapter text tower (run the embed step "
+                         "first), or use --text-tower clip")
+    if args.text_tower == "clip" and args.embeddings:
+        raise ValueError("--text-tower clip trains on raw captions; drop --embeddings")
+
+
+def open_cache(path: str, verify: str = "full") -> Any:
+    from ..data.embedding_cache import EmbeddingCache
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--embeddings {path!r} is not a folder; run the embed step first "
+                                "(python -m llm2clip_fast.train embed --llm PATH --data SOURCE --out DIR)")
+    return EmbeddingCache.open(path, verify=True if verify == "full" else "size")
+
+
+def check_cache_covers(cache: Any, source: Any, caption_names: list[str]) -> None:
+    """Every key of the data has a cached embedding for every caption the run may pick."""
+    missing_names = [n for n in caption_names if n not in cache.caption_names]
+    if missing_names:
+        raise ValueError(f"caption {missing_names} is not in the embedding cache, which holds "
+                         f"{list(cache.caption_names)}; pick --caption among those (or 'random')")
+    keys = source.keys()
+    missing = [k for k in keys if k not in cache]
+    if missing:
+        raise ValueError(f"the embedding cache {cache.directory} lacks embeddings for {len(missing)} of the "
+                         f"{len(keys)} keys of the data, e.g. {missing[:5]}; run the embed step on this data")
+
+
+def resolve_caption(caption: str, source: Any, cache: Any | None) -> tuple[str | list[str], list[str]]:
+    """(what the loader picks from, the caption names that may be picked)."""
+    if caption == "random":
+        names = list(source.caption_names)
+        if cache is not None:
+            names = [n for n in names if n in cache.caption_names]
+            if not names:
+                raise ValueError(f"no caption name is both in the data {source.caption_names} and in the "
+                                 f"embedding cache {list(cache.caption_names)}")
+        return names, names
+    if caption not in source.caption_names:
+        raise ValueError(f"--caption {caption!r} is not a caption of the data; it has {source.caption_names} "
+                         "(or use 'random')")
+    return caption, [caption]
+
+
+# -------------------------------------------------------------------------------------------------
+# Model, optimizer
+
+
+def build_model(args: argparse.Namespace, llm_dim: int | None, llm_info: dict[str, Any]) -> LLM2CLIPModel:
+    if args.init_model:
+        model = LLM2CLIPModel.from_pretrained(args.init_model)
+        if model.config.text_tower != args.text_tower:
+            raise ValueError(f"--init-model has the {model.config.text_tower!r} text tower but the run asks "
+                             f"for --text-tower {args.text_tower}")
+        if llm_dim is not None and model.config.llm_dim != llm_dim:
+            raise ValueError(f"dimension mismatch: the embedding cache holds {llm_dim}-d embeddings but "
+                             f"the adapter of --init-model {args.init_model} takes "
+                             f"llm_dim={model.config.llm_dim}")
+        if model.config.loss != args.loss:
+            raise ValueError(f"--init-model was trained with --loss {model.config.loss}; the run asks for "
+                             f"{args.loss}")
+        if llm_info:
+            model.config.llm = llm_info
+        return model
+    tower = build_vision_tower(preset=args.vision_preset or (None if args.vision_path else "demo-tiny"),
+                               path=args.vision_path)
+    text: dict[str, Any]
+    if args.text_tower == "llm-adapter":
+        text = {"llm_dim": llm_dim, "adapter": {"num_blocks": args.adapter_blocks,
+                                                "expansion": args.adapter_expansion,
+                                                "dropout": args.adapter_dropout}}
+    else:
+        text = {"clip_text": {"width": args.clip_text_width, "layers": args.clip_text_layers,
+                              "heads": args.clip_text_heads, "embed_dim": args.embed_dim}}
+    config = LLM2CLIPConfig(vision=tower.config_dict(), embed_dim=args.embed_dim, text_tower=args.text_tower,
+                            loss=args.loss, llm=llm_info, **text)
+    return LLM2CLIPModel(config, vision_tower=tower)
+
+
+def lr_multipliers(model: LLM2CLIPModel, decay: float) -> dict[str, float]:
+    """Layer-wise lr decay over the vision tower's depth; 1.0 for everything else."""
+    tower = model.vision
+    top = tower.num_layers + 1
+    return {f"vision.{name}": decay ** (top - tower.layer_id(name)) for name, _ in tower.named_parameters()}
+
+
+def build_optimizer(model: LLM2CLIPModel, args: argparse.Namespace, named_params) -> torch.optim.AdamW:
+    groups = adamw_param_groups(named_params, args.wd, lr=args.lr,
+                                lr_multipliers=lr_multipliers(model, args.llrd) if args.llrd < 1 else None)
+    for g in groups:
+        g.pop("param_names", None)  # not part of AdamW's state; keeps state dicts plain
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------
+# Loss and the step
+
+
+def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                     logit_bias: torch.Tensor | None) -> torch.Tensor:
+    """The global-batch loss of this rank's features: the losses' distributed mode when several
+    ranks run (negatives span every rank), the plain fused loss otherwise."""
+    extra = {"distributed": True} if is_distributed() and get_world_size() > 1 else {}
+    if kind == "clip":
+        from ..ops.clip_loss import clip_loss
+
+        return clip_loss(image, text, logit_scale, **extra)
+    from ..ops.siglip_loss import siglip_loss
+
+    return siglip_loss(image, text, logit_scale, logit_bias, **extra)
+
+
+@dataclass
+class MicroBatch:
+    pixel_values: torch.Tensor
+    text_inputs: tuple[torch.Tensor, ...]
+
+    @property
+    def size(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+
+def _rng_snapshot(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _rng_restore(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def train_step(wrapped: nn.Module, micro: list[MicroBatch], loss_kind: str, autocast: Any,
+               device: torch.device) -> float:
+    """Forward + backward of one optimizer step's micro-batches (gradients accumulate in ``.grad``).
+
+    One micro-batch: the plain step. Several: every micro-batch's features are computed without grad,
+    then each is recomputed with grad and the loss over all micro-batches back-propagated through its
+    slice only; the logit scale/bias get their gradient once (in the last pass). Under DDP the
+    gradient all-reduce runs once, in the last pass. Returns the loss.
+    """
+    if len(micro) == 1:
+        with autocast():
+            out = wrapped(micro[0].pixel_values, *micro[0].text_inputs)
+            loss = contrastive_loss(loss_kind, out["image_features"], out["text_features"],
+                                    out["logit_scale"], out.get("logit_bias"))
+        loss.backward()
+        return float(loss.detach())
+
+    rng, images, texts = [], [], []
+    with torch.no_grad():
+        for mb in micro:
+            rng.append(_rng_snapshot(device))
+            with autocast():
+                out = wrapped(mb.pixel_values, *mb.text_inputs)
+            images.append(out["image_features"])
+            texts.append(out["text_features"])
+    no_sync = getattr(wrapped, "no_sync", None)
+    for i, mb in enumerate(micro):
+        last = i == len(micro) - 1
+        _rng_restore(rng[i], device)
+        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+        with sync:
+            with autocast():
+                out = wrapped(mb.pixel_values, *mb.text_inputs)
+                image = torch.cat([*images[:i], out["image_features"], *images[i + 1:]])
+                text = torch.cat([*texts[:i], out["text_features"], *texts[i + 1:]])
+                scale, bias = out["logit_scale"], out.get("logit_bias")
+                if not last:
+                    scale = scale.detach()
+                    bias = bias.detach() if bias is not None else None
+                loss = contrastive_loss(loss_kind, image, text, scale, bias)
+            loss.backward()
+    return float(loss.detach())
+
+
+# -------------------------------------------------------------------------------------------------
+# Data
+
+
+def batch_stream(loader: Any, epoch: int, start_batch: int) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """Batches across epochs, each with the data position after it: (batch, epoch, next slot)."""
+    while True:
+        loader.set_epoch(epoch, start_batch)
+        for batch in loader:
+            yield batch, epoch, loader.next_batch
+        epoch += 1
+        start_batch = 0
+
+
+def text_inputs_of(batch: dict[str, Any], model: LLM2CLIPModel, cache: Any | None,
+                   device: torch.device) -> tuple[torch.Tensor, ...]:
+    if cache is None:
+        ids, mask = model.tokenize(batch["captions"])
+        return ids.to(device), mask.to(device)
+    keys, names = batch["keys"], batch["caption_names"]
+    out = torch.empty(len(keys), cache.dim, dtype=torch.float32)
+    for name in sorted(set(names)):
+        rows = [i for i, n in enumerate(names) if n == name]
+        out[rows] = cache.lookup([keys[i] for i in rows], name).float()
+    return (out.to(device, non_blocking=True),)
+
+
+def equalise_across_ranks(batch: dict[str, Any]) -> int:
+    """Trim this rank's batch to the smallest local batch of all ranks (bad samples make batches
+    uneven; the global-batch loss needs equal shards). Returns how many samples were trimmed."""
+    if not is_distributed():
+        return 0
+    n = torch.tensor([len(batch["keys"])])
+    smallest = n.clone()
+    torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
+    cut = int(n - smallest)
+    if cut:
+        keep = int(smallest)
+        for k in ("keys", "captions", "caption_names", "all_captions", "labels"):
+            if k in batch:
+                batch[k] = batch[k][:keep]
+        batch["pixel_values"] = batch["pixel_values"][:keep]
+    return cut
+
+
+# -------------------------------------------------------------------------------------------------
+# The run
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available")
+    return device
+
+
+def _autocast_factory(precision: str, device: torch.device):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _wrap_distributed(model: LLM2CLIPModel, args: argparse.Namespace, device: torch.device) -> nn.Module:
+    if not is_distributed() or get_world_size() == 1:
+        return model
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.vision.layer_modules():
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _full_state(model: LLM2CLIPModel, args: argparse.Namespace, optimizer=None):
+    """Model (and optimizer) state dicts with whole tensors on CPU; collective under FSDP."""
+    if args.fsdp and is_distributed() and get_world_size() > 1:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=opts)
+        opt_state = (get_optimizer_state_dict(model, optimizer, options=opts)
+                     if optimizer is not None else None)
+        return model_state, opt_state
+    return model.state_dict(), (optimizer.state_dict() if optimizer is not None else None)
+
+
+class _StateOf:
+    """Hands a precomputed state dict to save_checkpoint, which asks for ``.state_dict()``."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _run_config(args: argparse.Namespace) -> dict[str, Any]:
+    config = {k: v for k, v in vars(args).items() if k not in {"command"}}
+    config["crop_scale"] = list(args.crop_scale)
+    config["world_size"] = get_world_size()
+    return config
+
+
+def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in RESUME_MUST_MATCH
+               if json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(current.get(k)))]
+    if changed:
+        raise ValueError(f"--resume from {path}: these options differ from the interrupted run, so it cannot "
+                         f"continue exactly: {'; '.join(changed)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
+    _check_options(args)
+    init_distributed_from_env()
+    rank, world = get_rank(), get_world_size()
+    device = _device(args)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out_dir = Path(args.out)
+
+    from ..data.loader import build_loader
+    from ..data.sources import open_source
+
+    source = open_source(args.data)
+    cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
+    loader_caption, caption_names = resolve_caption(args.caption, source, cache)
+    llm_info: dict[str, Any] = {}
+    if cache is not None:
+        check_cache_covers(cache, source, caption_names)
+        llm_info = dict(cache.metadata)
+
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = build_model(args, cache.dim if cache is not None else None, llm_info)
+    image_size = model.image_size
+    if args.image_size is not None and args.image_size != image_size:
+        raise ValueError(f"image size mismatch: --image-size {args.image_size} but the vision tower takes "
+                         f"{image_size}x{image_size} images (its {model.config.vision['kind']} config's "
+                         "image_size)")
+    model.vision.freeze_layers(args.freeze_vision_layers)
+    if args.grad_checkpointing:
+        model.vision.set_gradient_checkpointing(True)
+    model.to(device)
+
+    per_rank_batches = len(source) // world // args.batch_size
+    if per_rank_batches < 1:
+        raise ValueError(f"the data has {len(source)} samples, fewer than batch-size {args.batch_size} x "
+                         f"{world} ranks: lower --batch-size")
+    if args.steps is not None:
+        total_steps = args.steps
+    else:
+        total_steps = max(1, math.ceil((args.epochs or 1.0) * per_rank_batches / args.grad_accum))
+    warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total_steps))
+
+    loader = build_loader(source, batch_size=args.batch_size, image_size=image_size, train=True,
+                          caption=loader_caption, rank=rank, world_size=world, num_workers=args.num_workers,
+                          seed=args.seed, drop_last=True, crop_scale=tuple(args.crop_scale),
+                          bad_data=args.max_bad_fraction)
+
+    wrapped = _wrap_distributed(model, args, device)
+    optimizer = build_optimizer(model, args, model.named_parameters())
+    scheduler = build_scheduler(optimizer, args.schedule, warmup_steps=warmup, total_steps=total_steps,
+                                min_lr_ratio=args.min_lr_ratio)
+    config = _run_config(args)
+    config.update({"total_steps": total_steps, "warmup_steps": warmup, "global_batch":
+                   args.batch_size * world * args.grad_accum})
+
+    step, epoch, start_batch = 0, 0, 0
+    resume_from = latest_checkpoint(out_dir) if args.resume else None
+    if args.resume and resume_from is None and rank == 0:
+        print(f"stage2: --resume but no checkpoint in {out_dir}; starting from scratch", flush=True)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        _check_resume_config(ckpt.config, config, resume_from)
+        if args.fsdp and world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(model, optimizer, model_state_dict=ckpt.model_state,
+                           optim_state_dict=ckpt.optimizer_state,
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict({k: v.to(device) for k, v in ckpt.model_state.items()})
+            optimizer.load_state_dict(ckpt.optimizer_state)
+        scheduler.load_state_dict(ckpt.scheduler_state)
+        step, epoch, start_batch = ckpt.step, ckpt.epoch, ckpt.batch_index
+        mine = ckpt.extra["ranks"][rank]
+        loader.bad_data.load_dict(mine["bad_data"])
+        torch.set_rng_state(mine["torch_rng"])
+        if device.type == "cuda" and mine.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(mine["cuda_rng"], device)
+    else:
+        # Each rank its own stream (dropout), reproducible from the seed.
+        torch.manual_seed(args.seed * 1000 + rank + 1)
+
+    main = rank == 0
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out_dir / "run_config.json", {**config, "model": model.config.to_dict()})
+    log = JsonlLog(out_dir / "log.jsonl", resume_step=step if resume_from is not None else None, enabled=main)
+    progress = TrainProgress(total_steps, initial=step, unit_name="images", desc="stage2",
+                             enabled=main and not args.no_progress)
+    autocast = _autocast_factory(args.precision, device)
+
+    def save(step: int, epoch: int, next_batch: int) -> None:
+        model_state, opt_state = _full_state(model, args, optimizer)
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        ranks = _gather_objects({"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
+                                 "bad_data": loader.bad_data.as_dict()})
+        if main:
+            save_checkpoint(out_dir, step=step, epoch=epoch, batch_index=next_batch, model_state=model_state,
+                            optimizer=_StateOf(opt_state), scheduler=scheduler, config=config,
+                            extra={"ranks": ranks}, keep_last=args.keep_checkpoints)
+        barrier()
+
+    stream = batch_stream(loader, epoch, start_batch)
+    trimmed = 0
+    t_start, images_done = time.perf_counter(), 0
+    pos = (epoch, start_batch)
+    loss: float | None = None
+    model.train()
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro = []
+            for _ in range(args.grad_accum):
+                batch, *pos = next(stream)
+                trimmed += equalise_across_ranks(batch)
+                micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
+                                        text_inputs_of(batch, model, cache, device)))
+            loss = train_step(wrapped, micro, args.loss, autocast, device)
+            grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.grad_clip)
+            lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
+            step += 1
+            n_images = sum(mb.size for mb in micro) * world
+            images_done += n_images
+            rate = progress.update(n_images, loss=loss, lr=lr)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"stage2: loss is {loss} at step {step}; lower --lr or check "
+                                         "the data")
+            if step % args.log_every == 0 or step == total_steps or step == 1:
+                record = {"step": step, "epoch": pos[0], "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                          "logit_scale": float(model.logit_scale_value().detach()), "images_per_s": rate,
+                          "step_s": time.perf_counter() - t0}
+                if model.logit_bias is not None:
+                    record["logit_bias"] = float(model.logit_bias.detach())
+                log.log(record)
+            if args.save_every and step % args.save_every == 0 and step < total_steps:
+                save(step, *pos)
+        save(step, *pos)
+    finally:
+        progress.close()
+        log.close()
+
+    elapsed = time.perf_counter() - t_start
+    model_state, _ = _full_state(model, args)
+    if main:
+        model.save_pretrained(out_dir / "model", state_dict=model_state)
+        try:
+            plot_loss_curve(out_dir / "log.jsonl", out_dir / "loss.png", title="stage 2 loss")
+        except ValueError:
+            pass  # nothing logged (a resumed run that was already complete)
+        bad = loader.bad_data.as_dict()
+        summary = {"steps": step, "total_steps": total_steps, "seconds": elapsed,
+                   "images_per_s": images_done / elapsed if elapsed > 0 else None,
+                   "final_loss": loss, "trimmed_for_equal_batches": trimmed,
+                   "bad_data": bad, "model": str(out_dir / "model")}
+        _write_json_atomic(out_dir / "summary.json", summary)
+        print(f"stage2: {step} steps in {elapsed:.1f}s; model saved to {out_dir / 'model'}", flush=True)
+    barrier()
+    return 0
+
+
+__all__ = ["add_arguments", "run", "train_step"]

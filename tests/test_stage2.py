@@ -1,0 +1,247 @@
+"""Stage 2 trainer on CPU at tiny sizes: end to end, exact resume, accumulation, bad set-ups, 2-rank gloo.
+
+The embedding cache is real (written by ``build_embedding_cache``) with a cheap, deterministic text
+encoder: a hashed bag of words (each word a fixed random vector), so captions that share words get
+similar embeddings and the run has signal to learn from, without any LLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm2clip_fast.data.demo import write_demo
+from llm2clip_fast.data.embedding_cache import build_embedding_cache
+from llm2clip_fast.data.sources import open_source
+from llm2clip_fast.models.llm2clip import LLM2CLIPModel
+from llm2clip_fast.train import stage2
+from llm2clip_fast.train.__main__ import main as train_main
+
+DIM = 24
+N_TRAIN = 48
+
+
+def bag_of_words(texts: list[str]) -> torch.Tensor:
+    out = torch.zeros(len(texts), DIM)
+    for i, text in enumerate(texts):
+        for word in text.lower().replace(".", " ").replace(",", " ").split():
+            seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=7).digest(), "little")
+            out[i] += torch.randn(DIM, generator=torch.Generator().manual_seed(seed))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("stage2")
+    spec = write_demo(root / "data", n_train=N_TRAIN, n_val=0, n_long_detail_groups=0, image_size=32)["train"]
+    source = open_source(spec)
+    build_embedding_cache(source.iter_captions(), bag_of_words, root / "cache",
+                          caption_names=source.caption_names, dim=DIM,
+                          metadata={"path": "bag-of-words", "pooling": "mean"})
+    # A cache that lacks the last 5 keys of the data.
+    partial = [(k, c) for k, c in source.iter_captions()][:-5]
+    build_embedding_cache(partial, bag_of_words, root / "partial_cache", caption_names=source.caption_names,
+                          dim=DIM)
+    return {"root": root, "data": Path(spec), "cache": root / "cache", "partial": root / "partial_cache"}
+
+
+def stage2_args(demo: dict[str, Path], out: Path, *extra: str, batch: int = 8, steps: int = 4) -> list[str]:
+    return ["stage2", "--embeddings", str(demo["cache"]), "--data", str(demo["data"]), "--out", str(out),
+            "--vision-preset", "micro", "--embed-dim", "16", "--adapter-blocks", "1",
+            "--batch-size", str(batch), "--steps", str(steps), "--num-workers", "0", "--log-every", "1",
+            "--no-progress", "--lr", "2e-3", *extra]
+
+
+def state_of(run: Path) -> dict[str, torch.Tensor]:
+    return LLM2CLIPModel.from_pretrained(run / "model").state_dict()
+
+
+def test_end_to_end_trains_and_writes_run_folder(demo, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(stage2_args(demo, out, "--save-every", "5", "--warmup", "1", "--lr", "3e-3",
+                                  steps=10, batch=16)) == 0
+    for name in ("log.jsonl", "loss.png", "run_config.json", "summary.json", "model/config.json",
+                 "model/model.safetensors"):
+        assert (out / name).is_file(), name
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 11))
+    losses = [r["loss"] for r in log]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005", "step_00000010"]
+    model = LLM2CLIPModel.from_pretrained(out / "model")
+    assert model.config.llm == {"path": "bag-of-words", "pooling": "mean"}
+    assert model.config.llm_dim == DIM and model.image_size == 32
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["bad_data"]["bad"] == 0
+
+
+def test_resume_after_kill_equals_uninterrupted(demo, tmp_path, monkeypatch):
+    args = ("--save-every", "2", "--caption", "random")
+    train_main(stage2_args(demo, tmp_path / "full", *args, steps=6, batch=8))
+
+    real_step, calls = stage2.train_step, {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # killed during step 6 (epoch 1), after the step-4 checkpoint
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(stage2, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(stage2_args(demo, tmp_path / "killed", *args, steps=6, batch=8))
+    monkeypatch.setattr(stage2, "train_step", real_step)
+    assert not (tmp_path / "killed" / "model").exists()
+    train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=6, batch=8))
+
+    full, resumed = state_of(tmp_path / "full"), state_of(tmp_path / "killed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    log = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    full_log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == [r["loss"] for r in full_log]
+
+    with pytest.raises(ValueError, match="batch_size"):
+        train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=6, batch=4))
+
+
+def test_grad_accum_equals_one_big_batch(demo, tmp_path):
+    train_main(stage2_args(demo, tmp_path / "big", "--save-every", "0", steps=2, batch=8))
+    train_main(stage2_args(demo, tmp_path / "accum", "--save-every", "0", "--grad-accum", "2",
+                           steps=2, batch=4))
+    big, accum = state_of(tmp_path / "big"), state_of(tmp_path / "accum")
+    for k in big:
+        torch.testing.assert_close(accum[k], big[k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_clip_text_tower_baseline_trains_on_raw_captions(demo, tmp_path):
+    out = tmp_path / "clip"
+    args = stage2_args(demo, out, "--save-every", "0", "--text-tower", "clip", "--clip-text-width", "32",
+                       "--clip-text-layers", "1", "--clip-text-heads", "2", steps=2)
+    i = args.index("--embeddings")
+    del args[i:i + 2]
+    assert train_main(args) == 0
+    model = LLM2CLIPModel.from_pretrained(out / "model")
+    assert model.config.text_tower == "clip"
+    assert model.encode_captions(["a small red circle"]).shape == (1, 16)
+
+
+def test_freeze_vision_layers_and_llrd(demo, tmp_path):
+    from llm2clip_fast.models.llm2clip import LLM2CLIPConfig
+    from llm2clip_fast.models.vision import VISION_PRESETS
+
+    torch.manual_seed(3)
+    config = LLM2CLIPConfig(vision=VISION_PRESETS["micro"], embed_dim=16, llm_dim=DIM,
+                            adapter={"num_blocks": 1, "expansion": 2, "dropout": 0.0})
+    init = LLM2CLIPModel(config)
+    init.save_pretrained(tmp_path / "init")
+    start = init.state_dict()
+
+    multipliers = stage2.lr_multipliers(init, 0.5)
+    assert multipliers["vision.model.embeddings.patch_embedding.weight"] == 0.5 ** 3
+    assert multipliers["vision.model.encoder.layers.1.mlp.fc1.weight"] == 0.5
+    assert multipliers["vision.model.post_layernorm.weight"] == 1.0
+
+    args = stage2_args(demo, tmp_path / "frozen", "--save-every", "0", "--freeze-vision-layers", "1", steps=2)
+    i = args.index("--vision-preset")
+    args[i:i + 2] = ["--init-model", str(tmp_path / "init")]
+    train_main(args)
+    trained = state_of(tmp_path / "frozen")
+    for name in ("vision.model.embeddings.patch_embedding.weight",
+                 "vision.model.encoder.layers.0.mlp.fc1.weight"):
+        assert torch.equal(trained[name], start[name]), name
+    for name in ("vision.model.encoder.layers.1.mlp.fc1.weight", "text_adapter.proj.weight",
+                 "visual_projection.weight"):
+        assert not torch.equal(trained[name], start[name]), name
+
+
+@pytest.mark.parametrize("case", ["missing_keys", "dim_mismatch", "image_size", "caption", "too_small",
+                                  "no_cache"])
+def test_bad_setups_fail_at_start_with_clear_errors(demo, tmp_path, case):
+    out = tmp_path / case
+    if case == "missing_keys":
+        args = stage2_args(demo, out)
+        args[args.index("--embeddings") + 1] = str(demo["partial"])
+        match = r"lacks embeddings for 5 of the 48 keys"
+    elif case == "dim_mismatch":
+        from llm2clip_fast.models.llm2clip import LLM2CLIPConfig
+        from llm2clip_fast.models.vision import VISION_PRESETS
+
+        config = LLM2CLIPConfig(vision=VISION_PRESETS["micro"], embed_dim=16, llm_dim=DIM + 8)
+        LLM2CLIPModel(config).save_pretrained(tmp_path / "init")
+        args = stage2_args(demo, out)
+        i = args.index("--vision-preset")
+        args[i:i + 2] = ["--init-model", str(tmp_path / "init")]
+        match = rf"cache holds {DIM}-d embeddings but .* llm_dim={DIM + 8}"
+    elif case == "image_size":
+        args = stage2_args(demo, out, "--image-size", "64")
+        match = "image size mismatch: --image-size 64 but the vision tower takes 32x32"
+    elif case == "caption":
+        args = stage2_args(demo, out, "--caption", "medium")
+        match = r"--caption 'medium' is not a caption of the data; it has \['short', 'long'\]"
+    elif case == "too_small":
+        args = stage2_args(demo, out, batch=64)
+        match = "fewer than batch-size 64"
+    else:
+        args = stage2_args(demo, out)
+        args[args.index("--embeddings") + 1] = str(tmp_path / "nowhere")
+        match = "run the embed step first"
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train_main(args)
+    assert not (out / "checkpoints").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses_have_distributed_mode() -> bool:
+    import inspect
+
+    from llm2clip_fast.ops.clip_loss import clip_loss
+
+    return "distributed" in inspect.signature(clip_loss).parameters
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.skipif(not _losses_have_distributed_mode(),
+                    reason="clip_loss has no distributed (global-batch) mode yet (issue 5)")
+def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_path):
+    common = ("--save-every", "0", "--caption", "random")
+    train_main(stage2_args(demo, tmp_path / "single", *common, steps=3, batch=8))
+
+    port = _free_port()
+    args = stage2_args(demo, tmp_path / "ddp", *common, steps=3, batch=4)
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "llm2clip_fast.train", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=240)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+
+    single, ddp = state_of(tmp_path / "single"), state_of(tmp_path / "ddp")
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], atol=5e-5, rtol=1e-4, msg=k)
+    log1 = [json.loads(x)["loss"] for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    log2 = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor(log2), torch.tensor(log1), atol=1e-5, rtol=1e-5)
