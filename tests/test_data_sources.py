@@ -124,6 +124,28 @@ def test_webdataset_bad_members_skipped(tmp_path):
     assert set(loader.bad_data.bad_keys) == {"b", "c", "d"}
 
 
+def test_truncated_shard_keeps_earlier_samples_and_is_reported(tmp_path):
+    members, rng = [], np.random.default_rng(0)
+    for i in range(6):
+        noise = Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), "RGB")  # ~5 kB as PNG
+        buf = io.BytesIO()
+        noise.save(buf, format="PNG")
+        members += [(f"k{i}.png", buf.getvalue()), (f"k{i}.json", b'{"c": "x"}')]
+    write_tar(tmp_path / "full.tar", members)
+    data = (tmp_path / "full.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: 3 * 5000])  # inside the third image
+    with pytest.warns(UserWarning, match="truncated"):
+        source = open_source(tmp_path / "cut.tar")
+        n = len(source)
+    assert 1 <= n < 6 and list(source.damaged_shards) == [str(tmp_path / "cut.tar")]
+    streamed = [r.key for r in source.iter_records()]
+    assert streamed and set(streamed) <= set(source.keys())
+    assert "truncated" in source.bad_data.summary()
+    loader = build_loader(source, batch_size=2, image_size=8, bad_data=1.0)
+    assert sorted(k for b in loader for k in b["keys"]) == sorted(streamed)
+    assert "truncated" in loader.bad_data.summary()
+
+
 def test_manifest_structure_errors_list_what_exists(tmp_path):
     (tmp_path / "m.csv").write_text("key,img,caption\nk0,a.png,hello\n")
     with pytest.raises(ValueError, match=r"no image column 'image'.*\['key', 'img', 'caption'\]"):

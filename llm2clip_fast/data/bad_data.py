@@ -74,6 +74,7 @@ class BadDataTracker:
         self.seen = 0
         self.bad = 0
         self.bad_keys: dict[str, str] = {}
+        self.notes: list[str] = []  # problems not tied to one key (e.g. a truncated shard)
 
     def add_seen(self, n: int = 1) -> None:
         self.seen += n
@@ -82,6 +83,11 @@ class BadDataTracker:
         """Record one bad visit; the caller also counts it in ``seen``."""
         self.bad += 1
         self.bad_keys[key] = reason
+
+    def add_note(self, note: str) -> None:
+        """Record a problem not tied to one key (reported by :meth:`summary`); each note is kept once."""
+        if note not in self.notes:
+            self.notes.append(note)
 
     def merge(self, seen: int, bad: Iterable[tuple[str, str]]) -> None:
         """Fold in counts gathered elsewhere (a DataLoader worker): ``seen`` visits, ``bad`` (key, reason)."""
@@ -116,6 +122,7 @@ class BadDataTracker:
         return (
             f"bad data: {self.bad} of {self.seen} samples skipped ({self.fraction:.2%}, "
             f"{len(self.bad_keys)} distinct keys); {self._keys_text()}"
+            + "".join(f"; note: {n}" for n in self.notes)
         )
 
     def as_dict(self) -> dict:
@@ -127,6 +134,7 @@ class BadDataTracker:
             "max_fraction": self.policy.max_fraction,
             "min_samples": self.policy.min_samples,
             "bad_keys": dict(self.bad_keys),
+            "notes": list(self.notes),
         }
 
     def load_dict(self, state: dict) -> None:
@@ -134,3 +142,4 @@ class BadDataTracker:
         self.seen = int(state["seen"])
         self.bad = int(state["bad"])
         self.bad_keys = dict(state["bad_keys"])
+        self.notes = list(state.get("notes", []))

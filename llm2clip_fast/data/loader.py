@@ -314,6 +314,8 @@ def build_loader(
         tracker = bad_data
     else:
         tracker = BadDataTracker(bad_data)
+    for problem in getattr(source, "damaged_shards", {}).values():
+        tracker.add_note(problem)
     dataset = CaptionBatches(
         source,
         batch_size=batch_size,

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import tarfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -84,8 +85,11 @@ class _Sample:
     members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
 
 
-def _index_shard(shard: int, path: str) -> list[_Sample]:
+def _index_shard(shard: int, path: str) -> tuple[list[_Sample], str | None]:
+    """(samples, problem): a shard cut short keeps the samples read before the cut and says so."""
     samples: list[_Sample] = []
+    problem = None
+    file_size = os.path.getsize(path)
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -99,8 +103,15 @@ def _index_shard(shard: int, path: str) -> list[_Sample]:
                     samples.append(_Sample(shard, key, {}))
                 samples[-1].members[ext] = (member.offset_data, member.size)
     except tarfile.ReadError as exc:
-        raise ValueError(f"shard {path!r} is not a readable uncompressed tar file: {exc}") from None
-    return samples
+        if not samples:
+            raise ValueError(f"shard {path!r} is not a readable uncompressed tar file: {exc}") from None
+        problem = (
+            f"shard {path!r} is truncated or damaged after {len(samples)} samples ({exc}); "
+            "samples after that point cannot be read"
+        )
+    for sample in samples:  # a member cut by truncation reads short: drop it, so its sample is flagged bad
+        sample.members = {e: (o, n) for e, (o, n) in sample.members.items() if o + n <= file_size}
+    return samples, problem
 
 
 def _image_ext(members: dict) -> str | None:
@@ -108,6 +119,11 @@ def _image_ext(members: dict) -> str | None:
         if ext in members:
             return ext
     return None
+
+
+def _skip_rest_of_shard(exc: Exception) -> bool:
+    """webdataset error handler: a damaged shard ends early; the header scan has already noted it."""
+    return True
 
 
 class WebDatasetSource(CaptionSource):
@@ -134,6 +150,8 @@ class WebDatasetSource(CaptionSource):
                 f"{' ...' if len(self.patterns) > 10 else ''}; {_what_is_there(self.patterns)}"
             )
         self._requested_label = label_column
+        self.damaged_shards: dict[str, str] = {}
+        self.bad_data = BadDataTracker(bad_data)
         self._index: list[_Sample] | None = None
         self._handles: dict[int, object] = {}
         self._handles_pid = os.getpid()
@@ -160,23 +178,31 @@ class WebDatasetSource(CaptionSource):
                     f"(members: {sorted(first.members)})"
                 )
             self.caption_names = names
-        self.bad_data = BadDataTracker(bad_data)
 
     # Index and raw reads ----------------------------------------------------------------------
 
     def _first_sample(self) -> _Sample:
         for shard, path in enumerate(self.shards):
-            samples = _index_shard(shard, path)
+            samples, _ = _index_shard(shard, path)
             if samples:
                 return samples[0]
         raise ValueError(f"the shards {self.shards[:5]} hold no samples")
+
+    def _damage(self) -> dict[str, str]:
+        self.index  # noqa: B018 - building the index records damaged shards
+        return self.damaged_shards
 
     @property
     def index(self) -> list[_Sample]:
         if self._index is None:
             index = []
             for shard, path in enumerate(self.shards):
-                index.extend(_index_shard(shard, path))
+                samples, problem = _index_shard(shard, path)
+                index.extend(samples)
+                if problem is not None:
+                    self.damaged_shards[path] = problem
+                    self.bad_data.add_note(problem)
+                    warnings.warn(problem, stacklevel=2)
             self._index = index
         return self._index
 
@@ -188,11 +214,16 @@ class WebDatasetSource(CaptionSource):
             handle = self._handles[sample.shard] = open(self.shards[sample.shard], "rb")
         offset, size = sample.members[ext]
         handle.seek(offset)
-        return handle.read(size)
+        data = handle.read(size)
+        if len(data) != size:
+            raise BadSampleError(sample.key, f"{ext} member is truncated ({len(data)} of {size} bytes)")
+        return data
 
     def _fields(self, sample: _Sample) -> dict:
         """Decoded JSON fields plus "caption" from .txt (JSON wins); invalid JSON raises BadSampleError."""
         fields: dict = {}
+        if "json" not in sample.members and "txt" not in sample.members:
+            raise BadSampleError(sample.key, f"no .json or .txt member (members: {sorted(sample.members)})")
         if "json" in sample.members:
             try:
                 fields = json.loads(self._read(sample, "json").decode("utf-8"))
@@ -249,7 +280,11 @@ class WebDatasetSource(CaptionSource):
         """Stream every good record with the ``webdataset`` package, in shard order (no index needed)."""
         wds = _webdataset()
         tracker = bad_data if bad_data is not None else self.bad_data
-        for raw in wds.tarfile_samples([{"url": path} for path in self.shards]):
+
+        for problem in self._damage().values():  # the header scan finds and notes cut-short shards
+            tracker.add_note(problem)
+        shards = [{"url": path} for path in self.shards]
+        for raw in wds.tarfile_samples(shards, handler=_skip_rest_of_shard):
             key = raw["__key__"]
             tracker.add_seen()
             try:
@@ -260,6 +295,9 @@ class WebDatasetSource(CaptionSource):
 
     def _record_from_stream(self, key: str, raw: dict) -> Record:
         fields: dict = {}
+        if "json" not in raw and "txt" not in raw:
+            members = sorted(k for k in raw if not k.startswith("__"))
+            raise BadSampleError(key, f"no .json or .txt member (members: {members})")
         if "json" in raw:
             try:
                 fields = json.loads(raw["json"].decode("utf-8"))
