@@ -104,5 +104,13 @@ def test_rerun_skips_complete_splits_and_cli(tmp_path, capsys):
     assert open_source(tmp_path / "train").keys() == open_source(specs["train"]).keys()
     with pytest.raises(ValueError, match=r"no manifest.*it holds: cli, long_detail, train, val"):
         open_source(tmp_path)
+    again = write_demo(
+        tmp_path / "again", n_train=4, n_val=1, n_long_detail_groups=1, image_size=16, format="wds"
+    )
+    for split in ("train", "val"):
+        a, b = open_source(printed[split]), open_source(again[split])
+        assert sorted(p.read_bytes() for p in map(pathlib.Path, a.shards)) == sorted(
+            p.read_bytes() for p in map(pathlib.Path, b.shards)
+        )  # byte-identical shards on every run
     with pytest.raises(ValueError, match="format"):
         write_demo(tmp_path, format="parquet")

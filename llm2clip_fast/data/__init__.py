@@ -6,8 +6,10 @@ Public API (stable; other parts of the library build on it):
 label_column="label", bad_data=None) -> CaptionSource``
     ``spec`` is a manifest (``.csv``/``.tsv``/``.jsonl``; relative image paths resolve against its
     folder) or WebDataset shards (brace pattern "d/{000..009}.tar", glob, "::"-joined, or a list).
+    A folder stands for its single manifest or its ``*.tar`` shards (the demo's layout).
     ``caption_columns=None`` takes every caption found. Structural mistakes raise ValueError listing
-    what exists (columns found, patterns tried, folder contents).
+    what exists (columns found, patterns tried, folder contents). A truncated shard keeps the samples
+    before the cut; it is warned about and noted in the bad-data report.
 
 ``CaptionSource``
     ``.caption_names`` list[str]; ``len(source)``; ``.keys()``; ``.labels()`` -> {key: label} (the
@@ -37,8 +39,11 @@ rank=0, world_size=1, num_workers=0, seed=0, epoch=0, start_batch=0, drop_last=F
 ``clip_image_transform(size=224, train=False, *, scale=(0.9, 1.0), ...)``
     PIL image -> normalised float32 (3, size, size), CLIP mean/std, no torchvision.
 
-``llm2clip_fast.data.demo``: the built-in procedurally drawn demo set (``write_demo``,
-``python -m llm2clip_fast.data.demo``).
+``llm2clip_fast.data.demo``: the built-in procedurally drawn demo set. ``write_demo(out_dir, n_train,
+n_val, n_long_detail_groups, format="manifest"|"wds", seed, image_size) -> {split: spec}`` and
+``python -m llm2clip_fast.data.demo --out DIR --n N --format manifest|wds``. Captions ``short`` and
+``long``; label field ``label`` ("<colour> <shape>" of the dominant object, ``demo.CLASSES``); the
+``long_detail`` split's groups (``demo.long_detail_groups(keys)``) share their first 80+ words.
 """
 
 from __future__ import annotations

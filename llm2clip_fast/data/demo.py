@@ -8,7 +8,7 @@ visible, with a small vocabulary, so a small vision tower can learn them in minu
 - ``long``: every object with its size, colour, shape and grid position, the relation of each object to
   the next one, and which one is biggest (80-200 tokens);
 - ``label``: "<colour> <shape>" of the dominant (large) object, for zero-shot classification; it is a
-  label field, not a caption.
+  label field, not a caption. ``CLASSES`` lists all 40 possible labels.
 
 Splits: ``train``, ``val`` and ``long_detail``. A long-detail group (keys
 ``long_detail-<group>-<member>``) shares one base scene of three objects whose description forms an
@@ -71,6 +71,7 @@ ORDINALS = ("first", "second", "third", "fourth", "fifth")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 BACKGROUND = (128, 128, 128)
 SPLITS = ("train", "val", "long_detail")
+CLASSES = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)  # every possible label
 LABEL_FIELD = "label"
 CAPTION_NAMES = ("short", "long")
 LONG_DETAIL_PREFIX_WORDS = 80

@@ -155,6 +155,7 @@ class WebDatasetSource(CaptionSource):
         self._index: list[_Sample] | None = None
         self._handles: dict[int, object] = {}
         self._handles_pid = os.getpid()
+        self._last_fields: tuple[int, dict] | None = None  # loaders ask for captions then label of one sample
         first = self._first_sample()
         fields = self._fields(first)
         label_present = label_column is not None and label_column in fields
@@ -235,6 +236,13 @@ class WebDatasetSource(CaptionSource):
             fields["caption"] = self._read(sample, "txt").decode("utf-8", errors="replace")
         return fields
 
+    def _fields_at(self, index: int) -> dict:
+        if self._last_fields is not None and self._last_fields[0] == index:
+            return self._last_fields[1]
+        fields = self._fields(self.index[index])
+        self._last_fields = (index, fields)
+        return fields
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_handles"] = {}
@@ -249,14 +257,14 @@ class WebDatasetSource(CaptionSource):
         return self.index[index].key
 
     def raw_captions_at(self, index: int) -> dict[str, str]:
-        fields = self._fields(self.index[index])
+        fields = self._fields_at(index)
         return {n: fields[n] for n in self.caption_names if n in fields}
 
     def label_at(self, index: int) -> str | None:
         if self.label_column is None:
             return None
         try:
-            value = self._fields(self.index[index]).get(self.label_column)
+            value = self._fields_at(index).get(self.label_column)
         except BadSampleError:
             return None
         return None if value is None else str(value)
