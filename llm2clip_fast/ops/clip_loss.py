@@ -475,9 +475,10 @@ class _ClipLossFunction(torch.autograd.Function):
             g = grad_out
         coef = (0.5 * g).contiguous()
         d_image, d_text, d_scale = ctx.impl.backward(image, text, s, row_lse, col_lse, coef, coef)
+        # Positive-pair terms, in place: no extra (B, D) temporaries next to the gradients.
         gs = (g * s)[:, None]
-        d_image = d_image - gs * text.to(acc)
-        d_text = d_text - gs * image.to(acc)
+        d_image.addcmul_(gs, text.to(acc), value=-1)
+        d_text.addcmul_(gs, image.to(acc), value=-1)
         d_scale = d_scale - (g * diag).sum()
         return (
             d_image.to(image.dtype) if ctx.needs_input_grad[0] else None,
