@@ -1,0 +1,594 @@
+"""Stage 1: caption-contrastive LoRA fine-tuning of the LLM (``python -m llm2clip_fast.train stage1``).
+
+The LLM gets bidirectional attention and mean pooling
+(:class:`~llm2clip_fast.models.llm_encoder.LLMTextEncoder`) and LoRA adapters on its attention and
+MLP projections. Each batch holds ``B`` images' caption pairs: the short and the long caption of one
+image are positives (which one is the query is drawn per pair), every other caption of the global
+batch is a negative; the loss is the fused symmetric ``clip_loss`` or a one-directional InfoNCE at a
+fixed (default 50) or learnable scale. An optional MNTP warm-up (llm2vec) runs first. Under
+``torchrun`` every rank embeds its share of the batch, features are all-gathered with autograd
+(negatives span all ranks) and the LoRA gradients are averaged across ranks.
+
+Outputs in ``--out``: ``adapter/`` (peft LoRA adapter), ``merged/`` (full weights +
+``llm2clip_encoder.json``: ``LLMTextEncoder.from_pretrained(out/merged)`` loads it directly),
+``log.jsonl`` (loss, lr, captions/s per step), ``loss.png``, ``cra.json`` (caption retrieval accuracy
+before and after), ``config.json`` and ``checkpoints/`` (atomic; ``--resume`` continues exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed as dist_helpers
+from ..data.caption_source import CaptionSource
+from ..data.loader import build_loader, sample_rng
+from ..data.sources import open_source
+from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .cra import caption_pairs, encoder_cra
+from .holdout import split_holdout
+from .lora_targets import resolve_lora_targets
+from .mntp import check_head_loaded, mask_captions, mask_token_id, mntp_loss, prediction_head
+from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .run_log import JsonlLog, TrainProgress, plot_loss_curve
+
+LOSSES = ("clip", "infonce")
+MAX_LOGIT_SCALE = 100.0
+# Options that must match when resuming: they define the model, the data order or the schedule.
+_RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_size", "grad_accum", "steps",
+                      "epochs", "mntp_steps", "lora_r", "lora_alpha", "lora_targets", "loss", "scale",
+                      "learn_scale", "seed", "lr", "schedule", "warmup_steps", "load_in_8bit", "max_length",
+                      "instruction", "pooling", "eval_fraction")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``stage1`` command-line options."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--llm", required=True, help="model folder (or a hub name already in the local cache)")
+    g.add_argument("--lora-r", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32.0)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-targets", default="auto",
+                   help="comma-separated linear module names, or 'auto' (q/k/v/o/gate/up/down or the model's "
+                        "equivalents)")
+    g.add_argument("--load-in-8bit", action="store_true",
+                   help="LoRA on an LLM.int8 frozen base (bitsandbytes)")
+    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="base weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--no-bf16-autocast", dest="bf16_autocast", action="store_false",
+                   help="disable bf16 autocast on CUDA")
+    g.add_argument("--pooling", default="mean", choices=("mean", "last_token"))
+    g.add_argument("--max-length", type=int, default=512)
+    g.add_argument("--instruction", default=None, help="prefix attended but not pooled")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", required=True, help="caption source (manifest or WebDataset shards)")
+    g.add_argument("--short-caption", default="short", help="field of the short caption (default: short)")
+    g.add_argument("--long-caption", default="long", help="field of the long caption (default: long)")
+    g.add_argument("--eval-data", default=None, help="held-out caption source for CRA")
+    g.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="without --eval-data: fraction of --data held out for CRA (0 disables CRA)")
+    g.add_argument("--eval-size", type=int, default=1000, help="at most this many held-out pairs")
+    g.add_argument("--num-workers", type=int, default=0)
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=512, help="caption pairs per step over all ranks")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--steps", type=int, default=None, help="contrastive optimizer steps (default: --epochs)")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--mntp-steps", type=int, default=0,
+                   help="MNTP warm-up steps before the contrastive phase")
+    g.add_argument("--mntp-probability", type=float, default=0.2)
+    g.add_argument("--loss", default="clip", choices=LOSSES,
+                   help="clip: fused symmetric InfoNCE; infonce: query -> key only")
+    g.add_argument("--scale", type=float, default=50.0, help="logit scale (1/temperature)")
+    g.add_argument("--learn-scale", action="store_true", help="learn the logit scale (init --scale)")
+    g.add_argument("--lr", type=float, default=2e-4)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--schedule", default="cosine", choices=SCHEDULES)
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--min-lr-ratio", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run folder")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--log-every", type=int, default=1)
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@dataclass
+class Stage1Result:
+    """What a run leaves behind (the in-memory encoder has its adapter merged)."""
+
+    out: Path
+    encoder: Any
+    cra_before: float | None
+    cra_after: float | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
+    """Reject bad options before anything is loaded; messages name the option."""
+    if args.batch_size < 2:
+        _fail("--batch-size must be >= 2: the other captions of the batch are the negatives "
+              f"(got {args.batch_size})")
+    if args.batch_size % world_size:
+        _fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
+    for name in ("grad_accum", "lora_r", "save_every", "log_every", "max_length", "eval_size"):
+        if getattr(args, name) < 1:
+            _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("mntp_steps", "warmup_steps", "num_workers", "seed", "keep_checkpoints"):
+        if getattr(args, name) < 0:
+            _fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.steps is not None and args.steps < 1:
+        _fail(f"--steps must be >= 1, got {args.steps}")
+    if args.epochs <= 0:
+        _fail(f"--epochs must be > 0, got {args.epochs}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        _fail(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lora_alpha <= 0 or args.lr <= 0:
+        _fail("--lora-alpha and --lr must be > 0")
+    if not 0 < args.scale <= MAX_LOGIT_SCALE:
+        _fail(f"--scale must be in (0, {MAX_LOGIT_SCALE:g}], got {args.scale}")
+    if not 0.0 <= args.eval_fraction < 1.0:
+        _fail(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    if args.short_caption == args.long_caption:
+        _fail(f"--short-caption and --long-caption must differ (both {args.short_caption!r})")
+    if args.mntp_steps and not 0.0 < args.mntp_probability < 1.0:
+        _fail(f"--mntp-probability must be in (0, 1), got {args.mntp_probability}")
+    if args.load_in_8bit and importlib.util.find_spec("bitsandbytes") is None:
+        _fail("--load-in-8bit needs bitsandbytes: pip install 'llm2clip_fast[int8]'")
+    if importlib.util.find_spec("peft") is None:
+        _fail("stage 1 trains LoRA adapters with peft: pip install 'llm2clip_fast[lora]'")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _open_captions(spec: str, short: str, long: str, what: str) -> CaptionSource:
+    try:
+        source = open_source(spec, caption_columns=[short, long])
+    except ValueError as exc:
+        raise ValueError(f"{what} {spec!r}: {exc} (set --short-caption / --long-caption)") from exc
+    missing = [n for n in (short, long) if n not in source.caption_names]
+    if missing:
+        raise ValueError(f"{what} {spec!r} has no caption field(s) {missing}; it has {source.caption_names} "
+                         "(set --short-caption / --long-caption)")
+    return source
+
+
+def _batch_pairs(batch: dict[str, Any], args: argparse.Namespace,
+                 epoch: int) -> tuple[list[str], list[str], torch.Tensor]:
+    shorts = [c[args.short_caption] for c in batch["all_captions"]]
+    longs = [c[args.long_caption] for c in batch["all_captions"]]
+    # Which caption is the query: drawn per pair, a function of (seed, epoch, key) only.
+    flip = torch.tensor([sample_rng(args.seed, epoch, k, "direction").random() < 0.5 for k in batch["keys"]])
+    return shorts, longs, flip
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+@dataclass
+class TrainableEncoder:
+    encoder: Any  # LLMTextEncoder around the peft-wrapped base model
+    peft_model: nn.Module
+    head: nn.Module | None  # MNTP token-prediction head (None without MNTP)
+    decoder: bool
+    targets: list[str]
+    folder: Path
+
+
+def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> TrainableEncoder:
+    """Load the LLM (8-bit if asked), make it bidirectional, add LoRA, wrap it in an LLMTextEncoder."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    from ..models.bidirectional import set_bidirectional
+    from ..models.llm_encoder import LLMTextEncoder, is_decoder_only, resolve_model_path
+
+    folder = resolve_model_path(args.llm)
+    config = AutoConfig.from_pretrained(folder)
+    decoder = is_decoder_only(config)
+    if decoder and hasattr(config, "use_cache"):
+        config.use_cache = False
+    kwargs: dict[str, Any] = {"dtype": _resolve_dtype(args.dtype, device)}
+    if args.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = "cpu" if device.type == "cpu" else {"": device}
+    head = None
+    if args.mntp_steps:
+        cls = AutoModelForCausalLM if decoder else AutoModelForMaskedLM
+        try:
+            full, info = cls.from_pretrained(folder, config=config, output_loading_info=True, **kwargs)
+        except ValueError as exc:
+            raise ValueError(f"--mntp-steps: {folder} cannot be loaded with a token-prediction head "
+                             f"({cls.__name__}): {exc}") from exc
+        check_head_loaded(full, list(info.get("missing_keys", [])), str(folder))
+        head = prediction_head(full, decoder=decoder)
+        for p in head.parameters():
+            p.requires_grad_(False)
+        base = full.base_model
+    else:
+        base = AutoModel.from_pretrained(folder, config=config, **kwargs)
+    if not args.load_in_8bit:
+        base.to(device)
+        if head is not None:
+            head.to(device)
+    if decoder:
+        set_bidirectional(base, True)
+    targets = resolve_lora_targets(base, [t for t in args.lora_targets.split(",")])
+    for p in base.parameters():
+        p.requires_grad_(False)
+    gc_kwargs = {"use_reentrant": False}
+    if args.load_in_8bit:
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=args.gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=gc_kwargs)
+    elif args.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    # Identical LoRA initialisation on every rank.
+    torch.manual_seed(args.seed)
+    lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=targets, bias="none")
+    peft_model = get_peft_model(base, lora)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder = LLMTextEncoder(peft_model, tokenizer, pooling=args.pooling, max_length=args.max_length,
+                             instruction=args.instruction)
+    return TrainableEncoder(encoder, peft_model, head, decoder, targets, folder)
+
+
+class LogitScale(nn.Module):
+    """The contrastive scale s: fixed, or learned as ``exp(t)`` with ``s <= 100`` (CLIP's clamp)."""
+
+    def __init__(self, init: float, learnable: bool) -> None:
+        super().__init__()
+        self.learnable = learnable
+        self.fixed = float(init)
+        if learnable:
+            self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+
+    def forward(self) -> torch.Tensor | float:
+        if not self.learnable:
+            return self.fixed
+        return self.log_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows in rank order, with gradients flowing back to each rank's own rows."""
+    if dist_helpers.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def contrastive_loss(query: torch.Tensor, key: torch.Tensor, scale: torch.Tensor | float,
+                     kind: str) -> torch.Tensor:
+    """Loss of L2-normalised (B, H) query/key embeddings over the global batch (row i pairs with row i).
+
+    clip: the fused symmetric ``clip_loss``; infonce: cross-entropy of each query over all keys.
+    Under torch.distributed every rank computes the same global loss from all-gathered features.
+    """
+    from ..ops.clip_loss import clip_loss
+
+    q = _gather(F.normalize(query.float(), dim=-1))
+    k = _gather(F.normalize(key.float(), dim=-1))
+    if kind == "clip":
+        return clip_loss(q, k, scale)
+    logits = (q @ k.t()) * scale
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+
+
+def _average_gradients(params: list[nn.Parameter]) -> None:
+    """Mean of each gradient over ranks (LoRA weights are replicated; no DDP wrapper needed)."""
+    if dist_helpers.get_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place atomically (the old one, if any, is swapped out first)."""
+    if final.exists():
+        trash = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _run_config(args: argparse.Namespace) -> dict[str, Any]:
+    plain = (str, int, float, bool, type(None))
+    return {k: v for k, v in sorted(vars(args).items()) if isinstance(v, plain)}
+
+
+def _check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+             for k in _RESUME_MUST_MATCH if k in saved and saved.get(k) != current.get(k)]
+    if diffs:
+        raise ValueError("--resume with different options than the checkpoint's run:\n  "
+                         + "\n  ".join(diffs))
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _micro_batches(loader: Any, epoch: int, start_batch: int,
+                   usable: int) -> Iterator[tuple[dict[str, Any], int]]:
+    """(batch, epoch) forever: ``usable`` batch slots per epoch, starting at ``start_batch`` of ``epoch``."""
+    while True:
+        if start_batch < usable:
+            loader.set_epoch(epoch, start_batch)
+            for batch in loader:
+                if batch["batch_index"] >= usable:
+                    break
+                yield batch, epoch
+        epoch += 1
+        start_batch = 0
+
+
+def train_stage1(args: argparse.Namespace) -> Stage1Result:
+    """Run stage 1 as configured by ``args`` (see :func:`add_arguments`)."""
+    dist_helpers.init_distributed_from_env()
+    rank, world = dist_helpers.get_rank(), dist_helpers.get_world_size()
+    main = rank == 0
+    check_options(args, world)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", dist_helpers.get_local_rank()) if cuda else torch.device("cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_config = _run_config(args)
+
+    # Data first: a missing caption field should fail before a large model loads.
+    source = _open_captions(args.data, args.short_caption, args.long_caption, "--data")
+    eval_pairs: list[tuple[str, str]] = []
+    if args.eval_data:
+        eval_source = _open_captions(args.eval_data, args.short_caption, args.long_caption, "--eval-data")
+        eval_pairs = caption_pairs(eval_source, args.short_caption, args.long_caption, limit=args.eval_size)
+    elif args.eval_fraction > 0:
+        source, eval_source = split_holdout(source, args.eval_fraction, seed=args.seed,
+                                            max_heldout=args.eval_size)
+        eval_pairs = caption_pairs(eval_source, args.short_caption, args.long_caption)
+    per_rank = args.batch_size // world
+    loader = build_loader(source, batch_size=per_rank, caption=None, with_images=False, rank=rank,
+                          world_size=world, seed=args.seed, num_workers=args.num_workers, drop_last=True)
+    # DataLoader draws a base seed from the global torch RNG each time it starts an epoch; a private
+    # generator keeps the dropout stream independent of where a resumed run re-enters the epoch.
+    loader.generator = torch.Generator().manual_seed(args.seed)
+    slots = len(loader.dataset.batches())
+    steps_per_epoch = slots // args.grad_accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(source)} training samples make {slots} batches of {args.batch_size} "
+                         "per epoch, "
+                         f"fewer than --grad-accum {args.grad_accum}: lower --batch-size")
+    usable_slots = steps_per_epoch * args.grad_accum
+    contrastive_steps = args.steps if args.steps is not None else max(1, round(args.epochs * steps_per_epoch))
+    total_steps = args.mntp_steps + contrastive_steps
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)  # noqa: NPY002 - seeding the global stream libraries draw from
+    built = build_trainable_encoder(args, device)
+    encoder, peft_model = built.encoder, built.peft_model
+    scale_module = LogitScale(args.scale, args.learn_scale).to(device)
+    named_trainable = [(f"lora.{n}", p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    named_trainable += [(f"scale.{n}", p) for n, p in scale_module.named_parameters()]
+    trainable = [p for _, p in named_trainable]
+    optimizer = torch.optim.AdamW(adamw_param_groups(named_trainable, args.weight_decay, lr=args.lr))
+    scheduler = build_scheduler(optimizer, args.schedule, warmup_steps=args.warmup_steps,
+                                total_steps=total_steps, min_lr_ratio=args.min_lr_ratio)
+    torch.manual_seed(args.seed + rank)  # dropout streams differ per rank
+
+    step, epoch, start_batch = 0, 0, 0
+    cra_before: float | None = None
+    ckpt_path = latest_checkpoint(out) if args.resume else None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resume_config(ckpt.config, run_config)
+        state = dict(named_trainable)
+        missing = sorted(set(state) - set(ckpt.model_state))
+        if missing:
+            raise ValueError(f"checkpoint {ckpt_path} lacks trainable tensors, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for name, p in state.items():
+                p.copy_(ckpt.model_state[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(ckpt.optimizer_state)
+        scheduler.load_state_dict(ckpt.scheduler_state)
+        restore_rng_state(ckpt.rng)
+        step, epoch, start_batch = ckpt.step, ckpt.epoch, ckpt.batch_index
+        cra_before = ckpt.extra.get("cra_before")
+    if main:
+        _write_json(out / "config.json", {**run_config, "lora_targets_resolved": built.targets,
+                                          "total_steps": total_steps, "world_size": world})
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else (lambda msg: None)
+    if args.resume and ckpt_path is None:
+        say(f"stage1: --resume found no checkpoint in {out}; starting from step 0")
+    elif ckpt_path is not None:
+        say(f"stage1: resuming from {ckpt_path} (step {step}, epoch {epoch}, batch {start_batch})")
+    say(f"stage1: {len(source)} training pairs, {len(eval_pairs)} held-out, {total_steps} steps "
+        f"({args.mntp_steps} MNTP), LoRA r={args.lora_r} on {','.join(built.targets)}")
+
+    if main and eval_pairs and cra_before is None:
+        cra_before = encoder_cra(encoder, eval_pairs)
+        say(f"stage1: CRA before training {cra_before:.4f} on {len(eval_pairs)} pairs")
+    dist_helpers.barrier()
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=device.type == "cuda" and args.bf16_autocast)
+    special_ids = set(getattr(encoder.tokenizer, "all_special_ids", []) or [])
+    mask_id = mask_token_id(encoder.tokenizer) if args.mntp_steps else -1
+    log = JsonlLog(out / "log.jsonl", resume_step=step if ckpt_path is not None else None, enabled=main)
+    progress = TrainProgress(total_steps, initial=step, unit_name="captions", desc="stage1",
+                             enabled=main and not args.quiet)
+    batches = _micro_batches(loader, epoch, start_batch, usable_slots)
+    losses: list[float] = []
+    peft_model.train()
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            mntp = step < args.mntp_steps
+            step_loss = 0.0
+            captions = 0
+            for _ in range(args.grad_accum):
+                batch, epoch = next(batches)
+                shorts, longs, flip = _batch_pairs(batch, args, epoch)
+                with autocast:
+                    if mntp:
+                        enc = encoder.tokenize(shorts + longs)
+                        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+                        ids, labels = mask_captions(
+                            enc["input_ids"], enc["attention_mask"], mask_id=mask_id, special_ids=special_ids,
+                            probability=args.mntp_probability, generator=gen, decoder=built.decoder)
+                        out_h = peft_model(input_ids=ids.to(encoder.device),
+                                           attention_mask=enc["attention_mask"].to(encoder.device))
+                        loss = mntp_loss(out_h.last_hidden_state, labels.to(encoder.device), built.head,
+                                         decoder=built.decoder)
+                    else:
+                        es = encoder.tokenize(shorts)
+                        el = encoder.tokenize(longs)
+                        emb_s = encoder(es["input_ids"], es["attention_mask"], es["embed_mask"])
+                        emb_l = encoder(el["input_ids"], el["attention_mask"], el["embed_mask"])
+                        f = flip.to(emb_s.device)[:, None]
+                        query, key = torch.where(f, emb_l, emb_s), torch.where(f, emb_s, emb_l)
+                        loss = contrastive_loss(query, key, scale_module(), args.loss)
+                (loss / args.grad_accum).backward()
+                step_loss += float(loss.detach()) / args.grad_accum
+                captions += 2 * len(shorts) * world
+            _average_gradients(trainable)
+            grad_norm = clip_grad_norm(trainable, args.max_grad_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            rate = progress.update(captions, loss=step_loss, lr=lr)
+            if step % args.log_every == 0 or step == total_steps:
+                scale_now = scale_module()
+                log.log({"step": step, "phase": "mntp" if mntp else "contrastive", "loss": step_loss,
+                         "lr": lr,
+                         "grad_norm": grad_norm, "scale": float(scale_now), "epoch": epoch,
+                         "captions_per_s": rate, "step_time_s": time.perf_counter() - t0})
+            if step % args.save_every == 0 or step == total_steps:
+                if main:
+                    save_checkpoint(out, step=step, epoch=loader.epoch, batch_index=loader.next_batch,
+                                    model_state={n: p for n, p in named_trainable}, optimizer=optimizer,
+                                    scheduler=scheduler, config=run_config, keep_last=args.keep_checkpoints,
+                                    extra={"cra_before": cra_before} if cra_before is not None else {})
+                dist_helpers.barrier()
+    finally:
+        progress.close()
+        log.close()
+
+    cra_after = None
+    merged_encoder = None
+    if main:
+        if eval_pairs:
+            cra_after = encoder_cra(encoder, eval_pairs)
+            say(f"stage1: CRA after training {cra_after:.4f} (before {cra_before:.4f})")
+            _write_json(out / "cra.json", {"before": cra_before, "after": cra_after, "pairs": len(eval_pairs),
+                                           "steps": total_steps})
+        merged_encoder = _save_outputs(args, built, out)
+        try:
+            plot_loss_curve(out / "log.jsonl", out / "loss.png", title="stage 1")
+        except ValueError:
+            pass  # nothing logged in this process (e.g. a resume of a finished run)
+        say(f"stage1: adapter in {out / 'adapter'}, merged model in {out / 'merged'}")
+    dist_helpers.barrier()
+    return Stage1Result(out, merged_encoder, cra_before, cra_after, step, losses)
+
+
+def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) -> Any:
+    """Write ``adapter/`` and ``merged/`` atomically; returns the merged in-memory encoder."""
+    from ..models.llm_encoder import LLMTextEncoder
+
+    tmp = out / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
+    built.peft_model.save_pretrained(str(tmp))
+    _replace_dir(tmp, out / "adapter")
+
+    encoder = built.encoder
+    if args.load_in_8bit:
+        # Merging into int8 weights would round the update away: merge into a full-precision reload.
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        encoder = LLMTextEncoder.from_pretrained(built.folder, dtype=dtype, lora=out / "adapter",
+                                                 merge_lora=True, pooling=args.pooling,
+                                                 max_length=args.max_length,
+                                                 instruction=args.instruction or "",
+                                                 bidirectional=True)
+    else:
+        base = encoder.model.get_base_model()
+        if getattr(base, "is_gradient_checkpointing", False):
+            base.gradient_checkpointing_disable()
+        encoder.merge_lora()
+    encoder.model.eval()
+    if hasattr(encoder.model.config, "use_cache") and built.decoder:
+        encoder.model.config.use_cache = True
+    tmp = out / f".tmp-merged-{uuid.uuid4().hex[:8]}"
+    encoder.save_pretrained(tmp)
+    _replace_dir(tmp, out / "merged")
+    return encoder
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``python -m llm2clip_fast.train stage1``."""
+    try:
+        train_stage1(args)
+    finally:
+        dist_helpers.destroy_distributed()
+    return 0
