@@ -1,0 +1,466 @@
+"""The caption-embedding cache: the frozen LLM's embeddings, computed once, memory-mapped by stage 2.
+
+Layout of a cache folder::
+
+    cache_settings.json        what every shard was built with (checked when a run resumes)
+    shard-00000.npy            (records, captions, dim) fp16/fp32, row r = r-th record of the shard
+    shard-00000.keys.json      the shard's record keys, in row order
+    shard-00000.done.json      written last: the shard is complete; sha256 of both files
+    ...
+    manifest.json              written last of all: dim, dtype, caption names, shard list + checksums
+
+Shard ``i`` holds records ``[i * shard_size, (i + 1) * shard_size)`` of the source's caption order,
+so boundaries are the same in every run. :func:`build_embedding_cache` skips shards whose
+``done.json`` matches the current keys and whose data checksum holds, redoes any other (a partial
+shard leaves at most temp files, never a half-written ``.npy`` under its final name), gives shard
+``i`` to rank ``i % world_size`` and lets rank 0 merge the ``done`` records into the manifest.
+
+:class:`EmbeddingCache` opens a finished cache, verifies the checksums and memory-maps the shards, so
+stage 2 reads embeddings without ever loading the LLM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CACHE_FORMAT = "llm2clip_fast.embedding_cache"
+CACHE_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SETTINGS_NAME = "cache_settings.json"
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+_STORAGE_ALIASES = {
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
+}
+_HASH_CHUNK = 1 << 22
+
+
+class CacheCorruptError(ValueError):
+    """A cache file is missing, truncated or does not match its recorded checksum."""
+
+
+def storage_dtype_name(dtype: str | torch.dtype | np.dtype) -> str:
+    """Canonical storage dtype name (``"float16"`` or ``"float32"``) of ``dtype``."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).replace("torch.", "")
+    elif isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        dtype = np.dtype(dtype).name
+    name = _STORAGE_ALIASES.get(str(dtype).lower()) if isinstance(dtype, str) else None
+    if name is None:
+        raise ValueError(f"cache dtype must be fp16 or fp32, got {dtype!r}")
+    return name
+
+
+def shard_stem(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through a temp file in the same folder, fsync, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    _atomic_write_bytes(path, lambda f: f.write(payload))
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheCorruptError(f"{what} {path} is unreadable: {exc}") from exc
+
+
+def _keys_sha256(keys: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(keys)).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- writing
+def _settings(
+    dim: int, dtype: str, caption_names: Sequence[str], shard_size: int, metadata: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "dim": int(dim),
+        "dtype": dtype,
+        "caption_names": list(caption_names),
+        "shard_size": int(shard_size),
+        "metadata": metadata,
+    }
+
+
+def _check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
+    path = out / SETTINGS_NAME
+    if path.is_file():
+        old = _read_json(path, "cache settings")
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise ValueError(
+                f"{out} holds a cache built with different settings ({', '.join(diff)} differ: "
+                f"{ {k: old.get(k) for k in diff} } there, { {k: settings.get(k) for k in diff} } now); "
+                "use another --out folder or delete it"
+            )
+        return
+    # Every rank may get here first; they write identical content, and the rename is atomic.
+    _atomic_write_json(path, settings)
+
+
+def _shard_is_done(out: Path, index: int, keys: Sequence[str]) -> bool:
+    """True when shard ``index`` was finished for exactly these keys and its data checksum holds."""
+    stem = shard_stem(index)
+    done_path = out / f"{stem}.done.json"
+    if not done_path.is_file():
+        return False
+    try:
+        done = json.loads(done_path.read_text())
+        data = out / done["file"]
+        return (
+            done["records"] == len(keys)
+            and done["keys_sha256"] == _keys_sha256(keys)
+            and data.is_file()
+            and sha256_file(data) == done["sha256"]
+            and sha256_file(out / done["keys_file"]) == done["keys_file_sha256"]
+        )
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return False  # anything unreadable is simply redone
+
+
+def _write_shard(out: Path, index: int, keys: list[str], array: np.ndarray) -> dict[str, Any]:
+    stem = shard_stem(index)
+    # The done record goes first so that a kill between files never leaves a stale "done" claim.
+    (out / f"{stem}.done.json").unlink(missing_ok=True)
+    data_path, keys_path = out / f"{stem}.npy", out / f"{stem}.keys.json"
+    _atomic_write_bytes(data_path, lambda f: np.save(f, array, allow_pickle=False))
+    keys_payload = json.dumps(keys).encode()
+    _atomic_write_bytes(keys_path, lambda f: f.write(keys_payload))
+    done = {
+        "shard": index,
+        "file": data_path.name,
+        "keys_file": keys_path.name,
+        "records": len(keys),
+        "shape": list(array.shape),
+        "sha256": sha256_file(data_path),
+        "keys_file_sha256": hashlib.sha256(keys_payload).hexdigest(),
+        "keys_sha256": _keys_sha256(keys),
+    }
+    _atomic_write_json(out / f"{stem}.done.json", done)
+    return done
+
+
+def _remove_temp_files(out: Path, index: int) -> None:
+    """Temp files a killed run left for shard ``index`` (only its owner rank ever writes them)."""
+    for tmp in out.glob(f".{shard_stem(index)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def build_embedding_cache(
+    records: Iterable[tuple[str, dict[str, str]]],
+    encode: Callable[[list[str]], torch.Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    caption_names: Sequence[str],
+    dim: int,
+    dtype: str | torch.dtype = "float16",
+    shard_size: int = 10_000,
+    metadata: dict[str, Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] | None = None,
+    hook: Callable[[str, int], None] | None = None,
+) -> Path | None:
+    """Encode every caption of ``records`` into a sharded cache under ``out_dir`` (resumable).
+
+    Args:
+        records: ``(key, {caption name: text})`` in a deterministic order (e.g.
+            ``source.iter_captions()``); every record must carry every name in ``caption_names``.
+        encode: texts -> (N, dim) float tensor, row i the embedding of text i.
+        caption_names: the captions to store, in column order.
+        dim: embedding size. dtype: storage, ``"float16"`` or ``"float32"``.
+        shard_size: records per shard.
+        metadata: JSON-able facts stored in the settings and manifest (model path, instruction...).
+            A resumed run must pass the same ones.
+        rank, world_size: this process's share: shard ``i`` belongs to rank ``i % world_size``.
+        barrier: called once every shard of this rank is written (distributed: wait for the others)
+            before rank 0 writes the manifest.
+        hook: called as ``hook(event, shard)`` with ``"encoded"`` (before the shard is written),
+            ``"written"`` and ``"skipped"``; for progress reports and tests that stop a run midway.
+
+    Returns the manifest path on rank 0, ``None`` on other ranks.
+    """
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    names = list(caption_names)
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"caption_names must be distinct non-empty strings, got {names!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    storage = storage_dtype_name(dtype)
+    meta = dict(metadata or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_settings(out, _settings(dim, storage, names, shard_size, meta))
+
+    seen: set[str] = set()
+    n_records = 0
+    n_shards = 0
+
+    def process(index: int, batch: list[tuple[str, dict[str, str]]]) -> None:
+        if index % world_size != rank:
+            return
+        keys = [k for k, _ in batch]
+        if _shard_is_done(out, index, keys):
+            if hook:
+                hook("skipped", index)
+            return
+        _remove_temp_files(out, index)
+        texts = [caps[n] for _, caps in batch for n in names]
+        emb = encode(texts)
+        if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != (len(texts), dim):
+            raise ValueError(
+                f"encode returned {getattr(emb, 'shape', type(emb).__name__)}, expected ({len(texts)}, {dim})"
+            )
+        array = emb.detach().to("cpu", torch.float32).reshape(len(batch), len(names), dim).numpy()
+        with np.errstate(over="ignore"):  # overflow is reported below, with a hint
+            array = array.astype(STORAGE_DTYPES[storage])
+        if not np.isfinite(array).all():
+            hint = " (values overflow float16: use dtype float32)" if storage == "float16" else ""
+            raise ValueError(f"shard {index}: embeddings contain inf/nan{hint}")
+        if hook:
+            hook("encoded", index)
+        _write_shard(out, index, keys, array)
+        if hook:
+            hook("written", index)
+
+    batch: list[tuple[str, dict[str, str]]] = []
+    for key, captions in records:
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"record {n_records}: key must be a non-empty str, got {key!r}")
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r} in the records: the cache index needs unique keys")
+        seen.add(key)
+        missing = [n for n in names if not isinstance(captions.get(n), str)]
+        if missing:
+            raise ValueError(f"record {key!r} lacks caption(s) {missing}; it has {sorted(captions)}")
+        batch.append((key, captions))
+        n_records += 1
+        if len(batch) == shard_size:
+            process(n_shards, batch)
+            n_shards += 1
+            batch = []
+    if batch:
+        process(n_shards, batch)
+        n_shards += 1
+
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    return _write_manifest(out, n_shards, n_records, _settings(dim, storage, names, shard_size, meta))
+
+
+def _write_manifest(out: Path, n_shards: int, n_records: int, settings: dict[str, Any]) -> Path:
+    shards = []
+    for index in range(n_shards):
+        done_path = out / f"{shard_stem(index)}.done.json"
+        if not done_path.is_file():
+            raise RuntimeError(
+                f"shard {index} ({done_path.name}) is not finished: did every rank complete? Rerun to resume"
+            )
+        done = _read_json(done_path, "shard record")
+        shards.append(
+            {k: done[k] for k in ("file", "keys_file", "records", "shape", "sha256", "keys_file_sha256")}
+        )
+    # A smaller source than last time leaves shards past the end: they are not part of this cache.
+    for stale in out.glob("shard-*.done.json"):
+        index = int(stale.name.split(".")[0].split("-")[1])
+        if index >= n_shards:
+            stem = shard_stem(index)
+            for suffix in (".done.json", ".npy", ".keys.json"):
+                (out / f"{stem}{suffix}").unlink(missing_ok=True)
+    manifest = {
+        **settings,
+        "num_records": n_records,
+        "num_rows": n_records * len(settings["caption_names"]),
+        "shards": shards,
+    }
+    path = out / MANIFEST_NAME
+    _atomic_write_json(path, manifest)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- reading
+class EmbeddingCache:
+    """Read-only view of a finished cache; shards are memory-mapped, nothing of the LLM is needed.
+
+    Open with :meth:`open`. ``dim`` (int), ``dtype`` (torch dtype of the stored arrays),
+    ``caption_names``, ``metadata``; :meth:`keys` in source order, ``key in cache``,
+    :meth:`lookup` and :meth:`get` return float32 tensors.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        arrays: list[np.ndarray],
+        index: dict[str, tuple[int, int]],
+        keys: list[str],
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self._arrays = arrays
+        self._index = index
+        self._keys = keys
+        self.dim: int = int(manifest["dim"])
+        self.dtype: torch.dtype = getattr(torch, manifest["dtype"])
+        self.caption_names: list[str] = list(manifest["caption_names"])
+        self.metadata: dict[str, Any] = dict(manifest.get("metadata") or {})
+        self._column = {n: i for i, n in enumerate(self.caption_names)}
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, *, verify: bool | str = True) -> EmbeddingCache:
+        """Open the cache in ``directory``.
+
+        ``verify=True`` checks every file's sha256 (reads every byte once); ``"size"`` only checks
+        that each shard's array has its recorded shape (catches truncation, not bit flips);
+        ``False`` checks nothing. A failed check raises :class:`CacheCorruptError` naming the file.
+        """
+        if verify not in (True, False, "size"):
+            raise ValueError(f"verify must be True, False or 'size', got {verify!r}")
+        folder = Path(directory)
+        path = folder / MANIFEST_NAME
+        if not path.is_file():
+            partial = any(folder.glob("shard-*.done.json")) if folder.is_dir() else False
+            hint = (
+                "the embed run did not finish; rerun it to resume" if partial else "run the embed step first"
+            )
+            raise FileNotFoundError(f"{folder} is not an embedding cache (no {MANIFEST_NAME}): {hint}")
+        manifest = _read_json(path, "manifest")
+        if manifest.get("format") != CACHE_FORMAT:
+            raise CacheCorruptError(f"{path} is not an llm2clip_fast embedding-cache manifest")
+        if manifest.get("version") != CACHE_VERSION:
+            raise CacheCorruptError(
+                f"{path}: cache version {manifest.get('version')}, this reader reads {CACHE_VERSION}"
+            )
+        arrays: list[np.ndarray] = []
+        index: dict[str, tuple[int, int]] = {}
+        keys: list[str] = []
+        expected_dtype = np.dtype(STORAGE_DTYPES[manifest["dtype"]])
+        for s, shard in enumerate(manifest["shards"]):
+            data_path, keys_path = folder / shard["file"], folder / shard["keys_file"]
+            for p in (data_path, keys_path):
+                if not p.is_file():
+                    raise CacheCorruptError(f"cache file {p} is missing")
+            if verify is True:
+                if sha256_file(data_path) != shard["sha256"]:
+                    raise CacheCorruptError(
+                        f"cache shard {data_path} is corrupt or truncated (sha256 mismatch)"
+                    )
+                if sha256_file(keys_path) != shard["keys_file_sha256"]:
+                    raise CacheCorruptError(f"cache keys file {keys_path} is corrupt (sha256 mismatch)")
+            try:
+                array = np.load(data_path, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise CacheCorruptError(f"cache shard {data_path} is unreadable or truncated: {exc}") from exc
+            if list(array.shape) != list(shard["shape"]) or array.dtype != expected_dtype:
+                raise CacheCorruptError(
+                    f"cache shard {data_path} holds {array.dtype} {list(array.shape)}, the manifest says "
+                    f"{expected_dtype} {shard['shape']}"
+                )
+            shard_keys = _read_json(keys_path, "cache keys file")
+            if len(shard_keys) != shard["records"]:
+                raise CacheCorruptError(
+                    f"{keys_path} lists {len(shard_keys)} keys, expected {shard['records']}"
+                )
+            for row, key in enumerate(shard_keys):
+                if key in index:
+                    raise CacheCorruptError(f"key {key!r} appears twice (in {keys_path})")
+                index[key] = (s, row)
+            keys.extend(shard_keys)
+            arrays.append(array)
+        return cls(folder, manifest, arrays, index, keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def keys(self) -> list[str]:
+        """Record keys in source order."""
+        return list(self._keys)
+
+    def lookup(self, keys: Sequence[str], caption_name: str) -> torch.Tensor:
+        """Embeddings of caption ``caption_name`` of each key: (len(keys), dim) float32.
+
+        Raises ``KeyError`` listing the keys that are not in the cache (and for an unknown caption name).
+        """
+        if isinstance(keys, str):
+            raise TypeError("keys must be a list of str, got a single str (wrap it in a list)")
+        if caption_name not in self._column:
+            raise KeyError(f"caption {caption_name!r} is not in the cache; it has {self.caption_names}")
+        keys = list(keys)
+        missing = [k for k in keys if k not in self._index]
+        if missing:
+            shown = ", ".join(repr(k) for k in missing[:10]) + (
+                f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            )
+            raise KeyError(f"{len(missing)} key(s) not in the embedding cache {self.directory}: {shown}")
+        col = self._column[caption_name]
+        out = np.empty((len(keys), self.dim), dtype=np.float32)
+        if keys:
+            where = np.array([self._index[k] for k in keys], dtype=np.int64).reshape(-1, 2)
+            for s in np.unique(where[:, 0]):
+                sel = np.nonzero(where[:, 0] == s)[0]
+                out[sel] = self._arrays[int(s)][where[sel, 1], col]
+        return torch.from_numpy(out)
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        """Every caption embedding of ``key``: ``{caption name: (dim,) float32}``."""
+        if key not in self._index:
+            raise KeyError(f"key {key!r} is not in the embedding cache {self.directory}")
+        s, row = self._index[key]
+        rows = np.asarray(self._arrays[s][row], dtype=np.float32)
+        return {n: torch.from_numpy(rows[i].copy()) for i, n in enumerate(self.caption_names)}
+
+    def __repr__(self) -> str:
+        return (
+            f"EmbeddingCache({str(self.directory)!r}, records={len(self)}, dim={self.dim}, "
+            f"dtype={self.manifest['dtype']}, captions={self.caption_names})"
+        )

@@ -1,0 +1,146 @@
+"""``python -m llm2clip_fast.train embed``: encode every caption with the frozen LLM into the cache.
+
+Reads ``(key, captions)`` from a caption source without decoding images, encodes each shard's
+captions with :class:`~llm2clip_fast.models.llm_encoder.LLMTextEncoder` (length-sorted batches,
+optionally LLM.int8 weights) and writes :mod:`llm2clip_fast.data.embedding_cache`. Rerunning the same
+command after a kill resumes: finished shards are skipped. Under ``torchrun`` shard ``i`` is
+encoded by rank ``i % world_size`` and rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..data.embedding_cache import build_embedding_cache, storage_dtype_name
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--llm", required=True,
+                        help="model folder (or hub name present in the local HF cache)")
+    parser.add_argument("--data", required=True,
+                        help="caption source: manifest (.csv/.tsv/.jsonl) or shard spec")
+    parser.add_argument("--out", required=True, help="cache folder (created; an unfinished one is resumed)")
+    parser.add_argument("--load-in-8bit", action="store_true",
+                        help="load the LLM's linear weights as LLM.int8")
+    parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="stored embedding dtype")
+    parser.add_argument("--model-dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                        help="LLM compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=64, help="captions per forward pass")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="records per cache shard")
+    parser.add_argument("--captions", default=None, help="comma-separated caption names (default: all)")
+    parser.add_argument("--instruction", default=None, help="prefix attended but not pooled")
+    parser.add_argument("--lora", default=None,
+                        help="peft adapter folder merged into the LLM (stage-1 output)")
+    parser.add_argument("--pooling", choices=["mean", "last_token"], default=None)
+    parser.add_argument("--max-length", type=int, default=None, help="token limit (default 512 or saved)")
+    parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N (default: this rank's GPU, else cpu)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise ValueError(f"--{name} must be a positive integer, got {value}")
+    return value
+
+
+def _device(arg: str | None) -> torch.device:
+    if arg is not None:
+        return torch.device(arg)
+    if torch.cuda.is_available():
+        return torch.device("cuda", distributed.get_local_rank())
+    return torch.device("cpu")
+
+
+def embed(
+    *,
+    llm: str,
+    data: str,
+    out: str | Path,
+    load_in_8bit: bool = False,
+    dtype: str = "fp16",
+    model_dtype: str | None = None,
+    batch_size: int = 64,
+    shard_size: int = 10_000,
+    captions: list[str] | None = None,
+    instruction: str | None = None,
+    lora: str | None = None,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    normalize: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    hook: Callable[[str, int], None] | None = None,
+) -> Path | None:
+    """Build (or resume) the embedding cache; returns the manifest path on rank 0, else ``None``."""
+    from ..data.sources import open_source
+    from ..models.llm_encoder import LLMTextEncoder
+
+    _positive("batch-size", batch_size)
+    _positive("shard-size", shard_size)
+    storage = storage_dtype_name(dtype)
+    dev = _device(device)
+    compute = model_dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    source = open_source(data)
+    names = list(captions) if captions else list(source.caption_names)
+    unknown = [n for n in names if n not in source.caption_names]
+    if unknown:
+        raise ValueError(f"--captions {unknown} not in the source; it has {source.caption_names}")
+    encoder = LLMTextEncoder.from_pretrained(
+        llm, dtype=compute, load_in_8bit=load_in_8bit, instruction=instruction, lora=lora,
+        merge_lora=lora is not None, pooling=pooling, max_length=max_length, normalize=normalize, device=dev,
+    )
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    metadata: dict[str, Any] = {
+        "model": str(Path(llm).resolve()) if Path(llm).exists() else llm,
+        "lora": str(Path(lora).resolve()) if lora else None,
+        "load_in_8bit": bool(load_in_8bit), "model_dtype": compute, "pooling": encoder.pooling,
+        "instruction": encoder.instruction, "max_length": encoder.max_length, "normalize": encoder.normalize,
+        "bidirectional": encoder.bidirectional, "source": str(data),
+    }
+    started = time.perf_counter()
+    counts = {"written": 0, "skipped": 0}
+
+    def report(event: str, shard: int) -> None:
+        if event in counts:
+            counts[event] += 1
+            if progress:
+                print(f"[embed rank {rank}] shard {shard} {event} ({time.perf_counter() - started:.1f}s)",
+                      file=sys.stderr, flush=True)
+        if hook is not None:
+            hook(event, shard)
+
+    manifest = build_embedding_cache(
+        ((key, {n: caps[n] for n in names}) for key, caps in source.iter_captions()),
+        lambda texts: encoder.encode(texts, batch_size=batch_size, show_progress=False),
+        out, caption_names=names, dim=encoder.embedding_dim, dtype=storage, shard_size=shard_size,
+        metadata=metadata, rank=rank, world_size=world, barrier=distributed.barrier, hook=report,
+    )
+    if progress and manifest is not None:
+        print(f"[embed] {counts['written']} shard(s) written, {counts['skipped']} reused; "
+              f"manifest {manifest}", file=sys.stderr, flush=True)
+    return manifest
+
+
+def run(args: argparse.Namespace) -> int:
+    distributed.init_distributed_from_env()
+    try:
+        embed(
+            llm=args.llm, data=args.data, out=args.out, load_in_8bit=args.load_in_8bit, dtype=args.dtype,
+            model_dtype=args.model_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
+            captions=[c.strip() for c in args.captions.split(",") if c.strip()] if args.captions else None,
+            instruction=args.instruction, lora=args.lora, pooling=args.pooling, max_length=args.max_length,
+            normalize=args.normalize, device=args.device, progress=not args.quiet,
+        )
+    finally:
+        distributed.destroy_distributed()
+    return 0
