@@ -217,12 +217,16 @@ def _losses_have_distributed_mode() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _losses_have_distributed_mode(),
                     reason="clip_loss has no distributed (global-batch) mode yet (issue 5)")
-def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp-accum"])
+def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_path, mode):
     common = ("--save-every", "0", "--caption", "random")
     train_main(stage2_args(demo, tmp_path / "single", *common, steps=3, batch=8))
 
     port = _free_port()
-    args = stage2_args(demo, tmp_path / "ddp", *common, steps=3, batch=4)
+    if mode == "ddp":
+        args = stage2_args(demo, tmp_path / "ddp", *common, steps=3, batch=4)
+    else:  # 2 ranks x 2 micro-batches x 2 images: the same 8-image global batch
+        args = stage2_args(demo, tmp_path / "ddp", *common, "--fsdp", "--grad-accum", "2", steps=3, batch=2)
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",

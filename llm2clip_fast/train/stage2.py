@@ -293,6 +293,24 @@ def _rng_restore(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.
         torch.cuda.set_rng_state(state[1], device)
 
 
+@contextlib.contextmanager
+def _gradient_sync(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the cross-rank gradient reduction of a backward that is not the step's last (DDP, FSDP2)."""
+    if enabled:
+        yield
+    elif hasattr(wrapped, "no_sync"):
+        with wrapped.no_sync():
+            yield
+    elif hasattr(wrapped, "set_requires_gradient_sync"):
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def train_step(wrapped: nn.Module, micro: list[MicroBatch], loss_kind: str, autocast: Any,
                device: torch.device) -> float:
     """Forward + backward of one optimizer step's micro-batches (gradients accumulate in ``.grad``).
@@ -318,12 +336,10 @@ def train_step(wrapped: nn.Module, micro: list[MicroBatch], loss_kind: str, auto
                 out = wrapped(mb.pixel_values, *mb.text_inputs)
             images.append(out["image_features"])
             texts.append(out["text_features"])
-    no_sync = getattr(wrapped, "no_sync", None)
     for i, mb in enumerate(micro):
         last = i == len(micro) - 1
         _rng_restore(rng[i], device)
-        sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
-        with sync:
+        with _gradient_sync(wrapped, enabled=last):
             with autocast():
                 out = wrapped(mb.pixel_values, *mb.text_inputs)
                 image = torch.cat([*images[:i], out["image_features"], *images[i + 1:]])
@@ -418,11 +434,25 @@ def _wrap_distributed(model: LLM2CLIPModel, args: argparse.Namespace, device: to
 
         for layer in model.vision.layer_modules():
             fully_shard(layer)
-        fully_shard(model)
+        # FSDP2 cannot shard 0-d parameters: the logit scale/bias stay replicated and their gradients
+        # are averaged by hand (average_replicated_grads), as DDP would.
+        fully_shard(model, ignored_params=set(replicated_scalars(model)))
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def replicated_scalars(model: LLM2CLIPModel) -> list[nn.Parameter]:
+    return [p for p in (model.logit_scale, model.logit_bias) if p is not None and p.requires_grad]
+
+
+def average_replicated_grads(params: list[nn.Parameter]) -> None:
+    """Average gradients of parameters FSDP does not manage over the ranks (what DDP does)."""
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= get_world_size()
 
 
 def _full_state(model: LLM2CLIPModel, args: argparse.Namespace, optimizer=None):
@@ -524,6 +554,7 @@ def run(args: argparse.Namespace) -> int:
                           bad_data=args.max_bad_fraction)
 
     wrapped = _wrap_distributed(model, args, device)
+    fsdp = args.fsdp and is_distributed() and world > 1
     optimizer = build_optimizer(model, args, model.named_parameters())
     scheduler = build_scheduler(optimizer, args.schedule, warmup_steps=warmup, total_steps=total_steps,
                                 min_lr_ratio=args.min_lr_ratio)
@@ -594,6 +625,8 @@ def run(args: argparse.Namespace) -> int:
                 micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
                                         text_inputs_of(batch, model, cache, device)))
             loss = train_step(wrapped, micro, args.loss, autocast, device)
+            if fsdp:
+                average_replicated_grads(replicated_scalars(model))
             grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.grad_clip)
             lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
             optimizer.step()
