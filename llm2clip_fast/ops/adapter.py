@@ -135,11 +135,12 @@ class FusedTextAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dot_dtype: torch.dtype, ln_eps: float, l2_eps: float,
-                num_blocks: int, *weights: torch.Tensor) -> torch.Tensor:
+                num_blocks: int, keep: bool, *weights: torch.Tensor) -> torch.Tensor:
         from ..kernels import adapter as K
 
         x = x.contiguous()
         weights = tuple(w.contiguous() for w in weights)
+        # keep=False (no autograd graph will be built: inference) drops block inputs once used.
         mean, rstd, norm0 = K.row_stats(x, ln_eps, l2_eps)
         inputs, means, rstds = [x], [mean], [rstd]
         cur = x
@@ -151,12 +152,14 @@ class FusedTextAdapterFunction(torch.autograd.Function):
                                  residual_norm=norm0 if i == 0 else None, l2_eps=l2_eps)
             del h
             mean, rstd, _ = K.row_stats(cur, ln_eps)
-            inputs.append(cur)
-            means.append(mean)
-            rstds.append(rstd)
+            if keep:
+                inputs.append(cur)
+                means.append(mean)
+                rstds.append(rstd)
         lnf_w, lnf_b, wp, bp = weights[6 * num_blocks:]
         out = K.fused_linear(cur, wp.to(dot_dtype), bp, out_dtype=dot_dtype, ln=(mean, rstd, lnf_w, lnf_b))
-        ctx.save_for_backward(norm0, *inputs, *means, *rstds, *weights)
+        if keep:
+            ctx.save_for_backward(norm0, *inputs, *means, *rstds, *weights)
         ctx.num_blocks = num_blocks
         ctx.dot_dtype = dot_dtype
         ctx.l2_eps = l2_eps
@@ -197,9 +200,11 @@ class FusedTextAdapterFunction(torch.autograd.Function):
                                               norm=norm0 if i == 0 else None, l2_eps=l2_eps)
             grads[6 * i: 6 * i + 6] = [dln_w, dln_b, dw1, db1, dw2, db2]
         grads = [gr.to(w.dtype) for gr, w in zip(grads, weights)]
-        return (g.to(inputs[0].dtype), None, None, None, None, *grads)
+        return (g.to(inputs[0].dtype), None, None, None, None, None, *grads)
 
 
+# Dynamo should not trace into the autotuned launches: under torch.compile the fused op runs as is.
+@torch.compiler.disable
 def text_adapter_triton(
     x: torch.Tensor,
     block_weights: Sequence[BlockWeights],
@@ -215,7 +220,9 @@ def text_adapter_triton(
         raise ValueError("the fused adapter implements no dropout; use the torch backend for dropout > 0")
     flat = [t for bw in block_weights for t in bw] + list(head_weights)
     cd = compute_dtype(x, head_weights[2])
-    return FusedTextAdapterFunction.apply(x, cd, float(ln_eps), float(l2_eps), len(block_weights), *flat)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *flat))
+    return FusedTextAdapterFunction.apply(x, cd, float(ln_eps), float(l2_eps), len(block_weights), keep,
+                                          *flat)
 
 
 def _triton_reasons(ctx: DispatchContext) -> list[str]:
