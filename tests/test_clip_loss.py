@@ -308,7 +308,7 @@ def test_clip_loss_module_drop_in():
 
 
 def test_clip_loss_module_refuses_distributed():
-    with pytest.raises(ValueError, match="world_size > 1 is not supported by ClipLoss in this version"):
+    with pytest.raises(ValueError, match="world_size > 1 is supported by ClipLoss only with local_loss=True"):
         ClipLoss(world_size=2, rank=1)
     with pytest.raises(ValueError, match="use_horovod"):
         ClipLoss(use_horovod=True)

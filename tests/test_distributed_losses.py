@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+import torch
+import torch.nn.functional as F
 
 from llm2clip_fast import distributed as D
 
@@ -38,3 +47,143 @@ def test_shard_indices_bad_input():
         D.shard_indices(4, 2, 2)
     with pytest.raises(ValueError, match="world_size"):
         D.shard_indices(4, 0, 0)
+
+
+# ---- global-batch losses across processes (gloo) --------------------------------------------------
+
+WORKER = Path(__file__).with_name("_dist_loss_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+import _dist_loss_worker as worker  # noqa: E402
+
+WORKER_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(world: int, tmp_path: Path) -> list[dict]:
+    """Launch ``world`` worker processes; a hang or a crash fails the test instead of blocking CI."""
+    port = str(_free_port())
+    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), port, str(outs[r])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"distributed workers (world={world}) did not finish within {WORKER_TIMEOUT_S}s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:] if r < len(logs) else ''}"
+    return [torch.load(o) for o in outs]
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    return values.sum() if reduction == "sum" else values
+
+
+def _expected_clip(sizes, reduction, world):
+    """OpenCLIP ClipLoss(local_loss=True, gather_with_grad=True) per rank, from the concatenated batch.
+
+    L_r = reduce over rank r's samples of (CE(image_i vs all texts) + CE(text_i vs all images)) / 2.
+    Feature grads of rank r: d(sum_q <g_q, L_q>)/d(features_r); scale grad: the rank average.
+    """
+    img, txt = worker.global_batch(sizes, 6, seed=11)
+    img, txt = img.requires_grad_(), txt.requires_grad_()
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    logits = scale * img @ txt.t()
+    labels = torch.arange(sum(sizes))
+    per = (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.t(), labels,
+                                                                               reduction="none")) / 2
+    bounds = [sum(sizes[:r]) for r in range(world + 1)]
+    losses = [_reduce(per[bounds[r]:bounds[r + 1]], reduction) for r in range(world)]
+    total = sum((worker.upstream(reduction, r, sizes[r]) * losses[r]).sum() for r in range(world))
+    d_img, d_txt, d_scale = torch.autograd.grad(total, (img, txt, scale))
+    return [[losses[r].detach(), d_img[bounds[r]:bounds[r + 1]], d_txt[bounds[r]:bounds[r + 1]],
+             d_scale / world] for r in range(world)]
+
+
+def _expected_siglip(sizes, reduction, world):
+    """OpenCLIP SigLipLoss per rank, from the concatenated batch.
+
+    L_r = sum over rank r's images i and all texts j of softplus(-y_ij z_ij), / B_r for 'mean'.
+    Image grads: <g_r, dL_r/d image_r>; text grads of rank r: d(sum_q <g_q, L_q>)/d text_r;
+    scale and bias: rank r's own <g_r, dL_r/d(.)>.
+    """
+    img, txt = worker.global_batch(sizes, 6, seed=11)
+    img, txt = img.requires_grad_(), txt.requires_grad_()
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    z = scale * img @ txt.t() + bias
+    y = 2 * torch.eye(sum(sizes), dtype=torch.float64) - 1
+    rows = -F.logsigmoid(y * z).sum(dim=1)
+    bounds = [sum(sizes[:r]) for r in range(world + 1)]
+    losses = []
+    for r in range(world):
+        part = rows[bounds[r]:bounds[r + 1]]
+        losses.append(part.sum() / sizes[r] if reduction == "mean" else _reduce(part, reduction))
+    weighted = [(worker.upstream(reduction, r, sizes[r]) * losses[r]).sum() for r in range(world)]
+    d_img, d_txt = torch.autograd.grad(sum(weighted), (img, txt), retain_graph=True)
+    out = []
+    for r in range(world):
+        d_scale, d_bias = torch.autograd.grad(weighted[r], (scale, bias), retain_graph=True)
+        out.append([losses[r].detach(), d_img[bounds[r]:bounds[r + 1]], d_txt[bounds[r]:bounds[r + 1]],
+                    d_scale, d_bias])
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
+def rank_results(request, tmp_path_factory):
+    world = request.param
+    return world, _run_ranks(world, tmp_path_factory.mktemp(f"world{world}"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_global_losses_match_single_process_on_concatenated_batch(rank_results, loss_name):
+    world, results = rank_results
+    names = ("loss", "d_image", "d_text", "d_scale", "d_bias")
+    for case in worker.cases(world):
+        expected_fn = _expected_clip if loss_name == "clip" else _expected_siglip
+        expected = expected_fn(case["sizes"], case["reduction"], world)
+        for r in range(world):
+            got = results[r][(case["name"], loss_name)]
+            assert len(got) == len(expected[r])
+            for name, g, w in zip(names, got, expected[r]):
+                where = f"{case['name']} rank {r} {name}"
+                torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=2e-5,
+                                           msg=lambda m, where=where: f"{where}: {m}")
+
+
+@pytest.mark.distributed
+def test_clip_loss_module_with_world_size(rank_results):
+    world, results = rank_results
+    sizes = worker.cases(world)[0]["sizes"]
+    expected = _expected_clip(sizes, "mean", world)
+    for r in range(world):
+        got = results[r][("module", "clip")][0].double()
+        torch.testing.assert_close(got, expected[r][0], atol=2e-5, rtol=2e-5)
+
+
+def test_distributed_loss_without_process_group_raises():
+    from llm2clip_fast.ops.clip_loss import clip_loss
+    from llm2clip_fast.ops.siglip_loss import siglip_loss
+
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        clip_loss(x, x, 2.0, distributed=True)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        siglip_loss(x, x, 2.0, 0.0, distributed=True)

@@ -496,6 +496,8 @@ def clip_loss(
     *,
     reduction: str = "mean",
     backend: str | None = None,
+    distributed: bool = False,
+    process_group: Any = None,
 ) -> Tensor:
     """Symmetric InfoNCE loss of OpenCLIP's ``ClipLoss``, without materialising the B x B logits.
 
@@ -507,6 +509,10 @@ def clip_loss(
         reduction: 'mean' (OpenCLIP's value), 'sum', or 'none' for the per-sample (B,) losses
             ``(CE(logits[i], i) + CE(logits.T[i], i)) / 2``.
         backend: force a backend ('triton', 'cpu', 'torch', 'reference'); default automatic.
+        distributed: compute the global-batch loss across the ranks of ``process_group`` (the
+            default group when None); each rank passes its local features. See
+            :func:`llm2clip_fast.distributed.clip_loss_global` for the exact convention.
+            Passing a ``process_group`` implies ``distributed=True``.
 
     Returns:
         The loss in float32 (float64 for float64 inputs), whatever the features' dtype.
@@ -517,6 +523,11 @@ def clip_loss(
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if distributed or process_group is not None:
+        from ..distributed import clip_loss_global
+
+        return clip_loss_global(image_features, text_features, logit_scale, reduction=reduction,
+                                process_group=process_group, backend=backend)
     _check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)

@@ -1,0 +1,93 @@
+"""One rank of the distributed-loss tests (run as a script by tests/test_distributed_losses.py).
+
+Every rank builds the same global batch from fixed seeds, keeps its shard, runs the global CLIP and
+SigLIP losses with a rank-specific upstream gradient and saves loss and gradients for the parent
+test to compare with a single-process computation on the concatenated batch.
+
+Usage: python _dist_loss_worker.py RANK WORLD_SIZE PORT OUT_FILE
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def global_batch(sizes: list[int], d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    noise = torch.randn(n, d, generator=g, dtype=torch.float64)
+    txt = torch.nn.functional.normalize(img + 0.8 * noise, dim=-1)
+    return img, txt
+
+
+def upstream(reduction: str, rank: int, n_local: int) -> torch.Tensor:
+    if reduction == "none":
+        g = torch.Generator().manual_seed(100 + rank)
+        return torch.rand(n_local, generator=g, dtype=torch.float64) + 0.5
+    return torch.tensor(1.0 + 0.5 * rank, dtype=torch.float64)
+
+
+def cases(world: int) -> list[dict]:
+    equal = [4] * world
+    unequal = [3, 5, 2][:world]
+    return [
+        {"name": "equal_mean", "sizes": equal, "reduction": "mean", "per_owner_reduce": False},
+        {"name": "unequal_none", "sizes": unequal, "reduction": "none", "per_owner_reduce": False},
+        {"name": "unequal_sum_per_owner_reduce", "sizes": unequal, "reduction": "sum",
+         "per_owner_reduce": True},
+    ]
+
+
+def _refuse_reduce_scatter(*args, **kwargs):
+    raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
+
+
+def main() -> None:
+    rank, world, port, out_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port)
+    torch.set_num_threads(1)
+    from llm2clip_fast import distributed as D
+    from llm2clip_fast.losses import ClipLoss
+    from llm2clip_fast.ops.clip_loss import clip_loss
+    from llm2clip_fast.ops.siglip_loss import siglip_loss
+
+    assert D.init_distributed_from_env(backend="gloo", timeout_s=60)
+    results = {}
+    real_reduce_scatter = dist.reduce_scatter
+    for case in cases(world):
+        # Exercise the per-owner fallback taken where gloo lacks reduce_scatter.
+        dist.reduce_scatter = _refuse_reduce_scatter if case["per_owner_reduce"] else real_reduce_scatter
+        sizes, reduction = case["sizes"], case["reduction"]
+        start = sum(sizes[:rank])
+        img, txt = global_batch(sizes, 6, seed=11)
+        img, txt = img[start:start + sizes[rank]].float(), txt[start:start + sizes[rank]].float()
+        up = upstream(reduction, rank, sizes[rank]).float()
+        for loss_name in ("clip", "siglip"):
+            leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_(),
+                      torch.tensor(7.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)]
+            if loss_name == "clip":
+                loss = clip_loss(leaves[0], leaves[1], leaves[2], reduction=reduction, distributed=True)
+                leaves = leaves[:3]
+            else:
+                loss = siglip_loss(*leaves, reduction=reduction, distributed=True)
+            grads = torch.autograd.grad(loss, leaves, up)
+            results[(case["name"], loss_name)] = [loss.detach(), *grads]
+    dist.reduce_scatter = real_reduce_scatter
+    # The module drop-in: OpenCLIP's constructor arguments for a multi-process run.
+    sizes = cases(world)[0]["sizes"]
+    img, txt = global_batch(sizes, 6, seed=11)
+    start = sum(sizes[:rank])
+    module = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    results[("module", "clip")] = [module(img[start:start + 4].float(), txt[start:start + 4].float(), 7.0)]
+    torch.save(results, out_file)
+    D.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
