@@ -71,12 +71,16 @@ def random_resized_crop_box(
 
 
 def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float32, (pixel / 255 - mean) / std per channel."""
+    """RGB PIL image -> (3, H, W) float32, (pixel / 255 - mean) / std per channel.
+
+    A 256-entry lookup table per channel does the arithmetic: numpy indexing stays single-threaded
+    and fast inside DataLoader workers, where small torch element-wise ops suffer from thread contention.
+    """
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    x = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(m).div_(s)
+    levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    table = (levels[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    out = np.stack([table[c][array[:, :, c]] for c in range(3)])
+    return torch.from_numpy(out)
 
 
 class ClipImageTransform:

@@ -154,7 +154,10 @@ class CaptionBatches(IterableDataset):
                 chosen.append(text)
         batch: dict[str, Any] = {"keys": keys, "all_captions": all_captions, "batch_index": batch_index}
         if self.transform is not None:
-            batch["pixel_values"] = torch.stack(pixels) if pixels else torch.empty(0)
+            # numpy's single-threaded copy: torch.stack's threaded copy crawls on a busy machine.
+            batch["pixel_values"] = (
+                torch.from_numpy(np.stack([p.numpy() for p in pixels])) if pixels else torch.empty(0)
+            )
         if self.caption is not None:
             batch["captions"] = chosen
             batch["caption_names"] = chosen_names
