@@ -175,6 +175,11 @@ def test_tsv_manifest_relative_paths_and_image_path_keys(tmp_path):
     (record,) = list(source.iter_records())
     assert record.key == "sub/x.png" and record.captions == {"caption": "a photo"} and record.label == "cat"
     assert record.image.getpixel((0, 0)) == (200, 100, 50)
+    # A spreadsheet CSV export: byte-order mark, quoted field with a comma and a newline.
+    (tmp_path / "m.csv").write_bytes('\ufeffimage,caption\nsub/x.png,"two lines,\nwith a comma"\n'.encode())
+    assert list(open_source(tmp_path / "m.csv").iter_captions()) == [
+        ("sub/x.png", {"caption": "two lines,\nwith a comma"})
+    ]
 
 
 def test_webdataset_structure_errors_list_what_exists(tmp_path):

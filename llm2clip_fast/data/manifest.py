@@ -7,6 +7,7 @@ except the key, image and label columns. Without a key column the image path (as
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -24,14 +25,18 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
     """(column names in first-seen order, rows) of a manifest; unreadable files raise ValueError."""
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(
+            path, encoding="utf-8-sig", newline=""
+        ) as f:  # utf-8-sig: spreadsheet exports start with a BOM
+            text = f.read()
     except FileNotFoundError:
         raise ValueError(f"manifest {os.fspath(path)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"manifest {os.fspath(path)!r} cannot be read as UTF-8 text: {exc}") from None
     if suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # split on "\n" only: str.splitlines would also cut at U+2028 inside JSON strings
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -51,7 +56,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
             columns.update(dict.fromkeys(row))
         return list(columns), rows
     delimiter = "\t" if suffix == ".tsv" else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)  # keeps quoted newlines
     try:
         rows = list(reader)
     except csv.Error as exc:
