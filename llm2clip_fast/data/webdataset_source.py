@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,7 @@ NON_CAPTION_FIELDS = frozenset(
     {"__key__", "__url__", "key", "image", "url", "image_path", "path", "filename"}
 )
 _GLOB_CHARS = set("*?[")
+_REMOTE = re.compile(r"^(pipe|https?|s3|gs|gcs|ais|hf):", re.IGNORECASE)
 
 
 def _webdataset():
@@ -56,6 +58,13 @@ def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     patterns: list[str] = []
     for part in parts:
         patterns.extend(wds.shardlists.expand_urls(part))
+    patterns = [p[len("file:") :] if p.startswith("file:") else p for p in patterns]
+    remote = [p for p in patterns if _REMOTE.match(p)]
+    if remote:
+        raise ValueError(
+            f"remote shard URLs are not supported (loaders need random access to local tar files): "
+            f"{remote[:3]}; download the shards or mount the bucket and pass local paths"
+        )
     paths: list[str] = []
     for pattern in patterns:
         if _GLOB_CHARS & set(pattern):
