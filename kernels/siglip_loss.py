@@ -194,6 +194,27 @@ def siglip_forward_rows(
     return out.sum(0) if splits > 1 else out[0]
 
 
+# None: not tried yet. torch.mm(..., out_dtype=float32) multiplies bf16/fp16 with an fp32 result on
+# CUDA in recent torch; where it is missing the product is rounded to the input dtype first.
+_MM_OUT_DTYPE_WORKS: bool | None = None
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (fp32 accumulation), whatever the operands' float dtype."""
+    global _MM_OUT_DTYPE_WORKS
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.device.type == "cuda" and _MM_OUT_DTYPE_WORKS is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError, TypeError):
+            _MM_OUT_DTYPE_WORKS = False
+        else:
+            _MM_OUT_DTYPE_WORKS = True
+            return out
+    return torch.mm(a, b).float()
+
+
 def _chunk_rows(m: int, n: int, elem_bytes: int, workspace_bytes: int) -> int:
     rows = max(1, workspace_bytes // max(1, n * elem_bytes))
     if rows >= m:
@@ -248,10 +269,10 @@ def siglip_backward(
         )
         sums += partial.sum(0)
         # g holds the unweighted gradient, in (-1, 1): fp16 would flush weighted values (1/M) to zero.
-        d_image[r0:r1] = torch.mm(g, text).float().mul_((w_c if uniform else w_c[:, None]) * s32)
+        d_image[r0:r1] = _mm_fp32(g, text).mul_((w_c if uniform else w_c[:, None]) * s32)
         if uniform:
-            d_text.add_(torch.mm(g.t(), img_c).float().mul_(w_c * s32))
+            d_text.add_(_mm_fp32(g.t(), img_c).mul_(w_c * s32))
         else:
             weighted = (img_c.float() * w_c[:, None]).to(image.dtype)
-            d_text.add_(torch.mm(g.t(), weighted).float().mul_(s32))
+            d_text.add_(_mm_fp32(g.t(), weighted).mul_(s32))
     return d_image, d_text, sums[0], sums[1]
