@@ -64,12 +64,15 @@ def _logit_tile(img_ptr, txt_ptr, rows, cols, M, N, D, stride_im, stride_id, str
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_ok = rows < M
     col_ok = cols < N
+    # 64-bit row offsets: B * D passes 2^31 at B = 2^20, D = 4096.
+    row_off = rows.to(tl.int64)[:, None] * stride_im
+    col_off = cols.to(tl.int64)[:, None] * stride_tn
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
-        a = tl.load(img_ptr + rows[:, None] * stride_im + ks[None, :] * stride_id,
+        a = tl.load(img_ptr + row_off + ks[None, :] * stride_id,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(txt_ptr + cols[:, None] * stride_tn + ks[None, :] * stride_td,
+        b = tl.load(txt_ptr + col_off + ks[None, :] * stride_td,
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:  # the interpreter's low-precision dot is wrong; upcast right after the load
             a = a.to(tl.float32)
@@ -135,7 +138,8 @@ def _siglip_grad_tile_kernel(
     g0 = tl.where(positive, -tl.sigmoid(-z), tl.sigmoid(z))
     valid = row_ok[:, None] & col_ok[None, :]
     g0 = tl.where(valid, g0, 0.0)
-    tl.store(g_ptr + rows[:, None] * stride_gm + cols[None, :], g0.to(g_ptr.dtype.element_ty), mask=valid)
+    g_off = rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
+    tl.store(g_ptr + g_off, g0.to(g_ptr.dtype.element_ty), mask=valid)
     w = tl.load(weight_ptr + rows * stride_w, mask=row_ok, other=0.0)
     g = g0 * w[:, None]
     # d(scale) and d(bias) come from the tile already in registers: no scaled copy of the features.
