@@ -27,6 +27,7 @@ import shutil
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,30 +295,51 @@ class LogitScale(nn.Module):
 # losses
 
 
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows in rank order, with gradients flowing back to each rank's own rows."""
-    if dist_helpers.get_world_size() == 1:
-        return x
+def _gather_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows in rank order (gradients flow back to each owner) and this rank's offset."""
+    import torch.distributed as dist
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes_list = [int(t) for t in sizes]
+    if len(set(sizes_list)) > 1:
+        raise RuntimeError(f"--loss infonce across ranks needs equal local batches, got {sizes_list} "
+                           "(bad samples shrank some); use --loss clip, which handles unequal batches")
+    return torch.cat(all_gather(x.contiguous()), dim=0), sum(sizes_list[: dist.get_rank()])
 
 
 def contrastive_loss(query: torch.Tensor, key: torch.Tensor, scale: torch.Tensor | float,
                      kind: str) -> torch.Tensor:
-    """Loss of L2-normalised (B, H) query/key embeddings over the global batch (row i pairs with row i).
+    """Loss of this rank's (B, H) query/key embeddings (row i pairs with row i); L2-normalised here.
 
     clip: the fused symmetric ``clip_loss``; infonce: cross-entropy of each query over all keys.
-    Under torch.distributed every rank computes the same global loss from all-gathered features.
+    Under torch.distributed the negatives are every rank's keys and each rank returns the mean over
+    its own rows (OpenCLIP's local-loss convention): averaging the parameter gradients over ranks
+    then gives the gradient of the global-batch loss.
     """
     from ..ops.clip_loss import clip_loss
 
-    q = _gather(F.normalize(query.float(), dim=-1))
-    k = _gather(F.normalize(key.float(), dim=-1))
+    q = F.normalize(query.float(), dim=-1)
+    k = F.normalize(key.float(), dim=-1)
+    distributed = dist_helpers.get_world_size() > 1
     if kind == "clip":
-        return clip_loss(q, k, scale)
+        return clip_loss(q, k, scale, distributed=True) if distributed else clip_loss(q, k, scale)
+    offset = 0
+    if distributed:
+        k, offset = _gather_keys(k)
     logits = (q @ k.t()) * scale
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+    return F.cross_entropy(logits, offset + torch.arange(q.shape[0], device=q.device))
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    if dist_helpers.get_world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist_helpers.get_world_size()
 
 
 def _average_gradients(params: list[nn.Parameter]) -> None:
@@ -326,10 +348,12 @@ def _average_gradients(params: list[nn.Parameter]) -> None:
         return
     import torch.distributed as dist
 
+    world = dist_helpers.get_world_size()
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        dist.all_reduce(p.grad)  # SUM: gloo has no AVG
+        p.grad.div_(world)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +410,13 @@ def _micro_batches(loader: Any, epoch: int, start_batch: int,
 
 def train_stage1(args: argparse.Namespace) -> Stage1Result:
     """Run stage 1 as configured by ``args`` (see :func:`add_arguments`)."""
+    with warnings.catch_warnings():
+        # bitsandbytes warns on every int8 matmul that fp32 activations are cast to fp16.
+        warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+        return _train_stage1(args)
+
+
+def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     dist_helpers.init_distributed_from_env()
     rank, world = dist_helpers.get_rank(), dist_helpers.get_world_size()
     main = rank == 0
@@ -511,6 +542,7 @@ def train_stage1(args: argparse.Namespace) -> Stage1Result:
                 step_loss += float(loss.detach()) / args.grad_accum
                 captions += 2 * len(shorts) * world
             _average_gradients(trainable)
+            step_loss = _mean_over_ranks(step_loss, device)
             grad_norm = clip_grad_norm(trainable, args.max_grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -521,6 +553,7 @@ def train_stage1(args: argparse.Namespace) -> Stage1Result:
             rate = progress.update(captions, loss=step_loss, lr=lr)
             if step % args.log_every == 0 or step == total_steps:
                 scale_now = scale_module()
+                scale_now = float(scale_now.detach()) if isinstance(scale_now, torch.Tensor) else scale_now
                 log.log({"step": step, "phase": "mntp" if mntp else "contrastive", "loss": step_loss,
                          "lr": lr,
                          "grad_norm": grad_norm, "scale": float(scale_now), "epoch": epoch,
