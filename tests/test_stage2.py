@@ -122,6 +122,15 @@ def test_grad_accum_equals_one_big_batch(demo, tmp_path):
         torch.testing.assert_close(accum[k], big[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
+def test_siglip_loss_trains_logit_bias(demo, tmp_path):
+    out = tmp_path / "siglip"
+    train_main(stage2_args(demo, out, "--save-every", "0", "--loss", "siglip", steps=2))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("logit_bias" in r for r in log)
+    model = LLM2CLIPModel.from_pretrained(out / "model")
+    assert model.config.loss == "siglip" and model.logit_bias.item() != -10.0
+
+
 def test_clip_text_tower_baseline_trains_on_raw_captions(demo, tmp_path):
     out = tmp_path / "clip"
     args = stage2_args(demo, out, "--save-every", "0", "--text-tower", "clip", "--clip-text-width", "32",
@@ -199,28 +208,29 @@ def test_bad_setups_fail_at_start_with_clear_errors(demo, tmp_path, case):
     assert not (out / "checkpoints").exists()
 
 
+DISTRIBUTED_COMMON = ("--save-every", "0", "--caption", "random")
+
+
+@pytest.fixture(scope="module")
+def single_process_run(demo) -> Path:
+    """The reference for the 2-rank runs: one process, the whole 8-image global batch per step."""
+    out = demo["root"] / "single"
+    if not (out / "model").is_dir():
+        train_main(stage2_args(demo, out, *DISTRIBUTED_COMMON, steps=3, batch=8))
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _losses_have_distributed_mode() -> bool:
-    import inspect
-
-    from llm2clip_fast.ops.clip_loss import clip_loss
-
-    return "distributed" in inspect.signature(clip_loss).parameters
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.skipif(not _losses_have_distributed_mode(),
-                    reason="clip_loss has no distributed (global-batch) mode yet (issue 5)")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp-accum"])
-def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_path, mode):
-    common = ("--save-every", "0", "--caption", "random")
-    train_main(stage2_args(demo, tmp_path / "single", *common, steps=3, batch=8))
+def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, single_process_run, tmp_path, mode):
+    common = DISTRIBUTED_COMMON
 
     port = _free_port()
     if mode == "ddp":
@@ -243,9 +253,9 @@ def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_pat
                 p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
 
-    single, ddp = state_of(tmp_path / "single"), state_of(tmp_path / "ddp")
+    single, ddp = state_of(single_process_run), state_of(tmp_path / "ddp")
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=5e-5, rtol=1e-4, msg=k)
-    log1 = [json.loads(x)["loss"] for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    log1 = [json.loads(x)["loss"] for x in (single_process_run / "log.jsonl").read_text().splitlines()]
     log2 = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor(log2), torch.tensor(log1), atol=1e-5, rtol=1e-5)

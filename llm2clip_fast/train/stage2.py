@@ -312,19 +312,21 @@ def _gradient_sync(wrapped: nn.Module, enabled: bool) -> Iterator[None]:
 
 
 def train_step(wrapped: nn.Module, micro: list[MicroBatch], loss_kind: str, autocast: Any,
-               device: torch.device) -> float:
+               device: torch.device, loss_fn: Any = None) -> float:
     """Forward + backward of one optimizer step's micro-batches (gradients accumulate in ``.grad``).
 
     One micro-batch: the plain step. Several: every micro-batch's features are computed without grad,
     then each is recomputed with grad and the loss over all micro-batches back-propagated through its
     slice only; the logit scale/bias get their gradient once (in the last pass). Under DDP the
-    gradient all-reduce runs once, in the last pass. Returns the loss.
+    gradient all-reduce runs once, in the last pass. ``loss_fn`` replaces :func:`contrastive_loss`
+    (same signature; benchmarks pass a plain-torch loss). Returns the loss.
     """
+    loss_fn = contrastive_loss if loss_fn is None else loss_fn
     if len(micro) == 1:
         with autocast():
             out = wrapped(micro[0].pixel_values, *micro[0].text_inputs)
-            loss = contrastive_loss(loss_kind, out["image_features"], out["text_features"],
-                                    out["logit_scale"], out.get("logit_bias"))
+            loss = loss_fn(loss_kind, out["image_features"], out["text_features"], out["logit_scale"],
+                           out.get("logit_bias"))
         loss.backward()
         return float(loss.detach())
 
@@ -348,7 +350,7 @@ def train_step(wrapped: nn.Module, micro: list[MicroBatch], loss_kind: str, auto
                 if not last:
                     scale = scale.detach()
                     bias = bias.detach() if bias is not None else None
-                loss = contrastive_loss(loss_kind, image, text, scale, bias)
+                loss = loss_fn(loss_kind, image, text, scale, bias)
             loss.backward()
     return float(loss.detach())
 
@@ -378,6 +380,16 @@ def text_inputs_of(batch: dict[str, Any], model: LLM2CLIPModel, cache: Any | Non
         rows = [i for i, n in enumerate(names) if n == name]
         out[rows] = cache.lookup([keys[i] for i in rows], name).float()
     return (out.to(device, non_blocking=True),)
+
+
+def global_loss(local_loss: float, local_count: int, device: torch.device) -> float:
+    """The loss of the whole global batch. Under the distributed losses each rank returns the mean
+    over its own rows; the global value is their mean weighted by the rows each rank holds."""
+    if not is_distributed() or get_world_size() == 1:
+        return local_loss
+    both = torch.tensor([local_loss * local_count, float(local_count)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(both)
+    return float(both[0] / both[1])
 
 
 def equalise_across_ranks(batch: dict[str, Any]) -> int:
@@ -624,7 +636,8 @@ def run(args: argparse.Namespace) -> int:
                 trimmed += equalise_across_ranks(batch)
                 micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
                                         text_inputs_of(batch, model, cache, device)))
-            loss = train_step(wrapped, micro, args.loss, autocast, device)
+            loss = global_loss(train_step(wrapped, micro, args.loss, autocast, device),
+                               sum(mb.size for mb in micro), device)
             if fsdp:
                 average_replicated_grads(replicated_scalars(model))
             grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.grad_clip)
