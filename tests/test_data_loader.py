@@ -71,6 +71,21 @@ def test_drop_last_gives_equal_full_batches_per_rank(source):
     assert sizes == [[3, 3]] * 3  # 23 // 3 = 7 per rank -> 2 full batches of 3
 
 
+def test_ranks_together_see_the_global_batches_of_one_process(source):
+    single = [b["keys"] for b in build_loader(source, batch_size=6, with_images=False, seed=4, epoch=2)]
+    ranks = [
+        [
+            b["keys"]
+            for b in build_loader(
+                source, batch_size=2, rank=r, world_size=3, with_images=False, seed=4, epoch=2
+            )
+        ]
+        for r in range(3)
+    ]
+    for b, keys in enumerate(single):
+        assert sorted(keys) == sorted(k for rank in ranks for k in (rank[b] if b < len(rank) else []))
+
+
 def test_set_epoch_and_start_batch_resume_exactly(source):
     loader = build_loader(source, batch_size=5, num_workers=2, seed=1, image_size=8)
     loader.set_epoch(2)

@@ -8,6 +8,8 @@ How an epoch is laid out (a pure function of ``len(source)``, ``seed``, ``epoch`
 2. Rank ``r`` takes every ``world_size``-th index starting at ``r``. With ``drop_last`` every rank gets
    ``len // world_size`` samples and only full batches, so all ranks run the same number of steps;
    without it every sample is used exactly once across ranks.
+   So the union over ranks of their batch ``b`` is ``order[b*B*W:(b+1)*B*W]`` (``B`` the per-rank
+   batch, ``W`` the world size): W ranks see the same global batches as one process with batch B*W.
 3. A rank's indices are cut into batch slots of ``batch_size``; slot ``b`` is built by DataLoader worker
    ``(b - start_batch) % num_workers``. PyTorch's loader takes worker outputs round-robin, so batches
    arrive in slot order 0, 1, 2, ... whatever ``num_workers`` is.
