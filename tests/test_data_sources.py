@@ -192,6 +192,9 @@ def test_webdataset_structure_errors_list_what_exists(tmp_path):
         open_source(str(tmp_path / "d-{000..001}.tar"))
     with pytest.raises(ValueError, match=r"lacks caption field.*\['long'\].*fields found: \['short'\]"):
         open_source(str(tmp_path / "d-000.tar"), caption_columns=["short", "long"])
+    write_tar(tmp_path / "j.tar", [("a.png", png_bytes((1, 1, 1))), ("a.json", b"{oops")])
+    with pytest.raises(ValueError, match=r"first sample.*json member cannot be parsed"):
+        open_source(tmp_path / "j.tar")
     txt = tmp_path / "t.tar"
     write_tar(txt, [("k.jpg", png_bytes((1, 1, 1))), ("k.txt", b"a caption")])
     source = open_source([txt])

@@ -166,7 +166,13 @@ class WebDatasetSource(CaptionSource):
         self._handles_pid = os.getpid()
         self._last_fields: tuple[int, dict] | None = None  # loaders ask for captions then label of one sample
         first = self._first_sample()
-        fields = self._fields(first)
+        try:
+            fields = self._fields(first)
+        except BadSampleError as exc:
+            raise ValueError(
+                f"cannot learn the caption fields from the first sample of {self.shards[first.shard]!r}: "
+                f"{exc} (members: {sorted(first.members)})"
+            ) from None
         label_present = label_column is not None and label_column in fields
         self.label_column = label_column if label_present else None
         available = [f for f, v in fields.items() if isinstance(v, str) and f not in NON_CAPTION_FIELDS]
