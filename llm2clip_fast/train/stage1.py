@@ -266,8 +266,10 @@ def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> T
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     # Identical LoRA initialisation on every rank.
     torch.manual_seed(args.seed)
+    # A BERT pooler's "dense" matches the targets but never feeds mean pooling: no adapter there.
+    unused = [n for n, _ in base.named_modules() if n == "pooler" or n.startswith("pooler.")]
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                      target_modules=targets, bias="none")
+                      target_modules=targets, exclude_modules=unused or None, bias="none")
     peft_model = get_peft_model(base, lora)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     encoder = LLMTextEncoder(peft_model, tokenizer, pooling=args.pooling, max_length=args.max_length,
@@ -605,9 +607,8 @@ def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) 
                                                  instruction=args.instruction or "",
                                                  bidirectional=True)
     else:
-        base = encoder.model.get_base_model()
-        if getattr(base, "is_gradient_checkpointing", False):
-            base.gradient_checkpointing_disable()
+        if args.gradient_checkpointing:
+            encoder.model.get_base_model().gradient_checkpointing_disable()
         encoder.merge_lora()
     encoder.model.eval()
     if hasattr(encoder.model.config, "use_cache") and built.decoder:
