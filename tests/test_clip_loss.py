@@ -118,7 +118,7 @@ def test_cpu_matches_reference_bf16(monkeypatch, native_bf16_gemm):
 
 @needs_cpu_ops
 def test_cpu_several_chunks_and_large_scale(monkeypatch):
-    monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", "1000")
+    monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(48 * 203))  # 5 chunks
     _check_against_reference("cpu", 203, 17, torch.float32, scale_value=100.0)
 
 

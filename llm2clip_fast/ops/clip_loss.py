@@ -34,18 +34,19 @@ from .reference import clip_loss_reference
 OP_NAME = "clip_loss"
 _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ENV = "LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS"
-# Row-chunk workspace (elements of C x N). CPU: 8M keeps the buffer (32 MB fp32) cheap next to
-# the inputs while the at::mm calls stay large. CUDA: 256M (512 MB bf16) keeps C large enough that
-# the d_text accumulation (N x D per chunk) does not turn the backward memory-bound.
+# Row-chunk workspace (the C x N buffer). CPU: 8M elements (32 MB fp32) keeps the buffer cheap
+# next to the inputs while the at::mm calls stay large. CUDA: 2 GiB, because every chunk adds an
+# N x D update into d_text; at B = 2^20, D = 1024 that is ~12 GB of memory traffic per chunk, so C
+# must be ~1000 rows for the backward to stay compute-bound.
 _CPU_CHUNK_ELEMENTS = 1 << 23
-_CUDA_CHUNK_ELEMENTS = 1 << 28
+_CUDA_CHUNK_BYTES = 2 << 30
 _MIN_CHUNK_ROWS_CUDA = 128
 
 _Pair = tuple[Tensor, Tensor]
 _Triple = tuple[Tensor, Tensor, Tensor]
 
 
-def _chunk_elements(device: torch.device) -> int:
+def _chunk_elements(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
     raw = os.environ.get(_CHUNK_ENV, "").strip()
     if raw:
         try:
@@ -55,11 +56,13 @@ def _chunk_elements(device: torch.device) -> int:
         if value < 1:
             raise ValueError(f"{_CHUNK_ENV} must be a positive integer, got {raw!r}")
         return value
-    return _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
+    if device.type == "cuda":
+        return _CUDA_CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
+    return _CPU_CHUNK_ELEMENTS
 
 
-def _chunk_rows(m: int, n: int, device: torch.device) -> int:
-    rows = _chunk_elements(device) // max(n, 1)
+def _chunk_rows(m: int, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+    rows = _chunk_elements(device, dtype) // max(n, 1)
     if device.type == "cuda":
         rows = max(rows, _MIN_CHUNK_ROWS_CUDA)
     return max(1, min(rows, m))
@@ -247,7 +250,7 @@ def _triton_lse_backward(
     col_coef = (col_coef / norm).contiguous()
     row_lse = row_lse.to(torch.float32).contiguous()
     col_lse = col_lse.to(torch.float32).contiguous()
-    step = _chunk_rows(m, n, image.device)
+    step = _chunk_rows(m, n, image.device, image.dtype)
     g_ws = torch.empty(step, n, device=image.device, dtype=image.dtype)
     d_image = torch.empty(m, d, device=image.device, dtype=torch.float32)
     d_text = torch.zeros(n, d, device=image.device, dtype=torch.float32)
