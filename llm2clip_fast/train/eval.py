@@ -67,21 +67,24 @@ def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None) -> 
     """The frozen ``LLMTextEncoder`` an llm-adapter model reads captions through; None for a model
     with its own (clip) text tower.
 
-    The path and encoder options (pooling, max length, instruction, ...) come from the model's
-    config (``config.llm``, recorded by stage 2 from the embedding cache); ``llm`` overrides the path.
+    The path and encoder options (pooling, max length, instruction, compute dtype, ...) come from the
+    model's config (``config.llm``: the embedding cache's settings, which stage 2 records, with the LLM
+    folder under ``model`` or ``path``); ``llm`` overrides the path.
     """
     if model.config.text_tower != "llm-adapter":
         return None
     recorded = dict(model.config.llm or {})
-    path = llm if llm is not None else recorded.pop("path", None)
-    recorded.pop("path", None)
+    recorded_path = recorded.pop("path", None) or recorded.pop("model", None)
+    path = llm if llm is not None else recorded_path
     if not path:
-        raise ValueError("the model's config records no LLM path (config.llm.path); pass --llm PATH, the LLM "
-                         "its embedding cache was computed with")
+        raise ValueError("the model's config records no LLM (config.llm.model / config.llm.path); pass --llm "
+                         "PATH, the LLM its embedding cache was computed with")
     from llm2clip_fast.models.llm_encoder import LLMTextEncoder
 
+    if "model_dtype" in recorded and "dtype" not in recorded:
+        recorded["dtype"] = recorded.pop("model_dtype")
     accepted = inspect.signature(LLMTextEncoder.from_pretrained).parameters
-    options = {k: v for k, v in recorded.items() if k in accepted}
+    options = {k: v for k, v in recorded.items() if k in accepted and k != "path" and v is not None}
     encoder = LLMTextEncoder.from_pretrained(str(path), **options)
     if hasattr(encoder, "eval"):
         encoder.eval()
@@ -204,7 +207,9 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
                          f"{source.caption_names}")
     if encoder is None:
         encoder = load_text_encoder(model, llm)
-    text_path = f"LLM {llm or model.config.llm.get('path')}" if encoder is not None else "clip text tower"
+    recorded = model.config.llm or {}
+    text_path = (f"LLM {llm or recorded.get('model') or recorded.get('path')}" if encoder is not None
+                 else "clip text tower")
     _log(f"{source.describe()}: embedding images and {caption!r} captions ({text_path})")
     eval_set = collect_eval_set(source, model.image_size)
     results = evaluate(model, eval_set, encoder=encoder, caption=caption, batch_size=batch_size, ks=ks)

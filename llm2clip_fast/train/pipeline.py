@@ -1,0 +1,251 @@
+"""The main job: ``python -m llm2clip_fast.train`` runs the whole LLM2CLIP pipeline on the demo set.
+
+Stages, each through the same entry point a user runs alone (``python -m llm2clip_fast.train <stage>``):
+
+1. ``data``: write the built-in demo set (train, val, long_detail) as JSONL manifests + PNGs;
+2. ``stage1``: caption-contrastive LoRA fine-tuning of the packaged all-MiniLM-L6-v2 on the train
+   captions (short <-> long of the same image), merged into a model folder;
+3. ``embed``: every train caption through the frozen stage-1 model into the embedding cache;
+4. ``stage2``: a small CLIP vision tower + text adapter trained on the cached embeddings;
+5. ``eval``: retrieval / CRA / zero-shot on val and on the long-detail split (captions embedded
+   through the frozen stage-1 LLM, then the adapter);
+6. ``baseline``: the same stage 2 (same data, steps, batch, vision tower) with ``--text-tower clip``,
+   a CLIP-style text transformer trained from scratch on 77 tokens, evaluated the same way.
+
+It ends with a results table (LLM2CLIP against the 77-token baseline) and writes ``results.json`` into
+the run folder (default ``runs/demo-<UTC timestamp>``). Sizes are chosen to finish in about 10 minutes
+on 2 CPU cores; ``--quick`` is a tiny run (seconds of training) for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from llm2clip_fast.train.eval import DEFAULT_KS, evaluate_model_dir, load_text_encoder, write_json_atomic
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    """Data and training sizes of one pipeline run (the same for LLM2CLIP and the baseline)."""
+
+    n_train: int
+    n_val: int
+    long_detail_groups: int
+    image_size: int
+    stage1_steps: int
+    stage1_batch: int
+    stage1_lr: float
+    stage1_eval_size: int
+    stage2_steps: int
+    stage2_batch: int
+    stage2_lr: float
+    embed_dim: int
+    vision_preset: str
+    clip_text_width: int
+    clip_text_layers: int
+    clip_text_heads: int
+
+
+# FULL is sized for about 10 minutes on 2 uncontended CPU cores (see the module docstring for where
+# the time goes); QUICK only checks that every stage runs and learns something.
+FULL = DemoSizes(n_train=1500, n_val=300, long_detail_groups=50, image_size=64,
+                 stage1_steps=20, stage1_batch=16, stage1_lr=2e-4, stage1_eval_size=100,
+                 stage2_steps=250, stage2_batch=64, stage2_lr=5e-4, embed_dim=128,
+                 vision_preset="demo-tiny", clip_text_width=128, clip_text_layers=4, clip_text_heads=4)
+QUICK = DemoSizes(n_train=128, n_val=40, long_detail_groups=5, image_size=64,
+                  stage1_steps=2, stage1_batch=8, stage1_lr=2e-4, stage1_eval_size=24,
+                  stage2_steps=30, stage2_batch=32, stage2_lr=5e-4, embed_dim=64,
+                  vision_preset="demo-tiny", clip_text_width=64, clip_text_layers=2, clip_text_heads=2)
+
+
+def _say(message: str) -> None:
+    print(f"[pipeline] {message}", flush=True)
+
+
+def run_stage(argv: list[str]) -> None:
+    """Run one sub-command exactly as ``python -m llm2clip_fast.train ARGV`` would, in this process."""
+    from llm2clip_fast.train.__main__ import main
+
+    rc = main(list(argv))
+    if rc != 0:
+        raise RuntimeError(f"stage {argv[0]!r} exited with status {rc}: python -m llm2clip_fast.train "
+                           + " ".join(argv))
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S", time.gmtime())
+
+
+def stage1_argv(llm: Path, data: str, eval_data: str, out: Path, sizes: DemoSizes, seed: int) -> list[str]:
+    return ["stage1", "--llm", str(llm), "--data", data, "--eval-data", eval_data,
+            "--eval-size", str(sizes.stage1_eval_size), "--out", str(out),
+            "--steps", str(sizes.stage1_steps), "--batch-size", str(sizes.stage1_batch),
+            "--lr", str(sizes.stage1_lr), "--seed", str(seed), "--save-every", str(sizes.stage1_steps),
+            "--log-every", "10"]
+
+
+def stage1_model_dir(out: Path) -> Path:
+    """The merged stage-1 model folder that ``LLMTextEncoder.from_pretrained`` loads."""
+    return out / "merged"
+
+
+def embed_argv(llm: Path, data: str, out: Path) -> list[str]:
+    return ["embed", "--llm", str(llm), "--data", data, "--out", str(out), "--dtype", "fp32",
+            "--batch-size", "128", "--quiet"]
+
+
+def stage2_argv(text_tower: str, data: str, out: Path, sizes: DemoSizes, seed: int,
+                embeddings: Path | None = None) -> list[str]:
+    argv = ["stage2", "--text-tower", text_tower, "--data", data, "--out", str(out),
+            "--vision-preset", sizes.vision_preset, "--image-size", str(sizes.image_size),
+            "--embed-dim", str(sizes.embed_dim), "--steps", str(sizes.stage2_steps),
+            "--batch-size", str(sizes.stage2_batch), "--lr", str(sizes.stage2_lr), "--seed", str(seed),
+            "--caption", "long", "--num-workers", "0", "--save-every", str(sizes.stage2_steps),
+            "--log-every", "25"]
+    if text_tower == "clip":
+        argv += ["--clip-text-width", str(sizes.clip_text_width), "--clip-text-layers",
+                 str(sizes.clip_text_layers), "--clip-text-heads", str(sizes.clip_text_heads)]
+    else:
+        argv += ["--embeddings", str(embeddings)]
+    return argv
+
+
+SUMMARY_COLUMNS = (
+    [("val", f"i2t_R@{k}", f"val i2t R@{k}") for k in DEFAULT_KS]
+    + [("val", f"t2i_R@{k}", f"val t2i R@{k}") for k in DEFAULT_KS]
+    + [("long_detail", "t2i_R@1", "long t2i R@1"), ("long_detail", "i2t_R@1", "long i2t R@1"),
+       ("val", "cra", "CRA"), ("val", "zero_shot", "zero-shot")]
+)
+
+
+def format_comparison(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The final table: one row per system, percentages; ``results[system][split]`` is an eval dict."""
+    headers = [label for _, _, label in SUMMARY_COLUMNS]
+    name_w = max(len(name) for name in [*results, "chance"])
+    widths = [max(6, len(h)) for h in headers]
+    lines = ["  ".join([" " * name_w, *(h.rjust(w) for h, w in zip(headers, widths))])]
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    for name, by_split in results.items():
+        cells = [cell(by_split.get(split, {}).get(key)) for split, key, _ in SUMMARY_COLUMNS]
+        lines.append("  ".join([name.ljust(name_w), *(c.rjust(w) for c, w in zip(cells, widths))]))
+    any_system = next(iter(results.values()))
+    chance = []
+    for split, key, _ in SUMMARY_COLUMNS:
+        n = any_system.get(split, {}).get("n")
+        k = int(key.rsplit("@", 1)[1]) if "@" in key else 1
+        chance.append(cell(min(1.0, k / n)) if n and key != "zero_shot" else "-")
+    lines.append("  ".join(["chance".ljust(name_w), *(c.rjust(w) for c, w in zip(chance, widths))]))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="run folder (default runs/demo-<UTC timestamp>)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny run (tests, smoke checks): about a minute")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of every stage")
+    parser.add_argument("--n-train", type=int, default=None,
+                        help="train images (default 2000; 96 with --quick)")
+    parser.add_argument("--skip-baseline", action="store_true", help="train and evaluate LLM2CLIP only")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llm2clip_fast.data.demo import write_demo
+    from llm2clip_fast.models.llm_encoder import packaged_minilm_path
+
+    sizes = QUICK if args.quick else FULL
+    if args.n_train is not None:
+        if args.n_train < 2 * max(sizes.stage1_batch, sizes.stage2_batch):
+            raise ValueError(f"--n-train must be at least {2 * max(sizes.stage1_batch, sizes.stage2_batch)} "
+                             f"(two batches), got {args.n_train}")
+        sizes = replace(sizes, n_train=args.n_train)
+    run_dir = Path(args.out) if args.out else default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    minilm = packaged_minilm_path()
+    _say(f"run folder {run_dir.resolve()} ({'quick' if args.quick else 'full'} run, seed {args.seed})")
+    timings: dict[str, float] = {}
+    cpu_timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def timed(name: str, what: str) -> Iterator[None]:
+        _say(f"--- {name}: {what}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        timings[name] = time.perf_counter() - t0
+        cpu_timings[name] = time.process_time() - c0
+        _say(f"--- {name} done in {timings[name]:.1f}s ({cpu_timings[name]:.1f} CPU-s)")
+
+    with timed("data", f"demo set: {sizes.n_train} train, {sizes.n_val} val, {sizes.long_detail_groups} "
+                       f"long-detail groups of 4, {sizes.image_size}px"):
+        splits = write_demo(run_dir / "data", n_train=sizes.n_train, n_val=sizes.n_val,
+                            n_long_detail_groups=sizes.long_detail_groups, seed=args.seed,
+                            image_size=sizes.image_size)
+    splits = {name: str(spec) for name, spec in splits.items()}
+
+    stage1_dir = run_dir / "stage1"
+    with timed("stage1", f"caption-contrastive LoRA on all-MiniLM-L6-v2, {sizes.stage1_steps} steps"):
+        run_stage(stage1_argv(minilm, splits["train"], splits["val"], stage1_dir, sizes, args.seed))
+    llm_dir = stage1_model_dir(stage1_dir)
+
+    with timed("embed", "train captions through the frozen stage-1 model"):
+        run_stage(embed_argv(llm_dir, splits["train"], run_dir / "embeddings"))
+
+    with timed("stage2", f"vision tower + adapter on cached embeddings, {sizes.stage2_steps} steps"):
+        run_stage(stage2_argv("llm-adapter", splits["train"], run_dir / "llm2clip", sizes, args.seed,
+                              embeddings=run_dir / "embeddings"))
+
+    results: dict[str, dict[str, dict[str, Any]]] = {"LLM2CLIP": {}}
+    with timed("eval", "LLM2CLIP on val and long_detail"):
+        from llm2clip_fast.models.llm2clip import LLM2CLIPModel
+
+        model_dir = run_dir / "llm2clip" / "model"
+        encoder = load_text_encoder(LLM2CLIPModel.from_pretrained(model_dir))
+        for split in ("val", "long_detail"):
+            r = evaluate_model_dir(model_dir, splits[split], encoder=encoder)
+            write_json_atomic(run_dir / "eval" / f"llm2clip_{split}.json", r)
+            results["LLM2CLIP"][split] = r
+        del encoder
+
+    if not args.skip_baseline:
+        results["CLIP-77 baseline"] = {}
+        with timed("baseline", f"stage 2 with the 77-token CLIP text tower, {sizes.stage2_steps} steps"):
+            run_stage(stage2_argv("clip", splits["train"], run_dir / "baseline", sizes, args.seed))
+        with timed("baseline-eval", "baseline on val and long_detail"):
+            for split in ("val", "long_detail"):
+                r = evaluate_model_dir(run_dir / "baseline" / "model", splits[split])
+                write_json_atomic(run_dir / "eval" / f"baseline_{split}.json", r)
+                results["CLIP-77 baseline"][split] = r
+
+    total = time.perf_counter() - started
+    table = format_comparison(results)
+    summary = {"run_dir": str(run_dir.resolve()), "seed": args.seed, "quick": bool(args.quick),
+               "sizes": asdict(sizes), "seconds": timings, "cpu_seconds": cpu_timings,
+               "total_seconds": total, "results": results,
+               "table": table}
+    write_json_atomic(run_dir / "results.json", summary)
+    print()
+    print(f"Results (%, val: {results['LLM2CLIP']['val']['n']} images; long_detail: "
+          f"{results['LLM2CLIP']['long_detail']['n']} images in groups of 4 whose long captions share "
+          f"their first 77+ tokens)")
+    print(table)
+    print()
+    per_stage = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    print(f"time per stage: {per_stage}; total {total:.0f}s")
+    print(f"run folder: {run_dir.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
