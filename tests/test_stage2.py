@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -122,6 +120,11 @@ def test_grad_accum_equals_one_big_batch(demo, tmp_path):
         torch.testing.assert_close(accum[k], big[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
+def test_model_records_the_llm_behind_the_cache():
+    info = stage2.llm_provenance({"model": "/models/llm", "pooling": "mean", "instruction": None})
+    assert info == {"model": "/models/llm", "path": "/models/llm", "pooling": "mean", "instruction": None}
+
+
 def test_siglip_loss_trains_logit_bias(demo, tmp_path):
     out = tmp_path / "siglip"
     train_main(stage2_args(demo, out, "--save-every", "0", "--loss", "siglip", steps=2))
@@ -211,51 +214,64 @@ def test_bad_setups_fail_at_start_with_clear_errors(demo, tmp_path, case):
 DISTRIBUTED_COMMON = ("--save-every", "0", "--caption", "random")
 
 
-@pytest.fixture(scope="module")
-def single_process_run(demo) -> Path:
-    """The reference for the 2-rank runs: one process, the whole 8-image global batch per step."""
-    out = demo["root"] / "single"
-    if not (out / "model").is_dir():
-        train_main(stage2_args(demo, out, *DISTRIBUTED_COMMON, steps=3, batch=8))
-    return out
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _rank_main(rank: int, port: int, runs: list[list[str]], errors) -> None:
+    """One rank (a forked child: the parent's imports are reused, which keeps the test fast)."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)  # two ranks share the two cores
+    try:
+        for argv in runs:
+            train_main(argv)
+    except BaseException:
+        import traceback
+
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+    finally:
+        from llm2clip_fast.distributed import destroy_distributed
+
+        destroy_distributed()
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp-accum"])
-def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, single_process_run, tmp_path, mode):
-    common = DISTRIBUTED_COMMON
+def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_path):
+    import multiprocessing
 
+    train_main(stage2_args(demo, tmp_path / "single", *DISTRIBUTED_COMMON, steps=3, batch=8))
+    runs = {  # each: the same 8-image global batch per step as the single process
+        "ddp": stage2_args(demo, tmp_path / "ddp", *DISTRIBUTED_COMMON, steps=3, batch=4),
+        "fsdp": stage2_args(demo, tmp_path / "fsdp", *DISTRIBUTED_COMMON, "--fsdp", "--grad-accum", "2",
+                            steps=3, batch=2),  # 2 ranks x 2 micro-batches x 2 images
+    }
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
     port = _free_port()
-    if mode == "ddp":
-        args = stage2_args(demo, tmp_path / "ddp", *common, steps=3, batch=4)
-    else:  # 2 ranks x 2 micro-batches x 2 images: the same 8-image global batch
-        args = stage2_args(demo, tmp_path / "ddp", *common, "--fsdp", "--grad-accum", "2", steps=3, batch=2)
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "llm2clip_fast.train", *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
+    procs = [ctx.Process(target=_rank_main, args=(r, port, list(runs.values()), errors)) for r in range(2)]
+    for p in procs:
+        p.start()
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=240)[0])
+            p.join(timeout=300)
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.is_alive():
                 p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    messages = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    why = "\n".join(messages) or f"exit codes {[p.exitcode for p in procs]}"
+    assert all(p.exitcode == 0 for p in procs), why
 
-    single, ddp = state_of(single_process_run), state_of(tmp_path / "ddp")
-    for k in single:
-        torch.testing.assert_close(ddp[k], single[k], atol=5e-5, rtol=1e-4, msg=k)
-    log1 = [json.loads(x)["loss"] for x in (single_process_run / "log.jsonl").read_text().splitlines()]
-    log2 = [json.loads(x)["loss"] for x in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
-    torch.testing.assert_close(torch.tensor(log2), torch.tensor(log1), atol=1e-5, rtol=1e-5)
+    single = state_of(tmp_path / "single")
+    log1 = [json.loads(x)["loss"] for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    for mode in runs:
+        other = state_of(tmp_path / mode)
+        for k in single:
+            torch.testing.assert_close(other[k], single[k], atol=5e-5, rtol=1e-4, msg=f"{mode}: {k}")
+        log2 = [json.loads(x)["loss"] for x in (tmp_path / mode / "log.jsonl").read_text().splitlines()]
+        torch.testing.assert_close(torch.tensor(log2), torch.tensor(log1), atol=1e-5, rtol=1e-5, msg=mode)

@@ -204,6 +204,16 @@ def resolve_caption(caption: str, source: Any, cache: Any | None) -> tuple[str |
     return caption, [caption]
 
 
+def llm_provenance(cache_metadata: dict[str, Any]) -> dict[str, Any]:
+    """What the saved model records about the LLM behind its cache (``config.llm``): the cache's
+    metadata (encoder options) plus ``path``, the LLM to load to embed new captions the same way."""
+    info = dict(cache_metadata)
+    path = info.get("path") or info.get("model")
+    if path:
+        info["path"] = path
+    return info
+
+
 # -------------------------------------------------------------------------------------------------
 # Model, optimizer
 
@@ -536,7 +546,7 @@ def run(args: argparse.Namespace) -> int:
     llm_info: dict[str, Any] = {}
     if cache is not None:
         check_cache_covers(cache, source, caption_names)
-        llm_info = dict(cache.metadata)
+        llm_info = llm_provenance(cache.metadata)
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, cache.dim if cache is not None else None, llm_info)
@@ -563,7 +573,7 @@ def run(args: argparse.Namespace) -> int:
     loader = build_loader(source, batch_size=args.batch_size, image_size=image_size, train=True,
                           caption=loader_caption, rank=rank, world_size=world, num_workers=args.num_workers,
                           seed=args.seed, drop_last=True, crop_scale=tuple(args.crop_scale),
-                          bad_data=args.max_bad_fraction)
+                          bad_data=args.max_bad_fraction, pin_memory=device.type == "cuda")
 
     wrapped = _wrap_distributed(model, args, device)
     fsdp = args.fsdp and is_distributed() and world > 1
@@ -682,6 +692,8 @@ def run(args: argparse.Namespace) -> int:
                    "final_loss": loss, "trimmed_for_equal_batches": trimmed,
                    "bad_data": bad, "model": str(out_dir / "model")}
         _write_json_atomic(out_dir / "summary.json", summary)
+        if bad.get("bad"):
+            print(f"stage2: {loader.bad_data.summary()}", flush=True)
         print(f"stage2: {step} steps in {elapsed:.1f}s; model saved to {out_dir / 'model'}", flush=True)
     barrier()
     return 0
