@@ -243,9 +243,9 @@ class LLMTextEncoder(nn.Module):
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
             # bitsandbytes places quantised weights itself; a device_map says where.
             kwargs["device_map"] = "cpu" if dev.type == "cpu" else {"": dev}
+        elif dev.type != "cpu":
+            kwargs["device_map"] = {"": dev}  # load straight onto the GPU, no full copy in host memory
         model = AutoModel.from_pretrained(folder, config=config, **kwargs)
-        if not load_in_8bit:
-            model.to(dev)
         if decoder:
             set_bidirectional(model, bool(settings["bidirectional"]))
         if lora is not None:
@@ -276,6 +276,13 @@ class LLMTextEncoder(nn.Module):
 
     @staticmethod
     def _check_attn_implementation(name: str, device: torch.device) -> None:
+        if name == "xformers":
+            # transformers 5 has no xformers attention; on CUDA its "sdpa" path runs PyTorch's
+            # flash / memory-efficient kernels (the latter is xformers' kernel, upstreamed).
+            raise ValueError(
+                "attn_implementation='xformers' is not an attention path of transformers 5; use 'sdpa' "
+                "(PyTorch's flash / memory-efficient kernels on CUDA) or 'flash_attention_2'"
+            )
         if name not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {_ATTN_IMPLEMENTATIONS}, got {name!r}")
         if name.startswith("flash_attention"):
