@@ -72,10 +72,10 @@ def test_tiny_llama_trains_merges_and_reloads(tiny_llama, demo, tmp_path):
     from llm2clip_fast.models.llm_encoder import LLMTextEncoder
 
     out = tmp_path / "run"
-    args = _args(tiny_llama, demo["train"], out, "--eval-data", demo["val"], "--epochs", "3", "--lr", "5e-3",
+    args = _args(tiny_llama, demo["train"], out, "--eval-data", demo["val"], "--epochs", "2", "--lr", "5e-3",
                  "--mntp-steps", "2", "--save-every", "4")
     result = stage1.train_stage1(args)
-    assert result.steps == 2 + 15  # 40 pairs / 8 = 5 steps per epoch, 3 epochs, after 2 MNTP steps
+    assert result.steps == 2 + 10  # 40 pairs / 8 = 5 steps per epoch, 2 epochs, after 2 MNTP steps
     log = read_jsonl(out / "log.jsonl")
     assert [r["phase"] for r in log[:3]] == ["mntp", "mntp", "contrastive"]
     contrastive = [r["loss"] for r in log if r["phase"] == "contrastive"]
@@ -114,7 +114,9 @@ def test_minilm_trains_with_infonce_and_learned_scale(demo, tmp_path):
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tiny_llama, demo, tmp_path, monkeypatch):
-    common = ("--eval-fraction", "0", "--steps", "6", "--save-every", "2", "--lr", "5e-3",
+    # 40 pairs in batches of 16: 2 steps per epoch, so resuming at step 2 starts a new epoch.
+    common = ("--eval-fraction", "0", "--steps", "4", "--save-every", "2", "--lr", "5e-3",
+              "--batch-size", "16",
               "--warmup-steps", "2", "--lora-dropout", "0.1")
     straight = tmp_path / "straight"
     stage1.train_stage1(_args(tiny_llama, demo["train"], straight, *common))
@@ -122,15 +124,15 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_llama, demo, tmp_path, m
     killed = tmp_path / "killed"
     original_log = stage1.JsonlLog.log
 
-    def die_at_step_5(self, record):
+    def die_at_step_3(self, record):
         original_log(self, record)
-        if record["step"] == 5:
-            raise KeyboardInterrupt  # a kill between checkpoints: steps 5 must be redone
-    monkeypatch.setattr(stage1.JsonlLog, "log", die_at_step_5)
+        if record["step"] == 3:
+            raise KeyboardInterrupt  # a kill between checkpoints: step 3 must be redone
+    monkeypatch.setattr(stage1.JsonlLog, "log", die_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         stage1.train_stage1(_args(tiny_llama, demo["train"], killed, *common))
     monkeypatch.setattr(stage1.JsonlLog, "log", original_log)
-    assert [p.name for p in list_checkpoints(killed)] == ["step_00000002", "step_00000004"]
+    assert [p.name for p in list_checkpoints(killed)] == ["step_00000002"]
     assert not (killed / "adapter").exists()
 
     stage1.train_stage1(_args(tiny_llama, demo["train"], killed, *common, "--resume"))
@@ -138,7 +140,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_llama, demo, tmp_path, m
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert [r["step"] for r in read_jsonl(killed / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_jsonl(killed / "log.jsonl")] == [1, 2, 3, 4]
     losses = [r["loss"] for r in read_jsonl(killed / "log.jsonl")]
     assert losses == [r["loss"] for r in read_jsonl(straight / "log.jsonl")]
     shutil.rmtree(straight)
