@@ -184,3 +184,20 @@ def test_bad_inputs_are_clear():
         LLM2CLIPConfig(vision={"kind": "clip", "config": TINY})
     with pytest.raises(FileNotFoundError, match="missing"):
         LLM2CLIPModel.from_pretrained("/nonexistent/model")
+
+
+def test_encode_captions_with_the_packaged_minilm_encoder():
+    from llm2clip_fast.models.llm_encoder import LLMTextEncoder, packaged_minilm_path
+
+    encoder = LLMTextEncoder.from_pretrained(packaged_minilm_path())
+    config = LLM2CLIPConfig(vision={"kind": "clip", "config": dict(TINY)}, embed_dim=EMBED,
+                            llm_dim=encoder.embedding_dim,
+                            adapter={"num_blocks": 1, "expansion": 2, "dropout": 0.0})
+    torch.manual_seed(0)
+    model = LLM2CLIPModel(config).eval()
+    texts = ["a large red circle left of a small blue cross", "a green square", "two yellow diamonds"]
+    emb = model.encode_captions(texts, encoder, batch_size=2)
+    with torch.no_grad():
+        expected = model.encode_text(encoder.encode(texts, show_progress=False), normalize=True)
+    torch.testing.assert_close(emb, expected, atol=1e-5, rtol=1e-5)
+    assert emb.shape == (3, EMBED)

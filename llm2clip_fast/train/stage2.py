@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="caption source: manifest (.csv/.tsv/.jsonl) or WebDataset shards")
     io.add_argument("--out", required=True, help="run folder (log, checkpoints, loss.png, model/)")
     io.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    io.add_argument("--init-model", help="start from a saved LLM2CLIPModel folder instead of a fresh one")
+    io.add_argument("--init-model", help="start from a saved LLM2CLIPModel folder instead of a fresh one "
+                    "(its architecture replaces the model options)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--text-tower", choices=("llm-adapter", "clip"), default="llm-adapter",
@@ -447,8 +448,15 @@ def _autocast_factory(precision: str, device: torch.device):
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _wrap_distributed(model: LLM2CLIPModel, args: argparse.Namespace, device: torch.device) -> nn.Module:
