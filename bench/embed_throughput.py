@@ -88,7 +88,9 @@ def measure_point(model_path: str, precision: str, device: str, n_records: int, 
     from llm2clip_fast.models.llm_encoder import LLMTextEncoder
 
     dev = torch.device(device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32 if dev.type == "cpu"
+    # int8: the layers bitsandbytes leaves unquantised (embeddings, norms) in bf16 on CPU / fp16 on CUDA,
+    # so the weight ratio compares like with like against the bf16 point.
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16 if dev.type == "cpu"
              else torch.float16}[precision]
     encoder = LLMTextEncoder.from_pretrained(model_path, dtype=dtype, load_in_8bit=precision == "int8",
                                              max_length=max_length, device=dev)

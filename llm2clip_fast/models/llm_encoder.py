@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,20 @@ _DTYPE_NAMES = {
 }
 # transformers' own attention paths; the flash-attention ones need CUDA and the flash_attn package.
 _ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes logs "inputs will be cast ... to float16" on every int8 matmul whose input is not
+    fp16; that is expected with fp32/bf16 activations and would flood an embedding run's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast_notice() -> None:
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastNotice) for f in log.filters):
+        log.addFilter(_DropInt8CastNotice())
 
 
 def packaged_minilm_path() -> Path:
@@ -241,6 +256,7 @@ class LLMTextEncoder(nn.Module):
             from transformers import BitsAndBytesConfig
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            _quiet_int8_cast_notice()
             # bitsandbytes places quantised weights itself; a device_map says where.
             kwargs["device_map"] = "cpu" if dev.type == "cpu" else {"": dev}
         elif dev.type != "cpu":
