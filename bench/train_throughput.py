@@ -11,7 +11,8 @@ ids (short captions ``--short-len`` tokens, long ones ``--long-len``), for each 
 
 - loss: ``fused`` (the library's ``clip_loss``: no B x B matrix) or ``materialised`` (OpenCLIP-style
   logits matrix and two cross-entropies);
-- frozen base: ``bf16`` weights or ``int8`` (LLM.int8 through bitsandbytes, LoRA on top).
+- frozen base: ``bf16`` weights or ``int8`` (LLM.int8 through bitsandbytes, LoRA on top); ``fp32``
+  on request (``--bases``), the reference point on CPUs whose bf16 GEMMs are slow.
 
 Each point runs in a fresh process. Reported: median step time, captions/s (2 B per step), the
 frozen base's weight bytes, the process's peak RSS (CPU) or max-allocated (CUDA) and the step's
@@ -42,7 +43,7 @@ from bench._common import (
 )
 
 LOSSES = ("fused", "materialised")
-BASES = ("bf16", "int8")
+BASES = ("bf16", "int8", "fp32")
 # Llama shapes: (hidden, layers, heads, kv heads, intermediate, vocab).
 PRESETS = {
     "micro": (64, 2, 4, 2, 128, 1024),
@@ -90,7 +91,8 @@ def stage1_point(loss: str, base: str, preset: str, batch: int, short_len: int, 
         _write_random_llama(Path(tmp), preset)
         parser = argparse.ArgumentParser()
         stage1.add_arguments(parser)
-        args = parser.parse_args(["--llm", tmp, "--data", "-", "--out", "-", "--dtype", "bf16"]
+        dtype = "fp32" if base == "fp32" else "bf16"
+        args = parser.parse_args(["--llm", tmp, "--data", "-", "--out", "-", "--dtype", dtype]
                                  + (["--load-in-8bit"] if base == "int8" else [])
                                  + (["--gradient-checkpointing"] if gradient_checkpointing else []))
         built = stage1.build_trainable_encoder(args, dev)
@@ -140,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short-len", type=int, default=24)
     parser.add_argument("--long-len", type=int, default=128)
     parser.add_argument("--losses", default=",".join(LOSSES))
-    parser.add_argument("--bases", default=",".join(BASES))
+    parser.add_argument("--bases", default="bf16,int8", help=f"comma-separated subset of {','.join(BASES)}")
     parser.add_argument("--gradient-checkpointing", action="store_true")
 
 
