@@ -55,9 +55,9 @@ class DemoSizes:
 
 # FULL is sized for about 10 minutes on 2 uncontended CPU cores (see the module docstring for where
 # the time goes); QUICK only checks that every stage runs and learns something.
-FULL = DemoSizes(n_train=1500, n_val=300, long_detail_groups=50, image_size=64,
-                 stage1_steps=20, stage1_batch=16, stage1_lr=2e-4, stage1_eval_size=100,
-                 stage2_steps=250, stage2_batch=64, stage2_lr=5e-4, embed_dim=128,
+FULL = DemoSizes(n_train=2000, n_val=300, long_detail_groups=50, image_size=64,
+                 stage1_steps=80, stage1_batch=16, stage1_lr=2e-4, stage1_eval_size=100,
+                 stage2_steps=200, stage2_batch=64, stage2_lr=5e-4, embed_dim=128,
                  vision_preset="demo-tiny", clip_text_width=128, clip_text_layers=4, clip_text_heads=4)
 QUICK = DemoSizes(n_train=128, n_val=40, long_detail_groups=5, image_size=64,
                   stage1_steps=2, stage1_batch=8, stage1_lr=2e-4, stage1_eval_size=24,
