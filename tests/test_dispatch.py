@@ -13,7 +13,9 @@ from llm2clip_fast.ops._backend import Backend, BackendUnavailableError
 def toy_op():
     refuse = Backend("fast", run=lambda: "fast", reasons=lambda ctx: ["needs a widget"])
     fine = Backend("slow", run=lambda: "slow", reasons=lambda ctx: [])
-    forced_only = Backend("exact", run=lambda: "exact", reasons=lambda ctx: [] if ctx.forced else ["only when forced"])
+    forced_only = Backend(
+        "exact", run=lambda: "exact", reasons=lambda ctx: [] if ctx.forced else ["only when forced"]
+    )
     _backend.register_op("toy_op", [refuse, fine, forced_only])
     yield
     _backend._REGISTRY.pop("toy_op", None)
@@ -55,3 +57,12 @@ def test_info_runs():
     data = info.collect()
     assert data["extensions"]["llm2clip_fast._C"]["built"]
     assert "ops" in data
+
+
+def test_top_level_names_resolve_lazily():
+    import llm2clip_fast
+
+    for name in llm2clip_fast.__all__:
+        assert getattr(llm2clip_fast, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        llm2clip_fast.nope  # noqa: B018
