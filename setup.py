@@ -57,7 +57,8 @@ def find_cuda_home(nvcc: str) -> Path:
         if (c / "include" / "cuda_runtime_api.h").is_file():
             return c
     raise FileNotFoundError(
-        f"no CUDA toolkit headers (include/cuda_runtime_api.h) under {[str(c) for c in candidates]}; set CUDA_HOME"
+        "no CUDA toolkit headers (include/cuda_runtime_api.h) under "
+        f"{[str(c) for c in candidates]}; set CUDA_HOME"
     )
 
 
@@ -67,17 +68,18 @@ def cuda_archs() -> list[str]:
     bad = [a for a in archs if not a.isdigit()]
     if bad or not archs:
         raise ValueError(
-            f"LLM2CLIP_CUDA_ARCHS={raw!r}: expected compute capabilities such as '80;90', got {bad or 'nothing'}"
+            f"LLM2CLIP_CUDA_ARCHS={raw!r}: expected compute capabilities such as '80;90', "
+            f"got {bad or 'nothing'}"
         )
     return archs
 
 
 class NvccPybindExtension(Extension):
-    """A pybind11 module whose .cu sources go through nvcc and whose .cpp sources through the host compiler."""
+    """A pybind11 module: .cu sources go through nvcc, .cpp sources through the host compiler."""
 
 
 class BuildNativeExtensions(BuildExtension):
-    """torch's BuildExtension for ``_C``; a hand-driven nvcc + g++ build for ``_cuda`` that may fail softly."""
+    """torch's BuildExtension for ``_C``; a hand-driven nvcc + g++ build of ``_cuda`` that may fail softly."""
 
     def build_extensions(self) -> None:
         # torch's BuildExtension drives the C++ extension; the nvcc module is built afterwards and
@@ -88,7 +90,7 @@ class BuildNativeExtensions(BuildExtension):
         for ext in soft:
             try:
                 self._build_nvcc_pybind(ext)
-            except Exception as exc:  # noqa: BLE001 - any failure here must not fail the install
+            except Exception as exc:
                 warnings.warn(
                     f"llm2clip_fast: could not build {ext.name} ({exc}); CUDA kernels of that module will "
                     "be unavailable and other backends will serve. Set LLM2CLIP_SKIP_CUDA=1 to skip it.",

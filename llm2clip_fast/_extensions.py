@@ -16,11 +16,13 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module(name), None
     except ImportError as exc:  # not built, or built against another torch/python
-        return None, f"{name} is not importable ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+        return None, (
+            f"{name} is not importable ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+        )
 
 
 def cpu_extension() -> ModuleType | None:
-    """The C++ CPU extension ``llm2clip_fast._C`` (its ops are registered under ``torch.ops.llm2clip_fast``)."""
+    """The C++ CPU extension ``llm2clip_fast._C`` (ops registered as ``torch.ops.llm2clip_fast.*``)."""
     return _load("llm2clip_fast._C")[0]
 
 

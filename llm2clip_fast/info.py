@@ -55,7 +55,9 @@ def collect() -> dict[str, Any]:
     )
     cu = cuda_extension()
     ext["llm2clip_fast._cuda"] = (
-        {"built": True, **dict(cu.runtime_info())} if cu is not None else {"built": False, "why": cuda_extension_error()}
+        {"built": True, **dict(cu.runtime_info())}
+        if cu is not None
+        else {"built": False, "why": cuda_extension_error()}
     )
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
@@ -96,7 +98,8 @@ def render(info: dict[str, Any]) -> str:
     out += ["", "ops (automatic dispatch):"]
     for row in info["ops"]:
         forced = f"  [env forces {row['forced_by_env']}]" if row["forced_by_env"] else ""
-        out.append(f"  {row['op']:<18} {row['device']:<5} {row['dtype']:<9} -> {row['serves'] or 'NONE'}{forced}")
+        serves = row["serves"] or "NONE"
+        out.append(f"  {row['op']:<18} {row['device']:<5} {row['dtype']:<9} -> {serves}{forced}")
         for b, why in row["refusals"].items():
             out.append(f"      {b:<10} not used: {'; '.join(why)}")
     return "\n".join(out)

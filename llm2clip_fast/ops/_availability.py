@@ -37,7 +37,7 @@ def triton_reasons(ctx: DispatchContext) -> list[str]:
         if not triton_interpreter_on():
             why.append("tensors are on cpu; Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
         elif not ctx.forced:
-            why.append("the Triton interpreter runs CPU tensors only when forced (backend='triton'): it is slow")
+            why.append("the Triton interpreter runs CPU tensors only when forced (backend='triton'): slow")
     else:
         why.append(f"tensors are on {dev.type}; Triton here serves cuda")
     return why

@@ -27,7 +27,7 @@ SUBCOMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in {"-h", "--help"}:
+    if not argv or (argv[0].startswith("-") and argv[0] not in {"-h", "--help"}):
         argv = ["pipeline", *argv]
     parser = argparse.ArgumentParser(prog="python -m llm2clip_fast.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
