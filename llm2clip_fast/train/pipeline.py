@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -94,6 +95,15 @@ def stage1_argv(llm: Path, data: str, eval_data: str, out: Path, sizes: DemoSize
             "--steps", str(sizes.stage1_steps), "--batch-size", str(sizes.stage1_batch),
             "--lr", str(sizes.stage1_lr), "--seed", str(seed), "--save-every", str(sizes.stage1_steps),
             "--log-every", "10"]
+
+
+def read_stage1_cra(out: Path) -> dict[str, Any] | None:
+    """Stage 1's own CRA record (``cra.json``: before/after fine-tuning), None when it wrote none."""
+    path = out / "cra.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    return record if {"before", "after"} <= set(record) else None
 
 
 def stage1_model_dir(out: Path) -> Path:
@@ -233,7 +243,9 @@ def run(args: argparse.Namespace) -> int:
 
     total = time.perf_counter() - started
     table = format_comparison(results)
+    stage1_cra = read_stage1_cra(stage1_dir)
     summary = {"run_dir": str(run_dir.resolve()), "seed": args.seed, "quick": bool(args.quick),
+               "stage1_cra": stage1_cra,
                "sizes": asdict(sizes), "seconds": timings, "cpu_seconds": cpu_timings,
                "total_seconds": total, "results": results,
                "table": table}
@@ -243,6 +255,10 @@ def run(args: argparse.Namespace) -> int:
           f"{results['LLM2CLIP']['long_detail']['n']} images in groups of 4 whose long captions share "
           f"their first 77+ tokens)")
     print(table)
+    print("(CRA above: short -> own long caption through the LLM and the trained adapter or text tower.)")
+    if stage1_cra:
+        print(f"Stage-1 CRA of the LLM alone on {stage1_cra.get('pairs')} val pairs: "
+              f"{100 * stage1_cra['before']:.1f}% before, {100 * stage1_cra['after']:.1f}% after fine-tuning")
     print()
     per_stage = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
     print(f"time per stage: {per_stage}; total {total:.0f}s")
