@@ -188,6 +188,7 @@ def test_layerwise_lr_decay_on_clip_vision_tower():
     assert mult["vision.encoder.layers.2.self_attn.q_proj.bias"] == 0.5 ** 1
     assert mult["vision.post_layernorm.weight"] == 1.0
     assert vision_layer_id("vit.encoder.layer.4.output.dense.weight", 12) == 5
+    assert vision_layer_id("vit.layers.4.attention.query.weight", 12) == 5  # transformers 5 ViTModel
     assert vision_layer_id("head.weight", 12) == 13
     with pytest.raises(ValueError, match="decay"):
         layerwise_lr_multipliers(tower, 0.0)

@@ -124,7 +124,8 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(optimizer.param_groups))
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)encoder\.layers?\.(\d+)(?:\.|$)")
+# transformers 5 ViTModel names its layers "layers.{i}" (no "encoder." prefix); CLIP/SigLIP keep it.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:encoder\.)?layers?\.(\d+)(?:\.|$)")
 _INPUT_SIDE = re.compile(r"(?:^|\.)(embeddings|pre_layrnorm|pre_layernorm)(?:\.|$)")
 
 
@@ -132,8 +133,8 @@ def vision_layer_id(name: str, num_layers: int) -> int:
     """Depth of a vision-tower parameter for layer-wise lr decay.
 
     ``...embeddings...`` and the pre-encoder LayerNorm -> 0; ``...encoder.layers.{i}...`` (CLIP,
-    SigLIP) or ``...encoder.layer.{i}...`` (ViT) -> i + 1; anything else (post-LayerNorm, pooling
-    head, projection) -> num_layers + 1.
+    SigLIP), ``...encoder.layer.{i}...`` or ``...layers.{i}...`` (ViT) -> i + 1; anything else
+    (post-LayerNorm, pooling head, projection) -> num_layers + 1.
     """
     m = _LAYER_INDEX.search(name)
     if m:
