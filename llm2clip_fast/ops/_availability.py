@@ -70,6 +70,17 @@ def dtype_reasons(ctx: DispatchContext, allowed: tuple[torch.dtype, ...]) -> lis
     return []
 
 
+def floating_dtype_reasons(ctx: DispatchContext) -> list[str]:
+    """Plain-torch paths serve any floating dtype and refuse integer/bool ones."""
+    bad = sorted(str(d) for d in ctx.dtypes if not d.is_floating_point)
+    return [f"dtype {', '.join(bad)} is not a floating dtype"] if bad else []
+
+
+def triton_half_or_float_reasons(ctx: DispatchContext) -> list[str]:
+    """Triton's reasons plus the dtypes the loss kernels take: fp32, fp16, bf16."""
+    return triton_reasons(ctx) + dtype_reasons(ctx, (torch.float32, torch.float16, torch.bfloat16))
+
+
 def reference_reasons(ctx: DispatchContext) -> list[str]:
     """The materialising reference runs only when forced: it holds O(B^2) memory."""
     return [] if ctx.forced else ["the reference materialises O(B^2) memory; it serves only when forced"]

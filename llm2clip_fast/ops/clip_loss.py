@@ -27,7 +27,13 @@ import torch
 from torch import Tensor
 
 from .._extensions import cpu_extension
-from ._availability import cpu_extension_reasons, dtype_reasons, reference_reasons, triton_reasons
+from ._availability import (
+    cpu_extension_reasons,
+    dtype_reasons,
+    floating_dtype_reasons,
+    reference_reasons,
+    triton_half_or_float_reasons,
+)
 from ._backend import Backend, DispatchContext, register_op, select_backend
 from .reference import clip_loss_reference
 
@@ -270,15 +276,6 @@ def _triton_lse_backward(
     return d_image.mul_(factor), d_text.mul_(factor), d_scale * norm
 
 
-def _triton_reasons(ctx: DispatchContext) -> list[str]:
-    return triton_reasons(ctx) + dtype_reasons(ctx, (torch.float32, torch.float16, torch.bfloat16))
-
-
-def _torch_reasons(ctx: DispatchContext) -> list[str]:
-    bad = sorted(str(d) for d in ctx.dtypes if not d.is_floating_point)
-    return [f"dtype {', '.join(bad)} is not a floating dtype"] if bad else []
-
-
 class ClipLseImpl(NamedTuple):
     """A backend's pair of primitives (see :func:`clip_lse_forward` / :func:`clip_lse_backward`)."""
 
@@ -293,11 +290,12 @@ def _probe(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
 register_op(
     OP_NAME,
     [
-        Backend("triton", ClipLseImpl(_triton_lse_forward, _triton_lse_backward), _triton_reasons,
+        Backend("triton", ClipLseImpl(_triton_lse_forward, _triton_lse_backward),
+                triton_half_or_float_reasons,
                 "Triton tiles: one-pass row+column LSE; backward recompute + cuBLAS GEMMs"),
         Backend("cpu", ClipLseImpl(_cpu_lse_forward, _cpu_lse_backward), _cpu_op_reasons,
                 "C++: at::mm row chunks with a fused OpenMP epilogue"),
-        Backend("torch", ClipLseImpl(_torch_lse_forward, _torch_lse_backward), _torch_reasons,
+        Backend("torch", ClipLseImpl(_torch_lse_forward, _torch_lse_backward), floating_dtype_reasons,
                 "chunked pure torch"),
         Backend("reference", ClipLseImpl(_reference_lse_forward, _reference_lse_backward), reference_reasons,
                 "materialised formula (ops/reference.py); forced only"),

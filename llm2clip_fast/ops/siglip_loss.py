@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._extensions import cpu_extension
-from ._availability import cpu_extension_reasons, dtype_reasons, reference_reasons, triton_reasons
+from ._availability import (
+    cpu_extension_reasons,
+    dtype_reasons,
+    floating_dtype_reasons,
+    reference_reasons,
+    triton_half_or_float_reasons,
+)
 from ._backend import Backend, DispatchContext, register_op, select_backend
 from .clip_loss import _check_pair, _check_scale, _cpu_has_fast_bf16
 
@@ -232,15 +238,6 @@ def _triton_backward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weig
     return siglip_backward(image, text, s, b, row_weight, offset, workspace_bytes=workspace)
 
 
-def _triton_reasons(ctx: DispatchContext) -> list[str]:
-    return triton_reasons(ctx) + dtype_reasons(ctx, (torch.float32, torch.float16, torch.bfloat16))
-
-
-def _torch_reasons(ctx: DispatchContext) -> list[str]:
-    bad = sorted(str(d) for d in ctx.dtypes if not d.is_floating_point)
-    return [f"dtype {', '.join(bad)} is not a floating dtype"] if bad else []
-
-
 class SigLipImpl(NamedTuple):
     """A backend's pair of primitives (see :func:`siglip_forward_rows` / :func:`siglip_backward`)."""
 
@@ -255,11 +252,12 @@ def _probe(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
 register_op(
     OP_NAME,
     [
-        Backend("triton", SigLipImpl(_triton_forward, _triton_backward), _triton_reasons,
+        Backend("triton", SigLipImpl(_triton_forward, _triton_backward), triton_half_or_float_reasons,
                 "Triton tiles: one-pass forward; backward recompute into a chunk workspace + cuBLAS GEMMs"),
         Backend("cpu", SigLipImpl(_cpu_forward, _cpu_backward), _cpu_op_reasons,
                 "C++: at::mm row chunks with a fused OpenMP epilogue"),
-        Backend("torch", SigLipImpl(_torch_forward, _torch_backward), _torch_reasons, "chunked pure torch"),
+        Backend("torch", SigLipImpl(_torch_forward, _torch_backward), floating_dtype_reasons,
+                "chunked pure torch"),
         Backend("reference", SigLipImpl(_reference_forward, _reference_backward), reference_reasons,
                 "materialised formula (ops/reference.py); forced only"),
     ],
