@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from PIL import Image, UnidentifiedImageError
@@ -53,7 +54,7 @@ def check_captions(key: str, captions: dict[str, str], names: list[str]) -> dict
     return out
 
 
-class CaptionSource:
+class CaptionSource(ABC):
     """A random-access collection of (key, image, named captions, optional label) samples.
 
     Subclasses implement ``__len__``, ``key_at``, ``raw_captions_at``, ``label_at`` and
@@ -70,22 +71,25 @@ class CaptionSource:
     label_column: str | None
     bad_data: BadDataTracker
 
+    @abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of samples."""
 
+    @abstractmethod
     def key_at(self, index: int) -> str:
-        raise NotImplementedError
+        """The sample's key."""
 
+    @abstractmethod
     def raw_captions_at(self, index: int) -> dict[str, str]:
         """Captions as stored (unchecked); may lack names or hold empty strings."""
-        raise NotImplementedError
 
+    @abstractmethod
     def label_at(self, index: int) -> str | None:
-        raise NotImplementedError
+        """The sample's label, or None without a label column."""
 
+    @abstractmethod
     def image_at(self, index: int) -> Image.Image:
         """The decoded RGB image; raises :class:`BadSampleError` when it is missing or broken."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         return type(self).__name__
