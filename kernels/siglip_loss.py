@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llm2clip_fast.ops._matmul import mm_fp32
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The backward's partial-sum buffer is sized for the smallest tile any config uses.
 _MIN_BLOCK = 32 if _INTERPRET else 64
@@ -198,27 +200,6 @@ def siglip_forward_rows(
     return out.sum(0) if splits > 1 else out[0]
 
 
-# None: not tried yet. torch.mm(..., out_dtype=float32) multiplies bf16/fp16 with an fp32 result on
-# CUDA in recent torch; where it is missing the product is rounded to the input dtype first.
-_MM_OUT_DTYPE_WORKS: bool | None = None
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result (fp32 accumulation), whatever the operands' float dtype."""
-    global _MM_OUT_DTYPE_WORKS
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if a.device.type == "cuda" and _MM_OUT_DTYPE_WORKS is not False:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, NotImplementedError, TypeError):
-            _MM_OUT_DTYPE_WORKS = False
-        else:
-            _MM_OUT_DTYPE_WORKS = True
-            return out
-    return torch.mm(a, b).float()
-
-
 def _chunk_rows(m: int, n: int, elem_bytes: int, workspace_bytes: int) -> int:
     rows = max(1, workspace_bytes // max(1, n * elem_bytes))
     if rows >= m:
@@ -273,10 +254,10 @@ def siglip_backward(
         )
         sums += partial.sum(0)
         # g holds the unweighted gradient, in (-1, 1): fp16 would flush weighted values (1/M) to zero.
-        d_image[r0:r1] = _mm_fp32(g, text).mul_((w_c if uniform else w_c[:, None]) * s32)
+        d_image[r0:r1] = mm_fp32(g, text).mul_((w_c if uniform else w_c[:, None]) * s32)
         if uniform:
-            d_text.add_(_mm_fp32(g.t(), img_c).mul_(w_c * s32))
+            d_text.add_(mm_fp32(g.t(), img_c).mul_(w_c * s32))
         else:
             weighted = (img_c.float() * w_c[:, None]).to(image.dtype)
-            d_text.add_(_mm_fp32(g.t(), weighted).mul_(s32))
+            d_text.add_(mm_fp32(g.t(), weighted).mul_(s32))
     return d_image, d_text, sums[0], sums[1]

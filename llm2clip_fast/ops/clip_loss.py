@@ -35,6 +35,7 @@ from ._availability import (
     triton_half_or_float_reasons,
 )
 from ._backend import Backend, DispatchContext, register_op, select_backend
+from ._matmul import mm_fp32
 from .reference import clip_loss_reference
 
 OP_NAME = "clip_loss"
@@ -210,26 +211,6 @@ def _cpu_op_reasons(ctx: DispatchContext) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # triton backend: kernels/clip_loss.py for the tiles, torch.mm (cuBLAS) for the gradient GEMMs.
 
-# None: not tried yet. torch.mm(..., out_dtype=float32) multiplies bf16/fp16 with an fp32 result
-# on CUDA in recent torch; where it is missing the product is taken in the input dtype.
-_MM_OUT_DTYPE_WORKS: bool | None = None
-
-
-def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with an fp32 result (fp32 accumulation), whatever the operands' float dtype."""
-    global _MM_OUT_DTYPE_WORKS
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    if a.device.type == "cuda" and _MM_OUT_DTYPE_WORKS is not False:
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, NotImplementedError, TypeError):
-            _MM_OUT_DTYPE_WORKS = False
-        else:
-            _MM_OUT_DTYPE_WORKS = True
-            return out
-    return torch.mm(a, b).float()
-
 
 def _triton_lse_forward(image: Tensor, text: Tensor, scale: Tensor) -> _Pair:
     from ..kernels.clip_loss import clip_lse_forward_triton
@@ -267,11 +248,11 @@ def _triton_lse_backward(
         g = g_ws[:rows]
         d_scale += clip_grad_chunk_triton(img, text, s, row_lse[r0:r0 + rows], col_lse,
                                           row_coef[r0:r0 + rows], col_coef, g)
-        d_image[r0:r0 + rows] = _mm_fp32(g, text)
+        d_image[r0:r0 + rows] = mm_fp32(g, text)
         if g.dtype == torch.float32:
             d_text.addmm_(g.t(), img)
         else:
-            d_text += _mm_fp32(g.t(), img)
+            d_text += mm_fp32(g.t(), img)
     factor = s * norm
     return d_image.mul_(factor), d_text.mul_(factor), d_scale * norm
 
