@@ -20,7 +20,6 @@ overrides the row-chunk workspace size (elements of the C x N buffer).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, NamedTuple
 
 import torch
@@ -35,6 +34,7 @@ from ._availability import (
     triton_half_or_float_reasons,
 )
 from ._backend import Backend, DispatchContext, register_op, select_backend
+from ._chunking import chunk_elements_from_env
 from ._matmul import mm_fp32
 from .reference import clip_loss_reference
 
@@ -54,15 +54,9 @@ _Triple = tuple[Tensor, Tensor, Tensor]
 
 
 def _chunk_elements(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    raw = os.environ.get(_CHUNK_ENV, "").strip()
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{_CHUNK_ENV} must be a positive integer, got {raw!r}") from None
-        if value < 1:
-            raise ValueError(f"{_CHUNK_ENV} must be a positive integer, got {raw!r}")
-        return value
+    from_env = chunk_elements_from_env(_CHUNK_ENV)
+    if from_env is not None:
+        return from_env
     if device.type == "cuda":
         return _CUDA_CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
     return _CPU_CHUNK_ELEMENTS

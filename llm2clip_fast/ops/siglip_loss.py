@@ -24,7 +24,6 @@ workspace size (elements of the C x N buffer).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, NamedTuple
 
 import torch
@@ -40,6 +39,7 @@ from ._availability import (
     triton_half_or_float_reasons,
 )
 from ._backend import Backend, DispatchContext, register_op, select_backend
+from ._chunking import chunk_elements_from_env
 from .clip_loss import _check_pair, _check_scale, _cpu_has_fast_bf16
 
 OP_NAME = "siglip_loss"
@@ -55,15 +55,9 @@ _Quad = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 def _chunk_elements(device: torch.device) -> int:
-    raw = os.environ.get(_CHUNK_ENV, "").strip()
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{_CHUNK_ENV} must be a positive integer, got {raw!r}") from None
-        if value < 1:
-            raise ValueError(f"{_CHUNK_ENV} must be a positive integer, got {raw!r}")
-        return value
+    from_env = chunk_elements_from_env(_CHUNK_ENV)
+    if from_env is not None:
+        return from_env
     return _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
 
 
