@@ -27,6 +27,16 @@ def _check_process_group(rank: int, world_size: int, process_group: Any) -> None
         )
 
 
+def _check_rank_world(rank: int, world_size: int, use_horovod: bool) -> None:
+    """OpenCLIP's rank/world_size/use_horovod constructor arguments, checked the same for both losses."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    if use_horovod:
+        raise ValueError("use_horovod=True is not supported; launch with torchrun (torch.distributed)")
+
+
 class ClipLoss(nn.Module):
     """Drop-in for OpenCLIP's ``ClipLoss`` (single process) that never builds the B x B logits.
 
@@ -58,18 +68,13 @@ class ClipLoss(nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        if use_horovod:
-            raise ValueError("use_horovod=True is not supported; launch with torchrun (torch.distributed)")
+        _check_rank_world(rank, world_size, use_horovod)
         if world_size > 1 and not (local_loss and gather_with_grad):
             raise ValueError(
                 "world_size > 1 is supported by ClipLoss only with local_loss=True and gather_with_grad=True "
                 f"(OpenCLIP's large-batch setting); got local_loss={local_loss}, "
                 f"gather_with_grad={gather_with_grad}"
             )
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.cache_labels = cache_labels
@@ -128,14 +133,9 @@ class SigLipLoss(nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        _check_rank_world(rank, world_size, use_horovod)
         if dist_impl not in self._DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {self._DIST_IMPLS}, got {dist_impl!r}")
-        if use_horovod:
-            raise ValueError("use_horovod=True is not supported; launch with torchrun (torch.distributed)")
         self.cache_labels = cache_labels
         self.rank = rank
         self.world_size = world_size
