@@ -3,6 +3,10 @@
 - Process set-up from torchrun's environment, rank queries, barrier, sharding. These answer as a
   single process would when torch.distributed is unavailable or not initialised, so training code
   can call them unconditionally.
+- :func:`check_collective_device`: the rule for every tensor handed to a collective. It must live on
+  the device the trainer runs on, and that device must be one the process group exchanges (NCCL:
+  this rank's CUDA device only). Trainers check their device once after set-up and then build every
+  collective's tensors on it (``device=``), never on the default (CPU) device.
 - :func:`clip_loss_global`, :func:`siglip_loss_global`: the CLIP and SigLIP losses over the
   global batch of all ranks, from each rank's local features, with O(B_global * D) memory per rank.
 """
@@ -17,6 +21,7 @@ import torch.distributed as dist
 
 __all__ = [
     "barrier",
+    "check_collective_device",
     "clip_loss_global",
     "destroy_distributed",
     "get_local_rank",
@@ -126,6 +131,37 @@ def get_world_size(group: dist.ProcessGroup | None = None) -> int:
 def is_main_process() -> bool:
     """Whether this is global rank 0 (always true for a single process): the one that logs and saves."""
     return get_rank() == 0
+
+
+def check_collective_device(device: torch.device | str, group: dist.ProcessGroup | None = None) -> None:
+    """Raise ``ValueError`` unless ``group`` (default group when ``None``) can exchange tensors on ``device``.
+
+    Every tensor a trainer hands to a collective lives on the trainer's device, so that device must
+    be one the group serves: NCCL exchanges CUDA tensors only, gloo CPU ones (and CUDA where built
+    so). On CUDA it must also be this rank's current CUDA device: NCCL's barrier and the object
+    collectives (``all_gather_object``) stage their tensors on the current device, so a trainer on
+    ``cuda:1`` whose current device is still ``cuda:0`` would mix two GPUs in one communicator.
+    Does nothing when not distributed.
+    """
+    if not is_distributed():
+        return
+    device = torch.device(device)
+    served = sorted({d.type for d in getattr(group or dist.group.WORLD, "_device_types", [])})
+    backend = dist.get_backend(group)
+    if served and device.type not in served:
+        raise ValueError(
+            f"the trainer runs on {device} but the process group's backend {backend!r} exchanges only "
+            f"{' and '.join(served)} tensors; run on {served[0]} or initialise the process group with a "
+            f"backend for {device.type} (gloo for cpu, nccl for cuda)"
+        )
+    if device.type == "cuda":
+        current = torch.cuda.current_device()
+        if device.index is None or device.index != current:
+            raise ValueError(
+                f"the trainer runs on {device} but this rank's current CUDA device is cuda:{current}; call "
+                f"torch.cuda.set_device({device.index if device.index is not None else 'LOCAL_RANK'}) "
+                "before the first collective (NCCL binds each rank to one GPU)"
+            )
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:

@@ -425,6 +425,7 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     check_options(args, world)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", dist_helpers.get_local_rank()) if cuda else torch.device("cpu")
+    dist_helpers.check_collective_device(device)  # every collective below takes tensors on `device`
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run_config = _run_config(args)

@@ -41,7 +41,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..distributed import barrier, get_rank, get_world_size, init_distributed_from_env, is_distributed
+from ..distributed import (
+    barrier,
+    check_collective_device,
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    init_distributed_from_env,
+    is_distributed,
+)
 from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, build_vision_tower
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -406,12 +414,13 @@ def global_loss(local_loss: float, local_count: int, device: torch.device) -> fl
     return float(both[0] / both[1])
 
 
-def equalise_across_ranks(batch: dict[str, Any]) -> int:
+def equalise_across_ranks(batch: dict[str, Any], device: torch.device) -> int:
     """Trim this rank's batch to the smallest local batch of all ranks (bad samples make batches
-    uneven; the global-batch loss needs equal shards). Returns how many samples were trimmed."""
+    uneven; the global-batch loss needs equal shards). Returns how many samples were trimmed.
+    ``device``: the trainer's, where the collective's tensor must live (NCCL takes no CPU tensors)."""
     if not is_distributed():
         return 0
-    n = torch.tensor([len(batch["keys"])])
+    n = torch.tensor([len(batch["keys"])], device=device)
     smallest = n.clone()
     torch.distributed.all_reduce(smallest, op=torch.distributed.ReduceOp.MIN)
     cut = int(n - smallest)
@@ -436,6 +445,9 @@ def _device(args: argparse.Namespace) -> torch.device:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        # Under torchrun each rank drives its own GPU, not all of them cuda:0.
+        device = torch.device("cuda", get_local_rank())
     return device
 
 
@@ -541,11 +553,13 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: P
 def run(args: argparse.Namespace) -> int:
     """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
     _check_options(args)
-    init_distributed_from_env()
-    rank, world = get_rank(), get_world_size()
     device = _device(args)
+    # --device cpu on a GPU node: gloo, since NCCL exchanges CUDA tensors only.
+    init_distributed_from_env(backend="gloo" if device.type == "cpu" else None)
+    rank, world = get_rank(), get_world_size()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    check_collective_device(device)
     out_dir = Path(args.out)
 
     from ..data.loader import build_loader
@@ -654,7 +668,7 @@ def run(args: argparse.Namespace) -> int:
             micro = []
             for _ in range(args.grad_accum):
                 batch, *pos = next(stream)
-                trimmed += equalise_across_ranks(batch)
+                trimmed += equalise_across_ranks(batch, device)
                 micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
                                         text_inputs_of(batch, model, cache, device)))
             loss = global_loss(train_step(wrapped, micro, args.loss, autocast, device),
