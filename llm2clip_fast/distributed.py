@@ -136,32 +136,37 @@ def is_main_process() -> bool:
 def check_collective_device(device: torch.device | str, group: dist.ProcessGroup | None = None) -> None:
     """Raise ``ValueError`` unless ``group`` (default group when ``None``) can exchange tensors on ``device``.
 
-    Every tensor a trainer hands to a collective lives on the trainer's device, so that device must
-    be one the group serves: NCCL exchanges CUDA tensors only, gloo CPU ones (and CUDA where built
-    so). On CUDA it must also be this rank's current CUDA device: NCCL's barrier and the object
-    collectives (``all_gather_object``) stage their tensors on the current device, so a trainer on
-    ``cuda:1`` whose current device is still ``cuda:0`` would mix two GPUs in one communicator.
-    Does nothing when not distributed.
+    Every tensor a trainer hands to a collective lives on the trainer's device (the distributed
+    losses: on the features' device), so that device must be one the group serves: NCCL exchanges
+    CUDA tensors only, gloo CPU ones (and CUDA where built so). A group bound to a device at
+    initialisation (``device_id``) serves that device only. On CUDA it must also be this rank's
+    current CUDA device: NCCL's barrier and the object collectives (``all_gather_object``) stage
+    their tensors there, so a rank on ``cuda:1`` whose current device is ``cuda:0`` would mix two
+    GPUs in one communicator. Does nothing when not distributed.
     """
     if not is_distributed():
         return
     device = torch.device(device)
-    served = sorted({d.type for d in getattr(group or dist.group.WORLD, "_device_types", [])})
-    backend = dist.get_backend(group)
+    pg = group or dist.group.WORLD
+    served = sorted({d.type for d in getattr(pg, "_device_types", [])})
+    where = f"collectives would get tensors on {device}, but"
     if served and device.type not in served:
         raise ValueError(
-            f"the trainer runs on {device} but the process group's backend {backend!r} exchanges only "
+            f"{where} the process group's backend {dist.get_backend(group)!r} exchanges only "
             f"{' and '.join(served)} tensors; run on {served[0]} or initialise the process group with a "
             f"backend for {device.type} (gloo for cpu, nccl for cuda)"
         )
+    bound = getattr(pg, "bound_device_id", None)
+    if bound is not None and bound != device:
+        raise ValueError(f"{where} the process group was bound to {bound} at initialisation "
+                         "(init_process_group(device_id=...)); run each rank on its bound device")
     if device.type == "cuda":
         current = torch.cuda.current_device()
-        if device.index is None or device.index != current:
-            raise ValueError(
-                f"the trainer runs on {device} but this rank's current CUDA device is cuda:{current}; call "
-                f"torch.cuda.set_device({device.index if device.index is not None else 'LOCAL_RANK'}) "
-                "before the first collective (NCCL binds each rank to one GPU)"
-            )
+        if device.index != current:
+            wanted = device.index if device.index is not None else "LOCAL_RANK"
+            raise ValueError(f"{where} this rank's current CUDA device is cuda:{current}; call "
+                             f"torch.cuda.set_device({wanted}) before the first collective "
+                             "(NCCL binds each rank to one GPU)")
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:
@@ -380,6 +385,8 @@ def clip_loss_global(
         raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
     _require_process_group()
     _check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
+    # The collectives below take tensors on the features' device: say so before NCCL does.
+    check_collective_device(image_features.device, process_group)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
         image_features, text_features = image_features.to(common), text_features.to(common)
@@ -467,6 +474,8 @@ def siglip_loss_global(
         raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
     _require_process_group()
     _check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
+    # The collectives below take tensors on the features' device: say so before NCCL does.
+    check_collective_device(image_features.device, process_group)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
         image_features, text_features = image_features.to(common), text_features.to(common)

@@ -44,11 +44,12 @@ from torch.utils._pytree import tree_flatten
 sys.path.insert(0, str(Path(__file__).parent))
 from test_stage2 import bag_of_words, stage2_args
 
+import llm2clip_fast
 from llm2clip_fast.data.demo import write_demo
 from llm2clip_fast.data.embedding_cache import build_embedding_cache
 from llm2clip_fast.data.sources import open_source
 
-PACKAGE = str(Path(__file__).resolve().parents[1] / "llm2clip_fast")
+PACKAGE = str(Path(llm2clip_fast.__file__).parent)
 _MARK = "_llm2clip_unplaced"
 
 # Factories that put their result on the default device (the CPU) unless given device=.
@@ -105,7 +106,8 @@ class PlacementTracker(TorchFunctionMode):
         return out
 
 
-# Collectives on torch.distributed; object collectives take Python objects (no tensors to check).
+# Collectives on torch.distributed. Object collectives take Python objects: only their call sites are
+# recorded; the device they stage on (the current one) is what check_collective_device verifies.
 COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
     "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "gather", "scatter",
@@ -166,13 +168,17 @@ def test_tracker_marks_tensors_whose_device_was_never_chosen():
 
 def test_check_collective_device_refuses_a_device_the_group_does_not_exchange():
     from llm2clip_fast.distributed import check_collective_device
+    from llm2clip_fast.ops.clip_loss import clip_loss
 
     check_collective_device("meta")  # single process: no collectives, nothing to check
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         check_collective_device("cpu")
-        with pytest.raises(ValueError, match=r"runs on meta but the process group's backend 'gloo'"):
+        with pytest.raises(ValueError, match=r"tensors on meta, but the process group's backend 'gloo'"):
             check_collective_device(torch.device("meta"))
+        x = torch.randn(3, 4, device="meta")
+        with pytest.raises(ValueError, match=r"tensors on meta, but the process group's backend 'gloo'"):
+            clip_loss(x, x, 2.0, distributed=True)  # the distributed losses check their features' device
     finally:
         dist.destroy_process_group()
 
