@@ -133,16 +133,19 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def check_collective_device(device: torch.device | str, group: dist.ProcessGroup | None = None) -> None:
+def check_collective_device(
+    device: torch.device | str, group: dist.ProcessGroup | None = None, *, require_current: bool = True
+) -> None:
     """Raise ``ValueError`` unless ``group`` (default group when ``None``) can exchange tensors on ``device``.
 
     Every tensor a trainer hands to a collective lives on the trainer's device (the distributed
     losses: on the features' device), so that device must be one the group serves: NCCL exchanges
     CUDA tensors only, gloo CPU ones (and CUDA where built so). A group bound to a device at
-    initialisation (``device_id``) serves that device only. On CUDA it must also be this rank's
-    current CUDA device: NCCL's barrier and the object collectives (``all_gather_object``) stage
-    their tensors there, so a rank on ``cuda:1`` whose current device is ``cuda:0`` would mix two
-    GPUs in one communicator. Does nothing when not distributed.
+    initialisation (``device_id``) serves that device only. With ``require_current`` (for trainers)
+    a CUDA device must also be this rank's current CUDA device: NCCL's barrier and the object
+    collectives (``all_gather_object``) stage their tensors there, so a rank on ``cuda:1`` whose
+    current device is ``cuda:0`` would mix two GPUs in one communicator. Tensor collectives alone
+    (the losses) follow their tensors' device and pass ``False``. Does nothing when not distributed.
     """
     if not is_distributed():
         return
@@ -160,7 +163,7 @@ def check_collective_device(device: torch.device | str, group: dist.ProcessGroup
     if bound is not None and bound != device:
         raise ValueError(f"{where} the process group was bound to {bound} at initialisation "
                          "(init_process_group(device_id=...)); run each rank on its bound device")
-    if device.type == "cuda":
+    if require_current and device.type == "cuda":
         current = torch.cuda.current_device()
         if device.index != current:
             wanted = device.index if device.index is not None else "LOCAL_RANK"
@@ -386,7 +389,7 @@ def clip_loss_global(
     _require_process_group()
     _check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
     # The collectives below take tensors on the features' device: say so before NCCL does.
-    check_collective_device(image_features.device, process_group)
+    check_collective_device(image_features.device, process_group, require_current=False)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
         image_features, text_features = image_features.to(common), text_features.to(common)
@@ -475,7 +478,7 @@ def siglip_loss_global(
     _require_process_group()
     _check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
     # The collectives below take tensors on the features' device: say so before NCCL does.
-    check_collective_device(image_features.device, process_group)
+    check_collective_device(image_features.device, process_group, require_current=False)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
         image_features, text_features = image_features.to(common), text_features.to(common)
