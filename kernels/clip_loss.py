@@ -127,7 +127,10 @@ def _clip_lse_forward_kernel(
         tl.store(row_lse_ptr + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
 
 
-@triton.autotune(configs=_backward_configs(), key=["D"])
+# The autotuner launches every config on the real buffers before the winner: per-tile partials of a
+# config with smaller tiles (more slots) would stay in ``part_ptr`` past the winner's last slot, so
+# the buffer is zeroed before each benchmark and again before the winner runs.
+@triton.autotune(configs=_backward_configs(), key=["D"], reset_to_zero=["part_ptr"])
 @triton.jit
 def _clip_grad_tile_kernel(
     image_ptr, text_ptr, scale_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr, col_coef_ptr, g_ptr, part_ptr,

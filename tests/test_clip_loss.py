@@ -329,3 +329,56 @@ def test_gpu_triton_primitives_and_chunks(monkeypatch):
     _check_primitives("triton", 1000, 3001, 96, "cuda")
     monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(200 * 3000))
     _check_against_reference("triton", 3000, 256, torch.bfloat16, device="cuda")
+
+
+# ---- Triton autotuning: a winner other than the last config benchmarked --------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
+def test_triton_backward_d_scale_right_when_autotune_picks_bigger_tiles(monkeypatch):
+    # The autotuner launches every config on the real buffers, then the winner; partial sums that a
+    # smaller-tile config left behind must not reach d(logit_scale) (first call per shape).
+    import triton
+    from _autotune_probe import autotuner_with_winner
+
+    from llm2clip_fast.kernels import clip_loss as kernels
+
+    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    tuned = autotuner_with_winner(kernels._clip_grad_tile_kernel, [small, big], winner=1)
+    monkeypatch.setattr(kernels, "_clip_grad_tile_kernel", tuned)
+    img, txt = _features(70, 24, torch.float32)
+    scale = torch.tensor(9.0)
+    row_lse, col_lse = clip_lse_forward(img, txt, scale, backend="reference")
+    g = torch.Generator().manual_seed(3)
+    row_coef = torch.rand(70, generator=g, dtype=torch.float64).float()
+    col_coef = torch.rand(70, generator=g, dtype=torch.float64).float()
+    args = (img, txt, scale, row_lse.float(), col_lse.float(), row_coef, col_coef)
+    got = clip_lse_backward(*args, backend="triton")
+    want = clip_lse_backward(*(a.double() for a in args), backend="reference")
+    assert tuned.best_config is big
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
+@pytest.mark.parametrize("winner", [0, 1])
+def test_triton_forward_lse_right_whichever_config_autotune_picks(monkeypatch, winner):
+    # Every benchmarked config merges its column LSEs into the same workspace: the winner must start
+    # from the initial -inf workspace, not from what the benchmark runs left there.
+    import triton
+    from _autotune_probe import autotuner_with_winner
+
+    from llm2clip_fast.kernels import clip_loss as kernels
+
+    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    tuned = autotuner_with_winner(kernels._clip_lse_forward_kernel, [small, big], winner=winner)
+    monkeypatch.setattr(kernels, "_clip_lse_forward_kernel", tuned)
+    img, txt = _features(70, 24, torch.float32)
+    scale = torch.tensor(9.0)
+    got = clip_lse_forward(img, txt, scale, backend="triton")
+    want = clip_lse_forward(img.double(), txt.double(), scale.double(), backend="reference")
+    assert tuned.best_config is (small, big)[winner]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=2e-6)

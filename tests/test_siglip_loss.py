@@ -261,3 +261,33 @@ def test_bad_reduction_offset_weight_and_forced_backend():
         siglip_loss(img, txt, 1.0, 0.0, backend="nope")
     with pytest.raises(BackendUnavailableError, match="float64"):
         siglip_loss(img.double(), txt.double(), 1.0, 0.0, backend="triton")
+
+
+# ---- Triton autotuning: a winner other than the last config benchmarked --------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
+@pytest.mark.parametrize("winner", [0, 1])
+def test_triton_backward_scalars_right_whichever_config_autotune_picks(monkeypatch, winner):
+    # The autotuner launches every config on the real buffers, then the winner; partial sums that
+    # another config left behind must not reach d(scale) or d(bias) (first call per shape).
+    import triton
+    from _autotune_probe import autotuner_with_winner
+
+    from llm2clip_fast.kernels import siglip_loss as kernels
+
+    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    tuned = autotuner_with_winner(kernels._siglip_grad_tile_kernel, [small, big], winner=winner)
+    monkeypatch.setattr(kernels, "_siglip_grad_tile_kernel", tuned)
+    g = torch.Generator().manual_seed(5)
+    img = F.normalize(torch.randn(70, 24, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(66, 24, generator=g), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    weight = torch.rand(70, generator=g) + 0.5
+    got = siglip_backward(img, txt, scale, bias, weight, offset=3, backend="triton")
+    want = siglip_backward(img.double(), txt.double(), scale.double(), bias.double(), weight.double(),
+                           offset=3, backend="reference")
+    assert tuned.best_config is (small, big)[winner]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
