@@ -71,12 +71,15 @@ def _similarity_tile(
 ):
     """(BLOCK_M, BLOCK_N) fp32 tile of image @ text.T, K-loop over D."""
     offs_k = tl.arange(0, BLOCK_K)
+    # 64-bit row offsets: B * D passes 2^31 at B = 2^20, D = 2048.
+    row_off = offs_m.to(tl.int64)[:, None] * stride_im
+    col_off = offs_n.to(tl.int64)[:, None] * stride_tn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < D
-        a = tl.load(image_ptr + offs_m[:, None] * stride_im + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(text_ptr + offs_n[:, None] * stride_tn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(image_ptr + row_off + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(text_ptr + col_off + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:  # the interpreter's low-precision dot is wrong; upcast right after the load
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -98,7 +101,7 @@ def _clip_lse_forward_kernel(
     scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
     num_row_blocks = tl.cdiv(M, BLOCK_M)
     num_col_blocks = tl.cdiv(N, BLOCK_N)
-    ws_row = col_ws_ptr + pid * stride_ws
+    ws_row = col_ws_ptr + pid.to(tl.int64) * stride_ws
     for rb in range(pid, num_row_blocks, n_prog):
         offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -155,7 +158,9 @@ def _clip_grad_tile_kernel(
     g = row_coef[:, None] * tl.exp2(x - row_lse2[:, None]) + col_coef[None, :] * tl.exp2(x - col_lse2[None, :])
     mask = mask_m[:, None] & mask_n[None, :]
     g = tl.where(mask, g, 0.0)
-    tl.store(g_ptr + offs_m[:, None] * stride_g + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+    # 64-bit: a C x N workspace chunk can pass 2^31 elements (the CUDA chunk budget is 2 GiB).
+    g_off = offs_m.to(tl.int64)[:, None] * stride_g + offs_n[None, :]
+    tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, 1), 0))
 
 
