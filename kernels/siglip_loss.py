@@ -136,8 +136,10 @@ def _siglip_grad_tile_kernel(
                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
     z = scale * dots + bias
     positive = cols[None, :] == rows[:, None] + offset
-    # d softplus(-y z) / dz = -y * sigmoid(-y z)
-    g0 = tl.where(positive, -tl.sigmoid(-z), tl.sigmoid(z))
+    # d softplus(-y z) / dz = -y * sigmoid(-y z): one sigmoid of -y z and a sign select. Taking
+    # sigmoid(-y z) directly (not 1 - sigmoid(y z)) keeps the tiny gradients of well-separated pairs.
+    sg = tl.sigmoid(tl.where(positive, -z, z))
+    g0 = tl.where(positive, -sg, sg)
     valid = row_ok[:, None] & col_ok[None, :]
     g0 = tl.where(valid, g0, 0.0)
     g_off = rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
