@@ -14,6 +14,7 @@ unit inner strides as the constant 1 (that is what lets loads vectorise and pipe
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import subprocess
@@ -32,38 +33,40 @@ class KernelSpec:
 
     module: str
     name: str
+    tiles: str  # the module's TileConfigs for this kernel
     operand_ptrs: tuple[str, ...]  # pointers of the operand dtype; every other pointer is fp32
     unit_strides: tuple[str, ...]  # inner strides (equal to 1, so the JIT makes them constants)
     constexprs: dict
 
 
-def _specs(dtype: str) -> dict[str, KernelSpec]:
+def _specs(dtype: str, fp32_prec: str = "ieee") -> dict[str, KernelSpec]:
+    """fp32_prec: "ieee" is torch's default float32 matmul precision ("highest"), "tf32" what
+    ``torch.backends.cuda.matmul.allow_tf32`` / precision "high" selects."""
     import triton.language as tl
 
-    fp32_prec = "ieee"  # torch's default float32 matmul precision ("highest")
     prec = fp32_prec if dtype == "fp32" else "tf32"
     dot_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
     adapter_prec = fp32_prec if dtype == "fp32" else None
     return {
-        "clip_fwd": KernelSpec("clip_loss", "_clip_lse_forward_kernel", ("image_ptr", "text_ptr"), (),
+        "clip_fwd": KernelSpec("clip_loss", "_clip_lse_forward_kernel", "_FWD_TILES", ("image_ptr", "text_ptr"), (),
                                {"UPCAST": False, "DOT_PRECISION": prec}),
-        "clip_bwd": KernelSpec("clip_loss", "_clip_grad_tile_kernel", ("image_ptr", "text_ptr", "g_ptr"), (),
+        "clip_bwd": KernelSpec("clip_loss", "_clip_grad_tile_kernel", "_BWD_TILES", ("image_ptr", "text_ptr", "g_ptr"), (),
                                {"UPCAST": False, "DOT_PRECISION": prec}),
-        "siglip_fwd": KernelSpec("siglip_loss", "_siglip_fwd_kernel", ("img_ptr", "txt_ptr"),
+        "siglip_fwd": KernelSpec("siglip_loss", "_siglip_fwd_kernel", "_FWD_TILES", ("img_ptr", "txt_ptr"),
                                  ("stride_id", "stride_td"), {"UPCAST": False, "DOT_PRECISION": prec}),
-        "siglip_bwd": KernelSpec("siglip_loss", "_siglip_grad_tile_kernel", ("img_ptr", "txt_ptr", "g_ptr"),
+        "siglip_bwd": KernelSpec("siglip_loss", "_siglip_grad_tile_kernel", "_BWD_TILES", ("img_ptr", "txt_ptr", "g_ptr"),
                                  ("stride_id", "stride_td"), {"UPCAST": False, "DOT_PRECISION": prec}),
         "adapter_fwd": KernelSpec(
-            "adapter", "_fused_linear_fwd_kernel", ("A", "W", "RES", "OUT"),
+            "adapter", "_fused_linear_fwd_kernel", "_FWD_TILES", ("A", "W", "RES", "OUT"),
             ("stride_ak", "stride_wk", "stride_rn", "stride_on"),
             {"LN_INPUT": True, "GELU": True, "HAS_RES": True, "RES_L2": False, "DOT_DTYPE": dot_dtype,
              "UPCAST": False, "PRECISION": adapter_prec}),
         "adapter_bwd": KernelSpec(
-            "adapter", "_ln_gelu_bwd_kernel", ("X", "W1", "DY", "W2", "DZ", "H"),
+            "adapter", "_ln_gelu_bwd_kernel", "_BWD_TILES", ("X", "W1", "DY", "W2", "DZ", "H"),
             ("stride_xk", "stride_w1k", "stride_dyk", "stride_w2n", "stride_on"),
             {"DOT_DTYPE": dot_dtype, "UPCAST": False, "PRECISION": adapter_prec}),
         "adapter_wgrad": KernelSpec(
-            "adapter", "_weight_grad_kernel", ("G", "X"), ("stride_gn", "stride_xk", "stride_dwk"),
+            "adapter", "_weight_grad_kernel", "_WGRAD_TILES", ("G", "X"), ("stride_gn", "stride_xk", "stride_dwk"),
             {"LN_INPUT": True, "HAS_DB": True, "DOT_DTYPE": dot_dtype, "UPCAST": False,
              "PRECISION": adapter_prec}),
     }
@@ -94,20 +97,24 @@ def _ptxas_fit(ptx: str) -> tuple[int, int, int]:
 
 def kernel_of(key: str):
     """The autotuned kernel (a ``triton.runtime.Autotuner``) the report calls ``key``."""
-    import importlib
-
     spec = _specs("bf16")[key]
     return getattr(importlib.import_module(f"{__package__}.{spec.module}"), spec.name)
 
 
-def compile_for_sm90(key: str, dtype: str, config):
+def tiles_of(key: str):
+    """The kernel's :class:`~llm2clip_fast.kernels._config_fit.TileConfigs`."""
+    spec = _specs("bf16")[key]
+    return getattr(importlib.import_module(f"{__package__}.{spec.module}"), spec.tiles)
+
+
+def compile_for_sm90(key: str, dtype: str, config, fp32_prec: str = "ieee"):
     """Compile kernel ``key`` (see :func:`_specs`) with ``config`` for sm_90a: a ``CompiledKernel``
     whose ``asm`` holds ttir, ttgir, llir, ptx and cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    spec = _specs(dtype)[key]
+    spec = _specs(dtype, fp32_prec)[key]
     fn = kernel_of(key).fn
     constexprs = {**spec.constexprs, **config.kwargs, **{name: 1 for name in spec.unit_strides}}
     signature, attrs = {}, {}
@@ -130,9 +137,9 @@ def compile_for_sm90(key: str, dtype: str, config):
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def measure(key: str, dtype: str, config) -> Fit:
+def measure(key: str, dtype: str, config, fp32_prec: str = "ieee") -> Fit:
     """Registers and spills (``ptxas -v``) and Triton's shared memory of ``config`` on sm_90a."""
-    compiled = compile_for_sm90(key, dtype, config)
+    compiled = compile_for_sm90(key, dtype, config, fp32_prec)
     regs, stores, loads = _ptxas_fit(compiled.asm["ptx"])
     return Fit(regs, stores, loads, int(compiled.metadata.shared))
 
@@ -144,21 +151,26 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", default=list(_DTYPES), choices=list(_DTYPES))
-    parser.add_argument("--kernels", nargs="+", default=None, help="default: all")
+    parser.add_argument("--kernels", nargs="+", default=None, choices=list(_specs("bf16")), help="default: all")
+    parser.add_argument("--fp32-precision", default="ieee", choices=["ieee", "tf32"],
+                        help="dot precision of fp32 operands (torch's default is ieee)")
+    parser.add_argument("--all", action="store_true",
+                        help="every config of the kernel, not only those kept for the dtype")
     args = parser.parse_args(argv)
-    print(f"sm_90a, shared-memory budget {SM90_SHARED_MEMORY_BYTES} bytes")
+    print(f"sm_90a, shared-memory budget {SM90_SHARED_MEMORY_BYTES} bytes, fp32 dots {args.fp32_precision}")
     print(f"{'kernel':14} {'dtype':5} {'config':32} {'regs':>4} {'spill st/ld':>12} {'shared':>7} {'estimate':>8}")
     for dtype in args.dtypes:
         for key in _specs(dtype):
             if args.kernels and key not in args.kernels:
                 continue
             elem = 4 if dtype == "fp32" else 2
-            for config in kernel_of(key).configs:
+            tiles = tiles_of(key)
+            for config in tiles.all() if args.all else tiles.for_elem_size(elem):
                 kw = config.kwargs
-                label = (f"{kw.get('BLOCK_M')}x{kw.get('BLOCK_N')}x{kw.get('BLOCK_K')} "
+                label = (f"M{kw['BLOCK_M']} N{kw['BLOCK_N']} K{kw['BLOCK_K']} "
                          f"w{config.num_warps} s{config.num_stages}")
                 try:
-                    fit = measure(key, dtype, config)
+                    fit = measure(key, dtype, config, args.fp32_precision)
                     result = (f"{fit.regs:4d} {fit.spill_stores:5d}/{fit.spill_loads:<6d} {fit.shared:7d} "
                               f"{estimated_shared_bytes(key, config, elem):8d}")
                 except Exception as exc:  # report and go on: one bad config must not hide the rest

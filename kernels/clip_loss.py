@@ -22,45 +22,34 @@ import torch
 import triton
 import triton.language as tl
 
+from ._config_fit import TileConfigs, gemm_configs
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# sm_90 configs, checked with `python -m llm2clip_fast.kernels._ptxas_report` (ptxas -v, sm_90a):
+# none of the 16-bit ones spills; 128x256x64 (forward) spilled 60 bytes and was dropped. With fp32
+# operands (full-precision FMA dots) the forward's 16-bit configs spilled 24-768 bytes and the
+# backward's 128x128x32 24 bytes; the fp32 lists (K = 16) spill nothing with IEEE or TF32 dots.
+_FWD_TILES = TileConfigs(
+    "clip_fwd", ("image_ptr", "text_ptr"),
+    half=gemm_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)]),
+    fp32=gemm_configs([(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
+)
+_BWD_TILES = TileConfigs(
+    "clip_bwd", ("image_ptr", "text_ptr"),
+    half=gemm_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3)]),
+    fp32=gemm_configs([(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
+)
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+
 # The backward partial buffer is sized for the smallest tile any config uses.
-_MIN_BLOCK_M = 32 if _INTERPRET else 64
-_MIN_BLOCK_N = 32 if _INTERPRET else 64
+_MIN_BLOCK_M = 32 if _INTERPRET else min(_FWD_TILES.block_min("BLOCK_M"), _BWD_TILES.block_min("BLOCK_M"))
+_MIN_BLOCK_N = 32 if _INTERPRET else _BWD_TILES.block_min("BLOCK_N")
 # Under the interpreter a small program cap still makes a program own several row blocks.
 _INTERPRET_MAX_PROGRAMS = 2
-
-
-def _forward_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 8, 4),
-            (128, 64, 64, 4, 3),
-            (64, 128, 64, 4, 4),
-            (128, 256, 64, 8, 3),
-        ]
-    ]
-
-
-def _backward_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 8, 4),
-            (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 3),
-        ]
-    ]
 
 
 @triton.jit
@@ -87,7 +76,7 @@ def _similarity_tile(
     return acc
 
 
-@triton.autotune(configs=_forward_configs(), key=["D"], restore_value=["col_ws_ptr"])
+@triton.autotune(**_FWD_TILES.autotune_args(_INTERPRET, _INTERPRET_CONFIG), key=["D"], restore_value=["col_ws_ptr"])
 @triton.jit
 def _clip_lse_forward_kernel(
     image_ptr, text_ptr, scale_ptr, row_lse_ptr, col_ws_ptr,
@@ -133,7 +122,7 @@ def _clip_lse_forward_kernel(
 # The autotuner launches every config on the real buffers before the winner: per-tile partials of a
 # config with smaller tiles (more slots) would stay in ``part_ptr`` past the winner's last slot, so
 # the buffer is zeroed before each benchmark and again before the winner runs.
-@triton.autotune(configs=_backward_configs(), key=["D"], reset_to_zero=["part_ptr"])
+@triton.autotune(**_BWD_TILES.autotune_args(_INTERPRET, _INTERPRET_CONFIG), key=["D"], reset_to_zero=["part_ptr"])
 @triton.jit
 def _clip_grad_tile_kernel(
     image_ptr, text_ptr, scale_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr, col_coef_ptr, g_ptr, part_ptr,

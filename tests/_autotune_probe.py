@@ -12,8 +12,9 @@ from __future__ import annotations
 import triton
 
 
-def autotuner_with_winner(kernel, configs: list[triton.Config], winner: int):
-    """A copy of ``kernel`` (a ``triton.runtime.Autotuner``) that benchmarks ``configs`` in order."""
+def autotuner_with_winner(kernel, configs: list[triton.Config], winner: int, prune=None):
+    """A copy of ``kernel`` (a ``triton.runtime.Autotuner``) that benchmarks ``configs`` in order
+    (those that ``prune``, an ``early_config_prune``, keeps; ``winner`` indexes the kept ones)."""
     launches: list[int] = []
 
     def bench(kernel_call, quantiles):
@@ -26,4 +27,5 @@ def autotuner_with_winner(kernel, configs: list[triton.Config], winner: int):
     return triton.autotune(
         configs=configs, key=list(kernel.keys), reset_to_zero=list(kernel.reset_to_zero) or None,
         restore_value=list(kernel.restore_value) or None, do_bench=bench,
+        prune_configs_by={"early_config_prune": prune} if prune else None,
     )(kernel.fn)

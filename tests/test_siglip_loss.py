@@ -342,8 +342,8 @@ def test_triton_gradient_epilogue_takes_one_exp_and_one_divide_per_element():
     import sys
 
     code = (
-        "from llm2clip_fast.kernels._ptxas_report import compile_for_sm90, kernel_of\n"
-        "config = kernel_of('siglip_bwd').configs[0]\n"
+        "from llm2clip_fast.kernels._ptxas_report import compile_for_sm90, tiles_of\n"
+        "config = tiles_of('siglip_bwd').half[0]\n"
         "ttir = compile_for_sm90('siglip_bwd', 'bf16', config).asm['ttir']\n"
         "print(ttir.count('math.exp'), ttir.count('arith.divf'))\n"
     )
