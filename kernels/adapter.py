@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._config_fit import TileConfigs, gemm_configs
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -43,31 +45,38 @@ _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bflo
 MAX_FUSED_DIM = 16384
 
 
-def _configs(gpu: list[tuple[int, int, int, int, int]], names: tuple[str, str, str]) -> list[triton.Config]:
-    """Autotune configs from (block0, block1, block2, warps, stages); one small config under the interpreter."""
-    if _INTERPRET:
-        return [triton.Config({names[0]: 32, names[1]: 32, names[2]: 32, "GROUP": 4}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({names[0]: a, names[1]: b, names[2]: c, "GROUP": 8}, num_warps=w, num_stages=s)
-        for a, b, c, w, s in gpu
-    ]
+_MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+_NKM = ("BLOCK_N", "BLOCK_K", "BLOCK_M")
 
 
-# GPU configs: ptxas (sm_90a, compiled here without a GPU) reports no register spills for the forward
-# ones and at most 88 bytes for the others; larger tiles spilled hundreds of bytes (the LayerNorm-on-load
-# A tile is fp32 in registers next to the accumulator).
-_FWD_CONFIGS = _configs(
-    [(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4)],
-    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+def _interpret_config(names: tuple[str, str, str]) -> triton.Config:
+    return triton.Config({names[0]: 32, names[1]: 32, names[2]: 32, "GROUP": 4}, num_warps=4, num_stages=1)
+
+
+# sm_90 configs, checked with `python -m llm2clip_fast.kernels._ptxas_report` (ptxas -v, sm_90a): no
+# 16-bit config spills. fp32 operands (fp32 activations, or fp32 weights without autocast) stage twice
+# the bytes and, with full-precision dots, need more registers. With fp32 operands the 16-bit lists'
+# forward 128x128x64 (4 stages: 188 B of spills, 225.5 of 227 KiB shared), 64x256x64 and 64x128x64
+# (144-228 B), backward 64x128x64 and 128x64x64 (2-21 KB) and every weight-gradient config (8-20 KB)
+# spilled, so fp32 has its own lists, spill-free with IEEE and with TF32 dots.
+_FWD_TILES = TileConfigs(
+    "adapter_fwd", ("A", "W"),
+    half=gemm_configs([(128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 8, 4),
+                       (64, 128, 64, 4, 4)], _MNK, GROUP=8),
+    fp32=gemm_configs([(128, 128, 32, 8, 4), (128, 64, 64, 8, 4)], _MNK, GROUP=8),
 )
 # Two fp32 accumulators per tile: smaller tiles keep them in registers.
-_BWD_CONFIGS = _configs(
-    [(64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 4), (128, 64, 64, 8, 3)],
-    ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+_BWD_TILES = TileConfigs(
+    "adapter_bwd", ("X", "W1", "DY", "W2"),
+    half=gemm_configs([(64, 64, 64, 8, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 4), (128, 64, 64, 8, 3)],
+                      _MNK, GROUP=8),
+    fp32=gemm_configs([(64, 64, 64, 8, 3), (128, 64, 32, 8, 4)], _MNK, GROUP=8),
 )
-_WGRAD_CONFIGS = _configs(
-    [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3)],
-    ("BLOCK_N", "BLOCK_K", "BLOCK_M"),
+_WGRAD_TILES = TileConfigs(
+    "adapter_wgrad", ("G", "X"),
+    half=gemm_configs([(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3)],
+                      _NKM, GROUP=8),
+    fp32=gemm_configs([(64, 64, 16, 4, 3), (128, 64, 16, 8, 3), (64, 128, 16, 8, 3)], _NKM, GROUP=8),
 )
 
 
@@ -117,7 +126,7 @@ def _row_stats_kernel(X, MEAN, RSTD, NORM, stride_x, M, D, ln_eps, l2_eps,
     tl.store(RSTD + rows, rstd, mask=mask_r)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(**_FWD_TILES.autotune_args(_INTERPRET, _interpret_config(_MNK)), key=["M", "N", "K"])
 @triton.jit
 def _fused_linear_fwd_kernel(
     A, MEAN, RSTD, LN_W, LN_B, W, BIAS, RES, NORM, OUT,
@@ -174,7 +183,7 @@ def _fused_linear_fwd_kernel(
     tl.store(OUT + rm[:, None] * stride_om + rn[None, :] * stride_on, acc.to(OUT.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(**_BWD_TILES.autotune_args(_INTERPRET, _interpret_config(_MNK)), key=["M", "N", "K"])
 @triton.jit
 def _ln_gelu_bwd_kernel(
     X, MEAN, RSTD, LN_W, LN_B, W1, B1, DY, W2, DZ, H,
@@ -230,7 +239,7 @@ def _ln_gelu_bwd_kernel(
     tl.store(DZ + offs, (acc_dh * _gelu_grad(z)).to(DZ.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["M", "N", "K"])
+@triton.autotune(**_WGRAD_TILES.autotune_args(_INTERPRET, _interpret_config(_NKM)), key=["M", "N", "K"])
 @triton.jit
 def _weight_grad_kernel(
     G, X, MEAN, RSTD, LN_W, LN_B, DW, DB,

@@ -22,45 +22,34 @@ import torch
 import triton
 import triton.language as tl
 
+from ._config_fit import TileConfigs, gemm_configs
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# sm_90 configs, checked with `python -m llm2clip_fast.kernels._ptxas_report` (ptxas -v, sm_90a):
+# none of the 16-bit ones spills; 128x256x64 (forward) spilled 60 bytes and was dropped. With fp32
+# operands (full-precision FMA dots) the forward's 16-bit configs spilled 24-768 bytes and the
+# backward's 128x128x32 24 bytes; the fp32 lists (K = 16) spill nothing with IEEE or TF32 dots.
+_FWD_TILES = TileConfigs(
+    "clip_fwd", ("image_ptr", "text_ptr"),
+    half=gemm_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3), (64, 128, 64, 4, 4)]),
+    fp32=gemm_configs([(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
+)
+_BWD_TILES = TileConfigs(
+    "clip_bwd", ("image_ptr", "text_ptr"),
+    half=gemm_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 3)]),
+    fp32=gemm_configs([(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
+)
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+
 # The backward partial buffer is sized for the smallest tile any config uses.
-_MIN_BLOCK_M = 32 if _INTERPRET else 64
-_MIN_BLOCK_N = 32 if _INTERPRET else 64
+_MIN_BLOCK_M = 32 if _INTERPRET else min(_FWD_TILES.block_min("BLOCK_M"), _BWD_TILES.block_min("BLOCK_M"))
+_MIN_BLOCK_N = 32 if _INTERPRET else _BWD_TILES.block_min("BLOCK_N")
 # Under the interpreter a small program cap still makes a program own several row blocks.
 _INTERPRET_MAX_PROGRAMS = 2
-
-
-def _forward_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 8, 4),
-            (128, 64, 64, 4, 3),
-            (64, 128, 64, 4, 4),
-            (128, 256, 64, 8, 3),
-        ]
-    ]
-
-
-def _backward_configs() -> list[triton.Config]:
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bm, bn, bk, w, st in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 8, 4),
-            (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 3),
-        ]
-    ]
 
 
 @triton.jit
@@ -71,12 +60,15 @@ def _similarity_tile(
 ):
     """(BLOCK_M, BLOCK_N) fp32 tile of image @ text.T, K-loop over D."""
     offs_k = tl.arange(0, BLOCK_K)
+    # 64-bit row offsets: B * D passes 2^31 at B = 2^20, D = 2048.
+    row_off = offs_m.to(tl.int64)[:, None] * stride_im
+    col_off = offs_n.to(tl.int64)[:, None] * stride_tn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < D
-        a = tl.load(image_ptr + offs_m[:, None] * stride_im + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(text_ptr + offs_n[:, None] * stride_tn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(image_ptr + row_off + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(text_ptr + col_off + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if UPCAST:  # the interpreter's low-precision dot is wrong; upcast right after the load
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -84,7 +76,7 @@ def _similarity_tile(
     return acc
 
 
-@triton.autotune(configs=_forward_configs(), key=["D"], restore_value=["col_ws_ptr"])
+@triton.autotune(**_FWD_TILES.autotune_args(_INTERPRET, _INTERPRET_CONFIG), key=["D"], restore_value=["col_ws_ptr"])
 @triton.jit
 def _clip_lse_forward_kernel(
     image_ptr, text_ptr, scale_ptr, row_lse_ptr, col_ws_ptr,
@@ -98,7 +90,7 @@ def _clip_lse_forward_kernel(
     scale2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
     num_row_blocks = tl.cdiv(M, BLOCK_M)
     num_col_blocks = tl.cdiv(N, BLOCK_N)
-    ws_row = col_ws_ptr + pid * stride_ws
+    ws_row = col_ws_ptr + pid.to(tl.int64) * stride_ws
     for rb in range(pid, num_row_blocks, n_prog):
         offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -127,7 +119,10 @@ def _clip_lse_forward_kernel(
         tl.store(row_lse_ptr + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
 
 
-@triton.autotune(configs=_backward_configs(), key=["D"])
+# The autotuner launches every config on the real buffers before the winner: per-tile partials of a
+# config with smaller tiles (more slots) would stay in ``part_ptr`` past the winner's last slot, so
+# the buffer is zeroed before each benchmark and again before the winner runs.
+@triton.autotune(**_BWD_TILES.autotune_args(_INTERPRET, _INTERPRET_CONFIG), key=["D"], reset_to_zero=["part_ptr"])
 @triton.jit
 def _clip_grad_tile_kernel(
     image_ptr, text_ptr, scale_ptr, row_lse_ptr, col_lse_ptr, row_coef_ptr, col_coef_ptr, g_ptr, part_ptr,
@@ -152,7 +147,9 @@ def _clip_grad_tile_kernel(
     g = row_coef[:, None] * tl.exp2(x - row_lse2[:, None]) + col_coef[None, :] * tl.exp2(x - col_lse2[None, :])
     mask = mask_m[:, None] & mask_n[None, :]
     g = tl.where(mask, g, 0.0)
-    tl.store(g_ptr + offs_m[:, None] * stride_g + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+    # 64-bit: a C x N workspace chunk can pass 2^31 elements (the CUDA chunk budget is 2 GiB).
+    g_off = offs_m.to(tl.int64)[:, None] * stride_g + offs_n[None, :]
+    tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=mask)
     tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * acc, 1), 0))
 
 

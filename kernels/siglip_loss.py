@@ -25,28 +25,29 @@ import triton.language as tl
 
 from llm2clip_fast.ops._matmul import mm_fp32
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The backward's partial-sum buffer is sized for the smallest tile any config uses.
-_MIN_BLOCK = 32 if _INTERPRET else 64
+from ._config_fit import TileConfigs, gemm_configs
 
-# The interpreter runs one program at a time and fails with several autotune configs; on a GPU the
-# tile shapes are tuned per (M, N, D) bucket.
-if _INTERPRET:
-    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    _BWD_CONFIGS = _FWD_CONFIGS
-else:
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 4, 4),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (128, 256, 64, 8, 3),
-            (256, 128, 64, 8, 3),
-        ]
-    ]
-    _BWD_CONFIGS = _FWD_CONFIGS
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# sm_90 configs, checked with `python -m llm2clip_fast.kernels._ptxas_report` (ptxas -v, sm_90a).
+# Dropped for spilling with 16-bit operands: 128x256x64 and 256x128x64 (~2.5 KB forward, ~300 B
+# backward) and 128x128x32 with 4 warps (2.2 KB forward; 8 warps do not spill). With fp32 operands
+# (full-precision FMA dots) the 16-bit forward tiles spilled 2.5-23 KB: fp32 gets its own K = 16
+# tiles, which spill nothing with IEEE or TF32 dots.
+_FWD_TILES = TileConfigs(
+    "siglip_fwd", ("img_ptr", "txt_ptr"),
+    half=gemm_configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]),
+    fp32=gemm_configs([(128, 64, 16, 8, 3), (64, 128, 16, 8, 3), (64, 64, 16, 4, 3)]),
+)
+_BWD_TILES = TileConfigs("siglip_bwd", ("img_ptr", "txt_ptr"), half=_FWD_TILES.half, fp32=_FWD_TILES.fp32)
+# The interpreter runs one program at a time and fails with several autotune configs.
+_INTERPRET_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+# The backward's partial-sum buffer is sized for the smallest tile any config uses.
+_MIN_BLOCK = 32 if _INTERPRET else min(_BWD_TILES.block_min("BLOCK_M"), _BWD_TILES.block_min("BLOCK_N"))
+# A forward column split starts on a block boundary for every autotuned BLOCK_N.
+_SPLIT_ALIGN = 256
+if _SPLIT_ALIGN % _FWD_TILES.block_max("BLOCK_N"):
+    raise ValueError(f"every forward BLOCK_N must divide the column-split alignment {_SPLIT_ALIGN}")
 
 
 @triton.jit
@@ -83,7 +84,7 @@ def _logit_tile(img_ptr, txt_ptr, rows, cols, M, N, D, stride_im, stride_id, str
     return acc
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["M_BUCKET", "N_BUCKET", "D"])
+@triton.autotune(**_FWD_TILES.autotune_args(_INTERPRET, _INTERPRET_CONFIG), key=["M_BUCKET", "N_BUCKET", "D"])
 @triton.jit
 def _siglip_fwd_kernel(
     img_ptr, txt_ptr, out_ptr, scale_ptr, bias_ptr,
@@ -114,7 +115,8 @@ def _siglip_fwd_kernel(
     tl.store(out_ptr + pid_s * M + rows, loss, mask=row_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["M_BUCKET", "N_BUCKET", "D"], reset_to_zero=["partial_ptr"])
+@triton.autotune(**_BWD_TILES.autotune_args(_INTERPRET, _INTERPRET_CONFIG), key=["M_BUCKET", "N_BUCKET", "D"],
+                 reset_to_zero=["partial_ptr"])
 @triton.jit
 def _siglip_grad_tile_kernel(
     img_ptr, txt_ptr, g_ptr, weight_ptr, partial_ptr, scale_ptr, bias_ptr,
@@ -136,8 +138,10 @@ def _siglip_grad_tile_kernel(
                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, DOT_PRECISION)
     z = scale * dots + bias
     positive = cols[None, :] == rows[:, None] + offset
-    # d softplus(-y z) / dz = -y * sigmoid(-y z)
-    g0 = tl.where(positive, -tl.sigmoid(-z), tl.sigmoid(z))
+    # d softplus(-y z) / dz = -y * sigmoid(-y z): one sigmoid of -y z and a sign select. Taking
+    # sigmoid(-y z) directly (not 1 - sigmoid(y z)) keeps the tiny gradients of well-separated pairs.
+    sg = tl.sigmoid(tl.where(positive, -z, z))
+    g0 = tl.where(positive, -sg, sg)
     valid = row_ok[:, None] & col_ok[None, :]
     g0 = tl.where(valid, g0, 0.0)
     g_off = rows.to(tl.int64)[:, None] * stride_gm + cols[None, :]
@@ -178,15 +182,14 @@ def siglip_forward_rows(
     M, D = image.shape
     N = text.shape[0]
     device = image.device
-    n_blocks_min = triton.cdiv(N, 256)
+    n_blocks_min = triton.cdiv(N, _SPLIT_ALIGN)
     if _INTERPRET:
         splits = 1
     else:
         # Split the columns so that small M still fills the GPU; partial row sums are added on the host.
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         splits = max(1, min(n_blocks_min, triton.cdiv(4 * sms, triton.cdiv(M, 128))))
-    # A split's column range must start on a block boundary for every autotuned BLOCK_N: 256 covers all.
-    cols_per_split = triton.cdiv(triton.cdiv(N, splits), 256) * 256
+    cols_per_split = triton.cdiv(triton.cdiv(N, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     splits = triton.cdiv(N, cols_per_split)
     out = torch.empty((splits, M), device=device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)

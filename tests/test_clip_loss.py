@@ -329,3 +329,92 @@ def test_gpu_triton_primitives_and_chunks(monkeypatch):
     _check_primitives("triton", 1000, 3001, 96, "cuda")
     monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(200 * 3000))
     _check_against_reference("triton", 3000, 256, torch.bfloat16, device="cuda")
+
+
+# ---- Triton autotuning: a winner other than the last config benchmarked --------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
+def test_triton_backward_d_scale_right_when_autotune_picks_bigger_tiles(monkeypatch):
+    # The autotuner launches every config on the real buffers, then the winner; partial sums that a
+    # smaller-tile config left behind must not reach d(logit_scale) (first call per shape).
+    import triton
+    from _autotune_probe import autotuner_with_winner
+
+    from llm2clip_fast.kernels import clip_loss as kernels
+
+    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    tuned = autotuner_with_winner(kernels._clip_grad_tile_kernel, [small, big], winner=1)
+    monkeypatch.setattr(kernels, "_clip_grad_tile_kernel", tuned)
+    img, txt = _features(70, 24, torch.float32)
+    scale = torch.tensor(9.0)
+    row_lse, col_lse = clip_lse_forward(img, txt, scale, backend="reference")
+    g = torch.Generator().manual_seed(3)
+    row_coef = torch.rand(70, generator=g, dtype=torch.float64).float()
+    col_coef = torch.rand(70, generator=g, dtype=torch.float64).float()
+    args = (img, txt, scale, row_lse.float(), col_lse.float(), row_coef, col_coef)
+    got = clip_lse_backward(*args, backend="triton")
+    want = clip_lse_backward(*(a.double() for a in args), backend="reference")
+    assert tuned.best_config is big
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
+@pytest.mark.parametrize("winner", [0, 1])
+def test_triton_forward_lse_right_whichever_config_autotune_picks(monkeypatch, winner):
+    # Every benchmarked config merges its column LSEs into the same workspace: the winner must start
+    # from the initial -inf workspace, not from what the benchmark runs left there.
+    import triton
+    from _autotune_probe import autotuner_with_winner
+
+    from llm2clip_fast.kernels import clip_loss as kernels
+
+    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    tuned = autotuner_with_winner(kernels._clip_lse_forward_kernel, [small, big], winner=winner)
+    monkeypatch.setattr(kernels, "_clip_lse_forward_kernel", tuned)
+    img, txt = _features(70, 24, torch.float32)
+    scale = torch.tensor(9.0)
+    got = clip_lse_forward(img, txt, scale, backend="triton")
+    want = clip_lse_forward(img.double(), txt.double(), scale.double(), backend="reference")
+    assert tuned.best_config is (small, big)[winner]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=2e-6)
+
+
+# ---- Triton: 64-bit offsets -----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU views over a sparse virtual allocation")
+def test_triton_kernels_address_rows_past_2_31_elements():
+    # Rows of image, text and the G workspace 2^30 + 64 elements apart: row 2 starts past 2^31, where
+    # int32 offset arithmetic wraps. The buffer is 8 GiB of virtual memory of which a few pages are
+    # touched; int32 offsets would land in its untouched first half and read zeros.
+    from llm2clip_fast.kernels.clip_loss import clip_grad_chunk_triton, clip_lse_forward_triton
+
+    stride, d, n = (1 << 30) + 64, 8, 3
+    base = 1 << 31
+    try:
+        buf = torch.empty(base + 2 * stride + 4096, dtype=torch.float16)
+    except RuntimeError as exc:  # no room for the virtual allocation
+        pytest.skip(f"cannot reserve 8 GiB of virtual memory: {exc}")
+    img = buf.as_strided((3, d), (stride, 1), base)
+    txt = buf.as_strided((n, d), (stride, 1), base + d)
+    g_out = buf.as_strided((3, n), (stride, 1), base + 2 * d)
+    gen = torch.Generator().manual_seed(0)
+    img.copy_(torch.randn(3, d, generator=gen))
+    txt.copy_(torch.randn(n, d, generator=gen))
+    scale = torch.tensor(2.0)
+    logits = img.double() @ txt.double().t()
+    x = 2.0 * logits
+    want_row, want_col = x.logsumexp(1), x.logsumexp(0)
+    row_lse, col_lse = clip_lse_forward_triton(img, txt, scale)
+    torch.testing.assert_close(row_lse.double(), want_row, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(col_lse.double(), want_col, rtol=1e-5, atol=1e-5)
+    coef = torch.full((3,), 0.5)
+    d_scale = clip_grad_chunk_triton(img, txt, scale, want_row.float(), want_col.float(), coef, coef, g_out)
+    want_g = 0.5 * ((x - want_row[:, None]).exp() + (x - want_col[None, :]).exp())
+    torch.testing.assert_close(g_out.double(), want_g, rtol=2e-3, atol=1e-3)  # G is stored in fp16
+    torch.testing.assert_close(d_scale.double(), (want_g * logits).sum(), rtol=1e-5, atol=1e-5)

@@ -261,3 +261,98 @@ def test_bad_reduction_offset_weight_and_forced_backend():
         siglip_loss(img, txt, 1.0, 0.0, backend="nope")
     with pytest.raises(BackendUnavailableError, match="float64"):
         siglip_loss(img.double(), txt.double(), 1.0, 0.0, backend="triton")
+
+
+# ---- Triton autotuning: a winner other than the last config benchmarked --------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
+@pytest.mark.parametrize("winner", [0, 1])
+def test_triton_backward_scalars_right_whichever_config_autotune_picks(monkeypatch, winner):
+    # The autotuner launches every config on the real buffers, then the winner; partial sums that
+    # another config left behind must not reach d(scale) or d(bias) (first call per shape).
+    import triton
+    from _autotune_probe import autotuner_with_winner
+
+    from llm2clip_fast.kernels import siglip_loss as kernels
+
+    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    tuned = autotuner_with_winner(kernels._siglip_grad_tile_kernel, [small, big], winner=winner)
+    monkeypatch.setattr(kernels, "_siglip_grad_tile_kernel", tuned)
+    g = torch.Generator().manual_seed(5)
+    img = F.normalize(torch.randn(70, 24, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(66, 24, generator=g), dim=-1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    weight = torch.rand(70, generator=g) + 0.5
+    got = siglip_backward(img, txt, scale, bias, weight, offset=3, backend="triton")
+    want = siglip_backward(img.double(), txt.double(), scale.double(), bias.double(), weight.double(),
+                           offset=3, backend="reference")
+    assert tuned.best_config is (small, big)[winner]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
+
+
+# ---- Triton: large logits (scale 100, bias -10) ------------------------------------------------------
+
+
+def _separated_features(m: int, d: int):
+    """Positives at cosine ~1 (z ~ +90), a few negatives duplicating another row's image (z ~ +90 as
+    a negative: loss ~90, gradient ~1) and anti-correlated negatives (z ~ -110)."""
+    g = torch.Generator().manual_seed(11)
+    img = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(img + 0.01 * torch.randn(m, d, generator=g, dtype=torch.float64), dim=-1)
+    txt[m - 1] = img[0]
+    txt[m - 2] = -img[1]
+    return img.float(), txt.float()
+
+
+# tl.sigmoid of z = -110 overflows exp(110) to inf on the way to the exact 0.0; numpy says so.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_triton_large_logits_finite_and_exact():
+    m, d = 37, 24
+    img, txt = _separated_features(m, d)
+    scale, bias = torch.tensor(100.0), torch.tensor(-10.0)
+    z = 100.0 * img.double() @ txt.double().t() - 10.0
+    assert z.max() > 85 and z.min() < -105  # the regime under test
+    rows = siglip_forward_rows(img, txt, scale, bias, backend="triton")
+    want_rows = siglip_forward_rows(img.double(), txt.double(), scale.double(), bias.double(),
+                                    backend="reference")
+    assert torch.isfinite(rows).all()
+    torch.testing.assert_close(rows.double(), want_rows, rtol=1e-5, atol=1e-5)
+    weight = torch.rand(m, generator=torch.Generator().manual_seed(12)) + 0.5
+    got = siglip_backward(img, txt, scale, bias, weight, backend="triton")
+    want = siglip_backward(img.double(), txt.double(), scale.double(), bias.double(), weight.double(),
+                           backend="reference")
+    for name, a, w in zip(("d_image", "d_text", "d_scale", "d_bias"), got, want):
+        assert torch.isfinite(a).all(), name
+        a = a.double().reshape(w.shape[0] if w.dim() else 1, -1)
+        w = w.reshape(a.shape)
+        # Row by row relative to the row's own size: rows made only of well-separated pairs are tiny.
+        err = (a - w).norm(dim=1)
+        assert (err <= 1e-5 * w.norm(dim=1) + 1e-30).all(), (name, err.max().item())
+
+
+@pytest.mark.slow
+def test_triton_gradient_epilogue_takes_one_exp_and_one_divide_per_element():
+    # Compiled for sm_90a without a GPU (a fresh process: the interpreter's kernels cannot compile).
+    # The tile epilogue is the per-element cost next to the dot: one sigmoid (one exp, one divide).
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from llm2clip_fast.kernels._ptxas_report import compile_for_sm90, tiles_of\n"
+        "config = tiles_of('siglip_bwd').half[0]\n"
+        "ttir = compile_for_sm90('siglip_bwd', 'bf16', config).asm['ttir']\n"
+        "print(ttir.count('math.exp'), ttir.count('arith.divf'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        if "ptxas" in out.stderr or "nvidia" in out.stderr.lower():
+            pytest.skip(f"Triton cannot compile for sm_90a here: {out.stderr.strip().splitlines()[-1]}")
+        raise AssertionError(out.stderr)
+    n_exp, n_div = map(int, out.stdout.split()[-2:])
+    assert (n_exp, n_div) == (1, 1)
