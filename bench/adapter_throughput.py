@@ -73,8 +73,12 @@ def _saved_activation_mb(model: torch.nn.Module, run) -> float:
 
 
 def point(impl: str, batch: int, dim: int, out_dim: int, num_blocks: int, expansion: int, device: str,
-          dtype: str, budget_s: float) -> dict:
-    """One benchmark point (runs in its own process)."""
+          dtype: str, budget_s: float, fused_backend: str | None = None) -> dict:
+    """One benchmark point (runs in its own process).
+
+    ``fused_backend``: the backend forced on the fused impl; default "triton" on CUDA, automatic on CPU
+    (bench/gpu_check.py --quick forces "triton" there, to run the kernels under the interpreter).
+    """
     from llm2clip_fast.models.text_adapter import TextAdapter, TextAdapterReference
     from llm2clip_fast.ops import _backend
 
@@ -82,7 +86,7 @@ def point(impl: str, batch: int, dim: int, out_dim: int, num_blocks: int, expans
     torch.manual_seed(0)
     if impl == "fused":
         model = TextAdapter(dim, out_dim, num_blocks=num_blocks, expansion=expansion,
-                            backend="triton" if dev.type == "cuda" else None).to(dev)
+                            backend=fused_backend or ("triton" if dev.type == "cuda" else None)).to(dev)
     else:
         model = TextAdapterReference(dim, out_dim, num_blocks=num_blocks, expansion=expansion).to(dev)
     low = DTYPES[dtype]
