@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser, default_out="bench/results/adapter_throughput.json")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="GPU: autocast dtype (default bf16); CPU: weights dtype (default fp32)")
-    parser.add_argument("--impls", default=",".join(IMPLS),
-                        help="comma-separated subset of " + ",".join(IMPLS))
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated subset of " + ",".join(IMPLS) + " (default: all; a quick "
+                        "CPU run leaves out compile, whose code generation takes minutes on 2 cores)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--dims", default=None, help="comma-separated input dims (d)")
     parser.add_argument("--out-dim", type=int, default=None)
@@ -151,16 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu:
         batches, dims, out_dim = ([4096] if args.quick else [4096, 32768]), [4096], 1280
     else:
-        batches = [256] if args.quick else [256, 1024]
-        dims, out_dim = ([256] if args.quick else [256, 512]), 128
+        batches = [32] if args.quick else [256, 1024]
+        dims, out_dim = ([64] if args.quick else [256, 512]), (32 if args.quick else 128)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     dims = [int(d) for d in args.dims.split(",")] if args.dims else dims
     out_dim = args.out_dim or out_dim
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    default_impls = [i for i in IMPLS if not (args.quick and not on_gpu and i == "compile")]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()] if args.impls else default_impls
     bad = [i for i in impls if i not in IMPLS]
     if bad:
         parser.error(f"--impls: unknown {bad}; choose from {list(IMPLS)}")
-    budget_s = 0.5 if args.quick else 2.0
+    budget_s = 0.05 if args.quick else 2.0
 
     matmul = measured_matmul_tflops(dev, DTYPES[dtype])
     print(f"measured {dtype} matmul rate on {dev.type}: {matmul:.3g} TFLOP/s", flush=True)

@@ -231,7 +231,7 @@ CUDA_FUSED_ONLY_B = 1 << 20
 
 def _default_sweep(device: str, quick: bool) -> tuple[list[int], list[int], str]:
     if quick:
-        return [64, 256], [32], "fp32" if device == "cpu" else "bf16"
+        return [64], [32], "fp32" if device == "cpu" else "bf16"
     if device == "cuda":
         return [8192, 65536, CUDA_FUSED_ONLY_B], [1024], "bf16"
     return [1024, 4096, 16384], [512], "fp32"
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--providers: unknown {unknown}; {args.loss} has {list(table)}")
     batches, dims, dtype = _default_sweep(args.device, args.quick)
     batches, dims, dtype = args.batch or batches, args.dim or dims, args.dtype or dtype
-    budget = args.budget_s if args.budget_s is not None else (0.3 if args.quick else 2.0)
+    budget = args.budget_s if args.budget_s is not None else (0.05 if args.quick else 2.0)
 
     def providers_at(b: int) -> list[str]:
         if args.providers is not None:

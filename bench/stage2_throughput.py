@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     dev = torch.device(args.device)
     on_gpu = dev.type == "cuda"
     precision = args.precision or ("bf16" if on_gpu else "fp32")
-    spec = args.points or (GPU_POINTS if on_gpu else ("micro:1024" if args.quick else CPU_POINTS))
+    spec = args.points or (GPU_POINTS if on_gpu else ("micro:16" if args.quick else CPU_POINTS))
     points = parse_points(spec)
     llm_dim = args.llm_dim or (4096 if on_gpu else 384)
     embed_dim = args.embed_dim or (512 if on_gpu else 256)
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [i for i in impls if i not in IMPLS]
     if unknown:
         raise ValueError(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
-    budget_s = 1.0 if args.quick else 4.0
+    budget_s = 0.05 if args.quick else 4.0
 
     rows = []
     for preset, batch in points:
