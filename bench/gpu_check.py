@@ -301,12 +301,16 @@ def stage_env(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
     rec.attempt("gpu", gpu)
 
     def info() -> dict[str, Any]:
-        q = subprocess.run([sys.executable, "-m", "llm2clip_fast.info"], capture_output=True, text=True,
-                           timeout=60, env=_child_env(quick))
-        (rec.path.parent / "info.txt").write_text(q.stdout + q.stderr)
-        status = "ok" if q.returncode == 0 else "fail"
-        return {"status": status, "returncode": q.returncode, "lines": len(q.stdout.splitlines()),
-                "note": "full output in info.txt"}
+        import io
+
+        from llm2clip_fast import info as info_cli
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):  # this stage is its own process already
+            rc = info_cli.main([])
+        (rec.path.parent / "info.txt").write_text(buf.getvalue())
+        return {"status": "ok" if rc == 0 else "fail", "returncode": rc,
+                "lines": len(buf.getvalue().splitlines()), "note": "full output in info.txt"}
 
     rec.attempt("llm2clip_fast.info", info)
 
@@ -535,15 +539,18 @@ def stage_gpu_tests(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
     # The per-test limit comes from bench/_pytest_time_limit.py (SIGALRM in the test's thread): a
     # test stuck in Python fails with TimeoutError; one stuck inside a kernel is caught by the
     # stage's own time limit.
-    env = _child_env(quick)
-    env["LLM2CLIP_TEST_TIME_LIMIT_S"] = str(_PER_TEST_TIMEOUT_S)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "bench._pytest_time_limit",
-           f"--junitxml={xml_path}", "-o", "addopts=", *files]
+    import pytest
+
+    os.environ["LLM2CLIP_TEST_TIME_LIMIT_S"] = str(_PER_TEST_TIMEOUT_S)
+    args = ["-q", "-m", "gpu", "-p", "bench._pytest_time_limit", "-p", "no:cacheprovider",
+            f"--junitxml={xml_path}", "-o", "addopts=", *files]
     rec.note(f"per-test limit {_PER_TEST_TIMEOUT_S:.0f} s; files: {', '.join(files)}")
-    q = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
-    (rec.path.parent / "gpu_tests.log").write_text(q.stdout + q.stderr)
+    os.chdir(REPO_ROOT)
+    # In this process (already the stage's own): its output goes to the stage log.
+    returncode = int(pytest.main(args))
     if not xml_path.exists():
-        rec.add("pytest -m gpu", "error", note=(q.stdout + q.stderr)[-600:], returncode=q.returncode)
+        rec.add("pytest -m gpu", "error", note="pytest wrote no report; see gpu_tests.log",
+                returncode=returncode)
         return
     for case in ET.parse(xml_path).getroot().iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
@@ -556,7 +563,7 @@ def stage_gpu_tests(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
         else:
             rec.add(name, "ok", time_s=t)
     # pytest: 0 all passed, 5 nothing collected (every gpu test deselected); anything else failed.
-    rec.add("pytest exit", "ok" if q.returncode in (0, 5) else "fail", returncode=q.returncode)
+    rec.add("pytest exit", "ok" if returncode in (0, 5) else "fail", returncode=returncode)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -245,8 +245,11 @@ def default_providers_at(device: str, b: int, providers: list[str], quick: bool)
         wanted = ["fused"] if b >= CUDA_FUSED_ONLY_B else ["fused", "materialised", "materialised-compiled"]
         return [p for p in providers if p in wanted]
     # torch.compile's CPU code generation takes minutes on 2 cores: by default it is compared only at
-    # small B on CPU, and not at all in a quick run there.
-    limit = 0 if quick else 4096
+    # small B on CPU, and not at all in a quick run there, which also leaves out the chunked torch
+    # backend (a quick run starts as few processes as it can).
+    if quick:
+        return [p for p in providers if p in ("fused", "materialised")]
+    limit = 4096
     return [p for p in providers if p != "materialised-compiled" or b <= limit]
 
 
