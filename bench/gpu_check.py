@@ -12,17 +12,17 @@ Stages (timeouts in seconds, CUDA run; the optional ones run only if the overall
 
 ==============  =====  ====================================================================================
 env             15     GPU name, clocks, versions, ``python -m llm2clip_fast.info``
-correctness     90     first calls in a fresh process (autotune defects show there), forced Triton: CLIP and
+correctness     110    first calls in a fresh process (autotune defects show there), forced Triton: CLIP and
                        SigLIP at B=8192, D=1024 in bf16 and fp16, adapter 4096->1280, masked mean pool
                        (triton and cuda); loss and every gradient against float64 on the same inputs, and
                        the distributed losses' single-rank path against the plain ones
-gpu_tests       75     ``pytest -m gpu`` on the test files that carry the marker, per-test time limit
-loss_speed      70     bf16 matmul rate (8192^3); fused CLIP and SigLIP fwd+bwd at B=65536, D=1024 bf16
+gpu_tests       65     ``pytest -m gpu`` on the test files that carry the marker, per-test time limit
+loss_speed      60     bf16 matmul rate (8192^3); fused CLIP and SigLIP fwd+bwd at B=65536, D=1024 bf16
                        (CUDA events, median of 5, fwd/bwd/total, TFLOP/s with 8*B^2*D and as a fraction of
                        the measured matmul rate) against the materialised OpenCLIP-style losses
-clip_1m         60     CLIP at B=1,048,576, D=1024 bf16: finite loss and gradients, peak memory, time; row
+clip_1m         70     CLIP at B=1,048,576, D=1024 bf16: finite loss and gradients, peak memory, time; row
                        and column log-sum-exp recomputed with torch for sampled rows (first, random, last)
-adapter_speed   90     adapter 4096->1280 (4 blocks x2, bf16 autocast) fused vs eager vs torch.compile at
+adapter_speed   80     adapter 4096->1280 (4 blocks x2, bf16 autocast) fused vs eager vs torch.compile at
                        batch 8192 and 32768: fwd+bwd time and activation memory
 models          70     optional: embedding throughput of an 8B-shaped random Llama (bf16; int8 only where
                        bitsandbytes is installed) and a stage-2 step on ViT-L/14 with cached (random)
@@ -101,11 +101,11 @@ class Stage:
 
 STAGES = [
     Stage("env", "environment: GPU, clocks, versions, llm2clip_fast.info", 15, 60),
-    Stage("correctness", "first-call correctness vs float64: losses, adapter, pooling, distributed", 90, 120),
-    Stage("gpu_tests", "pytest -m gpu with a per-test time limit", 75, 120),
-    Stage("loss_speed", "matmul rate; fused vs materialised CLIP/SigLIP fwd+bwd", 70, 90),
-    Stage("clip_1m", "CLIP at B=1,048,576: finite, peak memory, sampled LSE check", 60, 60),
-    Stage("adapter_speed", "adapter fused vs eager vs torch.compile: time and activation memory", 90, 120),
+    Stage("correctness", "first-call correctness vs float64: losses, adapter, pool, distributed", 110, 120),
+    Stage("gpu_tests", "pytest -m gpu with a per-test time limit", 65, 120),
+    Stage("loss_speed", "matmul rate; fused vs materialised CLIP/SigLIP fwd+bwd", 60, 90),
+    Stage("clip_1m", "CLIP at B=1,048,576: finite, peak memory, sampled LSE check", 70, 60),
+    Stage("adapter_speed", "adapter fused vs eager vs torch.compile: time and activation memory", 80, 120),
     Stage("models", "8B-shaped Llama embedding throughput; ViT-L/14 stage-2 step", 70, 120, optional=True),
 ]
 
@@ -183,6 +183,7 @@ class Sizes:
     big_b: int
     big_d: int
     adapter_batches: tuple[int, ...]
+    adapter_blocks: int
     llm: dict[str, int]
     llm_batch: tuple[int, int]
     vit_preset: str
@@ -194,13 +195,13 @@ class Sizes:
 
 GPU_SIZES = Sizes(loss_b=8192, loss_d=1024, adapter_b=1024, adapter_d=4096, adapter_out=1280,
                   pool=(64, 256, 4096), speed_b=65536, matmul_n=8192, big_b=1 << 20, big_d=1024,
-                  adapter_batches=(8192, 32768),
+                  adapter_batches=(8192, 32768), adapter_blocks=4,
                   llm=dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate=14336,
                            vocab=32000),
                   llm_batch=(32, 256), vit_preset="vit-l-14", vit_batch=1024, stage2_llm_dim=4096,
                   stage2_embed_dim=1280, reps=5)
 QUICK_SIZES = Sizes(loss_b=37, loss_d=24, adapter_b=9, adapter_d=32, adapter_out=16, pool=(3, 7, 24),
-                    speed_b=33, matmul_n=64, big_b=67, big_d=16, adapter_batches=(9, 13),
+                    speed_b=33, matmul_n=64, big_b=67, big_d=16, adapter_batches=(9,), adapter_blocks=1,
                     llm=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate=64,
                              vocab=100),
                     llm_batch=(2, 8), vit_preset="micro", vit_batch=8, stage2_llm_dim=32, stage2_embed_dim=16,
@@ -718,11 +719,13 @@ def stage_adapter_speed(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> N
     fwdbwd: dict[tuple[str, int], float] = {}
     for impl, b in order:
         def run(impl: str = impl, b: int = b) -> dict:
-            r = point(impl=impl, batch=b, dim=d, out_dim=n, num_blocks=4, expansion=2, device=str(dev),
+            blocks = sizes.adapter_blocks
+            r = point(impl=impl, batch=b, dim=d, out_dim=n, num_blocks=blocks, expansion=2, device=str(dev),
                       dtype="bf16" if dev.type == "cuda" else "fp32", budget_s=0.2 if quick else 1.0,
                       fused_backend="triton")
             fwdbwd[(impl, b)] = r["fwdbwd_ms"]
-            r["fwdbwd_tflops"] = 3 * adapter_flops(b, d, n, 4, 2) / r["fwdbwd_ms"] / 1e9
+            r["fwdbwd_tflops"] = 3 * adapter_flops(b, d, n, blocks, 2) / r["fwdbwd_ms"] / 1e9
+            r["blocks"] = blocks
             if ("eager", b) in fwdbwd and impl != "eager":
                 r["speedup_vs_eager"] = fwdbwd[("eager", b)] / r["fwdbwd_ms"]
             if impl == "eager" and ("fused", b) in fwdbwd:
@@ -802,7 +805,8 @@ def stage_models(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
                 lambda: _llm_embed_speed(dev, sizes, sizes.reps, int8=False))
     import torch
 
-    torch.cuda.empty_cache() if dev.type == "cuda" else None
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the 8B model is gone: give its memory back before the int8 copy
     if importlib.util.find_spec("bitsandbytes") is None:
         rec.add(f"{name} embed int8", "skipped", note="bitsandbytes is not installed")
     elif dev.type != "cuda":
@@ -838,7 +842,7 @@ def run_stage(name: str, out: Path, quick: bool) -> int:
     import torch
 
     stage = next(s for s in STAGES if s.name == name)
-    dev = torch.device("cpu" if quick else "cuda")
+    dev = torch.device("cpu" if quick else "cuda:0")  # an explicit index: set_device and NCCL need one
     rec = Recorder(out, stage, quick, dev.type)
     if dev.type == "cuda" and not torch.cuda.is_available():
         rec.add("cuda", "error", note="torch sees no CUDA device; use --quick for the CPU smoke run")
