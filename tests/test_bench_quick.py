@@ -141,3 +141,21 @@ def test_per_test_time_limit_plugin_fails_a_slow_test(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "ran past the 1 s per-test limit" in proc.stdout
+
+
+def test_loss_bench_cuda_defaults_are_bounded(monkeypatch):
+    from bench import loss_throughput as L
+
+    assert L._default_sweep("cuda", quick=False) == ([8192, 65536, 1 << 20], [1024], "bf16")
+    every = list(L.PROVIDERS["clip"])
+    for b in (8192, 65536):
+        assert L.default_providers_at("cuda", b, every, quick=False) == [
+            "fused", "materialised", "materialised-compiled"]
+    assert L.default_providers_at("cuda", 1 << 20, every, quick=False) == ["fused"]
+    # Children share Triton's on-disk autotune cache, so a shape is tuned once, not in every process.
+    seen = {}
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    monkeypatch.setattr(L, "run_point_in_subprocess",
+                        lambda target, kwargs, timeout_s, env: seen.update(env) or {"status": "ok"})
+    L.run_point("clip", "fused", 8, 4, "cuda", "bf16", 0.1)
+    assert seen == {"TRITON_CACHE_AUTOTUNING": "1"}
