@@ -5,8 +5,10 @@
     python bench/adapter_throughput.py --device cpu
 
 Implementations (same weights):
-- ``fused``: :class:`TextAdapter` with automatic dispatch: the fused Triton kernels on CUDA; on CPU it is
-  the torch path (the fused kernels are GPU-only), so there it measures the dispatch overhead only.
+- ``fused``: :class:`TextAdapter` forced to the fused Triton kernels on CUDA (a forced backend that
+  cannot serve raises, so a missing kernel module fails the point instead of timing the torch path);
+  on CPU it uses automatic dispatch, which is the torch path (the fused kernels are GPU-only), so there
+  it measures the dispatch overhead only. Each row's ``backend`` is what the op recorded it ran on.
 - ``eager``: :class:`TextAdapterReference` (nn.LayerNorm / nn.Linear / nn.GELU).
 - ``compile``: ``torch.compile(TextAdapterReference)``.
 
@@ -71,14 +73,22 @@ def _saved_activation_mb(model: torch.nn.Module, run) -> float:
 
 
 def point(impl: str, batch: int, dim: int, out_dim: int, num_blocks: int, expansion: int, device: str,
-          dtype: str, budget_s: float) -> dict:
-    """One benchmark point (runs in its own process)."""
+          dtype: str, budget_s: float, fused_backend: str | None = None) -> dict:
+    """One benchmark point (runs in its own process).
+
+    ``fused_backend``: the backend forced on the fused impl; default "triton" on CUDA, automatic on CPU
+    (bench/gpu_check.py --quick forces "triton" there, to run the kernels under the interpreter).
+    """
     from llm2clip_fast.models.text_adapter import TextAdapter, TextAdapterReference
+    from llm2clip_fast.ops import _backend
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    cls = TextAdapter if impl == "fused" else TextAdapterReference
-    model = cls(dim, out_dim, num_blocks=num_blocks, expansion=expansion).to(dev)
+    if impl == "fused":
+        model = TextAdapter(dim, out_dim, num_blocks=num_blocks, expansion=expansion,
+                            backend=fused_backend or ("triton" if dev.type == "cuda" else None)).to(dev)
+    else:
+        model = TextAdapterReference(dim, out_dim, num_blocks=num_blocks, expansion=expansion).to(dev)
     low = DTYPES[dtype]
     if low != torch.float32 and dev.type == "cpu":
         model = model.to(low)  # CPU: low-precision weights (CPU autocast would keep LayerNorm in fp32 too)
@@ -98,6 +108,7 @@ def point(impl: str, batch: int, dim: int, out_dim: int, num_blocks: int, expans
             y = runner(x)
         y.backward(gy)
 
+    _backend.clear_selections()
     fwd_bwd()  # compiles, autotunes, allocates .grad so later steps reuse it
     fwd()
     t_f = time_fn(fwd, device=dev, budget_s=budget_s)
@@ -111,11 +122,11 @@ def point(impl: str, batch: int, dim: int, out_dim: int, num_blocks: int, expans
     if dev.type == "cuda":
         peak, before = cuda_peak_mb(fwd_bwd, dev)
         result["act_peak_mb"] = peak - before
-        result["backend"] = "triton" if impl == "fused" else "torch"
     else:
         mark_memory_baseline()
         fwd_bwd()  # the parent reads peak_above_baseline_mb
-        result["backend"] = "torch"
+    # What the op recorded it ran on; the reference modules never call it (plain nn.Module code).
+    result["backend"] = _backend.last_selected("text_adapter") if impl == "fused" else "torch (nn.Module)"
     return result
 
 
@@ -125,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser, default_out="bench/results/adapter_throughput.json")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="GPU: autocast dtype (default bf16); CPU: weights dtype (default fp32)")
-    parser.add_argument("--impls", default=",".join(IMPLS),
-                        help="comma-separated subset of " + ",".join(IMPLS))
+    parser.add_argument("--impls", default=None,
+                        help="comma-separated subset of " + ",".join(IMPLS) + " (default: all; a quick "
+                        "CPU run leaves out compile, whose code generation takes minutes on 2 cores)")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--dims", default=None, help="comma-separated input dims (d)")
     parser.add_argument("--out-dim", type=int, default=None)
@@ -140,16 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu:
         batches, dims, out_dim = ([4096] if args.quick else [4096, 32768]), [4096], 1280
     else:
-        batches = [256] if args.quick else [256, 1024]
-        dims, out_dim = ([256] if args.quick else [256, 512]), 128
+        batches = [32] if args.quick else [256, 1024]
+        dims, out_dim = ([64] if args.quick else [256, 512]), (32 if args.quick else 128)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
     dims = [int(d) for d in args.dims.split(",")] if args.dims else dims
     out_dim = args.out_dim or out_dim
-    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    default_impls = [i for i in IMPLS if not (args.quick and not on_gpu and i == "compile")]
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()] if args.impls else default_impls
     bad = [i for i in impls if i not in IMPLS]
     if bad:
         parser.error(f"--impls: unknown {bad}; choose from {list(IMPLS)}")
-    budget_s = 0.5 if args.quick else 2.0
+    budget_s = 0.05 if args.quick else 2.0
 
     matmul = measured_matmul_tflops(dev, DTYPES[dtype])
     print(f"measured {dtype} matmul rate on {dev.type}: {matmul:.3g} TFLOP/s", flush=True)

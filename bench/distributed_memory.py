@@ -127,6 +127,8 @@ def worker(rank: int, world: int, port: str, provider: str, batch: int, dim: int
         txt = F.normalize(torch.randn(rows, dim, generator=gen), dim=-1).requires_grad_()
         return [img, txt, torch.tensor(1 / 0.07, requires_grad=True), torch.tensor(-10.0, requires_grad=True)]
 
+    from llm2clip_fast.ops import _backend
+
     loss_fn(*(warm := leaves(8))).backward()  # library loading, gloo buffers, C++ ops: not the loss's memory
     del warm
     inputs = leaves(batch // world)
@@ -138,7 +140,10 @@ def worker(rank: int, world: int, port: str, provider: str, batch: int, dim: int
     loss.backward()
     step_s = time.perf_counter() - t0
     peak = peak_rss_mb()
-    result = {"rank": rank, "loss": float(loss), "step_s": step_s, "peak_rss_mb": peak,
+    # The op the global losses run per rank, as it recorded it (the OpenCLIP providers call no op).
+    op = "clip_loss" if provider.endswith("clip") and not provider.endswith("siglip") else "siglip_loss"
+    backend = _backend.last_selected(op) if provider.startswith("global") else "torch (materialised)"
+    result = {"rank": rank, "backend": backend, "loss": float(loss), "step_s": step_s, "peak_rss_mb": peak,
               "baseline_rss_mb": baseline, "peak_above_baseline_mb": peak - baseline,
               "inputs_mb": sum(t.numel() * t.element_size() for t in inputs[:2]) / 2**20}
     Path(out).write_text(json.dumps(result))
@@ -217,21 +222,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="a smoke run: B=1024, D=64")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: B=128, D=16, the two CLIP providers unless --providers is given")
     parser.add_argument("--world", type=int, default=2, help="number of gloo ranks")
     parser.add_argument("--batch", type=int, default=16384, help="global batch B (split evenly over ranks)")
     parser.add_argument("--dim", type=int, default=512, help="feature dimension D")
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS)
     parser.add_argument("--timeout-s", type=float, default=1800, help="per provider")
     parser.add_argument("--out", default="bench/results/distributed_memory.json")
     args = parser.parse_args(argv)
-    batch, dim = (1024, 64) if args.quick else (args.batch, args.dim)
+    batch, dim = (128, 16) if args.quick else (args.batch, args.dim)
+    providers = args.providers or (["global-clip", "openclip-clip"] if args.quick else list(PROVIDERS))
     if args.world < 2 or batch % args.world:
         parser.error(f"--world must be >= 2 and divide --batch; got world={args.world}, batch={batch}")
 
     rows: list[dict[str, Any]] = []
-    columns = ["provider", "rank", "B", "D", "status", "step_s", "peak_above_baseline_mb", "inputs_mb"]
-    for provider in args.providers:
+    columns = ["provider", "backend", "rank", "B", "D", "status", "step_s", "peak_above_baseline_mb",
+               "inputs_mb"]
+    for provider in providers:
         rows += run_provider(provider, args.world, batch, dim, args.timeout_s)
         print_table(rows[-args.world:], columns)
     print()

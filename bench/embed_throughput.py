@@ -103,7 +103,11 @@ def measure_point(model_path: str, precision: str, device: str, n_records: int, 
         "pad_frac_sorted": padding_fraction(lengths, sorted_order, batch_size),
         "pad_frac_unsorted": padding_fraction(lengths, list(range(len(texts))), batch_size),
     }
+    from llm2clip_fast.ops import _backend
+
+    _backend.clear_selections()
     encoder.encode(texts[: 2 * batch_size], batch_size=batch_size, show_progress=False)  # warm-up
+    result["pool_backend"] = _backend.last_selected("masked_mean_pool") or "none (last-token pooling)"
     mark_memory_baseline()
     for name, run in (("sorted", lambda: encoder.encode(texts, batch_size=batch_size, show_progress=False)),
                       ("unsorted", lambda: _encode_in_input_order(encoder, texts, batch_size))):
@@ -131,17 +135,21 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=None, help="demo records (2 captions each)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--gpu-model", choices=sorted(GPU_MODELS), default="llama-1b")
-    parser.add_argument("--models", default="minilm,tiny-llama,gpu",
-                        help="subset of minilm, tiny-llama, gpu (the real-sized one, CUDA only)")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="subset of fp32,bf16,int8")
+    parser.add_argument("--models", default=None,
+                        help="subset of minilm, tiny-llama, gpu (the real-sized one, CUDA only); default "
+                        "all, tiny-llama alone with --quick")
+    parser.add_argument("--precisions", default=None,
+                        help="subset of fp32,bf16,int8 (default all; bf16,int8 with --quick)")
     args = parser.parse_args()
-    wanted = {m.strip() for m in args.models.split(",") if m.strip()}
-    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    models_arg = args.models or ("tiny-llama" if args.quick else "minilm,tiny-llama,gpu")
+    wanted = {m.strip() for m in models_arg.split(",") if m.strip()}
+    precisions_arg = args.precisions or ("bf16,int8" if args.quick else ",".join(PRECISIONS))
+    precisions = [p.strip() for p in precisions_arg.split(",") if p.strip()]
     bad = sorted(wanted - {"minilm", "tiny-llama", "gpu"}) + [p for p in precisions if p not in PRECISIONS]
     if bad:
         parser.error(f"unknown --models/--precisions entries: {bad}")
     dev = torch.device(args.device)
-    n_records = args.records or (32 if args.quick else (512 if dev.type == "cuda" else 128))
+    n_records = args.records or (4 if args.quick else (512 if dev.type == "cuda" else 128))
     reps = 1 if args.quick else 3
 
     from llm2clip_fast.models.llm_encoder import packaged_minilm_path
@@ -180,8 +188,9 @@ def main() -> int:
     for r in rows:
         if r.get("pad_frac_unsorted"):
             r["padding_cut"] = 1.0 - r["pad_frac_sorted"] / r["pad_frac_unsorted"]
-    columns = ["model", "precision", "status", "captions_per_s_sorted", "captions_per_s_unsorted",
-               "tokens_per_s_sorted", "pad_frac_unsorted", "pad_frac_sorted", "padding_cut", "weights_mb",
+    columns = ["model", "precision", "pool_backend", "status", "captions_per_s_sorted",
+               "captions_per_s_unsorted", "tokens_per_s_sorted", "pad_frac_unsorted", "pad_frac_sorted",
+               "padding_cut", "weights_mb",
                "int8_over_bf16_weights", "peak_rss_mb", "peak_above_baseline_mb",
                "cuda_peak_above_weights_mb"]
     title = f"LLM text-encoder throughput on {args.device}, batch {args.batch_size}"

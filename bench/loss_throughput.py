@@ -12,16 +12,28 @@ below) and ``materialised-compiled`` (torch.compile of it). SigLIP has the same 
 ``siglip_loss`` and OpenCLIP's ``SigLipLoss``; its fused backward recomputes the logit tile once,
 so it counts 8*B^2*D FLOPs (forward 2, recompute 2, two gradient GEMMs 4), materialised 6*B^2*D.
 
+Default sweeps (``--batch`` / ``--providers`` / ``--dim`` replace them; given flags run their full
+product, e.g. ``--providers fused-torch --batch 1048576`` runs the chunked torch backend there):
+
+- CUDA (bf16, D=1024): ``fused``, ``materialised`` and ``materialised-compiled`` at B in {8192, 65536}
+  (the materialised B x B matrices fit an 80+ GB GPU there), then ``fused`` alone at B = 2^20.
+  Children share Triton's on-disk autotune cache (``TRITON_CACHE_AUTOTUNING=1`` unless set), so a
+  shape is tuned once per machine instead of once per subprocess.
+- CPU (fp32, D=512): every provider at B in {1024, 4096, 16384}, compiled only up to 4096.
+
+Each fused row's ``backend`` is what the op recorded it ran on (never a prediction).
+
 Examples::
 
     python bench/loss_throughput.py --quick
     python bench/loss_throughput.py                      # CPU: B up to 16384, D=512, then the target point
-    python bench/loss_throughput.py --device cuda        # CUDA: B up to 1,048,576 at D=1024, bf16
+    python bench/loss_throughput.py --device cuda        # CUDA: the default sweep above
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,6 +178,9 @@ def point(
         img.grad = txt.grad = scale.grad = None
         fn(img, txt, scale).backward()
 
+    from llm2clip_fast.ops import _backend
+
+    _backend.clear_selections()
     step()  # warm-up (and torch.compile's compilation) outside the measurement
     img.grad = txt.grad = scale.grad = None  # the gradients count as the loss's own memory
     if dev.type == "cuda":
@@ -184,15 +199,13 @@ def point(
         tflops=tflops(prov.flops(batch, dim), timing.median_ms),
     )
     if provider.startswith("fused"):  # which backend served, so a row is never ambiguous
-        from llm2clip_fast.ops._backend import select_backend
-
-        forced = "torch" if provider == "fused-torch" else None
-        out["backend"] = select_backend(f"{loss}_loss", [img, txt], backend=forced).name
+        out["backend"] = _backend.last_selected(f"{loss}_loss")
     return out
 
 
 def run_point(
-    loss: str, provider: str, batch: int, dim: int, device: str, dtype: str, budget_s: float
+    loss: str, provider: str, batch: int, dim: int, device: str, dtype: str, budget_s: float,
+    timeout_s: float = 1800,
 ) -> dict[str, Any]:
     kwargs = {
         "loss": loss,
@@ -203,19 +216,41 @@ def run_point(
         "dtype": dtype,
         "budget_s": budget_s,
     }
-    res = run_point_in_subprocess("bench.loss_throughput:point", kwargs, timeout_s=1800)
+    # Triton reads TRITON_CACHE_AUTOTUNING when a kernel module is imported: with it, the first
+    # child tunes a shape and later children load the winner from Triton's cache directory.
+    env = {"TRITON_CACHE_AUTOTUNING": os.environ.get("TRITON_CACHE_AUTOTUNING", "1")}
+    res = run_point_in_subprocess("bench.loss_throughput:point", kwargs, timeout_s=timeout_s, env=env)
     row = {"loss": loss, "provider": provider, "B": batch, "D": dim, "dtype": dtype, "device": device, **res}
     if device == "cpu" and "peak_rss_mb" in res:
         row["peak_mb"] = res["peak_rss_mb"]
     return row
 
 
+CUDA_FUSED_ONLY_B = 1 << 20
+
+
 def _default_sweep(device: str, quick: bool) -> tuple[list[int], list[int], str]:
     if quick:
-        return [256, 1024], [64], "fp32" if device == "cpu" else "bf16"
+        return [64], [32], "fp32" if device == "cpu" else "bf16"
     if device == "cuda":
-        return [4096, 16384, 65536, 262144, 1048576], [1024], "bf16"
+        return [8192, 65536, CUDA_FUSED_ONLY_B], [1024], "bf16"
     return [1024, 4096, 16384], [512], "fp32"
+
+
+def default_providers_at(device: str, b: int, providers: list[str], quick: bool) -> list[str]:
+    """The default providers at batch ``b`` (used only when ``--providers`` is not given)."""
+    if device == "cuda":
+        # The chunked torch backend at large B takes minutes per point: on request only. Past 65536
+        # the materialised B x B matrices (and their gradients) no longer fit one GPU.
+        wanted = ["fused"] if b >= CUDA_FUSED_ONLY_B else ["fused", "materialised", "materialised-compiled"]
+        return [p for p in providers if p in wanted]
+    # torch.compile's CPU code generation takes minutes on 2 cores: by default it is compared only at
+    # small B on CPU, and not at all in a quick run there, which also leaves out the chunked torch
+    # backend (a quick run starts as few processes as it can).
+    if quick:
+        return [p for p in providers if p in ("fused", "materialised")]
+    limit = 4096
+    return [p for p in providers if p != "materialised-compiled" or b <= limit]
 
 
 def _target_summary(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -278,15 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--providers: unknown {unknown}; {args.loss} has {list(table)}")
     batches, dims, dtype = _default_sweep(args.device, args.quick)
     batches, dims, dtype = args.batch or batches, args.dim or dims, args.dtype or dtype
-    budget = args.budget_s if args.budget_s is not None else (0.3 if args.quick else 2.0)
+    budget = args.budget_s if args.budget_s is not None else (0.05 if args.quick else 2.0)
 
     def providers_at(b: int) -> list[str]:
-        # torch.compile's CPU code generation takes minutes on 2 cores: by default it is compared
-        # only at small B on CPU, and not at all in a quick run there.
-        if args.device != "cpu" or args.providers is not None:
+        if args.providers is not None:
             return providers
-        limit = 0 if args.quick else 4096
-        return [p for p in providers if p != "materialised-compiled" or b <= limit]
+        return default_providers_at(args.device, b, providers, args.quick)
 
     rows: list[dict[str, Any]] = []
     for d in dims:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 
@@ -21,6 +22,39 @@ def triton_import_problem() -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     return None
+
+
+INSTALL_HINT = "pip install --no-build-isolation --no-deps -e ."
+
+
+@functools.cache
+def kernel_module_problem(module: str) -> str | None:
+    """Why ``llm2clip_fast.kernels.<module>`` cannot be imported, or None when it imports.
+
+    A backend that would need the module lists this as a reason, so a forced Triton backend raises
+    with the import error in its message and automatic dispatch moves on, instead of the error
+    surfacing (or being swallowed) later.
+    """
+    try:
+        importlib.import_module(f"..kernels.{module}", __package__)
+    except Exception as exc:  # any failure to import means the backend cannot run; say which
+        return (f"cannot import llm2clip_fast.kernels.{module} ({type(exc).__name__}: {exc}); "
+                f"from a source checkout run `{INSTALL_HINT}`")
+    return None
+
+
+def triton_kernel_reasons(ctx: DispatchContext, module: str) -> list[str]:
+    """:func:`triton_reasons`, then (only if those pass) whether the kernel module imports.
+
+    The import is tried last so automatic dispatch on CPU tensors never imports Triton kernels
+    (their interpreter mode is fixed at import time by TRITON_INTERPRET).
+    """
+    why = triton_reasons(ctx)
+    if not why:
+        problem = kernel_module_problem(module)
+        if problem:
+            why.append(problem)
+    return why
 
 
 def triton_reasons(ctx: DispatchContext) -> list[str]:
@@ -76,9 +110,10 @@ def floating_dtype_reasons(ctx: DispatchContext) -> list[str]:
     return [f"dtype {', '.join(bad)} is not a floating dtype"] if bad else []
 
 
-def triton_half_or_float_reasons(ctx: DispatchContext) -> list[str]:
-    """Triton's reasons plus the dtypes the loss kernels take: fp32, fp16, bf16."""
-    return triton_reasons(ctx) + dtype_reasons(ctx, (torch.float32, torch.float16, torch.bfloat16))
+def triton_half_or_float_reasons(ctx: DispatchContext, module: str) -> list[str]:
+    """Triton's reasons (kernel module ``module`` included) plus the dtypes the loss kernels take."""
+    return triton_kernel_reasons(ctx, module) + dtype_reasons(
+        ctx, (torch.float32, torch.float16, torch.bfloat16))
 
 
 def reference_reasons(ctx: DispatchContext) -> list[str]:

@@ -165,3 +165,25 @@ def explain(op_name: str, tensors: Sequence[torch.Tensor], options: dict[str, An
     op = _REGISTRY[op_name]
     ctx = DispatchContext(tuple(tensors), forced=False, options=dict(options or {}))
     return [(b.name, b.not_supported_reasons(ctx)) for b in op.backends]
+
+
+# Which backend each op's latest call ran on (op name -> backend name). Ops record their choice at
+# the call site (``record_selection``) so benches and checks can print what actually ran next to
+# their numbers, and a fallback never hides under a fused label.
+_LAST_SELECTED: dict[str, str] = {}
+
+
+def record_selection(op_name: str, chosen: Backend) -> Backend:
+    """Remember that ``op_name``'s latest call runs on ``chosen``; returns ``chosen``."""
+    _LAST_SELECTED[op_name] = chosen.name
+    return chosen
+
+
+def last_selected(op_name: str) -> str | None:
+    """The backend name ``op_name``'s latest call in this process ran on (None before any call)."""
+    return _LAST_SELECTED.get(op_name)
+
+
+def clear_selections() -> None:
+    """Forget every recorded choice (a bench calls it before a measured point)."""
+    _LAST_SELECTED.clear()

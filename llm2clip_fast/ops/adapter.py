@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._availability import dtype_reasons, triton_import_problem, triton_reasons
+from ._availability import dtype_reasons, kernel_module_problem, triton_kernel_reasons
 from ._backend import Backend, DispatchContext
 
 OP_NAME = "text_adapter"
@@ -111,6 +111,8 @@ def text_adapter(
                                          _backend.env_forced_backend(OP_NAME), options=options)
     else:
         chosen = _backend.select_backend(OP_NAME, [x, *flat], backend=backend, options=options)
+    # Recorded under the public op name whichever variant chose: benches ask what `text_adapter` ran.
+    _backend.record_selection(OP_NAME, chosen)
     return chosen.run(x, block_weights, head_weights, ln_eps=ln_eps, l2_eps=l2_eps,
                       dropout=dropout, training=training)
 
@@ -226,10 +228,10 @@ def text_adapter_triton(
 
 
 def _triton_reasons(ctx: DispatchContext) -> list[str]:
-    why = triton_reasons(ctx) + dtype_reasons(ctx, SUPPORTED_DTYPES)
+    why = triton_kernel_reasons(ctx, "adapter") + dtype_reasons(ctx, SUPPORTED_DTYPES)
     if len({t.device for t in ctx.tensors}) > 1:
         why.append("x and the weights are on different devices")
-    if triton_import_problem() is None:
+    if not why and kernel_module_problem("adapter") is None:
         from ..kernels.adapter import MAX_FUSED_DIM
 
         d = ctx.tensors[0].shape[-1]

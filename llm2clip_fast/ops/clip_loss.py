@@ -19,6 +19,7 @@ overrides the row-chunk workspace size (elements of the C x N buffer).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -33,7 +34,7 @@ from ._availability import (
     reference_reasons,
     triton_half_or_float_reasons,
 )
-from ._backend import Backend, DispatchContext, register_op, select_backend
+from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
 from ._chunking import chunk_elements_from_env
 from ._matmul import mm_fp32
 from .reference import clip_loss_reference
@@ -266,7 +267,7 @@ register_op(
     OP_NAME,
     [
         Backend("triton", ClipLseImpl(_triton_lse_forward, _triton_lse_backward),
-                triton_half_or_float_reasons,
+                functools.partial(triton_half_or_float_reasons, module="clip_loss"),
                 "Triton tiles: one-pass row+column LSE; backward recompute + cuBLAS GEMMs"),
         Backend("cpu", ClipLseImpl(_cpu_lse_forward, _cpu_lse_backward), _cpu_op_reasons,
                 "C++: at::mm row chunks with a fused OpenMP epilogue"),
@@ -347,7 +348,7 @@ def _check_scale(logit_scale: Any, device: torch.device) -> Tensor:
 
 
 def _select(image: Tensor, text: Tensor, backend: str | None) -> Backend:
-    return select_backend(OP_NAME, [image, text], backend=backend)
+    return record_selection(OP_NAME, select_backend(OP_NAME, [image, text], backend=backend))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,9 +22,9 @@ from ._availability import (
     cpu_extension_reasons,
     cuda_extension_reasons,
     dtype_reasons,
-    triton_reasons,
+    triton_kernel_reasons,
 )
-from ._backend import Backend, DispatchContext, register_op, select_backend
+from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
 
 OP_NAME = "masked_mean_pool"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -82,7 +82,8 @@ def _cuda_reasons(ctx: DispatchContext) -> list[str]:
 
 
 def _triton_reasons(ctx: DispatchContext) -> list[str]:
-    return triton_reasons(ctx) + dtype_reasons(ctx, (*_DTYPES, torch.uint8, torch.bool))
+    return triton_kernel_reasons(ctx, "masked_mean_pool") + dtype_reasons(
+        ctx, (*_DTYPES, torch.uint8, torch.bool))
 
 
 def _probe(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -176,7 +177,7 @@ def masked_mean_pool(
         hidden_states = hidden_states.contiguous()
     # One byte per position for every backend: bool and uint8 share a layout, wider ints are narrowed.
     mask_u8 = (mask != 0).to(torch.uint8).contiguous()
-    chosen = select_backend(OP_NAME, [hidden_states, mask_u8], backend=backend)
+    chosen = record_selection(OP_NAME, select_backend(OP_NAME, [hidden_states, mask_u8], backend=backend))
     return _MaskedMeanPoolFunction.apply(hidden_states, mask_u8, bool(normalize), float(eps), chosen.run)
 
 

@@ -23,6 +23,7 @@ workspace size (elements of the C x N buffer).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -38,7 +39,7 @@ from ._availability import (
     reference_reasons,
     triton_half_or_float_reasons,
 )
-from ._backend import Backend, DispatchContext, register_op, select_backend
+from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
 from ._chunking import chunk_elements_from_env
 from .clip_loss import _check_pair, _check_scale, _cpu_has_fast_bf16
 
@@ -246,7 +247,8 @@ def _probe(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
 register_op(
     OP_NAME,
     [
-        Backend("triton", SigLipImpl(_triton_forward, _triton_backward), triton_half_or_float_reasons,
+        Backend("triton", SigLipImpl(_triton_forward, _triton_backward),
+                functools.partial(triton_half_or_float_reasons, module="siglip_loss"),
                 "Triton tiles: one-pass forward; backward recompute into a chunk workspace + cuBLAS GEMMs"),
         Backend("cpu", SigLipImpl(_cpu_forward, _cpu_backward), _cpu_op_reasons,
                 "C++: at::mm row chunks with a fused OpenMP epilogue"),
@@ -304,7 +306,7 @@ def _check_primitive_inputs(image: Tensor, text: Tensor) -> None:
 
 
 def _select(image: Tensor, text: Tensor, backend: str | None) -> Backend:
-    return select_backend(OP_NAME, [image, text], backend=backend)
+    return record_selection(OP_NAME, select_backend(OP_NAME, [image, text], backend=backend))
 
 
 # ---------------------------------------------------------------------------------------------
