@@ -188,6 +188,10 @@ def point(
 
         forced = "torch" if provider == "fused-torch" else None
         out["backend"] = select_backend(f"{loss}_loss", [img, txt], backend=forced).name
+        if out["backend"] == "cpu" and loss == "clip":  # the epilogue build that ran (LLM2CLIP_CPU_ISA)
+            from llm2clip_fast import _C
+
+            out["backend"] = f"cpu/{_C.clip_epilogue_isa()}"
     return out
 
 
