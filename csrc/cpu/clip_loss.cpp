@@ -6,8 +6,8 @@
 // plus per-thread column (max, sumexp) merged online across chunks, so one GEMM pass suffices.
 // Backward: recompute the chunk, overwrite it in place with
 //   G_ij = row_coef_i * exp(s*l_ij - row_lse_i) + col_coef_j * exp(s*l_ij - col_lse_j),
-// accumulate sum G*l for d_scale, then d_image[chunk] = G @ text and d_text += G.T @ image[chunk]
-// (both scaled by s once at the end).
+// accumulate sum G*l for d_scale, then d_image[chunk] = s * G @ text and
+// d_text += s * G.T @ image[chunk].
 //
 // The float epilogues are at::vec kernels compiled per instruction set (clip_epilogue_*.cpp) and
 // chosen at run time, because the extension itself is built for the baseline ISA.
@@ -162,12 +162,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
   const at::Tensor row_coef = row_coef_in.to(acc).contiguous();
   const at::Tensor col_coef = col_coef_in.to(acc).contiguous();
   auto opts = image.options().dtype(acc);
+  if (m == 0 || n == 0) return {at::zeros({m, d}, opts), at::zeros({n, d}, opts), at::zeros({}, opts)};
   at::Tensor d_image = at::empty({m, d}, opts);
-  at::Tensor d_text = at::zeros({n, d}, opts);
-  if (m == 0 || n == 0) {
-    d_image.zero_();
-    return {d_image, d_text, at::zeros({}, opts)};
-  }
+  at::Tensor d_text = at::empty({n, d}, opts);
   const int64_t c = chunk_rows(m, n, chunk_elements);
   at::Tensor buffer = at::empty({c, n}, image.options());
   const at::Tensor text_t = text.t();
@@ -211,12 +208,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
       });
     }
     for (double p : partial) d_scale += p;
-    at::Tensor d_image_rows = d_image.narrow(0, r0, rows);
-    at::mm_out(d_image_rows, g, text);
-    d_text.addmm_(g.t(), img_chunk);
+    // s goes in as the GEMMs' alpha (no extra passes over the gradients); beta = 0 ignores the
+    // uninitialised d_image rows, and d_text on the first chunk.
+    d_image.narrow(0, r0, rows).addmm_(g, text, /*beta=*/0.0, /*alpha=*/s);
+    d_text.addmm_(g.t(), img_chunk, /*beta=*/r0 == 0 ? 0.0 : 1.0, /*alpha=*/s);
   }
-  d_image.mul_(s);
-  d_text.mul_(s);
   return {d_image, d_text, at::scalar_tensor(d_scale, opts)};
 }
 
