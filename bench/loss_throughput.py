@@ -200,6 +200,10 @@ def point(
     )
     if provider.startswith("fused"):  # which backend served, so a row is never ambiguous
         out["backend"] = _backend.last_selected(f"{loss}_loss")
+        if out["backend"] == "cpu" and loss == "clip":  # the epilogue build that ran (LLM2CLIP_CPU_ISA)
+            from llm2clip_fast import _C
+
+            out["cpu_isa"] = _C.clip_epilogue_isa()
     return out
 
 

@@ -42,6 +42,14 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def _clip_epilogue_isa(c: Any) -> str:
+    """The CLIP loss epilogue build this process runs (LLM2CLIP_CPU_ISA or the CPU's widest)."""
+    try:
+        return str(c.clip_epilogue_isa())
+    except (AttributeError, RuntimeError) as exc:  # an older _C, or a bad LLM2CLIP_CPU_ISA
+        return f"unavailable: {exc}"
+
+
 def collect() -> dict[str, Any]:
     """Everything ``info`` prints, as a JSON-able dict."""
     versions = {"llm2clip_fast": __version__, "python": platform.python_version()}
@@ -49,7 +57,8 @@ def collect() -> dict[str, Any]:
     ext: dict[str, Any] = {}
     c = cpu_extension()
     ext["llm2clip_fast._C"] = (
-        {"built": True, "openmp": bool(c.has_openmp()), "omp_threads": int(c.omp_max_threads())}
+        {"built": True, "openmp": bool(c.has_openmp()), "omp_threads": int(c.omp_max_threads()),
+         "clip_epilogue_isa": _clip_epilogue_isa(c)}
         if c is not None
         else {"built": False, "why": cpu_extension_error()}
     )

@@ -6,143 +6,30 @@
 // plus per-thread column (max, sumexp) merged online across chunks, so one GEMM pass suffices.
 // Backward: recompute the chunk, overwrite it in place with
 //   G_ij = row_coef_i * exp(s*l_ij - row_lse_i) + col_coef_j * exp(s*l_ij - col_lse_j),
-// accumulate sum G*l for d_scale, then d_image[chunk] = G @ text and d_text += G.T @ image[chunk]
-// (both scaled by s once at the end).
+// accumulate sum G*l for d_scale, then d_image[chunk] = s * G @ text and
+// d_text += s * G.T @ image[chunk].
 //
-// The float epilogues are compiled for several instruction sets (target_clones) because the
-// extension is built without -march flags; exp is a polynomial GCC can vectorise.
+// The float epilogues are at::vec kernels compiled per instruction set (clip_epilogue_*.cpp) and
+// chosen at run time, because the extension itself is built for the baseline ISA.
+//
+// bfloat16 inputs are multiplied as float32 copies (O((M + N) * D) extra memory): CPU bf16 GEMMs
+// return bf16, and a logit rounded to bf16 is off by up to 2^-9 |l|, which at logit scale 100 moves
+// exp(s * l) by up to 20%; a bf16 G then loses the small difference between the positive pair's
+// probability and its target. ATen offers no bf16 GEMM with a float32 result on CPU.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "clip_epilogue.h"
+
 namespace {
 
-constexpr int64_t kTileRows = 16;   // rows of a forward epilogue tile
-constexpr int64_t kTileCols = 512;  // columns of a forward epilogue tile (tile stays in L1/L2)
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define L2C_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define L2C_MULTIVERSION
-#endif
-
-// exp(x) for float, ~1 ulp on [-87, 88], exactly 0 below -87.3 (so -inf gives 0). Branch-free so
-// loops calling it vectorise (Cephes coefficients).
-inline float exp_approx(float x) {
-  const bool underflow = x < -87.3f;
-  float xc = std::min(std::max(x, -87.3f), 88.3f);
-  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  float y = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return underflow ? 0.0f : y * scale;
-}
-
-inline float bf16_bits_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline uint16_t float_to_bf16_bits(float f) {
-  // Round to nearest even, like c10::BFloat16 (NaN handling aside: G is finite).
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-// ---- forward epilogue (float accumulation) -------------------------------------------------
-
-L2C_MULTIVERSION
-void load_scaled_f32(const float* src, int64_t ld, int64_t rows, int64_t cols, float s, float* dst) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[i * kTileCols + j] = s * src[i * ld + j];
-}
-
-L2C_MULTIVERSION
-void load_scaled_bf16(const uint16_t* src, int64_t ld, int64_t rows, int64_t cols, float s, float* dst) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[i * kTileCols + j] = s * bf16_bits_to_float(src[i * ld + j]);
-}
-
-// Online row (max, sumexp) over one column block of a tile (rows x cols, leading dim kTileCols).
-L2C_MULTIVERSION
-void update_rows(const float* x, int64_t rows, int64_t cols, float* rmax, float* rsum) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* xi = x + i * kTileCols;
-    float m = kNegInf;
-    for (int64_t j = 0; j < cols; ++j) m = std::max(m, xi[j]);
-    const float nm = std::max(rmax[i], m);
-    float acc = 0.0f;
-    for (int64_t j = 0; j < cols; ++j) acc += exp_approx(xi[j] - nm);
-    rsum[i] = rsum[i] * exp_approx(rmax[i] - nm) + acc;
-    rmax[i] = nm;
-  }
-}
-
-// Column (max, sumexp) of one tile, merged into running column stats cmax/csum.
-L2C_MULTIVERSION
-void update_cols(const float* x, int64_t rows, int64_t cols, float* cmax, float* csum, float* tmax, float* tsum) {
-  for (int64_t j = 0; j < cols; ++j) {
-    tmax[j] = x[j];
-    tsum[j] = 0.0f;
-  }
-  for (int64_t i = 1; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) tmax[j] = std::max(tmax[j], x[i * kTileCols + j]);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) tsum[j] += exp_approx(x[i * kTileCols + j] - tmax[j]);
-  for (int64_t j = 0; j < cols; ++j) {
-    const float nm = std::max(cmax[j], tmax[j]);
-    csum[j] = csum[j] * exp_approx(cmax[j] - nm) + tsum[j] * exp_approx(tmax[j] - nm);
-    cmax[j] = nm;
-  }
-}
-
-// ---- backward epilogue (float accumulation) ------------------------------------------------
-
-// Overwrites one row of logits with G and returns sum_j G_ij * l_ij.
-L2C_MULTIVERSION
-float grad_row_f32(float* l, int64_t n, float s, float rl, float rc, const float* cl, const float* cc) {
-  float acc = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float x = s * l[j];
-    const float g = rc * exp_approx(x - rl) + cc[j] * exp_approx(x - cl[j]);
-    acc += g * l[j];
-    l[j] = g;
-  }
-  return acc;
-}
-
-L2C_MULTIVERSION
-float grad_row_bf16(uint16_t* l, int64_t n, float s, float rl, float rc, const float* cl, const float* cc) {
-  float acc = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float lj = bf16_bits_to_float(l[j]);
-    const float x = s * lj;
-    const float g = rc * exp_approx(x - rl) + cc[j] * exp_approx(x - cl[j]);
-    acc += g * lj;
-    l[j] = float_to_bf16_bits(g);
-  }
-  return acc;
-}
+using llm2clip_cpu::kClipTileRows;
 
 // ---- checks ------------------------------------------------------------------------------
 
@@ -166,7 +53,7 @@ int64_t chunk_rows(int64_t m, int64_t n, int64_t chunk_elements) {
   TORCH_CHECK(chunk_elements > 0, "clip_lse: chunk_elements must be positive, got ", chunk_elements);
   int64_t c = std::max<int64_t>(1, chunk_elements / std::max<int64_t>(n, 1));
   // Multiples of the tile height keep the epilogue's tiles full.
-  if (c > kTileRows) c -= c % kTileRows;
+  if (c > kClipTileRows) c -= c % kClipTileRows;
   return std::min(c, std::max<int64_t>(m, 1));
 }
 
@@ -177,31 +64,15 @@ at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDou
 void forward_chunk_float(const at::Tensor& logits, float s, float* row_lse, float* cmax_all, float* csum_all,
                          int64_t n) {
   const int64_t rows = logits.size(0);
-  const bool bf16 = logits.scalar_type() == at::kBFloat16;
-  const void* base = logits.data_ptr();
-  const int64_t tiles = (rows + kTileRows - 1) / kTileRows;
+  const float* l = logits.data_ptr<float>();
+  const auto& kernels = llm2clip_cpu::clip_epilogue();
+  const int64_t tiles = (rows + kClipTileRows - 1) / kClipTileRows;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     const int tid = at::get_thread_num();
-    float* cmax = cmax_all + tid * n;
-    float* csum = csum_all + tid * n;
-    std::vector<float> scratch(kTileRows * kTileCols), tmax(kTileCols), tsum(kTileCols);
-    float rmax[kTileRows], rsum[kTileRows];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * kTileRows;
-      const int64_t r = std::min(kTileRows, rows - r0);
-      std::fill(rmax, rmax + r, kNegInf);
-      std::fill(rsum, rsum + r, 0.0f);
-      for (int64_t c0 = 0; c0 < n; c0 += kTileCols) {
-        const int64_t c = std::min(kTileCols, n - c0);
-        if (bf16) {
-          load_scaled_bf16(static_cast<const uint16_t*>(base) + r0 * n + c0, n, r, c, s, scratch.data());
-        } else {
-          load_scaled_f32(static_cast<const float*>(base) + r0 * n + c0, n, r, c, s, scratch.data());
-        }
-        update_rows(scratch.data(), r, c, rmax, rsum);
-        update_cols(scratch.data(), r, c, cmax + c0, csum + c0, tmax.data(), tsum.data());
-      }
-      for (int64_t i = 0; i < r; ++i) row_lse[r0 + i] = rmax[i] + std::log(rsum[i]);
+      const int64_t r0 = t * kClipTileRows;
+      kernels.forward_tile(l + r0 * n, n, std::min(kClipTileRows, rows - r0), n, s, row_lse + r0, cmax_all + tid * n,
+                           csum_all + tid * n);
     }
   });
 }
@@ -237,10 +108,10 @@ void forward_chunk_double(const at::Tensor& logits, double s, double* row_lse, d
 std::tuple<at::Tensor, at::Tensor> clip_lse_forward(const at::Tensor& image_in, const at::Tensor& text_in,
                                                     const at::Tensor& logit_scale, int64_t chunk_elements) {
   check_pair(image_in, text_in, logit_scale);
-  const at::Tensor image = image_in.contiguous();
-  const at::Tensor text = text_in.contiguous();
+  const auto acc = acc_type(image_in.scalar_type());
+  const at::Tensor image = image_in.to(acc).contiguous();
+  const at::Tensor text = text_in.to(acc).contiguous();
   const int64_t m = image.size(0), n = text.size(0);
-  const auto acc = acc_type(image.scalar_type());
   auto opts = image.options().dtype(acc);
   at::Tensor row_lse = at::empty({m}, opts);
   if (m == 0 || n == 0) {
@@ -278,10 +149,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
     const at::Tensor& col_lse_in, const at::Tensor& row_coef_in, const at::Tensor& col_coef_in,
     int64_t chunk_elements) {
   check_pair(image_in, text_in, logit_scale);
-  const at::Tensor image = image_in.contiguous();
-  const at::Tensor text = text_in.contiguous();
+  const auto acc = acc_type(image_in.scalar_type());
+  const at::Tensor image = image_in.to(acc).contiguous();
+  const at::Tensor text = text_in.to(acc).contiguous();
   const int64_t m = image.size(0), n = text.size(0), d = image.size(1);
-  const auto acc = acc_type(image.scalar_type());
   TORCH_CHECK(row_lse_in.numel() == m && row_coef_in.numel() == m,
               "clip_lse_backward: row_lse and row_coef must have M=", m, " elements");
   TORCH_CHECK(col_lse_in.numel() == n && col_coef_in.numel() == n,
@@ -291,13 +162,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
   const at::Tensor row_coef = row_coef_in.to(acc).contiguous();
   const at::Tensor col_coef = col_coef_in.to(acc).contiguous();
   auto opts = image.options().dtype(acc);
+  if (m == 0 || n == 0) return {at::zeros({m, d}, opts), at::zeros({n, d}, opts), at::zeros({}, opts)};
   at::Tensor d_image = at::empty({m, d}, opts);
-  at::Tensor d_text = at::zeros({n, d}, opts);
-  if (m == 0 || n == 0) {
-    d_image.zero_();
-    return {d_image, d_text, at::zeros({}, opts)};
-  }
-  const bool same_dtype = image.scalar_type() == acc;
+  at::Tensor d_text = at::empty({n, d}, opts);
   const int64_t c = chunk_rows(m, n, chunk_elements);
   at::Tensor buffer = at::empty({c, n}, image.options());
   const at::Tensor text_t = text.t();
@@ -329,33 +196,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
         }
       });
     } else {
-      const bool bf16 = g.scalar_type() == at::kBFloat16;
-      void* l = g.data_ptr();
+      float* l = g.data_ptr<float>();
       const float* rl = row_lse.data_ptr<float>() + r0;
       const float* rc = row_coef.data_ptr<float>() + r0;
       const float* cl = col_lse.data_ptr<float>();
       const float* cc = col_coef.data_ptr<float>();
       const float sf = static_cast<float>(s);
+      const auto& kernels = llm2clip_cpu::clip_epilogue();
       at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          partial[i] = bf16 ? grad_row_bf16(static_cast<uint16_t*>(l) + i * n, n, sf, rl[i], rc[i], cl, cc)
-                            : grad_row_f32(static_cast<float*>(l) + i * n, n, sf, rl[i], rc[i], cl, cc);
-        }
+        for (int64_t i = i0; i < i1; ++i) partial[i] = kernels.grad_row(l + i * n, n, sf, rl[i], rc[i], cl, cc);
       });
     }
     for (double p : partial) d_scale += p;
-    if (same_dtype) {
-      at::Tensor d_image_rows = d_image.narrow(0, r0, rows);
-      at::mm_out(d_image_rows, g, text);
-      d_text.addmm_(g.t(), img_chunk);
-    } else {
-      // bf16 GEMMs are ~3x faster than fp32 here; their bf16 results are accumulated in fp32.
-      d_image.narrow(0, r0, rows).copy_(at::mm(g, text));
-      d_text.add_(at::mm(g.t(), img_chunk));
-    }
+    // s goes in as the GEMMs' alpha (no extra passes over the gradients); beta = 0 ignores the
+    // uninitialised d_image rows, and d_text on the first chunk.
+    d_image.narrow(0, r0, rows).addmm_(g, text, /*beta=*/0.0, /*alpha=*/s);
+    d_text.addmm_(g.t(), img_chunk, /*beta=*/r0 == 0 ? 0.0 : 1.0, /*alpha=*/s);
   }
-  d_image.mul_(s);
-  d_text.mul_(s);
   return {d_image, d_text, at::scalar_tensor(d_scale, opts)};
 }
 

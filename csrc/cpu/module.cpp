@@ -3,6 +3,8 @@
 // torch.ops.llm2clip_fast.* and can be checked with torch.library.opcheck.
 #include <torch/extension.h>
 
+#include "clip_epilogue.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -31,4 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llm2clip_fast C++ CPU ops (registered as torch.ops.llm2clip_fast.*)";
   m.def("omp_max_threads", &omp_max_threads, "OpenMP threads available to the fused epilogues");
   m.def("has_openmp", &has_openmp, "whether the extension was compiled with OpenMP");
+  m.def(
+      "clip_epilogue_isa", [] { return std::string(llm2clip_cpu::clip_epilogue().isa); },
+      "instruction set of the CLIP loss epilogue this process runs (honours LLM2CLIP_CPU_ISA)");
 }

@@ -12,7 +12,8 @@ Two backend-dispatched primitives do the O(B^2 * D) work; everything else is O(B
 
 Backends (op name ``clip_loss``; force with ``backend=...`` or ``LLM2CLIP_BACKEND_CLIP_LOSS``):
 ``triton`` (CUDA tensors; CPU only when forced under TRITON_INTERPRET=1), ``cpu`` (C++ extension,
-float32/bfloat16/float64), ``torch`` (chunked pure torch, any device and float dtype) and
+float32/bfloat16/float64; its epilogue runs the AVX-512, AVX2 or baseline build the CPU supports,
+or the one ``LLM2CLIP_CPU_ISA`` names), ``torch`` (chunked pure torch, any device and float dtype) and
 ``reference`` (materialises the matrix; only when forced). ``LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS``
 overrides the row-chunk workspace size (elements of the C x N buffer).
 """
@@ -148,20 +149,13 @@ def _reference_lse_backward(
 
 
 def _cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16/AMX); the SigLIP CPU path asks it."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def _cpu_operands(image: Tensor, text: Tensor) -> _Pair:
-    # bf16 GEMMs pay only with native bf16 units (AVX512-BF16/AMX); elsewhere (AVX2) oneDNN
-    # emulates them several times slower than fp32, so the chunks are multiplied in fp32 there
-    # (an O(B * D) copy of the inputs, and a more exact result).
-    if image.dtype == torch.bfloat16 and not _cpu_has_fast_bf16():
-        return image.float(), text.float()
-    return image, text
-
-
+# bf16 features: the C++ op multiplies float32 copies of them (csrc/cpu/clip_loss.cpp says why),
+# so its gradients are as exact as the torch backend's.
 def _cpu_lse_forward(image: Tensor, text: Tensor, scale: Tensor) -> _Pair:
-    image, text = _cpu_operands(image, text)
     return torch.ops.llm2clip_fast.clip_lse_forward(image, text, scale, _chunk_elements(image.device))
 
 
@@ -169,7 +163,6 @@ def _cpu_lse_backward(
     image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
     row_coef: Tensor, col_coef: Tensor,
 ) -> _Triple:
-    image, text = _cpu_operands(image, text)
     return torch.ops.llm2clip_fast.clip_lse_backward(
         image, text, scale, row_lse, col_lse, row_coef, col_coef, _chunk_elements(image.device)
     )
