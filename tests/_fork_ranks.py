@@ -8,7 +8,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -54,16 +56,21 @@ def run_on_ranks(fn: Callable[[int], Any], world: int = 2, timeout_s: float = 30
     got: dict[int, Any] = {}
     problems: list[str] = []
     try:
-        # Drain results before joining: a child blocks on exit until its queued data is read.
-        for _ in range(world):
+        # Drain results before joining (a child blocks on exit until its queued data is read); stop
+        # early when a rank died, rather than waiting out the timeout.
+        deadline = time.monotonic() + timeout_s
+        while len(got) < world and time.monotonic() < deadline:
             try:
-                rank, value = results.get(timeout=timeout_s)
-            except Exception as exc:  # queue.Empty on a timeout, or a result that would not unpickle
-                problems.append(f"no result: {type(exc).__name__}: {exc!r}")
-                break
+                rank, value = results.get(timeout=0.5)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+                continue
             got[rank] = pickle.loads(value)
+        if len(got) < world and time.monotonic() >= deadline:
+            problems.append(f"timed out after {timeout_s:.0f}s")
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=30 if len(got) == world else 1)  # a rank left behind may hang in a collective
     finally:
         for p in procs:
             if p.is_alive():
