@@ -111,6 +111,35 @@ def test_resume_after_kill_equals_uninterrupted(demo, tmp_path, monkeypatch):
         train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=6, batch=4))
 
 
+def test_resume_at_an_odd_step_with_two_loader_workers_equals_uninterrupted(demo, tmp_path, monkeypatch):
+    # Checkpoint at step 3, killed in step 4: the resumed loader starts at the odd slot 3 with two
+    # workers, where a worker assignment ignoring the start slot would swap slots 3 and 4.
+    args = ("--save-every", "3", "--caption", "random", "--num-workers", "2")
+    train_main(stage2_args(demo, tmp_path / "full", *args, steps=5, batch=8))
+
+    real_step, calls = stage2.train_step, {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(stage2, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(stage2_args(demo, tmp_path / "killed", *args, steps=5, batch=8))
+    monkeypatch.setattr(stage2, "train_step", real_step)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_00000003"]
+    train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=5, batch=8))
+
+    full, resumed = state_of(tmp_path / "full"), state_of(tmp_path / "killed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    log = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    full_log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in log] == [r["loss"] for r in full_log]
+
+
 def test_grad_accum_equals_one_big_batch(demo, tmp_path):
     train_main(stage2_args(demo, tmp_path / "big", "--save-every", "0", steps=2, batch=8))
     train_main(stage2_args(demo, tmp_path / "accum", "--save-every", "0", "--grad-accum", "2",
