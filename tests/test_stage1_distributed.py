@@ -9,51 +9,20 @@ the logged losses must match a single process training on the 8-pair batches, fo
 from __future__ import annotations
 
 import argparse
-import json
 
 import pytest
 import torch
 from _fork_ranks import run_on_ranks
+from _tiny_llama import write_pairs, write_tiny_llama
 
 from llm2clip_fast.train import stage1
 from llm2clip_fast.train.run_log import read_jsonl
 
-WORDS = ("a an the small large red green blue circle square cross triangle and , . with on left right of "
-         "above below next to").split()
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """16 caption pairs and a 1-layer Llama with a word-level tokenizer over their words."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("stage1_dist")
-    colours, shapes = ["red", "green", "blue"], ["circle", "square", "cross", "triangle"]
-    sizes = ["small", "large"]
-    rows = []
-    for i in range(16):
-        c, s, z = colours[i % 3], shapes[i % 4], sizes[i % 2]
-        other = shapes[(i + 1) % 4]
-        rows.append({"key": f"p{i:02d}", "image": f"{i}.png", "short": f"a {c} {s}",
-                     "long": f"a {z} {c} {s} next to a {colours[(i + 2) % 3]} {other} on the left ."})
-    data = root / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    specials = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]", mask_token="[MASK]")
-    llm = root / "llm"
-    fast.save_pretrained(llm)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(llm)
-    return {"root": root, "data": data, "llm": llm}
+    return {"root": root, "data": write_pairs(root, 16), "llm": write_tiny_llama(root / "llm")}
 
 
 LOSSES = ("clip", "infonce")
