@@ -29,8 +29,12 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "80;90"
 
 
+def _truthy_value(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+    return _truthy_value(os.environ.get(name))
 
 
 def find_nvcc() -> str | None:
@@ -62,8 +66,10 @@ def find_cuda_home(nvcc: str) -> Path:
     )
 
 
-def cuda_archs() -> list[str]:
-    raw = os.environ.get("LLM2CLIP_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
+def cuda_archs(raw: str | None = None) -> list[str]:
+    """Compute capabilities to build ``_cuda`` for, from ``raw`` (default: ``LLM2CLIP_CUDA_ARCHS``)."""
+    if raw is None:
+        raw = os.environ.get("LLM2CLIP_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
     archs = [a.strip().replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
     bad = [a for a in archs if not a.isdigit()]
     if bad or not archs:
@@ -147,6 +153,17 @@ class BuildNativeExtensions(BuildExtension):
         subprocess.run(link, check=True)
 
 
+def cuda_build_decision(skip_env: str | None, nvcc: str | None) -> tuple[bool, str]:
+    """Whether to build ``_cuda`` given ``LLM2CLIP_SKIP_CUDA``'s value and the nvcc found, and why not."""
+    if _truthy_value(skip_env):
+        return False, "llm2clip_fast: LLM2CLIP_SKIP_CUDA is set; not building llm2clip_fast._cuda"
+    if nvcc is None:
+        return False, ("llm2clip_fast: nvcc not found (looked in $CUDA_HOME/bin, PATH, "
+                       "/usr/local/cuda/bin); llm2clip_fast._cuda will not be built. Triton, C++ CPU and "
+                       "torch backends still work.")
+    return True, ""
+
+
 def native_extensions() -> list[Extension]:
     cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
@@ -159,14 +176,12 @@ def native_extensions() -> list[Extension]:
             extra_link_args=openmp,
         )
     ]
-    if _truthy("LLM2CLIP_SKIP_CUDA"):
-        print("llm2clip_fast: LLM2CLIP_SKIP_CUDA is set; not building llm2clip_fast._cuda", flush=True)
-    elif find_nvcc() is None:
-        warnings.warn(
-            "llm2clip_fast: nvcc not found (looked in $CUDA_HOME/bin, PATH, /usr/local/cuda/bin); "
-            "llm2clip_fast._cuda will not be built. Triton, C++ CPU and torch backends still work.",
-            stacklevel=1,
-        )
+    skipped = _truthy("LLM2CLIP_SKIP_CUDA")
+    build, why = cuda_build_decision(os.environ.get("LLM2CLIP_SKIP_CUDA"), None if skipped else find_nvcc())
+    if not build and skipped:
+        print(why, flush=True)
+    elif not build:
+        warnings.warn(why, stacklevel=1)
     else:
         cuda_sources = sorted(
             str(p.relative_to(ROOT))
@@ -176,17 +191,20 @@ def native_extensions() -> list[Extension]:
     return exts
 
 
-setup(
-    packages=[
-        "llm2clip_fast",
-        "llm2clip_fast.ops",
-        "llm2clip_fast.models",
-        "llm2clip_fast.data",
-        "llm2clip_fast.train",
-        "llm2clip_fast.kernels",
-    ],
-    package_dir={"llm2clip_fast": "llm2clip_fast", "llm2clip_fast.kernels": "kernels"},
-    ext_modules=native_extensions(),
-    cmdclass={"build_ext": BuildNativeExtensions.with_options(use_ninja=False)},
-    zip_safe=False,
-)
+# Guarded so tests can import this file for cuda_archs / cuda_build_decision; pip's build backend and
+# `python setup.py ...` both run it as __main__.
+if __name__ == "__main__":
+    setup(
+        packages=[
+            "llm2clip_fast",
+            "llm2clip_fast.ops",
+            "llm2clip_fast.models",
+            "llm2clip_fast.data",
+            "llm2clip_fast.train",
+            "llm2clip_fast.kernels",
+        ],
+        package_dir={"llm2clip_fast": "llm2clip_fast", "llm2clip_fast.kernels": "kernels"},
+        ext_modules=native_extensions(),
+        cmdclass={"build_ext": BuildNativeExtensions.with_options(use_ninja=False)},
+        zip_safe=False,
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,10 +253,34 @@ def test_torch_primitives_rectangular():
     _check_primitives("torch", 37, 70, 20, "cpu")
 
 
-def test_reference_backend_is_forced_only_and_matches():
-    img, txt = _features(11, 7, torch.float32)
-    out = clip_loss(img, txt, 10.0, backend="reference")
-    assert torch.allclose(out, clip_loss_reference(img, txt, 10.0), atol=1e-6)
+def _hand_clip_loss_and_grads(img: list[list[float]], txt: list[list[float]], s: float):
+    """Mean symmetric InfoNCE and its gradients counted by hand in Python floats (no torch).
+
+    l_ij = s * <I_i, T_j>; loss = mean_i (lse_j l_ij + lse_j l_ji - 2 l_ii) / 2;
+    dL/dl_ij = (softmax_j(l_i.)_j + softmax_i(l_.j)_i) / (2B) - [i == j] / B.
+    """
+    b, d = len(img), len(img[0])
+    dot = [[sum(img[i][k] * txt[j][k] for k in range(d)) for j in range(b)] for i in range(b)]
+    row = [math.log(sum(math.exp(s * dot[i][j]) for j in range(b))) for i in range(b)]
+    col = [math.log(sum(math.exp(s * dot[i][j]) for i in range(b))) for j in range(b)]
+    loss = sum(0.5 * (row[i] + col[i]) - s * dot[i][i] for i in range(b)) / b
+    g = [[(math.exp(s * dot[i][j] - row[i]) + math.exp(s * dot[i][j] - col[j])) / (2 * b) - (i == j) / b
+          for j in range(b)] for i in range(b)]
+    d_img = [[s * sum(g[i][j] * txt[j][k] for j in range(b)) for k in range(d)] for i in range(b)]
+    d_txt = [[s * sum(g[i][j] * img[i][k] for i in range(b)) for k in range(d)] for j in range(b)]
+    d_s = sum(g[i][j] * dot[i][j] for i in range(b) for j in range(b))
+    return loss, d_img, d_txt, d_s
+
+
+def test_reference_backend_is_forced_only_and_matches_a_hand_count():
+    img, txt = _features(5, 3, torch.float32)
+    scale = torch.tensor(10.0, requires_grad=True)
+    leaves = (img.clone().requires_grad_(), txt.clone().requires_grad_(), scale)
+    out = clip_loss(*leaves, backend="reference")
+    grads = torch.autograd.grad(out, leaves)
+    want = _hand_clip_loss_and_grads(img.double().tolist(), txt.double().tolist(), 10.0)
+    for got, w in zip((out, *grads), want):
+        torch.testing.assert_close(got.double(), torch.tensor(w, dtype=torch.float64), atol=2e-6, rtol=2e-6)
     assert "reference" not in _auto_backend(img)
 
 
@@ -314,7 +340,11 @@ def test_scale_shape_one_and_mixed_feature_dtypes():
     scale = torch.tensor([3.0], requires_grad=True)
     loss = clip_loss(img, txt.double(), scale)
     (grad,) = torch.autograd.grad(loss, scale)
-    assert grad.shape == (1,)
+    assert grad.shape == (1,) and loss.dtype == torch.float64  # promoted like torch's binary ops
+    want_loss, _, _, want_grad = _hand_clip_loss_and_grads(img.double().tolist(), txt.double().tolist(), 3.0)
+    torch.testing.assert_close(loss, torch.tensor(want_loss, dtype=torch.float64), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad.double(), torch.tensor([want_grad], dtype=torch.float64), atol=1e-6,
+                               rtol=1e-6)
 
 
 Z = torch.zeros

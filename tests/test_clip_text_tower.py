@@ -17,12 +17,42 @@ def tower() -> ClipTextTower:
     return ClipTextTower(ClipTextTowerConfig(**TINY)).eval()
 
 
-def test_shapes_and_dtype(tower):
+def _reference_forward(tower: ClipTextTower, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CLIP's text transformer written out in float64 from the tower's weights: explicit causal
+    softmax attention per head, pre-LN residual blocks, exact GELU, final LN, EOT token, projection."""
+    sd = {k: v.double() for k, v in tower.state_dict().items()}
+    width, heads = tower.config.width, tower.config.heads
+    hd = width // heads
+
+    def ln(x, name):
+        return torch.nn.functional.layer_norm(x, (width,), sd[f"{name}.weight"], sd[f"{name}.bias"], 1e-5)
+
+    def lin(x, name):
+        return x @ sd[f"{name}.weight"].t() + sd[f"{name}.bias"]
+
+    n = ids.shape[1]
+    x = sd["token_embedding.weight"][ids] + sd["positional_embedding"][:n]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    for i in range(tower.config.layers):
+        p = f"blocks.{i}"
+        q, k, v = lin(ln(x, f"{p}.ln_1"), f"{p}.attn.qkv").split(width, dim=-1)
+        q, k, v = (t.reshape(*t.shape[:2], heads, hd).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-1, -2)) / hd ** 0.5
+        attn = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v
+        x = x + lin(attn.transpose(1, 2).reshape(*x.shape), f"{p}.attn.out")
+        h = lin(ln(x, f"{p}.ln_2"), f"{p}.mlp.0")
+        x = x + lin(0.5 * h * (1 + torch.erf(h / 2 ** 0.5)), f"{p}.mlp.2")
+    x = ln(x, "ln_final")
+    eot = x[torch.arange(len(ids)), mask.sum(dim=1) - 1]
+    return eot @ sd["text_projection.weight"].t()
+
+
+def test_matches_a_written_out_clip_text_transformer(tower):
     ids, mask = tower.tokenize(["a red circle", "a small blue square above a green triangle"])
     assert ids.dtype == mask.dtype == torch.int64 and ids.shape == mask.shape and ids.shape[0] == 2
     out = tower(ids, mask)
     assert out.shape == (2, 24) and out.dtype == torch.float32
-    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), _reference_forward(tower, ids, mask), atol=1e-5, rtol=1e-5)
 
 
 def test_truncates_to_77_and_keeps_end_of_text(tower):

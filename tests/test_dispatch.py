@@ -51,12 +51,22 @@ def test_global_env_naming_a_backend_this_op_lacks_is_ignored(toy_op, monkeypatc
     assert _backend.select_backend("toy_op", [torch.zeros(2)]).name == "slow"
 
 
-def test_info_runs():
+def test_info_collects_versions_extensions_and_one_row_per_op_and_dtype():
     from llm2clip_fast import info
+    from llm2clip_fast._extensions import cpu_extension
 
     data = info.collect()
-    assert data["extensions"]["llm2clip_fast._C"]["built"]
-    assert "ops" in data
+    assert data["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    c_ext = data["extensions"]["llm2clip_fast._C"]
+    assert c_ext["built"] is (cpu_extension() is not None)
+    if c_ext["built"]:
+        assert c_ext["omp_threads"] == cpu_extension().omp_max_threads() >= 1
+    ops = sorted(name for name, op in info.load_all_ops().items() if op.probe is not None)
+    assert ops  # every op module registered itself
+    rows = [(r["op"], r["device"], r["dtype"]) for r in data["ops"]]
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    assert rows == [(op, dev, dt) for op in ops for dev in devices for dt in ("float32", "bfloat16")]
+    assert all(r["serves"] is not None for r in data["ops"])  # torch serves everything at worst
 
 
 def test_top_level_names_resolve_lazily():

@@ -30,13 +30,15 @@ def test_quick_pipeline_end_to_end(tmp_path, capsys):
         for split in ("val", "long_detail"):
             r = summary["results"][system][split]
             assert r["n"] == (QUICK.n_val if split == "val" else 4 * QUICK.long_detail_groups)
-            assert all(0.0 <= r[k] <= 1.0 for k in ("i2t_R@1", "t2i_R@1", "cra"))
+            for direction in ("i2t", "t2i"):  # recall can only grow with K
+                assert r[f"{direction}_R@1"] <= r[f"{direction}_R@5"] <= r[f"{direction}_R@10"], (system, r)
         assert summary["results"][system]["val"]["zero_shot"] is not None
 
-    # Retrieval beats chance on val: mean recall@5 over both directions against 5/n.
+    # Retrieval far above chance on val: mean recall@5 over both directions against 5/n (measured
+    # 0.575 against 0.125 with seed 1, 4.6x; a run that learns nothing stays near 1x).
     val = summary["results"]["LLM2CLIP"]["val"]
     chance = 5 / val["n"]
-    assert (val["i2t_R@5"] + val["t2i_R@5"]) / 2 > 1.5 * chance, val
+    assert (val["i2t_R@5"] + val["t2i_R@5"]) / 2 >= 3 * chance, val
 
     # Save -> reload is bit-identical, and re-evaluating the reloaded model reproduces the numbers.
     for name in ("llm2clip", "baseline"):

@@ -81,7 +81,10 @@ def test_tiny_llama_trains_merges_and_reloads(tiny_llama, demo, tmp_path):
     contrastive = [r["loss"] for r in log if r["phase"] == "contrastive"]
     assert sum(contrastive[-5:]) < sum(contrastive[:5])  # the last epoch beats the first
     assert all(r["captions_per_s"] > 0 for r in log)
-    assert result.cra_after >= result.cra_before
+    # The random tiny Llama pairs 3 of the 12 held-out short/long captions; 12 steps teach it at least
+    # two more (measured: 6 of 12). A run that does not train would stay at 3.
+    assert result.cra_before == pytest.approx(3 / 12)
+    assert result.cra_after >= result.cra_before + 2 / 12
     cra = json.loads((out / "cra.json").read_text())
     assert cra["after"] == result.cra_after and cra["pairs"] == 12
     assert (out / "loss.png").is_file() and (out / "adapter" / "adapter_config.json").is_file()
@@ -108,7 +111,8 @@ def test_minilm_trains_with_infonce_and_learned_scale(demo, tmp_path):
     log = read_jsonl(out / "log.jsonl")
     assert len(log) == 4 and log[-1]["scale"] != 20.0
     assert sum(r["loss"] for r in log[-2:]) < sum(r["loss"] for r in log[:2])
-    assert result.cra_after >= result.cra_before
+    # MiniLM already pairs every held-out caption with its partner; training must keep it that way.
+    assert result.cra_before == result.cra_after == 1.0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["lora_targets_resolved"] == ["query", "key", "value", "dense"]
 

@@ -111,6 +111,35 @@ def test_resume_after_kill_equals_uninterrupted(demo, tmp_path, monkeypatch):
         train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=6, batch=4))
 
 
+def test_resume_at_an_odd_step_with_two_loader_workers_equals_uninterrupted(demo, tmp_path, monkeypatch):
+    # Checkpoint at step 3, killed in step 4: the resumed loader starts at the odd slot 3 with two
+    # workers, where a worker assignment ignoring the start slot would swap slots 3 and 4.
+    args = ("--save-every", "3", "--caption", "random", "--num-workers", "2")
+    train_main(stage2_args(demo, tmp_path / "full", *args, steps=5, batch=8))
+
+    real_step, calls = stage2.train_step, {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(stage2, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(stage2_args(demo, tmp_path / "killed", *args, steps=5, batch=8))
+    monkeypatch.setattr(stage2, "train_step", real_step)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_00000003"]
+    train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=5, batch=8))
+
+    full, resumed = state_of(tmp_path / "full"), state_of(tmp_path / "killed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    log = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    full_log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in log] == [r["loss"] for r in full_log]
+
+
 def test_grad_accum_equals_one_big_batch(demo, tmp_path):
     train_main(stage2_args(demo, tmp_path / "big", "--save-every", "0", steps=2, batch=8))
     train_main(stage2_args(demo, tmp_path / "accum", "--save-every", "0", "--grad-accum", "2",
@@ -129,9 +158,14 @@ def test_siglip_loss_trains_logit_bias(demo, tmp_path):
     out = tmp_path / "siglip"
     train_main(stage2_args(demo, out, "--save-every", "0", "--loss", "siglip", steps=2))
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert all("logit_bias" in r for r in log)
+    # At the initial bias -10 every sigmoid is ~0: the positive pairs' gradient on the bias (~ -B) dwarfs
+    # the negatives' (~ B^2 e^-10), so Adam moves it up by exactly lr on step 1 (m/sqrt(v) = 1) and by
+    # at most lr on step 2 (same sign; a smaller second gradient makes the step smaller: measured 0.94 lr).
+    bias = [r["logit_bias"] for r in log]
+    assert bias[0] == pytest.approx(-10.0 + log[0]["lr"], rel=1e-6, abs=1e-6)
+    assert 0.8 * log[1]["lr"] < bias[1] - bias[0] <= 1.001 * log[1]["lr"]
     model = LLM2CLIPModel.from_pretrained(out / "model")
-    assert model.config.loss == "siglip" and model.logit_bias.item() != -10.0
+    assert model.config.loss == "siglip" and model.logit_bias.item() == pytest.approx(bias[-1], abs=1e-6)
 
 
 def test_clip_text_tower_baseline_trains_on_raw_captions(demo, tmp_path):
@@ -141,9 +175,16 @@ def test_clip_text_tower_baseline_trains_on_raw_captions(demo, tmp_path):
     i = args.index("--embeddings")
     del args[i:i + 2]
     assert train_main(args) == 0
-    model = LLM2CLIPModel.from_pretrained(out / "model")
+    model = LLM2CLIPModel.from_pretrained(out / "model").eval()
     assert model.config.text_tower == "clip"
-    assert model.encode_captions(["a small red circle"]).shape == (1, 16)
+    texts = ["a small red circle", "a large blue square above a green cross"]
+    got = model.encode_captions(texts)
+    # The saved tower itself, tokenised and run by hand, then L2-normalised: (2, embed_dim 16).
+    ids, mask = model.clip_text.tokenize(texts)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.clip_text(ids, mask), dim=-1)
+    assert got.shape == (2, 16)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_freeze_vision_layers_and_llrd(demo, tmp_path):

@@ -152,9 +152,16 @@ def test_scheduler_state_dict_round_trip():
     model, opt, sched = _make()
     _train_steps(model, opt, sched, 3)
     state = json.loads(json.dumps(sched.state_dict()))  # plain data, no functions
-    _, _, sched2 = _make()
+    _, opt2, sched2 = _make()
     sched2.load_state_dict(state)
     assert sched2.last_epoch == 3 and sched2.lr_lambdas[0].kind == "cosine"
+    # The restored schedule continues with the original's learning rates (cosine, 2 warmup of 10).
+    shape = WarmupSchedule("cosine", warmup_steps=2, total_steps=10)
+    for step in range(4, 11):
+        sched.step()
+        sched2.step()
+        assert sched.get_last_lr()[0] == pytest.approx(1e-2 * shape(step), rel=1e-12), step
+        assert opt2.param_groups[0]["lr"] == pytest.approx(1e-2 * shape(step), rel=1e-12), step
 
 
 def test_param_groups_decay_and_multipliers():
@@ -224,9 +231,13 @@ def test_jsonl_log_resume_and_plot(tmp_path):
     assert not os.path.exists(tmp_path / "other.jsonl")
 
 
-def test_progress_reports_rate():
-    with TrainProgress(3, enabled=False, unit_name="captions") as bar:
-        rate = 0.0
-        for _ in range(3):
-            rate = bar.update(8, loss=1.0, lr=1e-3)
-    assert rate > 0
+def test_progress_reports_rate(monkeypatch):
+    from llm2clip_fast.train import run_log
+
+    clock = iter([100.0, 100.5, 101.0, 102.0, 104.0, 108.0])  # a fake perf_counter, one read per update
+    monkeypatch.setattr(run_log.time, "perf_counter", lambda: next(clock))
+    with TrainProgress(5, enabled=False, unit_name="captions", window=3) as bar:
+        rates = [bar.update(n, loss=1.0, lr=1e-3) for n in (8, 8, 16, 4, 4)]
+    # (time, items so far) entries: (100, 0) (100.5, 8) (101, 16) (102, 32) (104, 36) (108, 40); the rate
+    # spans the last 3: 8/0.5, 16/1, (32-8)/1.5, (36-16)/3, (40-32)/6.
+    assert rates == pytest.approx([16.0, 16.0, 16.0, 20 / 3, 8 / 6])

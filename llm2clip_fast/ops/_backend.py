@@ -10,18 +10,27 @@ Forcing a backend:
 - for every op, ``LLM2CLIP_BACKEND=<name>``.
 A forced backend that cannot serve raises :class:`BackendUnavailableError` listing its reasons.
 
+An availability check that raises counts as a refusal (dispatch falls back to the next backend), and
+is logged as a warning once per backend, check and exception, since it usually is a bug.
+
 Some backends (the Triton interpreter on CPU tensors, the materialising reference) serve only
 when forced: they are correct but slow, so automatic dispatch never picks them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
+# (backend, check, exception type, message) already logged: a crashing probe is reported once, not
+# on every call of a hot op.
+_REPORTED_CHECK_FAILURES: set[tuple[str, str, str, str]] = set()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -62,7 +71,15 @@ class Backend:
         try:
             return list(self.reasons(ctx))
         except Exception as exc:  # a probe that crashes must not take dispatch down with it
-            return [f"availability check failed: {type(exc).__name__}: {exc}"]
+            reason = f"availability check failed: {type(exc).__name__}: {exc}"
+            # ...but it must not pass for "not supported" silently either: it usually is a bug.
+            key = (self.name, getattr(self.reasons, "__qualname__", repr(self.reasons)), type(exc).__name__,
+                   str(exc))
+            if key not in _REPORTED_CHECK_FAILURES:
+                _REPORTED_CHECK_FAILURES.add(key)
+                logger.warning("backend %r: %s; dispatch falls back to the next backend", self.name, reason,
+                               exc_info=exc)
+            return [reason]
 
 
 @dataclass
