@@ -339,4 +339,9 @@ def build_loader(
         extra["prefetch_factor"] = prefetch_factor
     if num_workers > 0 and multiprocessing_context is not None:
         extra["multiprocessing_context"] = multiprocessing_context
-    return CaptionLoader(dataset, tracker=tracker, num_workers=num_workers, pin_memory=pin_memory, **extra)
+    # DataLoader draws its workers' base seed each epoch from this generator, or from the global torch
+    # RNG when it has none: a private one keeps the trainer's dropout stream independent of where a
+    # resumed run re-enters the epoch (the batches themselves are seeded per sample, not from it).
+    generator = torch.Generator().manual_seed(seed)
+    return CaptionLoader(dataset, tracker=tracker, num_workers=num_workers, pin_memory=pin_memory,
+                         generator=generator, **extra)
