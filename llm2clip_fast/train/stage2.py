@@ -190,16 +190,27 @@ def open_cache(path: str, verify: str = "full") -> Any:
 
 
 def check_cache_covers(cache: Any, source: Any, caption_names: list[str]) -> None:
-    """Every key of the data has a cached embedding for every caption the run may pick."""
+    """Every key of the data has a cached embedding for every caption the run may pick (keys the embed
+    step skipped for an empty caption excepted: the loader drops those samples as bad data), and the
+    cache was built from the data's caption texts (:class:`StaleCacheError` naming the first key that
+    differs)."""
+    from ..data.bad_data import BadDataTracker
     missing_names = [n for n in caption_names if n not in cache.caption_names]
     if missing_names:
         raise ValueError(f"caption {missing_names} is not in the embedding cache, which holds "
                          f"{list(cache.caption_names)}; pick --caption among those (or 'random')")
     keys = source.keys()
-    missing = [k for k in keys if k not in cache]
+    missing = [k for k in keys if k not in cache and k not in cache.skipped]
     if missing:
         raise ValueError(f"the embedding cache {cache.directory} lacks embeddings for {len(missing)} of the "
                          f"{len(keys)} keys of the data, e.g. {missing[:5]}; run the embed step on this data")
+    if not cache.has_caption_fingerprints:
+        print(f"stage2: warning: the embedding cache {cache.directory} predates caption fingerprints, so it "
+              "cannot be checked against the data's captions; rerun the embed step on it to record them",
+              flush=True)
+        return
+    # A private tracker that never stops: bad samples are the loader's business, counted there.
+    cache.check_captions(source.iter_captions(bad_data=BadDataTracker(1.0)), caption_names)
 
 
 def resolve_caption(caption: str, source: Any, cache: Any | None) -> tuple[str | list[str], list[str]]:
