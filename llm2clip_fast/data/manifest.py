@@ -21,6 +21,11 @@ from .caption_source import CaptionSource, read_image_file
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
 
+
+class MissingManifestError(FileNotFoundError, ValueError):
+    """The manifest file does not exist (a FileNotFoundError, and a ValueError like every other
+    problem of a caption source)."""
+
 def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
     """(column names in first-seen order, rows) of a manifest; unreadable files raise ValueError."""
     suffix = path.suffix.lower()
@@ -30,7 +35,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
         ) as f:  # utf-8-sig: spreadsheet exports start with a BOM
             text = f.read()
     except FileNotFoundError:
-        raise ValueError(f"manifest {os.fspath(path)!r} does not exist") from None
+        raise MissingManifestError(f"manifest {os.fspath(path)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"manifest {os.fspath(path)!r} cannot be read as UTF-8 text: {exc}") from None
     if suffix == ".jsonl":

@@ -140,6 +140,8 @@ def embed(
             hook(event, shard)
 
     bad = BadDataTracker(max_bad_fraction)
+    for path, n in getattr(source, "lost_samples", {}).items():
+        bad.add_lost(n, f"{n} sample(s) lost in the truncated shard {path}")
 
     def records():
         yield from ((key, {n: caps[n] for n in names}) for key, caps in source.iter_captions(bad_data=bad))

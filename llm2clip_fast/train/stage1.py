@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dist_helpers
+from ..data.bad_data import DEFAULT_MAX_FRACTION
 from ..data.caption_source import CaptionSource
 from ..data.loader import build_loader, sample_rng
 from ..data.sources import open_source
@@ -88,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="without --eval-data: fraction of --data held out for CRA (0 disables CRA)")
     g.add_argument("--eval-size", type=int, default=1000, help="at most this many held-out pairs")
     g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
+                   help="stop when more than this fraction of samples is bad (empty caption; default 1%%), "
+                   "checked during each epoch and at its end")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=512, help="caption pairs per step over all ranks")
@@ -395,6 +399,7 @@ def _micro_batches(loader: Any, epoch: int, start_batch: int,
                 if batch["batch_index"] >= usable:
                     break
                 yield batch, epoch
+            loader.bad_data.check_end_of_epoch()
         epoch += 1
         start_batch = 0
 
@@ -432,7 +437,8 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
         eval_pairs = caption_pairs(eval_source, args.short_caption, args.long_caption)
     per_rank = args.batch_size // world
     loader = build_loader(source, batch_size=per_rank, caption=None, with_images=False, rank=rank,
-                          world_size=world, seed=args.seed, num_workers=args.num_workers, drop_last=True)
+                          world_size=world, seed=args.seed, num_workers=args.num_workers, drop_last=True,
+                          bad_data=args.max_bad_fraction)
     # DataLoader draws a base seed from the global torch RNG each time it starts an epoch; a private
     # generator keeps the dropout stream independent of where a resumed run re-enters the epoch.
     loader.generator = torch.Generator().manual_seed(args.seed)
@@ -564,6 +570,7 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     finally:
         progress.close()
         log.close()
+    loader.bad_data.check_end_of_epoch()  # a run shorter than an epoch: the fraction of what it saw
 
     cra_after = None
     merged_encoder = None

@@ -145,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--keep-checkpoints", type=int, default=2)
     run.add_argument("--log-every", type=int, default=10, help="log line every N steps")
     run.add_argument("--max-bad-fraction", type=float, default=0.01,
-                     help="stop when more than this fraction of samples is bad (default 1%%)")
+                     help="stop when more than this fraction of samples is bad (default 1%%), checked during "
+                     "each epoch once 100 samples were seen, and at each epoch's end whatever the number")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -709,6 +710,8 @@ def run(args: argparse.Namespace) -> int:
                 log.log(record)
             if args.save_every and step % args.save_every == 0 and step < total_steps:
                 save(step, *pos)
+        # The loader checks at each epoch's end; a run ending mid-epoch checks what it saw.
+        loader.bad_data.check_end_of_epoch()
         save(step, *pos)
     finally:
         progress.close()
