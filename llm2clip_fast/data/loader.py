@@ -324,6 +324,9 @@ def build_loader(
         raise ValueError(f"source {source!r} holds no samples")
     if with_images and transform is None:
         transform = clip_image_transform(image_size, train=train, scale=crop_scale)
+        # The CLIP transform never needs more than ~image_size pixels a side: large images may decode
+        # smaller (bounded memory for a 9000x9000 photo). A custom transform gets full-size images.
+        source.set_decode_min_side(max(image_size, source.decode_min_side or 0))
     if isinstance(bad_data, BadDataTracker):
         tracker = bad_data
     else:

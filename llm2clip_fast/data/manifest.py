@@ -88,8 +88,10 @@ class ManifestSource(CaptionSource):
         key_column: str | None = "key",
         label_column: str | None = "label",
         bad_data: BadDataPolicy | float | None = None,
+        image_root_only: bool = False,
     ):
         self.path = Path(path)
+        self.image_root_only = bool(image_root_only)
         if self.path.suffix.lower() not in MANIFEST_SUFFIXES:
             raise ValueError(f"manifest must end in one of {MANIFEST_SUFFIXES}, got {os.fspath(path)!r}")
         columns, rows = _read_rows(self.path)
@@ -157,7 +159,13 @@ class ManifestSource(CaptionSource):
         key = self._keys[index]
         if not self._images[index]:
             raise BadSampleError(key, f"image column {self.image_column!r} is empty")
-        return read_image_file(key, self.image_path_at(index))
+        path = self.image_path_at(index)
+        if self.image_root_only:
+            resolved, root = path.resolve(), self.root.resolve()
+            if not resolved.is_relative_to(root):
+                raise BadSampleError(key, f"image path {self._images[index]!r} leads outside the manifest's "
+                                     f"folder {os.fspath(root)!r} (--image-root-only)")
+        return read_image_file(key, path, self.decode_min_side)
 
     def keys(self) -> list[str]:
         return list(self._keys)

@@ -300,7 +300,7 @@ class WebDatasetSource(CaptionSource):
         ext = _image_ext(sample.members)
         if ext is None:
             raise BadSampleError(sample.key, f"no image member (members: {sorted(sample.members)})")
-        return decode_image(sample.key, self._read(sample, ext))
+        return decode_image(sample.key, self._read(sample, ext), self.decode_min_side)
 
     def record_at(self, index: int, with_image: bool = True) -> Record:
         sample = self.index[index]

@@ -83,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="continue from the newest usable checkpoint in --out (an error if there is none)")
     io.add_argument("--overwrite", action="store_true",
                     help="delete what --out holds and start over (without it, a non-empty --out is an error)")
+    io.add_argument("--image-root-only", action="store_true",
+                    help="manifest image paths must stay inside the manifest's folder (others are bad "
+                    "samples)")
     io.add_argument("--init-model", help="start from a saved LLM2CLIPModel folder instead of a fresh one "
                     "(its architecture replaces the model options)")
 
@@ -576,7 +579,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.loader import build_loader
     from ..data.sources import open_source
 
-    source = open_source(args.data)
+    source = open_source(args.data, image_root_only=args.image_root_only)
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
     loader_caption, caption_names = resolve_caption(args.caption, source, cache)
     llm_info: dict[str, Any] = {}
