@@ -82,3 +82,27 @@ def test_stage1_accepts_max_bad_fraction():
     stage1.add_arguments(parser)
     args = parser.parse_args(["--llm", "x", "--data", "y", "--out", "z", "--max-bad-fraction", "0.2"])
     assert args.max_bad_fraction == 0.2
+
+
+@pytest.mark.slow
+def test_stage1_enforces_the_fraction_on_a_small_source(tmp_path):
+    from llm2clip_fast.models.llm_encoder import packaged_minilm_path
+
+    spec = write_demo(tmp_path / "demo", n_train=16, n_val=0, n_long_detail_groups=0, image_size=8,
+                      splits=("train",))["train"]
+    rows = [json.loads(line) for line in Path(spec).read_text().splitlines()]
+    for row in rows[::8]:
+        row["short"] = ""  # 2 of 16, far fewer than the 100 samples a mid-epoch decision waits for
+    Path(spec).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    parser = argparse.ArgumentParser()
+    stage1.add_arguments(parser)
+
+    def args(out, *extra):
+        return parser.parse_args(["--llm", str(packaged_minilm_path()), "--data", spec, "--out", str(out),
+                                  "--batch-size", "8", "--epochs", "1", "--eval-fraction", "0",
+                                  "--lora-r", "2", "--max-length", "32", "--quiet", *extra])
+
+    with pytest.raises(BadDataError, match=r"2 of 16 samples were bad.*--max-bad-fraction"):
+        stage1.train_stage1(args(tmp_path / "strict"))
+    result = stage1.train_stage1(args(tmp_path / "lenient", "--max-bad-fraction", "0.2"))
+    assert result.steps == 2

@@ -98,7 +98,7 @@ def test_threshold_error_fires_only_after_min_samples(tmp_path):
     # fraction is then enforced at the epoch's end, whatever the number of samples.
     lenient = build_loader(source, batch_size=2, image_size=8, bad_data=BadDataPolicy(0.1, min_samples=11))
     delivered = []
-    with pytest.raises(BadDataError, match="4 of 10 samples were bad.*--max-bad-fraction"):
+    with pytest.raises(BadDataError, match=r"4 of 10 samples were bad.*--max-bad-fraction"):
         for batch in lenient:
             delivered += batch["keys"]
     assert len(delivered) == 6 and lenient.bad_data.bad == 4

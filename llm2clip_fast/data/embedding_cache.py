@@ -150,16 +150,20 @@ def fingerprint_sha256(fingerprint: dict[str, Any] | None) -> str | None:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
 
 
+_ENCODER_FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".txt", ".model",
+                          ".tiktoken"}
+
+
 def weights_fingerprint(*folders: str | os.PathLike | None) -> dict[str, str]:
-    """SHA-256 of every weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.gguf``) and
-    config (``*.json``) under the given model/adapter folders, keyed by relative path: what makes an
-    encoder produce the embeddings it does, so a replaced model at the same path is noticed."""
+    """SHA-256 of every weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.gguf``),
+    config and tokenizer file (``*.json``, ``*.txt``, ``*.model``, ``*.tiktoken``) under the given
+    model/adapter folders, keyed by relative path: what makes an encoder produce the embeddings it
+    does, so a replaced model at the same path is noticed."""
     out: dict[str, str] = {}
     for i, folder in enumerate(f for f in folders if f is not None):
         root = Path(folder)
         files = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix in {".safetensors", ".bin", ".pt", ".pth",
-                                                                        ".gguf", ".json"})
+            p for p in root.rglob("*") if p.is_file() and p.suffix in _ENCODER_FILE_SUFFIXES)
         for f in files:
             out[f"{i}/{f.relative_to(root) if f != root else f.name}"] = sha256_file(f)
     return out

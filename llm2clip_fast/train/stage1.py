@@ -439,9 +439,6 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     loader = build_loader(source, batch_size=per_rank, caption=None, with_images=False, rank=rank,
                           world_size=world, seed=args.seed, num_workers=args.num_workers, drop_last=True,
                           bad_data=args.max_bad_fraction)
-    # DataLoader draws a base seed from the global torch RNG each time it starts an epoch; a private
-    # generator keeps the dropout stream independent of where a resumed run re-enters the epoch.
-    loader.generator = torch.Generator().manual_seed(args.seed)
     slots = len(loader.dataset.batches())
     steps_per_epoch = slots // args.grad_accum
     if steps_per_epoch < 1:
