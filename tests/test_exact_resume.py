@@ -1,7 +1,8 @@
 """Kill + resume of stage 2 is bit-identical to the uninterrupted run (losses and final weights) in
 every mode the trainer offers: adapter dropout, DataLoader workers, gradient accumulation, SigLIP,
-random captions. Most combinations stop in-process (an exception inside step 6, after the step-4
-checkpoint); one test kills a real subprocess with SIGKILL in the middle of writing a checkpoint."""
+random captions, the CLIP-style baseline text tower. Most combinations stop in-process (an exception
+inside step 6, after the step-4 checkpoint); one test kills a real subprocess with SIGKILL in the
+middle of writing a checkpoint."""
 
 from __future__ import annotations
 
@@ -41,13 +42,23 @@ COMBOS = {
     "dropout-siglip": ("--adapter-dropout", "0.1", "--loss", "siglip"),
     "dropout-random-caption": ("--adapter-dropout", "0.1", "--caption", "random"),
     "dropout-workers": ("--adapter-dropout", "0.1", "--num-workers", "2"),
+    "clip-text-tower": ("--text-tower", "clip", "--clip-text-width", "16", "--clip-text-layers", "1",
+                        "--clip-text-heads", "2", "--caption", "random"),
 }
+
+
+def _argv(demo, out, *args, steps):
+    argv = stage2_args(demo, out, *args, steps=steps)
+    if "clip" in args:  # the baseline text tower trains on raw captions: no embedding cache
+        i = argv.index("--embeddings")
+        del argv[i:i + 2]
+    return argv
 
 
 @pytest.mark.parametrize("combo", list(COMBOS))
 def test_stop_and_resume_is_bit_identical(demo, tmp_path, monkeypatch, combo):
     args = ("--save-every", "2", *COMBOS[combo])
-    assert train_main(stage2_args(demo, tmp_path / "full", *args, steps=6)) == 0
+    assert train_main(_argv(demo, tmp_path / "full", *args, steps=6)) == 0
 
     real_step, calls = stage2.train_step, {"n": 0}
 
@@ -59,9 +70,9 @@ def test_stop_and_resume_is_bit_identical(demo, tmp_path, monkeypatch, combo):
 
     monkeypatch.setattr(stage2, "train_step", stops_in_step_6)
     with pytest.raises(KeyboardInterrupt):
-        train_main(stage2_args(demo, tmp_path / "stopped", *args, steps=6))
+        train_main(_argv(demo, tmp_path / "stopped", *args, steps=6))
     monkeypatch.setattr(stage2, "train_step", real_step)
-    assert train_main(stage2_args(demo, tmp_path / "stopped", *args, "--resume", steps=6)) == 0
+    assert train_main(_argv(demo, tmp_path / "stopped", *args, "--resume", steps=6)) == 0
     _assert_identical(tmp_path / "full", tmp_path / "stopped")
 
 
