@@ -2,9 +2,12 @@
 
 A sample is bad when its image is missing, truncated or undecodable, or one of its captions is empty.
 The tracker remembers every offending key with its reason, counts visits, and raises
-:class:`BadDataError` once the bad fraction passes ``max_fraction``. The decision waits until at least
-``min_samples`` samples were seen, so one bad sample among the first few does not stop a long run; a
-source smaller than ``min_samples`` therefore never raises, but its bad keys are still reported.
+:class:`BadDataError` once the bad fraction passes ``max_fraction``. During a pass the decision waits
+until at least ``min_samples`` samples were seen, so one bad sample among the first few does not stop a
+long run; at the end of every pass (epoch) :meth:`BadDataTracker.check_end_of_epoch` enforces the
+fraction whatever the number of samples, so a small source cannot train on mostly bad data. Samples
+lost without a key (the unreadable tail of a truncated WebDataset shard) count through
+:meth:`BadDataTracker.add_lost`.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ class BadDataTracker:
         self.bad = 0
         self.bad_keys: dict[str, str] = {}
         self.notes: list[str] = []  # problems not tied to one key (e.g. a truncated shard)
+        self.lost = 0  # samples known to exist but unreadable, without a key (counted in seen and bad)
 
     def add_seen(self, n: int = 1) -> None:
         self.seen += n
@@ -88,6 +92,14 @@ class BadDataTracker:
         """Record a problem not tied to one key (reported by :meth:`summary`); each note is kept once."""
         if note not in self.notes:
             self.notes.append(note)
+
+    def add_lost(self, n: int, note: str) -> None:
+        """Count ``n`` samples lost without a key (e.g. a truncated shard's tail) as seen and bad."""
+        if n > 0:
+            self.lost += n
+            self.seen += n
+            self.bad += n
+        self.add_note(note)
 
     def merge(self, seen: int, bad: Iterable[tuple[str, str]]) -> None:
         """Fold in counts gathered elsewhere (a DataLoader worker): ``seen`` visits, ``bad`` (key, reason)."""
@@ -103,13 +115,23 @@ class BadDataTracker:
         return self.seen >= self.policy.min_samples and self.fraction > self.policy.max_fraction
 
     def check(self) -> None:
-        """Raise :class:`BadDataError` when the policy's threshold is passed."""
+        """Raise :class:`BadDataError` when the policy's threshold is passed (after ``min_samples``)."""
         if self.exceeded():
-            raise BadDataError(
-                f"{self.bad} of {self.seen} samples were bad ({self.fraction:.2%} > "
-                f"{self.policy.max_fraction:.2%} allowed); {self._keys_text()}. Fix the data or raise "
-                "the threshold (bad_data=BadDataPolicy(max_fraction=...))."
-            )
+            raise BadDataError(self._too_many())
+
+    def check_end_of_epoch(self) -> None:
+        """Raise :class:`BadDataError` when the bad fraction passes the threshold, however few samples
+        were seen: called when a pass over the data ends."""
+        if self.seen and self.fraction > self.policy.max_fraction:
+            raise BadDataError(self._too_many())
+
+    def _too_many(self) -> str:
+        lost = f" ({self.lost} lost in damaged shards)" if self.lost else ""
+        notes = "".join(f"; note: {n}" for n in self.notes)
+        return (f"{self.bad} of {self.seen} samples were bad{lost} ({self.fraction:.2%} > "
+                f"{self.policy.max_fraction:.2%} allowed); {self._keys_text()}{notes}. Fix the data or raise "
+                "the threshold (--max-bad-fraction on the command line, "
+                "bad_data=BadDataPolicy(max_fraction=...) in Python).")
 
     def _keys_text(self) -> str:
         items = list(self.bad_keys.items())
@@ -135,6 +157,7 @@ class BadDataTracker:
             "min_samples": self.policy.min_samples,
             "bad_keys": dict(self.bad_keys),
             "notes": list(self.notes),
+            "lost": self.lost,
         }
 
     def load_dict(self, state: dict) -> None:
@@ -143,3 +166,4 @@ class BadDataTracker:
         self.bad = int(state["bad"])
         self.bad_keys = dict(state["bad_keys"])
         self.notes = list(state.get("notes", []))
+        self.lost = int(state.get("lost", 0))

@@ -13,22 +13,37 @@ from .bad_data import BadDataTracker, BadSampleError
 from .records import Record
 
 
-def decode_image(key: str, data: bytes) -> Image.Image:
-    """Decode image bytes fully to RGB; any failure becomes :class:`BadSampleError`."""
+def decode_image(key: str, data: bytes, min_side: int | None = None) -> Image.Image:
+    """Decode image bytes fully to RGB; any failure becomes :class:`BadSampleError`.
+
+    min_side: the smallest side the consumer needs (None: full size). A much larger image is then
+    decoded smaller: JPEG through PIL's ``draft`` (DCT scaling while decoding, so a 9000x9000 photo
+    never exists at full size in memory), other formats through ``reduce`` right after decoding (their
+    peak stays bounded by PIL's decompression-bomb limit). Both keep at least ``2 * min_side`` pixels
+    on each side, so a following resize to ``min_side`` still has detail to average.
+    """
     if not data:
         raise BadSampleError(key, "image is empty (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            if min_side:
+                image.draft("RGB", (2 * min_side, 2 * min_side))  # no-op for non-JPEG formats
             image.load()  # decoding happens lazily: load() is what exposes truncated files
-            return image.convert("RGB")
+            rgb = image.convert("RGB")
+        if min_side:
+            factor = min(rgb.size) // (2 * min_side)
+            if factor >= 2:
+                rgb = rgb.reduce(factor)
+        return rgb
     except UnidentifiedImageError:
         raise BadSampleError(key, "image cannot be identified (not an image or unsupported format)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadSampleError(key, f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
-def read_image_file(key: str, path: str | os.PathLike) -> Image.Image:
-    """Read and decode an image file; missing or unreadable files become :class:`BadSampleError`."""
+def read_image_file(key: str, path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Read and decode an image file (``min_side``: see :func:`decode_image`); missing or unreadable
+    files become :class:`BadSampleError`."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -36,7 +51,7 @@ def read_image_file(key: str, path: str | os.PathLike) -> Image.Image:
         raise BadSampleError(key, f"image file is missing: {os.fspath(path)}") from None
     except OSError as exc:
         raise BadSampleError(key, f"image file cannot be read: {os.fspath(path)} ({exc})") from None
-    return decode_image(key, data)
+    return decode_image(key, data, min_side)
 
 
 def check_captions(key: str, captions: dict[str, str], names: list[str]) -> dict[str, str]:
@@ -93,6 +108,14 @@ class CaptionSource(ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+    #: Smallest image side consumers need (None: decode at full size); see :func:`decode_image`.
+    decode_min_side: int | None = None
+
+    def set_decode_min_side(self, min_side: int | None) -> None:
+        """Let :meth:`image_at` decode large images smaller, keeping at least ``2 * min_side`` pixels a side
+        (loaders with the CLIP transform set it to their image size)."""
+        self.decode_min_side = min_side
 
     # Shared behaviour -------------------------------------------------------------------------
 

@@ -5,15 +5,24 @@ Layout of a cache folder::
     cache_settings.json        what every shard was built with (checked when a run resumes)
     shard-00000.npy            (records, captions, dim) fp16/fp32, row r = r-th record of the shard
     shard-00000.keys.json      the shard's record keys, in row order
-    shard-00000.done.json      written last: the shard is complete; sha256 of both files
+    shard-00000.captions.json  per record and caption, a short hash of the caption text encoded
+    shard-00000.done.json      written last: the shard is complete; sha256 of its files and the
+                               fingerprint of its inputs (caption texts, encoder)
     ...
-    manifest.json              written last of all: dim, dtype, caption names, shard list + checksums
+    manifest.json              written last of all: dim, dtype, caption names, shard list + checksums,
+                               the encoder fingerprint and the keys skipped (empty caption) at embed time
 
 Shard ``i`` holds records ``[i * shard_size, (i + 1) * shard_size)`` of the source's caption order,
 so boundaries are the same in every run. :func:`build_embedding_cache` skips shards whose
-``done.json`` matches the current keys and whose data checksum holds, redoes any other (a partial
-shard leaves at most temp files, never a half-written ``.npy`` under its final name), gives shard
-``i`` to rank ``i % world_size`` and lets rank 0 merge the ``done`` records into the manifest.
+``done.json`` matches the current keys, caption texts (``captions_sha256``) and encoder
+(``encoder_sha256``: the weights' hash and encoding settings) and whose data checksum holds, and
+redoes any other (a partial shard leaves at most temp files, never a half-written ``.npy`` under its
+final name); changed inputs are reported through the hook. It gives shard ``i`` to rank
+``i % world_size`` and lets rank 0 merge the ``done`` records into the manifest.
+
+A consumer checks that a cache was built from its data with :meth:`EmbeddingCache.check_captions`,
+which names the first key whose caption text differs. Caches written before caption fingerprints
+existed stay readable (``has_caption_fingerprints`` is False); rerunning embed on them re-encodes them.
 
 :class:`EmbeddingCache` opens a finished cache, verifies the checksums and memory-maps the shards, so
 stage 2 reads embeddings without ever loading the LLM.
@@ -50,6 +59,21 @@ _HASH_CHUNK = 1 << 22
 
 class CacheCorruptError(ValueError):
     """A cache file is missing, truncated or does not match its recorded checksum."""
+
+
+class StaleCacheError(ValueError):
+    """The cache was built from other captions than the data's (rerun the embed step)."""
+
+
+def _read_shard_hashes(path: Path, shard: dict[str, Any], verify: bool) -> list[list[str]]:
+    if not path.is_file():
+        raise CacheCorruptError(f"cache file {path} is missing")
+    if verify and sha256_file(path) != shard["captions_sha256"]:
+        raise CacheCorruptError(f"cache captions file {path} is corrupt (sha256 mismatch)")
+    hashes = _read_json(path, "cache captions file").get("hashes")
+    if not isinstance(hashes, list) or len(hashes) != shard["records"]:
+        raise CacheCorruptError(f"{path} does not hold {shard['records']} records' caption hashes")
+    return hashes
 
 
 def storage_dtype_name(dtype: str | torch.dtype | np.dtype) -> str:
@@ -109,6 +133,42 @@ def _keys_sha256(keys: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps(list(keys)).encode()).hexdigest()
 
 
+def caption_hash(text: str) -> str:
+    """Short (48-bit) hash of one caption text: enough to tell a changed caption, cheap to store."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=6).hexdigest()
+
+
+def _captions_payload(batch: Sequence[tuple[str, dict[str, str]]], names: Sequence[str]) -> bytes:
+    return json.dumps({"caption_names": list(names),
+                       "hashes": [[caption_hash(caps[n]) for n in names] for _, caps in batch]}).encode()
+
+
+def fingerprint_sha256(fingerprint: dict[str, Any] | None) -> str | None:
+    """Hash of an encoder fingerprint (weights' hash + encoding settings); None when there is none."""
+    if fingerprint is None:
+        return None
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_ENCODER_FILE_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".txt", ".model",
+                          ".tiktoken"}
+
+
+def weights_fingerprint(*folders: str | os.PathLike | None) -> dict[str, str]:
+    """SHA-256 of every weight file (``*.safetensors``, ``*.bin``, ``*.pt``, ``*.pth``, ``*.gguf``),
+    config and tokenizer file (``*.json``, ``*.txt``, ``*.model``, ``*.tiktoken``) under the given
+    model/adapter folders, keyed by relative path: what makes an encoder produce the embeddings it
+    does, so a replaced model at the same path is noticed."""
+    out: dict[str, str] = {}
+    for i, folder in enumerate(f for f in folders if f is not None):
+        root = Path(folder)
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*") if p.is_file() and p.suffix in _ENCODER_FILE_SUFFIXES)
+        for f in files:
+            out[f"{i}/{f.relative_to(root) if f != root else f.name}"] = sha256_file(f)
+    return out
+
+
 # ---------------------------------------------------------------------------------------- writing
 def _settings(
     dim: int, dtype: str, caption_names: Sequence[str], shard_size: int, metadata: dict[str, Any]
@@ -140,27 +200,39 @@ def _check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
     _atomic_write_json(path, settings)
 
 
-def _shard_is_done(out: Path, index: int, keys: Sequence[str]) -> bool:
-    """True when shard ``index`` was finished for exactly these keys and its data checksum holds."""
+def _shard_state(out: Path, index: int, keys: Sequence[str], captions_sha256: str,
+                 encoder_sha256: str | None) -> str:
+    """``"done"`` when shard ``index`` was finished for exactly these keys, caption texts and encoder
+    and its checksums hold; ``"captions changed"`` / ``"encoder changed"`` when a finished shard's
+    inputs differ now; ``"missing"`` otherwise (not written, damaged, or from before fingerprints)."""
     stem = shard_stem(index)
     done_path = out / f"{stem}.done.json"
     if not done_path.is_file():
-        return False
+        return "missing"
     try:
         done = json.loads(done_path.read_text())
+        if done["records"] != len(keys) or done["keys_sha256"] != _keys_sha256(keys):
+            return "missing"
+        if "captions_sha256" not in done:
+            return "missing"  # written before caption fingerprints: cannot tell, so redo it
+        if done["captions_sha256"] != captions_sha256:
+            return "captions changed"
+        if done.get("encoder_sha256") != encoder_sha256:
+            return "encoder changed"
         data = out / done["file"]
-        return (
-            done["records"] == len(keys)
-            and done["keys_sha256"] == _keys_sha256(keys)
-            and data.is_file()
+        intact = (
+            data.is_file()
             and sha256_file(data) == done["sha256"]
             and sha256_file(out / done["keys_file"]) == done["keys_file_sha256"]
+            and sha256_file(out / done["captions_file"]) == done["captions_sha256"]
         )
+        return "done" if intact else "missing"
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        return False  # anything unreadable is simply redone
+        return "missing"  # anything unreadable is simply redone
 
 
-def _write_shard(out: Path, index: int, keys: list[str], array: np.ndarray) -> dict[str, Any]:
+def _write_shard(out: Path, index: int, keys: list[str], array: np.ndarray, captions_payload: bytes,
+                 encoder_sha256: str | None) -> dict[str, Any]:
     stem = shard_stem(index)
     # The done record goes first so that a kill between files never leaves a stale "done" claim.
     (out / f"{stem}.done.json").unlink(missing_ok=True)
@@ -168,6 +240,8 @@ def _write_shard(out: Path, index: int, keys: list[str], array: np.ndarray) -> d
     _atomic_write_bytes(data_path, lambda f: np.save(f, array, allow_pickle=False))
     keys_payload = json.dumps(keys).encode()
     _atomic_write_bytes(keys_path, lambda f: f.write(keys_payload))
+    captions_path = out / f"{stem}.captions.json"
+    _atomic_write_bytes(captions_path, lambda f: f.write(captions_payload))
     done = {
         "shard": index,
         "file": data_path.name,
@@ -177,6 +251,9 @@ def _write_shard(out: Path, index: int, keys: list[str], array: np.ndarray) -> d
         "sha256": sha256_file(data_path),
         "keys_file_sha256": hashlib.sha256(keys_payload).hexdigest(),
         "keys_sha256": _keys_sha256(keys),
+        "captions_file": captions_path.name,
+        "captions_sha256": hashlib.sha256(captions_payload).hexdigest(),
+        "encoder_sha256": encoder_sha256,
     }
     _atomic_write_json(out / f"{stem}.done.json", done)
     return done
@@ -202,6 +279,8 @@ def build_embedding_cache(
     world_size: int = 1,
     barrier: Callable[[], None] | None = None,
     hook: Callable[[str, int], None] | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    skipped: dict[str, str] | None = None,
 ) -> Path | None:
     """Encode every caption of ``records`` into a sharded cache under ``out_dir`` (resumable).
 
@@ -218,7 +297,14 @@ def build_embedding_cache(
         barrier: called once every shard of this rank is written (distributed: wait for the others)
             before rank 0 writes the manifest.
         hook: called as ``hook(event, shard)`` with ``"encoded"`` (before the shard is written),
-            ``"written"`` and ``"skipped"``; for progress reports and tests that stop a run midway.
+            ``"written"``, ``"skipped"`` (reused as is), and ``"captions changed"`` / ``"encoder
+            changed"`` (a finished shard whose inputs differ now, before it is re-encoded); for
+            progress reports and tests that stop a run midway.
+        fingerprint: what makes the encoder (weights' hashes, encoding settings; JSON-able). Shards
+            written with another fingerprint are re-encoded. Stored in the manifest.
+        skipped: ``{key: reason}`` of records the caller left out (e.g. an empty caption), stored in
+            the manifest so consumers can tell them from keys missing by mistake. Read when the
+            manifest is written, so it may be filled while ``records`` is consumed.
 
     Returns the manifest path on rank 0, ``None`` on other ranks.
     """
@@ -241,14 +327,20 @@ def build_embedding_cache(
     n_records = 0
     n_shards = 0
 
+    encoder_sha256 = fingerprint_sha256(fingerprint)
+
     def process(index: int, batch: list[tuple[str, dict[str, str]]]) -> None:
         if index % world_size != rank:
             return
         keys = [k for k, _ in batch]
-        if _shard_is_done(out, index, keys):
+        captions_payload = _captions_payload(batch, names)
+        state = _shard_state(out, index, keys, hashlib.sha256(captions_payload).hexdigest(), encoder_sha256)
+        if state == "done":
             if hook:
                 hook("skipped", index)
             return
+        if state != "missing" and hook:
+            hook(state, index)
         _remove_temp_files(out, index)
         texts = [caps[n] for _, caps in batch for n in names]
         emb = encode(texts)
@@ -264,7 +356,7 @@ def build_embedding_cache(
             raise ValueError(f"shard {index}: embeddings contain inf/nan{hint}")
         if hook:
             hook("encoded", index)
-        _write_shard(out, index, keys, array)
+        _write_shard(out, index, keys, array, captions_payload, encoder_sha256)
         if hook:
             hook("written", index)
 
@@ -292,10 +384,12 @@ def build_embedding_cache(
         barrier()
     if rank != 0:
         return None
-    return _write_manifest(out, n_shards, n_records, _settings(dim, storage, names, shard_size, meta))
+    return _write_manifest(out, n_shards, n_records, _settings(dim, storage, names, shard_size, meta),
+                           fingerprint, dict(skipped or {}))
 
 
-def _write_manifest(out: Path, n_shards: int, n_records: int, settings: dict[str, Any]) -> Path:
+def _write_manifest(out: Path, n_shards: int, n_records: int, settings: dict[str, Any],
+                    fingerprint: dict[str, Any] | None, skipped: dict[str, str]) -> Path:
     shards = []
     for index in range(n_shards):
         done_path = out / f"{shard_stem(index)}.done.json"
@@ -304,21 +398,23 @@ def _write_manifest(out: Path, n_shards: int, n_records: int, settings: dict[str
                 f"shard {index} ({done_path.name}) is not finished: did every rank complete? Rerun to resume"
             )
         done = _read_json(done_path, "shard record")
-        shards.append(
-            {k: done[k] for k in ("file", "keys_file", "records", "shape", "sha256", "keys_file_sha256")}
-        )
+        fields = ("file", "keys_file", "records", "shape", "sha256", "keys_file_sha256", "captions_file",
+                  "captions_sha256", "encoder_sha256")
+        shards.append({k: done[k] for k in fields})
     # A smaller source than last time leaves shards past the end: they are not part of this cache.
     for stale in out.glob("shard-*.done.json"):
         index = int(stale.name.split(".")[0].split("-")[1])
         if index >= n_shards:
             stem = shard_stem(index)
-            for suffix in (".done.json", ".npy", ".keys.json"):
+            for suffix in (".done.json", ".npy", ".keys.json", ".captions.json"):
                 (out / f"{stem}{suffix}").unlink(missing_ok=True)
     manifest = {
         **settings,
         "num_records": n_records,
         "num_rows": n_records * len(settings["caption_names"]),
         "shards": shards,
+        "encoder_fingerprint": fingerprint,
+        "skipped": skipped,
     }
     path = out / MANIFEST_NAME
     _atomic_write_json(path, manifest)
@@ -341,6 +437,7 @@ class EmbeddingCache:
         arrays: list[np.ndarray],
         index: dict[str, tuple[int, int]],
         keys: list[str],
+        caption_hashes: list[list[list[str]]] | None = None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
@@ -351,7 +448,37 @@ class EmbeddingCache:
         self.dtype: torch.dtype = getattr(torch, manifest["dtype"])
         self.caption_names: list[str] = list(manifest["caption_names"])
         self.metadata: dict[str, Any] = dict(manifest.get("metadata") or {})
+        self.skipped: dict[str, str] = dict(manifest.get("skipped") or {})
         self._column = {n: i for i, n in enumerate(self.caption_names)}
+        self._caption_hashes = caption_hashes
+
+    @property
+    def has_caption_fingerprints(self) -> bool:
+        """False for a cache written before caption fingerprints were recorded (rerun embed to add them)."""
+        return self._caption_hashes is not None
+
+    def check_captions(self, records: Iterable[tuple[str, dict[str, str]]],
+                       caption_names: Sequence[str] | None = None) -> None:
+        """Raise :class:`StaleCacheError` naming the first key whose caption text (for each of
+        ``caption_names``, default all cached ones the record has) differs from the text the cache
+        was built from. Keys the cache lacks are not checked here. Raises ``ValueError`` for a cache
+        without fingerprints."""
+        if self._caption_hashes is None:
+            raise ValueError(f"the embedding cache {self.directory} predates caption fingerprints, so it "
+                             "cannot be checked against the data; rerun the embed step on it to record them")
+        names = list(self.caption_names if caption_names is None else caption_names)
+        for key, captions in records:
+            where = self._index.get(key)
+            if where is None:
+                continue
+            stored = self._caption_hashes[where[0]][where[1]]
+            for name in names:
+                if name in captions and name in self._column and \
+                        stored[self._column[name]] != caption_hash(captions[name]):
+                    raise StaleCacheError(
+                        f"the embedding cache {self.directory} was built from other captions: key {key!r}, "
+                        f"caption {name!r} differs from the data's ({captions[name][:60]!r}); rerun the "
+                        "embed step on this data to re-encode the changed shards")
 
     @classmethod
     def open(cls, directory: str | os.PathLike, *, verify: bool | str = True) -> EmbeddingCache:
@@ -381,6 +508,8 @@ class EmbeddingCache:
         arrays: list[np.ndarray] = []
         index: dict[str, tuple[int, int]] = {}
         keys: list[str] = []
+        hashes: list[list[list[str]]] | None = [] if all("captions_file" in sh for sh in manifest["shards"]) \
+            else None
         expected_dtype = np.dtype(STORAGE_DTYPES[manifest["dtype"]])
         for s, shard in enumerate(manifest["shards"]):
             data_path, keys_path = folder / shard["file"], folder / shard["keys_file"]
@@ -414,7 +543,9 @@ class EmbeddingCache:
                 index[key] = (s, row)
             keys.extend(shard_keys)
             arrays.append(array)
-        return cls(folder, manifest, arrays, index, keys)
+            if hashes is not None:
+                hashes.append(_read_shard_hashes(folder / shard["captions_file"], shard, verify is True))
+        return cls(folder, manifest, arrays, index, keys, hashes)
 
     def __len__(self) -> int:
         return len(self._keys)

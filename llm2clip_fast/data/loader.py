@@ -18,7 +18,10 @@ A bad sample (missing/undecodable image, empty caption) is dropped from its slot
 smaller than ``batch_size``; a slot whose samples are all bad yields no batch. This keeps batch
 ``b``'s content independent of decoding, so resuming at ``start_batch=k`` skips k slots without
 reading them and sees exactly the batches the interrupted run would have seen. Bad-sample counts ride
-inside each batch from the worker to the main process and land in ``loader.bad_data``.
+inside each batch from the worker to the main process and land in ``loader.bad_data``. At the end
+of every epoch the bad fraction is enforced whatever the number of samples
+(``BadDataTracker.check_end_of_epoch``), and the samples a truncated WebDataset shard lost past its cut
+count as bad once per epoch (each rank its share).
 
 The random crop and the caption choice of a sample are seeded by (seed, epoch, key), so they do not
 depend on the rank, worker or batch the sample lands in.
@@ -189,10 +192,12 @@ class CaptionLoader(DataLoader):
     position (epoch, next batch slot, bad-data counts) for resumption.
     """
 
-    def __init__(self, dataset: CaptionBatches, *, tracker: BadDataTracker, **kwargs: Any):
+    def __init__(self, dataset: CaptionBatches, *, tracker: BadDataTracker, lost: int = 0,
+                 lost_note: str = "", **kwargs: Any):
         super().__init__(dataset, batch_size=None, shuffle=False, **kwargs)
         self.bad_data = tracker
         self._next_batch = dataset.start_batch
+        self._lost, self._lost_note = lost, lost_note
 
     @property
     def epoch(self) -> int:
@@ -212,12 +217,16 @@ class CaptionLoader(DataLoader):
         self._next_batch = start_batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.dataset.start_batch == 0 and self._lost:
+            # Once per epoch, at its start (a run resumed mid-epoch restores counts that include them).
+            self.bad_data.add_lost(self._lost, self._lost_note)
         for batch in super().__iter__():
             self.bad_data.merge(batch.pop("_seen"), batch.pop("_bad"))
             self._next_batch = batch["batch_index"] + 1
             self.bad_data.check()
             if batch["keys"]:
                 yield batch
+        self.bad_data.check_end_of_epoch()
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "start_batch": self._next_batch, "bad_data": self.bad_data.as_dict()}
@@ -315,12 +324,19 @@ def build_loader(
         raise ValueError(f"source {source!r} holds no samples")
     if with_images and transform is None:
         transform = clip_image_transform(image_size, train=train, scale=crop_scale)
+        # The CLIP transform never needs more than ~image_size pixels a side: large images may decode
+        # smaller (bounded memory for a 9000x9000 photo). A custom transform gets full-size images.
+        source.set_decode_min_side(max(image_size, source.decode_min_side or 0))
     if isinstance(bad_data, BadDataTracker):
         tracker = bad_data
     else:
         tracker = BadDataTracker(bad_data)
     for problem in getattr(source, "damaged_shards", {}).values():
         tracker.add_note(problem)
+    lost_total = sum(getattr(source, "lost_samples", {}).values())
+    lost = lost_total // world_size + (1 if rank < lost_total % world_size else 0)
+    lost_note = (f"{lost_total} sample(s) lost in truncated shards counted as bad each epoch"
+                 f"{f' ({lost} on this rank)' if world_size > 1 else ''}")
     dataset = CaptionBatches(
         source,
         batch_size=batch_size,
@@ -339,4 +355,9 @@ def build_loader(
         extra["prefetch_factor"] = prefetch_factor
     if num_workers > 0 and multiprocessing_context is not None:
         extra["multiprocessing_context"] = multiprocessing_context
-    return CaptionLoader(dataset, tracker=tracker, num_workers=num_workers, pin_memory=pin_memory, **extra)
+    # DataLoader draws its workers' base seed each epoch from this generator, or from the global torch
+    # RNG when it has none: a private one keeps the trainer's dropout stream independent of where a
+    # resumed run re-enters the epoch (the batches themselves are seeded per sample, not from it).
+    generator = torch.Generator().manual_seed(seed)
+    return CaptionLoader(dataset, tracker=tracker, lost=lost, lost_note=lost_note, num_workers=num_workers,
+                         pin_memory=pin_memory, generator=generator, **extra)

@@ -21,6 +21,11 @@ from .caption_source import CaptionSource, read_image_file
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
 
+
+class MissingManifestError(FileNotFoundError, ValueError):
+    """The manifest file does not exist (a FileNotFoundError, and a ValueError like every other
+    problem of a caption source)."""
+
 def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
     """(column names in first-seen order, rows) of a manifest; unreadable files raise ValueError."""
     suffix = path.suffix.lower()
@@ -30,7 +35,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict]]:
         ) as f:  # utf-8-sig: spreadsheet exports start with a BOM
             text = f.read()
     except FileNotFoundError:
-        raise ValueError(f"manifest {os.fspath(path)!r} does not exist") from None
+        raise MissingManifestError(f"manifest {os.fspath(path)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"manifest {os.fspath(path)!r} cannot be read as UTF-8 text: {exc}") from None
     if suffix == ".jsonl":
@@ -83,8 +88,10 @@ class ManifestSource(CaptionSource):
         key_column: str | None = "key",
         label_column: str | None = "label",
         bad_data: BadDataPolicy | float | None = None,
+        image_root_only: bool = False,
     ):
         self.path = Path(path)
+        self.image_root_only = bool(image_root_only)
         if self.path.suffix.lower() not in MANIFEST_SUFFIXES:
             raise ValueError(f"manifest must end in one of {MANIFEST_SUFFIXES}, got {os.fspath(path)!r}")
         columns, rows = _read_rows(self.path)
@@ -152,7 +159,13 @@ class ManifestSource(CaptionSource):
         key = self._keys[index]
         if not self._images[index]:
             raise BadSampleError(key, f"image column {self.image_column!r} is empty")
-        return read_image_file(key, self.image_path_at(index))
+        path = self.image_path_at(index)
+        if self.image_root_only:
+            resolved, root = path.resolve(), self.root.resolve()
+            if not resolved.is_relative_to(root):
+                raise BadSampleError(key, f"image path {self._images[index]!r} leads outside the manifest's "
+                                     f"folder {os.fspath(root)!r} (--image-root-only)")
+        return read_image_file(key, path, self.decode_min_side)
 
     def keys(self) -> list[str]:
         return list(self._keys)

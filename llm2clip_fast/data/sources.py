@@ -20,6 +20,7 @@ def open_source(
     key_column: str | None = "key",
     label_column: str | None = "label",
     bad_data: BadDataPolicy | float | None = None,
+    image_root_only: bool = False,
 ) -> CaptionSource:
     """Open a caption source and check its structure.
 
@@ -38,6 +39,8 @@ def open_source(
         label_column: field with a class label for zero-shot evaluation; never a caption. Used when
             present, ignored when absent (``source.label_column`` is then None).
         bad_data: policy for ``iter_captions`` / ``iter_records`` (``source.bad_data`` tracks them).
+        image_root_only: manifests only: an image path leading outside the manifest's folder (``..``,
+            absolute paths, symlinks out) makes its sample bad instead of being read.
 
     Raises:
         ValueError: a structural mistake (missing column, no shards matched, unreadable manifest); the
@@ -53,6 +56,7 @@ def open_source(
             key_column=key_column,
             label_column=label_column,
             bad_data=bad_data,
+            image_root_only=image_root_only,
         )
     if not isinstance(spec, (str, os.PathLike, list, tuple)):
         raise TypeError(f"spec must be a path, a shard pattern or a list of them, got {type(spec).__name__}")

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import statistics
 import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -160,6 +161,10 @@ class WebDatasetSource(CaptionSource):
             )
         self._requested_label = label_column
         self.damaged_shards: dict[str, str] = {}
+        # Samples a damaged shard lost past its cut (no key survives): at least one per damaged shard,
+        # or the shortfall against the median sample count of the intact shards (shards are usually
+        # written with equal counts). Loaders count them as bad data each epoch.
+        self.lost_samples: dict[str, int] = {}
         self.bad_data = BadDataTracker(bad_data)
         self._index: list[_Sample] | None = None
         self._handles: dict[int, object] = {}
@@ -211,14 +216,20 @@ class WebDatasetSource(CaptionSource):
     @property
     def index(self) -> list[_Sample]:
         if self._index is None:
-            index = []
+            index, intact_counts, damaged_counts = [], [], {}
             for shard, path in enumerate(self.shards):
                 samples, problem = _index_shard(shard, path)
                 index.extend(samples)
                 if problem is not None:
                     self.damaged_shards[path] = problem
+                    damaged_counts[path] = len(samples)
                     self.bad_data.add_note(problem)
                     warnings.warn(problem, stacklevel=2)
+                else:
+                    intact_counts.append(len(samples))
+            typical = statistics.median_low(intact_counts) if intact_counts else 0
+            for path, count in damaged_counts.items():
+                self.lost_samples[path] = max(1, typical - count)
             self._index = index
         return self._index
 
@@ -289,7 +300,7 @@ class WebDatasetSource(CaptionSource):
         ext = _image_ext(sample.members)
         if ext is None:
             raise BadSampleError(sample.key, f"no image member (members: {sorted(sample.members)})")
-        return decode_image(sample.key, self._read(sample, ext))
+        return decode_image(sample.key, self._read(sample, ext), self.decode_min_side)
 
     def record_at(self, index: int, with_image: bool = True) -> Record:
         sample = self.index[index]

@@ -101,8 +101,15 @@ def text_adapter(
     b1 (h,), w2 (d, h), b2 (d,))``. head_weights: ``(ln_w (d,), ln_b (d,), w (n, d), b (n,))``.
     Returns (B, n) in the autocast dtype under ``torch.autocast``, else in ``x``'s dtype (x must match
     the weights' dtype outside autocast, as for nn.Linear). ``dropout`` acts after each GELU when
-    ``training``; the fused backend then steps aside for the torch one.
+    ``training``; the fused backend then steps aside for the torch one. Raises ValueError for
+    ``dropout`` outside [0, 1) or ``ln_eps``/``l2_eps`` not > 0 (a zero eps divides by zero on a
+    constant row).
     """
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    for name, eps in (("ln_eps", ln_eps), ("l2_eps", l2_eps)):
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not float(eps) > 0.0:
+            raise ValueError(f"{name} must be a float > 0, got {eps!r}")
     _check_weights(x, block_weights, head_weights)
     flat = [t for bw in block_weights for t in bw] + list(head_weights)
     options = {"dropout": float(dropout), "training": bool(training)}

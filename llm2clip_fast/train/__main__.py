@@ -8,12 +8,28 @@
 With no sub-command, runs the whole pipeline on the built-in demo set (``pipeline``).
 Each sub-command lives in ``llm2clip_fast.train.<name>`` and exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; modules are imported only when their sub-command is used.
+
+Expected failures print one line ``llm2clip_fast.train CMD: error: ...`` on stderr and exit with:
+
+  2  bad arguments or options (also argparse's own usage errors)
+  3  a file or folder that does not exist
+  4  --out already holds a run (pass --resume or --overwrite)
+  5  a damaged checkpoint, or --resume with no usable checkpoint
+  6  a damaged embedding cache, or one built from other captions than the data's
+  7  too much bad data (more than --max-bad-fraction of the samples)
+  8  the loss became inf/nan
+  130 interrupted (Ctrl-C)
+
+Anything else is a bug and shows its traceback (exit 1). ``--debug`` (anywhere on the command line) or
+``LLM2CLIP_DEBUG=1`` shows the traceback of expected failures too. :func:`main` raises instead of
+exiting, for use from Python; :func:`cli` is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -44,5 +60,47 @@ def main(argv: list[str] | None = None) -> int:
     return int(importlib.import_module(f"llm2clip_fast.train.{args.command}").run(args) or 0)
 
 
+def exit_code_for(exc: BaseException) -> int | None:
+    """The documented exit code of an expected failure (see the module docstring), None for a bug."""
+    from ..data.bad_data import BadDataError
+    from ..data.embedding_cache import CacheCorruptError, StaleCacheError
+    from .checkpoint import CheckpointError
+    from .run_folder import RunFolderError
+
+    ordered: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]] = [
+        (KeyboardInterrupt, 130),
+        (RunFolderError, 4),
+        (CheckpointError, 5),
+        ((CacheCorruptError, StaleCacheError), 6),
+        (BadDataError, 7),
+        (FloatingPointError, 8),
+        ((FileNotFoundError, NotADirectoryError), 3),
+        (ValueError, 2),
+    ]
+    for kinds, code in ordered:
+        if isinstance(exc, kinds):
+            return code
+    return None
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: :func:`main`, with expected failures turned into one message and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LLM2CLIP_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "pipeline"
+    try:
+        return main(argv)
+    except BaseException as exc:  # expected failures become exit codes below; the rest re-raises
+        code = exit_code_for(exc)
+        if code is None or debug or isinstance(exc, SystemExit):
+            raise
+        message = str(exc) or type(exc).__name__
+        print(f"llm2clip_fast.train {command}: error: {message}", file=sys.stderr)
+        if code != 130:
+            print("(run with --debug or LLM2CLIP_DEBUG=1 for the traceback)", file=sys.stderr)
+        return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

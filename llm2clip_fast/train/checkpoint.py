@@ -6,17 +6,21 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step_<NNNNNNNN>/`` holding:
 - ``trainer_state.safetensors`` + ``trainer_state.json``: optimizer, scheduler, RNG states and any
   extra state, as a JSON skeleton whose tensors live in the safetensors file (no pickle anywhere,
   so loading a checkpoint cannot run code);
-- ``meta.json``: step, epoch, data position (batches consumed in the current epoch), the run config
-  and the list of files, written last.
+- ``meta.json``: step, epoch, data position (batches consumed in the current epoch), the run config,
+  the run's id, and the list of files with their SHA-256 checksums, written last.
 
 The folder is assembled under a temporary name in the same parent, every file fsynced, then renamed
 into place with ``os.replace``: a reader sees either the whole checkpoint or none of it, even if the
 process is killed mid-write. :func:`latest_checkpoint` additionally checks ``meta.json`` and the files
-it lists, so stray temporary folders are never picked up.
+it lists, so stray temporary folders are never picked up. :func:`load_checkpoint` verifies the
+checksums and names the damaged file; :func:`load_latest_usable` walks back from the newest checkpoint
+to the newest one that verifies, reporting each damaged one by path. Pruning (``keep_last``) removes
+only checkpoints of the same ``run_id``, so a run never deletes another run's checkpoints.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -30,7 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .atomic_files import fsync_dir
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -39,6 +46,10 @@ _STATE_TENSORS = "trainer_state.safetensors"
 _STATE_JSON = "trainer_state.json"
 _META = "meta.json"
 FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is damaged (bad checksum, truncated or unreadable file) or none is usable."""
 
 
 @dataclass
@@ -55,6 +66,7 @@ class Checkpoint:
     scheduler_state: dict[str, Any] | None
     rng: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,17 +162,16 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not allow opening a directory; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -188,6 +199,7 @@ def save_checkpoint(
     config: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     keep_last: int | None = 3,
+    run_id: str | None = None,
 ) -> Path:
     """Write a checkpoint atomically and prune old ones; returns its folder.
 
@@ -195,7 +207,9 @@ def save_checkpoint(
     batch to read is ``batch_index`` of ``epoch``). model_state: tensors to store (usually only
     the trainable ones). optimizer, scheduler: anything with ``state_dict()``. config: the run
     configuration (JSON-serialisable). extra: further state (tensors, numbers, strings, nested
-    containers). keep_last: how many checkpoints to keep (None or 0 keeps all).
+    containers). keep_last: how many checkpoints of this run to keep (None or 0 keeps all).
+    run_id: the run this checkpoint belongs to; pruning then removes only older checkpoints with the
+    same id (None: every checkpoint in the folder counts as this run's).
     RNG states are captured here, so call this at the point the resumed run will continue from.
     """
     if step < 0 or epoch < 0 or batch_index < 0:
@@ -224,13 +238,16 @@ def save_checkpoint(
         save_file(tensors, str(tmp / _STATE_TENSORS))
         _fsync_file(tmp / _STATE_TENSORS)
         _write_json(tmp / _STATE_JSON, skeleton)
+        files = [_MODEL_FILE, _STATE_TENSORS, _STATE_JSON]
         _write_json(tmp / _META, {
             "format_version": FORMAT_VERSION,
             "step": int(step),
             "epoch": int(epoch),
             "batch_index": int(batch_index),
+            "run_id": run_id,
             "config": config_json,
-            "files": [_MODEL_FILE, _STATE_TENSORS, _STATE_JSON],
+            "files": files,
+            "sha256": {name: file_sha256(tmp / name) for name in files},
         })
         _fsync_dir(tmp)
         if final.exists():
@@ -246,9 +263,17 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        mine = [p for p in list_checkpoints(run_dir) if run_id is None or _run_id_of(p) == run_id]
+        for old in mine[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _run_id_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / _META).read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def _is_complete(path: Path) -> bool:
@@ -275,38 +300,115 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def step_folders(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every ``checkpoints/step_*`` folder of ``run_dir``, complete or not, oldest first."""
+    parent = Path(run_dir) / CHECKPOINTS_DIRNAME
+    if not parent.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in parent.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint in ``run_dir``, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Read a checkpoint folder (or a run folder: its latest checkpoint).
+def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a checkpoint folder against its ``meta.json`` (files present, SHA-256 checksums equal);
+    returns the metadata. Raises :class:`CheckpointError` naming the damaged file. Checkpoints written
+    before checksums were recorded are checked for presence only."""
+    path = Path(path)
+    meta_path = path / _META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        files = list(meta["files"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path} is missing (the save did not finish)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta_path} is damaged: {exc}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')}, "
+                              f"expected {FORMAT_VERSION}")
+    sums = meta.get("sha256") or {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if name in sums and file_sha256(file) != sums[name]:
+            raise CheckpointError(f"{file} is damaged: its SHA-256 differs from the one recorded at save "
+                                  "(truncated or modified)")
+    return meta
 
-    Raises FileNotFoundError if there is no complete checkpoint there.
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is unreadable ({exc}); the checkpoint is damaged") from None
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{file} is unreadable ({exc}); the checkpoint is damaged") from None
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint folder (or a run folder: its latest complete checkpoint), verifying checksums.
+
+    Raises FileNotFoundError if there is no complete checkpoint there, :class:`CheckpointError`
+    (naming the file) if it is damaged.
     """
     path = Path(path)
-    if not _is_complete(path):
+    if not _is_complete(path) and not _STEP_DIR.match(path.name):
         latest = latest_checkpoint(path)
         if latest is None:
             raise FileNotFoundError(f"no complete checkpoint at {path} (expected a checkpoint folder "
                                     f"with {_META}, or a run folder with {CHECKPOINTS_DIRNAME}/step_*)")
         path = latest
-    meta = json.loads((path / _META).read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-    tensors = load_file(str(path / _STATE_TENSORS))
-    state = _unflatten(json.loads((path / _STATE_JSON).read_text(encoding="utf-8")), tensors)
+    meta = verify_checkpoint(path)
+    tensors = _read_tensors(path / _STATE_TENSORS)
+    try:
+        state = _unflatten(_read_json(path / _STATE_JSON), tensors)
+    except KeyError as exc:
+        raise CheckpointError(f"{path / _STATE_JSON} refers to tensor {exc} missing from "
+                              f"{path / _STATE_TENSORS}; the checkpoint is damaged") from None
     return Checkpoint(
         path=path,
         step=int(meta["step"]),
         epoch=int(meta["epoch"]),
         batch_index=int(meta["batch_index"]),
         config=meta["config"],
-        model_state=load_file(str(path / _MODEL_FILE)),
+        model_state=_read_tensors(path / _MODEL_FILE),
         optimizer_state=state["optimizer"],
         scheduler_state=state["scheduler"],
         rng=state["rng"],
         extra=state["extra"],
+        run_id=meta.get("run_id"),
     )
+
+
+def load_latest_usable(run_dir: str | os.PathLike[str], say: Any = print) -> Checkpoint:
+    """The newest checkpoint of ``run_dir`` that verifies; each damaged newer one is reported through
+    ``say`` by path and reason, and so is the fallback. Raises :class:`CheckpointError` when no
+    checkpoint is usable (never a silent fresh start)."""
+    candidates = step_folders(run_dir)
+    problems: list[str] = []
+    for path in reversed(candidates):
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            say(f"checkpoint {path} is damaged, not used: {exc}")
+            continue
+        if problems:
+            say(f"resuming from {path}, the newest complete checkpoint "
+                f"({len(problems)} newer one(s) damaged)")
+        return ckpt
+    where = Path(run_dir) / CHECKPOINTS_DIRNAME
+    detail = "; ".join(problems) if problems else f"there is no checkpoint in {where}"
+    raise CheckpointError(f"--resume: no usable checkpoint in {run_dir}: {detail}. Drop --resume (and pass "
+                          "--overwrite) to train from scratch")

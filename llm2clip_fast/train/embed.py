@@ -3,8 +3,12 @@
 Reads ``(key, captions)`` from a caption source without decoding images, encodes each shard's
 captions with :class:`~llm2clip_fast.models.llm_encoder.LLMTextEncoder` (length-sorted batches,
 optionally LLM.int8 weights) and writes :mod:`llm2clip_fast.data.embedding_cache`. Rerunning the same
-command after a kill resumes: finished shards are skipped. Under ``torchrun`` shard ``i`` is
-encoded by rank ``i % world_size`` and rank 0 writes the manifest.
+command after a kill resumes: finished shards are skipped. Rerunning it after the captions changed, or
+after the LLM's (or LoRA's) weight files changed at the same path, re-encodes exactly the shards whose
+inputs changed and says which. Records with an empty caption are skipped, counted as bad data
+(``--max-bad-fraction``, checked at the end of the pass) and listed in the manifest, so stage 2 can
+tell them from keys missing by mistake. Under ``torchrun`` shard ``i`` is encoded by rank
+``i % world_size`` and rank 0 writes the manifest.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..data.embedding_cache import build_embedding_cache, storage_dtype_name
+from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
+from ..data.embedding_cache import build_embedding_cache, storage_dtype_name, weights_fingerprint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:N (default: this rank's GPU, else cpu)")
+    parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
+                        help="stop when more than this fraction of records has an empty caption "
+                        "(default 1%%)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -80,10 +88,11 @@ def embed(
     device: str | None = None,
     progress: bool = True,
     hook: Callable[[str, int], None] | None = None,
+    max_bad_fraction: float = DEFAULT_MAX_FRACTION,
 ) -> Path | None:
     """Build (or resume) the embedding cache; returns the manifest path on rank 0, else ``None``."""
     from ..data.sources import open_source
-    from ..models.llm_encoder import LLMTextEncoder
+    from ..models.llm_encoder import LLMTextEncoder, resolve_model_path
 
     _positive("batch-size", batch_size)
     _positive("shard-size", shard_size)
@@ -107,8 +116,15 @@ def embed(
         "instruction": encoder.instruction, "max_length": encoder.max_length, "normalize": encoder.normalize,
         "bidirectional": encoder.bidirectional, "source": str(data),
     }
+    # What makes the embeddings besides the settings above: the weight files' contents, so a model
+    # replaced at the same path re-encodes every shard instead of reusing stale vectors.
+    encoding = ("load_in_8bit", "model_dtype", "pooling", "instruction", "max_length", "normalize",
+                "bidirectional")
+    fingerprint = {"weights": weights_fingerprint(resolve_model_path(llm), lora),
+                   "settings": {k: metadata[k] for k in encoding}}
     started = time.perf_counter()
     counts = {"written": 0, "skipped": 0}
+    changed: dict[str, list[int]] = {"captions changed": [], "encoder changed": []}
 
     def report(event: str, shard: int) -> None:
         if event in counts:
@@ -116,17 +132,37 @@ def embed(
             if progress:
                 print(f"[embed rank {rank}] shard {shard} {event} ({time.perf_counter() - started:.1f}s)",
                       file=sys.stderr, flush=True)
+        if event in changed:
+            changed[event].append(shard)
+            print(f"[embed rank {rank}] shard {shard}: {event.split()[0]} changed since it was encoded; "
+                  "re-encoding it", file=sys.stderr, flush=True)
         if hook is not None:
             hook(event, shard)
 
+    bad = BadDataTracker(max_bad_fraction)
+    for path, n in getattr(source, "lost_samples", {}).items():
+        bad.add_lost(n, f"{n} sample(s) lost in the truncated shard {path}")
+
+    def records():
+        yield from ((key, {n: caps[n] for n in names}) for key, caps in source.iter_captions(bad_data=bad))
+        # Before the manifest: a cache built from too much bad data must not look finished.
+        bad.check_end_of_epoch()
+
     manifest = build_embedding_cache(
-        ((key, {n: caps[n] for n in names}) for key, caps in source.iter_captions()),
+        records(),
         lambda texts: encoder.encode(texts, batch_size=batch_size, show_progress=False),
         out, caption_names=names, dim=encoder.embedding_dim, dtype=storage, shard_size=shard_size,
         metadata=metadata, rank=rank, world_size=world, barrier=distributed.barrier, hook=report,
+        fingerprint=fingerprint, skipped=bad.bad_keys,
     )
+    if manifest is not None and bad.bad:
+        print(f"[embed] skipped {bad.bad} record(s) with an empty or missing caption (not in the cache; "
+              f"stage 2 counts them as bad data): {bad.summary()}", file=sys.stderr, flush=True)
     if progress and manifest is not None:
-        print(f"[embed] {counts['written']} shard(s) written, {counts['skipped']} reused; "
+        redone = sorted(changed["captions changed"] + changed["encoder changed"])
+        detail = (f" ({len(redone)} re-encoded because their inputs changed: shards {redone})"
+                  if redone else "")
+        print(f"[embed] {counts['written']} shard(s) written{detail}, {counts['skipped']} reused; "
               f"manifest {manifest}", file=sys.stderr, flush=True)
     return manifest
 
@@ -140,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             captions=[c.strip() for c in args.captions.split(",") if c.strip()] if args.captions else None,
             instruction=args.instruction, lora=args.lora, pooling=args.pooling, max_length=args.max_length,
             normalize=args.normalize, device=args.device, progress=not args.quiet,
+            max_bad_fraction=args.max_bad_fraction,
         )
     finally:
         distributed.destroy_distributed()

@@ -192,16 +192,17 @@ def format_results_table(rows: dict[str, dict[str, Any]], ks: Sequence[int] = DE
 
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str | None = None,
                        caption: str = "long", batch_size: int = 64, encoder: Any = None,
-                       ks: Sequence[int] = DEFAULT_KS) -> dict[str, Any]:
+                       ks: Sequence[int] = DEFAULT_KS, image_root_only: bool = False) -> dict[str, Any]:
     """Load a saved model and a caption source and evaluate (the ``eval`` sub-command's work).
 
     ``encoder`` reuses an already loaded LLM (the pipeline evaluates two splits with one load).
+    ``image_root_only``: manifest image paths outside the manifest's folder are bad samples.
     """
     from llm2clip_fast.data.sources import open_source
     from llm2clip_fast.models.llm2clip import LLM2CLIPModel
 
     model = LLM2CLIPModel.from_pretrained(model_dir)
-    source = open_source(data)
+    source = open_source(data, image_root_only=image_root_only)
     if caption not in source.caption_names:
         raise ValueError(f"--caption {caption!r} is not a caption of {data}; captions found: "
                          f"{source.caption_names}")
@@ -227,13 +228,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption", default="long", help="caption name used for retrieval (default: long)")
     parser.add_argument("--batch-size", type=int, default=64, help="images/captions per forward (default 64)")
     parser.add_argument("--out", default=None, help="write the results here as JSON (atomically)")
+    parser.add_argument("--image-root-only", action="store_true",
+                        help="manifest image paths must stay inside the manifest's folder (others are bad "
+                        "samples)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     results = evaluate_model_dir(args.model, args.data, llm=args.llm, caption=args.caption,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, image_root_only=args.image_root_only)
     print(format_results_table({Path(args.model).name or str(args.model): results}))
     print(f"chance R@1 = {100 * results['chance_R@1']:.1f}% over {results['n']} images; "
           f"{results['seconds']:.1f}s")

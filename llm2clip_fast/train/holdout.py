@@ -43,6 +43,9 @@ class SubsetSource(CaptionSource):
     def image_at(self, index: int) -> Image.Image:
         return self.source.image_at(self.indices[index])
 
+    def set_decode_min_side(self, min_side: int | None) -> None:
+        self.source.set_decode_min_side(min_side)
+
     def describe(self) -> str:
         return f"SubsetSource({len(self)} of {self.source.describe()})"
 

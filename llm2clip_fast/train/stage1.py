@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 import uuid
@@ -39,15 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dist_helpers
+from ..data.bad_data import DEFAULT_MAX_FRACTION
 from ..data.caption_source import CaptionSource
 from ..data.loader import build_loader, sample_rng
 from ..data.sources import open_source
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
+from .atomic_files import replace_dir, write_json_atomic
+from .checkpoint import load_latest_usable, restore_rng_state, save_checkpoint
 from .cra import caption_pairs, encoder_cra
 from .holdout import split_holdout
 from .lora_targets import resolve_lora_targets
 from .mntp import check_head_loaded, mask_captions, mask_token_id, mntp_loss, prediction_head
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 
 LOSSES = ("clip", "infonce")
@@ -89,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="without --eval-data: fraction of --data held out for CRA (0 disables CRA)")
     g.add_argument("--eval-size", type=int, default=1000, help="at most this many held-out pairs")
     g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
+                   help="stop when more than this fraction of samples is bad (empty caption; default 1%%), "
+                   "checked during each epoch and at its end")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=512, help="caption pairs per step over all ranks")
@@ -114,7 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="run folder")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
     g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest usable checkpoint in --out (an error if there is none)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete what --out holds and start over (without it, a non-empty --out is an error)")
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -362,21 +368,8 @@ def _average_gradients(params: list[nn.Parameter]) -> None:
 # files
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place atomically (the old one, if any, is swapped out first)."""
-    if final.exists():
-        trash = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, data, sort_keys=True)
 
 
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -406,6 +399,7 @@ def _micro_batches(loader: Any, epoch: int, start_batch: int,
                 if batch["batch_index"] >= usable:
                     break
                 yield batch, epoch
+            loader.bad_data.check_end_of_epoch()
         epoch += 1
         start_batch = 0
 
@@ -427,7 +421,8 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     device = torch.device("cuda", dist_helpers.get_local_rank()) if cuda else torch.device("cpu")
     dist_helpers.check_collective_device(device)  # every collective below takes tensors on `device`
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else (lambda msg: None)
+    check_run_folder(out, resume=args.resume, overwrite=args.overwrite)
     run_config = _run_config(args)
 
     # Data first: a missing caption field should fail before a large model loads.
@@ -442,10 +437,8 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
         eval_pairs = caption_pairs(eval_source, args.short_caption, args.long_caption)
     per_rank = args.batch_size // world
     loader = build_loader(source, batch_size=per_rank, caption=None, with_images=False, rank=rank,
-                          world_size=world, seed=args.seed, num_workers=args.num_workers, drop_last=True)
-    # DataLoader draws a base seed from the global torch RNG each time it starts an epoch; a private
-    # generator keeps the dropout stream independent of where a resumed run re-enters the epoch.
-    loader.generator = torch.Generator().manual_seed(args.seed)
+                          world_size=world, seed=args.seed, num_workers=args.num_workers, drop_last=True,
+                          bad_data=args.max_bad_fraction)
     slots = len(loader.dataset.batches())
     steps_per_epoch = slots // args.grad_accum
     if steps_per_epoch < 1:
@@ -471,9 +464,12 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
 
     step, epoch, start_batch = 0, 0, 0
     cra_before: float | None = None
-    ckpt_path = latest_checkpoint(out) if args.resume else None
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+    run_id = new_run_id()
+    ckpt_path = None
+    if args.resume:
+        ckpt = load_latest_usable(out, lambda msg: say(f"stage1: {msg}"))
+        ckpt_path = ckpt.path
+        run_id = ckpt.run_id or run_id
         _check_resume_config(ckpt.config, run_config)
         state = dict(named_trainable)
         missing = sorted(set(state) - set(ckpt.model_state))
@@ -488,12 +484,11 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
         step, epoch, start_batch = ckpt.step, ckpt.epoch, ckpt.batch_index
         cra_before = ckpt.extra.get("cra_before")
     if main:
+        prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite,
+                           say=lambda msg: say(f"stage1: {msg}"))
         _write_json(out / "config.json", {**run_config, "lora_targets_resolved": built.targets,
                                           "total_steps": total_steps, "world_size": world})
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else (lambda msg: None)
-    if args.resume and ckpt_path is None:
-        say(f"stage1: --resume found no checkpoint in {out}; starting from step 0")
-    elif ckpt_path is not None:
+    if ckpt_path is not None:
         say(f"stage1: resuming from {ckpt_path} (step {step}, epoch {epoch}, batch {start_batch})")
     say(f"stage1: {len(source)} training pairs, {len(eval_pairs)} held-out, {total_steps} steps "
         f"({args.mntp_steps} MNTP), LoRA r={args.lora_r} on {','.join(built.targets)}")
@@ -566,11 +561,13 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
                     save_checkpoint(out, step=step, epoch=loader.epoch, batch_index=loader.next_batch,
                                     model_state={n: p for n, p in named_trainable}, optimizer=optimizer,
                                     scheduler=scheduler, config=run_config, keep_last=args.keep_checkpoints,
+                                    run_id=run_id,
                                     extra={"cra_before": cra_before} if cra_before is not None else {})
                 dist_helpers.barrier()
     finally:
         progress.close()
         log.close()
+    loader.bad_data.check_end_of_epoch()  # a run shorter than an epoch: the fraction of what it saw
 
     cra_after = None
     merged_encoder = None
@@ -596,7 +593,7 @@ def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) 
 
     tmp = out / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
     built.peft_model.save_pretrained(str(tmp))
-    _replace_dir(tmp, out / "adapter")
+    replace_dir(tmp, out / "adapter")
 
     encoder = built.encoder
     if args.load_in_8bit:
@@ -616,7 +613,7 @@ def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) 
         encoder.model.config.use_cache = True
     tmp = out / f".tmp-merged-{uuid.uuid4().hex[:8]}"
     encoder.save_pretrained(tmp)
-    _replace_dir(tmp, out / "merged")
+    replace_dir(tmp, out / "merged")
     return encoder
 
 

@@ -52,8 +52,10 @@ from ..distributed import (
 )
 from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, build_vision_tower
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .atomic_files import write_json_atomic
+from .checkpoint import load_latest_usable, save_checkpoint
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 
 # Options that change what the run computes: a resumed run must agree on them to continue exactly.
@@ -77,7 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--data", required=True,
                     help="caption source: manifest (.csv/.tsv/.jsonl) or WebDataset shards")
     io.add_argument("--out", required=True, help="run folder (log, checkpoints, loss.png, model/)")
-    io.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    io.add_argument("--resume", action="store_true",
+                    help="continue from the newest usable checkpoint in --out (an error if there is none)")
+    io.add_argument("--overwrite", action="store_true",
+                    help="delete what --out holds and start over (without it, a non-empty --out is an error)")
+    io.add_argument("--image-root-only", action="store_true",
+                    help="manifest image paths must stay inside the manifest's folder (others are bad "
+                    "samples)")
     io.add_argument("--init-model", help="start from a saved LLM2CLIPModel folder instead of a fresh one "
                     "(its architecture replaces the model options)")
 
@@ -140,7 +148,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--keep-checkpoints", type=int, default=2)
     run.add_argument("--log-every", type=int, default=10, help="log line every N steps")
     run.add_argument("--max-bad-fraction", type=float, default=0.01,
-                     help="stop when more than this fraction of samples is bad (default 1%%)")
+                     help="stop when more than this fraction of samples is bad (default 1%%), checked during "
+                     "each epoch once 100 samples were seen, and at each epoch's end whatever the number")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -185,16 +194,27 @@ def open_cache(path: str, verify: str = "full") -> Any:
 
 
 def check_cache_covers(cache: Any, source: Any, caption_names: list[str]) -> None:
-    """Every key of the data has a cached embedding for every caption the run may pick."""
+    """Every key of the data has a cached embedding for every caption the run may pick (keys the embed
+    step skipped for an empty caption excepted: the loader drops those samples as bad data), and the
+    cache was built from the data's caption texts (:class:`StaleCacheError` naming the first key that
+    differs)."""
+    from ..data.bad_data import BadDataTracker
     missing_names = [n for n in caption_names if n not in cache.caption_names]
     if missing_names:
         raise ValueError(f"caption {missing_names} is not in the embedding cache, which holds "
                          f"{list(cache.caption_names)}; pick --caption among those (or 'random')")
     keys = source.keys()
-    missing = [k for k in keys if k not in cache]
+    missing = [k for k in keys if k not in cache and k not in cache.skipped]
     if missing:
         raise ValueError(f"the embedding cache {cache.directory} lacks embeddings for {len(missing)} of the "
                          f"{len(keys)} keys of the data, e.g. {missing[:5]}; run the embed step on this data")
+    if not cache.has_caption_fingerprints:
+        print(f"stage2: warning: the embedding cache {cache.directory} predates caption fingerprints, so it "
+              "cannot be checked against the data's captions; rerun the embed step on it to record them",
+              flush=True)
+        return
+    # A private tracker that never stops: bad samples are the loader's business, counted there.
+    cache.check_captions(source.iter_captions(bad_data=BadDataTracker(1.0)), caption_names)
 
 
 def resolve_caption(caption: str, source: Any, cache: Any | None) -> tuple[str | list[str], list[str]]:
@@ -458,19 +478,6 @@ def _autocast_factory(precision: str, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=2, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _wrap_distributed(model: LLM2CLIPModel, args: argparse.Namespace, device: torch.device) -> nn.Module:
     if not is_distributed() or get_world_size() == 1:
         return model
@@ -561,11 +568,18 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     check_collective_device(device)
     out_dir = Path(args.out)
+    main = rank == 0
+
+    def say(message: str) -> None:
+        if main:
+            print(f"stage2: {message}", flush=True)
+
+    check_run_folder(out_dir, resume=args.resume, overwrite=args.overwrite)
 
     from ..data.loader import build_loader
     from ..data.sources import open_source
 
-    source = open_source(args.data)
+    source = open_source(args.data, image_root_only=args.image_root_only)
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
     loader_caption, caption_names = resolve_caption(args.caption, source, cache)
     llm_info: dict[str, Any] = {}
@@ -610,11 +624,12 @@ def run(args: argparse.Namespace) -> int:
                    args.batch_size * world * args.grad_accum})
 
     step, epoch, start_batch = 0, 0, 0
-    resume_from = latest_checkpoint(out_dir) if args.resume else None
-    if args.resume and resume_from is None and rank == 0:
-        print(f"stage2: --resume but no checkpoint in {out_dir}; starting from scratch", flush=True)
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
+    run_id = new_run_id()
+    resume_from = None
+    if args.resume:
+        ckpt = load_latest_usable(out_dir, say)
+        resume_from = ckpt.path
+        run_id = ckpt.run_id or run_id
         _check_resume_config(ckpt.config, config, resume_from)
         if args.fsdp and world > 1:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -627,6 +642,7 @@ def run(args: argparse.Namespace) -> int:
             optimizer.load_state_dict(ckpt.optimizer_state)
         scheduler.load_state_dict(ckpt.scheduler_state)
         step, epoch, start_batch = ckpt.step, ckpt.epoch, ckpt.batch_index
+        say(f"resuming from {resume_from} (step {step}, epoch {epoch}, batch {start_batch})")
         mine = ckpt.extra["ranks"][rank]
         loader.bad_data.load_dict(mine["bad_data"])
         torch.set_rng_state(mine["torch_rng"])
@@ -636,10 +652,9 @@ def run(args: argparse.Namespace) -> int:
         # Each rank its own stream (dropout), reproducible from the seed.
         torch.manual_seed(args.seed * 1000 + rank + 1)
 
-    main = rank == 0
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out_dir / "run_config.json", {**config, "model": model.config.to_dict()})
+        prepare_run_folder(out_dir, resume=args.resume, overwrite=args.overwrite, say=say)
+        write_json_atomic(out_dir / "run_config.json", {**config, "model": model.config.to_dict()})
     log = JsonlLog(out_dir / "log.jsonl", resume_step=step if resume_from is not None else None, enabled=main)
     progress = TrainProgress(total_steps, initial=step, unit_name="images", desc="stage2",
                              enabled=main and not args.no_progress)
@@ -653,7 +668,7 @@ def run(args: argparse.Namespace) -> int:
         if main:
             save_checkpoint(out_dir, step=step, epoch=epoch, batch_index=next_batch, model_state=model_state,
                             optimizer=_StateOf(opt_state), scheduler=scheduler, config=config,
-                            extra={"ranks": ranks}, keep_last=args.keep_checkpoints)
+                            extra={"ranks": ranks}, keep_last=args.keep_checkpoints, run_id=run_id)
         barrier()
 
     stream = batch_stream(loader, epoch, start_batch)
@@ -698,6 +713,8 @@ def run(args: argparse.Namespace) -> int:
                 log.log(record)
             if args.save_every and step % args.save_every == 0 and step < total_steps:
                 save(step, *pos)
+        # The loader checks at each epoch's end; a run ending mid-epoch checks what it saw.
+        loader.bad_data.check_end_of_epoch()
         save(step, *pos)
     finally:
         progress.close()
@@ -716,7 +733,7 @@ def run(args: argparse.Namespace) -> int:
                    "images_per_s": images_done / elapsed if elapsed > 0 else None,
                    "final_loss": loss, "trimmed_for_equal_batches": trimmed,
                    "bad_data": bad, "model": str(out_dir / "model")}
-        _write_json_atomic(out_dir / "summary.json", summary)
+        write_json_atomic(out_dir / "summary.json", summary)
         if bad.get("bad"):
             print(f"stage2: {loader.bad_data.summary()}", flush=True)
         print(f"stage2: {step} steps in {elapsed:.1f}s; model saved to {out_dir / 'model'}", flush=True)
