@@ -361,14 +361,18 @@ def _grouped_bars(
         for x, v in zip(xs, values):
             if isinstance(v, str):
                 ax.text(x, base if log else 0, v, rotation=90, ha="center", va="bottom", fontsize=7)
+            elif isinstance(v, (int, float)) and v > 0 and n * len(categories) <= 12:
+                ax.text(x, v, _plain_number(float(f"{v:.3g}")), ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(categories)))
     ax.set_xticklabels(categories, fontsize=8)
     ax.set_ylabel(ylabel)
     if log and positive:
         _log_y(ax)
-        ax.set_ylim(bottom=base)
+        ax.set_ylim(base, max(positive) * 12)  # headroom above the bars for the legend
+    elif positive:
+        ax.set_ylim(0, max(positive) * 1.45)
     ax.grid(axis="y", alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right", ncol=2 if n > 3 else 1)
 
 
 def bar_series(
@@ -415,9 +419,21 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def md_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table of ``rows``; ``columns`` are (key, header) pairs."""
+    """A markdown table of ``rows``; ``columns`` are (key, header) pairs.
+
+    Rows that failed (status other than ok) and carry an ``error`` get a line under the table with the
+    error's last line, named by the row's first three columns.
+    """
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    failures = []
+    for r in rows:
+        error = str(r.get("error") or "").strip()
+        if _status(r) != OK and error:
+            name = ", ".join(_fmt(r.get(k)) for k, _ in columns[:3])
+            failures.append(f"- {name}: {_status(r)}: `{error.splitlines()[-1][:200].replace('`', chr(39))}`")
+    if failures:
+        lines += ["", "Not measured:", "", *failures]
     return "\n".join(lines)
 
 
