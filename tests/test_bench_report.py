@@ -172,3 +172,18 @@ def test_quick_runs_each_bench_then_reports(tmp_path, monkeypatch):
     assert "## Text adapter" in text and (out / "adapter_throughput_cpu_fp32.png").exists()
     assert "bench/stage2_throughput.py --quick exited with 3" in text
     assert "bench/loss_throughput.py does not exist here; not run." in text
+
+
+@pytest.mark.slow
+def test_report_from_fresh_quick_bench_runs(tmp_path):
+    """The real scripts' --quick output (the cheap ones) goes through the report: their schema and the
+    reader's stay in step."""
+    out = tmp_path / "report"
+    rc = report.main(["--quick", "--only", "loss_throughput", "distributed_memory", "--out", str(out)])
+    text = (out / "report.md").read_text()
+    assert rc == 0, text
+    assert "## CLIP loss" in text and "_Not found: no JSON from `bench/loss_throughput.py` in" not in text
+    assert "no JSON from `bench/loss_throughput.py --loss siglip`" not in text
+    assert "ratio" in text.split("## Global-batch loss")[1]
+    assert list(out.glob("loss_throughput_*_time_memory.png"))  # cpu_fp32 here, cuda_bf16 on a GPU
+    assert (out / "distributed_memory_D64.png").exists()
