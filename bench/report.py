@@ -32,6 +32,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class BenchFile:
     path: Path
     kind: str
     data: dict[str, Any]
+    note: str = ""  # said on every plot made from this file (e.g. "measured under load")
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -234,6 +236,12 @@ def machine_label(bf: BenchFile) -> tuple[str, str]:
     return short, f"{hardware} | {shown or 'library versions not recorded'} | {date}{commit}"
 
 
+def _plot_label(bf: BenchFile) -> tuple[str, str]:
+    """machine_label with the report's note (if any) in front of the foot line."""
+    short, foot = machine_label(bf)
+    return short, (f"{bf.note} | " if bf.note else "") + foot
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Plot helpers
 
@@ -246,10 +254,23 @@ def _colour(name: str, palette: dict[str, str]) -> str:
     return palette[name]
 
 
+FOOT_FONTSIZE = 7
+
+
 def _figure(ncols: int, title: str, foot: str, width: float = 5.2, height: float = 4.2):
+    """A row of ``ncols`` axes under ``title``; ``foot`` (machine, versions, date) wrapped at the bottom."""
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
     fig.suptitle(title, fontsize=12)
-    fig.text(0.5, 0.01, foot, ha="center", va="bottom", fontsize=7, color="dimgray")
+    chars_per_line = int(width * ncols * 72 / (FOOT_FONTSIZE * 0.6))  # ~0.6 em per character
+    fig.text(
+        0.5,
+        0.01,
+        textwrap.fill(foot, chars_per_line),
+        ha="center",
+        va="bottom",
+        fontsize=FOOT_FONTSIZE,
+        color="dimgray",
+    )
     return fig, list(axes[0])
 
 
@@ -260,7 +281,9 @@ def _save(fig, out_dir: Path, name: str, used: set[str]) -> Path:
         candidate, n = f"{stem}_{n}", n + 1
     used.add(candidate)
     path = out_dir / f"{candidate}.png"
-    fig.tight_layout(rect=(0, 0.035, 1, 0.97))
+    foot_lines = fig.texts[0].get_text().count("\n") + 1 if fig.texts else 0
+    foot_inches = foot_lines * FOOT_FONTSIZE * 1.3 / 72 + 0.1
+    fig.tight_layout(rect=(0, foot_inches / fig.get_figheight(), 1, 0.97))
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{candidate}.", suffix=".png")
     os.close(fd)
     try:
@@ -459,7 +482,7 @@ LOSS_NAMES = {"loss_clip": "CLIP", "loss_siglip": "SigLIP"}
 def _loss_figures(bf: BenchFile, out_dir: Path, used: set[str]) -> tuple[list[Path], list[str]]:
     """Time+memory and TFLOP/s figures per (device, dtype, D) of one loss JSON; returns (plots, ratios)."""
     loss = LOSS_NAMES[bf.kind]
-    short, foot = machine_label(bf)
+    short, foot = _plot_label(bf)
     matmul = bf.data.get("matmul_tflops")
     plots, ratios = [], []
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
@@ -650,7 +673,7 @@ def section_distributed(files: list[BenchFile], out_dir: Path, used: set[str]) -
     for dim in sorted({k[0] for k in points}):
         mine = {k: v for k, v in points.items() if k[0] == dim}
         some = next(iter(mine.values()))["file"]
-        short, foot = machine_label(some)
+        short, foot = _plot_label(some)
         palette: dict[str, str] = {}
         worlds = sorted({k[2] for k in mine})
         styles = dict(zip(worlds, ["-", "--", "-.", ":"] * 4))
@@ -737,7 +760,7 @@ def section_adapter(files: list[BenchFile], out_dir: Path, used: set[str]) -> Se
     plots, parts = [], []
     for bf in files:
         _require(bf, ("rows", "device", "dtype"), ok_rows_need=("fwd_ms", "fwdbwd_ms"))
-        short, foot = machine_label(bf)
+        short, foot = _plot_label(bf)
         palette: dict[str, str] = {}
 
         def config(r: dict[str, Any]) -> str:
@@ -816,7 +839,7 @@ def section_embed(files: list[BenchFile], out_dir: Path, used: set[str]) -> Sect
                 "pad_frac_unsorted",
             ),
         )
-        short, foot = machine_label(bf)
+        short, foot = _plot_label(bf)
         device = (bf.data.get("args") or {}).get("device", "?")
         batch = (bf.data.get("args") or {}).get("batch_size", "?")
         palette: dict[str, str] = {}
@@ -904,7 +927,7 @@ def _step_section(
     plots, parts = [], []
     for bf in files:
         _require(bf, ("rows", "device"), ok_rows_need=(rate_key, "step_ms"))
-        short, foot = machine_label(bf)
+        short, foot = _plot_label(bf)
         palette: dict[str, str] = {}
 
         def name(r: dict[str, Any]) -> str:
@@ -1047,9 +1070,18 @@ def read_gpu_check(folders: Sequence[Path], files: Sequence[BenchFile]) -> Secti
 # Report
 
 
-def build_report(folders: Sequence[Path], out_dir: Path, *, notes: Sequence[str] = ()) -> Path:
-    """Read the bench JSON under ``folders`` and write ``out_dir/report.md`` plus its PNG plots."""
+def build_report(
+    folders: Sequence[Path], out_dir: Path, *, notes: Sequence[str] = (), plot_note: str = ""
+) -> Path:
+    """Read the bench JSON under ``folders`` and write ``out_dir/report.md`` plus its PNG plots.
+
+    ``notes`` are quoted at the top of report.md; ``plot_note`` (e.g. "measured under load") is
+    also written on every plot.
+    """
     files, gpu_dirs = load_inputs(folders)
+    for f in files:
+        f.note = plot_note
+    notes = ([plot_note] if plot_note else []) + list(notes)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
 
@@ -1169,6 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", default=None, help="with --quick: run only these scripts (names without .py)"
     )
+    parser.add_argument("--note", default="", help='said on every plot and atop report.md, e.g. "under load"')
     parser.add_argument("--bench-timeout-s", type=float, default=900, help="with --quick: per script")
     args = parser.parse_args(argv)
 
@@ -1181,7 +1214,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not folders:
         folders = [BENCH_DIR / "results"]
     try:
-        path = build_report(folders, args.out, notes=notes)
+        path = build_report(folders, args.out, notes=notes, plot_note=args.note)
     except ReportInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

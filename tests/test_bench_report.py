@@ -27,7 +27,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("report")
-    path = report.build_report([FIXTURES], out)
+    path = report.build_report([FIXTURES], out, plot_note="measured under load")
     return out, path.read_text()
 
 
@@ -48,6 +48,7 @@ def test_every_section_is_reported(built):
     assert "Not found" not in text
     # The machine and the date of the measurement are named.
     assert "AMD EPYC" in text and "avx512_bf16" in text and "2026-11-29" in text
+    assert "> measured under load" in text
 
 
 def test_plots_exist_are_pngs_and_are_linked(built):
