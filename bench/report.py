@@ -133,14 +133,20 @@ def classify(data: dict[str, Any]) -> str:
         return "train1"
     if bench == "stage2_throughput":
         return "stage2"
-    if bench is None and "flops_convention" in data and data.get("loss") in ("clip", "siglip"):
-        return "loss_" + data["loss"]
-    if bench is None and "world" in data and "summary" in data and "rows" in data:
-        return "distributed"
+    # The scripts below write no "bench" key today; accept one with their name if they gain it.
     if (
-        bench is None
-        and isinstance(data.get("args"), dict)
-        and ("precision" in first or "models" in data["args"])
+        bench in (None, "loss_throughput")
+        and "flops_convention" in data
+        and data.get("loss") in ("clip", "siglip")
+    ):
+        return "loss_" + data["loss"]
+    if bench in (None, "distributed_memory") and "world" in data and "summary" in data and "rows" in data:
+        return "distributed"
+    args = data.get("args")
+    if (
+        bench in (None, "embed_throughput")
+        and isinstance(args, dict)
+        and ("precision" in first or "models" in args)
     ):
         return "embed"
     return "other"
