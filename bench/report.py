@@ -684,7 +684,7 @@ def section_distributed(files: list[BenchFile], out_dir: Path, used: set[str]) -
         worlds = sorted({k[2] for k in mine})
         styles = dict(zip(worlds, ["-", "--", "-.", ":"] * 4))
         fig, (ax,) = _figure(
-            1, f"Global-batch loss, per-rank peak memory — {short}", foot, width=7.5, height=4.8
+            1, f"Global-batch loss, per-rank peak memory — {short}", foot, width=9.5, height=4.8
         )
         ax.set_title(f"gloo, D={dim}; worst rank's peak above its inputs", fontsize=9)
         values, failures = [], []
@@ -710,8 +710,9 @@ def section_distributed(files: list[BenchFile], out_dir: Path, used: set[str]) -
                 ax.plot(
                     *zip(*pts),
                     color="black",
-                    linestyle=":",
-                    linewidth=1,
+                    linestyle=styles[world],
+                    linewidth=0.8,
+                    alpha=0.6,
                     label=f"inputs per rank, {world} ranks",
                 )
         _mark_failures(ax, failures, max(values) * 3 if values else 1.0)
@@ -720,18 +721,43 @@ def section_distributed(files: list[BenchFile], out_dir: Path, used: set[str]) -
         ax.set_ylabel("per-rank peak memory above inputs (MiB)")
         ax.grid(alpha=0.3, which="both")
         handles, _ = ax.get_legend_handles_labels()
-        ax.legend(handles=handles + ([_failure_handle()] if failures else []), fontsize=7)
+        ax.legend(
+            handles=handles + ([_failure_handle()] if failures else []),
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1),
+        )
         plots.append(_save(fig, out_dir, f"distributed_memory_D{dim}", used))
         parts.append(f"![distributed memory D={dim}]({_rel(plots[-1], out_dir)})")
+    summary: list[dict[str, Any]] = []
     for bf in files:
-        parts.append(_source_line(bf, out_dir))
         for loss, s in (bf.data.get("summary") or {}).items():
-            parts.append(
-                f"- {loss}, B={bf.data['B']}, {bf.data['world']} ranks: global "
-                f"{_fmt(s.get('global_peak_mb'))} MiB vs OpenCLIP-style "
-                f"{_fmt(s.get('openclip_peak_mb'))} MiB "
-                f"per rank, ratio {_fmt(s.get('ratio'))} (target ≤ {_fmt(s.get('target'))})."
+            summary.append(
+                {"loss": loss, "B": bf.data["B"], "D": bf.data["D"], "world": bf.data["world"], **s}
             )
+    by_machine: dict[str, list[str]] = {}
+    for bf in files:
+        machine = re.sub(r", commit \w+$", "", machine_label(bf)[1])  # one line for a sweep across commits
+        by_machine.setdefault(machine, []).append(f"`{bf.path}`")
+    parts += [f"Sources: {', '.join(paths)}; machine: {m}." for m, paths in by_machine.items()]
+    if summary:
+        summary.sort(key=lambda r: (r["loss"], r["D"], r["B"], r["world"]))
+        parts.append(
+            "Worst rank, global-batch loss against OpenCLIP-style gathering:\n\n"
+            + md_table(
+                summary,
+                [
+                    ("loss", "loss"),
+                    ("B", "global B"),
+                    ("D", "D"),
+                    ("world", "ranks"),
+                    ("global_peak_mb", "global MiB"),
+                    ("openclip_peak_mb", "OpenCLIP-style MiB"),
+                    ("ratio", "ratio"),
+                    ("target", "target ≤"),
+                ],
+            )
+        )
     table = sorted(points.values(), key=lambda r: (r["D"], r["B"], r["world"], r["provider"]))
     parts.append(
         md_table(

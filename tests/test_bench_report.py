@@ -83,7 +83,7 @@ def test_numbers_ratios_and_failures(built):
     assert "killed (SIGKILL, likely the OOM killer)" in text
     assert "InductorError: boom" in text
     # The distributed summary and the worst rank of the second file (one rank timed out).
-    assert "ratio 0.297 (target ≤ 0.1)" in text
+    assert "| clip | 1024 | 64 | 2 | 3.5 | 11.8 | 0.297 | 0.1 |" in text
     assert "| openclip-clip | 2 | 2048 | 64 | timeout |" in text
     # Unknown benches are tabled, gpu_check's summary is verbatim and its stage files listed.
     assert "| mmap | warm | 4096 | 9,500,000 |" in text
