@@ -798,8 +798,13 @@ def section_adapter(files: list[BenchFile], out_dir: Path, used: set[str]) -> Se
         def config(r: dict[str, Any]) -> str:
             return f"B={r['batch']}\n{r['dim']}→{r.get('out')}"
 
-        def impl(r: dict[str, Any]) -> str:
-            return r["impl"]
+        # On CPU "fused" dispatches to the torch path (the fused kernels are GPU-only): say so in the legend.
+        fused_backend = next(
+            (r["backend"] for r in bf.rows if r["impl"] == "fused" and r.get("backend")), None
+        )
+
+        def impl(r: dict[str, Any], fused_backend: str | None = fused_backend) -> str:
+            return f"fused ({fused_backend})" if r["impl"] == "fused" and fused_backend else r["impl"]
 
         where = f"{bf.data['device']}, {bf.data['dtype']}, {bf.data.get('num_blocks', '?')} blocks"
         fig, (ax_t, ax_m) = _figure(2, f"Text adapter forward+backward — {short} ({where})", foot)
