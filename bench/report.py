@@ -242,6 +242,10 @@ def machine_label(bf: BenchFile) -> tuple[str, str]:
     return short, f"{hardware} | {shown or 'library versions not recorded'} | {date}{commit}"
 
 
+def _without_commit(label: str) -> str:
+    return re.sub(r", commit \w+$", "", label)
+
+
 def _plot_label(bf: BenchFile) -> tuple[str, str]:
     """machine_label with the report's note (if any) in front of the foot line."""
     short, foot = machine_label(bf)
@@ -737,8 +741,7 @@ def section_distributed(files: list[BenchFile], out_dir: Path, used: set[str]) -
             )
     by_machine: dict[str, list[str]] = {}
     for bf in files:
-        machine = re.sub(r", commit \w+$", "", machine_label(bf)[1])  # one line for a sweep across commits
-        by_machine.setdefault(machine, []).append(f"`{bf.path}`")
+        by_machine.setdefault(_without_commit(machine_label(bf)[1]), []).append(f"`{bf.path}`")
     parts += [f"Sources: {', '.join(paths)}; machine: {m}." for m, paths in by_machine.items()]
     if summary:
         summary.sort(key=lambda r: (r["loss"], r["D"], r["B"], r["world"]))
@@ -1139,7 +1142,8 @@ def build_report(
         sections.append(other)
     sections.append(read_gpu_check(gpu_dirs, of("gpu_check")))
 
-    machines = sorted({machine_label(f)[1] for f in files if f.kind != "gpu_check"})
+    # One line per machine: a sweep run across several commits is still one machine.
+    machines = sorted({_without_commit(machine_label(f)[1]) for f in files if f.kind != "gpu_check"})
     lines = [
         "# llm2clip_fast benchmark report",
         "",
