@@ -1128,14 +1128,27 @@ def build_report(
     def of(kind: str) -> list[BenchFile]:
         return [f for f in files if f.kind == kind]
 
+    def build(kind: str, make: Callable[[list[BenchFile]], Section]) -> Section:
+        """One section; content its reader cannot use is an error naming the files, not a traceback."""
+        mine = of(kind)
+        try:
+            return make(mine)
+        except ReportInputError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            names = ", ".join(str(f.path) for f in mine)
+            raise ReportInputError(
+                f"{names}: unexpected content for {kind} ({type(exc).__name__}: {exc})"
+            ) from exc
+
     sections = [
-        section_loss(of("loss_clip"), "loss_clip", out_dir, used),
-        section_loss(of("loss_siglip"), "loss_siglip", out_dir, used),
-        section_distributed(of("distributed"), out_dir, used),
-        section_adapter(of("adapter"), out_dir, used),
-        section_embed(of("embed"), out_dir, used),
-        section_train1(of("train1"), out_dir, used),
-        section_stage2(of("stage2"), out_dir, used),
+        build("loss_clip", lambda fs: section_loss(fs, "loss_clip", out_dir, used)),
+        build("loss_siglip", lambda fs: section_loss(fs, "loss_siglip", out_dir, used)),
+        build("distributed", lambda fs: section_distributed(fs, out_dir, used)),
+        build("adapter", lambda fs: section_adapter(fs, out_dir, used)),
+        build("embed", lambda fs: section_embed(fs, out_dir, used)),
+        build("train1", lambda fs: section_train1(fs, out_dir, used)),
+        build("stage2", lambda fs: section_stage2(fs, out_dir, used)),
     ]
     other = section_other(of("other"), out_dir)
     if other is not None:

@@ -123,6 +123,15 @@ def test_recognised_file_missing_a_key_is_an_error_naming_it(tmp_path):
         report.build_report([tmp_path], tmp_path / "out")
 
 
+def test_unexpected_row_content_is_an_error_naming_the_file(tmp_path):
+    data = json.loads((FIXTURES / "adapter_throughput.json").read_text())
+    del data["rows"][1]["impl"]
+    (tmp_path / "adapter.json").write_text(json.dumps(data))
+    expected = r"adapter\.json: unexpected content for adapter \(KeyError"
+    with pytest.raises(report.ReportInputError, match=expected):
+        report.build_report([tmp_path], tmp_path / "out")
+
+
 def test_gpu_check_reader_tolerates_any_schema(tmp_path):
     folder = tmp_path / "gpu"
     folder.mkdir()
