@@ -341,12 +341,17 @@ def _batch_x(ax, batches: Sequence[int], label: str = "batch size B (log scale)"
 
 
 def _mark_failures(ax, failures: Sequence[tuple[float, str, str]], top: float) -> None:
-    """Failed points (x, status, colour) as crosses on a line above the measured values."""
+    """Failed points (x, status, colour) as crosses on a line above the measured values.
+
+    Call after the axis scales are set: it raises the (log) y limit to leave room for the labels.
+    """
     for x, status, colour in failures:
         ax.plot([x], [top], marker=FAILED_MARK, markersize=10, color=colour, linestyle="none")
         ax.annotate(
             status, (x, top), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7, color=colour
         )
+    if failures:
+        ax.set_ylim(top=top * 4)
 
 
 def _failure_handle() -> Line2D:
@@ -541,9 +546,9 @@ def _loss_figures(bf: BenchFile, out_dir: Path, used: set[str]) -> tuple[list[Pa
                     ha="right",
                 )
             top = max(values) * 3 if values else 1.0
-            _mark_failures(ax, failures, top)
             _batch_x(ax, batches)
             _log_y(ax)
+            _mark_failures(ax, failures, top)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3, which="both")
             handles, _ = ax.get_legend_handles_labels()
@@ -719,9 +724,9 @@ def section_distributed(files: list[BenchFile], out_dir: Path, used: set[str]) -
                     alpha=0.6,
                     label=f"inputs per rank, {world} ranks",
                 )
-        _mark_failures(ax, failures, max(values) * 3 if values else 1.0)
         _batch_x(ax, sorted({k[3] for k in mine}), "global batch B (log scale)")
         _log_y(ax)
+        _mark_failures(ax, failures, max(values) * 3 if values else 1.0)
         ax.set_ylabel("per-rank peak memory above inputs (MiB)")
         ax.grid(alpha=0.3, which="both")
         handles, _ = ax.get_legend_handles_labels()
