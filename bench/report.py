@@ -1264,6 +1264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-timeout-s", type=float, default=900, help="with --quick: per script")
     args = parser.parse_args(argv)
 
+    known = {script.removesuffix(".py") for script, _, _ in QUICK_RUNS}
+    if args.only and set(args.only) - known:
+        parser.error(f"--only: unknown {sorted(set(args.only) - known)}; choose from {sorted(known)}")
     notes: list[str] = []
     folders = list(args.inputs or [])
     if args.quick:
