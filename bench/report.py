@@ -125,7 +125,8 @@ def classify(data: dict[str, Any]) -> str:
     bench = data.get("bench")
     rows = data.get("rows")
     first = rows[0] if isinstance(rows, list) and rows and isinstance(rows[0], dict) else {}
-    if bench == "gpu_check":
+    schema = data.get("schema")
+    if bench == "gpu_check" or (isinstance(schema, str) and schema.startswith("llm2clip_fast.gpu_check")):
         return "gpu_check"
     if bench == "adapter_throughput":
         return "adapter"
@@ -1081,9 +1082,10 @@ def section_other(files: list[BenchFile], out_dir: Path) -> Section | None:
 def read_gpu_check(folders: Sequence[Path], files: Sequence[BenchFile]) -> Section:
     """gpu_check's summary.md verbatim and one line per stage JSON; assumes no schema beyond a JSON object.
 
-    Kept apart from the other readers: gpu_check's format is its own, so only keys that are commonly
-    present (``stage``/``name``, ``status``/``ok``/``passed``, ``elapsed_s``/``wall_s``) are looked for,
-    and whatever else a stage holds is left to its own file.
+    Kept apart from the other readers: gpu_check's format is its own (``llm2clip_fast.gpu_check/1``),
+    so only keys that are commonly present (``stage``/``name``, ``status``/``ok``/``passed``,
+    ``elapsed_s``/``wall_s``, a ``results`` list with per-result ``status``, ``title``) are looked for,
+    each optional, and whatever else a stage holds is left to summary.md and its own file.
     """
     title = "GPU check (`bench/gpu_check.py`)"
     if not folders and not files:
@@ -1105,6 +1107,12 @@ def read_gpu_check(folders: Sequence[Path], files: Sequence[BenchFile]) -> Secti
         status = next((d[k] for k in ("status", "ok", "passed", "result") if k in d), None)
         elapsed = next((d[k] for k in ("elapsed_s", "wall_s", "seconds", "duration_s") if k in d), None)
         extra = f", {_fmt(elapsed)} s" if isinstance(elapsed, (int, float)) else ""
+        results = d.get("results")
+        if isinstance(results, list) and results:
+            ok = sum(1 for r in results if isinstance(r, dict) and r.get("status") == OK)
+            extra += f", {ok} of {len(results)} results ok"
+        if isinstance(d.get("title"), str):
+            extra += f" ({d['title']})"
         lines.append(f"- `{bf.path.name}`: stage {_fmt(stage)}, status {_fmt(status)}{extra}")
     if lines:
         parts.append("Stage files:\n\n" + "\n".join(lines))

@@ -143,6 +143,22 @@ def test_gpu_check_reader_tolerates_any_schema(tmp_path):
     assert "`stage_9.json`: stage stage_9, status yes" in text
 
 
+def test_gpu_check_stage_files_of_schema_1(tmp_path):
+    """A stage file as bench/gpu_check.py writes it (llm2clip_fast.gpu_check/1), found by its schema id."""
+    stage = {
+        "schema": "llm2clip_fast.gpu_check/1", "stage": "loss_speed", "title": "fused vs materialised",
+        "status": "fail", "quick": True, "device": "cpu", "timeout_s": 60.0, "elapsed_s": 12.5,
+        "returncode": 0, "notes": [], "error": None,
+        "results": [{"name": "clip", "status": "ok", "metrics": {"total_ms": 3.0}, "note": ""},
+                    {"name": "siglip", "status": "fail", "metrics": {}, "note": "too slow"}],
+    }
+    assert report.classify(stage) == "gpu_check"
+    (tmp_path / "loss_speed.json").write_text(json.dumps(stage))
+    text = report.build_report([tmp_path], tmp_path / "out").read_text()
+    assert ("`loss_speed.json`: stage loss_speed, status fail, 12.5 s, 1 of 2 results ok "
+            "(fused vs materialised)") in text
+
+
 def test_classify_by_content():
     load = lambda name: json.loads((FIXTURES / name).read_text())
     assert report.classify(load("loss_throughput.json")) == "loss_clip"
@@ -196,4 +212,4 @@ def test_report_from_fresh_quick_bench_runs(tmp_path):
     assert "no JSON from `bench/loss_throughput.py --loss siglip`" not in text
     assert "ratio" in text.split("## Global-batch loss")[1]
     assert list(out.glob("loss_throughput_*_time_memory.png"))  # cpu_fp32 here, cuda_bf16 on a GPU
-    assert (out / "distributed_memory_D64.png").exists()
+    assert list(out.glob("distributed_memory_D*.png"))
