@@ -484,7 +484,7 @@ def _rel(path: Path, out_dir: Path) -> str:
     return os.path.relpath(path, out_dir)
 
 
-def _source_line(bf: BenchFile, out_dir: Path) -> str:
+def _source_line(bf: BenchFile) -> str:
     return f"Source: `{bf.path}`; machine: {machine_label(bf)[1]}."
 
 
@@ -617,7 +617,7 @@ def section_loss(files: list[BenchFile], kind: str, out_dir: Path, used: set[str
                 raise ReportInputError(f"{bf.path}: rows[{i}] lacks {missing}")
         figs, ratios = _loss_figures(bf, out_dir, used)
         plots += figs
-        parts.append(_source_line(bf, out_dir))
+        parts.append(_source_line(bf))
         parts += [f"![{p.stem}]({_rel(p, out_dir)})" for p in figs]
         if ratios:
             parts.append("Fused against materialised (OpenCLIP-style), same B:\n\n" + "\n".join(ratios))
@@ -832,7 +832,7 @@ def section_adapter(files: list[BenchFile], out_dir: Path, used: set[str]) -> Se
         for ax in (ax_t, ax_m):
             ax.set_xlabel("batch and adapter shape (d_in→d_out)")
         plots.append(_save(fig, out_dir, f"{bf.path.stem}_{bf.data['device']}_{bf.data['dtype']}", used))
-        parts += [_source_line(bf, out_dir), f"![adapter]({_rel(plots[-1], out_dir)})"]
+        parts += [_source_line(bf), f"![adapter]({_rel(plots[-1], out_dir)})"]
         parts.append(
             md_table(
                 bf.rows,
@@ -930,7 +930,7 @@ def section_embed(files: list[BenchFile], out_dir: Path, used: set[str]) -> Sect
         )
         ax_p.set_title("padding (lower is better)", fontsize=10)
         plots.append(_save(fig, out_dir, f"{bf.path.stem}_{device}", used))
-        parts += [_source_line(bf, out_dir), f"![embed]({_rel(plots[-1], out_dir)})"]
+        parts += [_source_line(bf), f"![embed]({_rel(plots[-1], out_dir)})"]
         if bf.data.get("partial"):
             parts.append("**Partial run**: the sweep was interrupted; only the points below were measured.")
         parts.append(
@@ -988,7 +988,7 @@ def _step_section(
         ax_m.set_title("memory of one step (lower is better)", fontsize=10)
         plots.append(_save(fig, out_dir, f"{bf.path.stem}_{bf.data['device']}", used))
         parts += [
-            _source_line(bf, out_dir),
+            _source_line(bf),
             f"![step]({_rel(plots[-1], out_dir)})",
             md_table(bf.rows, columns),
         ]
@@ -1064,7 +1064,7 @@ def section_other(files: list[BenchFile], out_dir: Path) -> Section | None:
             k: v for k, v in bf.data.items() if isinstance(v, (str, int, float, bool)) and k != "bench"
         }
         parts.append(
-            f"### {name}\n\n{_source_line(bf, out_dir)}"
+            f"### {name}\n\n{_source_line(bf)}"
             + ("\n\n" + ", ".join(f"{k}: {_fmt(v)}" for k, v in scalars.items()) if scalars else "")
         )
         rows = [r for r in bf.rows if isinstance(r, dict)] if isinstance(bf.data.get("rows"), list) else []
