@@ -1079,6 +1079,18 @@ def section_other(files: list[BenchFile], out_dir: Path) -> Section | None:
     return Section("Other bench results", "\n\n".join(parts), [])
 
 
+def _demote_headings(markdown: str, levels: int = 2) -> str:
+    """``markdown`` with every ATX heading outside code fences ``levels`` deeper (# -> ###)."""
+    out, fenced = [], False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            line = "#" * levels + line
+        out.append(line)
+    return "\n".join(out)
+
+
 def read_gpu_check(folders: Sequence[Path], files: Sequence[BenchFile]) -> Section:
     """gpu_check's summary.md verbatim and one line per stage JSON; assumes no schema beyond a JSON object.
 
@@ -1099,7 +1111,10 @@ def read_gpu_check(folders: Sequence[Path], files: Sequence[BenchFile]) -> Secti
     parts = []
     for folder in folders:
         summary = folder / "summary.md"
-        parts.append(f"From `{folder}` (`summary.md`, verbatim):\n\n{summary.read_text().rstrip()}")
+        parts.append(
+            f"From `{folder}` (`summary.md` verbatim, its headings two levels down to sit in this section):"
+            f"\n\n{_demote_headings(summary.read_text().rstrip())}"
+        )
     lines = []
     for bf in files:
         d = bf.data
@@ -1109,8 +1124,10 @@ def read_gpu_check(folders: Sequence[Path], files: Sequence[BenchFile]) -> Secti
         extra = f", {_fmt(elapsed)} s" if isinstance(elapsed, (int, float)) else ""
         results = d.get("results")
         if isinstance(results, list) and results:
-            ok = sum(1 for r in results if isinstance(r, dict) and r.get("status") == OK)
-            extra += f", {ok} of {len(results)} results ok"
+            states = [r.get("status") if isinstance(r, dict) else None for r in results]
+            extra += (
+                f", results: {states.count(OK)} ok, {states.count('skipped')} skipped, {len(states)} in all"
+            )
         if isinstance(d.get("title"), str):
             extra += f" ({d['title']})"
         lines.append(f"- `{bf.path.name}`: stage {_fmt(stage)}, status {_fmt(status)}{extra}")

@@ -87,7 +87,7 @@ def test_numbers_ratios_and_failures(built):
     assert "| openclip-clip | 2 | 2048 | 64 | timeout |" in text
     # Unknown benches are tabled, gpu_check's summary is verbatim and its stage files listed.
     assert "| mmap | warm | 4096 | 9,500,000 |" in text
-    assert (FIXTURES / "gpu_check" / "summary.md").read_text().strip() in text
+    assert (FIXTURES / "gpu_check" / "summary.md").read_text().strip() in text  # no headings: verbatim
     assert "`correctness.json`: stage correctness, status skipped" in text
 
 
@@ -155,8 +155,19 @@ def test_gpu_check_stage_files_of_schema_1(tmp_path):
     assert report.classify(stage) == "gpu_check"
     (tmp_path / "loss_speed.json").write_text(json.dumps(stage))
     text = report.build_report([tmp_path], tmp_path / "out").read_text()
-    assert ("`loss_speed.json`: stage loss_speed, status fail, 12.5 s, 1 of 2 results ok "
+    assert ("`loss_speed.json`: stage loss_speed, status fail, 12.5 s, results: 1 ok, 0 skipped, 2 in all "
             "(fused vs materialised)") in text
+
+
+def test_gpu_check_summary_headings_sit_under_the_section(tmp_path):
+    folder = tmp_path / "gc"
+    folder.mkdir()
+    summary = "# GPU check\n\n| a |\n|---|\n| 1 |\n\n## env: ok\n\n```\n# a log line\n```\n"
+    (folder / "summary.md").write_text(summary)
+    text = report.build_report([tmp_path], tmp_path / "out").read_text()
+    assert "\n### GPU check\n" in text and "\n#### env: ok\n" in text
+    assert "\n# a log line\n" in text  # inside a code fence: left as it is
+    assert "\n# GPU check\n" not in text
 
 
 def test_classify_by_content():
