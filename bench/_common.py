@@ -18,6 +18,7 @@ import argparse
 import importlib
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -212,11 +214,72 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: s
     return text
 
 
+# CPU features that decide which GEMM paths are fast (bf16 on CPU needs avx512_bf16 or AMX).
+_CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
+                          "amx_int8")
+_LIBRARIES = ("torch", "triton", "transformers", "bitsandbytes", "numpy", "llm2clip_fast")
+
+
+def _cpu_model_and_flags() -> tuple[str | None, list[str]]:
+    """CPU model name and the GEMM-relevant flags from /proc/cpuinfo (None, [] where it is absent)."""
+    model, flags = None, []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model is None:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    present = set(value.split())
+                    flags = [flag for flag in _CPU_FLAGS_OF_INTEREST if flag in present]
+                if model is not None and flags:
+                    break
+    except OSError:
+        pass
+    return model or platform.processor() or None, flags
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
 def machine_description() -> dict[str, Any]:
+    """What a result was measured on, for the report's plot labels.
+
+    ``cpu_model``/``cpu_flags`` (GEMM-relevant flags only), ``gpu`` (+ ``cuda``, ``gpu_memory_gb``)
+    where CUDA is present, ``libraries`` (installed versions), ``python``, ``git_commit`` of this
+    checkout and ``date_utc`` (ISO 8601, when the description was taken).
+    """
+    cpu_model, cpu_flags = _cpu_model_and_flags()
     info: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                            "torch_threads": torch.get_num_threads()}
+                            "torch_threads": torch.get_num_threads(), "cpu_model": cpu_model,
+                            "cpu_flags": cpu_flags, "python": platform.python_version(),
+                            "libraries": _library_versions(), "git_commit": _git_commit(),
+                            "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1e9, 1)
     return info
 
 
