@@ -193,3 +193,40 @@ def test_encoder_models_refuse_templates():
     with pytest.raises(ValueError, match="sentence-transformers"):
         LLMTextEncoder.from_pretrained(path, device="cpu", template="llama3")
     assert LLMTextEncoder.from_pretrained(path, device="cpu").template == "none"
+
+
+def test_template_flag_on_embed_stage1_eval_and_recorded_in_cache(tmp_path):
+    import argparse
+    import json as _json
+
+    from llm2clip_fast.data.embedding_cache import EmbeddingCache
+    from llm2clip_fast.train import eval as eval_cmd
+    from llm2clip_fast.train import stage1
+    from llm2clip_fast.train.__main__ import main
+
+    tok = _tokenizer("llama3")
+    folder = tmp_path / "llm"
+    _model("llama", len(tok), "tiny/local").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    manifest = tmp_path / "captions.jsonl"
+    manifest.write_text("".join(_json.dumps({"key": f"k{i}", "image": f"k{i}.png", "long": c, "short": c[:9]})
+                                + "\n" for i, c in enumerate(CAPTIONS[:4])))
+    for template in ("auto", "none"):
+        out = tmp_path / f"cache-{template}"
+        assert main(["embed", "--llm", str(folder), "--data", str(manifest), "--out", str(out), "--dtype",
+                     "fp32", "--captions", "long", "--template", template, "--quiet"]) == 0
+        cache = EmbeddingCache.open(out)
+        resolved = "llama3" if template == "auto" else "none"
+        assert cache.metadata["template"] == resolved and cache.metadata["doc_max_length"] == 400
+        want = LLMTextEncoder.from_pretrained(folder, device="cpu", template=resolved).encode(
+            CAPTIONS[:4], show_progress=False)
+        torch.testing.assert_close(cache.lookup(cache.keys(), "long"), want, atol=1e-5, rtol=1e-5)
+    for add in (stage1.add_arguments, eval_cmd.add_arguments):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        required = {"--llm": "x", "--data": "x", "--out": "x"} if add is stage1.add_arguments else \
+            {"--model": "x", "--data": "x"}
+        argv = [a for kv in required.items() for a in kv]
+        assert parser.parse_args([*argv, "--template", "mistral"]).template == "mistral"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--template", "vicuna"])

@@ -20,6 +20,7 @@ import torch
 
 from .. import distributed
 from ..data.embedding_cache import build_embedding_cache, storage_dtype_name
+from ..models.prompt_templates import TEMPLATE_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=10_000, help="records per cache shard")
     parser.add_argument("--captions", default=None, help="comma-separated caption names (default: all)")
     parser.add_argument("--instruction", default=None, help="prefix attended but not pooled")
+    parser.add_argument("--template", default=None, choices=TEMPLATE_CHOICES,
+                        help="prompt template as llm2vec 0.2.3 wraps texts (default: saved with the LLM, "
+                             "else auto: detected from the tokenizer and config)")
     parser.add_argument("--lora", default=None,
                         help="peft adapter folder merged into the LLM (stage-1 output)")
     parser.add_argument("--pooling", choices=["mean", "last_token"], default=None)
@@ -78,6 +82,7 @@ def embed(
     max_length: int | None = None,
     normalize: bool = False,
     device: str | None = None,
+    template: str | None = None,
     progress: bool = True,
     hook: Callable[[str, int], None] | None = None,
 ) -> Path | None:
@@ -98,6 +103,7 @@ def embed(
     encoder = LLMTextEncoder.from_pretrained(
         llm, dtype=compute, load_in_8bit=load_in_8bit, instruction=instruction, lora=lora,
         merge_lora=lora is not None, pooling=pooling, max_length=max_length, normalize=normalize, device=dev,
+        template=template,
     )
     rank, world = distributed.get_rank(), distributed.get_world_size()
     metadata: dict[str, Any] = {
@@ -106,6 +112,9 @@ def embed(
         "load_in_8bit": bool(load_in_8bit), "model_dtype": compute, "pooling": encoder.pooling,
         "instruction": encoder.instruction, "max_length": encoder.max_length, "normalize": encoder.normalize,
         "bidirectional": encoder.bidirectional, "source": str(data),
+        # The resolved prompt template and llm2vec's caption cap change every vector: part of the cache's
+        # identity, and what eval re-encodes captions with.
+        "template": encoder.template, "doc_max_length": encoder.doc_max_length,
     }
     started = time.perf_counter()
     counts = {"written": 0, "skipped": 0}
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             model_dtype=args.model_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
             captions=[c.strip() for c in args.captions.split(",") if c.strip()] if args.captions else None,
             instruction=args.instruction, lora=args.lora, pooling=args.pooling, max_length=args.max_length,
-            normalize=args.normalize, device=args.device, progress=not args.quiet,
+            normalize=args.normalize, device=args.device, template=args.template, progress=not args.quiet,
         )
     finally:
         distributed.destroy_distributed()

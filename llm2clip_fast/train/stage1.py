@@ -42,6 +42,7 @@ from .. import distributed as dist_helpers
 from ..data.caption_source import CaptionSource
 from ..data.loader import build_loader, sample_rng
 from ..data.sources import open_source
+from ..models.prompt_templates import TEMPLATE_CHOICES
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from .cra import caption_pairs, encoder_cra
 from .holdout import split_holdout
@@ -56,7 +57,7 @@ MAX_LOGIT_SCALE = 100.0
 _RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_size", "grad_accum", "steps",
                       "epochs", "mntp_steps", "lora_r", "lora_alpha", "lora_targets", "loss", "scale",
                       "learn_scale", "seed", "lr", "schedule", "warmup_steps", "load_in_8bit", "max_length",
-                      "instruction", "pooling", "eval_fraction")
+                      "instruction", "pooling", "eval_fraction", "template")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pooling", default="mean", choices=("mean", "last_token"))
     g.add_argument("--max-length", type=int, default=512)
     g.add_argument("--instruction", default=None, help="prefix attended but not pooled")
+    g.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+                   help="prompt template as llm2vec 0.2.3 wraps texts (default auto: detected from the "
+                        "tokenizer and config; saved with the merged encoder)")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True, help="caption source (manifest or WebDataset shards)")
@@ -273,7 +277,7 @@ def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> T
     peft_model = get_peft_model(base, lora)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     encoder = LLMTextEncoder(peft_model, tokenizer, pooling=args.pooling, max_length=args.max_length,
-                             instruction=args.instruction)
+                             instruction=args.instruction, template=getattr(args, "template", "auto"))
     return TrainableEncoder(encoder, peft_model, head, decoder, targets, folder)
 
 
@@ -606,7 +610,7 @@ def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) 
                                                  merge_lora=True, pooling=args.pooling,
                                                  max_length=args.max_length,
                                                  instruction=args.instruction or "",
-                                                 bidirectional=True)
+                                                 bidirectional=True, template=built.encoder.template)
     else:
         if args.gradient_checkpointing:
             encoder.model.get_base_model().gradient_checkpointing_disable()
