@@ -34,7 +34,9 @@ import torch.nn.functional as F
 
 from ..ops.masked_mean_pool import masked_mean_pool
 from .bidirectional import set_bidirectional
+from .llm2vec_checkpoints import apply_lora_chain, map_llm2vec_encoder, normalize_lora_list
 from .prompt_templates import TEMPLATE_CHOICES, get_template, resolve_template
+from .xformers_attention import register_xformers_attention
 
 ENCODER_CONFIG_NAME = "llm2clip_encoder.json"
 POOLINGS = ("mean", "last_token")
@@ -47,8 +49,10 @@ _DTYPE_NAMES = {
     "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
-# transformers' own attention paths; the flash-attention ones need CUDA and the flash_attn package.
-_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# transformers' own attention paths (the flash-attention ones need CUDA and the flash_attn package) and
+# xformers, registered by this package.
+_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
+                         "xformers")
 
 
 class _DropInt8CastNotice(logging.Filter):
@@ -269,7 +273,7 @@ class LLMTextEncoder(nn.Module):
         pooling: str | None = None,
         max_length: int | None = None,
         instruction: str | None = None,
-        lora: str | os.PathLike | None = None,
+        lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         merge_lora: bool = False,
         attn_implementation: str | None = None,
         normalize: bool | None = None,
@@ -289,9 +293,13 @@ class LLMTextEncoder(nn.Module):
         Args:
             dtype: weights' dtype (for 8-bit: the dtype of the layers that stay unquantised).
             load_in_8bit: load linear weights as LLM.int8 (bitsandbytes).
-            lora: a peft adapter folder to apply; ``merge_lora`` merges it into the weights.
+            lora: peft adapter folder(s) applied in order: a path, ``"A,B"`` or ``[A, B]`` (LLM2Vec's
+                MNTP then supervised adapters). Each but the last is merged before the next is
+                loaded; ``merge_lora`` merges the last one too.
             attn_implementation: ``"sdpa"`` (default), ``"eager"``, ``"flex_attention"``,
-                ``"flash_attention_2"``/``"flash_attention_3"`` (CUDA with flash_attn installed).
+                ``"flash_attention_2"``/``"flash_attention_3"`` (CUDA with flash_attn installed),
+                ``"xformers"`` (CUDA with xformers installed: its memory-efficient kernel, registered
+                with transformers' ``AttentionInterface``).
             device: where to put the model (default: CUDA if available, else CPU).
             template: ``"auto"``, ``"none"``, ``"llama3"``, ``"mistral"``, ``"gemma2"``, ``"qwen2"``
                 (or the aliases ``"llama2"``, ``"llama2-chat"``, ``"gemma"``).
@@ -318,8 +326,14 @@ class LLMTextEncoder(nn.Module):
         if attn_implementation is not None:
             cls._check_attn_implementation(attn_implementation, dev)
 
-        config = AutoConfig.from_pretrained(folder)
+        # trust_remote_code=False: a folder whose config points at llm2vec encoder code (LLM2CLIP's
+        # released LLM) is mapped to the transformers base model below, never executed.
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        mapped = map_llm2vec_encoder(config, folder)
         decoder = is_decoder_only(config)
+        if mapped is not None and settings["bidirectional"] is False:
+            raise ValueError(f"bidirectional=False: {folder} is an llm2vec encoder ({mapped}), trained "
+                             "bidirectional; loading it causal would give vectors it never produced")
         if not decoder and settings["bidirectional"] is False:
             raise ValueError(f"bidirectional=False: {config.model_type} is an encoder, always bidirectional")
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -336,7 +350,7 @@ class LLMTextEncoder(nn.Module):
             kwargs["device_map"] = "cpu" if dev.type == "cpu" else {"": dev}
         elif dev.type != "cpu":
             kwargs["device_map"] = {"": dev}  # load straight onto the GPU, no full copy in host memory
-        model = AutoModel.from_pretrained(folder, config=config, **kwargs)
+        model = AutoModel.from_pretrained(folder, config=config, trust_remote_code=False, **kwargs)
         if decoder:
             set_bidirectional(model, bool(settings["bidirectional"]))
         if lora is not None:
@@ -369,12 +383,15 @@ class LLMTextEncoder(nn.Module):
     @staticmethod
     def _check_attn_implementation(name: str, device: torch.device) -> None:
         if name == "xformers":
-            # transformers 5 has no xformers attention; on CUDA its "sdpa" path runs PyTorch's
-            # flash / memory-efficient kernels (the latter is xformers' kernel, upstreamed).
-            raise ValueError(
-                "attn_implementation='xformers' is not an attention path of transformers 5; use 'sdpa' "
-                "(PyTorch's flash / memory-efficient kernels on CUDA) or 'flash_attention_2'"
-            )
+            # Registered with transformers' AttentionInterface by this package (xformers_attention.py).
+            if device.type != "cuda":
+                raise ValueError(f"attn_implementation='xformers' runs on CUDA only, got device {device}; "
+                                 "use 'sdpa' elsewhere")
+            if importlib.util.find_spec("xformers") is None:
+                raise ValueError(
+                    "attn_implementation='xformers' needs the xformers package: pip install xformers")
+            register_xformers_attention()
+            return
         if name not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {_ATTN_IMPLEMENTATIONS}, got {name!r}")
         if name.startswith("flash_attention"):
@@ -385,17 +402,10 @@ class LLMTextEncoder(nn.Module):
                 raise ValueError(f"attn_implementation={name!r} needs the {package} package installed")
 
     @staticmethod
-    def _apply_lora(model: nn.Module, lora: str | os.PathLike, merge: bool) -> nn.Module:
+    def _apply_lora(model: nn.Module, lora: Any, merge: bool) -> nn.Module:
         if importlib.util.find_spec("peft") is None:
             raise ValueError("lora= needs peft: pip install 'llm2clip_fast[lora]'")
-        from peft import PeftModel
-
-        folder = Path(lora).expanduser()
-        if not (folder / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"lora={str(lora)!r} is not a peft adapter folder (no adapter_config.json)")
-        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-        return peft_model.merge_and_unload() if merge else peft_model
+        return apply_lora_chain(model, normalize_lora_list(lora), merge)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write model, tokenizer and ``llm2clip_encoder.json`` (pooling, bidirectional, instruction,

@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt template as llm2vec 0.2.3 wraps texts (default: saved with the LLM, "
                              "else auto: detected from the tokenizer and config)")
     parser.add_argument("--lora", default=None,
-                        help="peft adapter folder merged into the LLM (stage-1 output)")
+                        help="peft adapter folder(s) merged into the LLM in order, comma-separated "
+                             "(stage-1 output; LLM2Vec's MNTP,supervised pair)")
     parser.add_argument("--pooling", choices=["mean", "last_token"], default=None)
     parser.add_argument("--max-length", type=int, default=None, help="token limit (default 512 or saved)")
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
@@ -108,7 +109,8 @@ def embed(
     rank, world = distributed.get_rank(), distributed.get_world_size()
     metadata: dict[str, Any] = {
         "model": str(Path(llm).resolve()) if Path(llm).exists() else llm,
-        "lora": str(Path(lora).resolve()) if lora else None,
+        "lora": ",".join(str(Path(a.strip()).resolve()) for a in lora.split(",") if a.strip()) or None
+        if lora else None,
         "load_in_8bit": bool(load_in_8bit), "model_dtype": compute, "pooling": encoder.pooling,
         "instruction": encoder.instruction, "max_length": encoder.max_length, "normalize": encoder.normalize,
         "bidirectional": encoder.bidirectional, "source": str(data),
