@@ -20,6 +20,7 @@ def open_source(
     key_column: str | None = "key",
     label_column: str | None = "label",
     bad_data: BadDataPolicy | float | None = None,
+    require_images: bool = True,
 ) -> CaptionSource:
     """Open a caption source and check its structure.
 
@@ -38,6 +39,9 @@ def open_source(
         label_column: field with a class label for zero-shot evaluation; never a caption. Used when
             present, ignored when absent (``source.label_column`` is then None).
         bad_data: policy for ``iter_captions`` / ``iter_records`` (``source.bad_data`` tracks them).
+        require_images: False accepts a manifest without an image column (text-only sources for
+            stage 1 and embed, which read captions only; keys come from the key column, else the row
+            number). WebDataset shards are read for captions without touching their images either way.
 
     Raises:
         ValueError: a structural mistake (missing column, no shards matched, unreadable manifest); the
@@ -53,6 +57,7 @@ def open_source(
             key_column=key_column,
             label_column=label_column,
             bad_data=bad_data,
+            require_images=require_images,
         )
     if not isinstance(spec, (str, os.PathLike, list, tuple)):
         raise TypeError(f"spec must be a path, a shard pattern or a list of them, got {type(spec).__name__}")

@@ -96,7 +96,7 @@ def embed(
     storage = storage_dtype_name(dtype)
     dev = _device(device)
     compute = model_dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    source = open_source(data)
+    source = open_source(data, require_images=False)  # captions only: text-only manifests are fine
     names = list(captions) if captions else list(source.caption_names)
     unknown = [n for n in names if n not in source.caption_names]
     if unknown:

@@ -160,6 +160,9 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
         _fail(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.lora_alpha <= 0 or args.lr <= 0:
         _fail("--lora-alpha and --lr must be > 0")
+    for name in ("lr", "lora_alpha", "scale", "weight_decay", "max_grad_norm"):
+        if not math.isfinite(getattr(args, name)):
+            _fail(f"--{name.replace('_', '-')} must be finite, got {getattr(args, name)}")
     if not 0 < args.scale <= MAX_LOGIT_SCALE:
         _fail(f"--scale must be in (0, {MAX_LOGIT_SCALE:g}], got {args.scale}")
     if not 0.0 <= args.eval_fraction < 1.0:
@@ -180,7 +183,7 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
 
 def _open_captions(spec: str, short: str, long: str, what: str) -> CaptionSource:
     try:
-        source = open_source(spec, caption_columns=[short, long])
+        source = open_source(spec, caption_columns=[short, long], require_images=False)
     except ValueError as exc:
         raise ValueError(f"{what} {spec!r}: {exc} (set --short-caption / --long-caption)") from exc
     missing = [n for n in (short, long) if n not in source.caption_names]
@@ -400,6 +403,22 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None
 # training
 
 
+class NonFiniteTrainingError(FloatingPointError):
+    """A stage-1 step produced a non-finite loss, gradient or weight; nothing of that step was saved."""
+
+
+def _all_finite(params: list[nn.Parameter]) -> bool:
+    # One device sync for all trainable tensors (LoRA weights are small).
+    return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
+
+def _non_finite_message(out: Path, step: int, phase: str, what: str) -> str:
+    last = latest_checkpoint(out)
+    kept = f"the last good checkpoint {last} is kept" if last is not None else "no checkpoint was saved yet"
+    return (f"stage 1 stopped at step {step} ({phase}): {what}. The step's update was not saved; {kept}. "
+            "Lower --lr, keep --max-grad-norm on, or check the data around this step, then --resume")
+
+
 def _micro_batches(loader: Any, epoch: int, start_batch: int,
                    usable: int) -> Iterator[tuple[dict[str, Any], int]]:
     """(batch, epoch) forever: ``usable`` batch slots per epoch, starting at ``start_batch`` of ``epoch``."""
@@ -551,8 +570,16 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
             _average_gradients(trainable)
             step_loss = _mean_over_ranks(step_loss, device)
             grad_norm = clip_grad_norm(trainable, args.max_grad_norm)
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                raise NonFiniteTrainingError(_non_finite_message(
+                    out, step + 1, "mntp" if mntp else "contrastive",
+                    f"loss {step_loss}, gradient norm {grad_norm}"))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            if not _all_finite(trainable):
+                raise NonFiniteTrainingError(_non_finite_message(
+                    out, step + 1, "mntp" if mntp else "contrastive",
+                    f"the optimizer update (lr {lr}) made trainable weights non-finite"))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
