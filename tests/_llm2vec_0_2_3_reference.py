@@ -229,3 +229,38 @@ class LLM2VecReference(nn.Module):
             return 1
         else:
             return sum([len(t) for t in text])
+
+
+# llm2vec/loss/loss_utils.py: cos_sim; llm2vec/loss/HardNegativeNLLLoss.py: HardNegativeNLLLoss
+# (the single-process path: torch.distributed not initialised).
+def cos_sim(a: Tensor, b: Tensor):
+    if not isinstance(a, torch.Tensor):
+        a = torch.tensor(a)
+    if not isinstance(b, torch.Tensor):
+        b = torch.tensor(b)
+    if len(a.shape) == 1:
+        a = a.unsqueeze(0)
+    if len(b.shape) == 1:
+        b = b.unsqueeze(0)
+    a_norm = torch.nn.functional.normalize(a, p=2, dim=1)
+    b_norm = torch.nn.functional.normalize(b, p=2, dim=1)
+    return torch.mm(a_norm, b_norm.transpose(0, 1))
+
+
+class HardNegativeNLLLoss:
+    def __init__(self, scale: float = 20.0, similarity_fct=cos_sim):
+        self.scale = scale
+        self.similarity_fct = similarity_fct
+        self.cross_entropy_loss = nn.CrossEntropyLoss()
+
+    def __call__(self, q_reps: Tensor, d_reps_pos: Tensor, d_reps_neg: Tensor = None):
+        if d_reps_neg is None:
+            d_reps_neg = d_reps_pos[:0, :]
+        full_d_reps_pos = d_reps_pos
+        full_q_reps = q_reps
+        full_d_reps_neg = d_reps_neg
+        d_reps = torch.cat([full_d_reps_pos, full_d_reps_neg], dim=0)
+        scores = self.similarity_fct(full_q_reps, d_reps) * self.scale
+        labels = torch.tensor(range(len(scores)), dtype=torch.long, device=scores.device)
+        loss = self.cross_entropy_loss(scores, labels)
+        return loss

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from llm2clip_fast.models.tiny_llm import build_tiny_llm
 from llm2clip_fast.train import stage1
@@ -87,3 +88,65 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 def test_non_finite_options_are_refused(tiny, text_manifest, tmp_path):
     with pytest.raises(ValueError, match="--lr must be finite"):
         stage1.train_stage1(_args(tiny, text_manifest, tmp_path / "run", "--lr", "inf"))
+
+
+def test_hard_negative_loss_by_hand():
+    from llm2clip_fast.train.hard_negative_loss import hard_negative_nll_loss
+
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pos = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # cosine ignores the norm
+    neg = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    s, r = 2.0, math.sqrt(0.5)
+    # cos(q0, [p0, p1, n0, n1]) = [1, 0, r, -1]; cos(q1, .) = [0, 1, r, 0]; targets p0, p1.
+    loss0 = -s * 1 + math.log(math.exp(s) + math.exp(0) + math.exp(s * r) + math.exp(-s))
+    loss1 = -s * 1 + math.log(math.exp(0) + math.exp(s) + math.exp(s * r) + math.exp(0))
+    got = hard_negative_nll_loss(q, pos, neg, scale=s)
+    assert abs(got.item() - (loss0 + loss1) / 2) < 1e-6
+    no_neg = -s + math.log(math.exp(s) + 1.0)  # both queries: [1, 0] and [0, 1]
+    assert abs(hard_negative_nll_loss(q, pos, None, scale=s).item() - no_neg) < 1e-6
+
+
+def test_hard_negative_loss_matches_llm2vec_and_its_gradients():
+    from _llm2vec_0_2_3_reference import HardNegativeNLLLoss
+
+    from llm2clip_fast.train.hard_negative_loss import hard_negative_nll_loss
+
+    g = torch.Generator().manual_seed(0)
+    q, p, n = (torch.randn(b, 7, generator=g, dtype=torch.float64, requires_grad=True) for b in (5, 5, 3))
+    want = HardNegativeNLLLoss(scale=50.0)(q, p, n)
+    got = hard_negative_nll_loss(q, p, n, scale=50.0)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, (q, p, n)), torch.autograd.grad(want, (q, p, n))):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="negative must be"):
+        hard_negative_nll_loss(q, p, torch.zeros(2, 3))
+
+
+def test_hardneg_and_query_side_instructions_in_stage1(tiny, text_manifest, tmp_path, monkeypatch):
+    from llm2clip_fast.models.llm_encoder import LLMTextEncoder
+
+    seen = []
+    real = LLMTextEncoder.tokenize
+
+    def spy(self, texts, instructions=None):
+        seen.append((list(texts), None if instructions is None else list(instructions)))
+        return real(self, texts, instructions)
+
+    monkeypatch.setattr(LLMTextEncoder, "tokenize", spy)
+    s2l, l2s = "Find the detailed caption of this short one:", "Find the short caption of this one:"
+    result = stage1.train_stage1(_args(
+        tiny, text_manifest, tmp_path / "run", "--steps", "2", "--loss", "hardneg",
+        "--hard-negative-caption", "hard", "--query-instruction-short", s2l, "--query-instruction-long", l2s))
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    rows = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert rows["loss"] == "hardneg" and rows["query_instruction_short"] == s2l
+    # Per step: queries (with their direction's instruction), documents and hard negatives (none).
+    queries, documents, negatives = seen[0], seen[1], seen[2]
+    assert set(queries[1]) <= {s2l, l2s} and len(set(queries[1])) == 2  # both directions drawn
+    for text, instr in zip(*queries):
+        assert ("photo" in text) == (instr == l2s)  # long captions get the long -> short instruction
+    assert documents[1] == [None] * len(documents[0]) and negatives[1] == [None] * len(negatives[0])
+    assert all("photo" in t for t in negatives[0])
+    for bad in (["--loss", "hardneg"], ["--instruction", "x", "--query-instruction-short", "y"]):
+        with pytest.raises(ValueError, match=r"hard-negative-caption|exclude"):
+            stage1.train_stage1(_args(tiny, text_manifest, tmp_path / "bad", "--steps", "1", *bad))

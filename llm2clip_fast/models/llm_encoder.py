@@ -476,28 +476,36 @@ class LLMTextEncoder(nn.Module):
         return config
 
     # ------------------------------------------------------------------ tokenisation
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: Sequence[str],
+                 instructions: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
         """Tokenise captions for :meth:`forward` under the model's convention (see the class docstring).
 
-        Returns right-padded ``input_ids``, ``attention_mask`` and ``embed_mask``, all (B, L) int64;
-        ``embed_mask`` is 1 on the positions that are pooled.
+        ``instructions`` gives one instruction (or None) per text instead of the encoder's own, e.g.
+        stage 1's query-side instructions. Returns right-padded ``input_ids``, ``attention_mask`` and
+        ``embed_mask``, all (B, L) int64; ``embed_mask`` is 1 on the positions that are pooled.
         """
         texts = self._check_texts(texts)
+        rows = self._row_instructions(texts, instructions)
         if self.llm2vec_convention:
-            return self._tokenize_llm2vec(texts)
-        prefix = self.instruction or ""
+            return self._tokenize_llm2vec(texts, rows)
+        prefixes = [r or "" for r in rows]
+        if any(prefixes) and not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("an instruction needs a fast tokenizer (character offsets separate it from the "
+                             f"caption); {type(self.tokenizer).__name__} is not one")
         enc = self.tokenizer(
-            [prefix + t for t in texts], padding=True, truncation=True, max_length=self.max_length,
+            [p + t for p, t in zip(prefixes, texts)], padding=True, truncation=True,
+            max_length=self.max_length,
             # Right padding keeps each caption's position ids the same whatever it is batched with.
-            padding_side="right", return_tensors="pt", return_offsets_mapping=self.instruction is not None,
+            padding_side="right", return_tensors="pt", return_offsets_mapping=any(prefixes),
         )
         result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if self.instruction is None:
+        if not any(prefixes):
             result["embed_mask"] = enc["attention_mask"].clone()
             return result
         starts, ends = enc["offset_mapping"].unbind(-1)
+        prefix_len = torch.tensor([len(p) for p in prefixes]).unsqueeze(1)
         # Special tokens have empty (0, 0) spans; instruction tokens end at or before the caption's start.
-        caption = (ends > len(prefix)) & (ends > starts)
+        caption = (ends > prefix_len) & (ends > starts)
         result["embed_mask"] = caption.to(enc["attention_mask"].dtype) * enc["attention_mask"]
         return result
 
@@ -516,17 +524,34 @@ class LLMTextEncoder(nn.Module):
                 n = self._caption_token_counts([out[i]])[0]
         return out
 
-    def llm2vec_strings(self, texts: Sequence[str]) -> tuple[list[str], list[str]]:
+    def _row_instructions(self, texts: list[str],
+                          instructions: Sequence[str | None] | None) -> list[str | None]:
+        if instructions is None:
+            return [self.instruction] * len(texts)
+        rows = list(instructions)
+        if len(rows) != len(texts):
+            raise ValueError(f"instructions must give one entry per text: {len(rows)} for {len(texts)} texts")
+        bad = [i for i, r in enumerate(rows) if r is not None and not isinstance(r, str)]
+        if bad:
+            raise TypeError(
+                f"instructions must be str or None; item {bad[0]} is {type(rows[bad[0]]).__name__}")
+        return [r or None for r in rows]
+
+    def llm2vec_strings(self, texts: Sequence[str], instructions: Sequence[str | None] | None = None
+                        ) -> tuple[list[str], list[str]]:
         """The strings llm2vec 0.2.3 tokenises for ``texts``: (full text, pooled caption part) each.
 
         The full text is template head + instruction + caption + template tail; the caption part is
         what follows llm2vec's separator after the template is applied (caption + template tail).
+        ``instructions``: one per text instead of the encoder's own.
         """
         template = get_template(self.template)
+        texts = self._check_texts(texts)
+        rows = self._row_instructions(texts, instructions)
         full, pooled = [], []
-        for text in self._shorten(self._check_texts(texts)):
-            if self.instruction:
-                joined = f"{self.instruction.strip()} {LLM2VEC_SEPARATOR}{text}"
+        for text, instruction in zip(self._shorten(texts), rows):
+            if instruction:
+                joined = f"{instruction.strip()} {LLM2VEC_SEPARATOR}{text}"
             else:
                 joined = f"{LLM2VEC_SEPARATOR}{text}"
             parts = template.wrap(joined).split(LLM2VEC_SEPARATOR)
@@ -534,8 +559,8 @@ class LLMTextEncoder(nn.Module):
             full.append("".join(parts))
         return full, pooled
 
-    def _tokenize_llm2vec(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        full, pooled = self.llm2vec_strings(texts)
+    def _tokenize_llm2vec(self, texts: list[str], instructions: list[str | None]) -> dict[str, torch.Tensor]:
+        full, pooled = self.llm2vec_strings(texts, instructions)
         enc = self.tokenizer(full, padding=True, truncation=True, max_length=self.max_length,
                              padding_side="right", return_tensors="pt")
         attention = enc["attention_mask"]

@@ -45,19 +45,21 @@ from ..data.sources import open_source
 from ..models.prompt_templates import TEMPLATE_CHOICES
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
 from .cra import caption_pairs, encoder_cra
+from .hard_negative_loss import hard_negative_nll_loss
 from .holdout import split_holdout
 from .lora_targets import resolve_lora_targets
 from .mntp import check_head_loaded, mask_captions, mask_token_id, mntp_loss, prediction_head
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 
-LOSSES = ("clip", "infonce")
+LOSSES = ("clip", "infonce", "hardneg")
 MAX_LOGIT_SCALE = 100.0
 # Options that must match when resuming: they define the model, the data order or the schedule.
 _RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_size", "grad_accum", "steps",
                       "epochs", "mntp_steps", "lora_r", "lora_alpha", "lora_targets", "loss", "scale",
                       "learn_scale", "seed", "lr", "schedule", "warmup_steps", "load_in_8bit", "max_length",
-                      "instruction", "pooling", "eval_fraction", "template")
+                      "instruction", "pooling", "eval_fraction", "template", "query_instruction_short",
+                      "query_instruction_long", "hard_negative_caption")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="disable bf16 autocast on CUDA")
     g.add_argument("--pooling", default="mean", choices=("mean", "last_token"))
     g.add_argument("--max-length", type=int, default=512)
-    g.add_argument("--instruction", default=None, help="prefix attended but not pooled")
+    g.add_argument("--instruction", default=None,
+                   help="prefix attended but not pooled, on both sides (symmetric)")
+    g.add_argument("--query-instruction-short", default=None,
+                   help="instruction on the query when the short caption is the query (short -> long); "
+                        "documents get none, as llm2vec's supervised training")
+    g.add_argument("--query-instruction-long", default=None,
+                   help="instruction on the query when the long caption is the query (long -> short)")
     g.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
                    help="prompt template as llm2vec 0.2.3 wraps texts (default auto: detected from the "
                         "tokenizer and config; saved with the merged encoder)")
@@ -88,6 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data", required=True, help="caption source (manifest or WebDataset shards)")
     g.add_argument("--short-caption", default="short", help="field of the short caption (default: short)")
     g.add_argument("--long-caption", default="long", help="field of the long caption (default: long)")
+    g.add_argument("--hard-negative-caption", default=None,
+                   help="field of a hard-negative caption per sample (with --loss hardneg)")
     g.add_argument("--eval-data", default=None, help="held-out caption source for CRA")
     g.add_argument("--eval-fraction", type=float, default=0.05,
                    help="without --eval-data: fraction of --data held out for CRA (0 disables CRA)")
@@ -103,7 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="MNTP warm-up steps before the contrastive phase")
     g.add_argument("--mntp-probability", type=float, default=0.2)
     g.add_argument("--loss", default="clip", choices=LOSSES,
-                   help="clip: fused symmetric InfoNCE; infonce: query -> key only")
+                   help="clip: fused symmetric InfoNCE; infonce: query -> key only; hardneg: llm2vec's "
+                        "HardNegativeNLLLoss, query -> all positives and hard negatives of the global batch "
+                        "(needs --hard-negative-caption)")
     g.add_argument("--scale", type=float, default=50.0, help="logit scale (1/temperature)")
     g.add_argument("--learn-scale", action="store_true", help="learn the logit scale (init --scale)")
     g.add_argument("--lr", type=float, default=2e-4)
@@ -167,6 +179,16 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
         _fail(f"--scale must be in (0, {MAX_LOGIT_SCALE:g}], got {args.scale}")
     if not 0.0 <= args.eval_fraction < 1.0:
         _fail(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    query_instr = args.query_instruction_short is not None or args.query_instruction_long is not None
+    if query_instr and args.instruction:
+        _fail("--instruction (both sides) and --query-instruction-short/-long (query side only) exclude "
+              "each other")
+    if (args.loss == "hardneg") != (args.hard_negative_caption is not None):
+        _fail("--loss hardneg and --hard-negative-caption go together (the loss scores each query against "
+              "the batch's positives and hard negatives)")
+    if args.hard_negative_caption in (args.short_caption, args.long_caption):
+        _fail(f"--hard-negative-caption must differ from the short and long captions "
+              f"(got {args.hard_negative_caption!r})")
     if args.short_caption == args.long_caption:
         _fail(f"--short-caption and --long-caption must differ (both {args.short_caption!r})")
     if args.mntp_steps and not 0.0 < args.mntp_probability < 1.0:
@@ -181,12 +203,14 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
 # data
 
 
-def _open_captions(spec: str, short: str, long: str, what: str) -> CaptionSource:
+def _open_captions(spec: str, short: str, long: str, what: str, hard: str | None = None) -> CaptionSource:
+    names = [short, long] + ([hard] if hard else [])
     try:
-        source = open_source(spec, caption_columns=[short, long], require_images=False)
+        source = open_source(spec, caption_columns=names, require_images=False)
     except ValueError as exc:
-        raise ValueError(f"{what} {spec!r}: {exc} (set --short-caption / --long-caption)") from exc
-    missing = [n for n in (short, long) if n not in source.caption_names]
+        raise ValueError(f"{what} {spec!r}: {exc} (set --short-caption / --long-caption"
+                         f"{' / --hard-negative-caption' if hard else ''})") from exc
+    missing = [n for n in names if n not in source.caption_names]
     if missing:
         raise ValueError(f"{what} {spec!r} has no caption field(s) {missing}; it has {source.caption_names} "
                          "(set --short-caption / --long-caption)")
@@ -341,6 +365,38 @@ def contrastive_loss(query: torch.Tensor, key: torch.Tensor, scale: torch.Tensor
     return F.cross_entropy(logits, offset + torch.arange(q.shape[0], device=q.device))
 
 
+def _document_instructions(args: argparse.Namespace, n: int) -> list[str | None] | None:
+    """None (the encoder's own, symmetric ``--instruction``) or no instruction at all when the
+    instructions are query-side only."""
+    query_side = args.query_instruction_short is not None or args.query_instruction_long is not None
+    return [None] * n if query_side else None
+
+
+def _embed(encoder: Any, texts: list[str], instructions: list[str | None] | None) -> torch.Tensor:
+    enc = encoder.tokenize(texts, instructions=instructions)
+    return encoder(enc["input_ids"], enc["attention_mask"], enc["embed_mask"])
+
+
+def _embed_pairs(encoder: Any, shorts: list[str], longs: list[str], flip: torch.Tensor,
+                 args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key) embeddings of a batch of caption pairs; ``flip[i]``: the long caption is the query.
+
+    Symmetric (``--instruction`` or none): both captions embedded alike. Query-side instructions
+    (llm2vec's supervised recipe): the query gets its direction's instruction, the document none.
+    """
+    docs = _document_instructions(args, len(shorts))
+    if docs is None:
+        emb_s = _embed(encoder, shorts, None)
+        emb_l = _embed(encoder, longs, None)
+        f = flip.to(emb_s.device)[:, None]
+        return torch.where(f, emb_l, emb_s), torch.where(f, emb_s, emb_l)
+    flips = flip.tolist()
+    queries = [lg if fl else sh for sh, lg, fl in zip(shorts, longs, flips)]
+    documents = [sh if fl else lg for sh, lg, fl in zip(shorts, longs, flips)]
+    instructions = [args.query_instruction_long if fl else args.query_instruction_short for fl in flips]
+    return _embed(encoder, queries, instructions), _embed(encoder, documents, docs)
+
+
 def _mean_over_ranks(value: float, device: torch.device) -> float:
     if dist_helpers.get_world_size() == 1:
         return value
@@ -454,7 +510,8 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     run_config = _run_config(args)
 
     # Data first: a missing caption field should fail before a large model loads.
-    source = _open_captions(args.data, args.short_caption, args.long_caption, "--data")
+    source = _open_captions(args.data, args.short_caption, args.long_caption, "--data",
+                            hard=args.hard_negative_caption)
     eval_pairs: list[tuple[str, str]] = []
     if args.eval_data:
         eval_source = _open_captions(args.eval_data, args.short_caption, args.long_caption, "--eval-data")
@@ -557,13 +614,13 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
                         loss = mntp_loss(out_h.last_hidden_state, labels.to(encoder.device), built.head,
                                          decoder=built.decoder)
                     else:
-                        es = encoder.tokenize(shorts)
-                        el = encoder.tokenize(longs)
-                        emb_s = encoder(es["input_ids"], es["attention_mask"], es["embed_mask"])
-                        emb_l = encoder(el["input_ids"], el["attention_mask"], el["embed_mask"])
-                        f = flip.to(emb_s.device)[:, None]
-                        query, key = torch.where(f, emb_l, emb_s), torch.where(f, emb_s, emb_l)
-                        loss = contrastive_loss(query, key, scale_module(), args.loss)
+                        query, key = _embed_pairs(encoder, shorts, longs, flip, args)
+                        if args.loss == "hardneg":
+                            hard = [c[args.hard_negative_caption] for c in batch["all_captions"]]
+                            negative = _embed(encoder, hard, _document_instructions(args, len(hard)))
+                            loss = hard_negative_nll_loss(query, key, negative, scale_module())
+                        else:
+                            loss = contrastive_loss(query, key, scale_module(), args.loss)
                 (loss / args.grad_accum).backward()
                 step_loss += float(loss.detach()) / args.grad_accum
                 captions += 2 * len(shorts) * world
