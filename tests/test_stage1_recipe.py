@@ -150,3 +150,34 @@ def test_hardneg_and_query_side_instructions_in_stage1(tiny, text_manifest, tmp_
     for bad in (["--loss", "hardneg"], ["--instruction", "x", "--query-instruction-short", "y"]):
         with pytest.raises(ValueError, match=r"hard-negative-caption|exclude"):
             stage1.train_stage1(_args(tiny, text_manifest, tmp_path / "bad", "--steps", "1", *bad))
+
+
+def test_llm2clip_recipe_defaults_flags_override_and_settings_saved(tiny, text_manifest, tmp_path):
+    from llm2clip_fast.train.recipes import resolve_recipe
+
+    def parsed(*argv):
+        parser = argparse.ArgumentParser()
+        stage1.add_arguments(parser)
+        args = parser.parse_args(["--llm", "x", "--data", "x", "--out", "x", *argv])
+        resolve_recipe(args)
+        return args
+
+    plain = parsed()
+    assert (plain.warmup_steps, plain.lr, plain.batch_size, plain.lora_r) == (0, 2e-4, 512, 16)
+    rec = parsed("--recipe", "llm2clip", "--lr", "1e-3")
+    assert (rec.lr, rec.warmup_steps, rec.batch_size, rec.scale) == (1e-3, 300, 512, 50.0)
+    assert (rec.lora_r, rec.lora_alpha, rec.lora_dropout, rec.lora_targets) == (16, 32.0, 0.05, "auto")
+    assert rec.recipe_origin["lr"] == "flag" and rec.recipe_origin["warmup_steps"] == "recipe"
+    assert resolve_recipe(rec)["lr"] == "flag" and rec.lr == 1e-3  # idempotent
+
+    out = tmp_path / "run"
+    result = stage1.train_stage1(_args(tiny, text_manifest, out, "--recipe", "llm2clip", "--steps", "1",
+                                       "--warmup-steps", "1"))
+    assert result.steps == 1
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["recipe"] == "llm2clip" and saved["warmup_steps"] == 1 and saved["batch_size"] == 8
+    lora = (saved["lora_r"], saved["lora_alpha"], saved["lora_dropout"], saved["scale"])
+    assert lora == (16, 32.0, 0.05, 50.0)
+    assert saved["lora_targets_resolved"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"]
+    assert saved["settings_from"]["batch_size"] == "flag" and saved["settings_from"]["lr"] == "recipe"

@@ -50,6 +50,7 @@ from .holdout import split_holdout
 from .lora_targets import resolve_lora_targets
 from .mntp import check_head_loaded, mask_captions, mask_token_id, mntp_loss, prediction_head
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .recipes import mark_recipe_defaults, resolve_recipe
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 
 LOSSES = ("clip", "infonce", "hardneg")
@@ -133,6 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    mark_recipe_defaults(parser)
 
 
 @dataclass
@@ -153,6 +155,7 @@ def _fail(message: str) -> None:
 
 def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
     """Reject bad options before anything is loaded; messages name the option."""
+    resolve_recipe(args)
     if args.batch_size < 2:
         _fail("--batch-size must be >= 2: the other captions of the batch are the negatives "
               f"(got {args.batch_size})")
@@ -501,6 +504,7 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     dist_helpers.init_distributed_from_env()
     rank, world = dist_helpers.get_rank(), dist_helpers.get_world_size()
     main = rank == 0
+    resolve_recipe(args)
     check_options(args, world)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", dist_helpers.get_local_rank()) if cuda else torch.device("cpu")
@@ -569,6 +573,7 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
         cra_before = ckpt.extra.get("cra_before")
     if main:
         _write_json(out / "config.json", {**run_config, "lora_targets_resolved": built.targets,
+                                          "settings_from": getattr(args, "recipe_origin", {}),
                                           "total_steps": total_steps, "world_size": world})
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else (lambda msg: None)
     if args.resume and ckpt_path is None:
