@@ -181,3 +181,57 @@ def test_llm2clip_recipe_defaults_flags_override_and_settings_saved(tiny, text_m
     assert saved["lora_targets_resolved"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"]
     assert saved["settings_from"]["batch_size"] == "flag" and saved["settings_from"]["lr"] == "recipe"
+
+
+def _lora_deltas(adapter_dir):
+    """{weight name in the base model: scale * B @ A} from a saved peft adapter."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    out = {}
+    for key, a in weights.items():
+        if ".lora_A." in key:
+            b = weights[key.replace(".lora_A.", ".lora_B.")]
+            name = key.split("base_model.model.", 1)[1].split(".lora_A.")[0]
+            out[f"{name}.weight"] = cfg["lora_alpha"] / cfg["r"] * (b.float() @ a.float())
+    return out
+
+
+def _base_state(folder):
+    from transformers import AutoModel
+
+    return {k: v.float() for k, v in AutoModel.from_pretrained(folder).state_dict().items()}
+
+
+def test_mntp_data_phase_is_merged_before_the_contrastive_phase(tiny, text_manifest, tmp_path, capsys):
+    passages = tmp_path / "wiki.txt"
+    passages.write_text("\n".join(f"the {c} {s} is next to the {o} one, said the report"
+                                  for c in COLOURS for s in SHAPES for o in COLOURS[:2]) + "\n\n")
+    out = tmp_path / "run"
+    argv = ["--mntp-data", str(passages), "--mntp-steps", "2", "--steps", "2", "--lr", "5e-3"]
+    result = stage1.train_stage1(_args(tiny, text_manifest, out, *argv))
+    assert result.steps == 2  # contrastive steps; the MNTP phase ran before, on its own LoRA
+    from llm2clip_fast.train.run_log import read_jsonl
+
+    assert [r["phase"] for r in read_jsonl(out / "log.jsonl")] == ["contrastive", "contrastive"]
+    base = _base_state(tiny)
+    mntp_merged = _base_state(out / "mntp" / "merged")
+    final = _base_state(out / "merged")
+    mntp_delta = _lora_deltas(out / "mntp" / "adapter")
+    contrastive_delta = _lora_deltas(out / "adapter")
+    assert mntp_delta and contrastive_delta and any(d.abs().max() > 0 for d in mntp_delta.values())
+    for name, w in base.items():
+        want = w + mntp_delta.get(name, 0)
+        torch.testing.assert_close(mntp_merged[name], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(final[name], want + contrastive_delta.get(name, 0), atol=1e-5, rtol=1e-5)
+    capsys.readouterr()
+    stage1.train_stage1(_args(tiny, text_manifest, out, *argv, "--resume"))
+    assert "MNTP phase already done" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--mntp-data needs --mntp-steps"):
+        stage1.train_stage1(_args(tiny, text_manifest, tmp_path / "bad", "--mntp-data", str(passages)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="no non-empty passage"):
+        stage1.train_stage1(_args(tiny, text_manifest, tmp_path / "bad2", "--mntp-data", str(empty),
+                                  "--mntp-steps", "1"))

@@ -49,6 +49,7 @@ from .hard_negative_loss import hard_negative_nll_loss
 from .holdout import split_holdout
 from .lora_targets import resolve_lora_targets
 from .mntp import check_head_loaded, mask_captions, mask_token_id, mntp_loss, prediction_head
+from .mntp_phase import contrastive_phase_args, run_mntp_phase
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
 from .recipes import mark_recipe_defaults, resolve_recipe
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
@@ -60,7 +61,7 @@ _RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_siz
                       "epochs", "mntp_steps", "lora_r", "lora_alpha", "lora_targets", "loss", "scale",
                       "learn_scale", "seed", "lr", "schedule", "warmup_steps", "load_in_8bit", "max_length",
                       "instruction", "pooling", "eval_fraction", "template", "query_instruction_short",
-                      "query_instruction_long", "hard_negative_caption")
+                      "query_instruction_long", "hard_negative_caption", "mntp_data")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +114,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mntp-steps", type=int, default=0,
                    help="MNTP warm-up steps before the contrastive phase")
     g.add_argument("--mntp-probability", type=float, default=0.2)
+    g.add_argument("--mntp-data", default=None,
+                   help="plain text for MNTP as its own phase (a .txt file, one passage per line, or a "
+                        "text-only manifest): --mntp-steps on it, its LoRA merged before the contrastive "
+                        "phase (without it, MNTP warms up on the captions with the contrastive LoRA)")
     g.add_argument("--loss", default="clip", choices=LOSSES,
                    help="clip: fused symmetric InfoNCE; infonce: query -> key only; hardneg: llm2vec's "
                         "HardNegativeNLLLoss, query -> all positives and hard negatives of the global batch "
@@ -194,6 +199,8 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
               f"(got {args.hard_negative_caption!r})")
     if args.short_caption == args.long_caption:
         _fail(f"--short-caption and --long-caption must differ (both {args.short_caption!r})")
+    if args.mntp_data and not args.mntp_steps:
+        _fail("--mntp-data needs --mntp-steps N (the MNTP phase's optimizer steps)")
     if args.mntp_steps and not 0.0 < args.mntp_probability < 1.0:
         _fail(f"--mntp-probability must be in (0, 1), got {args.mntp_probability}")
     if args.load_in_8bit and importlib.util.find_spec("bitsandbytes") is None:
@@ -462,6 +469,10 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None
 # training
 
 
+def print_nothing(message: str) -> None:
+    """The progress printer of ranks other than 0."""
+
+
 class NonFiniteTrainingError(FloatingPointError):
     """A stage-1 step produced a non-finite loss, gradient or weight; nothing of that step was saved."""
 
@@ -542,6 +553,13 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
 
     random.seed(args.seed)
     np.random.seed(args.seed)  # noqa: NPY002 - seeding the global stream libraries draw from
+    if args.mntp_data:
+        # MNTP as its own phase (llm2vec's recipe): its LoRA is merged into the base the contrastive
+        # phase then trains a fresh LoRA on.
+        say_main = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else print_nothing
+        mntp_base = run_mntp_phase(args, device, out, say_main)
+        args = contrastive_phase_args(args, mntp_base)
+        total_steps = contrastive_steps
     built = build_trainable_encoder(args, device)
     encoder, peft_model = built.encoder, built.peft_model
     scale_module = LogitScale(args.scale, args.learn_scale).to(device)
