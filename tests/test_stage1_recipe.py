@@ -204,6 +204,7 @@ def _base_state(folder):
     return {k: v.float() for k, v in AutoModel.from_pretrained(folder).state_dict().items()}
 
 
+@pytest.mark.slow
 def test_mntp_data_phase_is_merged_before_the_contrastive_phase(tiny, text_manifest, tmp_path, capsys):
     passages = tmp_path / "wiki.txt"
     passages.write_text("\n".join(f"the {c} {s} is next to the {o} one, said the report"
@@ -237,6 +238,7 @@ def test_mntp_data_phase_is_merged_before_the_contrastive_phase(tiny, text_manif
                                   "--mntp-steps", "1"))
 
 
+@pytest.mark.distributed
 def test_hard_negative_loss_over_two_ranks_is_llm2vecs_global_batch_loss(tmp_path):
     """Mean of the ranks' losses = llm2vec's loss on the global batch; the ranks' input gradients,
     averaged over ranks as the trainer averages parameter gradients, = its gradients."""
