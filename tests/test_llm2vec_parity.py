@@ -33,7 +33,7 @@ INSTRUCTION = "  Given a caption, retrieve a detailed relevant caption: "
 LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|end_of_text|>"]
 NAMES = {"llama3": "meta-llama/Meta-Llama-3-8B-Instruct", "mistral": "mistralai/Mistral-7B-Instruct-v0.2",
-         "none": "tiny/base-model"}
+         "qwen2": "Qwen/Qwen2-1.5B-Instruct", "none": "tiny/base-model"}
 
 
 def _tokenizer(kind: str):
@@ -44,6 +44,9 @@ def _tokenizer(kind: str):
         bos, eos, specials = "<|begin_of_text|>", "<|eot_id|>", LLAMA3_SPECIAL
         chat = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n" \
                "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    elif kind == "qwen2":  # no BOS, like Qwen's own tokenizer
+        bos, eos, specials = None, "<|im_end|>", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        chat = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>{% endfor %}"
     else:
         bos, eos, specials = "<s>", "</s>", ["<s>", "</s>"]
         chat = None
@@ -55,8 +58,9 @@ def _tokenizer(kind: str):
     trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", *specials],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 3, trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    if bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token="<unk>",
                                    additional_special_tokens=[s for s in specials if s not in (bos, eos)])
     if chat:
@@ -65,9 +69,10 @@ def _tokenizer(kind: str):
 
 
 def _model(family: str, vocab: int, name: str):
-    from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralModel
+    from transformers import LlamaConfig, LlamaModel, MistralConfig, MistralModel, Qwen2Config, Qwen2Model
 
-    cls_cfg, cls_model = (LlamaConfig, LlamaModel) if family == "llama" else (MistralConfig, MistralModel)
+    cls_cfg, cls_model = {"llama": (LlamaConfig, LlamaModel), "mistral": (MistralConfig, MistralModel),
+                          "qwen2": (Qwen2Config, Qwen2Model)}[family]
     cfg = cls_cfg(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=1, eos_token_id=2, pad_token_id=None)
@@ -77,7 +82,8 @@ def _model(family: str, vocab: int, name: str):
     return model
 
 
-CASES = [("llama", "llama3"), ("llama", "none"), ("mistral", "mistral"), ("mistral", "none")]
+CASES = [("llama", "llama3"), ("llama", "none"), ("mistral", "mistral"), ("mistral", "none"),
+         ("qwen2", "qwen2")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{t}" for f, t in CASES])
@@ -109,6 +115,17 @@ def test_encode_matches_llm2vec(pair, instruction):
     assert (got - want).abs().max().item() <= 1e-5
 
 
+def test_last_token_pooling_matches_llm2vec(pair):
+    _, _, model, tok = pair
+    ours = _ours(model, tok, max_length=44, doc_max_length=40, instruction=INSTRUCTION)
+    ours.pooling = "last_token"
+    ref = LLM2VecReference(BiModelReference(model), tok, pooling_mode="last_token", max_length=44,
+                           doc_max_length=40)
+    want = ref.encode([[INSTRUCTION, t] for t in CAPTIONS], batch_size=4, device="cpu")
+    got = ours.encode(CAPTIONS, batch_size=3, show_progress=False)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
 def test_pooled_positions_are_llm2vecs(pair):
     """The pooled tokens are llm2vec's embed_mask tokens; BOS, template head, instruction only attended."""
     _, template, model, tok = pair
@@ -123,7 +140,8 @@ def test_pooled_positions_are_llm2vecs(pair):
         got_ids = mine["input_ids"][i][mine["attention_mask"][i].bool()]
         got_pool = mine["input_ids"][i][mine["embed_mask"][i].bool()]
         assert torch.equal(got_ids, want_ids) and torch.equal(got_pool, want_pool)
-        assert got_ids[0].item() == tok.bos_token_id and tok.bos_token_id not in got_pool.tolist()
+        if tok.bos_token_id is not None:
+            assert got_ids[0].item() == tok.bos_token_id and tok.bos_token_id not in got_pool.tolist()
         if template == "llama3" and len(got_ids) < 44:  # a truncated row loses its <|eot_id|>
             assert got_pool[-1].item() == tok.convert_tokens_to_ids("<|eot_id|>")
 
