@@ -94,7 +94,8 @@ def test_forced_triton_with_kernels_records_triton(op_name, module, make_call, f
 @pytest.mark.parametrize("op_name,module,make_call", OPS, ids=[o[0] for o in OPS])
 def test_automatic_dispatch_on_cpu_records_what_ran(op_name, module, make_call, fresh_probe):
     make_call(None)()
-    has_cpu_kernel = op_name in ("clip_loss", "siglip_loss", "masked_mean_pool") and cpu_extension() is not None
+    has_cpu_kernel = (op_name in ("clip_loss", "siglip_loss", "masked_mean_pool")
+                      and cpu_extension() is not None)
     assert _backend.last_selected(op_name) == ("cpu" if has_cpu_kernel else "torch")
     make_call("torch")()
     assert _backend.last_selected(op_name) == "torch"

@@ -446,7 +446,6 @@ def test_triton_backward_d_scale_right_when_autotune_picks_bigger_tiles(monkeypa
     # smaller-tile config left behind must not reach d(logit_scale) (first call per shape).
     import triton
     from _autotune_probe import autotuner_with_winner
-
     from llm2clip_fast.kernels import clip_loss as kernels
 
     small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
@@ -474,7 +473,6 @@ def test_triton_forward_lse_right_whichever_config_autotune_picks(monkeypatch, w
     # from the initial -inf workspace, not from what the benchmark runs left there.
     import triton
     from _autotune_probe import autotuner_with_winner
-
     from llm2clip_fast.kernels import clip_loss as kernels
 
     small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)

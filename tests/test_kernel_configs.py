@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-
 from llm2clip_fast.kernels import adapter, clip_loss, siglip_loss
 from llm2clip_fast.kernels._config_fit import (
     SM90_SHARED_MEMORY_BYTES,

@@ -273,7 +273,6 @@ def test_triton_backward_scalars_right_whichever_config_autotune_picks(monkeypat
     # another config left behind must not reach d(scale) or d(bias) (first call per shape).
     import triton
     from _autotune_probe import autotuner_with_winner
-
     from llm2clip_fast.kernels import siglip_loss as kernels
 
     small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)

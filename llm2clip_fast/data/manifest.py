@@ -89,6 +89,7 @@ class ManifestSource(CaptionSource):
         label_column: str | None = "label",
         bad_data: BadDataPolicy | float | None = None,
         image_root_only: bool = False,
+        require_images: bool = True,
     ):
         self.path = Path(path)
         self.image_root_only = bool(image_root_only)
@@ -98,8 +99,10 @@ class ManifestSource(CaptionSource):
         where = f"manifest {os.fspath(self.path)!r}"
         if not rows:
             raise ValueError(f"{where} has no rows (columns found: {columns})")
-        if image_column not in columns:
+        if image_column not in columns and require_images:
             raise ValueError(f"{where} has no image column {image_column!r}; columns found: {columns}")
+        # A text-only manifest (stage 1, embed): captions and keys, no images.
+        self.has_images = image_column in columns
         has_key = key_column is not None and key_column in columns
         self.label_column = label_column if label_column is not None and label_column in columns else None
         reserved = {image_column, key_column, label_column}
@@ -157,6 +160,9 @@ class ManifestSource(CaptionSource):
 
     def image_at(self, index: int) -> Image.Image:
         key = self._keys[index]
+        if not self.has_images:
+            raise ValueError(f"manifest {os.fspath(self.path)!r} is text-only (no image column "
+                             f"{self.image_column!r}): it serves captions, not images")
         if not self._images[index]:
             raise BadSampleError(key, f"image column {self.image_column!r} is empty")
         path = self.image_path_at(index)

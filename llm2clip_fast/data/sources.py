@@ -21,6 +21,7 @@ def open_source(
     label_column: str | None = "label",
     bad_data: BadDataPolicy | float | None = None,
     image_root_only: bool = False,
+    require_images: bool = True,
 ) -> CaptionSource:
     """Open a caption source and check its structure.
 
@@ -41,6 +42,9 @@ def open_source(
         bad_data: policy for ``iter_captions`` / ``iter_records`` (``source.bad_data`` tracks them).
         image_root_only: manifests only: an image path leading outside the manifest's folder (``..``,
             absolute paths, symlinks out) makes its sample bad instead of being read.
+        require_images: False accepts a manifest without an image column (text-only sources for
+            stage 1 and embed, which read captions only; keys come from the key column, else the row
+            number). WebDataset shards are read for captions without touching their images either way.
 
     Raises:
         ValueError: a structural mistake (missing column, no shards matched, unreadable manifest); the
@@ -57,6 +61,7 @@ def open_source(
             label_column=label_column,
             bad_data=bad_data,
             image_root_only=image_root_only,
+            require_images=require_images,
         )
     if not isinstance(spec, (str, os.PathLike, list, tuple)):
         raise TypeError(f"spec must be a path, a shard pattern or a list of them, got {type(spec).__name__}")

@@ -1,14 +1,20 @@
 """The LLM text encoder: a (bidirectional) LLM or a BERT-like encoder turned into a caption embedder.
 
-``LLMTextEncoder`` wraps a ``transformers`` model and its tokenizer. A caption (optionally prefixed
-by an instruction that is attended but not pooled, as llm2vec's ``skip_instruction``) goes through
-the model; the last hidden states are mean-pooled over the caption's tokens with the fused
+``LLMTextEncoder`` wraps a ``transformers`` model and its tokenizer. Captions go through the model;
+the last hidden states are mean-pooled over the caption's tokens with the fused
 :func:`llm2clip_fast.ops.masked_mean_pool.masked_mean_pool` (or the last token is taken) and
 returned as fp32, optionally L2-normalised.
 
-Decoder LLMs (Llama, Mistral, Qwen2, Gemma, ...) get bidirectional attention through
-:mod:`llm2clip_fast.models.bidirectional`. ``load_in_8bit=True`` loads the frozen weights as
-LLM.int8 through bitsandbytes (CPU and CUDA), about half the bytes of bf16.
+Two tokenisation conventions, picked from the model's config:
+
+- Decoder LLMs (Llama, Mistral, Qwen2, Gemma, ...) follow llm2vec 0.2.3 (``LLM2Vec.encode``) so the
+  vectors are the ones LLM2CLIP's released adapters were trained on; see :class:`LLMTextEncoder`.
+  They get bidirectional attention through :mod:`llm2clip_fast.models.bidirectional`.
+- BERT-like encoders follow sentence-transformers: every attended token (``[CLS]``/``[SEP]``
+  included) is pooled, and an instruction, if any, is attended but not pooled.
+
+``load_in_8bit=True`` loads the frozen weights as LLM.int8 through bitsandbytes (CPU and CUDA),
+about half the bytes of bf16.
 """
 
 from __future__ import annotations
@@ -28,18 +34,25 @@ import torch.nn.functional as F
 
 from ..ops.masked_mean_pool import masked_mean_pool
 from .bidirectional import set_bidirectional
+from .llm2vec_checkpoints import apply_lora_chain, map_llm2vec_encoder, normalize_lora_list
+from .prompt_templates import TEMPLATE_CHOICES, get_template, resolve_template
+from .xformers_attention import register_xformers_attention
 
 ENCODER_CONFIG_NAME = "llm2clip_encoder.json"
 POOLINGS = ("mean", "last_token")
+LLM2VEC_SEPARATOR = "!@#$%^&*()"  # llm2vec 0.2.3's marker between instruction and caption
 _DEFAULTS: dict[str, Any] = {
     "pooling": "mean", "bidirectional": True, "max_length": 512, "instruction": None, "normalize": False,
+    "template": "auto", "doc_max_length": 400,
 }
 _DTYPE_NAMES = {
     "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
 }
-# transformers' own attention paths; the flash-attention ones need CUDA and the flash_attn package.
-_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# transformers' own attention paths (the flash-attention ones need CUDA and the flash_attn package) and
+# xformers, registered by this package.
+_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3",
+                         "xformers")
 
 
 class _DropInt8CastNotice(logging.Filter):
@@ -142,13 +155,49 @@ class LLMTextEncoder(nn.Module):
     does not change the model's attention; use :func:`~llm2clip_fast.models.bidirectional.set_bidirectional`
     (``from_pretrained`` does it for you).
 
+    Decoder LLMs: the llm2vec 0.2.3 convention. For a bidirectional decoder with mean pooling,
+    :meth:`encode` returns what ``LLM2Vec.encode`` (llm2vec 0.2.3, ``pooling_mode="mean"``,
+    ``skip_instruction=True``) returns for the same weights, tokenizer and texts (fp32, tested to
+    1e-5 against a transcription of its code in ``tests/_llm2vec_0_2_3_reference.py``):
+
+    1. A caption longer than ``doc_max_length`` tokens is cut to a proportional number of
+       whitespace-separated words until it fits (``LLM2Vec._convert_to_str``).
+    2. The instruction is joined as ``instruction.strip() + " " + caption``; without one the
+       caption stands alone (it is not stripped).
+    3. The prompt template wraps the joined text: ``head + joined.strip() + tail``
+       (``prepare_for_tokenization``; see :mod:`llm2clip_fast.models.prompt_templates`). E.g.
+       Llama-3-Instruct: ``<|start_header_id|>user<|end_header_id|>\\n\\n`` + text + ``<|eot_id|>``.
+    4. The whole string is tokenised with the tokenizer's special tokens (BOS) and truncated to
+       ``max_length`` tokens; the pooled positions are the last ``n`` tokens of each row, where ``n``
+       is the token count of the caption part (caption + template tail) tokenised alone without
+       special tokens (``tokenize``'s ``embed_mask``). So BOS, the template head and the
+       instruction are attended but not pooled; the caption and the template's closing token are.
+    5. Mean over those positions, no normalisation unless asked, fp32 on the CPU.
+
+    llm2vec pads on the left; this encoder pads on the right. With bidirectional attention and the
+    padding mask the padded keys get zero weight, and rotary position embeddings depend only on the
+    distance between positions, so the side does not change the result beyond float rounding
+    (tested with mixed lengths in one batch). The one deliberate difference: a caption with zero
+    tokens (empty, no template) makes llm2vec average the whole padded row, pads included, which
+    depends on the batch; here it averages the row's attended tokens.
+
+    BERT-like encoders: the sentence-transformers convention (all attended tokens pooled,
+    ``[CLS]``/``[SEP]`` included; the packaged MiniLM matches sentence-transformers), no template;
+    an instruction is attended but not pooled (the tokens overlapping the caption's characters
+    are pooled; needs a fast tokenizer).
+
     Args:
         model: the transformers model.
-        tokenizer: its tokenizer (a fast tokenizer when ``instruction`` is used: offsets are needed).
-        pooling: ``"mean"`` over the caption's tokens or ``"last_token"``.
-        max_length: truncation length in tokens (instruction included).
+        tokenizer: its tokenizer.
+        pooling: ``"mean"`` over the caption's tokens or ``"last_token"`` (the last attended token,
+            llm2vec's ``last_token``).
+        max_length: truncation length in tokens (template and instruction included).
         instruction: text prepended to every caption; attended but not pooled.
         normalize: L2-normalise the embeddings by default.
+        template: prompt template name (see ``TEMPLATE_CHOICES``) or ``"auto"``: detected from the
+            config's name, the tokenizer's chat template and special tokens (decoders only).
+        doc_max_length: llm2vec's caption length cap in tokens (decoders only; llm2vec's default 400,
+            LLM2CLIP's own example passes 512).
     """
 
     def __init__(
@@ -160,6 +209,8 @@ class LLMTextEncoder(nn.Module):
         max_length: int = 512,
         instruction: str | None = None,
         normalize: bool = False,
+        template: str = "auto",
+        doc_max_length: int = 400,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -170,20 +221,41 @@ class LLMTextEncoder(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if not isinstance(doc_max_length, int) or isinstance(doc_max_length, bool) or doc_max_length < 1:
+            raise ValueError(f"doc_max_length must be a positive int, got {doc_max_length!r}")
         if instruction is not None and not isinstance(instruction, str):
             raise TypeError(f"instruction must be a str or None, got {type(instruction).__name__}")
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
+        self.doc_max_length = doc_max_length
         self.instruction = instruction or None
         self.normalize = bool(normalize)
+        config = getattr(model, "config", None)
+        if config is None and hasattr(model, "get_base_model"):
+            config = getattr(model.get_base_model(), "config", None)
+        # Without a transformers config (a custom module) there is no family to follow: treat it as
+        # an encoder (pool what is attended).
+        self.llm2vec_convention = config is not None and is_decoder_only(config)
+        if template != "auto" and template not in TEMPLATE_CHOICES:
+            raise ValueError(f"template must be one of {TEMPLATE_CHOICES}, got {template!r}")
+        resolved = resolve_template(template, tokenizer, config)
+        if resolved != "none" and not self.llm2vec_convention:
+            raise ValueError(
+                f"template={template!r}: prompt templates apply to decoder LLMs (llm2vec convention); "
+                f"{getattr(config, 'model_type', type(model).__name__)} is an encoder (sentence-transformers "
+                "convention), use template='none' or 'auto'"
+            )
+        self.template = resolved
         if getattr(tokenizer, "pad_token", None) is None:
-            # Llama/Mistral tokenizers ship without a pad token; padded positions are masked anyway.
+            # Llama/Mistral tokenizers ship without a pad token (llm2vec pads with EOS too); padded
+            # positions are masked anyway.
             if getattr(tokenizer, "eos_token", None) is None:
                 raise ValueError("tokenizer has neither a pad token nor an eos token to pad with")
             tokenizer.pad_token = tokenizer.eos_token
-        if self.instruction is not None and not getattr(tokenizer, "is_fast", False):
+        needs_offsets = self.instruction is not None and not self.llm2vec_convention
+        if needs_offsets and not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 "an instruction needs a fast tokenizer (character offsets separate it from the caption); "
                 f"{type(tokenizer).__name__} is not one"
@@ -201,26 +273,36 @@ class LLMTextEncoder(nn.Module):
         pooling: str | None = None,
         max_length: int | None = None,
         instruction: str | None = None,
-        lora: str | os.PathLike | None = None,
+        lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         merge_lora: bool = False,
         attn_implementation: str | None = None,
         normalize: bool | None = None,
         device: str | torch.device | None = None,
+        template: str | None = None,
+        doc_max_length: int | None = None,
     ) -> LLMTextEncoder:
         """Load a model folder (or a hub name from the local cache) as a text encoder.
 
         Settings left as ``None`` come from the folder's ``llm2clip_encoder.json`` (written by
         :meth:`save_pretrained`), else the defaults: ``bidirectional=True`` (decoders),
         ``pooling="mean"``, ``max_length`` = sentence-transformers' ``max_seq_length`` if the folder
-        has one, else 512; ``instruction=None`` (pass ``""`` to drop a saved one), ``normalize=False``.
+        has one, else 512; ``instruction=None`` (pass ``""`` to drop a saved one), ``normalize=False``,
+        ``template="auto"`` (resolved once and saved by name), ``doc_max_length=400`` (llm2vec's).
+        See the class docstring for the llm2vec 0.2.3 / sentence-transformers conventions.
 
         Args:
             dtype: weights' dtype (for 8-bit: the dtype of the layers that stay unquantised).
             load_in_8bit: load linear weights as LLM.int8 (bitsandbytes).
-            lora: a peft adapter folder to apply; ``merge_lora`` merges it into the weights.
+            lora: peft adapter folder(s) applied in order: a path, ``"A,B"`` or ``[A, B]`` (LLM2Vec's
+                MNTP then supervised adapters). Each but the last is merged before the next is
+                loaded; ``merge_lora`` merges the last one too.
             attn_implementation: ``"sdpa"`` (default), ``"eager"``, ``"flex_attention"``,
-                ``"flash_attention_2"``/``"flash_attention_3"`` (CUDA with flash_attn installed).
+                ``"flash_attention_2"``/``"flash_attention_3"`` (CUDA with flash_attn installed),
+                ``"xformers"`` (CUDA with xformers installed: its memory-efficient kernel, registered
+                with transformers' ``AttentionInterface``).
             device: where to put the model (default: CUDA if available, else CPU).
+            template: ``"auto"``, ``"none"``, ``"llama3"``, ``"mistral"``, ``"gemma2"``, ``"qwen2"``
+                (or the aliases ``"llama2"``, ``"llama2-chat"``, ``"gemma"``).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -233,7 +315,8 @@ class LLMTextEncoder(nn.Module):
         saved = cls._read_saved_settings(folder)
         settings = {**_DEFAULTS, **saved}
         for key, value in (("pooling", pooling), ("bidirectional", bidirectional), ("max_length", max_length),
-                           ("instruction", instruction), ("normalize", normalize)):
+                           ("instruction", instruction), ("normalize", normalize),
+                           ("template", template), ("doc_max_length", doc_max_length)):
             if value is not None:
                 settings[key] = value
         if max_length is None and "max_length" not in saved:
@@ -243,8 +326,14 @@ class LLMTextEncoder(nn.Module):
         if attn_implementation is not None:
             cls._check_attn_implementation(attn_implementation, dev)
 
-        config = AutoConfig.from_pretrained(folder)
+        # trust_remote_code=False: a folder whose config points at llm2vec encoder code (LLM2CLIP's
+        # released LLM) is mapped to the transformers base model below, never executed.
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        mapped = map_llm2vec_encoder(config, folder)
         decoder = is_decoder_only(config)
+        if mapped is not None and settings["bidirectional"] is False:
+            raise ValueError(f"bidirectional=False: {folder} is an llm2vec encoder ({mapped}), trained "
+                             "bidirectional; loading it causal would give vectors it never produced")
         if not decoder and settings["bidirectional"] is False:
             raise ValueError(f"bidirectional=False: {config.model_type} is an encoder, always bidirectional")
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -261,7 +350,7 @@ class LLMTextEncoder(nn.Module):
             kwargs["device_map"] = "cpu" if dev.type == "cpu" else {"": dev}
         elif dev.type != "cpu":
             kwargs["device_map"] = {"": dev}  # load straight onto the GPU, no full copy in host memory
-        model = AutoModel.from_pretrained(folder, config=config, **kwargs)
+        model = AutoModel.from_pretrained(folder, config=config, trust_remote_code=False, **kwargs)
         if decoder:
             set_bidirectional(model, bool(settings["bidirectional"]))
         if lora is not None:
@@ -269,7 +358,8 @@ class LLMTextEncoder(nn.Module):
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return cls(model, tokenizer, pooling=settings["pooling"], max_length=int(settings["max_length"]),
-                   instruction=settings["instruction"], normalize=bool(settings["normalize"]))
+                   instruction=settings["instruction"], normalize=bool(settings["normalize"]),
+                   template=settings["template"], doc_max_length=int(settings["doc_max_length"]))
 
     @staticmethod
     def _read_saved_settings(folder: Path) -> dict[str, Any]:
@@ -293,12 +383,15 @@ class LLMTextEncoder(nn.Module):
     @staticmethod
     def _check_attn_implementation(name: str, device: torch.device) -> None:
         if name == "xformers":
-            # transformers 5 has no xformers attention; on CUDA its "sdpa" path runs PyTorch's
-            # flash / memory-efficient kernels (the latter is xformers' kernel, upstreamed).
-            raise ValueError(
-                "attn_implementation='xformers' is not an attention path of transformers 5; use 'sdpa' "
-                "(PyTorch's flash / memory-efficient kernels on CUDA) or 'flash_attention_2'"
-            )
+            # Registered with transformers' AttentionInterface by this package (xformers_attention.py).
+            if device.type != "cuda":
+                raise ValueError(f"attn_implementation='xformers' runs on CUDA only, got device {device}; "
+                                 "use 'sdpa' elsewhere")
+            if importlib.util.find_spec("xformers") is None:
+                raise ValueError(
+                    "attn_implementation='xformers' needs the xformers package: pip install xformers")
+            register_xformers_attention()
+            return
         if name not in _ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation must be one of {_ATTN_IMPLEMENTATIONS}, got {name!r}")
         if name.startswith("flash_attention"):
@@ -309,21 +402,14 @@ class LLMTextEncoder(nn.Module):
                 raise ValueError(f"attn_implementation={name!r} needs the {package} package installed")
 
     @staticmethod
-    def _apply_lora(model: nn.Module, lora: str | os.PathLike, merge: bool) -> nn.Module:
+    def _apply_lora(model: nn.Module, lora: Any, merge: bool) -> nn.Module:
         if importlib.util.find_spec("peft") is None:
             raise ValueError("lora= needs peft: pip install 'llm2clip_fast[lora]'")
-        from peft import PeftModel
-
-        folder = Path(lora).expanduser()
-        if not (folder / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"lora={str(lora)!r} is not a peft adapter folder (no adapter_config.json)")
-        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False)
-        return peft_model.merge_and_unload() if merge else peft_model
+        return apply_lora_chain(model, normalize_lora_list(lora), merge)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write model, tokenizer and ``llm2clip_encoder.json`` (pooling, bidirectional, instruction,
-        max_length, normalize) so :meth:`from_pretrained` restores this encoder.
+        max_length, normalize, template, doc_max_length) so :meth:`from_pretrained` restores this encoder.
 
         An unmerged LoRA adapter cannot be saved into full weights: call :meth:`merge_lora` first.
         """
@@ -342,6 +428,8 @@ class LLMTextEncoder(nn.Module):
             "instruction": self.instruction,
             "max_length": self.max_length,
             "normalize": self.normalize,
+            "template": self.template,
+            "doc_max_length": self.doc_max_length,
         })
         return out
 
@@ -388,32 +476,103 @@ class LLMTextEncoder(nn.Module):
         return config
 
     # ------------------------------------------------------------------ tokenisation
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise captions (with the instruction prefix, if any) for :meth:`forward`.
+    def tokenize(self, texts: Sequence[str],
+                 instructions: Sequence[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """Tokenise captions for :meth:`forward` under the model's convention (see the class docstring).
 
-        Returns right-padded ``input_ids``, ``attention_mask`` and ``embed_mask``, all (B, L) int64;
-        ``embed_mask`` is 1 on the positions that are pooled. Without an instruction that is the
-        attention mask (special tokens included, as sentence-transformers does); with one, only
-        the tokens that overlap the caption's characters (a token straddling the instruction/caption
-        boundary counts as caption).
+        ``instructions`` gives one instruction (or None) per text instead of the encoder's own, e.g.
+        stage 1's query-side instructions. Returns right-padded ``input_ids``, ``attention_mask`` and
+        ``embed_mask``, all (B, L) int64; ``embed_mask`` is 1 on the positions that are pooled.
         """
         texts = self._check_texts(texts)
-        prefix = self.instruction or ""
+        rows = self._row_instructions(texts, instructions)
+        if self.llm2vec_convention:
+            return self._tokenize_llm2vec(texts, rows)
+        prefixes = [r or "" for r in rows]
+        if any(prefixes) and not getattr(self.tokenizer, "is_fast", False):
+            raise ValueError("an instruction needs a fast tokenizer (character offsets separate it from the "
+                             f"caption); {type(self.tokenizer).__name__} is not one")
         enc = self.tokenizer(
-            [prefix + t for t in texts], padding=True, truncation=True, max_length=self.max_length,
-            # Right padding keeps each caption's position ids the same whatever it is batched with
-            # (decoder LLMs number positions from the left edge of the batch).
-            padding_side="right", return_tensors="pt", return_offsets_mapping=self.instruction is not None,
+            [p + t for p, t in zip(prefixes, texts)], padding=True, truncation=True,
+            max_length=self.max_length,
+            # Right padding keeps each caption's position ids the same whatever it is batched with.
+            padding_side="right", return_tensors="pt", return_offsets_mapping=any(prefixes),
         )
         result = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if self.instruction is None:
+        if not any(prefixes):
             result["embed_mask"] = enc["attention_mask"].clone()
             return result
         starts, ends = enc["offset_mapping"].unbind(-1)
+        prefix_len = torch.tensor([len(p) for p in prefixes]).unsqueeze(1)
         # Special tokens have empty (0, 0) spans; instruction tokens end at or before the caption's start.
-        caption = (ends > len(prefix)) & (ends > starts)
+        caption = (ends > prefix_len) & (ends > starts)
         result["embed_mask"] = caption.to(enc["attention_mask"].dtype) * enc["attention_mask"]
         return result
+
+    def _caption_token_counts(self, texts: list[str]) -> list[int]:
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, add_special_tokens=False)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def _shorten(self, texts: list[str]) -> list[str]:
+        """llm2vec 0.2.3 ``_convert_to_str``'s cut: while a caption has more than ``doc_max_length``
+        tokens (alone, truncated to ``max_length``), keep ``int(words * doc_max_length / tokens)`` words."""
+        out = list(texts)
+        for i, n in enumerate(self._caption_token_counts(out)):
+            while n > self.doc_max_length:
+                words = out[i].split()
+                out[i] = " ".join(words[: int(len(words) * (self.doc_max_length / n))])
+                n = self._caption_token_counts([out[i]])[0]
+        return out
+
+    def _row_instructions(self, texts: list[str],
+                          instructions: Sequence[str | None] | None) -> list[str | None]:
+        if instructions is None:
+            return [self.instruction] * len(texts)
+        rows = list(instructions)
+        if len(rows) != len(texts):
+            raise ValueError(f"instructions must give one entry per text: {len(rows)} for {len(texts)} texts")
+        bad = [i for i, r in enumerate(rows) if r is not None and not isinstance(r, str)]
+        if bad:
+            raise TypeError(
+                f"instructions must be str or None; item {bad[0]} is {type(rows[bad[0]]).__name__}")
+        return [r or None for r in rows]
+
+    def llm2vec_strings(self, texts: Sequence[str], instructions: Sequence[str | None] | None = None
+                        ) -> tuple[list[str], list[str]]:
+        """The strings llm2vec 0.2.3 tokenises for ``texts``: (full text, pooled caption part) each.
+
+        The full text is template head + instruction + caption + template tail; the caption part is
+        what follows llm2vec's separator after the template is applied (caption + template tail).
+        ``instructions``: one per text instead of the encoder's own.
+        """
+        template = get_template(self.template)
+        texts = self._check_texts(texts)
+        rows = self._row_instructions(texts, instructions)
+        full, pooled = [], []
+        for text, instruction in zip(self._shorten(texts), rows):
+            if instruction:
+                joined = f"{instruction.strip()} {LLM2VEC_SEPARATOR}{text}"
+            else:
+                joined = f"{LLM2VEC_SEPARATOR}{text}"
+            parts = template.wrap(joined).split(LLM2VEC_SEPARATOR)
+            pooled.append(parts[1] if len(parts) > 1 else "")
+            full.append("".join(parts))
+        return full, pooled
+
+    def _tokenize_llm2vec(self, texts: list[str], instructions: list[str | None]) -> dict[str, torch.Tensor]:
+        full, pooled = self.llm2vec_strings(texts, instructions)
+        enc = self.tokenizer(full, padding=True, truncation=True, max_length=self.max_length,
+                             padding_side="right", return_tensors="pt")
+        attention = enc["attention_mask"]
+        lengths = attention.sum(dim=1)
+        counts = torch.tensor(self._caption_token_counts(pooled), dtype=lengths.dtype)
+        n = torch.minimum(counts, lengths)
+        positions = torch.arange(attention.shape[1]).expand_as(attention)
+        # The last n attended positions of each right-padded row (llm2vec: the last n of a left-padded one).
+        embed = (positions >= (lengths - n).unsqueeze(1)) & (positions < lengths.unsqueeze(1))
+        embed = torch.where((n == 0).unsqueeze(1), attention.bool(), embed)
+        return {"input_ids": enc["input_ids"], "attention_mask": attention,
+                "embed_mask": embed.to(attention.dtype)}
 
     @staticmethod
     def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -502,9 +661,14 @@ class LLMTextEncoder(nn.Module):
         return out
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
-        """Token count of each text as :meth:`tokenize` would feed it (instruction included, truncated)."""
-        enc = self.tokenizer([(self.instruction or "") + t for t in self._check_texts(texts)],
-                             truncation=True, max_length=self.max_length)
+        """Token count of each text as :meth:`tokenize` would feed it (instruction and template included,
+        truncated)."""
+        texts = self._check_texts(texts)
+        if self.llm2vec_convention:
+            strings = self.llm2vec_strings(texts)[0]
+        else:
+            strings = [(self.instruction or "") + t for t in texts]
+        enc = self.tokenizer(strings, truncation=True, max_length=self.max_length)
         return [len(ids) for ids in enc["input_ids"]]
 
     def length_order(self, texts: Sequence[str]) -> list[int]:

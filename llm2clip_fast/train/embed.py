@@ -25,6 +25,7 @@ import torch
 from .. import distributed
 from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
 from ..data.embedding_cache import build_embedding_cache, storage_dtype_name, weights_fingerprint
+from ..models.prompt_templates import TEMPLATE_CHOICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=10_000, help="records per cache shard")
     parser.add_argument("--captions", default=None, help="comma-separated caption names (default: all)")
     parser.add_argument("--instruction", default=None, help="prefix attended but not pooled")
+    parser.add_argument("--template", default=None, choices=TEMPLATE_CHOICES,
+                        help="prompt template as llm2vec 0.2.3 wraps texts (default: saved with the LLM, "
+                             "else auto: detected from the tokenizer and config)")
     parser.add_argument("--lora", default=None,
-                        help="peft adapter folder merged into the LLM (stage-1 output)")
+                        help="peft adapter folder(s) merged into the LLM in order, comma-separated "
+                             "(stage-1 output; LLM2Vec's MNTP,supervised pair)")
     parser.add_argument("--pooling", choices=["mean", "last_token"], default=None)
     parser.add_argument("--max-length", type=int, default=None, help="token limit (default 512 or saved)")
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
@@ -86,6 +91,7 @@ def embed(
     max_length: int | None = None,
     normalize: bool = False,
     device: str | None = None,
+    template: str | None = None,
     progress: bool = True,
     hook: Callable[[str, int], None] | None = None,
     max_bad_fraction: float = DEFAULT_MAX_FRACTION,
@@ -99,7 +105,7 @@ def embed(
     storage = storage_dtype_name(dtype)
     dev = _device(device)
     compute = model_dtype or ("bf16" if dev.type == "cuda" else "fp32")
-    source = open_source(data)
+    source = open_source(data, require_images=False)  # captions only: text-only manifests are fine
     names = list(captions) if captions else list(source.caption_names)
     unknown = [n for n in names if n not in source.caption_names]
     if unknown:
@@ -107,20 +113,27 @@ def embed(
     encoder = LLMTextEncoder.from_pretrained(
         llm, dtype=compute, load_in_8bit=load_in_8bit, instruction=instruction, lora=lora,
         merge_lora=lora is not None, pooling=pooling, max_length=max_length, normalize=normalize, device=dev,
+        template=template,
     )
     rank, world = distributed.get_rank(), distributed.get_world_size()
     metadata: dict[str, Any] = {
         "model": str(Path(llm).resolve()) if Path(llm).exists() else llm,
-        "lora": str(Path(lora).resolve()) if lora else None,
+        "lora": ",".join(str(Path(a.strip()).resolve()) for a in lora.split(",") if a.strip()) or None
+        if lora else None,
         "load_in_8bit": bool(load_in_8bit), "model_dtype": compute, "pooling": encoder.pooling,
         "instruction": encoder.instruction, "max_length": encoder.max_length, "normalize": encoder.normalize,
         "bidirectional": encoder.bidirectional, "source": str(data),
+        # The resolved prompt template and llm2vec's caption cap change every vector: part of the cache's
+        # identity, and what eval re-encodes captions with.
+        "template": encoder.template, "doc_max_length": encoder.doc_max_length,
     }
     # What makes the embeddings besides the settings above: the weight files' contents, so a model
     # replaced at the same path re-encodes every shard instead of reusing stale vectors.
     encoding = ("load_in_8bit", "model_dtype", "pooling", "instruction", "max_length", "normalize",
-                "bidirectional")
-    fingerprint = {"weights": weights_fingerprint(resolve_model_path(llm), lora),
+                "bidirectional", "template", "doc_max_length")
+    # A LoRA chain ("A,B") is one folder per adapter, each part of what makes the vectors.
+    adapters = [a.strip() for a in lora.split(",") if a.strip()] if lora else []
+    fingerprint = {"weights": weights_fingerprint(resolve_model_path(llm), *adapters),
                    "settings": {k: metadata[k] for k in encoding}}
     started = time.perf_counter()
     counts = {"written": 0, "skipped": 0}
@@ -175,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
             model_dtype=args.model_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
             captions=[c.strip() for c in args.captions.split(",") if c.strip()] if args.captions else None,
             instruction=args.instruction, lora=args.lora, pooling=args.pooling, max_length=args.max_length,
-            normalize=args.normalize, device=args.device, progress=not args.quiet,
+            normalize=args.normalize, device=args.device, template=args.template, progress=not args.quiet,
             max_bad_fraction=args.max_bad_fraction,
         )
     finally:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from llm2clip_fast.models.prompt_templates import TEMPLATE_CHOICES
 from llm2clip_fast.train.retrieval_metrics import (
     caption_retrieval_accuracy,
     image_text_retrieval,
@@ -63,13 +64,15 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
     return path
 
 
-def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None) -> Any:
+def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
+                      template: str | None = None) -> Any:
     """The frozen ``LLMTextEncoder`` an llm-adapter model reads captions through; None for a model
     with its own (clip) text tower.
 
     The path and encoder options (pooling, max length, instruction, compute dtype, ...) come from the
     model's config (``config.llm``: the embedding cache's settings, which stage 2 records, with the LLM
-    folder under ``model`` or ``path``); ``llm`` overrides the path.
+    folder under ``model`` or ``path``); ``llm`` overrides the path and ``template`` the recorded
+    prompt template.
     """
     if model.config.text_tower != "llm-adapter":
         return None
@@ -85,6 +88,8 @@ def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None) -> 
         recorded["dtype"] = recorded.pop("model_dtype")
     accepted = inspect.signature(LLMTextEncoder.from_pretrained).parameters
     options = {k: v for k, v in recorded.items() if k in accepted and k != "path" and v is not None}
+    if template is not None:
+        options["template"] = template
     encoder = LLMTextEncoder.from_pretrained(str(path), **options)
     if hasattr(encoder, "eval"):
         encoder.eval()
@@ -192,7 +197,8 @@ def format_results_table(rows: dict[str, dict[str, Any]], ks: Sequence[int] = DE
 
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str | None = None,
                        caption: str = "long", batch_size: int = 64, encoder: Any = None,
-                       ks: Sequence[int] = DEFAULT_KS, image_root_only: bool = False) -> dict[str, Any]:
+                       ks: Sequence[int] = DEFAULT_KS, image_root_only: bool = False,
+                       template: str | None = None) -> dict[str, Any]:
     """Load a saved model and a caption source and evaluate (the ``eval`` sub-command's work).
 
     ``encoder`` reuses an already loaded LLM (the pipeline evaluates two splits with one load).
@@ -207,7 +213,7 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
         raise ValueError(f"--caption {caption!r} is not a caption of {data}; captions found: "
                          f"{source.caption_names}")
     if encoder is None:
-        encoder = load_text_encoder(model, llm)
+        encoder = load_text_encoder(model, llm, template=template)
     recorded = model.config.llm or {}
     text_path = (f"LLM {llm or recorded.get('model') or recorded.get('path')}" if encoder is not None
                  else "clip text tower")
@@ -225,6 +231,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out caption source (manifest or WebDataset shards)")
     parser.add_argument("--llm", default=None,
                         help="frozen LLM to embed captions with (default: the one in the model's config)")
+    parser.add_argument("--template", default=None,
+                        choices=TEMPLATE_CHOICES,
+                        help="prompt template to encode captions with (default: the one the embedding "
+                             "cache recorded); must match what the adapter was trained on")
     parser.add_argument("--caption", default="long", help="caption name used for retrieval (default: long)")
     parser.add_argument("--batch-size", type=int, default=64, help="images/captions per forward (default 64)")
     parser.add_argument("--out", default=None, help="write the results here as JSON (atomically)")
@@ -237,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     results = evaluate_model_dir(args.model, args.data, llm=args.llm, caption=args.caption,
-                                 batch_size=args.batch_size, image_root_only=args.image_root_only)
+                                 batch_size=args.batch_size, image_root_only=args.image_root_only,
+                                 template=getattr(args, "template", None))
     print(format_results_table({Path(args.model).name or str(args.model): results}))
     print(f"chance R@1 = {100 * results['chance_R@1']:.1f}% over {results['n']} images; "
           f"{results['seconds']:.1f}s")

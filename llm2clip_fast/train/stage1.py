@@ -40,23 +40,28 @@ from ..data.bad_data import DEFAULT_MAX_FRACTION
 from ..data.caption_source import CaptionSource
 from ..data.loader import build_loader, sample_rng
 from ..data.sources import open_source
+from ..models.prompt_templates import TEMPLATE_CHOICES
 from .atomic_files import replace_dir, write_json_atomic
-from .checkpoint import load_latest_usable, restore_rng_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_latest_usable, restore_rng_state, save_checkpoint
 from .cra import caption_pairs, encoder_cra
+from .hard_negative_loss import hard_negative_nll_loss
 from .holdout import split_holdout
 from .lora_targets import resolve_lora_targets
 from .mntp import check_head_loaded, mask_captions, mask_token_id, mntp_loss, prediction_head
+from .mntp_phase import contrastive_phase_args, run_mntp_phase
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .recipes import mark_recipe_defaults, resolve_recipe
 from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 
-LOSSES = ("clip", "infonce")
+LOSSES = ("clip", "infonce", "hardneg")
 MAX_LOGIT_SCALE = 100.0
 # Options that must match when resuming: they define the model, the data order or the schedule.
 _RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_size", "grad_accum", "steps",
                       "epochs", "mntp_steps", "lora_r", "lora_alpha", "lora_targets", "loss", "scale",
                       "learn_scale", "seed", "lr", "schedule", "warmup_steps", "load_in_8bit", "max_length",
-                      "instruction", "pooling", "eval_fraction")
+                      "instruction", "pooling", "eval_fraction", "template", "query_instruction_short",
+                      "query_instruction_long", "hard_negative_caption", "mntp_data")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,12 +83,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="disable bf16 autocast on CUDA")
     g.add_argument("--pooling", default="mean", choices=("mean", "last_token"))
     g.add_argument("--max-length", type=int, default=512)
-    g.add_argument("--instruction", default=None, help="prefix attended but not pooled")
+    g.add_argument("--instruction", default=None,
+                   help="prefix attended but not pooled, on both sides (symmetric)")
+    g.add_argument("--query-instruction-short", default=None,
+                   help="instruction on the query when the short caption is the query (short -> long); "
+                        "documents get none, as llm2vec's supervised training")
+    g.add_argument("--query-instruction-long", default=None,
+                   help="instruction on the query when the long caption is the query (long -> short)")
+    g.add_argument("--template", default="auto", choices=TEMPLATE_CHOICES,
+                   help="prompt template as llm2vec 0.2.3 wraps texts (default auto: detected from the "
+                        "tokenizer and config; saved with the merged encoder)")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True, help="caption source (manifest or WebDataset shards)")
     g.add_argument("--short-caption", default="short", help="field of the short caption (default: short)")
     g.add_argument("--long-caption", default="long", help="field of the long caption (default: long)")
+    g.add_argument("--hard-negative-caption", default=None,
+                   help="field of a hard-negative caption per sample (with --loss hardneg)")
     g.add_argument("--eval-data", default=None, help="held-out caption source for CRA")
     g.add_argument("--eval-fraction", type=float, default=0.05,
                    help="without --eval-data: fraction of --data held out for CRA (0 disables CRA)")
@@ -101,8 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mntp-steps", type=int, default=0,
                    help="MNTP warm-up steps before the contrastive phase")
     g.add_argument("--mntp-probability", type=float, default=0.2)
+    g.add_argument("--mntp-data", default=None,
+                   help="plain text for MNTP as its own phase (a .txt file, one passage per line, or a "
+                        "text-only manifest): --mntp-steps on it, its LoRA merged before the contrastive "
+                        "phase (without it, MNTP warms up on the captions with the contrastive LoRA)")
     g.add_argument("--loss", default="clip", choices=LOSSES,
-                   help="clip: fused symmetric InfoNCE; infonce: query -> key only")
+                   help="clip: fused symmetric InfoNCE; infonce: query -> key only; hardneg: llm2vec's "
+                        "HardNegativeNLLLoss, query -> all positives and hard negatives of the global batch "
+                        "(needs --hard-negative-caption)")
     g.add_argument("--scale", type=float, default=50.0, help="logit scale (1/temperature)")
     g.add_argument("--learn-scale", action="store_true", help="learn the logit scale (init --scale)")
     g.add_argument("--lr", type=float, default=2e-4)
@@ -123,6 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="delete what --out holds and start over (without it, a non-empty --out is an error)")
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    mark_recipe_defaults(parser)
 
 
 @dataclass
@@ -143,6 +166,7 @@ def _fail(message: str) -> None:
 
 def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
     """Reject bad options before anything is loaded; messages name the option."""
+    resolve_recipe(args)
     if args.batch_size < 2:
         _fail("--batch-size must be >= 2: the other captions of the batch are the negatives "
               f"(got {args.batch_size})")
@@ -162,12 +186,27 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
         _fail(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.lora_alpha <= 0 or args.lr <= 0:
         _fail("--lora-alpha and --lr must be > 0")
+    for name in ("lr", "lora_alpha", "scale", "weight_decay", "max_grad_norm"):
+        if not math.isfinite(getattr(args, name)):
+            _fail(f"--{name.replace('_', '-')} must be finite, got {getattr(args, name)}")
     if not 0 < args.scale <= MAX_LOGIT_SCALE:
         _fail(f"--scale must be in (0, {MAX_LOGIT_SCALE:g}], got {args.scale}")
     if not 0.0 <= args.eval_fraction < 1.0:
         _fail(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
+    query_instr = args.query_instruction_short is not None or args.query_instruction_long is not None
+    if query_instr and args.instruction:
+        _fail("--instruction (both sides) and --query-instruction-short/-long (query side only) exclude "
+              "each other")
+    if (args.loss == "hardneg") != (args.hard_negative_caption is not None):
+        _fail("--loss hardneg and --hard-negative-caption go together (the loss scores each query against "
+              "the batch's positives and hard negatives)")
+    if args.hard_negative_caption in (args.short_caption, args.long_caption):
+        _fail(f"--hard-negative-caption must differ from the short and long captions "
+              f"(got {args.hard_negative_caption!r})")
     if args.short_caption == args.long_caption:
         _fail(f"--short-caption and --long-caption must differ (both {args.short_caption!r})")
+    if args.mntp_data and not args.mntp_steps:
+        _fail("--mntp-data needs --mntp-steps N (the MNTP phase's optimizer steps)")
     if args.mntp_steps and not 0.0 < args.mntp_probability < 1.0:
         _fail(f"--mntp-probability must be in (0, 1), got {args.mntp_probability}")
     if args.load_in_8bit and importlib.util.find_spec("bitsandbytes") is None:
@@ -180,12 +219,14 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
 # data
 
 
-def _open_captions(spec: str, short: str, long: str, what: str) -> CaptionSource:
+def _open_captions(spec: str, short: str, long: str, what: str, hard: str | None = None) -> CaptionSource:
+    names = [short, long] + ([hard] if hard else [])
     try:
-        source = open_source(spec, caption_columns=[short, long])
+        source = open_source(spec, caption_columns=names, require_images=False)
     except ValueError as exc:
-        raise ValueError(f"{what} {spec!r}: {exc} (set --short-caption / --long-caption)") from exc
-    missing = [n for n in (short, long) if n not in source.caption_names]
+        raise ValueError(f"{what} {spec!r}: {exc} (set --short-caption / --long-caption"
+                         f"{' / --hard-negative-caption' if hard else ''})") from exc
+    missing = [n for n in names if n not in source.caption_names]
     if missing:
         raise ValueError(f"{what} {spec!r} has no caption field(s) {missing}; it has {source.caption_names} "
                          "(set --short-caption / --long-caption)")
@@ -279,7 +320,7 @@ def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> T
     peft_model = get_peft_model(base, lora)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     encoder = LLMTextEncoder(peft_model, tokenizer, pooling=args.pooling, max_length=args.max_length,
-                             instruction=args.instruction)
+                             instruction=args.instruction, template=getattr(args, "template", "auto"))
     return TrainableEncoder(encoder, peft_model, head, decoder, targets, folder)
 
 
@@ -340,6 +381,38 @@ def contrastive_loss(query: torch.Tensor, key: torch.Tensor, scale: torch.Tensor
     return F.cross_entropy(logits, offset + torch.arange(q.shape[0], device=q.device))
 
 
+def _document_instructions(args: argparse.Namespace, n: int) -> list[str | None] | None:
+    """None (the encoder's own, symmetric ``--instruction``) or no instruction at all when the
+    instructions are query-side only."""
+    query_side = args.query_instruction_short is not None or args.query_instruction_long is not None
+    return [None] * n if query_side else None
+
+
+def _embed(encoder: Any, texts: list[str], instructions: list[str | None] | None) -> torch.Tensor:
+    enc = encoder.tokenize(texts, instructions=instructions)
+    return encoder(enc["input_ids"], enc["attention_mask"], enc["embed_mask"])
+
+
+def _embed_pairs(encoder: Any, shorts: list[str], longs: list[str], flip: torch.Tensor,
+                 args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query, key) embeddings of a batch of caption pairs; ``flip[i]``: the long caption is the query.
+
+    Symmetric (``--instruction`` or none): both captions embedded alike. Query-side instructions
+    (llm2vec's supervised recipe): the query gets its direction's instruction, the document none.
+    """
+    docs = _document_instructions(args, len(shorts))
+    if docs is None:
+        emb_s = _embed(encoder, shorts, None)
+        emb_l = _embed(encoder, longs, None)
+        f = flip.to(emb_s.device)[:, None]
+        return torch.where(f, emb_l, emb_s), torch.where(f, emb_s, emb_l)
+    flips = flip.tolist()
+    queries = [lg if fl else sh for sh, lg, fl in zip(shorts, longs, flips)]
+    documents = [sh if fl else lg for sh, lg, fl in zip(shorts, longs, flips)]
+    instructions = [args.query_instruction_long if fl else args.query_instruction_short for fl in flips]
+    return _embed(encoder, queries, instructions), _embed(encoder, documents, docs)
+
+
 def _mean_over_ranks(value: float, device: torch.device) -> float:
     if dist_helpers.get_world_size() == 1:
         return value
@@ -389,6 +462,26 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None
 # training
 
 
+def print_nothing(message: str) -> None:
+    """The progress printer of ranks other than 0."""
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """A stage-1 step produced a non-finite loss, gradient or weight; nothing of that step was saved."""
+
+
+def _all_finite(params: list[nn.Parameter]) -> bool:
+    # One device sync for all trainable tensors (LoRA weights are small).
+    return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
+
+
+def _non_finite_message(out: Path, step: int, phase: str, what: str) -> str:
+    last = latest_checkpoint(out)
+    kept = f"the last good checkpoint {last} is kept" if last is not None else "no checkpoint was saved yet"
+    return (f"stage 1 stopped at step {step} ({phase}): {what}. The step's update was not saved; {kept}. "
+            "Lower --lr, keep --max-grad-norm on, or check the data around this step, then --resume")
+
+
 def _micro_batches(loader: Any, epoch: int, start_batch: int,
                    usable: int) -> Iterator[tuple[dict[str, Any], int]]:
     """(batch, epoch) forever: ``usable`` batch slots per epoch, starting at ``start_batch`` of ``epoch``."""
@@ -416,6 +509,7 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     dist_helpers.init_distributed_from_env()
     rank, world = dist_helpers.get_rank(), dist_helpers.get_world_size()
     main = rank == 0
+    resolve_recipe(args)
     check_options(args, world)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", dist_helpers.get_local_rank()) if cuda else torch.device("cpu")
@@ -426,7 +520,8 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     run_config = _run_config(args)
 
     # Data first: a missing caption field should fail before a large model loads.
-    source = _open_captions(args.data, args.short_caption, args.long_caption, "--data")
+    source = _open_captions(args.data, args.short_caption, args.long_caption, "--data",
+                            hard=args.hard_negative_caption)
     eval_pairs: list[tuple[str, str]] = []
     if args.eval_data:
         eval_source = _open_captions(args.eval_data, args.short_caption, args.long_caption, "--eval-data")
@@ -451,6 +546,13 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
 
     random.seed(args.seed)
     np.random.seed(args.seed)  # noqa: NPY002 - seeding the global stream libraries draw from
+    if args.mntp_data:
+        # MNTP as its own phase (llm2vec's recipe): its LoRA is merged into the base the contrastive
+        # phase then trains a fresh LoRA on.
+        say_main = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else print_nothing
+        mntp_base = run_mntp_phase(args, device, out, say_main)
+        args = contrastive_phase_args(args, mntp_base)
+        total_steps = contrastive_steps
     built = build_trainable_encoder(args, device)
     encoder, peft_model = built.encoder, built.peft_model
     scale_module = LogitScale(args.scale, args.learn_scale).to(device)
@@ -487,6 +589,7 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
         prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite,
                            say=lambda msg: say(f"stage1: {msg}"))
         _write_json(out / "config.json", {**run_config, "lora_targets_resolved": built.targets,
+                                          "settings_from": getattr(args, "recipe_origin", {}),
                                           "total_steps": total_steps, "world_size": world})
     if ckpt_path is not None:
         say(f"stage1: resuming from {ckpt_path} (step {step}, epoch {epoch}, batch {start_batch})")
@@ -529,21 +632,29 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
                         loss = mntp_loss(out_h.last_hidden_state, labels.to(encoder.device), built.head,
                                          decoder=built.decoder)
                     else:
-                        es = encoder.tokenize(shorts)
-                        el = encoder.tokenize(longs)
-                        emb_s = encoder(es["input_ids"], es["attention_mask"], es["embed_mask"])
-                        emb_l = encoder(el["input_ids"], el["attention_mask"], el["embed_mask"])
-                        f = flip.to(emb_s.device)[:, None]
-                        query, key = torch.where(f, emb_l, emb_s), torch.where(f, emb_s, emb_l)
-                        loss = contrastive_loss(query, key, scale_module(), args.loss)
+                        query, key = _embed_pairs(encoder, shorts, longs, flip, args)
+                        if args.loss == "hardneg":
+                            hard = [c[args.hard_negative_caption] for c in batch["all_captions"]]
+                            negative = _embed(encoder, hard, _document_instructions(args, len(hard)))
+                            loss = hard_negative_nll_loss(query, key, negative, scale_module())
+                        else:
+                            loss = contrastive_loss(query, key, scale_module(), args.loss)
                 (loss / args.grad_accum).backward()
                 step_loss += float(loss.detach()) / args.grad_accum
                 captions += 2 * len(shorts) * world
             _average_gradients(trainable)
             step_loss = _mean_over_ranks(step_loss, device)
             grad_norm = clip_grad_norm(trainable, args.max_grad_norm)
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                raise NonFiniteTrainingError(_non_finite_message(
+                    out, step + 1, "mntp" if mntp else "contrastive",
+                    f"loss {step_loss}, gradient norm {grad_norm}"))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
+            if not _all_finite(trainable):
+                raise NonFiniteTrainingError(_non_finite_message(
+                    out, step + 1, "mntp" if mntp else "contrastive",
+                    f"the optimizer update (lr {lr}) made trainable weights non-finite"))
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -603,7 +714,7 @@ def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) 
                                                  merge_lora=True, pooling=args.pooling,
                                                  max_length=args.max_length,
                                                  instruction=args.instruction or "",
-                                                 bidirectional=True)
+                                                 bidirectional=True, template=built.encoder.template)
     else:
         if args.gradient_checkpointing:
             encoder.model.get_base_model().gradient_checkpointing_disable()

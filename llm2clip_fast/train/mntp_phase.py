@@ -1,0 +1,174 @@
+"""Stage 1's MNTP phase on plain text (``--mntp-data``), merged before the contrastive phase.
+
+LLM2CLIP mixes plain text (Wikitext-103) into stage 1 to keep the LLM's distribution, and the
+official llm2vec recipe trains masked next-token prediction as its own run: a LoRA trained with
+MNTP, merged into the weights, then a fresh LoRA for the contrastive phase. :func:`run_mntp_phase`
+does exactly that inside one ``stage1`` command: ``--mntp-steps`` optimizer steps of MNTP on the
+``--mntp-data`` passages (same LoRA shape, lr, schedule and clipping as the run), then the adapter
+is merged and the merged model saved to ``<out>/mntp/merged``, which the contrastive phase loads as
+its base. A finished phase is reused by ``--resume`` (and by a rerun); an interrupted one restarts.
+
+``--mntp-data``: a ``.txt`` file (one passage per non-empty line) or a manifest / shard spec whose
+caption fields are the passages (text-only manifests are fine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from .. import distributed as dist_helpers
+
+MNTP_DIR = "mntp"
+
+
+def read_mntp_texts(spec: str) -> list[str]:
+    """The passages of ``--mntp-data``; raises ``ValueError`` naming the file when it holds none."""
+    if str(spec).lower().endswith(".txt"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"--mntp-data {spec!r} is not a file")
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        from ..data.sources import open_source
+
+        try:
+            source = open_source(spec, require_images=False)
+        except ValueError as exc:
+            raise ValueError(f"--mntp-data {spec!r}: {exc}") from exc
+        texts = [t.strip() for _, caps in source.iter_captions() for t in caps.values()]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError(f"--mntp-data {spec!r} holds no non-empty passage")
+    return texts
+
+
+def _text_batches(texts: list[str], per_rank: int, seed: int, rank: int, world: int) -> Iterator[list[str]]:
+    """This rank's share of a global batch of ``per_rank * world`` passages, reshuffled every epoch."""
+    global_batch = per_rank * world
+    epoch = 0
+    while True:
+        order = list(range(len(texts)))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        for start in range(0, len(order) - global_batch + 1, global_batch):
+            rows = order[start + rank * per_rank: start + (rank + 1) * per_rank]
+            yield [texts[i] for i in rows]
+        epoch += 1
+
+
+def _stopped(step: int, what: str) -> str:
+    return (f"stage 1 stopped at MNTP step {step}: {what}; the MNTP phase saves nothing until it finishes. "
+            "Lower --lr or check --mntp-data")
+
+
+def _save_merged(args: argparse.Namespace, built: object, final: Path) -> None:
+    """Save the MNTP adapter, then the base with it merged (into a full-precision reload when the
+    base was loaded 8-bit: merging into int8 weights would round the update away)."""
+    from ..models.llm_encoder import LLMTextEncoder
+    from .stage1 import _replace_dir
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
+    built.peft_model.save_pretrained(str(tmp))
+    _replace_dir(tmp, final.parent / "adapter")
+    if args.load_in_8bit:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        encoder = LLMTextEncoder.from_pretrained(built.folder, dtype=dtype, lora=final.parent / "adapter",
+                                                 merge_lora=True, max_length=args.max_length, instruction="",
+                                                 bidirectional=True, template=built.encoder.template)
+    else:
+        if args.gradient_checkpointing:
+            built.peft_model.get_base_model().gradient_checkpointing_disable()
+        encoder = built.encoder
+        encoder.merge_lora()
+    encoder.model.eval()
+    if hasattr(encoder.model.config, "use_cache") and built.decoder:
+        encoder.model.config.use_cache = True
+    tmp = final.parent / f".tmp-merged-{uuid.uuid4().hex[:8]}"
+    encoder.save_pretrained(tmp)
+    _replace_dir(tmp, final)
+
+
+def contrastive_phase_args(args: argparse.Namespace, mntp_base: Path) -> argparse.Namespace:
+    """The run's options for the contrastive phase: the MNTP-merged model as base, no MNTP steps."""
+    out = copy.copy(args)
+    out.llm = str(mntp_base)
+    out.mntp_steps = 0
+    return out
+
+
+def mntp_merged_dir(out: str | os.PathLike) -> Path:
+    return Path(out) / MNTP_DIR / "merged"
+
+
+def run_mntp_phase(args: argparse.Namespace, device: torch.device, out: Path,
+                   say: Callable[[str], None]) -> Path:
+    """Train, merge and save the MNTP LoRA; returns the merged model folder (reused when finished)."""
+    from ..models.llm_encoder import ENCODER_CONFIG_NAME
+    from .mntp import mask_captions, mask_token_id, mntp_loss
+    from .optim import adamw_param_groups, build_scheduler, clip_grad_norm
+    from .stage1 import (
+        NonFiniteTrainingError,
+        _all_finite,
+        _average_gradients,
+        _mean_over_ranks,
+        build_trainable_encoder,
+    )
+
+    final = mntp_merged_dir(out)
+    if (final / ENCODER_CONFIG_NAME).is_file():
+        say(f"stage1: MNTP phase already done, reusing {final}")
+        return final
+    rank, world = dist_helpers.get_rank(), dist_helpers.get_world_size()
+    texts = read_mntp_texts(args.mntp_data)
+    per_rank = args.batch_size // world
+    if len(texts) < per_rank * world:
+        raise ValueError(
+            f"--mntp-data holds {len(texts)} passages, fewer than one batch of {args.batch_size}")
+    built = build_trainable_encoder(args, device)  # loads the token-prediction head (mntp_steps > 0)
+    tokenizer, peft_model = built.encoder.tokenizer, built.peft_model
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(adamw_param_groups(named, args.weight_decay, lr=args.lr))
+    scheduler = build_scheduler(optimizer, args.schedule, warmup_steps=0, total_steps=args.mntp_steps,
+                                min_lr_ratio=args.min_lr_ratio)
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    mask_id = mask_token_id(tokenizer)
+    batches = _text_batches(texts, per_rank, args.seed, rank, world)
+    say(f"stage1: MNTP phase, {args.mntp_steps} steps on {len(texts)} passages of {args.mntp_data}")
+    peft_model.train()
+    for step in range(1, args.mntp_steps + 1):
+        # llm2vec's MNTP tokenises the raw passages (no prompt template, no instruction).
+        enc = tokenizer(next(batches), padding=True, truncation=True, max_length=args.max_length,
+                        padding_side="right", return_tensors="pt")
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+        ids, labels = mask_captions(enc["input_ids"], enc["attention_mask"], mask_id=mask_id,
+                                    special_ids=special_ids, probability=args.mntp_probability, generator=gen,
+                                    decoder=built.decoder)
+        hidden = peft_model(input_ids=ids.to(device), attention_mask=enc["attention_mask"].to(device))
+        loss = mntp_loss(hidden.last_hidden_state, labels.to(device), built.head, decoder=built.decoder)
+        loss.backward()
+        _average_gradients(params)
+        value = _mean_over_ranks(float(loss.detach()), device)
+        grad_norm = clip_grad_norm(params, args.max_grad_norm)
+        if not (math.isfinite(value) and math.isfinite(grad_norm)):
+            raise NonFiniteTrainingError(_stopped(step, f"loss {value}, gradient norm {grad_norm}"))
+        optimizer.step()
+        if not _all_finite(params):
+            raise NonFiniteTrainingError(_stopped(step, "the optimizer update made weights non-finite"))
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    if rank == 0:
+        _save_merged(args, built, final)
+        say(f"stage1: MNTP adapter merged, saved to {final}")
+    dist_helpers.barrier()
+    del built, peft_model, optimizer
+    return final
