@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist_helpers
+from .atomic_files import replace_dir
 
 MNTP_DIR = "mntp"
 
@@ -73,12 +74,11 @@ def _save_merged(args: argparse.Namespace, built: object, final: Path) -> None:
     """Save the MNTP adapter, then the base with it merged (into a full-precision reload when the
     base was loaded 8-bit: merging into int8 weights would round the update away)."""
     from ..models.llm_encoder import LLMTextEncoder
-    from .stage1 import _replace_dir
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
     built.peft_model.save_pretrained(str(tmp))
-    _replace_dir(tmp, final.parent / "adapter")
+    replace_dir(tmp, final.parent / "adapter")
     if args.load_in_8bit:
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         encoder = LLMTextEncoder.from_pretrained(built.folder, dtype=dtype, lora=final.parent / "adapter",
@@ -94,7 +94,7 @@ def _save_merged(args: argparse.Namespace, built: object, final: Path) -> None:
         encoder.model.config.use_cache = True
     tmp = final.parent / f".tmp-merged-{uuid.uuid4().hex[:8]}"
     encoder.save_pretrained(tmp)
-    _replace_dir(tmp, final)
+    replace_dir(tmp, final)
 
 
 def contrastive_phase_args(args: argparse.Namespace, mntp_base: Path) -> argparse.Namespace:

@@ -5,9 +5,11 @@ which follow llm2vec's supervised recipe): LoRA r=16, alpha=32, dropout 0.05 on 
 (``--lora-targets auto`` on a decoder), lr 2e-4 with 300 warm-up steps, logit scale 50, 512 caption
 pairs per step over all ranks.
 
-How "given on the command line" is told apart from a default: :func:`mark_recipe_defaults` wraps the
-parser defaults of the recipe's options in :class:`ParserDefault`; :func:`resolve_recipe` replaces
-each still-wrapped value by the recipe's (or the plain default) and records where each came from.
+How "given on the command line" is told apart from a default: :func:`mark_recipe_defaults` makes
+the recipe's options record, on the parsed namespace, that they were given; their defaults stay plain
+values, so code that reads ``args`` before :func:`resolve_recipe` sees ordinary numbers and strings.
+:func:`resolve_recipe` then puts the recipe's value into every option that was not given and records
+where each came from. A namespace built without the parser counts as "nothing given".
 """
 
 from __future__ import annotations
@@ -25,41 +27,61 @@ RECIPES: dict[str, dict[str, Any]] = {
 RECIPE_KEYS = sorted({k for r in RECIPES.values() for k in r})
 
 
-class ParserDefault:
-    """A parser default not (yet) overridden by a flag."""
+# Set on the parsed namespace: the dests of the recipe's options that were given as flags.
+EXPLICIT_ATTR = "_recipe_explicit"
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
 
-    def __repr__(self) -> str:
-        return repr(self.value)
+def _records_given(action_cls: type[argparse.Action]) -> type[argparse.Action]:
+    """A subclass of ``action_cls`` that also notes its dest as given on the namespace."""
+
+    class RecordsGiven(action_cls):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+            super().__call__(parser, namespace, values, option_string)
+            given = set(getattr(namespace, EXPLICIT_ATTR, ()))
+            given.add(self.dest)
+            setattr(namespace, EXPLICIT_ATTR, given)
+
+    RecordsGiven.__name__ = RecordsGiven.__qualname__ = f"RecordsGiven{action_cls.__name__}"
+    return RecordsGiven
 
 
 def mark_recipe_defaults(parser: argparse.ArgumentParser) -> None:
-    """Add ``--recipe`` and wrap the defaults of every option a recipe sets."""
+    """Add ``--recipe`` and make every option a recipe sets remember whether it was given."""
     parser.add_argument("--recipe", default="none", choices=sorted(RECIPES),
                         help="named defaults: llm2clip = LLM2CLIP's stage-1 setting (LoRA r16/a32/d0.05 on "
                              "q/k/v/o/gate/up/down, lr 2e-4, 300 warm-up steps, scale 50, batch 512); "
                              "flags given explicitly override it")
-    defaults = {k: parser.get_default(k) for k in RECIPE_KEYS}
-    parser.set_defaults(**{k: ParserDefault(v) for k, v in defaults.items()})
+    found = set()
+    # argparse offers no hook for "was this given": swap each action's class for a recording subclass
+    # (same fields, one extra step in __call__), which keeps type conversion and help unchanged.
+    for action in parser._actions:
+        if action.dest in RECIPE_KEYS:
+            action.__class__ = _records_given(type(action))
+            found.add(action.dest)
+    missing = sorted(set(RECIPE_KEYS) - found)
+    if missing:
+        raise ValueError(f"mark_recipe_defaults: the parser has no options for recipe keys {missing}")
 
 
 def resolve_recipe(args: argparse.Namespace) -> dict[str, str]:
     """Fill the recipe's options in ``args`` (in place; idempotent). Returns ``{option: "flag" |
-    "recipe" | "default"}`` for the recipe's options (empty when already resolved)."""
+    "recipe" | "default"}`` for the recipe's options."""
+    if getattr(args, "recipe_origin", None) is not None and getattr(args, "_recipe_resolved", False):
+        return dict(args.recipe_origin)
     recipe_name = getattr(args, "recipe", "none") or "none"
     if recipe_name not in RECIPES:
         raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {recipe_name!r}")
     recipe = RECIPES[recipe_name]
+    given = set(getattr(args, EXPLICIT_ATTR, ()))
     origin: dict[str, str] = {}
     for key in RECIPE_KEYS:
-        value = getattr(args, key, None)
-        if isinstance(value, ParserDefault):
-            setattr(args, key, recipe.get(key, value.value))
-            origin[key] = "recipe" if key in recipe else "default"
-        else:
+        if key in given:
             origin[key] = "flag"
-    if any(v != "flag" for v in origin.values()) or not hasattr(args, "recipe_origin"):
-        args.recipe_origin = origin
-    return origin
+        elif key in recipe:
+            setattr(args, key, recipe[key])
+            origin[key] = "recipe"
+        else:
+            origin[key] = "default"
+    args.recipe_origin = origin
+    args._recipe_resolved = True
+    return dict(origin)

@@ -447,7 +447,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     plain = (str, int, float, bool, type(None))
-    return {k: v for k, v in sorted(vars(args).items()) if isinstance(v, plain)}
+    return {k: v for k, v in sorted(vars(args).items()) if isinstance(v, plain) and not k.startswith("_")}
 
 
 def _check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -546,9 +546,16 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
 
     random.seed(args.seed)
     np.random.seed(args.seed)  # noqa: NPY002 - seeding the global stream libraries draw from
+    folder_prepared = False
     if args.mntp_data:
         # MNTP as its own phase (llm2vec's recipe): its LoRA is merged into the base the contrastive
-        # phase then trains a fresh LoRA on.
+        # phase then trains a fresh LoRA on. It writes into --out, so the folder is made ready (and,
+        # with --overwrite, emptied) first; its mntp/ folder is then this run's own, not a stale one.
+        if main:
+            prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite,
+                               say=lambda msg: say(f"stage1: {msg}"))
+        dist_helpers.barrier()
+        folder_prepared = True
         say_main = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else print_nothing
         mntp_base = run_mntp_phase(args, device, out, say_main)
         args = contrastive_phase_args(args, mntp_base)
@@ -586,8 +593,9 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
         step, epoch, start_batch = ckpt.step, ckpt.epoch, ckpt.batch_index
         cra_before = ckpt.extra.get("cra_before")
     if main:
-        prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite,
-                           say=lambda msg: say(f"stage1: {msg}"))
+        if not folder_prepared:
+            prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite,
+                               say=lambda msg: say(f"stage1: {msg}"))
         _write_json(out / "config.json", {**run_config, "lora_targets_resolved": built.targets,
                                           "settings_from": getattr(args, "recipe_origin", {}),
                                           "total_steps": total_steps, "world_size": world})
