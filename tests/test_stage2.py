@@ -7,7 +7,6 @@ similar embeddings and the run has signal to learn from, without any LLM.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _stage2_runs import DIM, N_TRAIN, bag_of_words
 
 from llm2clip_fast.data.demo import write_demo
 from llm2clip_fast.data.embedding_cache import build_embedding_cache
@@ -22,18 +22,6 @@ from llm2clip_fast.data.sources import open_source
 from llm2clip_fast.models.llm2clip import LLM2CLIPModel
 from llm2clip_fast.train import stage2
 from llm2clip_fast.train.__main__ import main as train_main
-
-DIM = 24
-N_TRAIN = 48
-
-
-def bag_of_words(texts: list[str]) -> torch.Tensor:
-    out = torch.zeros(len(texts), DIM)
-    for i, text in enumerate(texts):
-        for word in text.lower().replace(".", " ").replace(",", " ").split():
-            seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=7).digest(), "little")
-            out[i] += torch.randn(DIM, generator=torch.Generator().manual_seed(seed))
-    return out
 
 
 @pytest.fixture(scope="module")

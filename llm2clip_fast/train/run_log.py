@@ -22,6 +22,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .atomic_files import write_text_atomic
+
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Records of a JSON-lines file; a torn last line (process killed mid-write) is ignored."""
@@ -40,19 +42,6 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             if i < len(lines) - 1 and any(s.strip() for s in lines[i + 1:]):
                 raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
     return records
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -80,10 +69,10 @@ class JsonlLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            _write_text_atomic(self.path, "")
+            write_text_atomic(self.path, "")
         else:
             kept = [r for r in read_jsonl(self.path) if int(r.get("step", -1)) <= resume_step]
-            _write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # kept open: one flush per record
 
     def log(self, record: dict[str, Any]) -> None:
