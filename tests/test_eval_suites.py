@@ -390,6 +390,7 @@ def test_run_suites_all_writes_json_csv_and_caches(tmp_path):
         assert {k: v for k, v in a.items() if "R@" in k or "top" in k} == \
             {k: v for k, v in b.items() if "R@" in k or "top" in k}
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 6
+    assert (out / "results.csv").read_bytes().count(b"\r") == 0
 
     # A changed caption re-embeds that suite's texts only.
     (root / "Urban1k" / "caption" / "1.txt").write_text("a changed caption [0 0 1]\n")

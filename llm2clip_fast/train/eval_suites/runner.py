@@ -119,7 +119,7 @@ def append_csv(path: str | os.PathLike[str], model: str, results: Sequence[dict[
     new = not path.is_file() or path.stat().st_size == 0
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with path.open("a", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
         if new:
             writer.writeheader()
         for r in results:
