@@ -201,8 +201,13 @@ if __name__ == "__main__":
             "llm2clip_fast.models",
             "llm2clip_fast.data",
             "llm2clip_fast.train",
+            "llm2clip_fast.train.eval_suites",
+            # Not code: the ImageNet class names and OpenAI prompt templates the imagenet suite reads at
+            # run time. Listed as a package (data only) so setuptools installs it without ambiguity.
+            "llm2clip_fast.train.eval_suites.data",
             "llm2clip_fast.kernels",
         ],
+        package_data={"llm2clip_fast.train.eval_suites.data": ["*.txt", "*.md"]},
         package_dir={"llm2clip_fast": "llm2clip_fast", "llm2clip_fast.kernels": "kernels"},
         ext_modules=native_extensions(),
         cmdclass={"build_ext": BuildNativeExtensions.with_options(use_ninja=False)},

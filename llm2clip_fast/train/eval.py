@@ -13,6 +13,10 @@ own CLIP text tower for the baseline. Reported (fractions in [0, 1]):
   distinct label is embedded and each image is classified by the nearest prompt.
 
 Prints a table and writes the numbers to ``--out`` (JSON, written atomically).
+
+``--suite NAME --root DIR`` instead evaluates on a published benchmark read from its downloaded layout
+(Flickr30k, COCO, Urban-1k, DOCCI, ShareGPT4V-1k retrieval; ImageNet and class-per-folder zero-shot),
+with each benchmark's own protocol: see ``llm2clip_fast.train.eval_suites``.
 """
 
 from __future__ import annotations
@@ -65,14 +69,14 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
-                      template: str | None = None) -> Any:
+                      template: str | None = None, device: str | torch.device | None = None) -> Any:
     """The frozen ``LLMTextEncoder`` an llm-adapter model reads captions through; None for a model
     with its own (clip) text tower.
 
     The path and encoder options (pooling, max length, instruction, compute dtype, ...) come from the
     model's config (``config.llm``: the embedding cache's settings, which stage 2 records, with the LLM
     folder under ``model`` or ``path``); ``llm`` overrides the path and ``template`` the recorded
-    prompt template.
+    prompt template; ``device`` where the LLM runs (default: its loader's).
     """
     if model.config.text_tower != "llm-adapter":
         return None
@@ -90,6 +94,8 @@ def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
     options = {k: v for k, v in recorded.items() if k in accepted and k != "path" and v is not None}
     if template is not None:
         options["template"] = template
+    if device is not None:
+        options["device"] = device
     encoder = LLMTextEncoder.from_pretrained(str(path), **options)
     if hasattr(encoder, "eval"):
         encoder.eval()
@@ -227,8 +233,20 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="folder of a saved LLM2CLIPModel (stage 2 output)")
-    parser.add_argument("--data", required=True,
-                        help="held-out caption source (manifest or WebDataset shards)")
+    parser.add_argument("--data", default=None,
+                        help="held-out caption source (manifest or WebDataset shards); or use --suite")
+    parser.add_argument("--suite", default=None,
+                        help="a benchmark read from its downloaded layout under --root: flickr30k, coco, "
+                             "urban1k, docci, sharegpt4v-1k, imagenet, classfolders, or all (every suite "
+                             "found as a sub-folder of --root); see README 'Evaluation suites'")
+    parser.add_argument("--root", default=None,
+                        help="the suite's folder (or, with --suite all, their parent)")
+    parser.add_argument("--classnames", default=None,
+                        help="class-per-folder suites: class names (one a line in sorted folder order, "
+                             "'folder<TAB>name' lines, or a JSON {folder: name})")
+    parser.add_argument("--templates", default=None,
+                        help="class-per-folder suites: prompt templates, one a line with '{}' for the class "
+                             "name (default: the 80 OpenAI ImageNet templates)")
     parser.add_argument("--llm", default=None,
                         help="frozen LLM to embed captions with (default: the one in the model's config)")
     parser.add_argument("--template", default=None,
@@ -237,15 +255,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cache recorded); must match what the adapter was trained on")
     parser.add_argument("--caption", default="long", help="caption name used for retrieval (default: long)")
     parser.add_argument("--batch-size", type=int, default=64, help="images/captions per forward (default 64)")
-    parser.add_argument("--out", default=None, help="write the results here as JSON (atomically)")
+    parser.add_argument("--out", default=None,
+                        help="--data: write the results here as JSON (atomically). --suite: the results "
+                             "folder (default MODEL/eval): SUITE.json, results.csv (appended), cache/")
     parser.add_argument("--image-root-only", action="store_true",
                         help="manifest image paths must stay inside the manifest's folder (others are bad "
                         "samples)")
+    parser.add_argument("--device", default=None, help="--suite: cuda or cpu (default: cuda when available)")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="--suite: image decoding processes (default 4)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="--suite: neither read nor write the per-model embedding cache")
+    parser.add_argument("--max-missing-fraction", type=float, default=0.01,
+                        help="--suite: stop when more of a suite's images than this are missing or "
+                             "undecodable (default 0.01); fewer are left out and reported")
+    parser.add_argument("--no-progress", action="store_true", help="--suite: no progress bars")
+
+
+def run_suites_command(args: argparse.Namespace) -> int:
+    """``eval --suite``: the benchmarks under ``--root`` (see ``llm2clip_fast.train.eval_suites``)."""
+    from llm2clip_fast.train.eval_suites import ModelEmbedder, format_suite_table, run_suites
+
+    if not args.root:
+        raise ValueError("--suite needs --root DIR (the suite's folder, or with --suite all their parent)")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device)
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    _log(f"model {args.model} on {device}; text path: {embedder.text_path}")
+    results = run_suites(embedder, args.suite, args.root, out=out, model_name=str(args.model),
+                         classnames=args.classnames, templates=args.templates, batch_size=args.batch_size,
+                         workers=args.workers, cache=not args.no_cache,
+                         max_missing_fraction=args.max_missing_fraction, progress=not args.no_progress)
+    print(format_suite_table(results))
+    print(f"wrote {', '.join(str(out / (r['suite'] + '.json')) for r in results)}; appended to "
+          f"{out / 'results.csv'}")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "suite", None) is not None:
+        if args.data is not None:
+            raise ValueError("pass either --data (a caption source) or --suite (a benchmark), not both")
+        return run_suites_command(args)
+    if args.data is None:
+        raise ValueError("eval needs --data SOURCE or --suite NAME --root DIR")
     results = evaluate_model_dir(args.model, args.data, llm=args.llm, caption=args.caption,
                                  batch_size=args.batch_size, image_root_only=args.image_root_only,
                                  template=getattr(args, "template", None))
