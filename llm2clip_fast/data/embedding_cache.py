@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -451,6 +452,18 @@ def _write_manifest(out: Path, n_shards: int, n_records: int, settings: dict[str
 
 
 # ---------------------------------------------------------------------------------------- reading
+def _advise_random(array: np.ndarray) -> None:
+    """Stage 2 reads rows in shuffled order. Left to its default, the kernel reads ahead around every
+    faulted page, mostly other rows: a cold batch of 512 random 4096-d rows took ~3x longer that way
+    (bench/cache_throughput.py). Best effort: a mapping numpy does not expose is left as it is."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mapping.madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):
+            pass
+
+
 def _open_int8_parts(folder: Path, shard: dict[str, Any], verify: bool) -> tuple[np.ndarray, np.ndarray]:
     """An int8 shard's row scales (memory-mapped) and column statistics, checked like the shard."""
     records, captions, dim = shard["shape"]
@@ -468,6 +481,7 @@ def _open_int8_parts(folder: Path, shard: dict[str, Any], verify: bool) -> tuple
             array = np.load(path, mmap_mode="r" if part == "scales" else None, allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise CacheCorruptError(f"cache {part} file {path} is unreadable or truncated: {exc}") from exc
+        _advise_random(array)
         if array.shape != expected[part] or array.dtype != np.float32:
             raise CacheCorruptError(f"cache {part} file {path} holds {array.dtype} {list(array.shape)}, "
                                     f"expected float32 {list(expected[part])}")
@@ -590,6 +604,7 @@ class EmbeddingCache:
                 array = np.load(data_path, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError, EOFError) as exc:
                 raise CacheCorruptError(f"cache shard {data_path} is unreadable or truncated: {exc}") from exc
+            _advise_random(array)
             if list(array.shape) != list(shard["shape"]) or array.dtype != expected_dtype:
                 raise CacheCorruptError(
                     f"cache shard {data_path} holds {array.dtype} {list(array.shape)}, the manifest says "
