@@ -32,3 +32,24 @@ def test_a_shared_output_folder_passes_and_leaves_no_markers(tmp_path):
 def test_single_process_is_a_no_op(tmp_path):
     check_shared_folder(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_embed_refuses_node_local_out_before_loading_the_llm(tmp_path, monkeypatch):
+    from llm2clip_fast.models import llm_encoder
+    from llm2clip_fast.train.embed import embed
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("the LLM was loaded before the output folder was checked")
+
+    monkeypatch.setattr(llm_encoder.LLMTextEncoder, "from_pretrained", no_llm)
+
+    def rank_fn(rank):
+        try:
+            embed(llm="unused", data=str(tmp_path / "unused.jsonl"), out=tmp_path / f"node{rank}",
+                  progress=False)
+        except UnsharedFolderError as exc:
+            return str(exc)
+        return None
+
+    messages = run_on_ranks(rank_fn, world=2)
+    assert all(m and "is not shared by every rank" in m for m in messages), messages
