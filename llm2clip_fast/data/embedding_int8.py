@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 QMAX = 127
+_STATS_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,14 @@ def quantize_shard(array: np.ndarray) -> Int8Shard:
     if array.ndim != 3:
         raise ValueError(f"expected a (records, captions, dim) array, got shape {array.shape}")
     x = np.asarray(array, dtype=np.float32)
-    wide = x.astype(np.float64)
-    offset = wide.mean(axis=0)  # (captions, dim); float64 so large shards do not drift
-    centred = wide - offset
-    col_scale = np.sqrt((centred * centred).mean(axis=0))
+    # Statistics accumulate in float64 so large shards do not drift, a block of records at a time so
+    # a 10,000-record shard of 4096-d pairs needs no float64 copy of itself (650 MB).
+    offset = x.mean(axis=0, dtype=np.float64)  # (captions, dim)
+    squares = np.zeros(x.shape[1:], dtype=np.float64)
+    for start in range(0, len(x), _STATS_BLOCK):
+        centred = x[start:start + _STATS_BLOCK].astype(np.float64) - offset
+        squares += (centred * centred).sum(axis=0)
+    col_scale = np.sqrt(squares / len(x))
     col_scale[col_scale == 0] = 1.0  # a constant dimension is exactly its offset
     offset32, col32 = offset.astype(np.float32), col_scale.astype(np.float32)
     # The residual is computed from the float32 statistics that are stored, so dequantisation inverts
