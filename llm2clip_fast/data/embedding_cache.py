@@ -3,7 +3,9 @@
 Layout of a cache folder::
 
     cache_settings.json        what every shard was built with (checked when a run resumes)
-    shard-00000.npy            (records, captions, dim) fp16/fp32, row r = r-th record of the shard
+    shard-00000.npy            (records, captions, dim) fp16/fp32/int8, row r = r-th record of the shard
+    shard-00000.scales.npy     int8 only: (records, captions) float32 per-row scales
+    shard-00000.stats.npy      int8 only: (2, captions, dim) float32 per-column offset and scale
     shard-00000.keys.json      the shard's record keys, in row order
     shard-00000.captions.json  per record and caption, a short hash of the caption text encoded
     shard-00000.done.json      written last: the shard is complete; sha256 of its files and the
@@ -20,6 +22,11 @@ redoes any other (a partial shard leaves at most temp files, never a half-writte
 final name); changed inputs are reported through the hook. It gives shard ``i`` to rank
 ``i % world_size`` and lets rank 0 merge the ``done`` records into the manifest.
 
+With ``dtype="int8"`` (:mod:`llm2clip_fast.data.embedding_int8`) a value takes one byte instead of
+two, plus 4 bytes per embedding; :meth:`EmbeddingCache.lookup` dequantises, so readers see float32
+as for the other dtypes. An int8 cache is format version 2 (older readers refuse it by its version);
+fp16/fp32 caches are still written as version 1, byte for byte as before, and both versions are read.
+
 A consumer checks that a cache was built from its data with :meth:`EmbeddingCache.check_captions`,
 which names the first key whose caption text differs. Caches written before caption fingerprints
 existed stay readable (``has_caption_fingerprints`` is False); rerunning embed on them re-encodes them.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -41,11 +49,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .embedding_int8 import Int8Shard, dequantize_rows, quantize_shard
+
 CACHE_FORMAT = "llm2clip_fast.embedding_cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # fp16/fp32 caches: unchanged since version 1, so older readers still read them
+INT8_CACHE_VERSION = 2  # adds the int8 shards' scales and statistics files
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 SETTINGS_NAME = "cache_settings.json"
-STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
+STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
 _STORAGE_ALIASES = {
     "fp16": "float16",
     "float16": "float16",
@@ -53,7 +65,10 @@ _STORAGE_ALIASES = {
     "fp32": "float32",
     "float32": "float32",
     "float": "float32",
+    "int8": "int8",
 }
+# Files of an int8 shard besides the int8 array: (done/manifest key prefix, file suffix).
+_INT8_PARTS = (("scales", ".scales.npy"), ("stats", ".stats.npy"))
 _HASH_CHUNK = 1 << 22
 
 
@@ -77,14 +92,14 @@ def _read_shard_hashes(path: Path, shard: dict[str, Any], verify: bool) -> list[
 
 
 def storage_dtype_name(dtype: str | torch.dtype | np.dtype) -> str:
-    """Canonical storage dtype name (``"float16"`` or ``"float32"``) of ``dtype``."""
+    """Canonical storage dtype name (``"float16"``, ``"float32"`` or ``"int8"``) of ``dtype``."""
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).replace("torch.", "")
     elif isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
         dtype = np.dtype(dtype).name
     name = _STORAGE_ALIASES.get(str(dtype).lower()) if isinstance(dtype, str) else None
     if name is None:
-        raise ValueError(f"cache dtype must be fp16 or fp32, got {dtype!r}")
+        raise ValueError(f"cache dtype must be fp16, fp32 or int8, got {dtype!r}")
     return name
 
 
@@ -175,7 +190,7 @@ def _settings(
 ) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
-        "version": CACHE_VERSION,
+        "version": INT8_CACHE_VERSION if dtype == "int8" else CACHE_VERSION,
         "dim": int(dim),
         "dtype": dtype,
         "caption_names": list(caption_names),
@@ -225,18 +240,27 @@ def _shard_state(out: Path, index: int, keys: Sequence[str], captions_sha256: st
             and sha256_file(data) == done["sha256"]
             and sha256_file(out / done["keys_file"]) == done["keys_file_sha256"]
             and sha256_file(out / done["captions_file"]) == done["captions_sha256"]
+            and all(sha256_file(out / done[f"{part}_file"]) == done[f"{part}_sha256"]
+                    for part, _ in _INT8_PARTS if f"{part}_file" in done)
         )
         return "done" if intact else "missing"
     except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return "missing"  # anything unreadable is simply redone
 
 
-def _write_shard(out: Path, index: int, keys: list[str], array: np.ndarray, captions_payload: bytes,
-                 encoder_sha256: str | None) -> dict[str, Any]:
+def _write_shard(out: Path, index: int, keys: list[str], array: np.ndarray | Int8Shard,
+                 captions_payload: bytes, encoder_sha256: str | None) -> dict[str, Any]:
     stem = shard_stem(index)
     # The done record goes first so that a kill between files never leaves a stale "done" claim.
     (out / f"{stem}.done.json").unlink(missing_ok=True)
     data_path, keys_path = out / f"{stem}.npy", out / f"{stem}.keys.json"
+    extra: dict[str, Any] = {}
+    if isinstance(array, Int8Shard):
+        for (part, suffix), values in zip(_INT8_PARTS, (array.row_scale, array.stats)):
+            path = out / f"{stem}{suffix}"
+            _atomic_write_bytes(path, lambda f, v=values: np.save(f, v, allow_pickle=False))
+            extra.update({f"{part}_file": path.name, f"{part}_sha256": sha256_file(path)})
+        array = array.values
     _atomic_write_bytes(data_path, lambda f: np.save(f, array, allow_pickle=False))
     keys_payload = json.dumps(keys).encode()
     _atomic_write_bytes(keys_path, lambda f: f.write(keys_payload))
@@ -254,6 +278,7 @@ def _write_shard(out: Path, index: int, keys: list[str], array: np.ndarray, capt
         "captions_file": captions_path.name,
         "captions_sha256": hashlib.sha256(captions_payload).hexdigest(),
         "encoder_sha256": encoder_sha256,
+        **extra,
     }
     _atomic_write_json(out / f"{stem}.done.json", done)
     return done
@@ -289,7 +314,8 @@ def build_embedding_cache(
             ``source.iter_captions()``); every record must carry every name in ``caption_names``.
         encode: texts -> (N, dim) float tensor, row i the embedding of text i.
         caption_names: the captions to store, in column order.
-        dim: embedding size. dtype: storage, ``"float16"`` or ``"float32"``.
+        dim: embedding size. dtype: storage, ``"float16"``, ``"float32"`` or ``"int8"`` (per-row
+            scaled, :mod:`~llm2clip_fast.data.embedding_int8`; read back as float32).
         shard_size: records per shard.
         metadata: JSON-able facts stored in the settings and manifest (model path, instruction...).
             A resumed run must pass the same ones.
@@ -349,14 +375,16 @@ def build_embedding_cache(
                 f"encode returned {getattr(emb, 'shape', type(emb).__name__)}, expected ({len(texts)}, {dim})"
             )
         array = emb.detach().to("cpu", torch.float32).reshape(len(batch), len(names), dim).numpy()
-        with np.errstate(over="ignore"):  # overflow is reported below, with a hint
-            array = array.astype(STORAGE_DTYPES[storage])
+        if storage != "int8":
+            with np.errstate(over="ignore"):  # overflow is reported below, with a hint
+                array = array.astype(STORAGE_DTYPES[storage])
         if not np.isfinite(array).all():
             hint = " (values overflow float16: use dtype float32)" if storage == "float16" else ""
             raise ValueError(f"shard {index}: embeddings contain inf/nan{hint}")
+        stored: np.ndarray | Int8Shard = quantize_shard(array) if storage == "int8" else array
         if hook:
             hook("encoded", index)
-        _write_shard(out, index, keys, array, captions_payload, encoder_sha256)
+        _write_shard(out, index, keys, stored, captions_payload, encoder_sha256)
         if hook:
             hook("written", index)
 
@@ -400,13 +428,15 @@ def _write_manifest(out: Path, n_shards: int, n_records: int, settings: dict[str
         done = _read_json(done_path, "shard record")
         fields = ("file", "keys_file", "records", "shape", "sha256", "keys_file_sha256", "captions_file",
                   "captions_sha256", "encoder_sha256")
-        shards.append({k: done[k] for k in fields})
+        optional = [f"{part}_{what}" for part, _ in _INT8_PARTS for what in ("file", "sha256")]
+        shards.append({k: done[k] for k in fields} | {k: done[k] for k in optional if k in done})
     # A smaller source than last time leaves shards past the end: they are not part of this cache.
     for stale in out.glob("shard-*.done.json"):
         index = int(stale.name.split(".")[0].split("-")[1])
         if index >= n_shards:
             stem = shard_stem(index)
-            for suffix in (".done.json", ".npy", ".keys.json", ".captions.json"):
+            for suffix in (".done.json", ".npy", ".keys.json", ".captions.json",
+                           *(suffix for _, suffix in _INT8_PARTS)):
                 (out / f"{stem}{suffix}").unlink(missing_ok=True)
     manifest = {
         **settings,
@@ -422,12 +452,49 @@ def _write_manifest(out: Path, n_shards: int, n_records: int, settings: dict[str
 
 
 # ---------------------------------------------------------------------------------------- reading
+def _advise_random(array: np.ndarray) -> None:
+    """Stage 2 reads rows in shuffled order. Left to its default, the kernel reads ahead around every
+    faulted page, mostly other rows: a cold batch of 512 random 4096-d rows took ~3x longer that way
+    (bench/cache_throughput.py). Best effort: a mapping numpy does not expose is left as it is."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            mapping.madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):
+            pass
+
+
+def _open_int8_parts(folder: Path, shard: dict[str, Any], verify: bool) -> tuple[np.ndarray, np.ndarray]:
+    """An int8 shard's row scales (memory-mapped) and column statistics, checked like the shard."""
+    records, captions, dim = shard["shape"]
+    expected = {"scales": (records, captions), "stats": (2, captions, dim)}
+    parts = []
+    for part, _ in _INT8_PARTS:
+        if f"{part}_file" not in shard:
+            raise CacheCorruptError(f"the manifest lists no {part} file for int8 shard {shard['file']}")
+        path = folder / shard[f"{part}_file"]
+        if not path.is_file():
+            raise CacheCorruptError(f"cache file {path} is missing")
+        if verify and sha256_file(path) != shard[f"{part}_sha256"]:
+            raise CacheCorruptError(f"cache {part} file {path} is corrupt or truncated (sha256 mismatch)")
+        try:
+            array = np.load(path, mmap_mode="r" if part == "scales" else None, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise CacheCorruptError(f"cache {part} file {path} is unreadable or truncated: {exc}") from exc
+        _advise_random(array)
+        if array.shape != expected[part] or array.dtype != np.float32:
+            raise CacheCorruptError(f"cache {part} file {path} holds {array.dtype} {list(array.shape)}, "
+                                    f"expected float32 {list(expected[part])}")
+        parts.append(array)
+    return parts[0], parts[1]
+
+
 class EmbeddingCache:
     """Read-only view of a finished cache; shards are memory-mapped, nothing of the LLM is needed.
 
-    Open with :meth:`open`. ``dim`` (int), ``dtype`` (torch dtype of the stored arrays),
-    ``caption_names``, ``metadata``; :meth:`keys` in source order, ``key in cache``,
-    :meth:`lookup` and :meth:`get` return float32 tensors.
+    Open with :meth:`open`. ``dim`` (int), ``dtype`` (torch dtype of the stored arrays: float16,
+    float32 or int8), ``caption_names``, ``metadata``; :meth:`keys` in source order, ``key in cache``,
+    :meth:`lookup` and :meth:`get` return float32 tensors (int8 shards dequantised).
     """
 
     def __init__(
@@ -438,6 +505,7 @@ class EmbeddingCache:
         index: dict[str, tuple[int, int]],
         keys: list[str],
         caption_hashes: list[list[list[str]]] | None = None,
+        int8_params: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
@@ -451,6 +519,8 @@ class EmbeddingCache:
         self.skipped: dict[str, str] = dict(manifest.get("skipped") or {})
         self._column = {n: i for i, n in enumerate(self.caption_names)}
         self._caption_hashes = caption_hashes
+        # Per shard of an int8 cache: (row scales (records, captions), stats (2, captions, dim)).
+        self._int8 = int8_params
 
     @property
     def has_caption_fingerprints(self) -> bool:
@@ -501,10 +571,17 @@ class EmbeddingCache:
         manifest = _read_json(path, "manifest")
         if manifest.get("format") != CACHE_FORMAT:
             raise CacheCorruptError(f"{path} is not an llm2clip_fast embedding-cache manifest")
-        if manifest.get("version") != CACHE_VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise CacheCorruptError(
-                f"{path}: cache version {manifest.get('version')}, this reader reads {CACHE_VERSION}"
+                f"{path}: cache version {manifest.get('version')}, this reader reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
+        if manifest.get("dtype") not in STORAGE_DTYPES:
+            raise CacheCorruptError(f"{path}: unknown storage dtype {manifest.get('dtype')!r}")
+        int8 = manifest["dtype"] == "int8"
+        if int8 and manifest["version"] < INT8_CACHE_VERSION:
+            raise CacheCorruptError(f"{path}: an int8 cache must be version {INT8_CACHE_VERSION}")
+        int8_params: list[tuple[np.ndarray, np.ndarray]] | None = [] if int8 else None
         arrays: list[np.ndarray] = []
         index: dict[str, tuple[int, int]] = {}
         keys: list[str] = []
@@ -527,6 +604,7 @@ class EmbeddingCache:
                 array = np.load(data_path, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError, EOFError) as exc:
                 raise CacheCorruptError(f"cache shard {data_path} is unreadable or truncated: {exc}") from exc
+            _advise_random(array)
             if list(array.shape) != list(shard["shape"]) or array.dtype != expected_dtype:
                 raise CacheCorruptError(
                     f"cache shard {data_path} holds {array.dtype} {list(array.shape)}, the manifest says "
@@ -545,7 +623,9 @@ class EmbeddingCache:
             arrays.append(array)
             if hashes is not None:
                 hashes.append(_read_shard_hashes(folder / shard["captions_file"], shard, verify is True))
-        return cls(folder, manifest, arrays, index, keys, hashes)
+            if int8_params is not None:
+                int8_params.append(_open_int8_parts(folder, shard, verify is True))
+        return cls(folder, manifest, arrays, index, keys, hashes, int8_params)
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -579,7 +659,11 @@ class EmbeddingCache:
             where = np.array([self._index[k] for k in keys], dtype=np.int64).reshape(-1, 2)
             for s in np.unique(where[:, 0]):
                 sel = np.nonzero(where[:, 0] == s)[0]
-                out[sel] = self._arrays[int(s)][where[sel, 1], col]
+                rows = self._arrays[int(s)][where[sel, 1], col]
+                if self._int8 is not None:
+                    row_scale, stats = self._int8[int(s)]
+                    rows = dequantize_rows(rows, row_scale[where[sel, 1], col], stats[0, col], stats[1, col])
+                out[sel] = rows
         return torch.from_numpy(out)
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
@@ -588,6 +672,9 @@ class EmbeddingCache:
             raise KeyError(f"key {key!r} is not in the embedding cache {self.directory}")
         s, row = self._index[key]
         rows = np.asarray(self._arrays[s][row], dtype=np.float32)
+        if self._int8 is not None:
+            row_scale, stats = self._int8[s]
+            rows = rows * np.asarray(row_scale[row], dtype=np.float32)[:, None] * stats[1] + stats[0]
         return {n: torch.from_numpy(rows[i].copy()) for i, n in enumerate(self.caption_names)}
 
     def __repr__(self) -> str:

@@ -8,7 +8,8 @@ after the LLM's (or LoRA's) weight files changed at the same path, re-encodes ex
 inputs changed and says which. Records with an empty caption are skipped, counted as bad data
 (``--max-bad-fraction``, checked at the end of the pass) and listed in the manifest, so stage 2 can
 tell them from keys missing by mistake. Under ``torchrun`` shard ``i`` is encoded by rank
-``i % world_size`` and rank 0 writes the manifest.
+``i % world_size`` and rank 0 writes the manifest; on several nodes ``--out`` must be a shared
+filesystem, checked at start (:mod:`~llm2clip_fast.train.shared_folder`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .. import distributed
 from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
 from ..data.embedding_cache import build_embedding_cache, storage_dtype_name, weights_fingerprint
 from ..models.prompt_templates import TEMPLATE_CHOICES
+from .shared_folder import check_shared_folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="cache folder (created; an unfinished one is resumed)")
     parser.add_argument("--load-in-8bit", action="store_true",
                         help="load the LLM's linear weights as LLM.int8")
-    parser.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="stored embedding dtype")
+    parser.add_argument("--dtype", choices=["fp16", "fp32", "int8"], default="fp16",
+                        help="stored embedding dtype; int8: one byte per value plus a float32 scale per "
+                             "embedding (about half of fp16), read back as float32 by stage 2")
     parser.add_argument("--model-dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="LLM compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--batch-size", type=int, default=64, help="captions per forward pass")
@@ -103,6 +107,8 @@ def embed(
     _positive("batch-size", batch_size)
     _positive("shard-size", shard_size)
     storage = storage_dtype_name(dtype)
+    # Before the LLM loads: ranks on several nodes must write into one folder that rank 0 can merge.
+    check_shared_folder(out)
     dev = _device(device)
     compute = model_dtype or ("bf16" if dev.type == "cuda" else "fp32")
     source = open_source(data, require_images=False)  # captions only: text-only manifests are fine
