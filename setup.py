@@ -208,7 +208,10 @@ if __name__ == "__main__":
             "llm2clip_fast.kernels",
         ],
         package_data={"llm2clip_fast.train.eval_suites.data": ["*.txt", "*.md"]},
-        package_dir={"llm2clip_fast": "llm2clip_fast", "llm2clip_fast.kernels": "kernels"},
+        # The Triton kernels live in llm2clip_kernels/, not kernels/: a top-level kernels/ folder is
+        # importable as `kernels` whenever Python runs from the repository root (python -m ...), and
+        # bitsandbytes imports the PyPI package of that name, printing a load failure on every run.
+        package_dir={"llm2clip_fast": "llm2clip_fast", "llm2clip_fast.kernels": "llm2clip_kernels"},
         ext_modules=native_extensions(),
         cmdclass={"build_ext": BuildNativeExtensions.with_options(use_ninja=False)},
         zip_safe=False,

@@ -961,7 +961,7 @@ def install_problem() -> str | None:
     try:
         importlib.import_module("llm2clip_fast")
         if importlib.util.find_spec("llm2clip_fast.kernels") is None:
-            raise ImportError("llm2clip_fast.kernels is missing (the kernels/ folder is mapped at install)")
+            raise ImportError("llm2clip_fast.kernels is missing (llm2clip_kernels/ is mapped at install)")
     except ImportError as exc:
         return (f"llm2clip_fast is not installed ({exc}): run `{INSTALL}` in {REPO_ROOT}, "
                 "then rerun this check")

@@ -197,7 +197,7 @@ def _cpu_op_reasons(ctx: DispatchContext) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# triton backend: kernels/clip_loss.py for the tiles, torch.mm (cuBLAS) for the gradient GEMMs.
+# triton backend: llm2clip_kernels/clip_loss.py for the tiles, torch.mm (cuBLAS) for the gradient GEMMs.
 
 
 def _triton_lse_forward(image: Tensor, text: Tensor, scale: Tensor) -> _Pair:

@@ -6,7 +6,7 @@ dtype. It is how the LLM text encoder turns token states into a caption embeddin
 caption's tokens, skipping an instruction prefix and padding).
 
 Backends, in dispatch order: ``cuda`` (raw kernel, csrc/cuda/masked_mean_pool.cu), ``triton``
-(kernels/masked_mean_pool.py; CPU tensors only under TRITON_INTERPRET=1 and when forced), ``cpu``
+(llm2clip_kernels/masked_mean_pool.py; CPU tensors only under TRITON_INTERPRET=1 and when forced), ``cpu``
 (C++/OpenMP, csrc/cpu/masked_mean_pool.cpp), ``torch`` (the reference formula). Each forward returns
 the pooled rows and the L2 norm of each mean before normalisation; the backward is plain torch:
 the gradient of a mean is the output gradient broadcast over the masked positions divided by their

@@ -216,7 +216,7 @@ def _cpu_op_reasons(ctx: DispatchContext) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# triton backend: kernels/siglip_loss.py.
+# triton backend: llm2clip_kernels/siglip_loss.py.
 
 
 def _triton_forward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int) -> Tensor:
