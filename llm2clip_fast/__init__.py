@@ -13,7 +13,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .third_party_notices import quiet_unactionable_notices
+
 __version__ = "0.1.0"
+
+quiet_unactionable_notices()
 
 _LAZY = {
     "clip_loss": "llm2clip_fast.ops.clip_loss",
