@@ -270,6 +270,38 @@ def _reduce_scatter_rows(
     return out
 
 
+class _GatherRowsWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order; the backward sums each row's gradient over ranks and hands it
+    to the row's owner (reduce-scatter). Replaces ``torch.distributed.nn.functional.all_gather``,
+    which is deprecated and whose worker processes sometimes aborted at exit under gloo
+    ("terminate called without an active exception")."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.sizes, ctx.group = sizes, group
+        return _all_gather_rows(x, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _reduce_scatter_rows(grad, ctx.sizes, ctx.group), None, None
+
+
+def gather_rows_with_grad(
+    x: torch.Tensor, group: dist.ProcessGroup | None = None, *, equal_sizes_for: str | None = None
+) -> tuple[torch.Tensor, int]:
+    """Every rank's ``x`` (B_r, ...) concatenated in rank order, gradients flowing back to each row's
+    owner, and this rank's first row in the result.
+
+    ``equal_sizes_for`` names a caller that needs the same B on every rank; unequal sizes then raise
+    a RuntimeError naming it. Tensors must be on the process group's device (NCCL: CUDA).
+    """
+    sizes = _gather_batch_sizes(x.shape[0], x.device, group)
+    if equal_sizes_for is not None and len(set(sizes)) > 1:
+        raise RuntimeError(f"{equal_sizes_for} across ranks needs equal local batches, got {sizes}")
+    rows = _GatherRowsWithGrad.apply(x, sizes, group)
+    return rows, sum(sizes[: dist.get_rank(group)])
+
+
 def _logsumexp_across_ranks(partial_lse: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Combine per-rank log-sum-exps of disjoint row sets: two O(N) all_reduces, max then sum."""
     peak = partial_lse.clone()

@@ -17,19 +17,6 @@ import torch.nn.functional as F
 from .. import distributed as dist_helpers
 
 
-def _gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every rank's rows in rank order, gradients flowing back to their owners; and this rank's offset."""
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_gather
-
-    sizes = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    counts = [int(t) for t in sizes]
-    if len(set(counts)) > 1:
-        raise RuntimeError(f"the hard-negative loss across ranks needs equal local batches, got {counts}")
-    return torch.cat(all_gather(x.contiguous()), dim=0), sum(counts[: dist.get_rank()])
-
-
 def hard_negative_nll_loss(
     query: torch.Tensor,
     positive: torch.Tensor,
@@ -57,7 +44,7 @@ def hard_negative_nll_loss(
     n = F.normalize(negative.float(), dim=-1) if negative is not None else p[:0]
     offset = 0
     if dist_helpers.get_world_size() > 1:
-        p, offset = _gather_rows(p)
-        n, _ = _gather_rows(n)
+        p, offset = dist_helpers.gather_rows_with_grad(p, equal_sizes_for="the hard-negative loss")
+        n, _ = dist_helpers.gather_rows_with_grad(n)
     logits = (q @ torch.cat([p, n], dim=0).t()) * scale
     return F.cross_entropy(logits, offset + torch.arange(q.shape[0], device=q.device))

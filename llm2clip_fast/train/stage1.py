@@ -344,20 +344,6 @@ class LogitScale(nn.Module):
 # losses
 
 
-def _gather_keys(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' rows in rank order (gradients flow back to each owner) and this rank's offset."""
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_gather
-
-    sizes = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    sizes_list = [int(t) for t in sizes]
-    if len(set(sizes_list)) > 1:
-        raise RuntimeError(f"--loss infonce across ranks needs equal local batches, got {sizes_list} "
-                           "(bad samples shrank some); use --loss clip, which handles unequal batches")
-    return torch.cat(all_gather(x.contiguous()), dim=0), sum(sizes_list[: dist.get_rank()])
-
-
 def contrastive_loss(query: torch.Tensor, key: torch.Tensor, scale: torch.Tensor | float,
                      kind: str) -> torch.Tensor:
     """Loss of this rank's (B, H) query/key embeddings (row i pairs with row i); L2-normalised here.
@@ -376,7 +362,9 @@ def contrastive_loss(query: torch.Tensor, key: torch.Tensor, scale: torch.Tensor
         return clip_loss(q, k, scale, distributed=True) if distributed else clip_loss(q, k, scale)
     offset = 0
     if distributed:
-        k, offset = _gather_keys(k)
+        k, offset = dist_helpers.gather_rows_with_grad(
+            k, equal_sizes_for="--loss infonce (use --loss clip, which handles the unequal batches bad "
+                               "samples leave)")
     logits = (q @ k.t()) * scale
     return F.cross_entropy(logits, offset + torch.arange(q.shape[0], device=q.device))
 
