@@ -42,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_stage2 import bag_of_words, stage2_args
+from _stage2_runs import bag_of_words, stage2_args
 
 import llm2clip_fast
 from llm2clip_fast.data.demo import write_demo
@@ -191,7 +191,7 @@ def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("collectives")
     spec = write_demo(root / "data", n_train=32, n_val=0, n_long_detail_groups=0, image_size=32)["train"]
     source = open_source(spec)
-    from test_stage2 import DIM
+    from _stage2_runs import DIM
 
     build_embedding_cache(source.iter_captions(), bag_of_words, root / "cache",
                           caption_names=source.caption_names, dim=DIM)

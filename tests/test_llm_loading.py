@@ -11,6 +11,7 @@ import types
 
 import pytest
 import torch
+from _lora_deltas import lora_deltas
 
 from llm2clip_fast.models import xformers_attention
 from llm2clip_fast.models.llm_encoder import LLMTextEncoder
@@ -38,22 +39,6 @@ def _make_adapter(base_dir, out, seed, targets, r):
     return out
 
 
-def _deltas(adapter_dir):
-    """{module name: scale * B @ A} read straight from the adapter's files."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    scale = cfg["lora_alpha"] / cfg["r"]
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    out = {}
-    for key, a in weights.items():
-        if ".lora_A." in key:
-            b = weights[key.replace(".lora_A.", ".lora_B.")]
-            name = key.split("base_model.model.", 1)[1].split(".lora_A.")[0]
-            out[name] = scale * (b.float() @ a.float())
-    return out
-
-
 def test_lora_chain_merges_each_delta_in_order(tiny, tmp_path):
     a = _make_adapter(tiny, tmp_path / "mntp", seed=1, targets=["q_proj", "v_proj"], r=4)
     b = _make_adapter(tiny, tmp_path / "supervised", seed=2, targets=["q_proj", "o_proj", "up_proj"], r=2)
@@ -64,7 +49,7 @@ def test_lora_chain_merges_each_delta_in_order(tiny, tmp_path):
     want = {k: v.clone().float() for k, v in base.items()}
     touched = set()
     for adapter in (a, b):
-        for name, delta in _deltas(adapter).items():
+        for name, delta in lora_deltas(adapter).items():
             want[f"{name}.weight"] += delta
             touched.add(f"{name}.weight")
     assert {n.split(".")[-2] for n in touched} == {"q_proj", "v_proj", "o_proj", "up_proj"}

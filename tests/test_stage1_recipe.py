@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from _lora_deltas import lora_deltas
 
 from llm2clip_fast.models.tiny_llm import build_tiny_llm
 from llm2clip_fast.train import stage1
@@ -183,21 +184,6 @@ def test_llm2clip_recipe_defaults_flags_override_and_settings_saved(tiny, text_m
     assert saved["settings_from"]["batch_size"] == "flag" and saved["settings_from"]["lr"] == "recipe"
 
 
-def _lora_deltas(adapter_dir):
-    """{weight name in the base model: scale * B @ A} from a saved peft adapter."""
-    from safetensors.torch import load_file
-
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    out = {}
-    for key, a in weights.items():
-        if ".lora_A." in key:
-            b = weights[key.replace(".lora_A.", ".lora_B.")]
-            name = key.split("base_model.model.", 1)[1].split(".lora_A.")[0]
-            out[f"{name}.weight"] = cfg["lora_alpha"] / cfg["r"] * (b.float() @ a.float())
-    return out
-
-
 def _base_state(folder):
     from transformers import AutoModel
 
@@ -219,8 +205,9 @@ def test_mntp_data_phase_is_merged_before_the_contrastive_phase(tiny, text_manif
     base = _base_state(tiny)
     mntp_merged = _base_state(out / "mntp" / "merged")
     final = _base_state(out / "merged")
-    mntp_delta = _lora_deltas(out / "mntp" / "adapter")
-    contrastive_delta = _lora_deltas(out / "adapter")
+    # Keyed like the base state dict: the delta of module M applies to M.weight.
+    mntp_delta = {f"{k}.weight": d for k, d in lora_deltas(out / "mntp" / "adapter").items()}
+    contrastive_delta = {f"{k}.weight": d for k, d in lora_deltas(out / "adapter").items()}
     assert mntp_delta and contrastive_delta and any(d.abs().max() > 0 for d in mntp_delta.values())
     for name, w in base.items():
         want = w + mntp_delta.get(name, 0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _stage2_runs import DIM, N_TRAIN, bag_of_words
+from _stage2_runs import DIM, N_TRAIN, bag_of_words, final_state, stage2_args
 
 from llm2clip_fast.data.demo import write_demo
 from llm2clip_fast.data.embedding_cache import build_embedding_cache
@@ -37,17 +37,6 @@ def demo(tmp_path_factory) -> dict[str, Path]:
     build_embedding_cache(partial, bag_of_words, root / "partial_cache", caption_names=source.caption_names,
                           dim=DIM)
     return {"root": root, "data": Path(spec), "cache": root / "cache", "partial": root / "partial_cache"}
-
-
-def stage2_args(demo: dict[str, Path], out: Path, *extra: str, batch: int = 8, steps: int = 4) -> list[str]:
-    return ["stage2", "--embeddings", str(demo["cache"]), "--data", str(demo["data"]), "--out", str(out),
-            "--vision-preset", "micro", "--embed-dim", "16", "--adapter-blocks", "1",
-            "--batch-size", str(batch), "--steps", str(steps), "--num-workers", "0", "--log-every", "1",
-            "--no-progress", "--lr", "2e-3", *extra]
-
-
-def state_of(run: Path) -> dict[str, torch.Tensor]:
-    return LLM2CLIPModel.from_pretrained(run / "model").state_dict()
 
 
 def test_end_to_end_trains_and_writes_run_folder(demo, tmp_path):
@@ -88,7 +77,7 @@ def test_resume_after_kill_equals_uninterrupted(demo, tmp_path, monkeypatch):
     assert not (tmp_path / "killed" / "model").exists()
     train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=6, batch=8))
 
-    full, resumed = state_of(tmp_path / "full"), state_of(tmp_path / "killed")
+    full, resumed = final_state(tmp_path / "full"), final_state(tmp_path / "killed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     log = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
@@ -120,7 +109,7 @@ def test_resume_at_an_odd_step_with_two_loader_workers_equals_uninterrupted(demo
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_00000003"]
     train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=5, batch=8))
 
-    full, resumed = state_of(tmp_path / "full"), state_of(tmp_path / "killed")
+    full, resumed = final_state(tmp_path / "full"), final_state(tmp_path / "killed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     log = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     full_log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
@@ -132,7 +121,7 @@ def test_grad_accum_equals_one_big_batch(demo, tmp_path):
     train_main(stage2_args(demo, tmp_path / "big", "--save-every", "0", steps=2, batch=8))
     train_main(stage2_args(demo, tmp_path / "accum", "--save-every", "0", "--grad-accum", "2",
                            steps=2, batch=4))
-    big, accum = state_of(tmp_path / "big"), state_of(tmp_path / "accum")
+    big, accum = final_state(tmp_path / "big"), final_state(tmp_path / "accum")
     for k in big:
         torch.testing.assert_close(accum[k], big[k], atol=2e-5, rtol=1e-4, msg=k)
 
@@ -195,7 +184,7 @@ def test_freeze_vision_layers_and_llrd(demo, tmp_path):
     i = args.index("--vision-preset")
     args[i:i + 2] = ["--init-model", str(tmp_path / "init")]
     train_main(args)
-    trained = state_of(tmp_path / "frozen")
+    trained = final_state(tmp_path / "frozen")
     for name in ("vision.model.embeddings.patch_embedding.weight",
                  "vision.model.encoder.layers.0.mlp.fc1.weight"):
         assert torch.equal(trained[name], start[name]), name
@@ -296,10 +285,10 @@ def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_pat
     why = "\n".join(messages) or f"exit codes {[p.exitcode for p in procs]}"
     assert all(p.exitcode == 0 for p in procs), why
 
-    single = state_of(tmp_path / "single")
+    single = final_state(tmp_path / "single")
     log1 = [json.loads(x)["loss"] for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
     for mode in runs:
-        other = state_of(tmp_path / mode)
+        other = final_state(tmp_path / mode)
         for k in single:
             torch.testing.assert_close(other[k], single[k], atol=5e-5, rtol=1e-4, msg=f"{mode}: {k}")
         log2 = [json.loads(x)["loss"] for x in (tmp_path / mode / "log.jsonl").read_text().splitlines()]
