@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _proxy_tuning
 from ._config_fit import TileConfigs, gemm_configs
+from ._proxy_tuning import tune_on_proxy_once
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -177,6 +179,8 @@ def clip_lse_forward_triton(
     """
     m, d = image.shape
     n = text.shape[0]
+    t = _proxy_tuning.TUNE_ROWS
+    tune_on_proxy_once("clip_fwd", image, (m, n), lambda: clip_lse_forward_triton(image[:t], text[:t], logit_scale))
     # G does not depend on the tuned BLOCK_M, so the workspace shape is fixed; programs left
     # without a row block keep their -inf row, which drops out of the logsumexp.
     g = max(1, min(_max_programs(image.device), triton.cdiv(m, _MIN_BLOCK_M)))
@@ -209,6 +213,11 @@ def clip_grad_chunk_triton(
     """
     rows, d = image_chunk.shape
     n = text.shape[0]
+    t_r, t_n = min(rows, _proxy_tuning.TUNE_ROWS), min(n, _proxy_tuning.TUNE_ROWS)
+    # The proxy writes into the top-left corner of g_out, which the full launch then overwrites.
+    tune_on_proxy_once("clip_bwd", image_chunk, (rows, n), lambda: clip_grad_chunk_triton(
+        image_chunk[:t_r], text[:t_n], logit_scale, row_lse[:t_r], col_lse[:t_n], row_coef[:t_r],
+        col_coef[:t_n], g_out[:t_r, :t_n]))
     parts = torch.zeros(triton.cdiv(rows, _MIN_BLOCK_M) * triton.cdiv(n, _MIN_BLOCK_N),
                         device=image_chunk.device, dtype=torch.float32)
 

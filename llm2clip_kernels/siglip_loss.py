@@ -25,7 +25,9 @@ import triton.language as tl
 
 from llm2clip_fast.ops._matmul import mm_fp32
 
+from . import _proxy_tuning
 from ._config_fit import TileConfigs, gemm_configs
+from ._proxy_tuning import capped_bucket, tune_on_proxy_once
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -164,8 +166,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _bucket(n: int) -> int:
-    # Autotune keys on powers of two so a new batch size does not re-tune every step.
-    return 1 << max(0, (int(n) - 1).bit_length())
+    # Autotune keys on powers of two so a new batch size does not re-tune every step, capped so
+    # that a proxy run on TUNE_ROWS rows tunes every larger size (see _proxy_tuning).
+    return capped_bucket(n)
 
 
 def _scalar_f32(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -182,6 +185,9 @@ def siglip_forward_rows(
     M, D = image.shape
     N = text.shape[0]
     device = image.device
+    t = _proxy_tuning.TUNE_ROWS
+    tune_on_proxy_once("siglip_fwd", image, (M, N),
+                       lambda: siglip_forward_rows(image[:t], text[:t], scale, bias, offset))
     n_blocks_min = triton.cdiv(N, _SPLIT_ALIGN)
     if _INTERPRET:
         splits = 1
@@ -231,6 +237,11 @@ def siglip_backward(
     s32 = _scalar_f32(scale, device)
     b32 = _scalar_f32(bias, device)
     chunk = _chunk_rows(M, N, image.element_size(), workspace_bytes)
+    # The proxy keeps the first chunk's row count, so its (M_BUCKET, N_BUCKET) key is the real one's.
+    p_rows = min(chunk, _proxy_tuning.TUNE_ROWS)
+    tune_on_proxy_once("siglip_bwd", image, (M, N), lambda: siglip_backward(
+        image[:p_rows], text[:_proxy_tuning.TUNE_ROWS], scale, bias,
+        row_weight if row_weight.dim() == 0 else row_weight[:p_rows], offset, workspace_bytes))
     work = torch.empty((chunk, N), device=device, dtype=image.dtype)
     d_image = torch.empty((M, D), device=device, dtype=torch.float32)
     d_text = torch.zeros((N, D), device=device, dtype=torch.float32)
