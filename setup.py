@@ -8,6 +8,7 @@ Environment:
 - ``LLM2CLIP_CUDA_ARCHS``: semicolon/comma separated compute capabilities for ``_cuda`` (default ``80;90``).
 - ``LLM2CLIP_SKIP_CUDA=1``: do not build ``_cuda`` even if nvcc is present.
 - ``CUDA_HOME``: where to look for nvcc first (else ``PATH``, else ``/usr/local/cuda``).
+- ``MAX_JOBS``: parallel compile jobs (default: the CPU count); with ninja, ``_C`` builds in parallel.
 
 Build with ``pip install --no-build-isolation -e .`` so the build uses the torch you already have.
 """
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import sysconfig
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -130,7 +132,7 @@ class BuildNativeExtensions(BuildExtension):
         gencode = []
         for a in cuda_archs():
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-        objects = []
+        objects, commands = [], []
         for src in ext.sources:
             src_path = ROOT / src
             obj = tmp / (src_path.name + ".o")
@@ -142,8 +144,13 @@ class BuildNativeExtensions(BuildExtension):
                 cmd = [cxx, "-c", "-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", *includes,
                        str(src_path), "-o", str(obj)]
             print(" ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
+            commands.append(cmd)
             objects.append(str(obj))
+        # Objects compile in parallel (MAX_JOBS, which torch's ninja build reads too).
+        with ThreadPoolExecutor(max_workers=build_jobs()) as pool:
+            for cmd, done in zip(commands, pool.map(lambda c: subprocess.run(c).returncode, commands)):
+                if done != 0:
+                    raise subprocess.CalledProcessError(done, cmd)
         cxx = os.environ.get("CXX", "g++")
         lib_dirs = [cuda_home / "lib64", cuda_home / "lib", cuda_home / "targets" / "x86_64-linux" / "lib"]
         link = [cxx, "-shared", "-o", str(out), *objects,
@@ -151,6 +158,17 @@ class BuildNativeExtensions(BuildExtension):
                 "-lcudart_static", "-lrt", "-ldl", "-lpthread"]
         print(" ".join(link), flush=True)
         subprocess.run(link, check=True)
+
+
+def build_jobs(raw: str | None = None) -> int:
+    """Parallel compile jobs: ``MAX_JOBS`` if set (torch's ninja build reads the same), else the CPU count."""
+    if raw is None:
+        raw = os.environ.get("MAX_JOBS")
+    if raw is None or not raw.strip():
+        return max(1, os.cpu_count() or 1)
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"MAX_JOBS={raw!r}: expected a positive whole number of parallel compile jobs")
+    return int(raw)
 
 
 def cuda_build_decision(skip_env: str | None, nvcc: str | None) -> tuple[bool, str]:
@@ -213,6 +231,8 @@ if __name__ == "__main__":
         # bitsandbytes imports the PyPI package of that name, printing a load failure on every run.
         package_dir={"llm2clip_fast": "llm2clip_fast", "llm2clip_fast.kernels": "llm2clip_kernels"},
         ext_modules=native_extensions(),
-        cmdclass={"build_ext": BuildNativeExtensions.with_options(use_ninja=False)},
+        # ninja compiles _C's sources in parallel (MAX_JOBS); without ninja torch warns and builds them
+        # one by one. scripts/bootstrap.sh installs it.
+        cmdclass={"build_ext": BuildNativeExtensions.with_options(use_ninja=True)},
         zip_safe=False,
     )

@@ -1,4 +1,4 @@
-"""One-shot GPU check: is every GPU path right, and how fast is it (under 8 minutes on one H200).
+"""One-shot GPU check: is every GPU path right, and how fast is it (under 8.5 minutes on one H200).
 
     pip install --no-build-isolation --no-deps -e .      # on a fresh box: builds _C and _cuda
     python bench/gpu_check.py --out gpu_check_out        # the check (CUDA)
@@ -11,19 +11,22 @@ is regenerated after every stage, so a run cut short still reports everything it
 Stages (timeouts in seconds, CUDA run; the optional ones run only if the overall budget still allows):
 
 ==============  =====  ====================================================================================
-env             15     GPU name, clocks, versions, ``python -m llm2clip_fast.info``
-correctness     110    first calls in a fresh process (autotune defects show there), forced Triton: CLIP and
+env             20     GPU name, clocks, versions, ``python -m llm2clip_fast.info``
+correctness     85     first calls in a fresh process (autotune defects show there), forced Triton: CLIP and
                        SigLIP at B=8192, D=1024 in bf16 and fp16, adapter 4096->1280, masked mean pool
                        (triton and cuda); loss and every gradient against float64 on the same inputs, and
                        the distributed losses' single-rank path against the plain ones
-gpu_tests       65     ``pytest -m gpu`` on the test files that carry the marker, per-test time limit
-loss_speed      60     bf16 matmul rate (8192^3); fused CLIP and SigLIP fwd+bwd at B=65536, D=1024 bf16
+gpu_tests       110    ``pytest -m gpu`` on the test files that carry the marker, per-test time limit
+loss_speed      35     bf16 matmul rate (8192^3); fused CLIP and SigLIP fwd+bwd at B=65536, D=1024 bf16
                        (CUDA events, median of 5, fwd/bwd/total, TFLOP/s with 8*B^2*D and as a fraction of
                        the measured matmul rate) against the materialised OpenCLIP-style losses
-clip_1m         70     CLIP at B=1,048,576, D=1024 bf16: finite loss and gradients, peak memory, time; row
+clip_1m         60     CLIP at B=1,048,576, D=1024 bf16: finite loss and gradients, peak memory, time; row
                        and column log-sum-exp recomputed with torch for sampled rows (first, random, last)
-adapter_speed   80     adapter 4096->1280 (4 blocks x2, bf16 autocast) fused vs eager vs torch.compile at
+adapter_speed   85     adapter 4096->1280 (4 blocks x2, bf16 autocast) fused vs eager vs torch.compile at
                        batch 8192 and 32768: fwd+bwd time and activation memory
+adapter_kernels 30     optional: each fused adapter kernel (LN-on-load GEMM + GELU, GEMM + residual, the
+                       LN/GELU backward, the weight gradients, the LayerNorm backward) against the torch /
+                       cuBLAS ops that compute the same thing, at one block's shapes (B=8192, 4096 -> 8192)
 models          70     optional: embedding throughput of an 8B-shaped random Llama (bf16; int8 only where
                        bitsandbytes is installed) and a stage-2 step on ViT-L/14 with cached (random)
                        embeddings at batch 1024. Random weights from configs; nothing is downloaded.
@@ -87,7 +90,7 @@ if __package__ in (None, ""):
 
 SCHEMA = "llm2clip_fast.gpu_check/1"
 INSTALL = "pip install --no-build-isolation --no-deps -e ."
-TOTAL_BUDGET_S = 470.0  # the sum of the stage timeouts below: the whole run stays under 8 minutes
+TOTAL_BUDGET_S = 495.0  # the sum of the stage timeouts below: the whole run stays under 8.5 minutes
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,13 @@ class Stage:
 
 
 STAGES = [
-    Stage("env", "environment: GPU, clocks, versions, llm2clip_fast.info", 15, 60),
-    Stage("correctness", "first-call correctness vs float64: losses, adapter, pool, distributed", 110, 120),
-    Stage("gpu_tests", "pytest -m gpu with a per-test time limit", 65, 120),
-    Stage("loss_speed", "matmul rate; fused vs materialised CLIP/SigLIP fwd+bwd", 60, 90),
-    Stage("clip_1m", "CLIP at B=1,048,576: finite, peak memory, sampled LSE check", 70, 60),
-    Stage("adapter_speed", "adapter fused vs eager vs torch.compile: time and activation memory", 80, 120),
+    Stage("env", "environment: GPU, clocks, versions, llm2clip_fast.info", 20, 60),
+    Stage("correctness", "first-call correctness vs float64: losses, adapter, pool, distributed", 85, 120),
+    Stage("gpu_tests", "pytest -m gpu with a per-test time limit", 110, 120),
+    Stage("loss_speed", "matmul rate; fused vs materialised CLIP/SigLIP fwd+bwd", 35, 90),
+    Stage("clip_1m", "CLIP at B=1,048,576: finite, peak memory, sampled LSE check", 60, 60),
+    Stage("adapter_speed", "adapter fused vs eager vs torch.compile: time and activation memory", 85, 120),
+    Stage("adapter_kernels", "each fused adapter kernel vs the torch ops it replaces", 30, 90, optional=True),
     Stage("models", "8B-shaped Llama embedding throughput; ViT-L/14 stage-2 step", 70, 120, optional=True),
 ]
 
@@ -137,7 +141,8 @@ class Recorder:
         self.doc["notes"].append(text)
         self.flush()
 
-    def add(self, name: str, status: str, note: str = "", **metrics: Any) -> None:
+    def add(self, name: str, status: str, note: str = "", /, **metrics: Any) -> None:
+        # positional-only: a metric may itself be called name, status or note (the GPU's name)
         clean = {k: _jsonable(v) for k, v in metrics.items()}
         print(f"{status:7s} {name}: {clean} {note}", flush=True)
         self.doc["results"].append({"name": name, "status": status, "metrics": clean, "note": note})
@@ -736,6 +741,71 @@ def stage_adapter_speed(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> N
         rec.attempt(f"adapter {impl} B={b} {d}->{n}", run)
 
 
+def stage_adapter_kernels(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
+    """Each fused adapter kernel against the torch/cuBLAS ops that compute the same, at one block's shapes."""
+    import torch
+    import torch.nn.functional as F
+    from llm2clip_fast.kernels import adapter as K
+
+    b, d = sizes.adapter_batches[0], sizes.adapter_d
+    h = 2 * d
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(7)
+
+    def rnd(*shape: int, scale: float = 1.0, dtype: Any = dt) -> Any:
+        return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dtype)
+
+    x, dy = rnd(b, d), rnd(b, d)
+    ln_w, ln_b = rnd(d, scale=0.1, dtype=torch.float32) + 1, rnd(d, scale=0.1, dtype=torch.float32)
+    w1, b1 = rnd(h, d, scale=d ** -0.5), rnd(h, scale=0.1, dtype=torch.float32)
+    w2, b2 = rnd(d, h, scale=h ** -0.5), rnd(d, scale=0.1, dtype=torch.float32)
+    mean, rstd, _ = K.row_stats(x, 1e-5)
+    dz, hh = K.ln_gelu_bwd(x, mean, rstd, ln_w, ln_b, w1, b1, dy, w2)
+
+    def ln_x() -> Any:
+        return F.layer_norm(x.float(), (d,), ln_w, ln_b, 1e-5).to(dt)
+
+    def torch_ln_gelu_bwd() -> Any:
+        z = F.linear(ln_x(), w1, b1.to(dt)).float()
+        dh = (dy @ w2).float()
+        cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
+        return (dh * (cdf + z * pdf)).to(dt), (z * cdf).to(dt)
+
+    gemm = 2 * b * d * h
+    cases: list[tuple[str, float, Callable[[], Any], Callable[[], Any]]] = [
+        ("fc1: LN-on-load GEMM + bias + GELU", gemm,
+         lambda: K.fused_linear(x, w1, b1, out_dtype=dt, ln=(mean, rstd, ln_w, ln_b), gelu=True),
+         lambda: F.gelu(F.linear(ln_x(), w1, b1.to(dt)))),
+        ("fc2: GEMM + bias + residual", gemm,
+         lambda: K.fused_linear(hh, w2, b2, out_dtype=dt, residual=x),
+         lambda: F.linear(hh, w2, b2.to(dt)) + x),
+        ("ln_gelu_bwd: recompute z, dy @ W2, GELU'", 2 * gemm,
+         lambda: K.ln_gelu_bwd(x, mean, rstd, ln_w, ln_b, w1, b1, dy, w2), torch_ln_gelu_bwd),
+        ("weight_grad dW1 (LN-on-load)", gemm,
+         lambda: K.weight_grad(dz, x, dot_dtype=dt, ln=(mean, rstd, ln_w, ln_b)),
+         lambda: (dz.t() @ ln_x(), dz.float().sum(0))),
+        ("weight_grad dW2", gemm, lambda: K.weight_grad(dy, hh, dot_dtype=dt),
+         lambda: (dy.t() @ hh, dy.float().sum(0))),
+        ("dLN = dz @ W1 (torch.mm in both)", gemm, lambda: torch.mm(dz, w1), lambda: torch.mm(dz, w1)),
+        ("layernorm_bwd + residual", 0.0,
+         lambda: K.layernorm_bwd(x, mean, rstd, ln_w, dy, dres=dy),
+         lambda: torch.autograd.grad(F.layer_norm(xr, (d,), ln_w, ln_b, 1e-5), (xr,), dy.float())),
+    ]
+    xr = x.float().requires_grad_()
+    reps = 2 if quick else 10
+    for name, flops, fused, ref in cases:
+        def run(fused: Callable[[], Any] = fused, ref: Callable[[], Any] = ref, flops: float = flops) -> dict:
+            t_fused, t_ref = Timer(dev).split([fused, ref], reps=reps)
+            m: dict[str, Any] = {"fused_ms": t_fused, "torch_ms": t_ref, "fused_over_torch": t_fused / t_ref}
+            if flops:
+                m["fused_tflops"] = flops / t_fused / 1e9
+                m["torch_tflops"] = flops / t_ref / 1e9
+            return m
+
+        rec.attempt(f"{name} B={b} d={d} h={h}", run)
+
+
 # ------------------------------------------------------------------------------------------------
 # stage: models
 
@@ -831,7 +901,7 @@ def stage_models(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
 STAGE_FUNCS: dict[str, Callable[[Recorder, Any, Sizes, bool], None]] = {
     "env": stage_env, "correctness": stage_correctness, "gpu_tests": stage_gpu_tests,
     "loss_speed": stage_loss_speed, "clip_1m": stage_clip_1m, "adapter_speed": stage_adapter_speed,
-    "models": stage_models,
+    "adapter_kernels": stage_adapter_kernels, "models": stage_models,
 }
 
 

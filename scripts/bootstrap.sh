@@ -16,7 +16,8 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   # the torch you want into .venv first (e.g. a CUDA build) and this step leaves it alone.
   "${PIP[@]}" install -c requirements/pins.txt "torch==2.13.0"
 fi
-"${PIP[@]}" install -q -c requirements/pins.txt setuptools pybind11
+# ninja: torch builds _C's sources in parallel with it (MAX_JOBS), one by one without.
+"${PIP[@]}" install -q -c requirements/pins.txt setuptools pybind11 ninja
 # --no-build-isolation: build against the torch just installed, not a freshly fetched one.
 "${PIP[@]}" install -q -c requirements/pins.txt --no-build-isolation -e ".[test]"
 .venv/bin/python -m llm2clip_fast.info | sed -n '/^extensions:/,/^$/p'

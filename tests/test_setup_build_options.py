@@ -68,3 +68,21 @@ def test_native_extensions_follow_the_environment(setup_py, monkeypatch, capsys)
     monkeypatch.setattr(setup_py, "find_nvcc", lambda: None)
     with pytest.warns(UserWarning, match="nvcc not found"):
         assert [e.name for e in setup_py.native_extensions()] == ["llm2clip_fast._C"]
+
+
+@pytest.mark.parametrize("raw,want", [("4", 4), (" 16 ", 16), ("1", 1)])
+def test_build_jobs_reads_max_jobs(setup_py, raw, want):
+    assert setup_py.build_jobs(raw) == want
+
+
+def test_build_jobs_defaults_to_the_cpu_count(setup_py, monkeypatch):
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    assert setup_py.build_jobs() >= 1
+    assert setup_py.build_jobs("") == setup_py.build_jobs()
+
+
+@pytest.mark.parametrize("raw", ["0", "-2", "four", "2.5"])
+def test_build_jobs_rejects_bad_values(setup_py, raw):
+    with pytest.raises(ValueError, match="MAX_JOBS"):
+        setup_py.build_jobs(raw)
+
