@@ -9,6 +9,8 @@ Implementations (same weights):
   cannot serve raises, so a missing kernel module fails the point instead of timing the torch path);
   on CPU it uses automatic dispatch, which is the torch path (the fused kernels are GPU-only), so there
   it measures the dispatch overhead only. Each row's ``backend`` is what the op recorded it ran on.
+- ``recompute``: :class:`TextAdapter` forced to the ``recompute`` backend (torch ops, per-block
+  activation checkpointing): the fused path's saved-activation profile at cuBLAS speed.
 - ``eager``: :class:`TextAdapterReference` (nn.LayerNorm / nn.Linear / nn.GELU).
 - ``compile``: ``torch.compile(TextAdapterReference)``.
 
@@ -16,9 +18,10 @@ Each point runs in a fresh process. Reported: forward time (inference, no autogr
 backward time, model TFLOP/s and their share of this machine's measured matmul rate, the activation
 memory of one training step (CUDA: peak allocated during forward+backward minus what was allocated
 before: weights, their gradients and the input; CPU: peak RSS above the same baseline), and the bytes
-the autograd graph holds after forward (eager and fused: ``saved_tensors_hooks``; not for compile).
+the autograd graph holds after forward (``saved_tensors_hooks``; not for compile).
 FLOPs counted: forward ``2*B*(blocks*2*d*h + d*out)``, forward+backward three times that; the fused
-backward recomputes the first GEMM of each block (one more ``2*B*d*h`` per block) that is not credited.
+backward recomputes the first GEMM of each block (one more ``2*B*d*h`` per block), recompute both GEMMs
+of each block: neither is credited.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from bench._common import (
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-IMPLS = ("fused", "eager", "compile")
+IMPLS = ("fused", "recompute", "eager", "compile")
 
 
 def adapter_flops(batch: int, dim: int, out_dim: int, num_blocks: int, expansion: int) -> int:
@@ -87,6 +90,9 @@ def point(impl: str, batch: int, dim: int, out_dim: int, num_blocks: int, expans
     if impl == "fused":
         model = TextAdapter(dim, out_dim, num_blocks=num_blocks, expansion=expansion,
                             backend=fused_backend or ("triton" if dev.type == "cuda" else None)).to(dev)
+    elif impl == "recompute":
+        model = TextAdapter(dim, out_dim, num_blocks=num_blocks, expansion=expansion,
+                            backend="recompute").to(dev)
     else:
         model = TextAdapterReference(dim, out_dim, num_blocks=num_blocks, expansion=expansion).to(dev)
     low = DTYPES[dtype]
@@ -126,7 +132,8 @@ def point(impl: str, batch: int, dim: int, out_dim: int, num_blocks: int, expans
         mark_memory_baseline()
         fwd_bwd()  # the parent reads peak_above_baseline_mb
     # What the op recorded it ran on; the reference modules never call it (plain nn.Module code).
-    result["backend"] = _backend.last_selected("text_adapter") if impl == "fused" else "torch (nn.Module)"
+    result["backend"] = (_backend.last_selected("text_adapter") if impl in ("fused", "recompute")
+                         else "torch (nn.Module)")
     return result
 
 

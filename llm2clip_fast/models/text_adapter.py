@@ -105,7 +105,7 @@ class TextAdapter(_TextAdapterLayout):
 
     ``TextAdapter(in_dim, out_dim, num_blocks=4, expansion=2, dropout=0.0)``;
     ``forward(x)``: x (B, in_dim) any float dtype -> (B, out_dim). ``backend`` (constructor) forces a
-    backend of the ``text_adapter`` op ("triton" or "torch"); None lets dispatch choose.
+    backend of the ``text_adapter`` op ("torch", "recompute" or "triton"); None lets dispatch choose.
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int = 4, expansion: int = 2,
