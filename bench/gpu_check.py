@@ -534,14 +534,34 @@ def gpu_test_files() -> list[str]:
     return files
 
 
-def stage_gpu_tests(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
-    import xml.etree.ElementTree as ET
+class _LiveTestResults:
+    """pytest plugin: one result row per test as it finishes, so a stage killed at its limit still
+    shows every test that ran (the first H200 run lost all of them to an end-of-run junit report)."""
 
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+
+    def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
+        print(f"\nstart {nodeid}", flush=True)  # the stage log then names a test that hangs
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        # One row per test: its call phase, or the setup/teardown phase that skipped or failed it.
+        if report.when == "call" or (report.when != "call" and (report.skipped or report.failed)):
+            if report.skipped:
+                reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+                self.rec.add(report.nodeid, "skipped", str(reason)[:200], time_s=report.duration)
+            elif report.failed:
+                self.rec.add(report.nodeid, "fail", str(report.longreprtext)[-400:], time_s=report.duration,
+                             phase=report.when)
+            else:
+                self.rec.add(report.nodeid, "ok", time_s=report.duration)
+
+
+def stage_gpu_tests(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
     files = gpu_test_files()
     if not files:
         rec.add("pytest -m gpu", "skipped", note="no test file carries the gpu marker")
         return
-    xml_path = rec.path.parent / "gpu_tests.junit.xml"
     # The per-test limit comes from bench/_pytest_time_limit.py (SIGALRM in the test's thread): a
     # test stuck in Python fails with TimeoutError; one stuck inside a kernel is caught by the
     # stage's own time limit.
@@ -549,25 +569,11 @@ def stage_gpu_tests(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
 
     os.environ["LLM2CLIP_TEST_TIME_LIMIT_S"] = str(_PER_TEST_TIMEOUT_S)
     args = ["-q", "-m", "gpu", "-p", "bench._pytest_time_limit", "-p", "no:cacheprovider",
-            f"--junitxml={xml_path}", "-o", "addopts=", *files]
+            "-o", "addopts=", *files]
     rec.note(f"per-test limit {_PER_TEST_TIMEOUT_S:.0f} s; files: {', '.join(files)}")
     os.chdir(REPO_ROOT)
     # In this process (already the stage's own): its output goes to the stage log.
-    returncode = int(pytest.main(args))
-    if not xml_path.exists():
-        rec.add("pytest -m gpu", "error", note="pytest wrote no report; see gpu_tests.log",
-                returncode=returncode)
-        return
-    for case in ET.parse(xml_path).getroot().iter("testcase"):
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        t = float(case.get("time", 0.0))
-        if case.find("skipped") is not None:
-            rec.add(name, "skipped", note=(case.find("skipped").get("message") or "")[:200], time_s=t)
-        elif case.find("failure") is not None or case.find("error") is not None:
-            el = case.find("failure") if case.find("failure") is not None else case.find("error")
-            rec.add(name, "fail", note=(el.get("message") or "")[:400], time_s=t)
-        else:
-            rec.add(name, "ok", time_s=t)
+    returncode = int(pytest.main(args, plugins=[_LiveTestResults(rec)]))
     # pytest: 0 all passed, 5 nothing collected (every gpu test deselected); anything else failed.
     rec.add("pytest exit", "ok" if returncode in (0, 5) else "fail", returncode=returncode)
 
@@ -717,7 +723,7 @@ def stage_adapter_speed(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> N
 
     if quick:
         rec.note("quick: torch.compile is not measured (CPU code generation takes minutes on 2 cores)")
-    order = [("fused", b) for b in sizes.adapter_batches] + [("eager", b) for b in sizes.adapter_batches]
+    order = [(impl, b) for impl in ("fused", "recompute", "eager") for b in sizes.adapter_batches]
     if not quick:
         order += [("compile", b) for b in sizes.adapter_batches]  # dearest last: compilation
     d, n = sizes.adapter_d, sizes.adapter_out
