@@ -87,7 +87,7 @@ class NvccPybindExtension(Extension):
 
 
 class BuildNativeExtensions(BuildExtension):
-    """torch's BuildExtension for ``_C``; a hand-driven nvcc + g++ build of ``_cuda`` that may fail softly."""
+    """torch's BuildExtension for ``_C``; a hand-driven nvcc + C++ build of ``_cuda`` that may fail softly."""
 
     def build_extensions(self) -> None:
         # torch's BuildExtension drives the C++ extension; the nvcc module is built afterwards and
@@ -140,7 +140,7 @@ class BuildNativeExtensions(BuildExtension):
                 cmd = [nvcc, "-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
                        *gencode, *includes, str(src_path), "-o", str(obj)]
             else:
-                cxx = os.environ.get("CXX", "g++")
+                cxx = host_compiler()
                 cmd = [cxx, "-c", "-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", *includes,
                        str(src_path), "-o", str(obj)]
             print(" ".join(cmd), flush=True)
@@ -151,13 +151,20 @@ class BuildNativeExtensions(BuildExtension):
             for cmd, done in zip(commands, pool.map(lambda c: subprocess.run(c).returncode, commands)):
                 if done != 0:
                     raise subprocess.CalledProcessError(done, cmd)
-        cxx = os.environ.get("CXX", "g++")
-        lib_dirs = [cuda_home / "lib64", cuda_home / "lib", cuda_home / "targets" / "x86_64-linux" / "lib"]
+        cxx = host_compiler()
+        # targets/<arch>-linux/lib: x86_64-linux, sbsa-linux (Arm servers), aarch64-linux (Jetson).
+        lib_dirs = [cuda_home / "lib64", cuda_home / "lib", *sorted((cuda_home / "targets").glob("*/lib"))]
         link = [cxx, "-shared", "-o", str(out), *objects,
                 *[f"-L{d}" for d in lib_dirs if d.is_dir()],
                 "-lcudart_static", "-lrt", "-ldl", "-lpthread"]
         print(" ".join(link), flush=True)
         subprocess.run(link, check=True)
+
+
+def host_compiler() -> str:
+    """The C++ compiler for ``_cuda``'s host files and link: ``CXX``, else Python's own, else ``c++``."""
+    configured = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or ""
+    return configured.split()[0] if configured.split() else "c++"
 
 
 def build_jobs(raw: str | None = None) -> int:

@@ -18,6 +18,7 @@ Expected failures print one line ``llm2clip_fast.train CMD: error: ...`` on stde
   6  a damaged embedding cache, or one built from other captions than the data's
   7  too much bad data (more than --max-bad-fraction of the samples)
   8  the loss became inf/nan
+  9  a package the trainer needs is not installed (pip install 'llm2clip_fast[train]')
   130 interrupted (Ctrl-C)
 
 Anything else is a bug and shows its traceback (exit 1). ``--debug`` (anywhere on the command line) or
@@ -31,6 +32,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from .dependencies import MissingDependencyError, require_train_packages
 
 SUBCOMMANDS = {
     "pipeline": "run every stage on the built-in demo set (the default)",
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    if wanted is not None:
+        # Before the sub-command's module is imported: a missing package is one clear line, not a
+        # traceback from deep inside the data or model modules.
+        require_train_packages(f"python -m llm2clip_fast.train {wanted}")
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == wanted:
@@ -62,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_code_for(exc: BaseException) -> int | None:
     """The documented exit code of an expected failure (see the module docstring), None for a bug."""
+    # Answered before the imports below, which need the very packages that may be missing.
+    if isinstance(exc, MissingDependencyError):
+        return 9
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
     from ..data.bad_data import BadDataError
     from ..data.embedding_cache import CacheCorruptError, StaleCacheError
     from .checkpoint import CheckpointError

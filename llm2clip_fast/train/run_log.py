@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -23,6 +24,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .atomic_files import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -146,13 +149,19 @@ class TrainProgress:
 
 
 def plot_loss_curve(log_path: str | os.PathLike[str], png_path: str | os.PathLike[str], *,
-                    key: str = "loss", title: str | None = None) -> Path:
+                    key: str = "loss", title: str | None = None) -> Path | None:
     """Draw ``key`` (and ``lr`` on a second axis, if logged) against ``step`` from a JSON-lines log.
 
     Only records that have both ``step`` and a finite numeric ``key`` are drawn. Raises ValueError
-    when there is none. Returns the PNG path.
+    when there is none. Returns the PNG path, or None (with a logged warning) when matplotlib is not
+    installed: the plot is a convenience, and a run must still write its summary after the model.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed: no %s (pip install matplotlib, or "
+                       "'llm2clip_fast[train]')", Path(png_path).name)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
