@@ -349,3 +349,17 @@ def test_gpu_fp32_matches_reference(monkeypatch):
     torch.testing.assert_close(y, y_ref, atol=1e-4, rtol=1e-4)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4 * max(b.abs().max().item(), 1.0), rtol=1e-4)
+
+
+def test_saved_state_is_unpacked_by_name_and_a_misaligned_layout_is_an_error():
+    saved_cls = adapter_ops._SavedForBackward
+    t = [torch.full((1,), float(i)) for i in range(1 + 3 * 3 + 6 * 2 + 4)]  # 2 blocks
+    st = saved_cls.from_flat(t, num_blocks=2)
+    assert st.norm0 is t[0] and st.inputs == t[1:4] and st.means == t[4:7] and st.rstds == t[7:10]
+    assert st.flat() == t
+    blocks, head = adapter_ops._split_weights(st.weights, 2)
+    assert [len(b) for b in blocks] == [6, 6] and len(head) == 4 and head[0] is t[22]
+    with pytest.raises(RuntimeError, match="saved tensors for 3 blocks"):
+        saved_cls.from_flat(t, num_blocks=3)
+    with pytest.raises(RuntimeError, match="weight tensors for 1 blocks"):
+        adapter_ops._split_weights(st.weights, 1)

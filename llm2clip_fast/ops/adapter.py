@@ -32,6 +32,7 @@ Forcing: ``backend=`` argument, ``LLM2CLIP_BACKEND_TEXT_ADAPTER``, or ``LLM2CLIP
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -177,14 +178,56 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+_BLOCK_TENSORS = 6  # ln_w, ln_b, w1, b1, w2, b2
+_HEAD_TENSORS = 4  # ln_w, ln_b, w, b
+
+
+def _split_weights(weights: Sequence[torch.Tensor],
+                   num_blocks: int) -> tuple[list[BlockWeights], HeadWeights]:
+    """The flat weight list autograd sees, back into per-block tuples and the head tuple."""
+    want = _BLOCK_TENSORS * num_blocks + _HEAD_TENSORS
+    if len(weights) != want:
+        raise RuntimeError(f"fused adapter: {len(weights)} weight tensors for {num_blocks} blocks, "
+                           f"expected {want}")
+    blocks = [tuple(weights[_BLOCK_TENSORS * i: _BLOCK_TENSORS * (i + 1)]) for i in range(num_blocks)]
+    return blocks, tuple(weights[_BLOCK_TENSORS * num_blocks:])  # type: ignore[return-value]
+
+
+@dataclass
+class _SavedForBackward:
+    """What the fused forward keeps, by name. ``inputs``, ``means`` and ``rstds`` have one entry per block
+    plus one for the head (the head's input is the last block's output); ``norm0`` is the raw input's L2
+    norm (the first LayerNorm's statistics fold it in)."""
+
+    norm0: torch.Tensor
+    inputs: list[torch.Tensor]
+    means: list[torch.Tensor]
+    rstds: list[torch.Tensor]
+    weights: list[torch.Tensor]
+
+    def flat(self) -> list[torch.Tensor]:
+        return [self.norm0, *self.inputs, *self.means, *self.rstds, *self.weights]
+
+    @classmethod
+    def from_flat(cls, saved: Sequence[torch.Tensor], num_blocks: int) -> _SavedForBackward:
+        n = num_blocks + 1  # stages: the blocks and the head
+        want = 1 + 3 * n + _BLOCK_TENSORS * num_blocks + _HEAD_TENSORS
+        if len(saved) != want:
+            raise RuntimeError(f"fused adapter: {len(saved)} saved tensors for {num_blocks} blocks, "
+                               f"expected {want}")
+        return cls(norm0=saved[0], inputs=list(saved[1: 1 + n]), means=list(saved[1 + n: 1 + 2 * n]),
+                   rstds=list(saved[1 + 2 * n: 1 + 3 * n]), weights=list(saved[1 + 3 * n:]))
+
+
 class FusedTextAdapterFunction(torch.autograd.Function):
     """Autograd around the fused kernels of :mod:`llm2clip_fast.kernels.adapter`.
 
-    Saved for backward: the input x (B, d) and every later block input (B, d) in x's dtype, the row
-    statistics (fp32 mean and rstd per LayerNorm, the input's L2 norm), and the weights (references,
-    not copies). The LayerNorm outputs, pre-GELU and GELU activations are recomputed in backward.
-    Weight gradients come from ``_weight_grad_kernel`` (LayerNorm-on-load, bias gradient fused); the
-    input-gradient GEMMs ``dz @ W1`` and ``dout @ Wp`` are torch.mm: their epilogue is plain.
+    Saved for backward (:class:`_SavedForBackward`): the input x (B, d) and every later block input
+    (B, d) in x's dtype, the row statistics (fp32 mean and rstd per LayerNorm, the input's L2 norm),
+    and the weights (references, not copies). The LayerNorm outputs, pre-GELU and GELU activations are
+    recomputed in backward. Weight gradients come from ``_weight_grad_kernel`` (LayerNorm-on-load, bias
+    gradient fused); the input-gradient GEMMs ``dz @ W1`` and ``dout @ Wp`` are torch.mm: their epilogue
+    is plain.
     """
 
     @staticmethod
@@ -194,12 +237,12 @@ class FusedTextAdapterFunction(torch.autograd.Function):
 
         x = x.contiguous()
         weights = tuple(w.contiguous() for w in weights)
+        blocks, (lnf_w, lnf_b, wp, bp) = _split_weights(weights, num_blocks)
         # keep=False (no autograd graph will be built: inference) drops block inputs once used.
         mean, rstd, norm0 = K.row_stats(x, ln_eps, l2_eps)
         inputs, means, rstds = [x], [mean], [rstd]
         cur = x
-        for i in range(num_blocks):
-            ln_w, ln_b, w1, b1, w2, b2 = weights[6 * i: 6 * i + 6]
+        for i, (ln_w, ln_b, w1, b1, w2, b2) in enumerate(blocks):
             h = K.fused_linear(cur, w1.to(dot_dtype), b1, out_dtype=dot_dtype, ln=(mean, rstd, ln_w, ln_b),
                                gelu=True)
             cur = K.fused_linear(h, w2.to(dot_dtype), b2, out_dtype=x.dtype, residual=cur,
@@ -210,10 +253,9 @@ class FusedTextAdapterFunction(torch.autograd.Function):
                 inputs.append(cur)
                 means.append(mean)
                 rstds.append(rstd)
-        lnf_w, lnf_b, wp, bp = weights[6 * num_blocks:]
         out = K.fused_linear(cur, wp.to(dot_dtype), bp, out_dtype=dot_dtype, ln=(mean, rstd, lnf_w, lnf_b))
         if keep:
-            ctx.save_for_backward(norm0, *inputs, *means, *rstds, *weights)
+            ctx.save_for_backward(*_SavedForBackward(norm0, inputs, means, rstds, list(weights)).flat())
         ctx.num_blocks = num_blocks
         ctx.dot_dtype = dot_dtype
         ctx.l2_eps = l2_eps
@@ -224,25 +266,19 @@ class FusedTextAdapterFunction(torch.autograd.Function):
         from ..kernels import adapter as K
 
         nb, cd, l2_eps = ctx.num_blocks, ctx.dot_dtype, ctx.l2_eps
-        saved = ctx.saved_tensors
-        norm0 = saved[0]
-        inputs = saved[1: nb + 2]
-        means = saved[nb + 2: 2 * nb + 3]
-        rstds = saved[2 * nb + 3: 3 * nb + 4]
-        weights = saved[3 * nb + 4:]
-        grads: list[torch.Tensor | None] = [None] * len(weights)
+        st = _SavedForBackward.from_flat(ctx.saved_tensors, nb)
+        blocks, (lnf_w, lnf_b, wp, _) = _split_weights(st.weights, nb)
         dout = dout.contiguous().to(cd)
 
-        lnf_w, lnf_b, wp, _ = weights[6 * nb:]
-        xn, mean, rstd = inputs[nb], means[nb], rstds[nb]
+        xn, mean, rstd = st.inputs[nb], st.means[nb], st.rstds[nb]
         dwp, dbp = K.weight_grad(dout, xn, dot_dtype=cd, ln=(mean, rstd, lnf_w, lnf_b))
         dln = torch.mm(dout, wp.to(cd))
-        g, dlnf_w, dlnf_b = K.layernorm_bwd(xn, mean, rstd, lnf_w, dln, norm=norm0 if nb == 0 else None,
+        g, dlnf_w, dlnf_b = K.layernorm_bwd(xn, mean, rstd, lnf_w, dln, norm=st.norm0 if nb == 0 else None,
                                             l2_eps=l2_eps)
-        grads[6 * nb:] = [dlnf_w, dlnf_b, dwp, dbp]
+        block_grads: list[list[torch.Tensor]] = [[] for _ in range(nb)]
         for i in reversed(range(nb)):
-            ln_w, ln_b, w1, b1, w2, _ = weights[6 * i: 6 * i + 6]
-            xi, mean, rstd = inputs[i], means[i], rstds[i]
+            ln_w, ln_b, w1, b1, w2, _ = blocks[i]
+            xi, mean, rstd = st.inputs[i], st.means[i], st.rstds[i]
             w1c = w1.to(cd)
             dz, h = K.ln_gelu_bwd(xi, mean, rstd, ln_w, ln_b, w1c, b1, g, w2.to(cd))
             dw2, db2 = K.weight_grad(g, h, dot_dtype=cd)
@@ -251,10 +287,11 @@ class FusedTextAdapterFunction(torch.autograd.Function):
             dln = torch.mm(dz, w1c)
             del dz
             g, dln_w, dln_b = K.layernorm_bwd(xi, mean, rstd, ln_w, dln, dres=g,
-                                              norm=norm0 if i == 0 else None, l2_eps=l2_eps)
-            grads[6 * i: 6 * i + 6] = [dln_w, dln_b, dw1, db1, dw2, db2]
-        grads = [gr.to(w.dtype) for gr, w in zip(grads, weights)]
-        return (g.to(inputs[0].dtype), None, None, None, None, None, *grads)
+                                              norm=st.norm0 if i == 0 else None, l2_eps=l2_eps)
+            block_grads[i] = [dln_w, dln_b, dw1, db1, dw2, db2]
+        grads = [gr for bg in block_grads for gr in bg] + [dlnf_w, dlnf_b, dwp, dbp]
+        grads = [gr.to(w.dtype) for gr, w in zip(grads, st.weights)]
+        return (g.to(st.inputs[0].dtype), None, None, None, None, None, *grads)
 
 
 # Dynamo should not trace into the autotuned launches: under torch.compile the fused op runs as is.
