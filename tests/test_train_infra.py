@@ -20,8 +20,6 @@ from llm2clip_fast.train.optim import (
     build_scheduler,
     clip_grad_norm,
     is_no_decay,
-    layerwise_lr_multipliers,
-    vision_layer_id,
 )
 from llm2clip_fast.train.run_log import JsonlLog, TrainProgress, plot_loss_curve, read_jsonl
 
@@ -180,25 +178,6 @@ def test_param_groups_decay_and_multipliers():
         assert by_name[n]["weight_decay"] == 0.0 and by_name[n]["lr"] == 1.0
     with pytest.raises(ValueError, match="no trainable"):
         adamw_param_groups([], 0.1, lr=1.0)
-
-
-def test_layerwise_lr_decay_on_clip_vision_tower():
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    cfg = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=16, patch_size=8)
-    tower = CLIPVisionModel(cfg)
-    mult = layerwise_lr_multipliers(tower, 0.5, prefix="vision.")
-    assert mult["vision.embeddings.patch_embedding.weight"] == 0.5 ** 4
-    assert mult["vision.pre_layrnorm.weight"] == 0.5 ** 4
-    assert mult["vision.encoder.layers.0.mlp.fc1.weight"] == 0.5 ** 3
-    assert mult["vision.encoder.layers.2.self_attn.q_proj.bias"] == 0.5 ** 1
-    assert mult["vision.post_layernorm.weight"] == 1.0
-    assert vision_layer_id("vit.encoder.layer.4.output.dense.weight", 12) == 5
-    assert vision_layer_id("vit.layers.4.attention.query.weight", 12) == 5  # transformers 5 ViTModel
-    assert vision_layer_id("head.weight", 12) == 13
-    with pytest.raises(ValueError, match="decay"):
-        layerwise_lr_multipliers(tower, 0.0)
 
 
 def test_clip_grad_norm():

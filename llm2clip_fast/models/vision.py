@@ -190,10 +190,6 @@ class VisionTower(nn.Module):
             raise RuntimeError(f"cannot find the transformer layers of this {self.kind!r} tower")
         return layers
 
-    def layer_classes(self) -> set[type[nn.Module]]:
-        """Module class(es) of one transformer layer (the unit FSDP shards)."""
-        return {type(layer) for layer in self.layer_modules()}
-
     def freeze_layers(self, n: int) -> None:
         """Freeze the stem and the first ``n`` transformer layers (``n`` in ``0..num_layers``)."""
         if not 0 <= n <= self.num_layers:

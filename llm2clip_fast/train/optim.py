@@ -5,7 +5,6 @@
   lr multipliers (layer-wise lr decay), each multiplier its own group.
 - :class:`WarmupSchedule` is a picklable-free callable for ``LambdaLR``: linear warmup then cosine,
   linear or constant. Its attributes go into ``LambdaLR.state_dict()``, so a resumed scheduler is exact.
-- :func:`vision_layer_id` / :func:`layerwise_lr_multipliers`: LLRD for a transformers vision tower.
 - :func:`clip_grad_norm`: gradient clipping that returns the pre-clip norm as a float.
 """
 
@@ -122,63 +121,6 @@ def build_scheduler(
     """``LambdaLR`` with one :class:`WarmupSchedule` per group (resumable via ``state_dict``)."""
     schedule = WarmupSchedule(kind, warmup_steps, total_steps, min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(optimizer.param_groups))
-
-
-# transformers 5 ViTModel names its layers "layers.{i}" (no "encoder." prefix); CLIP/SigLIP keep it.
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:encoder\.)?layers?\.(\d+)(?:\.|$)")
-_INPUT_SIDE = re.compile(r"(?:^|\.)(embeddings|pre_layrnorm|pre_layernorm)(?:\.|$)")
-
-
-def vision_layer_id(name: str, num_layers: int) -> int:
-    """Depth of a vision-tower parameter for layer-wise lr decay.
-
-    ``...embeddings...`` and the pre-encoder LayerNorm -> 0; ``...encoder.layers.{i}...`` (CLIP,
-    SigLIP), ``...encoder.layer.{i}...`` or ``...layers.{i}...`` (ViT) -> i + 1; anything else
-    (post-LayerNorm, pooling head, projection) -> num_layers + 1.
-    """
-    m = _LAYER_INDEX.search(name)
-    if m:
-        i = int(m.group(1))
-        if i >= num_layers:
-            raise ValueError(f"parameter {name!r} has layer index {i} but num_layers is {num_layers}")
-        return i + 1
-    if _INPUT_SIDE.search(name):
-        return 0
-    return num_layers + 1
-
-
-def count_vision_layers(module: nn.Module) -> int:
-    """Number of encoder layers: ``config.num_hidden_layers`` if present, else inferred from names."""
-    config = getattr(module, "config", None)
-    n = getattr(config, "num_hidden_layers", None)
-    if isinstance(n, int) and n > 0:
-        return n
-    ids = [int(m.group(1)) for name, _ in module.named_parameters() if (m := _LAYER_INDEX.search(name))]
-    if not ids:
-        raise ValueError("cannot find encoder layers (names like 'encoder.layers.0.'); pass num_layers")
-    return max(ids) + 1
-
-
-def layerwise_lr_multipliers(
-    module: nn.Module,
-    decay: float,
-    *,
-    num_layers: int | None = None,
-    prefix: str = "",
-) -> dict[str, float]:
-    """lr multiplier ``decay ** (L + 1 - layer_id)`` for every parameter of a vision tower.
-
-    module: the vision tower (e.g. ``CLIPVisionModel``). decay: in (0, 1]; 1 disables LLRD.
-    num_layers: L (default: from the config or the names). prefix: prepended to each name so the
-    result matches the names of an enclosing model's ``named_parameters()`` (e.g. ``"vision."``).
-    """
-    if not 0.0 < decay <= 1.0:
-        raise ValueError(f"layer-wise lr decay must be in (0, 1], got {decay}")
-    num_layers = count_vision_layers(module) if num_layers is None else num_layers
-    return {
-        prefix + name: decay ** (num_layers + 1 - vision_layer_id(name, num_layers))
-        for name, _ in module.named_parameters()
-    }
 
 
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:
