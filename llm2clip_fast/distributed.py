@@ -19,6 +19,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .ops.loss_inputs import check_bias, check_pair, check_scale
+
 __all__ = [
     "barrier",
     "check_collective_device",
@@ -182,6 +184,31 @@ def destroy_distributed() -> None:
     """Tear down the default process group if one exists (safe to call more than once)."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def mean_over_ranks(value: float, device: torch.device, group: dist.ProcessGroup | None = None) -> float:
+    """The mean of a Python float over the ranks (``value`` itself without a process group).
+
+    ``device``: where the reduction tensor lives (the backend's device: CUDA for NCCL, CPU for gloo).
+    """
+    if get_world_size(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return float(t) / get_world_size(group)
+
+
+def average_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
+    """Replace each gradient by its mean over the ranks, in place (replicated parameters, no DDP
+    wrapper). A parameter without a gradient gets zeros first, so every rank joins every reduction."""
+    if get_world_size(group) == 1:
+        return
+    world = get_world_size(group)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)  # SUM: gloo has no AVG
+        p.grad.div_(world)
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> range:
@@ -414,18 +441,17 @@ def clip_loss_global(
     Unequal local batch sizes are supported. Works on any torch.distributed backend (NCCL, gloo).
     Not initialised: raises RuntimeError.
     """
-    from .ops.clip_loss import _check_pair, _check_scale
 
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
     _require_process_group()
-    _check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
+    check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
     # The collectives below take tensors on the features' device: say so before NCCL does.
     check_collective_device(image_features.device, process_group, require_current=False)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
         image_features, text_features = image_features.to(common), text_features.to(common)
-    scale = _check_scale(logit_scale, image_features.device)
+    scale = check_scale(logit_scale, image_features.device)
     sizes = _gather_batch_sizes(image_features.shape[0], image_features.device, process_group)
     if min(sizes) == 0:
         raise ValueError(f"every rank needs a non-empty local batch; local batch sizes are {sizes}")
@@ -502,20 +528,18 @@ def siglip_loss_global(
     one recomputing backward; the block itself is never held. Unequal local batch sizes are
     supported. Any torch.distributed backend (NCCL, gloo). Not initialised: raises RuntimeError.
     """
-    from .ops.clip_loss import _check_pair, _check_scale
-    from .ops.siglip_loss import _check_bias
 
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
     _require_process_group()
-    _check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
+    check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
     # The collectives below take tensors on the features' device: say so before NCCL does.
     check_collective_device(image_features.device, process_group, require_current=False)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
         image_features, text_features = image_features.to(common), text_features.to(common)
-    scale = _check_scale(logit_scale, image_features.device)
-    bias = _check_bias(logit_bias, image_features.device)
+    scale = check_scale(logit_scale, image_features.device)
+    bias = check_bias(logit_bias, image_features.device)
     sizes = _gather_batch_sizes(image_features.shape[0], image_features.device, process_group)
     if min(sizes) == 0:
         raise ValueError(f"every rank needs a non-empty local batch; local batch sizes are {sizes}")

@@ -139,7 +139,7 @@ def test_cpu_matches_reference_fp32(b, d, reduction):
 @pytest.mark.parametrize("native_bf16_gemm", [False, True])
 def test_cpu_matches_reference_bf16(monkeypatch, native_bf16_gemm):
     # Both paths: bf16 GEMMs (where the CPU has bf16 units) and the fp32 upcast elsewhere.
-    monkeypatch.setattr(siglip_ops, "_cpu_has_fast_bf16", lambda: native_bf16_gemm)
+    monkeypatch.setattr(siglip_ops, "cpu_has_fast_bf16", lambda: native_bf16_gemm)
     monkeypatch.setenv("LLM2CLIP_SIGLIP_LOSS_CHUNK_ELEMENTS", str(40 * 97))
     _check_against_reference("cpu", 97, 48, torch.bfloat16, scale_value=20.0)
 

@@ -119,3 +119,8 @@ def triton_half_or_float_reasons(ctx: DispatchContext, module: str) -> list[str]
 def reference_reasons(ctx: DispatchContext) -> list[str]:
     """The materialising reference runs only when forced: it holds O(B^2) memory."""
     return [] if ctx.forced else ["the reference materialises O(B^2) memory; it serves only when forced"]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16/AMX); the SigLIP CPU path asks it."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

@@ -21,7 +21,6 @@ overrides the row-chunk workspace size (elements of the C x N buffer).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -38,6 +37,7 @@ from ._availability import (
 from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
 from ._chunking import chunk_elements_from_env
 from ._matmul import mm_fp32
+from .loss_inputs import check_pair, check_scale
 from .reference import clip_loss_reference
 
 OP_NAME = "clip_loss"
@@ -146,11 +146,6 @@ def _reference_lse_backward(
 
 # ---------------------------------------------------------------------------------------------
 # cpu backend: llm2clip_fast._C (torch.ops.llm2clip_fast.clip_lse_*).
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16/AMX); the SigLIP CPU path asks it."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 # bf16 features: the C++ op multiplies float32 copies of them (csrc/cpu/clip_loss.cpp says why),
@@ -278,68 +273,6 @@ register_op(
 # input checks
 
 
-def _check_features(name: str, t: Any) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-    if not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must have a floating dtype (float32, float16, bfloat16, float64), "
-                        f"got {t.dtype}")
-    if t.shape[0] == 0:
-        raise ValueError(f"{name} must have a non-empty batch, got shape {tuple(t.shape)}")
-    if t.shape[1] == 0:
-        raise ValueError(f"{name} must have a non-empty feature dimension, got shape {tuple(t.shape)}")
-    return t
-
-
-def _check_pair(image: Tensor, text: Tensor, image_name: str, text_name: str,
-                same_batch: bool) -> None:
-    _check_features(image_name, image)
-    _check_features(text_name, text)
-    if image.device != text.device:
-        raise ValueError(f"{image_name} is on {image.device} but {text_name} is on {text.device}; "
-                         "put both on one device")
-    if image.shape[1] != text.shape[1]:
-        raise ValueError(f"{image_name} and {text_name} must have the same feature dimension D, got "
-                         f"{image.shape[1]} and {text.shape[1]}")
-    if same_batch and image.shape[0] != text.shape[0]:
-        raise ValueError(f"{image_name} and {text_name} must have the same batch size B, got "
-                         f"{image.shape[0]} and {text.shape[0]}")
-
-
-def _check_scale(logit_scale: Any, device: torch.device) -> Tensor:
-    """logit_scale as a 0-dim tensor on ``device`` (graph kept), after type/shape/value checks.
-
-    The value check (> 0, finite) reads the value on CPU; on CUDA it is an asynchronous device
-    assertion (no host sync), so a bad value surfaces as a device-side assert at the next sync.
-    """
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float, Tensor)):
-        raise TypeError(f"logit_scale must be a positive float or a 0-dim floating tensor, got "
-                        f"{type(logit_scale).__name__}")
-    if not isinstance(logit_scale, Tensor):
-        value = float(logit_scale)
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"logit_scale must be positive and finite, got {value}")
-        return torch.tensor(value, device=device, dtype=torch.float32)
-    if not logit_scale.dtype.is_floating_point:
-        raise TypeError(f"logit_scale must have a floating dtype, got {logit_scale.dtype}")
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar (one element), got shape {tuple(logit_scale.shape)}")
-    if logit_scale.device != device:
-        if logit_scale.device.type != "cpu":
-            raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on {device}")
-        logit_scale = logit_scale.to(device)  # a CPU scalar with device features, as torch allows
-    scale = logit_scale.reshape(())
-    if scale.device.type == "cuda":
-        torch._assert_async((scale > 0) & torch.isfinite(scale), "logit_scale must be positive and finite")
-    else:
-        value = float(scale.detach())
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"logit_scale must be positive and finite, got {value}")
-    return scale
-
-
 def _select(image: Tensor, text: Tensor, backend: str | None) -> Backend:
     return record_selection(OP_NAME, select_backend(OP_NAME, [image, text], backend=backend))
 
@@ -358,10 +291,10 @@ def clip_lse_forward(
     for float64 inputs). Extra memory: O((M + N) * D + M + N) plus a bounded tile workspace. No
     autograd.
     """
-    _check_pair(image, text, "image", "text", same_batch=False)
+    check_pair(image, text, "image", "text", same_batch=False)
     if image.dtype != text.dtype:
         raise TypeError(f"image and text must share a dtype, got {image.dtype} and {text.dtype}")
-    scale = _check_scale(logit_scale, image.device).detach()
+    scale = check_scale(logit_scale, image.device).detach()
     impl = _select(image, text, backend).run
     return impl.forward(image.detach().contiguous(), text.detach().contiguous(), scale)
 
@@ -385,7 +318,7 @@ def clip_lse_backward(
     ``d_scale = sum_ij G_ij * l_ij`` (0-dim), all float32 (float64 for float64 inputs).
     row_lse, row_coef: (M,); col_lse, col_coef: (N,). No autograd.
     """
-    _check_pair(image, text, "image", "text", same_batch=False)
+    check_pair(image, text, "image", "text", same_batch=False)
     if image.dtype != text.dtype:
         raise TypeError(f"image and text must share a dtype, got {image.dtype} and {text.dtype}")
     m, n = image.shape[0], text.shape[0]
@@ -396,7 +329,7 @@ def clip_lse_backward(
             raise ValueError(f"{name} must be a tensor of shape ({size},), got {shape}")
         if t.device != image.device:
             raise ValueError(f"{name} is on {t.device} but image is on {image.device}")
-    scale = _check_scale(logit_scale, image.device).detach()
+    scale = check_scale(logit_scale, image.device).detach()
     impl = _select(image, text, backend).run
     return impl.backward(image.detach().contiguous(), text.detach().contiguous(), scale,
                          row_lse.detach().contiguous(), col_lse.detach().contiguous(),
@@ -498,11 +431,11 @@ def clip_loss(
 
         return clip_loss_global(image_features, text_features, logit_scale, reduction=reduction,
                                 process_group=process_group, backend=backend)
-    _check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
+    check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
         image_features, text_features = image_features.to(common), text_features.to(common)
-    scale = _check_scale(logit_scale, image_features.device)
+    scale = check_scale(logit_scale, image_features.device)
     chosen = _select(image_features, text_features, backend)
     if chosen.name == "reference":
         out = clip_loss_reference(image_features, text_features, scale, reduction=reduction)

@@ -24,7 +24,6 @@ workspace size (elements of the C x N buffer).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import torch
@@ -34,6 +33,7 @@ from torch import Tensor
 from .._extensions import cpu_extension
 from ._availability import (
     cpu_extension_reasons,
+    cpu_has_fast_bf16,
     dtype_reasons,
     floating_dtype_reasons,
     reference_reasons,
@@ -41,7 +41,7 @@ from ._availability import (
 )
 from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
 from ._chunking import chunk_elements_from_env
-from .clip_loss import _check_pair, _check_scale, _cpu_has_fast_bf16
+from .loss_inputs import check_bias, check_pair, check_scale
 
 OP_NAME = "siglip_loss"
 _REDUCTIONS = ("mean", "sum", "none")
@@ -168,7 +168,7 @@ def _cpu_operands(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
     # bf16 GEMMs pay only with native bf16 units (AVX512-BF16/AMX); elsewhere they are emulated
     # several times slower than fp32, so the chunks are multiplied in fp32 there. fp16 GEMMs on CPU
     # are slow everywhere.
-    if (image.dtype == torch.bfloat16 and not _cpu_has_fast_bf16()) or image.dtype == torch.float16:
+    if (image.dtype == torch.bfloat16 and not cpu_has_fast_bf16()) or image.dtype == torch.float16:
         return image.float(), text.float()
     return image, text
 
@@ -266,33 +266,6 @@ register_op(
 # input checks
 
 
-def _check_bias(logit_bias: Any, device: torch.device) -> Tensor:
-    """logit_bias as a 0-dim tensor on ``device`` (graph kept): any finite value."""
-    if isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float, Tensor)):
-        raise TypeError(
-            f"logit_bias must be a float or a 0-dim floating tensor, got {type(logit_bias).__name__}"
-        )
-    if not isinstance(logit_bias, Tensor):
-        value = float(logit_bias)
-        if not math.isfinite(value):
-            raise ValueError(f"logit_bias must be finite, got {value}")
-        return torch.tensor(value, device=device, dtype=torch.float32)
-    if not logit_bias.dtype.is_floating_point:
-        raise TypeError(f"logit_bias must have a floating dtype, got {logit_bias.dtype}")
-    if logit_bias.numel() != 1:
-        raise ValueError(f"logit_bias must be a scalar (one element), got shape {tuple(logit_bias.shape)}")
-    if logit_bias.device != device:
-        if logit_bias.device.type != "cpu":
-            raise ValueError(f"logit_bias is on {logit_bias.device} but the features are on {device}")
-        logit_bias = logit_bias.to(device)
-    bias = logit_bias.reshape(())
-    if bias.device.type == "cuda":
-        torch._assert_async(torch.isfinite(bias), "logit_bias must be finite")
-    elif not math.isfinite(float(bias.detach())):
-        raise ValueError(f"logit_bias must be finite, got {float(bias.detach())}")
-    return bias
-
-
 def _check_offset(offset: Any) -> int:
     if isinstance(offset, bool) or not isinstance(offset, int):
         raise TypeError(f"offset must be an int, got {type(offset).__name__}")
@@ -300,7 +273,7 @@ def _check_offset(offset: Any) -> int:
 
 
 def _check_primitive_inputs(image: Tensor, text: Tensor) -> None:
-    _check_pair(image, text, "image", "text", same_batch=False)
+    check_pair(image, text, "image", "text", same_batch=False)
     if image.dtype != text.dtype:
         raise TypeError(f"image and text must share a dtype, got {image.dtype} and {text.dtype}")
 
@@ -325,8 +298,8 @@ def siglip_forward_rows(
     inputs). No autograd.
     """
     _check_primitive_inputs(image, text)
-    s = _check_scale(logit_scale, image.device).detach()
-    b = _check_bias(logit_bias, image.device).detach()
+    s = check_scale(logit_scale, image.device).detach()
+    b = check_bias(logit_bias, image.device).detach()
     impl = _select(image, text, backend).run
     return impl.forward(image.detach().contiguous(), text.detach().contiguous(), s, b, _check_offset(offset))
 
@@ -348,8 +321,8 @@ def siglip_backward(
         raise ValueError(f"row_weight must be a 0-dim tensor or have shape ({m},), got {shape}")
     if row_weight.device != image.device:
         raise ValueError(f"row_weight is on {row_weight.device} but image is on {image.device}")
-    s = _check_scale(logit_scale, image.device).detach()
-    b = _check_bias(logit_bias, image.device).detach()
+    s = check_scale(logit_scale, image.device).detach()
+    b = check_bias(logit_bias, image.device).detach()
     impl = _select(image, text, backend).run
     weight = row_weight.detach().to(_acc_dtype(image.dtype)).contiguous()
     return impl.backward(image.detach().contiguous(), text.detach().contiguous(), s, b, weight,
@@ -448,12 +421,12 @@ def siglip_loss(
 
         return siglip_loss_global(image_features, text_features, logit_scale, logit_bias,
                                   reduction=reduction, process_group=process_group, backend=backend)
-    _check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
+    check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
         image_features, text_features = image_features.to(common), text_features.to(common)
-    scale = _check_scale(logit_scale, image_features.device)
-    bias = _check_bias(logit_bias, image_features.device)
+    scale = check_scale(logit_scale, image_features.device)
+    bias = check_bias(logit_bias, image_features.device)
     chosen = _select(image_features, text_features, backend)
     return _SigLipLossFunction.apply(image_features.contiguous(), text_features.contiguous(), scale, bias,
                                      reduction, chosen.run)

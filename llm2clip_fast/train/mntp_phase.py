@@ -117,9 +117,7 @@ def run_mntp_phase(args: argparse.Namespace, device: torch.device, out: Path,
     from .optim import adamw_param_groups, build_scheduler, clip_grad_norm
     from .stage1 import (
         NonFiniteTrainingError,
-        _all_finite,
-        _average_gradients,
-        _mean_over_ranks,
+        all_params_finite,
         build_trainable_encoder,
     )
 
@@ -156,13 +154,13 @@ def run_mntp_phase(args: argparse.Namespace, device: torch.device, out: Path,
         hidden = peft_model(input_ids=ids.to(device), attention_mask=enc["attention_mask"].to(device))
         loss = mntp_loss(hidden.last_hidden_state, labels.to(device), built.head, decoder=built.decoder)
         loss.backward()
-        _average_gradients(params)
-        value = _mean_over_ranks(float(loss.detach()), device)
+        dist_helpers.average_gradients(params)
+        value = dist_helpers.mean_over_ranks(float(loss.detach()), device)
         grad_norm = clip_grad_norm(params, args.max_grad_norm)
         if not (math.isfinite(value) and math.isfinite(grad_norm)):
             raise NonFiniteTrainingError(_stopped(step, f"loss {value}, gradient norm {grad_norm}"))
         optimizer.step()
-        if not _all_finite(params):
+        if not all_params_finite(params):
             raise NonFiniteTrainingError(_stopped(step, "the optimizer update made weights non-finite"))
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

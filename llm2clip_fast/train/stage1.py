@@ -401,30 +401,6 @@ def _embed_pairs(encoder: Any, shorts: list[str], longs: list[str], flip: torch.
     return _embed(encoder, queries, instructions), _embed(encoder, documents, docs)
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    if dist_helpers.get_world_size() == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / dist_helpers.get_world_size()
-
-
-def _average_gradients(params: list[nn.Parameter]) -> None:
-    """Mean of each gradient over ranks (LoRA weights are replicated; no DDP wrapper needed)."""
-    if dist_helpers.get_world_size() == 1:
-        return
-    import torch.distributed as dist
-
-    world = dist_helpers.get_world_size()
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)  # SUM: gloo has no AVG
-        p.grad.div_(world)
-
-
 # ---------------------------------------------------------------------------------------------
 # files
 
@@ -458,8 +434,8 @@ class NonFiniteTrainingError(FloatingPointError):
     """A stage-1 step produced a non-finite loss, gradient or weight; nothing of that step was saved."""
 
 
-def _all_finite(params: list[nn.Parameter]) -> bool:
-    # One device sync for all trainable tensors (LoRA weights are small).
+def all_params_finite(params: list[nn.Parameter]) -> bool:
+    """Whether every parameter is finite: one device sync for all of them (LoRA weights are small)."""
     return bool(torch.stack([p.detach().isfinite().all() for p in params]).all())
 
 
@@ -638,8 +614,8 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
                 (loss / args.grad_accum).backward()
                 step_loss += float(loss.detach()) / args.grad_accum
                 captions += 2 * len(shorts) * world
-            _average_gradients(trainable)
-            step_loss = _mean_over_ranks(step_loss, device)
+            dist_helpers.average_gradients(trainable)
+            step_loss = dist_helpers.mean_over_ranks(step_loss, device)
             grad_norm = clip_grad_norm(trainable, args.max_grad_norm)
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 raise NonFiniteTrainingError(_non_finite_message(
@@ -647,7 +623,7 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
                     f"loss {step_loss}, gradient norm {grad_norm}"))
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            if not _all_finite(trainable):
+            if not all_params_finite(trainable):
                 raise NonFiniteTrainingError(_non_finite_message(
                     out, step + 1, "mntp" if mntp else "contrastive",
                     f"the optimizer update (lr {lr}) made trainable weights non-finite"))
