@@ -33,6 +33,7 @@ import importlib
 import os
 import sys
 
+from .config_file import add_config_argument, expand_config_argument
 from .dependencies import MissingDependencyError, require_train_packages
 
 SUBCOMMANDS = {
@@ -44,7 +45,19 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless its help already says it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line of :func:`main`, ``--config FILE`` expanded (``args.config``: its path)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in {"-h", "--help"}):
         argv = ["pipeline", *argv]
@@ -56,13 +69,26 @@ def main(argv: list[str] | None = None) -> int:
         # Before the sub-command's module is imported: a missing package is one clear line, not a
         # traceback from deep inside the data or model modules.
         require_train_packages(f"python -m llm2clip_fast.train {wanted}")
+    config_path = None
     for name, help_text in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=_DefaultsHelpFormatter)
         if name == wanted:
             importlib.import_module(f"llm2clip_fast.train.{name}").add_arguments(p)
+            add_config_argument(p)
+            rest, config_path = expand_config_argument(argv[1:], p)
+            argv = [name, *rest]
     args = parser.parse_args(argv)
+    if args.command is not None:
+        args.config = config_path
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.command is None:
-        parser.print_help()
+        print(f"usage: python -m llm2clip_fast.train COMMAND ...; commands: {', '.join(SUBCOMMANDS)}",
+              file=sys.stderr)
         return 2
     return int(importlib.import_module(f"llm2clip_fast.train.{args.command}").run(args) or 0)
 

@@ -54,6 +54,7 @@ from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, build_vision_tower
 from .atomic_files import write_json_atomic
 from .checkpoint import load_latest_usable, save_checkpoint
+from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
 from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
@@ -123,14 +124,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     length.add_argument("--steps", type=int, help="optimizer steps")
     length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     train.add_argument("--lr", type=float, default=5e-4)
-    train.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (matrices only)")
+    add_hidden_alias(train, "--wd", train.add_argument(
+        "--weight-decay", dest="wd", type=float, default=0.05, help="AdamW weight decay (matrices only)"))
     train.add_argument("--beta2", type=float, default=0.98)
     train.add_argument("--llrd", type=float, default=0.85,
                        help="layer-wise lr decay of the vision tower (1: off)")
-    train.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps)")
+    add_hidden_alias(train, "--warmup", train.add_argument(
+        "--warmup-steps", dest="warmup", type=int, default=None,
+        help="warmup steps (default: 5%% of the steps)"))
     train.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     train.add_argument("--min-lr-ratio", type=float, default=0.0)
-    train.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: off)")
+    add_hidden_alias(train, "--grad-clip", train.add_argument(
+        "--max-grad-norm", dest="grad_clip", type=float, default=1.0, help="max global grad norm (0: off)"))
     train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
     train.add_argument("--crop-scale", type=float, nargs=2, default=(0.9, 1.0), metavar=("MIN", "MAX"),
@@ -150,7 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-bad-fraction", type=float, default=0.01,
                      help="stop when more than this fraction of samples is bad (default 1%%), checked during "
                      "each epoch once 100 samples were seen, and at each epoch's end whatever the number")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_hidden_alias(run, "--no-progress", run.add_argument(
+        "--quiet", dest="no_progress", action="store_true", help="no progress bar"))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -168,7 +174,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.epochs is not None and not args.epochs > 0:
         raise ValueError(f"--epochs must be > 0, got {args.epochs}")
     if args.lr <= 0 or args.wd < 0:
-        raise ValueError(f"--lr must be > 0 and --wd >= 0, got {args.lr} and {args.wd}")
+        raise ValueError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.wd}")
     if not 0 < args.llrd <= 1:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
     if args.save_every < 0 or args.num_workers < 0 or args.freeze_vision_layers < 0:
