@@ -46,7 +46,8 @@ def test_old_spellings_still_work_and_are_hidden(tmp_path, capsys):
                        "--grad-clip", "0.5", "--no-progress"])
     assert (args.wd, args.warmup, args.grad_clip, args.no_progress) == (0.2, 3, 0.5, True)
     defaults = parse_args(["stage2", "--data", "d", "--out", "o"])
-    assert (defaults.wd, defaults.warmup, defaults.grad_clip, defaults.no_progress) == (0.05, None, 1.0, False)
+    got = (defaults.wd, defaults.warmup, defaults.grad_clip, defaults.no_progress)
+    assert got == (0.05, None, 1.0, False)
     with pytest.raises(SystemExit):
         parse_args(["stage2", "--help"])
     help_text = capsys.readouterr().out
@@ -77,7 +78,8 @@ def test_bad_config_exits_2_and_a_missing_one_3(tmp_path, capsys):
     assert "'nope' is not a flag" in capsys.readouterr().err
     assert cli(["stage2", "--config", str(tmp_path / "missing.yaml")]) == 3
     with pytest.raises(SystemExit) as exc:  # a value the flag refuses: argparse's own usage error
-        parse_args(["stage2", "--config", _write(tmp_path, "c.json", '{"data": "d", "out": "o", "loss": "x"}')])
+        bad_choice = _write(tmp_path, "c.json", '{"data": "d", "out": "o", "loss": "x"}')
+        parse_args(["stage2", "--config", bad_choice])
     assert exc.value.code == 2
 
 

@@ -61,13 +61,16 @@ class JsonlLog:
     path: the log file (created with its folder). resume_step: when resuming from a checkpoint at
     this step, records with ``step > resume_step`` are dropped first (atomic rewrite); None starts a
     fresh log, replacing any existing file. enabled: False makes every call a no-op (non-zero ranks).
+    mirror: also given every record and closed with the log (``--report-to``'s ScalarReporters).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, resume_step: int | None = None,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, mirror: Any = None) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self._file = None
+        # --report-to: an object with log(record) and close() that gets every record too
+        self._mirror = mirror if enabled else None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,11 +87,16 @@ class JsonlLog:
             return
         self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
         self._file.flush()
+        if self._mirror is not None:
+            self._mirror.log(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._mirror is not None:
+            self._mirror.close()
+            self._mirror = None
 
     def __enter__(self) -> JsonlLog:
         return self

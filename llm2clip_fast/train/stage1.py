@@ -53,6 +53,7 @@ from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_nor
 from .recipes import mark_recipe_defaults, resolve_recipe
 from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
+from .scalar_reporters import ScalarReporters, add_report_to_argument, check_report_to
 
 LOSSES = ("clip", "infonce", "hardneg")
 MAX_LOGIT_SCALE = 100.0
@@ -145,6 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="delete what --out holds and start over (without it, a non-empty --out is an error)")
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_report_to_argument(g)
     mark_recipe_defaults(parser)
 
 
@@ -167,6 +169,7 @@ def _fail(message: str) -> None:
 def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
     """Reject bad options before anything is loaded; messages name the option."""
     resolve_recipe(args)
+    check_report_to(args.report_to)
     if args.batch_size < 2:
         _fail("--batch-size must be >= 2: the other captions of the batch are the negatives "
               f"(got {args.batch_size})")
@@ -577,7 +580,9 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
                               enabled=device.type == "cuda" and args.bf16_autocast)
     special_ids = set(getattr(encoder.tokenizer, "all_special_ids", []) or [])
     mask_id = mask_token_id(encoder.tokenizer) if args.mntp_steps else -1
-    log = JsonlLog(out / "log.jsonl", resume_step=step if ckpt_path is not None else None, enabled=main)
+    log_from = step if ckpt_path is not None else None
+    reporters = ScalarReporters(args.report_to, out, resume_step=log_from, config=run_config, enabled=main)
+    log = JsonlLog(out / "log.jsonl", resume_step=log_from, enabled=main, mirror=reporters)
     progress = TrainProgress(total_steps, initial=step, unit_name="captions", desc="stage1",
                              enabled=main and not args.quiet)
     batches = _micro_batches(loader, epoch, start_batch, usable_slots)

@@ -58,6 +58,7 @@ from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
 from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
+from .scalar_reporters import ScalarReporters, add_report_to_argument, check_report_to
 
 # Options that change what the run computes: a resumed run must agree on them to continue exactly.
 RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "batch_size", "grad_accum",
@@ -157,6 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "each epoch once 100 samples were seen, and at each epoch's end whatever the number")
     add_hidden_alias(run, "--no-progress", run.add_argument(
         "--quiet", dest="no_progress", action="store_true", help="no progress bar"))
+    add_report_to_argument(run)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -175,6 +177,7 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--epochs must be > 0, got {args.epochs}")
     if args.lr <= 0 or args.wd < 0:
         raise ValueError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.wd}")
+    check_report_to(args.report_to)
     if not 0 < args.llrd <= 1:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
     if args.save_every < 0 or args.num_workers < 0 or args.freeze_vision_layers < 0:
@@ -661,7 +664,9 @@ def run(args: argparse.Namespace) -> int:
     if main:
         prepare_run_folder(out_dir, resume=args.resume, overwrite=args.overwrite, say=say)
         write_json_atomic(out_dir / "run_config.json", {**config, "model": model.config.to_dict()})
-    log = JsonlLog(out_dir / "log.jsonl", resume_step=step if resume_from is not None else None, enabled=main)
+    log_from = step if resume_from is not None else None
+    reporters = ScalarReporters(args.report_to, out_dir, resume_step=log_from, config=config, enabled=main)
+    log = JsonlLog(out_dir / "log.jsonl", resume_step=log_from, enabled=main, mirror=reporters)
     progress = TrainProgress(total_steps, initial=step, unit_name="images", desc="stage2",
                              enabled=main and not args.no_progress)
     autocast = _autocast_factory(args.precision, device)
