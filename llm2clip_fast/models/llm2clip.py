@@ -50,7 +50,9 @@ class LLM2CLIPConfig:
 
     vision: ``{"kind": "clip"|"siglip"|"vit", "config": {transformers config fields}}``.
     embed_dim: shared embedding size. text_tower: "llm-adapter" or "clip".
-    llm_dim: LLM embedding size (llm-adapter only). adapter: TextAdapter keyword arguments.
+    llm_dim: LLM embedding size (llm-adapter only). adapter: TextAdapter keyword arguments
+    (num_blocks, expansion, dropout, input_norm; input_norm "none" only for converted checkpoints
+    whose official forward skips the L2 step, see ``llm2clip_fast.convert``).
     clip_text: ClipTextTowerConfig fields ("clip" tower only; its embed_dim must equal embed_dim).
     loss: "clip" or "siglip" (sets the logit-scale init and whether a logit bias exists).
     llm: provenance of the cached embeddings (``path`` and the encoder options), for evaluation.
@@ -79,10 +81,10 @@ class LLM2CLIPConfig:
             if isinstance(self.llm_dim, bool) or not isinstance(self.llm_dim, int) or self.llm_dim < 1:
                 raise ValueError(f"llm_dim must be a positive int for the llm-adapter text tower, "
                                  f"got {self.llm_dim!r}")
-            unknown = sorted(set(self.adapter) - {"num_blocks", "expansion", "dropout"})
+            unknown = sorted(set(self.adapter) - {"num_blocks", "expansion", "dropout", "input_norm"})
             if unknown:
                 raise ValueError(f"unknown adapter options {unknown}; "
-                                 "expected num_blocks, expansion, dropout")
+                                 "expected num_blocks, expansion, dropout, input_norm")
         else:
             clip_text = dict(self.clip_text or {})
             if clip_text.get("embed_dim", self.embed_dim) != self.embed_dim:
