@@ -56,7 +56,10 @@ def _write_release(folder: Path, state: dict[str, torch.Tensor], shards: int = 1
               "logit_scale_init_value": 2.6592,
               "auto_map": {"AutoModel": "modeling_llm2clip.LLM2CLIPModel"},
               "text_config": {"hidden_size": 16, "model_type": "clip_text_model"},
-              "vision_config": {**VISION, "model_type": "clip_vision_model"}}
+              # a transformers 4.x to_dict() writes legacy fields too; they must not get in the way
+              "vision_config": {**VISION, "model_type": "clip_vision_model", "transformers_version": "4.44.2",
+                                "torch_dtype": "float32", "bad_words_ids": None, "chunk_size_feed_forward": 0,
+                                "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "modeling_llm2clip.py").write_text("raise RuntimeError('remote code must never run')\n")
     if shards == 1:
@@ -256,3 +259,29 @@ def test_hf_clip_vision_only_folder(tmp_path):
     with pytest.raises(SourceMismatchError, match="unknown keys"):
         main(["--from", "hf-clip", str(tmp_path / "tower"), "--out", str(tmp_path / "y"), "--llm-dim", "12",
               "--embed-dim", "8"])
+
+
+def test_eva_clip_text_side_matches_textproj():
+    from llm2clip_fast.convert.eva_clip import map_eva_clip_text_side
+    from llm2clip_fast.models.text_adapter import TextAdapter
+
+    torch.manual_seed(7)
+    official = TextProj(embedding_dim=LLM_DIM, output_dim=EMBED_DIM, expansion_factor=2,
+                        num_layers_text=2).eval()
+    _perturb(official, 8)
+    state = {f"text.{k}": v.detach().clone() for k, v in official.state_dict().items()}
+    state["logit_scale"] = torch.tensor(4.2)
+    state["visual.patch_embed.proj.weight"] = torch.zeros(8, 3, 4, 4)
+    side = map_eva_clip_text_side(state)
+    assert side.vision_keys == ["visual.patch_embed.proj.weight"]
+    assert side.adapter["num_blocks"] == 2 and side.adapter["input_norm"] == "l2"
+    ours = TextAdapter(**side.adapter).eval()
+    ours.load_state_dict({k.removeprefix("text_adapter."): v for k, v in side.tensors.items()
+                          if k.startswith("text_adapter.")})
+    x = 3.0 * torch.randn(6, LLM_DIM)
+    with torch.no_grad():
+        assert _max_diff(ours(x), official(x)) <= 1e-6
+    assert side.tensors["logit_scale"].item() == pytest.approx(4.2)
+    state["text.text_projection"] = torch.zeros(3)
+    with pytest.raises(SourceMismatchError, match=r"unknown keys \(1\): text\.text_projection"):
+        map_eva_clip_text_side(state)
