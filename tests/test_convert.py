@@ -175,7 +175,8 @@ def test_cli_exit_codes_and_overwrite(tmp_path, capsys):
     assert cli(["--from", "llm2clip-hf", str(pickled), "--out", str(out)]) == 3
     assert "pickled weights ['pytorch_model.bin']" in capsys.readouterr().err
     assert cli(["--from", "llm2clip-hf", str(src), "--out", str(out), "--llm-dim", "8"]) == 2
-    assert cli(["--from", "llm2clip-hf", str(src), "--out", str(out)]) == 0
+    assert cli(["--from", "llm2clip-hf", str(src), "--out", str(out), "--llm", "models/cc-llama"]) == 0
+    assert LLM2CLIPModel.from_pretrained(out).config.llm == {"path": "models/cc-llama"}
     before = (out / "model.safetensors").read_bytes()
     assert cli(["--from", "llm2clip-hf", str(src), "--out", str(out)]) == 4
     with pytest.raises(OutputExistsError, match="--overwrite"):

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="cast every floating tensor (default: keep the source's dtype)")
+    parser.add_argument("--llm", default=None,
+                        help="record the LLM whose embeddings the adapter reads (config.llm.path, used by "
+                             "eval), e.g. the folder of microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned")
     parser.add_argument("--input-norm", choices=("l2", "none"), default=None,
                         help="the adapter's input normalisation (default: 'none' for llm2clip-hf, as the "
                              "release's get_text_features; 'l2' for hf-clip, as the official TextProj)")
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             keep_projection=bool(args.keep_projection), num_blocks=_default(args.adapter_blocks, 4),
             expansion=_default(args.adapter_expansion, 2), loss=args.loss or "clip",
             seed=_default(args.seed, 0), dtype=dtype, input_norm=args.input_norm or "l2")
+    if args.llm is not None:
+        model.config.llm = {"path": args.llm}
     out = write_model_folder(model, args.out, provenance, overwrite=args.overwrite)
     cfg = model.config
     print(f"wrote {out}: {cfg.vision['kind']} vision tower ({model.vision.num_layers} layers, "
