@@ -286,3 +286,27 @@ def test_eva_clip_text_side_matches_textproj():
     state["text.text_projection"] = torch.zeros(3)
     with pytest.raises(SourceMismatchError, match=r"unknown keys \(1\): text\.text_projection"):
         map_eva_clip_text_side(state)
+
+
+def test_from_pretrained_reads_the_local_hub_cache_and_points_releases_to_convert(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    src = _write_release(tmp_path / "release", _release_state(*_release_parts()))
+    with pytest.raises(ValueError, match="convert it first"):
+        LLM2CLIPModel.from_pretrained(src)
+    main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "out")])
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-llm2clip" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for f in ("config.json", "model.safetensors"):
+        (snapshot / f).write_bytes((tmp_path / "out" / f).read_bytes())
+    (cache / "models--someone--tiny-llm2clip" / "refs").mkdir()
+    (cache / "models--someone--tiny-llm2clip" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = LLM2CLIPModel.from_pretrained("someone/tiny-llm2clip")
+    local = LLM2CLIPModel.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), local.state_dict().values(),
+                                                 strict=True))
+    with pytest.raises(FileNotFoundError, match="nor in the local Hugging Face cache"):
+        LLM2CLIPModel.from_pretrained("someone/not-cached")

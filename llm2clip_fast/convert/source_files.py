@@ -19,13 +19,19 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 
 
 def require_folder(path: str | Path, what: str) -> Path:
-    """``path`` as a Path; FileNotFoundError / NotADirectoryError naming ``what`` when it is not a folder."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    if not path.is_dir():
+    """``path`` as a folder: a local one, or a hub name (``owner/name``) already in the local Hugging Face
+    cache (never downloaded); FileNotFoundError / NotADirectoryError naming ``what`` otherwise."""
+    local = Path(path).expanduser()
+    if local.exists() and not local.is_dir():
         raise NotADirectoryError(f"{what} {str(path)!r} is not a folder")
-    return path
+    if local.is_dir():
+        return local
+    from ..models.llm_encoder import resolve_model_path
+
+    try:
+        return resolve_model_path(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{what}: {exc}") from None
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -339,16 +339,27 @@ class LLM2CLIPModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str],
                         device: str | torch.device = "cpu") -> LLM2CLIPModel:
-        """Load a model saved by :meth:`save_pretrained` (weights bit-identical). The global RNG is
-        left untouched."""
+        """Load a model saved by :meth:`save_pretrained` (weights bit-identical): a local folder, or a
+        hub name (``owner/name``) already in the local Hugging Face cache (never downloaded). The global
+        RNG is left untouched."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from .llm_encoder import resolve_model_path
+
+        try:
+            directory = resolve_model_path(directory)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"LLM2CLIPModel folder {str(directory)!r} is missing: {exc}") from None
         config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         missing = [p.name for p in (config_file, weights_file) if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{directory} is not a saved LLM2CLIPModel: missing {missing}")
-        config = LLM2CLIPConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        if "format" not in raw and ("vision_config" in raw or "auto_map" in raw):
+            raise ValueError(f"{directory} is a Hugging Face model folder (an LLM2CLIP release or a CLIP "
+                             "model), not a saved LLM2CLIPModel; convert it first with python -m "
+                             "llm2clip_fast.convert --from llm2clip-hf (or hf-clip)")
+        config = LLM2CLIPConfig.from_dict(raw)
         # Random initialisation of the skeleton must not shift the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             model = cls(config)
