@@ -310,3 +310,31 @@ def test_from_pretrained_reads_the_local_hub_cache_and_points_releases_to_conver
                                                  strict=True))
     with pytest.raises(FileNotFoundError, match="nor in the local Hugging Face cache"):
         LLM2CLIPModel.from_pretrained("someone/not-cached")
+
+
+def test_stage2_continues_from_a_converted_release(tmp_path):
+    from _stage2_runs import DIM, make_demo
+
+    from llm2clip_fast.train.__main__ import main as train_main
+
+    assert DIM == LLM_DIM
+    demo = make_demo(tmp_path / "demo")
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(**{**VISION, "image_size": 32})).eval()
+    projection = torch.nn.Linear(VISION["hidden_size"], EMBED_DIM, bias=False)
+    adapter = TextProj(embedding_dim=LLM_DIM, output_dim=EMBED_DIM, num_layers_text=BLOCKS)
+    state = _release_state(tower, projection, adapter, torch.tensor(3.0))
+    src = _write_release(tmp_path / "release", state)
+    config = json.loads((src / "config.json").read_text())
+    config["vision_config"]["image_size"] = 32
+    (src / "config.json").write_text(json.dumps(config))
+    main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "converted")])
+    run = tmp_path / "run"
+    assert train_main(["stage2", "--init-model", str(tmp_path / "converted"),
+                       "--embeddings", str(demo["cache"]), "--data", str(demo["data"]), "--out", str(run),
+                       "--batch-size", "8", "--steps", "2", "--num-workers", "0", "--no-progress",
+                       "--lr", "1e-3"]) == 0
+    trained = LLM2CLIPModel.from_pretrained(run / "model")
+    assert trained.config.adapter["input_norm"] == "none"
+    before = state["text_adapter.adaptor.0.fn.0.weight"]
+    assert not torch.equal(trained.text_adapter.blocks[0].fc1.weight, before)
