@@ -185,6 +185,11 @@ def test_cli_exit_codes_and_overwrite(tmp_path, capsys):
                 "--dtype", "float16"]) == 0
     assert (out / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "pickled", "release"]
+    config = json.loads((src / "config.json").read_text())
+    config["vision_config"]["model_type"] = "eva_vision_model"
+    (src / "config.json").write_text(json.dumps(config))
+    assert cli(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "eva")]) == 5
+    assert "'eva_vision_model' vision tower" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         cli(["--from", "open_clip", str(src), "--out", str(out)])
     assert exc.value.code == 2
