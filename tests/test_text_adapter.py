@@ -76,6 +76,26 @@ def test_bad_constructor_arguments():
         TextAdapter(8, 8, dropout=1.5)
     with pytest.raises(ValueError, match="num_blocks"):
         TextAdapter(8, 8, num_blocks=-1)
+    with pytest.raises(ValueError, match="input_norm"):
+        TextAdapter(8, 8, input_norm="layer")
+
+
+def test_input_norm_none_skips_only_the_l2_step():
+    """input_norm="none" is the same adapter fed the raw input; "l2" equals "none" on pre-normalised rows."""
+    ref, fused = _pair(40, 24, num_blocks=2, seed=3, input_norm="none")
+    x = 7.0 * torch.randn(9, 40)
+    l2 = TextAdapterReference(40, 24, num_blocks=2)
+    l2.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        h = x
+        for block in ref.blocks:
+            h = h + block.fc2(F.gelu(block.fc1(F.layer_norm(h, (40,), block.norm.weight, block.norm.bias))))
+        expected = ref.proj(F.layer_norm(h, (40,), ref.final_norm.weight, ref.final_norm.bias))
+        torch.testing.assert_close(ref(x), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fused(x), expected, rtol=0, atol=1e-6)
+        unit = F.normalize(x, dim=-1)
+        torch.testing.assert_close(fused(unit), l2(x), rtol=0, atol=1e-6)
+        assert (fused(x) - l2(x)).abs().max() > 1e-3
 
 
 def test_dropout_refuses_forced_triton_with_reason():

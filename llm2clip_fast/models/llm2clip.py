@@ -50,7 +50,9 @@ class LLM2CLIPConfig:
 
     vision: ``{"kind": "clip"|"siglip"|"vit", "config": {transformers config fields}}``.
     embed_dim: shared embedding size. text_tower: "llm-adapter" or "clip".
-    llm_dim: LLM embedding size (llm-adapter only). adapter: TextAdapter keyword arguments.
+    llm_dim: LLM embedding size (llm-adapter only). adapter: TextAdapter keyword arguments
+    (num_blocks, expansion, dropout, input_norm; input_norm "none" only for converted checkpoints
+    whose official forward skips the L2 step, see ``llm2clip_fast.convert``).
     clip_text: ClipTextTowerConfig fields ("clip" tower only; its embed_dim must equal embed_dim).
     loss: "clip" or "siglip" (sets the logit-scale init and whether a logit bias exists).
     llm: provenance of the cached embeddings (``path`` and the encoder options), for evaluation.
@@ -79,10 +81,10 @@ class LLM2CLIPConfig:
             if isinstance(self.llm_dim, bool) or not isinstance(self.llm_dim, int) or self.llm_dim < 1:
                 raise ValueError(f"llm_dim must be a positive int for the llm-adapter text tower, "
                                  f"got {self.llm_dim!r}")
-            unknown = sorted(set(self.adapter) - {"num_blocks", "expansion", "dropout"})
+            unknown = sorted(set(self.adapter) - {"num_blocks", "expansion", "dropout", "input_norm"})
             if unknown:
                 raise ValueError(f"unknown adapter options {unknown}; "
-                                 "expected num_blocks, expansion, dropout")
+                                 "expected num_blocks, expansion, dropout, input_norm")
         else:
             clip_text = dict(self.clip_text or {})
             if clip_text.get("embed_dim", self.embed_dim) != self.embed_dim:
@@ -337,16 +339,27 @@ class LLM2CLIPModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str],
                         device: str | torch.device = "cpu") -> LLM2CLIPModel:
-        """Load a model saved by :meth:`save_pretrained` (weights bit-identical). The global RNG is
-        left untouched."""
+        """Load a model saved by :meth:`save_pretrained` (weights bit-identical): a local folder, or a
+        hub name (``owner/name``) already in the local Hugging Face cache (never downloaded). The global
+        RNG is left untouched."""
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        from .llm_encoder import resolve_model_path
+
+        try:
+            directory = resolve_model_path(directory)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"LLM2CLIPModel folder {str(directory)!r} is missing: {exc}") from None
         config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         missing = [p.name for p in (config_file, weights_file) if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{directory} is not a saved LLM2CLIPModel: missing {missing}")
-        config = LLM2CLIPConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        if "format" not in raw and ("vision_config" in raw or "auto_map" in raw):
+            raise ValueError(f"{directory} is a Hugging Face model folder (an LLM2CLIP release or a CLIP "
+                             "model), not a saved LLM2CLIPModel; convert it first with python -m "
+                             "llm2clip_fast.convert --from llm2clip-hf (or hf-clip)")
+        config = LLM2CLIPConfig.from_dict(raw)
         # Random initialisation of the skeleton must not shift the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             model = cls(config)

@@ -17,6 +17,13 @@ Triton kernels on CUDA and the plain-torch path elsewhere (and whenever dropout 
 
 Input: ``(B, in_dim)`` of any float dtype; it is cast to the parameters' dtype first (as a caller would
 do for nn.Linear), and under ``torch.autocast`` the GEMMs run in the autocast dtype like nn.Linear's.
+
+``input_norm`` (both classes): ``"l2"`` (the default) L2-normalises the input as above; ``"none"`` feeds it
+unchanged into the first block. The official code has both: ``TextProj.forward(text, l2_norm=True)``
+normalises (its default, used when training on cached embeddings), while ``LLM2VecTextTransformer``
+calls ``text_proj(x, l2_norm=False)`` (microsoft/LLM2CLIP ``llm2clip/eva_clip/model.py`` and
+``llm_model.py``, commit cba3b45ba3d9). The fused kernels fold the L2 step into their first pass, so
+``"none"`` always runs the plain-torch formulation.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from ..ops import adapter as adapter_ops
 
 L2_EPS = 1e-12
 LN_EPS = 1e-5
+INPUT_NORMS = ("l2", "none")
 
 
 class TextAdapterBlock(nn.Module):
@@ -46,7 +54,8 @@ class TextAdapterBlock(nn.Module):
         return x + self.fc2(self.dropout(self.act(self.fc1(self.norm(x)))))
 
 
-def check_adapter_args(in_dim: int, out_dim: int, num_blocks: int, expansion: int, dropout: float) -> None:
+def check_adapter_args(in_dim: int, out_dim: int, num_blocks: int, expansion: int, dropout: float,
+                       input_norm: str = "l2") -> None:
     for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("expansion", expansion)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -54,15 +63,18 @@ def check_adapter_args(in_dim: int, out_dim: int, num_blocks: int, expansion: in
         raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
 
 
 class _TextAdapterLayout(nn.Module):
     """The parameters shared by both formulations (one definition keeps the state_dicts identical)."""
 
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int = 4, expansion: int = 2,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, input_norm: str = "l2") -> None:
         super().__init__()
-        check_adapter_args(in_dim, out_dim, num_blocks, expansion, dropout)
+        check_adapter_args(in_dim, out_dim, num_blocks, expansion, dropout, input_norm)
+        self.input_norm = input_norm
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.num_blocks = num_blocks
@@ -74,7 +86,14 @@ class _TextAdapterLayout(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_dim={self.in_dim}, out_dim={self.out_dim}, num_blocks={self.num_blocks}, "
-                f"expansion={self.expansion}, dropout={self.dropout_p}")
+                f"expansion={self.expansion}, dropout={self.dropout_p}, input_norm={self.input_norm!r}")
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm == "l2":
+            x = F.normalize(x, dim=-1, eps=L2_EPS)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.final_norm(x))
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -94,28 +113,28 @@ class TextAdapterReference(_TextAdapterLayout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_dim) float -> (B, out_dim) in the parameter (or autocast) dtype."""
-        x = F.normalize(self._check_input(x), dim=-1, eps=L2_EPS)
-        for block in self.blocks:
-            x = block(x)
-        return self.proj(self.final_norm(x))
+        return self._torch_forward(self._check_input(x))
 
 
 class TextAdapter(_TextAdapterLayout):
     """The adapter on the fused path (Triton on CUDA; torch on CPU or while dropout is active).
 
-    ``TextAdapter(in_dim, out_dim, num_blocks=4, expansion=2, dropout=0.0)``;
+    ``TextAdapter(in_dim, out_dim, num_blocks=4, expansion=2, dropout=0.0, input_norm="l2")``;
     ``forward(x)``: x (B, in_dim) any float dtype -> (B, out_dim). ``backend`` (constructor) forces a
     backend of the ``text_adapter`` op ("torch", "recompute" or "triton"); None lets dispatch choose.
+    With ``input_norm="none"`` the plain-torch formulation runs (no fused op skips the L2 step).
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int = 4, expansion: int = 2,
-                 dropout: float = 0.0, backend: str | None = None) -> None:
-        super().__init__(in_dim, out_dim, num_blocks, expansion, dropout)
+                 dropout: float = 0.0, backend: str | None = None, input_norm: str = "l2") -> None:
+        super().__init__(in_dim, out_dim, num_blocks, expansion, dropout, input_norm)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_dim) float -> (B, out_dim) in the parameter (or autocast) dtype."""
         x = self._check_input(x)
+        if self.input_norm != "l2":
+            return self._torch_forward(x)
         block_weights = [(b.norm.weight, b.norm.bias, b.fc1.weight, b.fc1.bias, b.fc2.weight, b.fc2.bias)
                          for b in self.blocks]
         head_weights = (self.final_norm.weight, self.final_norm.bias, self.proj.weight, self.proj.bias)

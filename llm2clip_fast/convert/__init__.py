@@ -1,0 +1,10 @@
+"""Importing released and pretrained checkpoints as :class:`~llm2clip_fast.models.llm2clip.LLM2CLIPModel`
+folders (``python -m llm2clip_fast.convert``).
+
+- :func:`~llm2clip_fast.convert.llm2clip_hf.convert_llm2clip_hf`: a released HF-format LLM2CLIP folder;
+- :func:`~llm2clip_fast.convert.hf_clip.convert_hf_clip`: a transformers CLIP folder whose vision
+  tower (and optionally its projection) starts stage 2;
+- :func:`~llm2clip_fast.convert.output_folder.write_model_folder`: the atomic folder write.
+
+Every mapping is strict (:mod:`llm2clip_fast.convert.strict_mapping`) and keeps the source dtype.
+"""

@@ -1,0 +1,142 @@
+"""``python -m llm2clip_fast.convert``: turn a released or pretrained checkpoint into an LLM2CLIPModel folder.
+
+  --from llm2clip-hf SRC --out DST   a released HF-format LLM2CLIP folder (microsoft/LLM2CLIP-Openai-*):
+                                     vision tower, projection, text adapter, logit scale
+  --from hf-clip SRC --out DST --llm-dim N (--embed-dim E | --keep-projection)
+                                     a transformers CLIP folder: its vision tower (and with
+                                     --keep-projection its projection) plus a new adapter, for stage 2
+
+Only config.json and safetensors are read; no code from the source folder runs. The result loads with
+``LLM2CLIPModel.from_pretrained(DST)`` and continues training with
+``python -m llm2clip_fast.train stage2 --init-model DST``. ``DST/conversion.json`` records the source.
+
+Expected failures print one line ``llm2clip_fast.convert: error: ...`` on stderr and exit with:
+
+  2  bad arguments or options
+  3  a source file or folder that does not exist
+  4  --out already exists (pass --overwrite)
+  5  the source does not match the --from format (unknown/missing keys, shape mismatches)
+
+``--debug`` or ``LLM2CLIP_DEBUG=1`` shows the traceback of expected failures too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import OutputExistsError, SourceMismatchError
+
+FORMATS = ("llm2clip-hf", "hf-clip")
+_HF_CLIP_ONLY = ("llm_dim", "embed_dim", "keep_projection", "adapter_blocks", "adapter_expansion", "loss",
+                 "seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llm2clip_fast.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source_format", required=True, choices=FORMATS,
+                        help="what SRC is")
+    parser.add_argument("source", metavar="SRC", help="the source folder")
+    parser.add_argument("--out", required=True, help="the LLM2CLIPModel folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="cast every floating tensor (default: keep the source's dtype)")
+    parser.add_argument("--llm", default=None,
+                        help="record the LLM whose embeddings the adapter reads (config.llm.path, used by "
+                             "eval), e.g. the folder of microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned")
+    parser.add_argument("--input-norm", choices=("l2", "none"), default=None,
+                        help="the adapter's input normalisation (default: 'none' for llm2clip-hf, as the "
+                             "release's get_text_features; 'l2' for hf-clip, as the official TextProj)")
+    hf = parser.add_argument_group("--from hf-clip only")
+    hf.add_argument("--llm-dim", type=int, default=None, help="size of the LLM embeddings the adapter reads")
+    hf.add_argument("--embed-dim", type=int, default=None,
+                    help="shared embedding size (default with --keep-projection: the projection's)")
+    hf.add_argument("--keep-projection", action="store_true", default=None,
+                    help="keep the pretrained visual projection (its output size must equal --embed-dim)")
+    hf.add_argument("--adapter-blocks", type=int, default=None, help="adapter residual blocks (default 4)")
+    hf.add_argument("--adapter-expansion", type=int, default=None, help="adapter MLP expansion (default 2)")
+    hf.add_argument("--loss", choices=("clip", "siglip"), default=None, help="default clip")
+    hf.add_argument("--seed", type=int, default=None, help="seed of the new parameters (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one conversion; raises the expected failures (see the module docstring) instead of exiting."""
+    from .assemble import DTYPES
+    from .output_folder import check_output, write_model_folder
+
+    args = build_parser().parse_args(argv)
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    check_output(args.out, args.overwrite)
+    if args.source_format == "llm2clip-hf":
+        given = sorted("--" + name.replace("_", "-") for name in _HF_CLIP_ONLY
+                       if getattr(args, name) is not None)
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --from hf-clip (an LLM2CLIP release brings "
+                             "its own adapter, projection and sizes)")
+        from .llm2clip_hf import DEFAULT_INPUT_NORM, convert_llm2clip_hf
+
+        model, provenance = convert_llm2clip_hf(args.source, input_norm=args.input_norm or DEFAULT_INPUT_NORM,
+                                                dtype=dtype)
+    else:
+        if args.llm_dim is None:
+            raise ValueError("--from hf-clip needs --llm-dim (the size of the LLM embeddings the new "
+                             "adapter reads)")
+        from .hf_clip import convert_hf_clip
+
+        model, provenance = convert_hf_clip(
+            args.source, llm_dim=args.llm_dim, embed_dim=args.embed_dim,
+            keep_projection=bool(args.keep_projection), num_blocks=_default(args.adapter_blocks, 4),
+            expansion=_default(args.adapter_expansion, 2), loss=args.loss or "clip",
+            seed=_default(args.seed, 0), dtype=dtype, input_norm=args.input_norm or "l2")
+    if args.llm is not None:
+        model.config.llm = {"path": args.llm}
+    out = write_model_folder(model, args.out, provenance, overwrite=args.overwrite)
+    cfg = model.config
+    print(f"wrote {out}: {cfg.vision['kind']} vision tower ({model.vision.num_layers} layers, "
+          f"{model.image_size}px), adapter {cfg.llm_dim} -> {cfg.embed_dim} "
+          f"({cfg.adapter['num_blocks']} blocks, input_norm {cfg.adapter.get('input_norm', 'l2')}), "
+          f"{len(provenance['dropped'])} source tensors dropped")
+    return 0
+
+
+def _default(value, default):
+    return default if value is None else value
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The documented exit code of an expected failure, None for a bug."""
+    ordered: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]] = [
+        (KeyboardInterrupt, 130),
+        (OutputExistsError, 4),
+        (SourceMismatchError, 5),
+        ((FileNotFoundError, NotADirectoryError), 3),
+        (ValueError, 2),
+    ]
+    for kinds, code in ordered:
+        if isinstance(exc, kinds):
+            return code
+    return None
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: :func:`main`, with expected failures turned into one message and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("LLM2CLIP_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return main(argv)
+    except BaseException as exc:  # expected failures become exit codes below; the rest re-raises
+        code = exit_code_for(exc)
+        if code is None or debug or isinstance(exc, SystemExit):
+            raise
+        print(f"llm2clip_fast.convert: error: {exc or type(exc).__name__}", file=sys.stderr)
+        if code != 130:
+            print("(run with --debug or LLM2CLIP_DEBUG=1 for the traceback)", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

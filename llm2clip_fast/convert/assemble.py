@@ -1,0 +1,43 @@
+"""Build an :class:`LLM2CLIPModel` from a config and converted tensors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+
+import torch
+
+from ..models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def common_float_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype most of ``tensors`` have (float32 when none is floating)."""
+    counts = Counter(t.dtype for t in tensors.values() if t.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def assemble_model(config: LLM2CLIPConfig, converted: Mapping[str, torch.Tensor], *, seed: int = 0,
+                   dtype: torch.dtype | None = None) -> LLM2CLIPModel:
+    """An LLM2CLIPModel (eval mode) whose entries named in ``converted`` are those tensors, dtype kept,
+    and whose other entries are freshly initialised (seeded by ``seed``, without touching the caller's
+    RNG) in the converted tensors' dtype. ``dtype`` casts every floating entry afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LLM2CLIPModel(config)
+    fresh_dtype = common_float_dtype(converted)
+    state = {k: (v.to(fresh_dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()
+             if k not in converted}
+    state.update(converted)
+    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def skeleton_shapes(config: LLM2CLIPConfig) -> dict[str, tuple[int, ...]]:
+    """State-dict shapes of the model ``config`` describes, built on the meta device (no memory, no RNG)."""
+    with torch.device("meta"):
+        skeleton = LLM2CLIPModel(LLM2CLIPConfig.from_dict(config.to_dict()))
+    return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}

@@ -1,0 +1,106 @@
+"""``--from hf-clip``: a plain transformers CLIP folder -> an :class:`LLM2CLIPModel` that starts stage 2.
+
+The pretrained vision tower is kept; the text adapter is new (seeded init) and so is the logit scale
+(ln(1/0.07)). The visual projection is new unless ``keep_projection`` asks to keep the pretrained one,
+which needs its output size to equal ``embed_dim`` (the official recipe re-initialises it; both are
+possible). Accepted folders (``config.json`` ``model_type``):
+
+- ``clip``: a full ``CLIPModel``; its text tower (``text_model.*``, ``text_projection.weight``) and
+  ``logit_scale`` are dropped;
+- ``clip_vision_model``: a ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
+from .assemble import assemble_model, skeleton_shapes
+from .clip_vision_keys import check_position_ids, position_ids_key, vision_plan
+from .errors import SourceMismatchError
+from .source_files import read_config, read_safetensors_folder, require_folder
+from .strict_mapping import apply_plan
+
+_TEXT_TOWER_KEYS = ("text_model.", "text_projection.weight", "logit_scale")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None = None,
+                    keep_projection: bool = False, num_blocks: int = 4, expansion: int = 2,
+                    loss: str = "clip", seed: int = 0, input_norm: str = "l2",
+                    dtype: torch.dtype | None = None) -> tuple[LLM2CLIPModel, dict[str, Any]]:
+    """Convert the folder ``source``; returns the model and a provenance record for ``conversion.json``.
+
+    ``embed_dim`` may be omitted with ``keep_projection`` (the pretrained projection's size is used).
+    """
+    _check_positive("llm_dim", llm_dim)
+    if embed_dim is None and not keep_projection:
+        raise ValueError("--embed-dim is needed unless --keep-projection takes the size of the pretrained "
+                         "projection")
+    if embed_dim is not None:
+        _check_positive("embed_dim", embed_dim)
+    folder = require_folder(source, "hf-clip source")
+    config = read_config(folder)
+    model_type = config.get("model_type")
+    if model_type == "clip":
+        vision_config = config.get("vision_config")
+        if not isinstance(vision_config, dict):
+            raise SourceMismatchError(f"{folder}/config.json (model_type clip) has no 'vision_config' object")
+    elif model_type == "clip_vision_model":
+        vision_config = {k: v for k, v in config.items() if k not in {"architectures", "auto_map"}}
+    else:
+        raise SourceMismatchError(f"{folder}/config.json has model_type {model_type!r}; --from hf-clip takes "
+                                  "'clip' or 'clip_vision_model' folders")
+    tensors, files = read_safetensors_folder(folder)
+    # transformers 5 saves a CLIPVisionModel without the vision_model. prefix; 4.x and CLIPModel use it.
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
+    projection = tensors.get("visual_projection.weight")
+    if keep_projection:
+        if projection is None:
+            raise SourceMismatchError(f"--keep-projection: {folder} has no visual_projection.weight")
+        if embed_dim is None:
+            embed_dim = int(projection.shape[0])
+        elif projection.shape[0] != embed_dim:
+            raise ValueError(f"--keep-projection: the pretrained projection outputs {projection.shape[0]} "
+                             f"features but --embed-dim is {embed_dim}")
+    model_config = LLM2CLIPConfig(
+        vision={"kind": "clip", "config": dict(vision_config)},
+        embed_dim=embed_dim,
+        text_tower="llm-adapter",
+        llm_dim=llm_dim,
+        adapter={"num_blocks": num_blocks, "expansion": expansion, "dropout": 0.0, "input_norm": input_norm},
+        loss=loss,
+    )
+    target_shapes = skeleton_shapes(model_config)
+    plan = vision_plan(list(target_shapes), prefix)
+    fresh = [k for k in target_shapes if not k.startswith("vision.")]
+    if keep_projection:
+        plan["visual_projection.weight"] = "visual_projection.weight"
+        fresh.remove("visual_projection.weight")
+    check_position_ids(tensors, prefix)
+
+    def drop(key: str) -> bool:
+        if key == position_ids_key(prefix) or key == "visual_projection.weight":
+            return True
+        return model_type == "clip" and key.startswith(_TEXT_TOWER_KEYS)
+
+    result = apply_plan(tensors, plan, target_shapes, drop=drop, fresh=fresh,
+                        what=f"{folder} (as a transformers CLIP folder)")
+    model = assemble_model(model_config, result.tensors, seed=seed, dtype=dtype)
+    provenance = {
+        "from": "hf-clip",
+        "source": str(folder.resolve()),
+        "source_files": files,
+        "kept_projection": keep_projection,
+        "fresh": sorted(fresh),
+        "seed": seed,
+        "dropped": result.dropped,
+    }
+    return model, provenance
