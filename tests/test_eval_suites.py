@@ -513,3 +513,52 @@ def test_llm_adapter_model_reads_captions_through_its_llm_and_caches(tmp_path, m
     (again,) = run_suites(ModelEmbedder(tmp_path / "model"), "urban1k", root, out=tmp_path / "out",
                           model_name="m", max_missing_fraction=0.3, progress=False)
     assert again["cached"] == {"images": True, "texts": True} and again["i2t_R@1"] == result["i2t_R@1"]
+
+
+def test_suite_on_a_model_converted_from_a_released_checkpoint(tmp_path):
+    """An HF-format LLM2CLIP release (official key names, tiny sizes) -> convert -> eval --suite: the
+    numbers equal the metric on the official adapter's forward over the LLM's pooled embeddings."""
+    from _llm2clip_official_reference import TextProj
+    from _tiny_llama import write_tiny_llama
+    from PIL import Image
+    from test_convert import EMBED_DIM, VISION, _perturb, _release_state, _write_release
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from llm2clip_fast.convert.__main__ import main as convert_main
+    from llm2clip_fast.data.image_transforms import clip_image_transform
+    from llm2clip_fast.models.llm2clip import LLM2CLIPModel
+    from llm2clip_fast.train import eval as eval_module
+    from llm2clip_fast.train.__main__ import main as train_main
+
+    llm = write_tiny_llama(tmp_path / "llm")  # hidden size 32: the adapter's input
+    torch.manual_seed(3)
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
+    projection = torch.nn.Linear(VISION["hidden_size"], EMBED_DIM, bias=False)
+    adapter = TextProj(embedding_dim=32, output_dim=EMBED_DIM, expansion_factor=2, num_layers_text=2).eval()
+    _perturb(tower, 4)
+    _perturb(adapter, 5)
+    src = _write_release(tmp_path / "release", _release_state(tower, projection, adapter, torch.tensor(3.9)))
+    assert convert_main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "converted"),
+                         "--llm", str(llm)]) == 0
+    root = make_urban1k(tmp_path / "urban1k")
+    assert train_main(["eval", "--model", str(tmp_path / "converted"), "--suite", "urban1k", "--root",
+                       str(root), "--batch-size", "2", "--workers", "0", "--device", "cpu",
+                       "--max-missing-fraction", "0.3", "--no-progress"]) == 0
+    result = json.loads((tmp_path / "converted" / "eval" / "urban1k.json").read_text())
+
+    # The same metric from the official forward: LLM pooled embeddings -> official TextProj (the release
+    # feeds them without L2), and the source tower + projection for the images.
+    model = LLM2CLIPModel.from_pretrained(tmp_path / "converted")
+    encoder = eval_module.load_text_encoder(model)
+    transform = clip_image_transform(VISION["image_size"], train=False)
+    paths = [root / "image" / f"{i}.jpg" for i in (1, 2, 3)]
+    pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        pooled = encoder.encode([SINGLE[k] for k in "abc"], batch_size=2).float()
+        texts = torch.nn.functional.normalize(adapter(pooled, l2_norm=False), dim=-1)
+        images = projection(tower(pixel_values=pixels).pooler_output)
+        images = torch.nn.functional.normalize(images, dim=-1)
+    expected = multi_caption_retrieval(images, texts, torch.arange(3))
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-5), key
+    assert result["n_images"] == 3
