@@ -21,7 +21,7 @@ from ..models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
 from .assemble import assemble_model, skeleton_shapes
 from .clip_vision_keys import check_position_ids, position_ids_key, vision_plan
 from .errors import SourceMismatchError
-from .source_files import read_config, read_safetensors_folder, require_folder
+from .source_files import read_config, read_safetensors_folder, require_folder, tower_preprocessing
 from .strict_mapping import apply_plan
 
 _TEXT_TOWER_KEYS = ("text_model.", "text_projection.weight", "logit_scale")
@@ -71,7 +71,8 @@ def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None =
             raise ValueError(f"--keep-projection: the pretrained projection outputs {projection.shape[0]} "
                              f"features but --embed-dim is {embed_dim}")
     model_config = LLM2CLIPConfig(
-        vision={"kind": "clip", "config": dict(vision_config)},
+        vision={"kind": "clip", "config": dict(vision_config),
+                "preprocessing": tower_preprocessing(folder, vision_config)},
         embed_dim=embed_dim,
         text_tower="llm-adapter",
         llm_dim=llm_dim,

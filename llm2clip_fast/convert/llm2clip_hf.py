@@ -33,7 +33,7 @@ from .adapter_keys import adapter_geometry, adapter_plan
 from .assemble import assemble_model, skeleton_shapes
 from .clip_vision_keys import check_position_ids, position_ids_key, vision_plan
 from .errors import SourceMismatchError
-from .source_files import read_config, read_safetensors_folder, require_folder
+from .source_files import read_config, read_safetensors_folder, require_folder, tower_preprocessing
 from .strict_mapping import apply_plan
 
 ADAPTER_PREFIX = "text_adapter.adaptor."
@@ -71,7 +71,8 @@ def convert_llm2clip_hf(source: str | Path, *, input_norm: str = DEFAULT_INPUT_N
         raise SourceMismatchError(f"config.json projection_dim={declared} but the tensors project to "
                                   f"{geometry.embed_dim}")
     model_config = LLM2CLIPConfig(
-        vision={"kind": "clip", "config": dict(vision_config)},
+        vision={"kind": "clip", "config": dict(vision_config),
+                "preprocessing": tower_preprocessing(folder, vision_config)},
         embed_dim=geometry.embed_dim,
         text_tower="llm-adapter",
         llm_dim=geometry.llm_dim,

@@ -81,3 +81,13 @@ def read_safetensors_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list
             "(re-save them as safetensors)") if pickled else ""
     raise FileNotFoundError(f"{str(folder)!r} has neither {SAFETENSORS_NAME} nor "
                             f"{SAFETENSORS_INDEX_NAME}{hint}")
+
+
+def tower_preprocessing(folder: Path, vision_config: dict[str, Any]) -> dict[str, Any]:
+    """The CLIP tower's image preprocessing: the folder's ``preprocessor_config.json`` where there is
+    one (as transformers' image processor reads it), else CLIP's defaults at the tower's image size."""
+    from ..models.image_preprocessing import ImagePreprocessing
+
+    size = vision_config.get("image_size", 224)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    return ImagePreprocessing.from_hf_folder(folder, "clip", size).to_dict()

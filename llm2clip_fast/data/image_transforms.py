@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +20,11 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+def resize_short_side(image: Image.Image, size: int,
+                      resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize so the shorter side is ``size``, keeping the aspect ratio (bicubic, as CLIP does)."""
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
@@ -29,7 +32,7 @@ def resize_short_side(image: Image.Image, size: int) -> Image.Image:
         return image
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    return image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    return image.resize((new_w, new_h), resample)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -94,6 +97,9 @@ class ClipImageTransform:
         ratio: tuple[float, float],
         mean: Sequence[float],
         std: Sequence[float],
+        resize: str = "shortest_edge",
+        resample: str = "bicubic",
+        resize_size: int | None = None,
     ):
         self.size = size
         self.train = train
@@ -101,6 +107,10 @@ class ClipImageTransform:
         self.ratio = ratio
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.resize = resize
+        self.resample = resample
+        self.resize_size = resize_size
+        self._filter = _FILTERS[resample]
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         if not isinstance(image, Image.Image):
@@ -110,15 +120,19 @@ class ClipImageTransform:
             rng = rng if rng is not None else random.Random()
             left, top, w, h = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, rng)
             image = image.resize(
-                (self.size, self.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h)
+                (self.size, self.size), self._filter, box=(left, top, left + w, top + h)
             )
+        elif self.resize == "square":  # SigLIP / ViT processors: the whole image, aspect not kept
+            image = image.resize((self.size, self.size), self._filter)
         else:
-            image = center_crop(resize_short_side(image, self.size), self.size)
+            short = self.resize_size or self.size
+            image = center_crop(resize_short_side(image, short, self._filter), self.size)
         return to_normalized_tensor(image, self.mean, self.std)
 
     def __repr__(self) -> str:
-        mode = f"train, scale={self.scale}, ratio={self.ratio}" if self.train else "eval"
-        return f"ClipImageTransform(size={self.size}, {mode})"
+        mode = f"train, scale={self.scale}, ratio={self.ratio}" if self.train else f"eval, {self.resize}"
+        return (f"ClipImageTransform(size={self.size}, {mode}, {self.resample}, mean={self.mean}, "
+                f"std={self.std})")
 
 
 def clip_image_transform(
@@ -129,6 +143,9 @@ def clip_image_transform(
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    resize: str = "shortest_edge",
+    resample: str = "bicubic",
+    resize_size: int | None = None,
 ) -> ClipImageTransform:
     """CLIP preprocessing: PIL image -> normalised float32 tensor (3, size, size).
 
@@ -138,7 +155,14 @@ def clip_image_transform(
         scale: range of the crop's area as a fraction of the image (train only).
         ratio: range of the crop's aspect ratio w/h (train only).
         mean, std: per-channel normalisation (default: CLIP's).
+        resize: evaluation resize: "shortest_edge" (short side to ``resize_size`` or ``size``, then a
+            centre crop; CLIP) or "square" (the whole image to size x size; SigLIP, ViT).
+        resample: "bicubic" or "bilinear".
     """
+    if resize not in ("shortest_edge", "square"):
+        raise ValueError(f"resize must be 'shortest_edge' or 'square', got {resize!r}")
+    if resample not in _FILTERS:
+        raise ValueError(f"resample must be one of {sorted(_FILTERS)}, got {resample!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     if not (0.0 < scale[0] <= scale[1] <= 1.0):
@@ -147,4 +171,14 @@ def clip_image_transform(
         raise ValueError(f"ratio must satisfy 0 < ratio[0] <= ratio[1], got {ratio!r}")
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean!r}, std={std!r}")
-    return ClipImageTransform(size, train, tuple(scale), tuple(ratio), mean, std)
+    return ClipImageTransform(size, train, tuple(scale), tuple(ratio), mean, std, resize, resample,
+                              resize_size)
+
+
+def image_transform_for(preprocessing: Any, train: bool = False, *,
+                        scale: tuple[float, float] = (0.9, 1.0)) -> ClipImageTransform:
+    """The transform of a tower's :class:`~llm2clip_fast.models.image_preprocessing.ImagePreprocessing`:
+    its size, mean/std, resize mode and filter (training: a random resized crop with ``scale``)."""
+    p = preprocessing
+    return clip_image_transform(p.image_size, train=train, scale=scale, mean=p.mean, std=p.std,
+                                resize=p.resize, resample=p.resample, resize_size=p.resize_size)

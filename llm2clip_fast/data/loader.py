@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .bad_data import BadDataPolicy, BadDataTracker, BadSampleError
 from .caption_source import CaptionSource
-from .image_transforms import clip_image_transform
+from .image_transforms import ClipImageTransform, clip_image_transform
 
 ImageTransform = Callable[[Image.Image, random.Random], torch.Tensor]
 
@@ -324,9 +324,11 @@ def build_loader(
         raise ValueError(f"source {source!r} holds no samples")
     if with_images and transform is None:
         transform = clip_image_transform(image_size, train=train, scale=crop_scale)
-        # The CLIP transform never needs more than ~image_size pixels a side: large images may decode
-        # smaller (bounded memory for a 9000x9000 photo). A custom transform gets full-size images.
-        source.set_decode_min_side(max(image_size, source.decode_min_side or 0))
+    if with_images and isinstance(transform, ClipImageTransform):
+        # The CLIP-style transforms never need more than ~their resize side in pixels: large images may
+        # decode smaller (bounded memory for a 9000x9000 photo). A custom transform gets full-size images.
+        side = max(transform.size, transform.resize_size or 0)
+        source.set_decode_min_side(max(side, source.decode_min_side or 0))
     if isinstance(bad_data, BadDataTracker):
         tracker = bad_data
     else:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .image_preprocessing import ImagePreprocessing
 from .vision import VisionTower
 
 LOSS_KINDS = ("clip", "siglip")
@@ -138,7 +139,12 @@ class LLM2CLIPModel(nn.Module):
         if not isinstance(config, LLM2CLIPConfig):
             raise TypeError(f"config must be an LLM2CLIPConfig, got {type(config).__name__}")
         if vision_tower is None:
+            saved = config.vision.get("preprocessing")
+            # A config saved before towers carried their preprocessing was trained with CLIP's, whatever
+            # the tower: keep it so that its numbers do not move.
             vision_tower = VisionTower.from_config(config.vision["kind"], config.vision["config"])
+            vision_tower.preprocessing = (ImagePreprocessing.from_dict(saved) if saved is not None
+                                          else ImagePreprocessing(vision_tower.image_size))
         elif not isinstance(vision_tower, VisionTower):
             raise TypeError(f"vision_tower must be a VisionTower, got {type(vision_tower).__name__}")
         config.vision = vision_tower.config_dict()
@@ -170,6 +176,11 @@ class LLM2CLIPModel(nn.Module):
     @property
     def image_size(self) -> int:
         return self.vision.image_size
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        """How images are prepared for this model's tower (saved in config.json's ``vision``)."""
+        return self.vision.preprocessing
 
     @property
     def text_tower(self) -> str:
@@ -349,7 +360,7 @@ class LLM2CLIPModel(nn.Module):
         try:
             directory = resolve_model_path(directory)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"LLM2CLIPModel folder {str(directory)!r} is missing: {exc}") from None
+            raise FileNotFoundError(f"{str(directory)!r} is not a saved LLM2CLIPModel: {exc}") from None
         config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         missing = [p.name for p in (config_file, weights_file) if not p.is_file()]
         if missing:

@@ -86,6 +86,12 @@ def packaged_minilm_path() -> Path:
     return folder
 
 
+def looks_like_a_path(name: str) -> bool:
+    """Whether ``name`` can only be a filesystem path, not a hub id (``name`` or ``owner/name``)."""
+    return (name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1
+            or os.path.isabs(name))
+
+
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """A local model folder: ``path`` itself, or a hub name's snapshot from the local HF cache only.
 
@@ -97,6 +103,9 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     name = str(path)
     if p.exists():
         raise FileNotFoundError(f"model path {name!r} exists but is not a folder")
+    if looks_like_a_path(name):
+        raise FileNotFoundError(f"model {name!r} is neither a local folder nor a hub name: "
+                                "the folder is missing")
     try:
         from huggingface_hub import snapshot_download
 

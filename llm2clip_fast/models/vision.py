@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .image_preprocessing import ImagePreprocessing
+
 VISION_KINDS = ("clip", "siglip", "vit")
 
 # Presets name an architecture, never weights: they build randomly initialised towers.
@@ -90,18 +92,36 @@ class VisionTower(nn.Module):
         model: the transformers model (``CLIPVisionModel``, ``SiglipVisionModel`` or ``ViTModel``).
     """
 
-    def __init__(self, kind: str, model: nn.Module) -> None:
+    def __init__(self, kind: str, model: nn.Module,
+                 preprocessing: ImagePreprocessing | None = None) -> None:
         super().__init__()
         _check_kind(kind)
         self.kind = kind
         self.model = model
+        self.preprocessing = preprocessing or ImagePreprocessing.default_for(kind, self.image_size)
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        """The images this tower expects (size, resize mode, filter, mean/std)."""
+        return self._preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, value: ImagePreprocessing) -> None:
+        if not isinstance(value, ImagePreprocessing):
+            raise TypeError(f"preprocessing must be an ImagePreprocessing, got {type(value).__name__}")
+        if value.image_size != self.image_size:
+            raise ValueError(f"preprocessing makes {value.image_size}-pixel images but the tower takes "
+                             f"{self.image_size}")
+        self._preprocessing = value
 
     # -- construction -------------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, kind: str, config: dict[str, Any] | Any) -> VisionTower:
+    def from_config(cls, kind: str, config: dict[str, Any] | Any,
+                    preprocessing: ImagePreprocessing | None = None) -> VisionTower:
         """A randomly initialised tower. ``config`` is a dict of the transformers config's fields
-        (or a config object)."""
+        (or a config object); ``preprocessing`` defaults to the family's (see
+        :class:`~llm2clip_fast.models.image_preprocessing.ImagePreprocessing`)."""
         _check_kind(kind)
         config_cls = _config_class(kind)
         if isinstance(config, dict):
@@ -110,7 +130,7 @@ class VisionTower(nn.Module):
         elif not isinstance(config, config_cls):
             raise TypeError(f"config for a {kind!r} tower must be a dict or {config_cls.__name__}, "
                             f"got {type(config).__name__}")
-        return cls(kind, _model_from_config(kind, config))
+        return cls(kind, _model_from_config(kind, config), preprocessing)
 
     @classmethod
     def from_preset(cls, name: str) -> VisionTower:
@@ -136,20 +156,27 @@ class VisionTower(nn.Module):
         from transformers import CLIPVisionModel, SiglipVisionModel, ViTModel
 
         if model_type in {"clip", "clip_vision_model"}:
-            return cls("clip", CLIPVisionModel.from_pretrained(path))
-        if model_type in {"siglip", "siglip_vision_model"}:
-            return cls("siglip", SiglipVisionModel.from_pretrained(path))
-        if model_type == "vit":
-            return cls("vit", ViTModel.from_pretrained(path, add_pooling_layer=False))
+            kind, model = "clip", CLIPVisionModel.from_pretrained(path)
+        elif model_type in {"siglip", "siglip_vision_model"}:
+            kind, model = "siglip", SiglipVisionModel.from_pretrained(path)
+        elif model_type == "vit":
+            kind, model = "vit", ViTModel.from_pretrained(path, add_pooling_layer=False)
+        else:
+            kind = model = None
+        if model is not None:
+            size = model.config.image_size
+            size = int(size[0] if isinstance(size, (list, tuple)) else size)
+            # the folder's image processor, as transformers' AutoImageProcessor would read it
+            return cls(kind, model, ImagePreprocessing.from_hf_folder(path, kind, size))
         raise ValueError(f"vision path {str(path)!r} holds a {model_type!r} model; supported model types: "
                          "clip, clip_vision_model, siglip, siglip_vision_model, vit")
 
     def config_dict(self) -> dict[str, Any]:
-        """What :meth:`from_config` needs to rebuild this architecture: ``{"kind", "config"}``."""
+        """What :meth:`from_config` needs to rebuild this tower: ``{"kind", "config", "preprocessing"}``."""
         cfg = self.model.config.to_dict()
         for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
             cfg.pop(k, None)
-        return {"kind": self.kind, "config": cfg}
+        return {"kind": self.kind, "config": cfg, "preprocessing": self.preprocessing.to_dict()}
 
     # -- geometry -----------------------------------------------------------------------------------
 

@@ -102,16 +102,21 @@ def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
     return encoder
 
 
-def collect_eval_set(source: Any, image_size: int) -> dict[str, Any]:
-    """Decode and preprocess every good record of ``source`` (CLIP eval transform at ``image_size``).
+def collect_eval_set(source: Any, preprocessing: Any) -> dict[str, Any]:
+    """Decode and preprocess every good record of ``source`` with the tower's evaluation transform
+    (``preprocessing``: the model's :class:`~llm2clip_fast.models.image_preprocessing.ImagePreprocessing`,
+    or an image size for CLIP's).
 
     Returns ``{"keys": [...], "pixel_values": (N, 3, S, S) fp32, "captions": {name: [...]},
     "labels": [str | None, ...], "bad": tracker summary dict}``. Bad samples are skipped and
     counted by the source's bad-data tracker (which stops past its threshold).
     """
-    from llm2clip_fast.data.image_transforms import clip_image_transform
+    from llm2clip_fast.data.image_transforms import clip_image_transform, image_transform_for
 
-    transform = clip_image_transform(image_size, train=False)
+    if isinstance(preprocessing, int):
+        transform = clip_image_transform(preprocessing, train=False)
+    else:
+        transform = image_transform_for(preprocessing, train=False)
     keys, pixels, labels = [], [], []
     captions: dict[str, list[str]] = {name: [] for name in source.caption_names}
     for record in source.iter_records():
@@ -224,7 +229,7 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
     text_path = (f"LLM {llm or recorded.get('model') or recorded.get('path')}" if encoder is not None
                  else "clip text tower")
     _log(f"{source.describe()}: embedding images and {caption!r} captions ({text_path})")
-    eval_set = collect_eval_set(source, model.image_size)
+    eval_set = collect_eval_set(source, model.preprocessing)
     results = evaluate(model, eval_set, encoder=encoder, caption=caption, batch_size=batch_size, ks=ks)
     results.update({"model": str(model_dir), "data": str(data), "text_tower": model.config.text_tower,
                     "bad_samples": eval_set["bad"]})

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.image_transforms import image_transform_for
 from ..distributed import (
     barrier,
     check_collective_device,
@@ -621,7 +622,9 @@ def run(args: argparse.Namespace) -> int:
     loader = build_loader(source, batch_size=args.batch_size, image_size=image_size, train=True,
                           caption=loader_caption, rank=rank, world_size=world, num_workers=args.num_workers,
                           seed=args.seed, drop_last=True, crop_scale=tuple(args.crop_scale),
-                          bad_data=args.max_bad_fraction, pin_memory=device.type == "cuda")
+                          bad_data=args.max_bad_fraction, pin_memory=device.type == "cuda",
+                          transform=image_transform_for(model.preprocessing, train=True,
+                                                        scale=tuple(args.crop_scale)))
 
     wrapped = _wrap_distributed(model, args, device)
     fsdp = args.fsdp and is_distributed() and world > 1

@@ -101,6 +101,7 @@ class ModelEmbedder:
         ident: dict[str, Any] = {"model": self._model_files, "side": side}
         if side == "image":
             ident["image_size"] = self.model.image_size
+            ident["preprocessing"] = self.model.preprocessing.to_dict()
         elif side == "text" and self.model.config.text_tower == "llm-adapter":
             from llm2clip_fast.models.llm_encoder import resolve_model_path
 
@@ -116,9 +117,9 @@ class ModelEmbedder:
         return ident
 
     def image_transform(self) -> Callable[[Any], torch.Tensor]:
-        from llm2clip_fast.data.image_transforms import clip_image_transform
+        from llm2clip_fast.data.image_transforms import image_transform_for
 
-        return clip_image_transform(self.model.image_size, train=False)
+        return image_transform_for(self.model.preprocessing, train=False)
 
     @torch.no_grad()
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
