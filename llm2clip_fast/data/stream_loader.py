@@ -130,7 +130,8 @@ class StreamBatches(CaptionBatches):
                     position = {**start, "block": block_no, "emitted": emitted, "batches": made,
                                 "done": False}
                     yield self._stream_batch(pending, worker, position, lost)
-                    pending, lost = [], []
+                    pending = []
+                    lost.clear()  # the reader appends to this very list
             block_no, skip = block_no + 1, 0
         if pending and not self.drop_last:
             made += 1

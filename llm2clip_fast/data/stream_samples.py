@@ -13,7 +13,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .stream_transport import ShardStream, TransportError, TransportPolicy
+from .stream_transport import TAIL_BYTES, ShardStream, TransportError, TransportPolicy
 
 logger = logging.getLogger("llm2clip_fast.data.stream")
 
@@ -84,6 +84,11 @@ def iter_shard(
                     if len(data) != member.size:
                         raise tarfile.ReadError(f"member {member.name!r} is truncated")
                     pending.members[ext] = data
+            # tarfile takes a header cut short, or no header at all, for the end of the archive:
+            # only the closing zero blocks tell a complete shard from one cut at a member boundary.
+            stream.drain()
+            if stream.tail != bytes(TAIL_BYTES):
+                raise tarfile.ReadError("the stream ends without the tar end-of-archive blocks")
     except TransportError as exc:
         reason = exc.reason
     except (tarfile.TarError, EOFError) as exc:

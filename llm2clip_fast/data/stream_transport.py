@@ -36,6 +36,7 @@ _URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]+://)")
 FSSPEC_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub",
                    "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
 _DISCARD_CHUNK = 1 << 20
+TAIL_BYTES = 1024  # a tar archive ends with two 512-byte blocks of zeros
 
 
 class TransportError(Exception):
@@ -149,6 +150,23 @@ class _PipeReader:
         self._stderr.close()
 
 
+class _HttpBody:
+    """An HTTP response body that raises ``IncompleteRead`` when it ends before its Content-Length
+    (``HTTPResponse.read(n)`` just returns b"" then)."""
+
+    def __init__(self, response: http.client.HTTPResponse):
+        self._response = response
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._response.read(None if n is None or n < 0 else n)
+        if not data and n != 0 and self._response.length:
+            raise http.client.IncompleteRead(b"", self._response.length)
+        return data
+
+    def close(self) -> None:
+        self._response.close()
+
+
 def _open_at(url: str, offset: int, timeout: float) -> tuple[BinaryIO, int]:
     """(stream, byte offset it starts at): ``offset`` when the transport could seek there, else 0."""
     if url.startswith("pipe:"):
@@ -157,7 +175,7 @@ def _open_at(url: str, offset: int, timeout: float) -> tuple[BinaryIO, int]:
     if lowered.startswith(("http://", "https://")):
         request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
         response = urllib.request.urlopen(request, timeout=timeout)
-        return response, offset if offset and response.status == 206 else 0
+        return _HttpBody(response), offset if offset and response.status == 206 else 0
     if is_stream_url(url):
         import fsspec
 
@@ -183,6 +201,7 @@ class ShardStream:
         discarded: bytes read and thrown away because the transport could not seek to where it was
             (re)opened; 0 when every (re)opening seeked.
         failures: transport failures met so far (each one cost a retry).
+        tail: the last :data:`TAIL_BYTES` bytes read (a complete tar ends with that many zero bytes).
     """
 
     def __init__(self, url: str, start: int = 0, policy: TransportPolicy | None = None):
@@ -191,6 +210,7 @@ class ShardStream:
         self.position = start
         self.discarded = 0
         self.failures = 0
+        self.tail = b""
         self._raw: BinaryIO | None = None
         self._reopen(None)
 
@@ -223,7 +243,13 @@ class ShardStream:
                 self._reopen(exc)
                 continue
             self.position += len(data)
+            self.tail = (self.tail + data)[-TAIL_BYTES:] if len(data) < TAIL_BYTES else data[-TAIL_BYTES:]
             return data
+
+    def drain(self) -> None:
+        """Read to the end (what follows the last tar member: its end-of-archive blocks)."""
+        while self.read(_DISCARD_CHUNK):
+            pass
 
     def _close_raw(self) -> None:
         if self._raw is not None:

@@ -645,6 +645,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"resuming from {resume_from} (step {step}, epoch {epoch}, batch {start_batch})")
         mine = ckpt.extra["ranks"][rank]
         loader.bad_data.load_dict(mine["bad_data"])
+        if "loader" in mine:  # a streamed source resumes at each worker's saved shard and sample
+            loader.load_state_dict(mine["loader"])
         torch.set_rng_state(mine["torch_rng"])
         if device.type == "cuda" and mine.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(mine["cuda_rng"], device)
@@ -664,7 +666,7 @@ def run(args: argparse.Namespace) -> int:
         model_state, opt_state = _full_state(model, args, optimizer)
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         ranks = _gather_objects({"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                                 "bad_data": loader.bad_data.as_dict()})
+                                 "bad_data": loader.bad_data.as_dict(), "loader": loader.state_dict()})
         if main:
             save_checkpoint(out_dir, step=step, epoch=epoch, batch_index=next_batch, model_state=model_state,
                             optimizer=_StateOf(opt_state), scheduler=scheduler, config=config,
