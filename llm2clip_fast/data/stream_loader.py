@@ -179,7 +179,8 @@ class StreamLoader(CaptionLoader):
         super().__init__(dataset, tracker=tracker, **kwargs)
         self._positions: dict[int, dict[str, Any]] = {}
         self._next_worker = 0
-        self._restored: tuple[int, int] | None = None  # (epoch, start_batch) the loaded positions are for
+        # (epoch, start_batch, positions, next worker) from load_state_dict, until iteration starts.
+        self._restored: tuple[int, int, dict[int, dict[str, Any]], int] | None = None
         # Where an iteration starts: (positions, next worker, next batch, batches to re-read and discard).
         self._origin: tuple[dict[int, dict[str, Any]], int, int, int] = ({}, 0, 0, 0)
 
@@ -198,11 +199,11 @@ class StreamLoader(CaptionLoader):
         when :meth:`load_state_dict` gave them for this point, else by re-reading and discarding)."""
         super().set_epoch(epoch, start_batch)
         self.dataset.start_batch = 0
-        if self._restored == (epoch, start_batch):
-            self._origin = (dict(self._positions), self._next_worker, start_batch, 0)
+        if self._restored is not None and self._restored[:2] == (epoch, start_batch):
+            positions, next_worker = self._restored[2:]
+            self._origin = (dict(positions), next_worker, start_batch, 0)
         else:
             self._origin = ({}, 0, start_batch, start_batch)
-        self._restored = None
 
     def _limit(self) -> int | None:
         return self.num_batches() if self.dataset.drop_last else None
@@ -210,6 +211,7 @@ class StreamLoader(CaptionLoader):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Every iteration starts where set_epoch / load_state_dict put the epoch (iterating twice
         # without set_epoch repeats it, as the random-access loader does).
+        self._restored = None  # saved positions serve set_epoch calls up to the first iteration
         positions, self._next_worker, self._next_batch, discard = self._origin
         self._positions = dict(positions)
         data: StreamBatches = self.dataset
@@ -271,7 +273,7 @@ class StreamLoader(CaptionLoader):
                 raise ValueError("the saved stream state does not fit this loader (streamed batches depend "
                                  f"on how shards are split): {changes}")
         if stream is not None:
-            self._positions = {int(w): dict(p) for w, p in stream["positions"].items()}
-            self._next_worker = int(stream["next_worker"])
-            self._restored = (int(state["epoch"]), int(state["start_batch"]))
+            positions = {int(w): dict(p) for w, p in stream["positions"].items()}
+            self._restored = (int(state["epoch"]), int(state["start_batch"]), positions,
+                              int(stream["next_worker"]))
         super().load_state_dict(state)  # set_epoch: from the positions above, else by re-reading

@@ -77,7 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--embeddings", help="embedding cache folder written by the embed step "
                     "(required for the llm-adapter text tower)")
     io.add_argument("--data", required=True,
-                    help="caption source: manifest (.csv/.tsv/.jsonl) or WebDataset shards")
+                    help="caption source: manifest (.csv/.tsv/.jsonl) or WebDataset shards, local or "
+                    "streamed ('https://host/d-{000..099}.tar', 'pipe:aws s3 cp s3://b/d-{0..9}.tar -', "
+                    "'s3://...')")
     io.add_argument("--out", required=True, help="run folder (log, checkpoints, loss.png, model/)")
     io.add_argument("--resume", action="store_true",
                     help="continue from the newest usable checkpoint in --out (an error if there is none)")
@@ -151,6 +153,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="stop when more than this fraction of samples is bad (default 1%%), checked during "
                      "each epoch once 100 samples were seen, and at each epoch's end whatever the number")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stream = parser.add_argument_group("streamed shards (--data with pipe:, http(s)://, s3://, gs://, ...)")
+    stream.add_argument("--shuffle-buffer", type=int, default=1000,
+                        help="samples per seeded shuffle block of each loader worker's stream")
+    stream.add_argument("--stream-timeout", type=float, default=60.0,
+                        help="seconds a shard connection or read may stall before it is retried")
+    stream.add_argument("--stream-retries", type=int, default=3,
+                        help="retries per shard read; then the shard's unread samples count as bad data")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -171,6 +180,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr must be > 0 and --wd >= 0, got {args.lr} and {args.wd}")
     if not 0 < args.llrd <= 1:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
+    if args.shuffle_buffer < 1 or args.stream_retries < 0 or not args.stream_timeout > 0:
+        raise ValueError("--shuffle-buffer must be >= 1, --stream-retries >= 0 and --stream-timeout > 0")
     if args.save_every < 0 or args.num_workers < 0 or args.freeze_vision_layers < 0:
         raise ValueError("--save-every, --num-workers and --freeze-vision-layers must be >= 0")
     if args.vision_preset and args.vision_path:
@@ -578,8 +589,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.loader import build_loader
     from ..data.sources import open_source
+    from ..data.stream_transport import TransportPolicy
 
-    source = open_source(args.data, image_root_only=args.image_root_only)
+    source = open_source(args.data, image_root_only=args.image_root_only,
+                         transport=TransportPolicy(timeout=args.stream_timeout, retries=args.stream_retries))
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
     loader_caption, caption_names = resolve_caption(args.caption, source, cache)
     llm_info: dict[str, Any] = {}
@@ -612,7 +625,8 @@ def run(args: argparse.Namespace) -> int:
     loader = build_loader(source, batch_size=args.batch_size, image_size=image_size, train=True,
                           caption=loader_caption, rank=rank, world_size=world, num_workers=args.num_workers,
                           seed=args.seed, drop_last=True, crop_scale=tuple(args.crop_scale),
-                          bad_data=args.max_bad_fraction, pin_memory=device.type == "cuda")
+                          bad_data=args.max_bad_fraction, pin_memory=device.type == "cuda",
+                          shuffle_buffer=args.shuffle_buffer)
 
     wrapped = _wrap_distributed(model, args, device)
     fsdp = args.fsdp and is_distributed() and world > 1
