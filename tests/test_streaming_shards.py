@@ -324,6 +324,22 @@ def test_stalled_transports_time_out_instead_of_hanging(server):
         ShardStream("pipe:cat /nonexistent/x.tar", policy=FAST).read(10)
 
 
+def test_sizes_json_beside_the_shards_spares_the_counting_pass(tmp_path, shards, server):
+    for name in NAMES:
+        (tmp_path / name).write_bytes((shards / name).read_bytes())
+    # Deliberately not the true counts: proof they were taken from the file, not counted.
+    claimed = {name: size + 1 for name, size in zip(NAMES, SIZES)}
+    (tmp_path / "sizes.json").write_text(json.dumps(claimed))
+    assert open_source(str(tmp_path / BRACE), streaming=True).shard_sizes == list(claimed.values())
+    (tmp_path / "sizes.json").write_text(json.dumps({NAMES[0]: 5}))  # incomplete: counted instead
+    assert open_source(str(tmp_path / BRACE), streaming=True).shard_sizes == SIZES
+    server.root = tmp_path
+    (tmp_path / "sizes.json").write_text(json.dumps(dict(zip(NAMES, SIZES))))
+    source = open_source(server.url + BRACE, transport=FAST)
+    server.requests.clear()
+    assert len(source) == N and [n for n, _ in server.requests] == ["sizes.json"]
+
+
 def test_ranks_and_workers_split_whole_shards(shards):
     source = open_source(str(shards / BRACE), streaming=True)
     seen = []

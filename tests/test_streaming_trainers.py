@@ -17,7 +17,7 @@ from _stage2_runs import N_TRAIN, bag_of_words, final_state, logged_losses, stag
 from _tiny_llama import write_pairs, write_tiny_llama
 
 from llm2clip_fast.data.demo import write_demo
-from llm2clip_fast.data.embedding_cache import EmbeddingCache, build_embedding_cache
+from llm2clip_fast.data.embedding_cache import EmbeddingCache, StaleCacheError, build_embedding_cache
 from llm2clip_fast.data.sources import open_source
 from llm2clip_fast.train import stage1, stage2
 from llm2clip_fast.train.__main__ import main as train_main
@@ -136,3 +136,21 @@ def test_embed_from_a_stream_matches_the_local_shards(tiny, tmp_path):
     assert streamed.keys() == local.keys() and len(local) == 20
     for name in ("short", "long"):
         assert torch.equal(streamed.lookup(local.keys(), name), local.lookup(local.keys(), name))
+
+
+def test_stage2_checks_streamed_batches_against_the_cache(streamed_demo, tmp_path):
+    records = list(open_source(streamed_demo["data"]).iter_captions())
+    partial = tmp_path / "partial_cache"
+    build_embedding_cache(iter(records[:40]), bag_of_words, partial, caption_names=["short", "long"], dim=24,
+                          metadata={"path": "bag-of-words", "pooling": "mean"})
+    argv = stage2_args({**streamed_demo, "cache": partial}, tmp_path / "run", steps=6)
+    with pytest.raises(ValueError, match=r"lacks embeddings for \d+ key\(s\) of a batch of the streamed"):
+        train_main(argv)
+    stale = tmp_path / "stale_cache"
+    changed = [(k, {**c, "long": c["long"] + " (edited)"}) if i == 3 else (k, c)
+               for i, (k, c) in enumerate(records)]
+    build_embedding_cache(iter(changed), bag_of_words, stale, caption_names=["short", "long"], dim=24,
+                          metadata={"path": "bag-of-words", "pooling": "mean"})
+    argv = stage2_args({**streamed_demo, "cache": stale}, tmp_path / "run2", steps=6)
+    with pytest.raises(StaleCacheError, match=records[3][0]):
+        train_main(argv)

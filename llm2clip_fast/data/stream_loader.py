@@ -39,8 +39,6 @@ from .stream_source import StreamingWebDatasetSource, lost_note
 
 logger = logging.getLogger("llm2clip_fast.data.stream")
 
-DEFAULT_SHUFFLE_BUFFER = 1000
-
 
 def _start() -> dict[str, Any]:
     return {"shard": 0, "sample": 0, "byte": 0, "block": 0, "emitted": 0, "batches": 0, "done": False}

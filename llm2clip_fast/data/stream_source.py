@@ -2,14 +2,16 @@
 
 A stream has no random access: samples come in shard order, so iteration (``iter_captions``,
 ``iter_records``, ``keys``) reads shards start to end, and loaders split whole shards over ranks and
-workers (:mod:`~.stream_loader`). ``len(source)`` needs every shard's sample count, learned by one
-counting pass over the shards on first use and kept. A shard the transport gives up on, or that ends
+workers (:mod:`~.stream_loader`). ``len(source)`` needs every shard's sample count: read from a
+``sizes.json`` beside the shards (OpenCLIP's convention) when there is one, else learned by one
+counting pass over the shards on first use, and kept. A shard the transport gives up on, or that ends
 early, keeps the samples read before the break; the rest count as bad data (lost samples) with the
 shard named.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 
@@ -19,7 +21,7 @@ from .bad_data import BadDataPolicy, BadDataTracker, BadSampleError
 from .caption_source import CaptionSource, check_captions, decode_image
 from .records import Record
 from .stream_samples import ShardError, StreamSample, iter_shard
-from .stream_transport import TransportPolicy, check_backend
+from .stream_transport import ShardStream, TransportError, TransportPolicy, check_backend
 from .webdataset_source import (
     IMAGE_EXTENSIONS,
     fields_from_members,
@@ -99,8 +101,11 @@ class StreamingWebDatasetSource(CaptionSource):
 
     @property
     def shard_sizes(self) -> list[int]:
-        """Samples per shard, from one counting pass on first use (a shard read only in part counts
-        what was read; the problem is kept in ``damaged_shards``)."""
+        """Samples per shard: from ``sizes.json`` files beside the shards when they list every shard
+        (see :func:`published_sizes`), else from one counting pass on first use (a shard read only in
+        part counts what was read; the problem is kept in ``damaged_shards``)."""
+        if self._sizes is None:
+            self._sizes = published_sizes(self.shards, self.transport)
         if self._sizes is None:
             sizes = []
             for shard, url in enumerate(self.shards):
@@ -218,6 +223,37 @@ class StreamingWebDatasetSource(CaptionSource):
         n = f"{sum(self._sizes)} samples" if self._sizes is not None else "not counted yet"
         return (f"StreamingWebDatasetSource({len(self.shards)} shards from {self.shards[:2]}, {n}, "
                 f"captions={self.caption_names}, label={self.label_column!r})")
+
+
+def published_sizes(shards: Sequence[str], transport: TransportPolicy) -> list[int] | None:
+    """Sample counts from a ``sizes.json`` in each shard folder (OpenCLIP's convention: a JSON object
+    mapping shard file name to sample count), read through the shards' transport; None when a shard is
+    a ``pipe:`` command or a folder has no such file or it lacks one of the shards. The counts are
+    trusted as written."""
+    if any(url.startswith("pipe:") or "/" not in url for url in shards):
+        return None
+    tables: dict[str, dict] = {}
+    once = TransportPolicy(timeout=transport.timeout, retries=0)
+    for folder in dict.fromkeys(url.rsplit("/", 1)[0] for url in shards):
+        try:
+            chunks = []
+            with ShardStream(f"{folder}/sizes.json", policy=once) as stream:
+                while chunk := stream.read(1 << 16):
+                    chunks.append(chunk)
+            table = json.loads(b"".join(chunks))
+        except (TransportError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not isinstance(table, dict):
+            return None
+        tables[folder] = table
+    sizes = []
+    for url in shards:
+        folder, name = url.rsplit("/", 1)
+        count = tables[folder].get(name)
+        if not isinstance(count, int) or count < 0:
+            return None
+        sizes.append(count)
+    return sizes
 
 
 def lost_note(exc: ShardError) -> str:

@@ -204,16 +204,21 @@ def open_cache(path: str, verify: str = "full") -> Any:
     return EmbeddingCache.open(path, verify=True if verify == "full" else "size")
 
 
+def check_cache_names(cache: Any, caption_names: list[str]) -> None:
+    """Every caption the run may pick is in the cache."""
+    missing_names = [n for n in caption_names if n not in cache.caption_names]
+    if missing_names:
+        raise ValueError(f"caption {missing_names} is not in the embedding cache, which holds "
+                         f"{list(cache.caption_names)}; pick --caption among those (or 'random')")
+
+
 def check_cache_covers(cache: Any, source: Any, caption_names: list[str]) -> None:
     """Every key of the data has a cached embedding for every caption the run may pick (keys the embed
     step skipped for an empty caption excepted: the loader drops those samples as bad data), and the
     cache was built from the data's caption texts (:class:`StaleCacheError` naming the first key that
     differs)."""
     from ..data.bad_data import BadDataTracker
-    missing_names = [n for n in caption_names if n not in cache.caption_names]
-    if missing_names:
-        raise ValueError(f"caption {missing_names} is not in the embedding cache, which holds "
-                         f"{list(cache.caption_names)}; pick --caption among those (or 'random')")
+    check_cache_names(cache, caption_names)
     keys = source.keys()
     missing = [k for k in keys if k not in cache and k not in cache.skipped]
     if missing:
@@ -226,6 +231,18 @@ def check_cache_covers(cache: Any, source: Any, caption_names: list[str]) -> Non
         return
     # A private tracker that never stops: bad samples are the loader's business, counted there.
     cache.check_captions(source.iter_captions(bad_data=BadDataTracker(1.0)), caption_names)
+
+
+def check_batch_in_cache(cache: Any, batch: dict[str, Any], caption_names: list[str]) -> None:
+    """:func:`check_cache_covers` for one batch of streamed data (checking the whole stream up front
+    would read every shard): its keys are cached and their captions match the cache's fingerprints."""
+    missing = [k for k in batch["keys"] if k not in cache]
+    if missing:
+        raise ValueError(f"the embedding cache {cache.directory} lacks embeddings for {len(missing)} key(s) "
+                         f"of a batch of the streamed data, e.g. {missing[:5]}; run the embed step on this "
+                         "data")
+    if cache.has_caption_fingerprints:
+        cache.check_captions(zip(batch["keys"], batch["all_captions"]), caption_names)
 
 
 def resolve_caption(caption: str, source: Any, cache: Any | None) -> tuple[str | list[str], list[str]]:
@@ -596,8 +613,14 @@ def run(args: argparse.Namespace) -> int:
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
     loader_caption, caption_names = resolve_caption(args.caption, source, cache)
     llm_info: dict[str, Any] = {}
+    streamed = getattr(source, "streaming", False)
     if cache is not None:
-        check_cache_covers(cache, source, caption_names)
+        if streamed:
+            check_cache_names(cache, caption_names)
+            say("streamed --data: each batch is checked against the embedding cache as it arrives (keys "
+                "present, captions unchanged) instead of reading every shard up front")
+        else:
+            check_cache_covers(cache, source, caption_names)
         llm_info = llm_provenance(cache.metadata)
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -700,6 +723,8 @@ def run(args: argparse.Namespace) -> int:
             for _ in range(args.grad_accum):
                 batch, *pos = next(stream)
                 trimmed += equalise_across_ranks(batch, device)
+                if streamed and cache is not None:
+                    check_batch_in_cache(cache, batch, caption_names)
                 micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
                                         text_inputs_of(batch, model, cache, device)))
             loss = global_loss(train_step(wrapped, micro, args.loss, autocast, device),
