@@ -266,14 +266,18 @@ def test_start_batch_without_positions_rereads_and_discards(shards, local_stream
     assert "without saved stream positions" in caplog.text
 
 
-def test_transient_faults_are_retried(server, local_stream):
+def test_transient_faults_are_retried(server, local_stream, caplog):
     server.ranges = True
     source = open_source(server.url + BRACE, transport=TransportPolicy(timeout=0.5, retries=3, backoff=0.0))
     server.faults.update({"d-001.tar": ["404"], "d-002.tar": ["reset", "reset"], "d-004.tar": ["stall"]})
     server.stall = 1.5
     loader = _loader(source)
-    assert _same(_rows(loader), local_stream[0])
+    with caplog.at_level(logging.WARNING, logger="llm2clip_fast.data.stream"):
+        assert _same(_rows(loader), local_stream[0])
     assert loader.bad_data.bad == 0 and loader.bad_data.seen == N
+    for name, error in (("d-001", "HTTPError: HTTP Error 404"), ("d-002", "IncompleteRead"),
+                        ("d-004", "TimeoutError")):
+        assert f"{name}.tar: {error}" in caplog.text
     # A reset body resumes with a Range request at the byte reached.
     assert any(n == "d-002.tar" and r for n, r in server.requests)
 

@@ -19,6 +19,7 @@ longer than ``timeout`` (fsspec backends use their own timeouts).
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import re
 import select
@@ -31,6 +32,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import BinaryIO
 
+logger = logging.getLogger("llm2clip_fast.data.stream")
 _URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]+://)")
 # fsspec protocol -> the package that provides it (named in the error when it is missing).
 FSSPEC_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub",
@@ -222,6 +224,8 @@ class ShardStream:
                 if self.failures > self.policy.retries:
                     raise TransportError(self.url, f"{type(error).__name__}: {error} "
                                                    f"(gave up after {self.policy.retries} retries)") from None
+                logger.warning("stream: %s: %s: %s; retry %d of %d at byte %d", self.url,
+                               type(error).__name__, error, self.failures, self.policy.retries, self.position)
                 time.sleep(self.policy.backoff * 2 ** (self.failures - 1))
             try:
                 self._raw, at = _open_at(self.url, self.position, self.policy.timeout)
