@@ -301,6 +301,28 @@ def test_a_shard_that_keeps_failing_is_bad_data_naming_it(server, fault):
     assert any("d-003.tar" in note and "gave up" in note for note in tracker.notes)
 
 
+def test_losses_are_counted_once_across_a_resume(server):
+    policy = TransportPolicy(timeout=0.5, retries=1, backoff=0.0)
+    # d-002 is read second in epoch 1 and breaks after its 4th sample: inside the second shuffle block, so
+    # a resume inside that block reads the break again (its loss must not count twice).
+    server.faults["d-002.tar"] = "reset"
+    source = open_source(server.url + BRACE, transport=policy)
+    full = _loader(source, bad_data=1.0, shuffle_buffer=5)
+    rows = _rows(full)
+    assert full.bad_data.lost >= 1
+    for cut in range(1, len(rows)):
+        first = _loader(source, bad_data=1.0, shuffle_buffer=5)
+        it = iter(first)
+        for _ in range(cut):
+            next(it)
+        state = first.state_dict()
+        del it
+        resumed = _loader(source, bad_data=1.0, shuffle_buffer=5)
+        resumed.load_state_dict(state)
+        assert _same(_rows(resumed), rows[cut:]), cut
+        assert resumed.bad_data.as_dict() == full.bad_data.as_dict(), cut
+
+
 def test_a_truncated_shard_keeps_its_first_samples(tmp_path, shards):
     for name in NAMES:
         (tmp_path / name).write_bytes((shards / name).read_bytes())

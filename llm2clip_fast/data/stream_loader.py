@@ -117,6 +117,8 @@ class StreamBatches(CaptionBatches):
         size = self.shuffle_buffer if self.shuffle and self.shuffle_buffer > 1 else 1
         block_no, skip, made, pending = pos["block"], pos["emitted"], pos["batches"], []
         while block := list(islice(stream, size)):
+            if skip:  # a resumed block: what broke while reading it went out with the batch that saved pos
+                lost.clear()
             k, head = block[0]
             start = {"shard": k, "sample": head.number, "byte": head.offset}
             order = (np.random.default_rng([self.seed, self.epoch, self.rank, worker, block_no])
