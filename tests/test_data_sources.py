@@ -191,8 +191,8 @@ def test_webdataset_structure_errors_list_what_exists(tmp_path):
     write_tar(tmp_path / "d-000.tar", [("a.png", png_bytes((1, 1, 1))), ("a.json", b'{"short": "s"}')])
     with pytest.raises(ValueError, match=r"no WebDataset shards matched.*patterns tried.*d-000\.tar"):
         open_source(str(tmp_path / "x-{000..001}.tar"))
-    with pytest.raises(ValueError, match="remote shard URLs are not supported"):
-        open_source("pipe:aws s3 cp s3://bucket/d-{000..001}.tar -")
+    with pytest.raises(ValueError, match="streaming=False but the spec names remote shards"):
+        open_source("pipe:aws s3 cp s3://bucket/d-{000..001}.tar -", streaming=False)
     with pytest.raises(ValueError, match=r"do not exist.*d-001\.tar"):
         open_source(str(tmp_path / "d-{000..001}.tar"))
     with pytest.raises(ValueError, match=r"lacks caption field.*\['long'\].*fields found: \['short'\]"):

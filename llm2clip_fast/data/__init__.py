@@ -6,6 +6,9 @@ Public API (stable; other parts of the library build on it):
 label_column="label", bad_data=None) -> CaptionSource``
     ``spec`` is a manifest (``.csv``/``.tsv``/``.jsonl``; relative image paths resolve against its
     folder) or WebDataset shards (brace pattern "d/{000..009}.tar", glob, "::"-joined, or a list).
+    Shard URLs (``pipe:CMD``, ``http(s)://``, ``s3://``/``gs://``/... through fsspec) open a
+    :class:`~.stream_source.StreamingWebDatasetSource` read in order (``streaming=True`` streams local
+    tars too; ``transport=TransportPolicy(timeout, retries)`` bounds each shard read).
     A folder stands for its single manifest or its ``*.tar`` shards (the demo's layout).
     ``caption_columns=None`` takes every caption found. Structural mistakes raise ValueError listing
     what exists (columns found, patterns tried, folder contents). A truncated shard keeps the samples
@@ -36,6 +39,10 @@ rank=0, world_size=1, num_workers=0, seed=0, epoch=0, start_batch=0, drop_last=F
     reports them, and :class:`BadDataError` stops the run past ``BadDataPolicy.max_fraction`` (default
     1%) once ``min_samples`` (default 100) samples were seen.
 
+Streaming sources get a :class:`~.stream_loader.StreamLoader` from ``build_loader``: whole shards per
+rank x worker, a seeded shuffle buffer of ``shuffle_buffer`` samples, ``state_dict()`` holding each
+worker's shard, sample and byte offset for an exact resume (see :mod:`~.stream_loader`).
+
 ``clip_image_transform(size=224, train=False, *, scale=(0.9, 1.0), ...)``
     PIL image -> normalised float32 (3, size, size), CLIP mean/std, no torchvision.
 
@@ -55,6 +62,7 @@ from .loader import CaptionLoader, build_loader
 from .manifest import ManifestSource
 from .records import Record
 from .sources import open_source
+from .stream_transport import TransportError, TransportPolicy
 
 __all__ = [
     "CLIP_MEAN",
@@ -68,6 +76,8 @@ __all__ = [
     "ClipImageTransform",
     "ManifestSource",
     "Record",
+    "TransportError",
+    "TransportPolicy",
     "build_loader",
     "clip_image_transform",
     "open_source",

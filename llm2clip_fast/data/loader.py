@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -157,7 +158,15 @@ class CaptionBatches(IterableDataset):
                 name, text = self._choose_caption(key, captions)
                 chosen_names.append(name)
                 chosen.append(text)
-        batch: dict[str, Any] = {"keys": keys, "all_captions": all_captions, "batch_index": batch_index}
+        batch = self.assemble(keys, pixels, chosen, chosen_names, all_captions, labels, bad, len(indices))
+        batch["batch_index"] = batch_index
+        return batch
+
+    def assemble(self, keys: list[str], pixels: list[torch.Tensor], chosen: list[str],
+                 chosen_names: list[str], all_captions: list[dict[str, str]], labels: list[str | None],
+                 bad: list[tuple[str, str]], seen: int) -> dict[str, Any]:
+        """The batch dict of the good samples of a slot of ``seen`` samples (``bad`` the dropped ones)."""
+        batch: dict[str, Any] = {"keys": keys, "all_captions": all_captions}
         if self.transform is not None:
             # numpy's single-threaded copy: torch.stack's threaded copy crawls on a busy machine.
             batch["pixel_values"] = (
@@ -168,7 +177,7 @@ class CaptionBatches(IterableDataset):
             batch["caption_names"] = chosen_names
         if self.source.label_column is not None:
             batch["labels"] = labels
-        batch["_seen"] = len(indices)
+        batch["_seen"] = seen
         batch["_bad"] = bad
         return batch
 
@@ -264,6 +273,7 @@ def build_loader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     multiprocessing_context: str | None = None,
+    shuffle_buffer: int = 1000,
 ) -> CaptionLoader:
     """A DataLoader of caption batches for one rank (see the module docstring for the epoch layout).
 
@@ -285,6 +295,10 @@ def build_loader(
         bad_data: policy (or max fraction, or a tracker to share) for bad samples.
         pin_memory, prefetch_factor, multiprocessing_context: passed to the DataLoader. Workers are
             started afresh each epoch (no ``persistent_workers``) so they see ``set_epoch``.
+        shuffle_buffer: streaming sources only (``source.streaming``, e.g. http/pipe:/s3 shards): samples
+            per seeded shuffle block. Such sources get a :class:`~.stream_loader.StreamLoader`: whole
+            shards per rank x worker (at least ``world_size`` shards needed), batches that depend on
+            ``num_workers``, exact resumption from ``state_dict()`` (see :mod:`~.stream_loader`).
 
     Returns:
         :class:`CaptionLoader` yielding dicts: ``keys`` list[str]; ``pixel_values`` float32 (B, 3, S, S)
@@ -320,8 +334,15 @@ def build_loader(
                 f"caption {unknown} not among the source's captions {source.caption_names} "
                 "(or use 'random' or None)"
             )
-    if len(source) == 0:  # also builds a lazy index here, once, rather than in every worker
+    streaming = getattr(source, "streaming", False)
+    if not streaming and len(source) == 0:  # also builds a lazy index here, once, rather than in every worker
         raise ValueError(f"source {source!r} holds no samples")
+    if streaming:
+        _check_int("shuffle_buffer", shuffle_buffer, minimum=1)
+        if len(source.shards) < world_size:
+            raise ValueError(f"a streaming source is split by whole shards over ranks: its "
+                             f"{len(source.shards)} shard(s) cannot feed world_size={world_size} ranks; "
+                             "write more, smaller shards")
     if with_images and transform is None:
         transform = clip_image_transform(image_size, train=train, scale=crop_scale)
     if with_images and isinstance(transform, ClipImageTransform):
@@ -339,19 +360,9 @@ def build_loader(
     lost = lost_total // world_size + (1 if rank < lost_total % world_size else 0)
     lost_note = (f"{lost_total} sample(s) lost in truncated shards counted as bad each epoch"
                  f"{f' ({lost} on this rank)' if world_size > 1 else ''}")
-    dataset = CaptionBatches(
-        source,
-        batch_size=batch_size,
-        transform=transform if with_images else None,
-        caption=caption,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        epoch=epoch,
-        start_batch=start_batch,
-        shuffle=train if shuffle is None else shuffle,
-        drop_last=drop_last,
-    )
+    common = dict(batch_size=batch_size, transform=transform if with_images else None, caption=caption,
+                  rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+                  shuffle=train if shuffle is None else shuffle, drop_last=drop_last)
     extra: dict[str, Any] = {}
     if num_workers > 0 and prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
@@ -361,5 +372,19 @@ def build_loader(
     # RNG when it has none: a private one keeps the trainer's dropout stream independent of where a
     # resumed run re-enters the epoch (the batches themselves are seeded per sample, not from it).
     generator = torch.Generator().manual_seed(seed)
-    return CaptionLoader(dataset, tracker=tracker, lost=lost, lost_note=lost_note, num_workers=num_workers,
-                         pin_memory=pin_memory, generator=generator, **extra)
+    kwargs = dict(tracker=tracker, num_workers=num_workers, pin_memory=pin_memory, generator=generator,
+                  **extra)
+    if streaming:
+        from .stream_loader import StreamBatches, StreamLoader
+
+        workers = max(1, num_workers)
+        if len(source.shards) < world_size * workers:
+            warnings.warn(f"{len(source.shards)} shards over {world_size} rank(s) x {workers} worker(s): "
+                          "some workers get no shard and stay idle", stacklevel=2)
+        loader = StreamLoader(StreamBatches(source, workers=workers, shuffle_buffer=shuffle_buffer, **common),
+                              **kwargs)
+        if start_batch:
+            loader.set_epoch(epoch, start_batch)
+        return loader
+    dataset = CaptionBatches(source, start_batch=start_batch, **common)
+    return CaptionLoader(dataset, lost=lost, lost_note=lost_note, **kwargs)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from .bad_data import BadDataPolicy
 from .caption_source import CaptionSource
 from .manifest import MANIFEST_SUFFIXES, ManifestSource
+from .stream_transport import TransportPolicy, is_stream_url
 
 SourceSpec = str | os.PathLike | Sequence[str | os.PathLike]
 
@@ -22,12 +23,15 @@ def open_source(
     bad_data: BadDataPolicy | float | None = None,
     image_root_only: bool = False,
     require_images: bool = True,
+    streaming: bool | None = None,
+    transport: TransportPolicy | None = None,
 ) -> CaptionSource:
     """Open a caption source and check its structure.
 
     Args:
         spec: a manifest path (``.csv``, ``.tsv``, ``.jsonl``) or a WebDataset shard spec: a brace
-            pattern ("data/{000..009}.tar"), a glob ("data/*.tar"), several joined by "::", or a list.
+            pattern ("data/{000..009}.tar"), a glob ("data/*.tar"), several joined by "::", or a list;
+            shards may be URLs ("https://host/d-{000..099}.tar", "pipe:cat d/{0..9}.tar", "s3://...").
             A folder stands for the single manifest in it, else for all its ``*.tar`` shards (the
             layout :func:`~.demo.write_demo` produces).
         image_column: manifest column with the image path (relative paths resolve against the
@@ -45,6 +49,11 @@ def open_source(
         require_images: False accepts a manifest without an image column (text-only sources for
             stage 1 and embed, which read captions only; keys come from the key column, else the row
             number). WebDataset shards are read for captions without touching their images either way.
+        streaming: how WebDataset shards are read. None (default): as streams when the spec names a
+            ``pipe:`` command or a ``PROTOCOL://`` URL (http, https, s3, gs, ... through fsspec), else
+            by random access to local tar files. True reads local shards as streams too (the same
+            path as remote ones); False refuses remote specs.
+        transport: timeouts and retries for streamed shards (default :class:`TransportPolicy`).
 
     Raises:
         ValueError: a structural mistake (missing column, no shards matched, unreadable manifest); the
@@ -67,11 +76,26 @@ def open_source(
         raise TypeError(f"spec must be a path, a shard pattern or a list of them, got {type(spec).__name__}")
     if isinstance(spec, (list, tuple)) and not spec:
         raise ValueError("spec is an empty list of shards")
+    remote = _remote_parts(spec)
+    if streaming or (streaming is None and remote):
+        from .stream_source import StreamingWebDatasetSource
+
+        return StreamingWebDatasetSource(spec, caption_columns=caption_columns, label_column=label_column,
+                                         bad_data=bad_data, transport=transport)
+    if remote:
+        raise ValueError(f"streaming=False but the spec names remote shards {remote[:3]}; local tar files "
+                         "are needed for random access")
     from .webdataset_source import WebDatasetSource
 
     return WebDatasetSource(
         spec, caption_columns=caption_columns, label_column=label_column, bad_data=bad_data
     )
+
+
+def _remote_parts(spec: SourceSpec) -> list[str]:
+    """The '::'-separated parts of a shard spec that name streams (``pipe:`` or ``PROTOCOL://``)."""
+    parts = [os.fspath(spec)] if isinstance(spec, (str, os.PathLike)) else [os.fspath(s) for s in spec]
+    return [p for part in parts for p in part.split("::") if is_stream_url(p)]
 
 
 def _spec_in_folder(folder: str) -> str:

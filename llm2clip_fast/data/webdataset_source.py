@@ -5,10 +5,11 @@ several joined by "::", a glob ("data/*.tar"), or a list of any of these. Sequen
 (``iter_records``) goes through the ``webdataset`` package; loaders need random access, which comes
 from an index of the tar headers (member offsets), built on first use by scanning headers only.
 Samples are grouped the WebDataset way: consecutive members with the same path up to the first dot of
-the file name; the key is that prefix (``__key__``).
+the file name; the key is that prefix (``__key__``). Remote specs (``pipe:``, ``http(s)://``, fsspec
+URLs such as ``s3://``) are read sequentially by :class:`~.stream_source.StreamingWebDatasetSource`.
 
 Captions: every string field of the JSON except the key, label and image-ish fields, plus "caption"
-from a ``.txt`` member (when the JSON has no "caption"). Shards must be local, uncompressed tar files.
+from a ``.txt`` member (when the JSON has no "caption"). Shards here are local, uncompressed tar files.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import statistics
 import tarfile
 import warnings
@@ -28,13 +28,13 @@ from PIL import Image
 from .bad_data import BadDataPolicy, BadDataTracker, BadSampleError
 from .caption_source import CaptionSource, check_captions, decode_image
 from .records import Record
+from .stream_transport import is_stream_url
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 NON_CAPTION_FIELDS = frozenset(
     {"__key__", "__url__", "key", "image", "url", "image_path", "path", "filename"}
 )
 _GLOB_CHARS = set("*?[")
-_REMOTE = re.compile(r"^(pipe|https?|s3|gs|gcs|ais|hf):", re.IGNORECASE)
 
 
 def _webdataset():
@@ -52,19 +52,25 @@ def base_plus_ext(name: str) -> tuple[str | None, str | None]:
     return _webdataset().tariterators.base_plus_ext(name)
 
 
-def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
-    """(existing shard paths, patterns tried) for a brace/glob/'::'/list spec, in the given order."""
+def shard_patterns(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """The brace-expanded shard patterns of a spec ('::'-joined or a list), in order; a "file:" prefix
+    is dropped."""
     wds = _webdataset()
     parts = [os.fspath(spec)] if isinstance(spec, (str, os.PathLike)) else [os.fspath(s) for s in spec]
     patterns: list[str] = []
     for part in parts:
         patterns.extend(wds.shardlists.expand_urls(part))
-    patterns = [p[len("file:") :] if p.startswith("file:") else p for p in patterns]
-    remote = [p for p in patterns if _REMOTE.match(p)]
+    return [p[len("file:") :] if p.startswith("file:") else p for p in patterns]
+
+
+def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """(existing shard paths, patterns tried) for a local brace/glob/'::'/list spec, in the given order."""
+    patterns = shard_patterns(spec)
+    remote = [p for p in patterns if is_stream_url(p)]
     if remote:
         raise ValueError(
-            f"remote shard URLs are not supported (loaders need random access to local tar files): "
-            f"{remote[:3]}; download the shards or mount the bucket and pass local paths"
+            f"remote shard URLs {remote[:3]} have no random access: open them with open_source, which "
+            "reads them as a stream (StreamingWebDatasetSource)"
         )
     paths: list[str] = []
     for pattern in patterns:
@@ -136,6 +142,53 @@ def _skip_rest_of_shard(exc: Exception) -> bool:
     return True
 
 
+def learn_caption_fields(
+    fields: dict,
+    members: list[str],
+    where: str,
+    caption_columns: str | Sequence[str] | None,
+    label_column: str | None,
+) -> tuple[list[str], str | None]:
+    """(caption names, label field or None) from the decoded fields of a source's first sample.
+
+    ``caption_columns=None`` takes every string field but the key, label and image-ish ones; named
+    columns must all be present. ``where`` and ``members`` name the sample in errors.
+    """
+    label = label_column if label_column is not None and label_column in fields else None
+    available = [f for f, v in fields.items() if isinstance(v, str) and f not in NON_CAPTION_FIELDS]
+    available = [f for f in available if f != label_column]
+    if caption_columns is None:
+        if not available:
+            raise ValueError(f"{where} has no caption (members: {members}, json fields: {sorted(fields)})")
+        return available, label
+    names = [caption_columns] if isinstance(caption_columns, str) else list(caption_columns)
+    missing = [c for c in names if c not in fields]
+    if missing or not names:
+        raise ValueError(
+            f"{where} lacks caption field(s) {missing or names}; fields found: {sorted(fields)} "
+            f"(members: {members})"
+        )
+    return names, label
+
+
+def fields_from_members(key: str, members: dict[str, bytes]) -> dict:
+    """Decoded JSON fields plus "caption" from a .txt member (JSON wins); ``members`` maps a lower-case
+    extension to its bytes. A missing or invalid text member raises :class:`BadSampleError`."""
+    fields: dict = {}
+    if "json" not in members and "txt" not in members:
+        raise BadSampleError(key, f"no .json or .txt member (members: {sorted(members)})")
+    if "json" in members:
+        try:
+            fields = json.loads(members["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadSampleError(key, f"json member cannot be parsed: {exc}") from None
+        if not isinstance(fields, dict):
+            raise BadSampleError(key, f"json member is a {type(fields).__name__}, not an object")
+    if "txt" in members and "caption" not in fields:
+        fields["caption"] = members["txt"].decode("utf-8", errors="replace")
+    return fields
+
+
 class WebDatasetSource(CaptionSource):
     """Samples in WebDataset tar shards; see :func:`~.sources.open_source` for the arguments."""
 
@@ -178,27 +231,10 @@ class WebDatasetSource(CaptionSource):
                 f"cannot learn the caption fields from the first sample of {self.shards[first.shard]!r}: "
                 f"{exc} (members: {sorted(first.members)})"
             ) from None
-        label_present = label_column is not None and label_column in fields
-        self.label_column = label_column if label_present else None
-        available = [f for f, v in fields.items() if isinstance(v, str) and f not in NON_CAPTION_FIELDS]
-        available = [f for f in available if f != label_column]
         where = f"first sample {first.key!r} of shard {self.shards[first.shard]!r}"
-        if caption_columns is None:
-            if not available:
-                raise ValueError(
-                    f"{where} has no caption (members: {sorted(first.members)}, "
-                    f"json fields: {sorted(fields)})"
-                )
-            self.caption_names = available
-        else:
-            names = [caption_columns] if isinstance(caption_columns, str) else list(caption_columns)
-            missing = [c for c in names if c not in fields]
-            if missing or not names:
-                raise ValueError(
-                    f"{where} lacks caption field(s) {missing or names}; fields found: {sorted(fields)} "
-                    f"(members: {sorted(first.members)})"
-                )
-            self.caption_names = names
+        self.caption_names, self.label_column = learn_caption_fields(
+            fields, sorted(first.members), where, caption_columns, label_column
+        )
 
     # Index and raw reads ----------------------------------------------------------------------
 
@@ -328,19 +364,7 @@ class WebDatasetSource(CaptionSource):
                 tracker.check()
 
     def _record_from_stream(self, key: str, raw: dict) -> Record:
-        fields: dict = {}
-        if "json" not in raw and "txt" not in raw:
-            members = sorted(k for k in raw if not k.startswith("__"))
-            raise BadSampleError(key, f"no .json or .txt member (members: {members})")
-        if "json" in raw:
-            try:
-                fields = json.loads(raw["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise BadSampleError(key, f"json member cannot be parsed: {exc}") from None
-            if not isinstance(fields, dict):
-                raise BadSampleError(key, f"json member is a {type(fields).__name__}, not an object")
-        if "txt" in raw and "caption" not in fields:
-            fields["caption"] = raw["txt"].decode("utf-8", errors="replace")
+        fields = fields_from_members(key, {k.lower(): v for k, v in raw.items() if not k.startswith("__")})
         captions = check_captions(key, fields, self.caption_names)
         ext = _image_ext({k.lower(): v for k, v in raw.items() if not k.startswith("__")})
         if ext is None:

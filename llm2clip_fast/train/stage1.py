@@ -494,6 +494,10 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
         eval_source = _open_captions(args.eval_data, args.short_caption, args.long_caption, "--eval-data")
         eval_pairs = caption_pairs(eval_source, args.short_caption, args.long_caption, limit=args.eval_size)
     elif args.eval_fraction > 0:
+        if getattr(source, "streaming", False):
+            raise ValueError(f"--eval-fraction {args.eval_fraction} holds samples out by random access, "
+                             f"which the streamed --data {args.data!r} lacks: pass a held-out set with "
+                             "--eval-data, or --eval-fraction 0")
         source, eval_source = split_holdout(source, args.eval_fraction, seed=args.seed,
                                             max_heldout=args.eval_size)
         eval_pairs = caption_pairs(eval_source, args.short_caption, args.long_caption)
@@ -501,7 +505,8 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     loader = build_loader(source, batch_size=per_rank, caption=None, with_images=False, rank=rank,
                           world_size=world, seed=args.seed, num_workers=args.num_workers, drop_last=True,
                           bad_data=args.max_bad_fraction)
-    slots = len(loader.dataset.batches())
+    # A streamed source counts its batches from the shards' sample counts (one counting pass).
+    slots = loader.num_batches() if getattr(source, "streaming", False) else len(loader.dataset.batches())
     steps_per_epoch = slots // args.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(f"{len(source)} training samples make {slots} batches of {args.batch_size} "

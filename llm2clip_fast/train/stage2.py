@@ -80,7 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--embeddings", help="embedding cache folder written by the embed step "
                     "(required for the llm-adapter text tower)")
     io.add_argument("--data", required=True,
-                    help="caption source: manifest (.csv/.tsv/.jsonl) or WebDataset shards")
+                    help="caption source: manifest (.csv/.tsv/.jsonl) or WebDataset shards, local or "
+                    "streamed ('https://host/d-{000..099}.tar', 'pipe:aws s3 cp s3://b/d-{0..9}.tar -', "
+                    "'s3://...')")
     io.add_argument("--out", required=True, help="run folder (log, checkpoints, loss.png, model/)")
     io.add_argument("--resume", action="store_true",
                     help="continue from the newest usable checkpoint in --out (an error if there is none)")
@@ -160,6 +162,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_hidden_alias(run, "--no-progress", run.add_argument(
         "--quiet", dest="no_progress", action="store_true", help="no progress bar"))
     add_report_to_argument(run)
+    stream = parser.add_argument_group("streamed shards (--data with pipe:, http(s)://, s3://, gs://, ...)")
+    stream.add_argument("--shuffle-buffer", type=int, default=1000,
+                        help="samples per seeded shuffle block of each loader worker's stream")
+    stream.add_argument("--stream-timeout", type=float, default=60.0,
+                        help="seconds a shard connection or read may stall before it is retried")
+    stream.add_argument("--stream-retries", type=int, default=3,
+                        help="retries per shard read; then the shard's unread samples count as bad data")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -181,6 +190,8 @@ def _check_options(args: argparse.Namespace) -> None:
     check_report_to(args.report_to)
     if not 0 < args.llrd <= 1:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
+    if args.shuffle_buffer < 1 or args.stream_retries < 0 or not args.stream_timeout > 0:
+        raise ValueError("--shuffle-buffer must be >= 1, --stream-retries >= 0 and --stream-timeout > 0")
     if args.save_every < 0 or args.num_workers < 0 or args.freeze_vision_layers < 0:
         raise ValueError("--save-every, --num-workers and --freeze-vision-layers must be >= 0")
     if args.vision_preset and args.vision_path:
@@ -203,16 +214,21 @@ def open_cache(path: str, verify: str = "full") -> Any:
     return EmbeddingCache.open(path, verify=True if verify == "full" else "size")
 
 
+def check_cache_names(cache: Any, caption_names: list[str]) -> None:
+    """Every caption the run may pick is in the cache."""
+    missing_names = [n for n in caption_names if n not in cache.caption_names]
+    if missing_names:
+        raise ValueError(f"caption {missing_names} is not in the embedding cache, which holds "
+                         f"{list(cache.caption_names)}; pick --caption among those (or 'random')")
+
+
 def check_cache_covers(cache: Any, source: Any, caption_names: list[str]) -> None:
     """Every key of the data has a cached embedding for every caption the run may pick (keys the embed
     step skipped for an empty caption excepted: the loader drops those samples as bad data), and the
     cache was built from the data's caption texts (:class:`StaleCacheError` naming the first key that
     differs)."""
     from ..data.bad_data import BadDataTracker
-    missing_names = [n for n in caption_names if n not in cache.caption_names]
-    if missing_names:
-        raise ValueError(f"caption {missing_names} is not in the embedding cache, which holds "
-                         f"{list(cache.caption_names)}; pick --caption among those (or 'random')")
+    check_cache_names(cache, caption_names)
     keys = source.keys()
     missing = [k for k in keys if k not in cache and k not in cache.skipped]
     if missing:
@@ -225,6 +241,18 @@ def check_cache_covers(cache: Any, source: Any, caption_names: list[str]) -> Non
         return
     # A private tracker that never stops: bad samples are the loader's business, counted there.
     cache.check_captions(source.iter_captions(bad_data=BadDataTracker(1.0)), caption_names)
+
+
+def check_batch_in_cache(cache: Any, batch: dict[str, Any], caption_names: list[str]) -> None:
+    """:func:`check_cache_covers` for one batch of streamed data (checking the whole stream up front
+    would read every shard): its keys are cached and their captions match the cache's fingerprints."""
+    missing = [k for k in batch["keys"] if k not in cache]
+    if missing:
+        raise ValueError(f"the embedding cache {cache.directory} lacks embeddings for {len(missing)} key(s) "
+                         f"of a batch of the streamed data, e.g. {missing[:5]}; run the embed step on this "
+                         "data")
+    if cache.has_caption_fingerprints:
+        cache.check_captions(zip(batch["keys"], batch["all_captions"]), caption_names)
 
 
 def resolve_caption(caption: str, source: Any, cache: Any | None) -> tuple[str | list[str], list[str]]:
@@ -588,13 +616,21 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.loader import build_loader
     from ..data.sources import open_source
+    from ..data.stream_transport import TransportPolicy
 
-    source = open_source(args.data, image_root_only=args.image_root_only)
+    source = open_source(args.data, image_root_only=args.image_root_only,
+                         transport=TransportPolicy(timeout=args.stream_timeout, retries=args.stream_retries))
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
     loader_caption, caption_names = resolve_caption(args.caption, source, cache)
     llm_info: dict[str, Any] = {}
+    streamed = getattr(source, "streaming", False)
     if cache is not None:
-        check_cache_covers(cache, source, caption_names)
+        if streamed:
+            check_cache_names(cache, caption_names)
+            say("streamed --data: each batch is checked against the embedding cache as it arrives (keys "
+                "present, captions unchanged) instead of reading every shard up front")
+        else:
+            check_cache_covers(cache, source, caption_names)
         llm_info = llm_provenance(cache.metadata)
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -624,7 +660,8 @@ def run(args: argparse.Namespace) -> int:
                           seed=args.seed, drop_last=True, crop_scale=tuple(args.crop_scale),
                           bad_data=args.max_bad_fraction, pin_memory=device.type == "cuda",
                           transform=image_transform_for(model.preprocessing, train=True,
-                                                        scale=tuple(args.crop_scale)))
+                                                        scale=tuple(args.crop_scale)),
+                          shuffle_buffer=args.shuffle_buffer)
 
     wrapped = _wrap_distributed(model, args, device)
     fsdp = args.fsdp and is_distributed() and world > 1
@@ -657,6 +694,8 @@ def run(args: argparse.Namespace) -> int:
         say(f"resuming from {resume_from} (step {step}, epoch {epoch}, batch {start_batch})")
         mine = ckpt.extra["ranks"][rank]
         loader.bad_data.load_dict(mine["bad_data"])
+        if "loader" in mine:  # a streamed source resumes at each worker's saved shard and sample
+            loader.load_state_dict(mine["loader"])
         torch.set_rng_state(mine["torch_rng"])
         if device.type == "cuda" and mine.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(mine["cuda_rng"], device)
@@ -678,7 +717,7 @@ def run(args: argparse.Namespace) -> int:
         model_state, opt_state = _full_state(model, args, optimizer)
         cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         ranks = _gather_objects({"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                                 "bad_data": loader.bad_data.as_dict()})
+                                 "bad_data": loader.bad_data.as_dict(), "loader": loader.state_dict()})
         if main:
             save_checkpoint(out_dir, step=step, epoch=epoch, batch_index=next_batch, model_state=model_state,
                             optimizer=_StateOf(opt_state), scheduler=scheduler, config=config,
@@ -698,6 +737,8 @@ def run(args: argparse.Namespace) -> int:
             for _ in range(args.grad_accum):
                 batch, *pos = next(stream)
                 trimmed += equalise_across_ranks(batch, device)
+                if streamed and cache is not None:
+                    check_batch_in_cache(cache, batch, caption_names)
                 micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
                                         text_inputs_of(batch, model, cache, device)))
             loss = global_loss(train_step(wrapped, micro, args.loss, autocast, device),
