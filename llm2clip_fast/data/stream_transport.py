@@ -98,7 +98,9 @@ def check_backend(url: str) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError as exc:
-        hint = f"pip install {package}" if package else f"install fsspec's {protocol!r} backend"
+        extra = {"s3fs": "s3", "gcsfs": "gcs"}.get(package or "")
+        hint = (f"pip install {package}" + (f" (or 'llm2clip_fast[{extra}]')" if extra else "") if package
+                else f"install fsspec's {protocol!r} backend")
         raise ImportError(f"reading {url!r} needs fsspec's {protocol!r} backend: {hint} ({exc})") from None
     except ValueError as exc:
         raise ValueError(f"shard URL {url!r} has a protocol fsspec does not know: {exc}") from None
