@@ -23,9 +23,9 @@ Expected failures print one line ``llm2clip_fast.convert: error: ...`` on stderr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from ..cli_exit_codes import code_for, run_command_line
 from .errors import OutputExistsError, SourceMismatchError
 
 FORMATS = ("llm2clip-hf", "hf-clip")
@@ -108,34 +108,18 @@ def _default(value, default):
 
 def exit_code_for(exc: BaseException) -> int | None:
     """The documented exit code of an expected failure, None for a bug."""
-    ordered: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]] = [
+    return code_for(exc, [
         (KeyboardInterrupt, 130),
         (OutputExistsError, 4),
         (SourceMismatchError, 5),
         ((FileNotFoundError, NotADirectoryError), 3),
         (ValueError, 2),
-    ]
-    for kinds, code in ordered:
-        if isinstance(exc, kinds):
-            return code
-    return None
+    ])
 
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line: :func:`main`, with expected failures turned into one message and an exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("LLM2CLIP_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
-    try:
-        return main(argv)
-    except BaseException as exc:  # expected failures become exit codes below; the rest re-raises
-        code = exit_code_for(exc)
-        if code is None or debug or isinstance(exc, SystemExit):
-            raise
-        print(f"llm2clip_fast.convert: error: {exc or type(exc).__name__}", file=sys.stderr)
-        if code != 130:
-            print("(run with --debug or LLM2CLIP_DEBUG=1 for the traceback)", file=sys.stderr)
-        return code
+    return run_command_line(main, argv, "llm2clip_fast.convert", exit_code_for)
 
 
 if __name__ == "__main__":

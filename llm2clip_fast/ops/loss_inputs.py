@@ -44,60 +44,47 @@ def check_pair(image: Tensor, text: Tensor, image_name: str, text_name: str,
                          f"{image.shape[0]} and {text.shape[0]}")
 
 
-def check_scale(logit_scale: Any, device: torch.device) -> Tensor:
-    """logit_scale as a 0-dim tensor on ``device`` (graph kept), after type/shape/value checks.
+def _check_scalar(name: str, value: Any, device: torch.device, positive: bool) -> Tensor:
+    """``value`` as a 0-dim tensor on ``device`` (graph kept), after type/shape/value checks.
 
-    The value check (> 0, finite) reads the value on CPU; on CUDA it is an asynchronous device
-    assertion (no host sync), so a bad value surfaces as a device-side assert at the next sync.
+    The value check (finite, and > 0 when ``positive``) reads the value on CPU; on CUDA it is an
+    asynchronous device assertion (no host sync), so a bad value surfaces at the next sync.
     """
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float, Tensor)):
-        raise TypeError(f"logit_scale must be a positive float or a 0-dim floating tensor, got "
-                        f"{type(logit_scale).__name__}")
-    if not isinstance(logit_scale, Tensor):
-        value = float(logit_scale)
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"logit_scale must be positive and finite, got {value}")
-        return torch.tensor(value, device=device, dtype=torch.float32)
-    if not logit_scale.dtype.is_floating_point:
-        raise TypeError(f"logit_scale must have a floating dtype, got {logit_scale.dtype}")
-    if logit_scale.numel() != 1:
-        raise ValueError(f"logit_scale must be a scalar (one element), got shape {tuple(logit_scale.shape)}")
-    if logit_scale.device != device:
-        if logit_scale.device.type != "cpu":
-            raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on {device}")
-        logit_scale = logit_scale.to(device)  # a CPU scalar with device features, as torch allows
-    scale = logit_scale.reshape(())
-    if scale.device.type == "cuda":
-        torch._assert_async((scale > 0) & torch.isfinite(scale), "logit_scale must be positive and finite")
-    else:
-        value = float(scale.detach())
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"logit_scale must be positive and finite, got {value}")
-    return scale
+    wanted = "positive and finite" if positive else "finite"
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        kind = "a positive float" if positive else "a float"
+        raise TypeError(f"{name} must be {kind} or a 0-dim floating tensor, got {type(value).__name__}")
+
+    def ok(v: float) -> bool:
+        return math.isfinite(v) and (v > 0 or not positive)
+
+    if not isinstance(value, Tensor):
+        number = float(value)
+        if not ok(number):
+            raise ValueError(f"{name} must be {wanted}, got {number}")
+        return torch.tensor(number, device=device, dtype=torch.float32)
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
+    if value.device != device:
+        if value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but the features are on {device}")
+        value = value.to(device)  # a CPU scalar with device features, as torch allows
+    scalar = value.reshape(())
+    if scalar.device.type == "cuda":
+        good = torch.isfinite(scalar) & (scalar > 0) if positive else torch.isfinite(scalar)
+        torch._assert_async(good, f"{name} must be {wanted}")
+    elif not ok(float(scalar.detach())):
+        raise ValueError(f"{name} must be {wanted}, got {float(scalar.detach())}")
+    return scalar
+
+
+def check_scale(logit_scale: Any, device: torch.device) -> Tensor:
+    """logit_scale as a 0-dim tensor on ``device`` (graph kept): positive and finite."""
+    return _check_scalar("logit_scale", logit_scale, device, positive=True)
 
 
 def check_bias(logit_bias: Any, device: torch.device) -> Tensor:
     """logit_bias as a 0-dim tensor on ``device`` (graph kept): any finite value."""
-    if isinstance(logit_bias, bool) or not isinstance(logit_bias, (int, float, Tensor)):
-        raise TypeError(
-            f"logit_bias must be a float or a 0-dim floating tensor, got {type(logit_bias).__name__}"
-        )
-    if not isinstance(logit_bias, Tensor):
-        value = float(logit_bias)
-        if not math.isfinite(value):
-            raise ValueError(f"logit_bias must be finite, got {value}")
-        return torch.tensor(value, device=device, dtype=torch.float32)
-    if not logit_bias.dtype.is_floating_point:
-        raise TypeError(f"logit_bias must have a floating dtype, got {logit_bias.dtype}")
-    if logit_bias.numel() != 1:
-        raise ValueError(f"logit_bias must be a scalar (one element), got shape {tuple(logit_bias.shape)}")
-    if logit_bias.device != device:
-        if logit_bias.device.type != "cpu":
-            raise ValueError(f"logit_bias is on {logit_bias.device} but the features are on {device}")
-        logit_bias = logit_bias.to(device)
-    bias = logit_bias.reshape(())
-    if bias.device.type == "cuda":
-        torch._assert_async(torch.isfinite(bias), "logit_bias must be finite")
-    elif not math.isfinite(float(bias.detach())):
-        raise ValueError(f"logit_bias must be finite, got {float(bias.detach())}")
-    return bias
+    return _check_scalar("logit_bias", logit_bias, device, positive=False)

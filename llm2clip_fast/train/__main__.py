@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
+from ..cli_exit_codes import code_for, run_command_line
 from .config_file import add_config_argument, expand_config_argument
 from .dependencies import MissingDependencyError, require_train_packages
 
@@ -105,8 +105,7 @@ def exit_code_for(exc: BaseException) -> int | None:
     from .checkpoint import CheckpointError
     from .run_folder import RunFolderError
 
-    ordered: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]] = [
-        (KeyboardInterrupt, 130),
+    return code_for(exc, [
         (RunFolderError, 4),
         (CheckpointError, 5),
         ((CacheCorruptError, StaleCacheError), 6),
@@ -114,30 +113,15 @@ def exit_code_for(exc: BaseException) -> int | None:
         (FloatingPointError, 8),
         ((FileNotFoundError, NotADirectoryError), 3),
         (ValueError, 2),
-    ]
-    for kinds, code in ordered:
-        if isinstance(exc, kinds):
-            return code
-    return None
+    ])
 
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line: :func:`main`, with expected failures turned into one message and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("LLM2CLIP_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
-    command = argv[0] if argv and argv[0] in SUBCOMMANDS else "pipeline"
-    try:
-        return main(argv)
-    except BaseException as exc:  # expected failures become exit codes below; the rest re-raises
-        code = exit_code_for(exc)
-        if code is None or debug or isinstance(exc, SystemExit):
-            raise
-        message = str(exc) or type(exc).__name__
-        print(f"llm2clip_fast.train {command}: error: {message}", file=sys.stderr)
-        if code != 130:
-            print("(run with --debug or LLM2CLIP_DEBUG=1 for the traceback)", file=sys.stderr)
-        return code
+    command = next((a for a in argv if a != "--debug"), None)
+    command = command if command in SUBCOMMANDS else "pipeline"
+    return run_command_line(main, argv, f"llm2clip_fast.train {command}", exit_code_for)
 
 
 if __name__ == "__main__":
