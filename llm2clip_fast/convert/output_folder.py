@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..atomic_files import fsync_dir, replace_dir, write_json_atomic
 from ..models.llm2clip import LLM2CLIPModel
-from ..train.atomic_files import fsync_dir, replace_dir, write_json_atomic
 from .errors import OutputExistsError
 
 PROVENANCE_NAME = "conversion.json"

@@ -32,13 +32,14 @@ import json
 import os
 import random
 import tarfile
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, ImageDraw
 
+from ..atomic_files import write_bytes_atomic, write_stream_atomic
 from .records import Record
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -261,18 +262,6 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _sample_json(record: Record) -> dict:
     return {"key": record.key, **record.captions, LABEL_FIELD: record.label}
 
@@ -282,11 +271,11 @@ def _write_manifest_split(folder: Path, records: Iterator[Record]) -> str:
     lines = []
     for record in records:
         rel = f"images/{record.key}.png"
-        _write_atomic(folder / rel, _png_bytes(record.image))
+        write_bytes_atomic(folder / rel, _png_bytes(record.image))
         row = {"key": record.key, "image": rel, **record.captions, LABEL_FIELD: record.label}
         lines.append(json.dumps(row))
     manifest = folder / "manifest.jsonl"
-    _write_atomic(manifest, ("\n".join(lines) + "\n").encode())
+    write_bytes_atomic(manifest, ("\n".join(lines) + "\n").encode())
     return os.fspath(manifest)
 
 
@@ -303,20 +292,14 @@ def _write_wds_split(folder: Path, records: Iterator[Record], shard_size: int) -
 
     def flush() -> None:
         path = folder / f"shard-{shard:06d}.tar"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with (
-                os.fdopen(fd, "wb") as f,
-                tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar,
-            ):
+
+        def write_shard(f: BinaryIO) -> None:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for record in buffer:
                     _add_member(tar, f"{record.key}.png", _png_bytes(record.image))
                     _add_member(tar, f"{record.key}.json", json.dumps(_sample_json(record)).encode())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+
+        write_stream_atomic(path, write_shard)
 
     for record in records:
         buffer.append(record)
@@ -407,7 +390,7 @@ def write_demo(
             spec = _write_manifest_split(folder, records)
         else:
             spec = _write_wds_split(folder, records, shard_size)
-        _write_atomic(marker, json.dumps({"params": params, "spec": spec}, indent=1).encode())
+        write_bytes_atomic(marker, json.dumps({"params": params, "spec": spec}, indent=1).encode())
         specs[split] = spec
     return specs
 

@@ -41,7 +41,6 @@ import hashlib
 import json
 import mmap
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic_files import write_stream_atomic
 from .embedding_int8 import Int8Shard, dequantize_rows, quantize_shard
 
 CACHE_FORMAT = "llm2clip_fast.embedding_cache"
@@ -115,24 +115,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through a temp file in the same folder, fsync, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_write_json(path: Path, data: Any) -> None:
     payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-    _atomic_write_bytes(path, lambda f: f.write(payload))
+    write_stream_atomic(path, lambda f: f.write(payload))
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -258,14 +243,14 @@ def _write_shard(out: Path, index: int, keys: list[str], array: np.ndarray | Int
     if isinstance(array, Int8Shard):
         for (part, suffix), values in zip(_INT8_PARTS, (array.row_scale, array.stats)):
             path = out / f"{stem}{suffix}"
-            _atomic_write_bytes(path, lambda f, v=values: np.save(f, v, allow_pickle=False))
+            write_stream_atomic(path, lambda f, v=values: np.save(f, v, allow_pickle=False))
             extra.update({f"{part}_file": path.name, f"{part}_sha256": sha256_file(path)})
         array = array.values
-    _atomic_write_bytes(data_path, lambda f: np.save(f, array, allow_pickle=False))
+    write_stream_atomic(data_path, lambda f: np.save(f, array, allow_pickle=False))
     keys_payload = json.dumps(keys).encode()
-    _atomic_write_bytes(keys_path, lambda f: f.write(keys_payload))
+    write_stream_atomic(keys_path, lambda f: f.write(keys_payload))
     captions_path = out / f"{stem}.captions.json"
-    _atomic_write_bytes(captions_path, lambda f: f.write(captions_payload))
+    write_stream_atomic(captions_path, lambda f: f.write(captions_payload))
     done = {
         "shard": index,
         "file": data_path.name,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic_files import write_path_atomic
 from .image_preprocessing import ImagePreprocessing
 from .vision import VisionTower
 
@@ -108,21 +108,6 @@ class LLM2CLIPConfig:
         if unknown:
             raise ValueError(f"unknown LLM2CLIP config keys {unknown}; expected a subset of {sorted(known)}")
         return cls(**data)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through a temporary file in the same folder, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class LLM2CLIPModel(nn.Module):
@@ -341,10 +326,10 @@ class LLM2CLIPModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = self.state_dict() if state_dict is None else state_dict
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        _atomic_write(directory / WEIGHTS_NAME,
+        write_path_atomic(directory / WEIGHTS_NAME,
                       lambda p: save_file(tensors, p, metadata={"format": "pt", "model": MODEL_FORMAT}))
         text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+        write_path_atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
         return directory
 
     @classmethod

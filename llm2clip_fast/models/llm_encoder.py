@@ -23,7 +23,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atomic_files import write_json_atomic
 from ..ops.masked_mean_pool import masked_mean_pool
 from .bidirectional import set_bidirectional
 from .llm2vec_checkpoints import apply_lora_chain, map_llm2vec_encoder, normalize_lora_list
@@ -143,16 +143,7 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_json_atomic(path, data, sort_keys=True)
 
 
 class LLMTextEncoder(nn.Module):

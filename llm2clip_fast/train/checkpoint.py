@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic_files import fsync_dir
+from ..atomic_files import fsync_dir, replace_dir
 
 CHECKPOINTS_DIRNAME = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -250,15 +250,8 @@ def save_checkpoint(
             "sha256": {name: file_sha256(tmp / name) for name in files},
         })
         _fsync_dir(tmp)
-        if final.exists():
-            # Re-saving a step (a resumed run passing the same point): swap the old one out first.
-            trash = parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(parent)
+        # Re-saving a step (a resumed run passing the same point) swaps the old one out first.
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

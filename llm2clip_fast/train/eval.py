@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 
 import torch
 
+from llm2clip_fast import atomic_files
 from llm2clip_fast.models.prompt_templates import TEMPLATE_CHOICES
 from llm2clip_fast.train.retrieval_metrics import (
     caption_retrieval_accuracy,
@@ -50,22 +49,8 @@ def _log(message: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` through a temp file in the same folder + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+    return atomic_files.write_json_atomic(path, obj, sort_keys=True)
 
 
 def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist_helpers
-from .atomic_files import replace_dir
+from ..atomic_files import replace_dir
 
 MNTP_DIR = "mntp"
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from .atomic_files import is_leftover_temporary
+from ..atomic_files import is_leftover_temporary
 from .checkpoint import CHECKPOINTS_DIRNAME
 
 _SHOWN = 12

@@ -16,14 +16,13 @@ import math
 import os
 import sys
 import time
-import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .atomic_files import write_text_atomic
+from ..atomic_files import write_stream_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -194,13 +193,7 @@ def plot_loss_curve(log_path: str | os.PathLike[str], png_path: str | os.PathLik
             ax2.set_ylabel("lr", color="tab:orange")
         ax.set_title(title or Path(log_path).parent.name)
         fig.tight_layout()
-        tmp = png_path.with_name(f".{png_path.stem}.{uuid.uuid4().hex[:8]}.png")
-        try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, png_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_stream_atomic(png_path, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
     return png_path

@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from .atomic_files import write_text_atomic
+from ..atomic_files import write_text_atomic
 from .dependencies import MissingDependencyError
 
 REPORT_CHOICES = ("none", "csv", "tensorboard", "wandb")

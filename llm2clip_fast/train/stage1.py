@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed as dist_helpers
+from ..atomic_files import replace_dir, write_json_atomic
 from ..data.bad_data import DEFAULT_MAX_FRACTION
 from ..data.caption_source import CaptionSource
 from ..data.loader import build_loader, sample_rng
 from ..data.sources import open_source
 from ..models.prompt_templates import TEMPLATE_CHOICES
-from .atomic_files import replace_dir, write_json_atomic
 from .checkpoint import latest_checkpoint, load_latest_usable, restore_rng_state, save_checkpoint
 from .cra import caption_pairs, encoder_cra
 from .hard_negative_loss import hard_negative_nll_loss

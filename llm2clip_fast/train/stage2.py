@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic_files import write_json_atomic
 from ..data.image_transforms import image_transform_for
 from ..distributed import (
     barrier,
@@ -53,7 +54,6 @@ from ..distributed import (
 )
 from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, build_vision_tower
-from .atomic_files import write_json_atomic
 from .checkpoint import load_latest_usable, save_checkpoint
 from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm

@@ -15,12 +15,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from ...atomic_files import write_stream_atomic
 
 CACHE_FORMAT = 1
 
@@ -185,16 +186,7 @@ def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _save_cache(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_stream_atomic(path, lambda f: torch.save(data, f))
 
 
 def embed_images(embedder: SuiteEmbedder, images: Sequence[Path], ids: Sequence[str], *, batch_size: int = 64,
