@@ -107,7 +107,7 @@ def test_stage2_refuses_a_cache_of_other_captions_with_the_same_keys(demo, tmp_p
     _strip_fingerprints(other)
     argv[argv.index("--out") + 1] = str(tmp_path / "run2")
     assert train_main(argv) == 0
-    assert "predates caption fingerprints" in capsys.readouterr().out
+    assert "predates caption fingerprints" in capsys.readouterr().err
 
 
 def test_embed_reports_changed_weights_and_captions_and_skipped_empty_captions(tmp_path, capsys):

@@ -84,7 +84,7 @@ def test_stage2_resume_uses_the_previous_checkpoint_when_the_newest_is_damaged(d
     capsys.readouterr()
     assert train_main(stage2_args(demo, out, "--save-every", "2", "--keep-checkpoints", "3",
                                   "--resume", steps=6)) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err  # status lines are logged to stderr
     assert f"checkpoint {out / 'checkpoints' / 'step_00000006'} is damaged" in said
     assert f"resuming from {out / 'checkpoints' / 'step_00000004'}" in said
     assert logged_losses(out) == reference  # steps 5 and 6 redone, identically

@@ -40,7 +40,7 @@ def test_stage2_refuses_a_finished_run_then_overwrite_starts_over(demo, tmp_path
 
     capsys.readouterr()
     assert train_main(stage2_args(demo, out, "--overwrite", "--save-every", "1", steps=2)) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err  # status lines are logged to stderr
     assert "--overwrite: removing" in said and "checkpoints/" in said and "log.jsonl" in said
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 2

@@ -33,6 +33,7 @@ import importlib
 import sys
 
 from ..cli_exit_codes import code_for, run_command_line
+from .cli_logging import setup_cli_logging
 from .config_file import add_config_argument, expand_config_argument
 from .dependencies import MissingDependencyError, require_train_packages
 
@@ -85,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_cli_logging()
     args = parse_args(argv)
     if args.command is None:
         print(f"usage: python -m llm2clip_fast.train COMMAND ...; commands: {', '.join(SUBCOMMANDS)}",

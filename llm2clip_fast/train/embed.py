@@ -15,7 +15,7 @@ filesystem, checked at start (:mod:`~llm2clip_fast.train.shared_folder`).
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +28,8 @@ from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
 from ..data.embedding_cache import build_embedding_cache, storage_dtype_name, weights_fingerprint
 from ..models.prompt_templates import TEMPLATE_CHOICES
 from .shared_folder import check_shared_folder
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,12 +151,12 @@ def embed(
         if event in counts:
             counts[event] += 1
             if progress:
-                print(f"[embed rank {rank}] shard {shard} {event} ({time.perf_counter() - started:.1f}s)",
-                      file=sys.stderr, flush=True)
+                logger.info("[embed rank %d] shard %d %s (%.1fs)", rank, shard, event,
+                            time.perf_counter() - started)
         if event in changed:
             changed[event].append(shard)
-            print(f"[embed rank {rank}] shard {shard}: {event.split()[0]} changed since it was encoded; "
-                  "re-encoding it", file=sys.stderr, flush=True)
+            logger.info("[embed rank %d] shard %d: %s changed since it was encoded; re-encoding it",
+                        rank, shard, event.split()[0])
         if hook is not None:
             hook(event, shard)
 
@@ -175,14 +177,14 @@ def embed(
         fingerprint=fingerprint, skipped=bad.bad_keys,
     )
     if manifest is not None and bad.bad:
-        print(f"[embed] skipped {bad.bad} record(s) with an empty or missing caption (not in the cache; "
-              f"stage 2 counts them as bad data): {bad.summary()}", file=sys.stderr, flush=True)
+        logger.warning("[embed] skipped %d record(s) with an empty or missing caption (not in the cache; "
+                       "stage 2 counts them as bad data): %s", bad.bad, bad.summary())
     if progress and manifest is not None:
         redone = sorted(changed["captions changed"] + changed["encoder changed"])
         detail = (f" ({len(redone)} re-encoded because their inputs changed: shards {redone})"
                   if redone else "")
-        print(f"[embed] {counts['written']} shard(s) written{detail}, {counts['skipped']} reused; "
-              f"manifest {manifest}", file=sys.stderr, flush=True)
+        logger.info("[embed] %d shard(s) written%s, %d reused; manifest %s", counts["written"], detail,
+                    counts["skipped"], manifest)
     return manifest
 
 

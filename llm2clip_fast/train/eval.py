@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,12 +40,14 @@ from llm2clip_fast.train.retrieval_metrics import (
     zero_shot_accuracy,
 )
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_KS = (1, 5, 10)
 ZERO_SHOT_TEMPLATE = "a photo of a {label}."
 
 
 def _log(message: str) -> None:
-    print(f"[eval] {message}", file=sys.stderr, flush=True)
+    logger.info("[eval] %s", message)
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from llm2clip_fast.train.eval import DEFAULT_KS, evaluate_model_dir, load_text_encoder, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ QUICK = DemoSizes(n_train=128, n_val=40, long_detail_groups=5, image_size=64,
 
 
 def _say(message: str) -> None:
-    print(f"[pipeline] {message}", flush=True)
+    logger.info("[pipeline] %s", message)
 
 
 def run_stage(argv: list[str]) -> None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import math
 import random
-import sys
 import time
 import uuid
 import warnings
@@ -54,6 +54,8 @@ from .recipes import mark_recipe_defaults, resolve_recipe
 from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 from .scalar_reporters import ScalarReporters, add_report_to_argument, check_report_to
+
+logger = logging.getLogger(__name__)
 
 LOSSES = ("clip", "infonce", "hardneg")
 MAX_LOGIT_SCALE = 100.0
@@ -429,10 +431,6 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None
 # training
 
 
-def print_nothing(message: str) -> None:
-    """The progress printer of ranks other than 0."""
-
-
 class NonFiniteTrainingError(FloatingPointError):
     """A stage-1 step produced a non-finite loss, gradient or weight; nothing of that step was saved."""
 
@@ -482,7 +480,7 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
     device = torch.device("cuda", dist_helpers.get_local_rank()) if cuda else torch.device("cpu")
     dist_helpers.check_collective_device(device)  # every collective below takes tensors on `device`
     out = Path(args.out)
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else (lambda msg: None)
+    say = logger.info  # rank 0 only: the command line's handler drops other ranks' info lines
     check_run_folder(out, resume=args.resume, overwrite=args.overwrite)
     run_config = _run_config(args)
 
@@ -528,7 +526,7 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
                                say=lambda msg: say(f"stage1: {msg}"))
         dist_helpers.barrier()
         folder_prepared = True
-        say_main = (lambda msg: print(msg, file=sys.stderr, flush=True)) if main else print_nothing
+        say_main = logger.info
         mntp_base = run_mntp_phase(args, device, out, say_main)
         args = contrastive_phase_args(args, mntp_base)
         total_steps = contrastive_steps

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -60,6 +61,8 @@ from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_nor
 from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 from .scalar_reporters import ScalarReporters, add_report_to_argument, check_report_to
+
+logger = logging.getLogger(__name__)
 
 # Options that change what the run computes: a resumed run must agree on them to continue exactly.
 RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "batch_size", "grad_accum",
@@ -235,9 +238,9 @@ def check_cache_covers(cache: Any, source: Any, caption_names: list[str]) -> Non
         raise ValueError(f"the embedding cache {cache.directory} lacks embeddings for {len(missing)} of the "
                          f"{len(keys)} keys of the data, e.g. {missing[:5]}; run the embed step on this data")
     if not cache.has_caption_fingerprints:
-        print(f"stage2: warning: the embedding cache {cache.directory} predates caption fingerprints, so it "
-              "cannot be checked against the data's captions; rerun the embed step on it to record them",
-              flush=True)
+        logger.warning("stage2: the embedding cache %s predates caption fingerprints, so it cannot be "
+                       "checked against the data's captions; rerun the embed step on it to record them",
+                       cache.directory)
         return
     # A private tracker that never stops: bad samples are the loader's business, counted there.
     cache.check_captions(source.iter_captions(bad_data=BadDataTracker(1.0)), caption_names)
@@ -609,8 +612,7 @@ def run(args: argparse.Namespace) -> int:
     main = rank == 0
 
     def say(message: str) -> None:
-        if main:
-            print(f"stage2: {message}", flush=True)
+        logger.info("stage2: %s", message)
 
     check_run_folder(out_dir, resume=args.resume, overwrite=args.overwrite)
 
@@ -790,8 +792,8 @@ def run(args: argparse.Namespace) -> int:
                    "bad_data": bad, "model": str(out_dir / "model")}
         write_json_atomic(out_dir / "summary.json", summary)
         if bad.get("bad"):
-            print(f"stage2: {loader.bad_data.summary()}", flush=True)
-        print(f"stage2: {step} steps in {elapsed:.1f}s; model saved to {out_dir / 'model'}", flush=True)
+            logger.info("stage2: %s", loader.bad_data.summary())
+        logger.info("stage2: %d steps in %.1fs; model saved to %s", step, elapsed, out_dir / "model")
     barrier()
     return 0
 

@@ -9,8 +9,8 @@ runner embeds (cached), scores and writes results.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from .embedding import ModelEmbedder, SuiteEmbedder, embed_images, embed_texts
 from .registry import SUITES, Suite, find_suites, read_suite
 from .runner import append_csv, evaluate_suite, format_suite_table
 from .suite_data import ClassificationSuite, RetrievalSuite, SuiteLayoutError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["SUITES", "ClassificationSuite", "ModelEmbedder", "RetrievalSuite", "Suite", "SuiteEmbedder",
            "SuiteLayoutError", "append_csv", "embed_images", "embed_texts", "evaluate_suite", "find_suites",
@@ -41,15 +43,14 @@ def run_suites(embedder: SuiteEmbedder, suite: str, root: str | os.PathLike[str]
     if suite == "all":
         suites, absent = find_suites(root, **options)
         if absent:
-            print(f"[eval] --suite all: not found under {root}: {', '.join(absent)}", file=sys.stderr)
+            logger.warning("[eval] --suite all: not found under %s: %s", root, ", ".join(absent))
     else:
         suites = {suite: read_suite(suite, root, **options)}
     out = Path(out)
     cache_dir = out / "cache" if cache else None
     results = []
     for name, data in suites.items():
-        print(f"[eval] {name}: {len(data.images)} images listed under {data.root}", file=sys.stderr,
-              flush=True)
+        logger.info("[eval] %s: %d images listed under %s", name, len(data.images), data.root)
         result = evaluate_suite(embedder, data, batch_size=batch_size, workers=workers, cache_dir=cache_dir,
                                 max_missing_fraction=max_missing_fraction, progress=progress)
         result["model"] = model_name

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from typing import Any, Protocol
 import torch
 
 from ...atomic_files import write_stream_atomic
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 
@@ -180,7 +183,7 @@ def _load_cache(path: Path, key: str) -> dict[str, Any] | None:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged cache file is recomputed, not fatal
-        print(f"[eval] ignoring the unreadable cache file {path}: {type(exc).__name__}", file=sys.stderr)
+        logger.warning("[eval] ignoring the unreadable cache file %s: %s", path, type(exc).__name__)
         return None
     return data if isinstance(data, dict) and data.get("key") == key else None
 

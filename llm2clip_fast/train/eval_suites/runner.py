@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import csv
 import datetime
+import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +29,8 @@ from .embedding import SuiteEmbedder, embed_images, embed_texts
 from .registry import Suite
 from .suite_data import ClassificationSuite
 
+logger = logging.getLogger(__name__)
+
 RETRIEVAL_KS = (1, 5, 10)
 CLASSIFICATION_KS = (1, 5)
 CSV_COLUMNS = ("time", "model", "suite", "n_images", "n_texts", "n_missing",
@@ -38,7 +40,7 @@ MAX_LISTED = 50
 
 
 def _log(message: str) -> None:
-    print(f"[eval] {message}", file=sys.stderr, flush=True)
+    logger.info("[eval] %s", message)
 
 
 def evaluate_suite(embedder: SuiteEmbedder, suite: Suite, *, batch_size: int = 64, workers: int = 0,
