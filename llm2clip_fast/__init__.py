@@ -6,6 +6,21 @@ backend serves each op on this machine.
 
 The public names below are imported on first use, so ``import llm2clip_fast`` stays cheap (it does
 not import transformers or Triton).
+
+Import layering, lowest first; a module imports only from its own layer or lower ones
+(``tests/test_import_layers.py`` checks every import, module-level and inside functions):
+
+0. this package and its one-job helpers: ``_extensions``, ``atomic_files``, ``fp32_matmul``,
+   ``cli_exit_codes``, ``third_party_notices``;
+1. ``kernels`` (the Triton kernels, ``llm2clip_kernels/``) and ``data`` (sources, loaders, caches);
+2. ``ops`` (backend dispatch, autograd, the CPU/torch implementations);
+3. ``distributed`` (collectives, global-batch losses) and ``losses`` (OpenCLIP-style modules);
+4. ``models`` (towers, adapter, LLM encoder, LLM2CLIPModel);
+5. ``convert`` (released checkpoints in and out);
+6. ``train`` (the command lines) and ``info``; ``bench/`` sits outside the package, above all.
+
+One edge points up: ``ops.clip_loss`` / ``ops.siglip_loss`` with ``distributed=True`` hand over to the
+global-batch losses in ``distributed``, imported inside that branch only.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llm2clip_fast.ops._matmul import mm_fp32
+from llm2clip_fast.fp32_matmul import mm_fp32
 
 from . import _proxy_tuning
 from ._config_fit import TileConfigs, gemm_configs

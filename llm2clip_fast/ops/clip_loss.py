@@ -36,7 +36,7 @@ from ._availability import (
 )
 from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
 from ._chunking import chunk_elements_from_env
-from ._matmul import mm_fp32
+from ..fp32_matmul import mm_fp32
 from .loss_inputs import check_pair, check_scale
 from .reference import clip_loss_reference
 
