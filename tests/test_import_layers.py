@@ -28,7 +28,7 @@ ALLOWED_UPWARD = {("ops", "distributed")}
 def _modules() -> dict[str, Path]:
     found = {}
     for path in (ROOT / "llm2clip_fast").rglob("*.py"):
-        if "kernels" in path.relative_to(ROOT).parts:  # the symlink some checkouts have; the real folder below
+        if "kernels" in path.relative_to(ROOT).parts:  # a checkout's symlink; the real folder is below
             continue
         parts = path.relative_to(ROOT).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
