@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.caption_mix import CaptionMix, check_mix_names, parse_caption_spec
 from ..data.image_transforms import image_transform_for
 from ..distributed import (
     barrier,
@@ -118,8 +119,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--loss", choices=("clip", "siglip"), default="clip")
     train.add_argument("--caption", default="long",
-                       help="cached caption to train on: a caption name (default long) or 'random' "
-                       "(a random one of the cached captions per sample and epoch)")
+                       help="cached caption to train on: a caption name (default long), 'random' (a random "
+                       "one of the cached captions per sample and epoch) or a weighted mix "
+                       "'NAME:W,NAME:W' such as 'short:0.5,long:0.5' (weights > 0, normalised; each "
+                       "sample draws its caption by weight, seeded per sample and epoch)")
     train.add_argument("--batch-size", type=int, default=64, help="images per rank per micro-batch")
     train.add_argument("--grad-accum", type=int, default=1,
                        help="micro-batches per step; negatives span all of them (global batch = "
@@ -188,6 +191,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.lr <= 0 or args.wd < 0:
         raise ValueError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.wd}")
     check_report_to(args.report_to)
+    parse_caption_spec(args.caption)  # its syntax, before any data is read (names are checked later)
     if not 0 < args.llrd <= 1:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
     if args.shuffle_buffer < 1 or args.stream_retries < 0 or not args.stream_timeout > 0:
@@ -255,20 +259,26 @@ def check_batch_in_cache(cache: Any, batch: dict[str, Any], caption_names: list[
         cache.check_captions(zip(batch["keys"], batch["all_captions"]), caption_names)
 
 
-def resolve_caption(caption: str, source: Any, cache: Any | None) -> tuple[str | list[str], list[str]]:
-    """(what the loader picks from, the caption names that may be picked)."""
-    if caption == "random":
+def resolve_caption(caption: str, source: Any, cache: Any | None
+                    ) -> tuple[str | list[str] | CaptionMix, list[str], dict[str, float]]:
+    """(what the loader picks from, the caption names that may be picked, the resolved mix
+    ``{name: probability}`` recorded in the run config)."""
+    spec = parse_caption_spec(caption)
+    if isinstance(spec, CaptionMix):
+        check_mix_names(spec, source.caption_names, "the data")
+        return spec, list(spec.names), spec.as_dict()
+    if spec == "random":
         names = list(source.caption_names)
         if cache is not None:
             names = [n for n in names if n in cache.caption_names]
             if not names:
                 raise ValueError(f"no caption name is both in the data {source.caption_names} and in the "
                                  f"embedding cache {list(cache.caption_names)}")
-        return names, names
-    if caption not in source.caption_names:
-        raise ValueError(f"--caption {caption!r} is not a caption of the data; it has {source.caption_names} "
-                         "(or use 'random')")
-    return caption, [caption]
+        return names, names, CaptionMix.uniform(names).as_dict()
+    if spec not in source.caption_names:
+        raise ValueError(f"--caption {spec!r} is not a caption of the data; it has {source.caption_names} "
+                         "(or use 'random', or a weighted mix like 'short:0.5,long:0.5')")
+    return spec, [spec], {spec: 1.0}
 
 
 def llm_provenance(cache_metadata: dict[str, Any]) -> dict[str, Any]:
@@ -621,7 +631,7 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(args.data, image_root_only=args.image_root_only,
                          transport=TransportPolicy(timeout=args.stream_timeout, retries=args.stream_retries))
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
-    loader_caption, caption_names = resolve_caption(args.caption, source, cache)
+    loader_caption, caption_names, caption_mix = resolve_caption(args.caption, source, cache)
     llm_info: dict[str, Any] = {}
     streamed = getattr(source, "streaming", False)
     if cache is not None:
@@ -670,7 +680,7 @@ def run(args: argparse.Namespace) -> int:
                                 min_lr_ratio=args.min_lr_ratio)
     config = _run_config(args)
     config.update({"total_steps": total_steps, "warmup_steps": warmup, "global_batch":
-                   args.batch_size * world * args.grad_accum})
+                   args.batch_size * world * args.grad_accum, "caption_mix": caption_mix})
 
     step, epoch, start_batch = 0, 0, 0
     run_id = new_run_id()
