@@ -58,6 +58,7 @@ from .atomic_files import write_json_atomic
 from .checkpoint import load_latest_usable, save_checkpoint
 from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .recipes import STAGE2_RECIPES, explicitly_given, mark_recipe_defaults, resolve_recipe
 from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 from .scalar_reporters import ScalarReporters, add_report_to_argument, check_report_to
@@ -68,7 +69,7 @@ RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "bat
                      "grad_clip",
                      "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
                      "init_model", "adapter_blocks", "adapter_expansion", "adapter_dropout", "precision",
-                     "world_size", "fsdp", "crop_scale")
+                     "world_size", "fsdp", "crop_scale", "global_batch_size")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -123,7 +124,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "one of the cached captions per sample and epoch) or a weighted mix "
                        "'NAME:W,NAME:W' such as 'short:0.5,long:0.5' (weights > 0, normalised; each "
                        "sample draws its caption by weight, seeded per sample and epoch)")
-    train.add_argument("--batch-size", type=int, default=64, help="images per rank per micro-batch")
+    batch = train.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=64, help="images per rank per micro-batch")
+    batch.add_argument("--global-batch-size", type=int, default=None, metavar="N",
+                       help="images per optimizer step over all ranks and micro-batches, instead of "
+                       "--batch-size: each rank's micro-batch becomes N / (world size x --grad-accum), "
+                       "which must be a whole number (e.g. 4096 on 8 GPUs: 512 per GPU, or 64 with "
+                       "--grad-accum 8)")
     train.add_argument("--grad-accum", type=int, default=1,
                        help="micro-batches per step; negatives span all of them (global batch = "
                        "batch-size x world-size x grad-accum)")
@@ -172,6 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a shard connection or read may stall before it is retried")
     stream.add_argument("--stream-retries", type=int, default=3,
                         help="retries per shard read; then the shard's unread samples count as bad data")
+    mark_recipe_defaults(parser, STAGE2_RECIPES)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -207,6 +215,28 @@ def _check_options(args: argparse.Namespace) -> None:
                          "first), or use --text-tower clip")
     if args.text_tower == "clip" and args.embeddings:
         raise ValueError("--text-tower clip trains on raw captions; drop --embeddings")
+
+
+def resolve_batch_size(args: argparse.Namespace, world_size: int) -> None:
+    """With ``--global-batch-size N`` (given, or from ``--recipe``): set the per-rank micro-batch
+    ``args.batch_size`` to N / (world size x grad-accum) and record it as derived in ``recipe_origin``."""
+    total = getattr(args, "global_batch_size", None)
+    if total is None:
+        return
+    if "batch_size" in explicitly_given(args):
+        raise ValueError("give one of --batch-size (per rank per micro-batch) and --global-batch-size "
+                         "(over all ranks and micro-batches), not both")
+    if total < 1:
+        raise ValueError(f"--global-batch-size must be >= 1, got {total}")
+    share = world_size * args.grad_accum
+    if total % share:
+        raise ValueError(f"--global-batch-size {total} is not a multiple of world size {world_size} x "
+                         f"--grad-accum {args.grad_accum} = {share}: each rank's micro-batch must be a whole "
+                         "number of images; change --grad-accum, the number of ranks or --global-batch-size")
+    args.batch_size = total // share
+    origin = getattr(args, "recipe_origin", None)
+    if origin is not None:
+        origin["batch_size"] = "derived"
 
 
 def open_cache(path: str, verify: str = "full") -> Any:
@@ -591,9 +621,14 @@ def _gather_objects(obj: Any) -> list[Any]:
 
 
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
-    config = {k: v for k, v in vars(args).items() if k not in {"command"}}
+    """The resolved options, ``world_size`` and ``settings_from``: where each option a recipe tracks got
+    its value (``flag``: command line or --config, ``recipe``, ``default``, ``derived``: the per-rank
+    batch from --global-batch-size)."""
+    config = {k: v for k, v in vars(args).items()
+              if k not in {"command", "recipe_origin"} and not k.startswith("_")}
     config["crop_scale"] = list(args.crop_scale)
     config["world_size"] = get_world_size()
+    config["settings_from"] = dict(getattr(args, "recipe_origin", None) or {})
     return config
 
 
@@ -607,11 +642,13 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: P
 
 def run(args: argparse.Namespace) -> int:
     """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
+    resolve_recipe(args, STAGE2_RECIPES)
     _check_options(args)
     device = _device(args)
     # --device cpu on a GPU node: gloo, since NCCL exchanges CUDA tensors only.
     init_distributed_from_env(backend="gloo" if device.type == "cpu" else None)
     rank, world = get_rank(), get_world_size()
+    resolve_batch_size(args, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     check_collective_device(device)
@@ -657,8 +694,10 @@ def run(args: argparse.Namespace) -> int:
 
     per_rank_batches = len(source) // world // args.batch_size
     if per_rank_batches < 1:
+        lower = ("--global-batch-size" if getattr(args, "global_batch_size", None) is not None
+                 else "--batch-size")
         raise ValueError(f"the data has {len(source)} samples, fewer than batch-size {args.batch_size} x "
-                         f"{world} ranks: lower --batch-size")
+                         f"{world} ranks: lower {lower}")
     if args.steps is not None:
         total_steps = args.steps
     else:
