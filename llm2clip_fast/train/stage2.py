@@ -69,7 +69,7 @@ RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "bat
                      "grad_clip",
                      "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
                      "init_model", "adapter_blocks", "adapter_expansion", "adapter_dropout", "precision",
-                     "world_size", "fsdp", "crop_scale", "global_batch_size")
+                     "world_size", "fsdp", "crop_scale", "global_batch_size", "keep_projection")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -105,6 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--vision-path",
                        help="local transformers CLIP/SigLIP/ViT folder to start the tower from")
     model.add_argument("--embed-dim", type=int, default=512, help="shared embedding size (default 512)")
+    model.add_argument("--keep-projection", action="store_true",
+                       help="with --vision-path to a transformers CLIP folder: start from its "
+                       "visual_projection (its output size must equal --embed-dim) instead of a new one "
+                       "(the default, as the official recipe)")
     model.add_argument("--image-size", type=int, default=None,
                        help="image side for preprocessing; must equal the tower's (default: the tower's)")
     model.add_argument("--adapter-blocks", type=int, default=4)
@@ -210,6 +214,11 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("give one of --vision-preset and --vision-path, not both")
     if args.init_model and (args.vision_preset or args.vision_path):
         raise ValueError("--init-model brings its own vision tower; drop --vision-preset/--vision-path")
+    if getattr(args, "keep_projection", False) and not args.vision_path:
+        why = ("--init-model already starts from its own projection" if args.init_model
+               else "a preset tower has none")
+        raise ValueError("--keep-projection keeps the visual_projection of a pretrained CLIP folder: it "
+                         f"needs --vision-path ({why})")
     if args.text_tower == "llm-adapter" and not args.embeddings:
         raise ValueError("--embeddings DIR is required for the llm-adapter text tower (run the embed step "
                          "first), or use --text-tower clip")
@@ -353,7 +362,16 @@ def build_model(args: argparse.Namespace, llm_dim: int | None, llm_info: dict[st
                               "heads": args.clip_text_heads, "embed_dim": args.embed_dim}}
     config = LLM2CLIPConfig(vision=tower.config_dict(), embed_dim=args.embed_dim, text_tower=args.text_tower,
                             loss=args.loss, llm=llm_info, **text)
-    return LLM2CLIPModel(config, vision_tower=tower)
+    # Read and checked before the model is built, so a bad projection fails before any weight is made.
+    from ..convert.hf_clip import load_kept_projection
+
+    kept = (load_kept_projection(args.vision_path, args.embed_dim, tower.hidden_size)
+            if getattr(args, "keep_projection", False) else None)
+    model = LLM2CLIPModel(config, vision_tower=tower)
+    if kept is not None:
+        with torch.no_grad():
+            model.visual_projection.weight.copy_(kept)
+    return model
 
 
 def lr_multipliers(model: LLM2CLIPModel, decay: float) -> dict[str, float]:
