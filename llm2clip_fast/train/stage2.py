@@ -19,10 +19,15 @@ The step:
   tower's depth (``--llrd``), linear warmup + cosine, gradient clipping, bf16 autocast on GPU;
 - DDP under ``torchrun`` (``--fsdp``: FSDP2 sharding of each vision layer, for large towers).
 
+``--recipe llm2clip`` sets LLM2CLIP's official stage-2 values (see :mod:`.recipes`); explicit flags win.
+``--global-batch-size`` derives the per-rank ``--batch-size`` from the world size and ``--grad-accum``;
+``--caption`` may be a weighted mix (:mod:`~llm2clip_fast.data.caption_mix`); ``--keep-projection``
+keeps a pretrained CLIP folder's projection.
+
 Run folder ``OUT``: ``log.jsonl`` (loss, lr, images/s, grad norm, logit scale), ``loss.png``,
 ``checkpoints/step_*`` (atomic, every ``--save-every`` steps and at the end; ``--resume`` continues
-exactly), ``run_config.json``, ``summary.json`` and the final model in ``OUT/model``
-(:meth:`LLM2CLIPModel.save_pretrained`).
+exactly), ``run_config.json`` (resolved options, ``settings_from``, ``caption_mix``), ``summary.json``
+and the final model in ``OUT/model`` (:meth:`LLM2CLIPModel.save_pretrained`).
 """
 
 from __future__ import annotations
