@@ -126,3 +126,17 @@ def test_recipe_run_saves_resolved_settings_and_where_they_came_from(demo, tmp_p
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     # No warmup: cosine from the first step (a 1-step warmup, the default's 5%, would hold 2e-3 at step 2).
     assert [r["lr"] for r in log] == pytest.approx([2e-3, 1e-3])
+
+
+def test_recipe_caption_mix_on_data_without_those_captions_says_where_it_came_from(demo, tmp_path):
+    rows = [json.loads(line) for line in demo["data"].read_text().splitlines()]
+    for row in rows:
+        row["brief"] = row.pop("short")
+    manifest = demo["data"].parent / "renamed.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["stage2", "--text-tower", "clip", "--data", str(manifest), "--out", str(tmp_path / "run"),
+            "--vision-preset", "micro", "--steps", "1", "--num-workers", "0", "--no-progress",
+            "--recipe", "llm2clip", "--batch-size", "8"]
+    with pytest.raises(ValueError, match=r"'short' is not a caption of the data; it has \['long', 'brief'\] "
+                                         r"\(--caption short:0.5,long:0.5 came from --recipe llm2clip"):
+        train_main(argv)

@@ -691,7 +691,13 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(args.data, image_root_only=args.image_root_only,
                          transport=TransportPolicy(timeout=args.stream_timeout, retries=args.stream_retries))
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
-    loader_caption, caption_names, caption_mix = resolve_caption(args.caption, source, cache)
+    try:
+        loader_caption, caption_names, caption_mix = resolve_caption(args.caption, source, cache)
+    except ValueError as exc:
+        if (getattr(args, "recipe_origin", None) or {}).get("caption") == "recipe":
+            raise ValueError(f"{exc} (--caption {args.caption} came from --recipe {args.recipe}; give "
+                             "--caption to override it)") from None
+        raise
     llm_info: dict[str, Any] = {}
     streamed = getattr(source, "streaming", False)
     if cache is not None:
