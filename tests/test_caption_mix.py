@@ -99,6 +99,30 @@ def test_loader_draws_each_sample_from_its_seed_and_resumes_exactly(source):
         build_loader(source, batch_size=BATCH, with_images=False, caption=parse_caption_spec("short,large"))
 
 
+def test_streamed_shards_draw_the_same_per_sample_captions(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, "PNG")
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"d-{shard}.tar", "w") as tar:
+            for i in range(shard * 7, shard * 7 + 7):
+                meta = json.dumps({"short": f"short {i}", "long": f"long {i}"}).encode()
+                for member, data in ((f"k{i:02d}.png", png.getvalue()), (f"k{i:02d}.json", meta)):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    mix = parse_caption_spec("short:0.3,long:0.7")
+    stream = open_source(str(tmp_path / "d-{0..1}.tar"), streaming=True)
+    loader = build_loader(stream, batch_size=4, with_images=False, seed=3, epoch=1, caption=mix)
+    chosen = {k: n for b in loader for k, n in zip(b["keys"], b["caption_names"])}
+    assert len(chosen) == 14
+    assert chosen == {k: mix.choose(sample_rng(3, 1, k, "caption")) for k in chosen}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict[str, Path]:
     return make_demo(tmp_path_factory.mktemp("mix_stage2"))
