@@ -102,10 +102,6 @@ STAGE2_RECIPES = RecipeTable(
 
 RECIPE_TABLES = {t.stage: t for t in (STAGE1_RECIPES, STAGE2_RECIPES)}
 
-# Kept for code written against the stage-1-only module.
-RECIPES = STAGE1_RECIPES.recipes
-RECIPE_KEYS = STAGE1_RECIPES.keys
-
 # Set on the parsed namespace: the dests of the tracked options that were given as flags.
 EXPLICIT_ATTR = "_recipe_explicit"
 # Set on the parsed namespace (a parser default): the stage of the table the parser was marked with.
