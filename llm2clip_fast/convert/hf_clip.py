@@ -8,6 +8,9 @@ possible). Accepted folders (``config.json`` ``model_type``):
 - ``clip``: a full ``CLIPModel``; its text tower (``text_model.*``, ``text_projection.weight``) and
   ``logit_scale`` are dropped;
 - ``clip_vision_model``: a ``CLIPVisionModel`` or ``CLIPVisionModelWithProjection``.
+
+Stage 2's ``--vision-path FOLDER --keep-projection`` takes the projection through
+:func:`load_kept_projection`, with the same checks as the conversion.
 """
 
 from __future__ import annotations
@@ -21,15 +24,61 @@ from ..models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
 from .assemble import assemble_model, skeleton_shapes
 from .clip_vision_keys import check_position_ids, position_ids_key, vision_plan
 from .errors import SourceMismatchError
-from .source_files import read_config, read_safetensors_folder, require_folder, tower_preprocessing
+from .source_files import (
+    read_config,
+    read_safetensors_folder,
+    read_safetensors_tensor,
+    require_folder,
+    tower_preprocessing,
+)
 from .strict_mapping import apply_plan
 
 _TEXT_TOWER_KEYS = ("text_model.", "text_projection.weight", "logit_scale")
+PROJECTION_KEY = "visual_projection.weight"
+CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 
 
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_kept_projection(projection: torch.Tensor | None, folder: Path, embed_dim: int | None,
+                          hidden_size: int | None = None) -> int:
+    """The embed dim a kept projection gives: ``embed_dim`` (which its output size must equal) or, when
+    None, its output size. Errors name ``--keep-projection`` and what differs."""
+    if projection is None:
+        raise SourceMismatchError(f"--keep-projection: {folder} has no {PROJECTION_KEY} (a CLIPVisionModel "
+                                  "without projection); drop --keep-projection to start a new one")
+    if projection.dim() != 2:
+        raise SourceMismatchError(f"--keep-projection: {folder}'s {PROJECTION_KEY} has shape "
+                                  f"{tuple(projection.shape)}, expected (embed_dim, hidden_size)")
+    if hidden_size is not None and projection.shape[1] != hidden_size:
+        raise SourceMismatchError(f"--keep-projection: {folder}'s {PROJECTION_KEY} takes "
+                                  f"{projection.shape[1]} features but its vision tower's hidden size is "
+                                  f"{hidden_size}")
+    if embed_dim is None:
+        return int(projection.shape[0])
+    if projection.shape[0] != embed_dim:
+        raise ValueError(f"--keep-projection: the pretrained projection outputs {projection.shape[0]} "
+                         f"features but --embed-dim is {embed_dim}")
+    return embed_dim
+
+
+def load_kept_projection(source: str | Path, embed_dim: int, hidden_size: int) -> torch.Tensor:
+    """The ``visual_projection.weight`` (embed_dim, hidden_size) of the transformers CLIP folder
+    ``source`` (a full ``CLIPModel`` or a ``CLIPVisionModelWithProjection``), read alone from its
+    safetensors, in its stored dtype; checked as :func:`convert_hf_clip` checks it."""
+    folder = require_folder(source, "--vision-path")
+    model_type = read_config(folder).get("model_type")
+    if model_type not in CLIP_MODEL_TYPES:
+        raise ValueError(f"--keep-projection: {folder} holds a {model_type!r} model, which has no "
+                         f"{PROJECTION_KEY}; only transformers CLIP folders ({', '.join(CLIP_MODEL_TYPES)}) "
+                         "bring one")
+    projection = read_safetensors_tensor(folder, PROJECTION_KEY)
+    check_kept_projection(projection, folder, embed_dim, hidden_size)
+    assert projection is not None  # check_kept_projection refuses None
+    return projection
 
 
 def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None = None,
@@ -61,15 +110,8 @@ def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None =
     tensors, files = read_safetensors_folder(folder)
     # transformers 5 saves a CLIPVisionModel without the vision_model. prefix; 4.x and CLIPModel use it.
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
-    projection = tensors.get("visual_projection.weight")
     if keep_projection:
-        if projection is None:
-            raise SourceMismatchError(f"--keep-projection: {folder} has no visual_projection.weight")
-        if embed_dim is None:
-            embed_dim = int(projection.shape[0])
-        elif projection.shape[0] != embed_dim:
-            raise ValueError(f"--keep-projection: the pretrained projection outputs {projection.shape[0]} "
-                             f"features but --embed-dim is {embed_dim}")
+        embed_dim = check_kept_projection(tensors.get(PROJECTION_KEY), folder, embed_dim)
     model_config = LLM2CLIPConfig(
         vision={"kind": "clip", "config": dict(vision_config),
                 "preprocessing": tower_preprocessing(folder, vision_config)},
@@ -83,12 +125,12 @@ def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None =
     plan = vision_plan(list(target_shapes), prefix)
     fresh = [k for k in target_shapes if not k.startswith("vision.")]
     if keep_projection:
-        plan["visual_projection.weight"] = "visual_projection.weight"
-        fresh.remove("visual_projection.weight")
+        plan[PROJECTION_KEY] = PROJECTION_KEY
+        fresh.remove(PROJECTION_KEY)
     check_position_ids(tensors, prefix)
 
     def drop(key: str) -> bool:
-        if key == position_ids_key(prefix) or key == "visual_projection.weight":
+        if key == position_ids_key(prefix) or key == PROJECTION_KEY:
             return True
         return model_type == "clip" and key.startswith(_TEXT_TOWER_KEYS)
 

@@ -1,7 +1,7 @@
 """Writing the converted model: the whole folder appears at once, or not at all.
 
 The model is saved into a hidden temporary folder next to ``--out`` (``.tmp-NAME-<id>``, a name
-:func:`~llm2clip_fast.train.atomic_files.is_leftover_temporary` recognises) and renamed into place.
+:func:`~llm2clip_fast.atomic_files.is_leftover_temporary` recognises) and renamed into place.
 An existing ``--out`` is replaced only with ``overwrite``.
 """
 

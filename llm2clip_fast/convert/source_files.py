@@ -83,6 +83,33 @@ def read_safetensors_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list
                             f"{SAFETENSORS_INDEX_NAME}{hint}")
 
 
+def read_safetensors_tensor(folder: Path, key: str) -> torch.Tensor | None:
+    """One tensor of the folder's safetensors weights (single file or shards), None when it has no such
+    tensor; only that tensor is read."""
+    from safetensors import safe_open
+
+    single, index = folder / SAFETENSORS_NAME, folder / SAFETENSORS_INDEX_NAME
+    if single.is_file():
+        path = single
+    elif index.is_file():
+        try:
+            shard = json.loads(index.read_text(encoding="utf-8"))["weight_map"].get(key)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise SourceMismatchError(f"{index} is not a safetensors index (no 'weight_map'): "
+                                      f"{exc}") from None
+        if shard is None:
+            return None
+        path = folder / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"{index} lists shard {shard} for {key!r}, which is not in "
+                                    f"{str(folder)!r}")
+    else:
+        raise FileNotFoundError(f"{str(folder)!r} has neither {SAFETENSORS_NAME} nor "
+                                f"{SAFETENSORS_INDEX_NAME}")
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(key) if key in f.keys() else None
+
+
 def tower_preprocessing(folder: Path, vision_config: dict[str, Any]) -> dict[str, Any]:
     """The CLIP tower's image preprocessing: the folder's ``preprocessor_config.json`` where there is
     one (as transformers' image processor reads it), else CLIP's defaults at the tower's image size."""

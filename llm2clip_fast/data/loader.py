@@ -42,6 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .bad_data import BadDataPolicy, BadDataTracker, BadSampleError
+from .caption_mix import CaptionMix, check_mix_names
 from .caption_source import CaptionSource
 from .image_transforms import ClipImageTransform, clip_image_transform
 
@@ -95,7 +96,7 @@ class CaptionBatches(IterableDataset):
         *,
         batch_size: int,
         transform: ImageTransform | None,
-        caption: str | list[str] | None,
+        caption: str | list[str] | CaptionMix | None,
         rank: int,
         world_size: int,
         seed: int,
@@ -134,6 +135,9 @@ class CaptionBatches(IterableDataset):
     def _choose_caption(self, key: str, captions: dict[str, str]) -> tuple[str, str]:
         if isinstance(self.caption, str) and self.caption != "random":
             return self.caption, captions[self.caption]
+        if isinstance(self.caption, CaptionMix):
+            name = self.caption.choose(sample_rng(self.seed, self.epoch, key, "caption"))
+            return name, captions[name]
         names = self.source.caption_names if self.caption == "random" else self.caption
         name = sample_rng(self.seed, self.epoch, key, "caption").choice(names)
         return name, captions[name]
@@ -257,7 +261,7 @@ def build_loader(
     batch_size: int,
     image_size: int = 224,
     train: bool = True,
-    caption: str | Sequence[str] | None = "random",
+    caption: str | Sequence[str] | CaptionMix | None = "random",
     with_images: bool = True,
     rank: int = 0,
     world_size: int = 1,
@@ -283,7 +287,9 @@ def build_loader(
         image_size: side S of ``pixel_values`` (3, S, S).
         train: random resized crop (``crop_scale``) instead of centre crop; also the default ``shuffle``.
         caption: "random" (uniform over ``source.caption_names`` per visit), one caption name, a list of
-            names to choose among, or None (no chosen caption; ``all_captions`` still present).
+            names to choose among uniformly, a :class:`~.caption_mix.CaptionMix` (names drawn by weight,
+            e.g. ``parse_caption_spec("short:0.5,long:0.5")``), or None (no chosen caption;
+            ``all_captions`` still present).
         with_images: decode images into ``pixel_values``; False gives caption-only batches (fast).
         rank, world_size: this process's place among the data-parallel ranks.
         num_workers: DataLoader worker processes (0 = load in this process).
@@ -322,7 +328,9 @@ def build_loader(
     _check_int("seed", seed, minimum=0)
     _check_int("epoch", epoch, minimum=0)
     _check_int("start_batch", start_batch, minimum=0)
-    if caption is not None and not isinstance(caption, str):
+    if isinstance(caption, CaptionMix):
+        check_mix_names(caption, source.caption_names, "the source", flag="caption")
+    elif caption is not None and not isinstance(caption, str):
         caption = list(caption)
         if not caption:
             raise ValueError("caption as a list must name at least one caption")

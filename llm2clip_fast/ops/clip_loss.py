@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .._extensions import cpu_extension
+from ..fp32_matmul import mm_fp32
 from ._availability import (
     cpu_extension_reasons,
     dtype_reasons,
@@ -36,7 +37,6 @@ from ._availability import (
 )
 from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
 from ._chunking import chunk_elements_from_env
-from ..fp32_matmul import mm_fp32
 from .loss_inputs import check_pair, check_scale
 from .reference import clip_loss_reference
 

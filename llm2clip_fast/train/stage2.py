@@ -19,10 +19,15 @@ The step:
   tower's depth (``--llrd``), linear warmup + cosine, gradient clipping, bf16 autocast on GPU;
 - DDP under ``torchrun`` (``--fsdp``: FSDP2 sharding of each vision layer, for large towers).
 
+``--recipe llm2clip`` sets LLM2CLIP's official stage-2 values (see :mod:`.recipes`); explicit flags win.
+``--global-batch-size`` derives the per-rank ``--batch-size`` from the world size and ``--grad-accum``;
+``--caption`` may be a weighted mix (:mod:`~llm2clip_fast.data.caption_mix`); ``--keep-projection``
+keeps a pretrained CLIP folder's projection.
+
 Run folder ``OUT``: ``log.jsonl`` (loss, lr, images/s, grad norm, logit scale), ``loss.png``,
 ``checkpoints/step_*`` (atomic, every ``--save-every`` steps and at the end; ``--resume`` continues
-exactly), ``run_config.json``, ``summary.json`` and the final model in ``OUT/model``
-(:meth:`LLM2CLIPModel.save_pretrained`).
+exactly), ``run_config.json`` (resolved options, ``settings_from``, ``caption_mix``), ``summary.json``
+and the final model in ``OUT/model`` (:meth:`LLM2CLIPModel.save_pretrained`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import torch
 from torch import nn
 
 from ..atomic_files import write_json_atomic
+from ..data.caption_mix import CaptionMix, check_mix_names, parse_caption_spec
 from ..data.image_transforms import image_transform_for
 from ..distributed import (
     barrier,
@@ -58,6 +64,7 @@ from ..models.vision import VISION_PRESETS, build_vision_tower
 from .checkpoint import load_latest_usable, save_checkpoint
 from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .recipes import STAGE2_RECIPES, explicitly_given, mark_recipe_defaults, resolve_recipe
 from .run_folder import check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 from .scalar_reporters import ScalarReporters, add_report_to_argument, check_report_to
@@ -70,7 +77,7 @@ RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "bat
                      "grad_clip",
                      "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
                      "init_model", "adapter_blocks", "adapter_expansion", "adapter_dropout", "precision",
-                     "world_size", "fsdp", "crop_scale")
+                     "world_size", "fsdp", "crop_scale", "global_batch_size", "keep_projection")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -106,6 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--vision-path",
                        help="local transformers CLIP/SigLIP/ViT folder to start the tower from")
     model.add_argument("--embed-dim", type=int, default=512, help="shared embedding size (default 512)")
+    model.add_argument("--keep-projection", action="store_true",
+                       help="with --vision-path to a transformers CLIP folder: start from its "
+                       "visual_projection (its output size must equal --embed-dim) instead of a new one "
+                       "(the default, as the official recipe)")
     model.add_argument("--image-size", type=int, default=None,
                        help="image side for preprocessing; must equal the tower's (default: the tower's)")
     model.add_argument("--adapter-blocks", type=int, default=4)
@@ -121,9 +132,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train = parser.add_argument_group("training")
     train.add_argument("--loss", choices=("clip", "siglip"), default="clip")
     train.add_argument("--caption", default="long",
-                       help="cached caption to train on: a caption name (default long) or 'random' "
-                       "(a random one of the cached captions per sample and epoch)")
-    train.add_argument("--batch-size", type=int, default=64, help="images per rank per micro-batch")
+                       help="cached caption to train on: a caption name (default long), 'random' (a random "
+                       "one of the cached captions per sample and epoch) or a weighted mix "
+                       "'NAME:W,NAME:W' such as 'short:0.5,long:0.5' (weights > 0, normalised; each "
+                       "sample draws its caption by weight, seeded per sample and epoch)")
+    batch = train.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=64, help="images per rank per micro-batch")
+    batch.add_argument("--global-batch-size", type=int, default=None, metavar="N",
+                       help="images per optimizer step over all ranks and micro-batches, instead of "
+                       "--batch-size: each rank's micro-batch becomes N / (world size x --grad-accum), "
+                       "which must be a whole number (e.g. 4096 on 8 GPUs: 512 per GPU, or 64 with "
+                       "--grad-accum 8)")
     train.add_argument("--grad-accum", type=int, default=1,
                        help="micro-batches per step; negatives span all of them (global batch = "
                        "batch-size x world-size x grad-accum)")
@@ -172,6 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a shard connection or read may stall before it is retried")
     stream.add_argument("--stream-retries", type=int, default=3,
                         help="retries per shard read; then the shard's unread samples count as bad data")
+    mark_recipe_defaults(parser, STAGE2_RECIPES)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -191,6 +211,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.lr <= 0 or args.wd < 0:
         raise ValueError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.wd}")
     check_report_to(args.report_to)
+    parse_caption_spec(args.caption)  # its syntax, before any data is read (names are checked later)
     if not 0 < args.llrd <= 1:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
     if args.shuffle_buffer < 1 or args.stream_retries < 0 or not args.stream_timeout > 0:
@@ -201,11 +222,38 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("give one of --vision-preset and --vision-path, not both")
     if args.init_model and (args.vision_preset or args.vision_path):
         raise ValueError("--init-model brings its own vision tower; drop --vision-preset/--vision-path")
+    if getattr(args, "keep_projection", False) and not args.vision_path:
+        why = ("--init-model already starts from its own projection" if args.init_model
+               else "a preset tower has none")
+        raise ValueError("--keep-projection keeps the visual_projection of a pretrained CLIP folder: it "
+                         f"needs --vision-path ({why})")
     if args.text_tower == "llm-adapter" and not args.embeddings:
         raise ValueError("--embeddings DIR is required for the llm-adapter text tower (run the embed step "
                          "first), or use --text-tower clip")
     if args.text_tower == "clip" and args.embeddings:
         raise ValueError("--text-tower clip trains on raw captions; drop --embeddings")
+
+
+def resolve_batch_size(args: argparse.Namespace, world_size: int) -> None:
+    """With ``--global-batch-size N`` (given, or from ``--recipe``): set the per-rank micro-batch
+    ``args.batch_size`` to N / (world size x grad-accum) and record it as derived in ``recipe_origin``."""
+    total = getattr(args, "global_batch_size", None)
+    if total is None:
+        return
+    if "batch_size" in explicitly_given(args):
+        raise ValueError("give one of --batch-size (per rank per micro-batch) and --global-batch-size "
+                         "(over all ranks and micro-batches), not both")
+    if total < 1:
+        raise ValueError(f"--global-batch-size must be >= 1, got {total}")
+    share = world_size * args.grad_accum
+    if total % share:
+        raise ValueError(f"--global-batch-size {total} is not a multiple of world size {world_size} x "
+                         f"--grad-accum {args.grad_accum} = {share}: each rank's micro-batch must be a whole "
+                         "number of images; change --grad-accum, the number of ranks or --global-batch-size")
+    args.batch_size = total // share
+    origin = getattr(args, "recipe_origin", None)
+    if origin is not None:
+        origin["batch_size"] = "derived"
 
 
 def open_cache(path: str, verify: str = "full") -> Any:
@@ -258,20 +306,26 @@ def check_batch_in_cache(cache: Any, batch: dict[str, Any], caption_names: list[
         cache.check_captions(zip(batch["keys"], batch["all_captions"]), caption_names)
 
 
-def resolve_caption(caption: str, source: Any, cache: Any | None) -> tuple[str | list[str], list[str]]:
-    """(what the loader picks from, the caption names that may be picked)."""
-    if caption == "random":
+def resolve_caption(caption: str, source: Any, cache: Any | None
+                    ) -> tuple[str | list[str] | CaptionMix, list[str], dict[str, float]]:
+    """(what the loader picks from, the caption names that may be picked, the resolved mix
+    ``{name: probability}`` recorded in the run config)."""
+    spec = parse_caption_spec(caption)
+    if isinstance(spec, CaptionMix):
+        check_mix_names(spec, source.caption_names, "the data")
+        return spec, list(spec.names), spec.as_dict()
+    if spec == "random":
         names = list(source.caption_names)
         if cache is not None:
             names = [n for n in names if n in cache.caption_names]
             if not names:
                 raise ValueError(f"no caption name is both in the data {source.caption_names} and in the "
                                  f"embedding cache {list(cache.caption_names)}")
-        return names, names
-    if caption not in source.caption_names:
-        raise ValueError(f"--caption {caption!r} is not a caption of the data; it has {source.caption_names} "
-                         "(or use 'random')")
-    return caption, [caption]
+        return names, names, CaptionMix.uniform(names).as_dict()
+    if spec not in source.caption_names:
+        raise ValueError(f"--caption {spec!r} is not a caption of the data; it has {source.caption_names} "
+                         "(or use 'random', or a weighted mix like 'short:0.5,long:0.5')")
+    return spec, [spec], {spec: 1.0}
 
 
 def llm_provenance(cache_metadata: dict[str, Any]) -> dict[str, Any]:
@@ -316,7 +370,16 @@ def build_model(args: argparse.Namespace, llm_dim: int | None, llm_info: dict[st
                               "heads": args.clip_text_heads, "embed_dim": args.embed_dim}}
     config = LLM2CLIPConfig(vision=tower.config_dict(), embed_dim=args.embed_dim, text_tower=args.text_tower,
                             loss=args.loss, llm=llm_info, **text)
-    return LLM2CLIPModel(config, vision_tower=tower)
+    # Read and checked before the model is built, so a bad projection fails before any weight is made.
+    from ..convert.hf_clip import load_kept_projection
+
+    kept = (load_kept_projection(args.vision_path, args.embed_dim, tower.hidden_size)
+            if getattr(args, "keep_projection", False) else None)
+    model = LLM2CLIPModel(config, vision_tower=tower)
+    if kept is not None:
+        with torch.no_grad():
+            model.visual_projection.weight.copy_(kept)
+    return model
 
 
 def lr_multipliers(model: LLM2CLIPModel, decay: float) -> dict[str, float]:
@@ -584,9 +647,14 @@ def _gather_objects(obj: Any) -> list[Any]:
 
 
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
-    config = {k: v for k, v in vars(args).items() if k not in {"command"}}
+    """The resolved options, ``world_size`` and ``settings_from``: where each option a recipe tracks got
+    its value (``flag``: command line or --config, ``recipe``, ``default``, ``derived``: the per-rank
+    batch from --global-batch-size)."""
+    config = {k: v for k, v in vars(args).items()
+              if k not in {"command", "recipe_origin"} and not k.startswith("_")}
     config["crop_scale"] = list(args.crop_scale)
     config["world_size"] = get_world_size()
+    config["settings_from"] = dict(getattr(args, "recipe_origin", None) or {})
     return config
 
 
@@ -600,11 +668,13 @@ def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: P
 
 def run(args: argparse.Namespace) -> int:
     """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
+    resolve_recipe(args, STAGE2_RECIPES)
     _check_options(args)
     device = _device(args)
     # --device cpu on a GPU node: gloo, since NCCL exchanges CUDA tensors only.
     init_distributed_from_env(backend="gloo" if device.type == "cpu" else None)
     rank, world = get_rank(), get_world_size()
+    resolve_batch_size(args, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     check_collective_device(device)
@@ -623,7 +693,13 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(args.data, image_root_only=args.image_root_only,
                          transport=TransportPolicy(timeout=args.stream_timeout, retries=args.stream_retries))
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
-    loader_caption, caption_names = resolve_caption(args.caption, source, cache)
+    try:
+        loader_caption, caption_names, caption_mix = resolve_caption(args.caption, source, cache)
+    except ValueError as exc:
+        if (getattr(args, "recipe_origin", None) or {}).get("caption") == "recipe":
+            raise ValueError(f"{exc} (--caption {args.caption} came from --recipe {args.recipe}; give "
+                             "--caption to override it)") from None
+        raise
     llm_info: dict[str, Any] = {}
     streamed = getattr(source, "streaming", False)
     if cache is not None:
@@ -649,8 +725,10 @@ def run(args: argparse.Namespace) -> int:
 
     per_rank_batches = len(source) // world // args.batch_size
     if per_rank_batches < 1:
+        lower = ("--global-batch-size" if getattr(args, "global_batch_size", None) is not None
+                 else "--batch-size")
         raise ValueError(f"the data has {len(source)} samples, fewer than batch-size {args.batch_size} x "
-                         f"{world} ranks: lower --batch-size")
+                         f"{world} ranks: lower {lower}")
     if args.steps is not None:
         total_steps = args.steps
     else:
@@ -672,7 +750,7 @@ def run(args: argparse.Namespace) -> int:
                                 min_lr_ratio=args.min_lr_ratio)
     config = _run_config(args)
     config.update({"total_steps": total_steps, "warmup_steps": warmup, "global_batch":
-                   args.batch_size * world * args.grad_accum})
+                   args.batch_size * world * args.grad_accum, "caption_mix": caption_mix})
 
     step, epoch, start_batch = 0, 0, 0
     run_id = new_run_id()
