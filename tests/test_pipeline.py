@@ -64,3 +64,17 @@ def test_bad_options(tmp_path):
 
     with pytest.raises(ValueError, match="--n-train"):
         main(["--quick", "--n-train", "3", "--out", str(tmp_path / "run")])
+
+
+def test_stage2_caption_choice_reaches_both_systems():
+    from pathlib import Path
+
+    from llm2clip_fast.train.__main__ import parse_args
+    from llm2clip_fast.train.pipeline import DEFAULT_STAGE2_CAPTION, FULL, stage2_argv
+
+    assert parse_args([]).caption == DEFAULT_STAGE2_CAPTION
+    mix = "short:0.5,long:0.5"
+    assert parse_args(["--caption", mix]).caption == mix
+    for tower, extra in (("clip", {}), ("llm-adapter", {"embeddings": Path("e")})):
+        argv = stage2_argv(tower, "d", Path("o"), FULL, 0, caption=mix, **extra)
+        assert argv[argv.index("--caption") + 1] == mix

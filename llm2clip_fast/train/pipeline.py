@@ -119,13 +119,18 @@ def embed_argv(llm: Path, data: str, out: Path) -> list[str]:
             "--batch-size", "128", "--quiet"]
 
 
+# What stage 2 trains on in the demo (both systems); see docs and the closing note for the comparison
+# with the official recipe's 50/50 short/long mix.
+DEFAULT_STAGE2_CAPTION = "long"
+
+
 def stage2_argv(text_tower: str, data: str, out: Path, sizes: DemoSizes, seed: int,
-                embeddings: Path | None = None) -> list[str]:
+                embeddings: Path | None = None, caption: str = "long") -> list[str]:
     argv = ["stage2", "--text-tower", text_tower, "--data", data, "--out", str(out),
             "--vision-preset", sizes.vision_preset, "--image-size", str(sizes.image_size),
             "--embed-dim", str(sizes.embed_dim), "--steps", str(sizes.stage2_steps),
             "--batch-size", str(sizes.stage2_batch), "--lr", str(sizes.stage2_lr), "--seed", str(seed),
-            "--caption", "long", "--num-workers", "0", "--save-every", str(sizes.stage2_steps),
+            "--caption", caption, "--num-workers", "0", "--save-every", str(sizes.stage2_steps),
             "--log-every", "25"]
     if text_tower == "clip":
         argv += ["--clip-text-width", str(sizes.clip_text_width), "--clip-text-layers",
@@ -174,6 +179,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-train", type=int, default=None,
                         help="train images (default 1500; 128 with --quick)")
     parser.add_argument("--skip-baseline", action="store_true", help="train and evaluate LLM2CLIP only")
+    parser.add_argument("--caption", default=DEFAULT_STAGE2_CAPTION,
+                        help="stage 2's caption choice for both systems: a field name, 'random', or a "
+                             "weighted mix such as short:0.5,long:0.5 (the official recipe's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
 
     with timed("stage2", f"vision tower + adapter on cached embeddings, {sizes.stage2_steps} steps"):
         run_stage(stage2_argv("llm-adapter", splits["train"], run_dir / "llm2clip", sizes, args.seed,
-                              embeddings=run_dir / "embeddings"))
+                              embeddings=run_dir / "embeddings", caption=args.caption))
 
     results: dict[str, dict[str, dict[str, Any]]] = {"LLM2CLIP": {}}
     with timed("eval", "LLM2CLIP on val and long_detail"):
@@ -237,7 +245,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.skip_baseline:
         results["CLIP-77 baseline"] = {}
         with timed("baseline", f"stage 2 with the 77-token CLIP text tower, {sizes.stage2_steps} steps"):
-            run_stage(stage2_argv("clip", splits["train"], run_dir / "baseline", sizes, args.seed))
+            run_stage(stage2_argv("clip", splits["train"], run_dir / "baseline", sizes, args.seed,
+                                  caption=args.caption))
         with timed("baseline-eval", "baseline on val and long_detail"):
             for split in ("val", "long_detail"):
                 r = evaluate_model_dir(run_dir / "baseline" / "model", splits[split])
