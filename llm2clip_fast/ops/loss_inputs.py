@@ -1,8 +1,9 @@
 """Input checks shared by the local and the global-batch (distributed) CLIP and SigLIP losses.
 
 Each check raises TypeError/ValueError naming the argument and what was expected; the scale and bias
-checks return 0-dim tensors on the features' device with the autograd graph kept. On CUDA the value
-checks are asynchronous device assertions (no host sync).
+checks return 0-dim tensors on the features' device with the autograd graph kept. On CUDA, and on any
+device under ``torch.compile`` (a value read on the host would break the graph), the value checks are
+asynchronous assertions (no host sync) that raise RuntimeError instead of ValueError.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def check_scale(logit_scale: Any, device: torch.device) -> Tensor:
             raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on {device}")
         logit_scale = logit_scale.to(device)  # a CPU scalar with device features, as torch allows
     scale = logit_scale.reshape(())
-    if scale.device.type == "cuda":
+    if scale.device.type == "cuda" or torch.compiler.is_compiling():
         torch._assert_async((scale > 0) & torch.isfinite(scale), "logit_scale must be positive and finite")
     else:
         value = float(scale.detach())
@@ -96,7 +97,7 @@ def check_bias(logit_bias: Any, device: torch.device) -> Tensor:
             raise ValueError(f"logit_bias is on {logit_bias.device} but the features are on {device}")
         logit_bias = logit_bias.to(device)
     bias = logit_bias.reshape(())
-    if bias.device.type == "cuda":
+    if bias.device.type == "cuda" or torch.compiler.is_compiling():
         torch._assert_async(torch.isfinite(bias), "logit_bias must be finite")
     elif not math.isfinite(float(bias.detach())):
         raise ValueError(f"logit_bias must be finite, got {float(bias.detach())}")

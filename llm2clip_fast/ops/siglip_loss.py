@@ -71,11 +71,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _positive_index(m: int, n: int, offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(rows, cols) of the positives that fall inside an (m, n) block."""
-    rows = torch.arange(m, device=device)
-    cols = rows + offset
-    keep = (cols >= 0) & (cols < n)
-    return rows[keep], cols[keep]
+    """(rows, cols) of the positives that fall inside an (m, n) block.
+
+    The range is computed on the host, not with a boolean mask: a mask gives a data-dependent size,
+    which torch.compile cannot trace without breaking the graph."""
+    lo, hi = max(0, -offset), max(0, min(m, n - offset))
+    rows = torch.arange(lo, max(lo, hi), device=device)
+    return rows, rows + offset
 
 
 def _weights_column(row_weight: Tensor, r0: int, r1: int) -> Tensor:
