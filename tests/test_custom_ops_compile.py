@@ -18,6 +18,7 @@ from torch import nn
 
 from llm2clip_fast.losses import ClipLoss, SigLipLoss
 from llm2clip_fast.models.text_adapter import TextAdapter
+from llm2clip_fast.ops import _backend
 from llm2clip_fast.ops import adapter as adapter_ops
 from llm2clip_fast.ops import clip_loss as clip_ops
 from llm2clip_fast.ops import siglip_loss as siglip_ops
@@ -184,6 +185,18 @@ def test_compiled_loss_still_rejects_a_bad_logit_scale():
     assert torch.isfinite(fn(torch.tensor(2.0)))
     with pytest.raises(RuntimeError, match="logit_scale must be positive and finite"):
         fn(torch.tensor(-2.0))
+
+
+def test_backend_is_chosen_at_trace_time_and_a_refusal_names_its_reasons(monkeypatch):
+    hidden, mask = _randn(2, 3, 4, seed=16), torch.ones(2, 3, dtype=torch.bool)
+    monkeypatch.setenv("LLM2CLIP_BACKEND_MASKED_MEAN_POOL", "cuda")
+    fn = torch.compile(lambda h, m: masked_mean_pool(h, m), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="backend 'cuda' was forced but cannot serve"):
+        fn(hidden, mask)
+    torch._dynamo.reset()
+    monkeypatch.setenv("LLM2CLIP_BACKEND_MASKED_MEAN_POOL", "torch")
+    torch.testing.assert_close(fn(hidden, mask), hidden.mean(dim=1))
+    assert _backend.last_selected("masked_mean_pool") == "torch"
 
 
 class _Pooler(nn.Module):

@@ -168,7 +168,8 @@ def select_backend(
         opts = dict(options or {})
         keys = tuple(sorted(opts))
         name = _select_name_while_tracing(
-            op_name, tuple(t.dim() for t in tensors), tuple(int(t.shape[-1]) for t in tensors),
+            op_name, tuple(t.dim() for t in tensors),
+            tuple(int(t.shape[-1]) if t.dim() else 1 for t in tensors),
             tuple(t.dtype for t in tensors), tuple(t.device for t in tensors), backend,
             keys, tuple(opts[k] for k in keys),
         )
@@ -184,7 +185,7 @@ def _select_name_while_tracing(
     devices: tuple[torch.device, ...], backend: str | None, option_keys: tuple[str, ...],
     option_values: tuple[Any, ...],
 ) -> str:
-    specs = [TensorSpec((-1,) * (nd - 1) + (last,), dt, dev)
+    specs = [TensorSpec((-1,) * (nd - 1) + (last,) if nd else (), dt, dev)
              for nd, last, dt, dev in zip(ndims, last_dims, dtypes, devices)]
     options = dict(zip(option_keys, option_values))
     return _select_eager(op_name, specs, backend=backend, options=options).name  # type: ignore[arg-type]
