@@ -1,10 +1,13 @@
 """Kernel launches that torch.compile can trace through ``torch.library.triton_op``.
 
-``traceable(kernel)[grid](...)`` launches ``kernel`` as ``kernel[grid](...)`` does; while a
-``triton_op`` is traced with fake tensors (torch.compile) it records the launch in the graph instead,
-so Inductor sees the kernel. Under ``TRITON_INTERPRET=1`` the kernel is returned as is: interpreted
-kernels run eagerly only (older torch versions' ``wrap_triton`` rejects them), and the ops that call
-them are registered as plain custom ops there (llm2clip_fast/ops/_library.py).
+``traceable(kernel)[grid](...)`` launches ``kernel`` as ``kernel[grid](...)`` does. While a dispatch
+mode is active (a ``triton_op`` traced with fake or functional tensors by torch.compile) it returns
+``torch.library.wrap_triton(kernel)``, which records the launch in the graph instead, so Inductor sees
+the kernel. Everywhere else the plain kernel runs: a wrapped kernel called eagerly goes through a
+higher-order op that registers its arguments in a side table on every launch (slower, and it grows).
+Under ``TRITON_INTERPRET=1`` the kernel is always returned as is: interpreted kernels run eagerly only
+(older torch versions' ``wrap_triton`` rejects them), and the ops that call them are registered as
+plain custom ops there (llm2clip_fast/ops/_library.py).
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from torch.library import wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def traceable(kernel: Any) -> Any:
-    return kernel if _INTERPRET else wrap_triton(kernel)
+    if _INTERPRET or torch._C._len_torch_dispatch_stack() == 0:
+        return kernel
+    return wrap_triton(kernel)
