@@ -16,12 +16,13 @@ import os
 from typing import Any
 
 import torch
-from torch.library import wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# torch < 2.6 has no wrap_triton (nor triton_op): there the kernels launch as plain kernels.
+_wrap_triton = getattr(torch.library, "wrap_triton", None)
 
 
 def traceable(kernel: Any) -> Any:
-    if _INTERPRET or torch._C._len_torch_dispatch_stack() == 0:
+    if _INTERPRET or _wrap_triton is None or torch._C._len_torch_dispatch_stack() == 0:
         return kernel
-    return wrap_triton(kernel)
+    return _wrap_triton(kernel)

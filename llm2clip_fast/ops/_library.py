@@ -10,7 +10,9 @@ computation.
 Triton primitives are registered with ``torch.library.triton_op`` so Inductor sees their kernels
 (the launchers wrap each kernel in ``torch.library.wrap_triton``). Under ``TRITON_INTERPRET=1`` they
 are plain custom ops instead: an interpreted kernel cannot be traced with fake tensors, so there the
-op is opaque to the compiler and its kernels run eagerly, as they do outside torch.compile.
+op is opaque to the compiler and its kernels run eagerly, as they do outside torch.compile. So they
+are where Triton is not installed (the op then fails when called, and dispatch never picks it) and on
+torch < 2.6, which has no ``triton_op``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from ._availability import triton_interpreter_on
+from ._availability import triton_import_problem, triton_interpreter_on
 
 NAMESPACE = "llm2clip_fast"
 
@@ -33,7 +35,7 @@ def define_op(name: str, fn: Callable[..., object], fake: Callable[..., object],
     with fake tensors outside the interpreter.
     """
     qualname = f"{NAMESPACE}::{name}"
-    if triton and not triton_interpreter_on():
+    if triton and _triton_op_usable():
         op = torch.library.triton_op(qualname, fn, mutates_args=())
     else:
         op = torch.library.custom_op(qualname, fn, mutates_args=())
@@ -41,3 +43,8 @@ def define_op(name: str, fn: Callable[..., object], fake: Callable[..., object],
     # opcheck tests on CPU, serves Dynamo on every device.
     op.register_fake(fake)
     return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+def _triton_op_usable() -> bool:
+    return (hasattr(torch.library, "triton_op") and triton_import_problem() is None
+            and not triton_interpreter_on())
