@@ -97,6 +97,18 @@ def test_opcheck_fused_adapter_forward_and_backward():
                           (_randn(7, 5, seed=10), x, acts[1:], weights, 2, torch.float32, 1e-12))
 
 
+def test_fused_adapter_activations_round_trip_by_name():
+    # The forward op returns the saved state without x and the weights; backward rebuilds it by name.
+    x, weights = _randn(7, 12, seed=9), _adapter_weights()
+    acts = OPS.text_adapter_forward_triton(x, weights, 2, torch.float32, 1e-5, 1e-12, True)[1:]
+    st = adapter_ops._SavedForBackward.from_activations(x, acts, weights, num_blocks=2)
+    assert st.inputs[0] is x and len(st.inputs) == len(st.means) == len(st.rstds) == 3
+    assert all(a is b for a, b in zip(st.activations(), acts))
+    assert adapter_ops._SavedForBackward.from_flat(st.flat(), num_blocks=2).activations() == st.activations()
+    with pytest.raises(RuntimeError, match="activations for 3 blocks"):
+        adapter_ops._SavedForBackward.from_activations(x, acts, weights, num_blocks=3)
+
+
 # ---- torch.compile(fullgraph=True) of a tiny model per public op ----------------------------------
 
 
