@@ -9,6 +9,10 @@
   collective's tensors on it (``device=``), never on the default (CPU) device.
 - :func:`clip_loss_global`, :func:`siglip_loss_global`: the CLIP and SigLIP losses over the
   global batch of all ranks, from each rank's local features, with O(B_global * D) memory per rank.
+  They stay outside torch.compile graphs (``torch.compiler.disable``): they gather batch sizes to
+  the host and run collectives inside autograd Functions, which Dynamo cannot trace (it fails hard on
+  the process group object rather than breaking the graph). A compiled model that calls them gets a
+  graph break there; ``fullgraph=True`` refuses. The local losses compile without graph breaks.
 """
 
 from __future__ import annotations
@@ -409,6 +413,8 @@ class _ClipLossGlobal(torch.autograd.Function):
         )
 
 
+# Collectives and host-side batch sizes: eager only (module docstring).
+@torch.compiler.disable
 def clip_loss_global(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -499,6 +505,8 @@ class _SigLipLossGlobal(torch.autograd.Function):
         )
 
 
+# Collectives and host-side batch sizes: eager only (module docstring).
+@torch.compiler.disable
 def siglip_loss_global(
     image_features: torch.Tensor,
     text_features: torch.Tensor,

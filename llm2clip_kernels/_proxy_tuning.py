@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 # 2^15 rows: a CLIP forward tile sweep over 32768 x 32768 x 1024 takes ~5 ms on an H200, long
 # enough for stable timings and 2^10 times cheaper than the B = 2^20 problem.
@@ -36,7 +37,9 @@ def tune_on_proxy_once(kernel: str, tensor: torch.Tensor, sizes: tuple[int, ...]
     ``run_proxy`` launches the kernel on at most ``TUNE_ROWS`` rows of each operand, with the same
     key, and its results are dropped.
     """
-    if max(sizes) <= TUNE_ROWS:
+    if max(sizes) <= TUNE_ROWS or is_fake(tensor):
+        # Fake tensors: torch.compile is tracing a triton_op; a proxy launch there would be recorded
+        # into the graph and run on every call.
         return
     key = (kernel, tensor.shape[-1], tensor.dtype, tensor.device)
     if key in _tuned:

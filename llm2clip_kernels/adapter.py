@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._config_fit import TileConfigs, gemm_configs
+from ._traceable import traceable
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -377,7 +378,7 @@ def row_stats(x: torch.Tensor, ln_eps: float, l2_eps: float | None = None
     # Several rows per program (the interpreter pays per program; the GPU gets 2-4 KiB per load).
     block_d = min(triton.next_power_of_2(d), 1024)
     block_r = 16 if _INTERPRET else max(1, 4096 // block_d)
-    _row_stats_kernel[(triton.cdiv(m, block_r),)](
+    traceable(_row_stats_kernel)[(triton.cdiv(m, block_r),)](
         x, mean, rstd, norm if fold else mean, x.stride(0), m, d, ln_eps, l2_eps if fold else 0.0,
         FOLD_L2=fold, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
     )
@@ -408,7 +409,7 @@ def fused_linear(
     res = residual if residual is not None else out
     norm = residual_norm if residual_norm is not None else bias
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _fused_linear_fwd_kernel[grid](
+    traceable(_fused_linear_fwd_kernel)[grid](
         a, mean, rstd, gamma, beta, w, bias, res, norm, out, m, n, k,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), res.stride(0), res.stride(1),
         out.stride(0), out.stride(1), l2_eps,
@@ -431,7 +432,7 @@ def ln_gelu_bwd(
     dz = torch.empty(m, hdim, device=x.device, dtype=w1.dtype)
     h = torch.empty_like(dz)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(hdim, meta["BLOCK_N"]),)
-    _ln_gelu_bwd_kernel[grid](
+    traceable(_ln_gelu_bwd_kernel)[grid](
         x, mean, rstd, gamma, beta, w1, b1, dy, w2, dz, h, m, hdim, d,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), dy.stride(0), dy.stride(1),
         w2.stride(0), w2.stride(1), dz.stride(0), dz.stride(1),
@@ -454,7 +455,7 @@ def weight_grad(
     db = torch.empty(n, device=g.device, dtype=torch.float32)
     mean, rstd, gamma, beta = ln if ln is not None else (db, db, db, db)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
-    _weight_grad_kernel[grid](
+    traceable(_weight_grad_kernel)[grid](
         g, x, mean, rstd, gamma, beta, dw, db, m, n, k,
         g.stride(0), g.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1),
         LN_INPUT=ln is not None, HAS_DB=True, **_dot_args(dot_dtype),
@@ -488,7 +489,7 @@ def layernorm_bwd(
     dw_part = torch.empty(programs, d, device=x.device, dtype=torch.float32)
     db_part = torch.empty_like(dw_part)
     res = dres if dres is not None else dx
-    _layernorm_bwd_kernel[(programs,)](
+    traceable(_layernorm_bwd_kernel)[(programs,)](
         x, mean, rstd, norm if norm is not None else mean, gamma, dln, res, dx, dw_part, db_part,
         m, d, x.stride(0), dln.stride(0), res.stride(0), dx.stride(0), l2_eps, rows_per_program,
         HAS_DRES=dres is not None, FOLD_L2=norm is not None, BLOCK_R=block_r, BLOCK_D=block_d,

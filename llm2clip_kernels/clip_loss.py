@@ -25,6 +25,7 @@ import triton.language as tl
 from . import _proxy_tuning
 from ._config_fit import TileConfigs, gemm_configs
 from ._proxy_tuning import tune_on_proxy_once
+from ._traceable import traceable
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -186,7 +187,7 @@ def clip_lse_forward_triton(
     g = max(1, min(_max_programs(image.device), triton.cdiv(m, _MIN_BLOCK_M)))
     row_lse = torch.empty(m, device=image.device, dtype=torch.float32)
     col_ws = torch.full((g, n), float("-inf"), device=image.device, dtype=torch.float32)
-    _clip_lse_forward_kernel[(g,)](
+    traceable(_clip_lse_forward_kernel)[(g,)](
         image, text, logit_scale, row_lse, col_ws,
         m, n, d, image.stride(0), text.stride(0), col_ws.stride(0),
         UPCAST=_INTERPRET and image.dtype != torch.float32, DOT_PRECISION=_dot_precision(image.dtype),
@@ -224,7 +225,7 @@ def clip_grad_chunk_triton(
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
-    _clip_grad_tile_kernel[grid](
+    traceable(_clip_grad_tile_kernel)[grid](
         image_chunk, text, logit_scale, row_lse, col_lse, row_coef, col_coef, g_out, parts,
         rows, n, d, image_chunk.stride(0), text.stride(0), g_out.stride(0),
         UPCAST=_INTERPRET and image_chunk.dtype != torch.float32, DOT_PRECISION=_dot_precision(image_chunk.dtype),

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._traceable import traceable
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -90,9 +92,9 @@ def masked_mean_pool_triton(
         block_l, block_h, num_warps = 16, 256, 4
     if H > 0:
         grid = (B, triton.cdiv(H, block_h))
-        _masked_mean_pool_kernel[grid](
+        traceable(_masked_mean_pool_kernel)[grid](
             hidden_states, mask_u8, out, L, H, hidden_states.stride(0), hidden_states.stride(1),
             BLOCK_L=block_l, BLOCK_H=block_h, num_warps=num_warps,
         )
-    _row_l2_norm_kernel[(B,)](out, norm, H, eps, NORMALIZE=bool(normalize), BLOCK_H=1024 if not _INTERPRET else 256)
+    traceable(_row_l2_norm_kernel)[(B,)](out, norm, H, eps, NORMALIZE=bool(normalize), BLOCK_H=1024 if not _INTERPRET else 256)
     return out, norm

@@ -28,6 +28,7 @@ from llm2clip_fast.fp32_matmul import mm_fp32
 from . import _proxy_tuning
 from ._config_fit import TileConfigs, gemm_configs
 from ._proxy_tuning import capped_bucket, tune_on_proxy_once
+from ._traceable import traceable
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -199,7 +200,7 @@ def siglip_forward_rows(
     splits = triton.cdiv(N, cols_per_split)
     out = torch.empty((splits, M), device=device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)
-    _siglip_fwd_kernel[grid](
+    traceable(_siglip_fwd_kernel)[grid](
         image, text, out, _scalar_f32(scale, device), _scalar_f32(bias, device),
         M, N, D, int(offset), cols_per_split,
         image.stride(0), image.stride(1), text.stride(0), text.stride(1),
@@ -259,7 +260,7 @@ def siglip_backward(
         n_parts = triton.cdiv(rows, _MIN_BLOCK) * triton.cdiv(N, _MIN_BLOCK)
         partial = torch.zeros((n_parts, 2), device=device, dtype=torch.float32)
         grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-        _siglip_grad_tile_kernel[grid](
+        traceable(_siglip_grad_tile_kernel)[grid](
             img_c, text, g, w_c, partial, s32, b32,
             rows, N, D, int(offset) - r0, 0 if uniform else 1,
             img_c.stride(0), img_c.stride(1), text.stride(0), text.stride(1), g.stride(0),

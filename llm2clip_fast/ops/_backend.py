@@ -15,6 +15,13 @@ is logged as a warning once per backend, check and exception, since it usually i
 
 Some backends (the Triton interpreter on CPU tensors, the materialising reference) serve only
 when forced: they are correct but slow, so automatic dispatch never picks them.
+
+Under ``torch.compile`` the choice is made once, while Dynamo traces the call, and becomes a constant
+of the graph (:func:`select_backend` runs the availability checks outside the trace: they import
+modules and read the environment, which Dynamo cannot trace). The backends then see
+:class:`TensorSpec` descriptions instead of tensors: dtype, device, and the shape with every leading
+dimension -1 (it may be dynamic) and the last one exact. A change of ``LLM2CLIP_BACKEND*`` after the
+first compiled call does not recompile.
 """
 
 from __future__ import annotations
@@ -38,10 +45,22 @@ class BackendUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """What a backend check sees of a tensor under torch.compile: no data, leading dims unknown (-1)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
 class DispatchContext:
     """What a backend needs to know to accept or refuse a call."""
 
-    tensors: tuple[torch.Tensor, ...]
+    tensors: tuple[torch.Tensor | TensorSpec, ...]
     forced: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -143,7 +162,42 @@ def select_backend(
     """Pick the backend that will run ``op_name`` on ``tensors``.
 
     ``backend`` (argument) beats the environment; without either, the first backend with no reasons.
+    Under torch.compile the choice is a constant of the traced graph (see the module docstring).
     """
+    if torch.compiler.is_compiling():
+        opts = dict(options or {})
+        keys = tuple(sorted(opts))
+        name = _select_name_while_tracing(
+            op_name, tuple(t.dim() for t in tensors),
+            tuple(int(t.shape[-1]) if t.dim() else 1 for t in tensors),
+            tuple(t.dtype for t in tensors), tuple(t.device for t in tensors), backend,
+            keys, tuple(opts[k] for k in keys),
+        )
+        return _REGISTRY[op_name].get(name)
+    return _select_eager(op_name, tensors, backend=backend, options=options)
+
+
+# Dynamo calls this at trace time and bakes its result into the graph; its arguments must be flat
+# tuples of Python constants (nested tuples are not converted).
+@torch.compiler.assume_constant_result
+def _select_name_while_tracing(
+    op_name: str, ndims: tuple[int, ...], last_dims: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
+    devices: tuple[torch.device, ...], backend: str | None, option_keys: tuple[str, ...],
+    option_values: tuple[Any, ...],
+) -> str:
+    specs = [TensorSpec((-1,) * (nd - 1) + (last,) if nd else (), dt, dev)
+             for nd, last, dt, dev in zip(ndims, last_dims, dtypes, devices)]
+    options = dict(zip(option_keys, option_values))
+    return _select_eager(op_name, specs, backend=backend, options=options).name  # type: ignore[arg-type]
+
+
+def _select_eager(
+    op_name: str,
+    tensors: Sequence[torch.Tensor],
+    *,
+    backend: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Backend:
     op = _REGISTRY.get(op_name)
     if op is None:
         raise KeyError(f"no op named {op_name!r} is registered; known: {sorted(_REGISTRY)}")

@@ -27,6 +27,12 @@ the LayerNorm-on-load GEMM 2.1x). It keeps 3.9x fewer bytes of saved activations
 keeps the same few with cuBLAS speed, so it is the backend to force for memory.
 
 Forcing: ``backend=`` argument, ``LLM2CLIP_BACKEND_TEXT_ADAPTER``, or ``LLM2CLIP_BACKEND``.
+
+torch.compile: the fused forward and backward are custom ops (``llm2clip_fast::text_adapter_forward_triton``
+and ``text_adapter_backward_triton``, registered through ``torch.library.triton_op``) with fake
+implementations; :class:`FusedTextAdapterFunction` around them, and the torch/recompute backends, are
+traced by Dynamo, so ``torch.compile(fullgraph=True)`` of a model calling :func:`text_adapter` (or
+:class:`llm2clip_fast.models.text_adapter.TextAdapter`) has no graph break whichever backend serves.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from . import _backend
 from ._availability import dtype_reasons, floating_dtype_reasons, kernel_module_problem, triton_kernel_reasons
 from ._backend import Backend, DispatchContext
+from ._library import define_op
 
 OP_NAME = "text_adapter"
 DROPOUT_OP_NAME = "text_adapter_dropout"
@@ -208,6 +215,23 @@ class _SavedForBackward:
     def flat(self) -> list[torch.Tensor]:
         return [self.norm0, *self.inputs, *self.means, *self.rstds, *self.weights]
 
+    def activations(self) -> list[torch.Tensor]:
+        """What the fused forward op returns after its output: all but the input x and the weights."""
+        return [self.norm0, *self.inputs[1:], *self.means, *self.rstds]
+
+    @classmethod
+    def from_activations(cls, x: torch.Tensor, activations: Sequence[torch.Tensor],
+                         weights: Sequence[torch.Tensor], num_blocks: int) -> _SavedForBackward:
+        n = num_blocks + 1
+        want = 1 + num_blocks + 2 * n
+        if len(activations) != want:
+            raise RuntimeError(f"fused adapter: {len(activations)} activations for {num_blocks} blocks, "
+                               f"expected {want}")
+        inputs_end = 1 + num_blocks
+        return cls(norm0=activations[0], inputs=[x, *activations[1:inputs_end]],
+                   means=list(activations[inputs_end: inputs_end + n]),
+                   rstds=list(activations[inputs_end + n:]), weights=list(weights))
+
     @classmethod
     def from_flat(cls, saved: Sequence[torch.Tensor], num_blocks: int) -> _SavedForBackward:
         n = num_blocks + 1  # stages: the blocks and the head
@@ -219,6 +243,97 @@ class _SavedForBackward:
                    rstds=list(saved[1 + 2 * n: 1 + 3 * n]), weights=list(saved[1 + 3 * n:]))
 
 
+def _fused_forward_impl(x: torch.Tensor, weights: list[torch.Tensor], num_blocks: int, dot_dtype: torch.dtype,
+                       ln_eps: float, l2_eps: float, keep: bool) -> list[torch.Tensor]:
+    """The fused forward: ``[out]``, then (``keep``) :meth:`_SavedForBackward.activations`."""
+    from ..kernels import adapter as K
+
+    x = x.contiguous()
+    weights = [w.contiguous() for w in weights]
+    blocks, (lnf_w, lnf_b, wp, bp) = _split_weights(weights, num_blocks)
+    # keep=False (no autograd graph will be built: inference) drops block inputs once used.
+    mean, rstd, norm0 = K.row_stats(x, ln_eps, l2_eps)
+    inputs, means, rstds = [x], [mean], [rstd]
+    cur = x
+    for i, (ln_w, ln_b, w1, b1, w2, b2) in enumerate(blocks):
+        h = K.fused_linear(cur, w1.to(dot_dtype), b1, out_dtype=dot_dtype, ln=(mean, rstd, ln_w, ln_b),
+                           gelu=True)
+        cur = K.fused_linear(h, w2.to(dot_dtype), b2, out_dtype=x.dtype, residual=cur,
+                             residual_norm=norm0 if i == 0 else None, l2_eps=l2_eps)
+        del h
+        mean, rstd, _ = K.row_stats(cur, ln_eps)
+        if keep:
+            inputs.append(cur)
+            means.append(mean)
+            rstds.append(rstd)
+    out = K.fused_linear(cur, wp.to(dot_dtype), bp, out_dtype=dot_dtype, ln=(mean, rstd, lnf_w, lnf_b))
+    if not keep:
+        return [out]
+    return [out, *_SavedForBackward(norm0, inputs, means, rstds, weights).activations()]
+
+
+def _fused_forward_fake(x: torch.Tensor, weights: list[torch.Tensor], num_blocks: int,
+                        dot_dtype: torch.dtype, ln_eps: float, l2_eps: float,
+                        keep: bool) -> list[torch.Tensor]:
+    b = x.shape[0]
+    out = x.new_empty((b, weights[-2].shape[0]), dtype=dot_dtype)
+    if not keep:
+        return [out]
+    stats = [x.new_empty((b,), dtype=torch.float32) for _ in range(2 * (num_blocks + 1))]
+    return [out, x.new_empty((b,), dtype=torch.float32),
+            *[x.new_empty(x.shape) for _ in range(num_blocks)], *stats]
+
+
+def _fused_backward_impl(dout: torch.Tensor, x: torch.Tensor, activations: list[torch.Tensor],
+                         weights: list[torch.Tensor], num_blocks: int, dot_dtype: torch.dtype,
+                         l2_eps: float) -> list[torch.Tensor]:
+    """Gradients ``[dx, *d(weights)]`` of the fused adapter from what :func:`_fused_forward_impl` kept."""
+    from ..kernels import adapter as K
+
+    nb, cd = num_blocks, dot_dtype
+    weights = [w.contiguous() for w in weights]
+    st = _SavedForBackward.from_activations(x.contiguous(), activations, weights, nb)
+    blocks, (lnf_w, lnf_b, wp, _) = _split_weights(st.weights, nb)
+    dout = dout.contiguous().to(cd)
+
+    xn, mean, rstd = st.inputs[nb], st.means[nb], st.rstds[nb]
+    dwp, dbp = K.weight_grad(dout, xn, dot_dtype=cd, ln=(mean, rstd, lnf_w, lnf_b))
+    dln = torch.mm(dout, wp.to(cd))
+    g, dlnf_w, dlnf_b = K.layernorm_bwd(xn, mean, rstd, lnf_w, dln, norm=st.norm0 if nb == 0 else None,
+                                        l2_eps=l2_eps)
+    block_grads: list[list[torch.Tensor]] = [[] for _ in range(nb)]
+    for i in reversed(range(nb)):
+        ln_w, ln_b, w1, b1, w2, _ = blocks[i]
+        xi, mean, rstd = st.inputs[i], st.means[i], st.rstds[i]
+        w1c = w1.to(cd)
+        dz, h = K.ln_gelu_bwd(xi, mean, rstd, ln_w, ln_b, w1c, b1, g, w2.to(cd))
+        dw2, db2 = K.weight_grad(g, h, dot_dtype=cd)
+        del h
+        dw1, db1 = K.weight_grad(dz, xi, dot_dtype=cd, ln=(mean, rstd, ln_w, ln_b))
+        dln = torch.mm(dz, w1c)
+        del dz
+        g, dln_w, dln_b = K.layernorm_bwd(xi, mean, rstd, ln_w, dln, dres=g,
+                                          norm=st.norm0 if i == 0 else None, l2_eps=l2_eps)
+        block_grads[i] = [dln_w, dln_b, dw1, db1, dw2, db2]
+    grads = [gr for bg in block_grads for gr in bg] + [dlnf_w, dlnf_b, dwp, dbp]
+    return [g.to(x.dtype), *[gr.to(w.dtype) for gr, w in zip(grads, st.weights)]]
+
+
+def _fused_backward_fake(dout: torch.Tensor, x: torch.Tensor, activations: list[torch.Tensor],
+                         weights: list[torch.Tensor], num_blocks: int, dot_dtype: torch.dtype,
+                         l2_eps: float) -> list[torch.Tensor]:
+    return [torch.empty_like(x), *[torch.empty_like(w) for w in weights]]
+
+
+# torch.library ops (llm2clip_fast::text_adapter_*_triton) with fakes: torch.compile traces the autograd
+# Function below, and a model calling the fused adapter, without a graph break; Inductor sees the
+# kernels (ops/_library.py).
+_fused_forward = define_op("text_adapter_forward_triton", _fused_forward_impl, _fused_forward_fake,
+                           triton=True)
+_fused_backward = define_op("text_adapter_backward_triton", _fused_backward_impl, _fused_backward_fake,
+                            triton=True)
+
+
 class FusedTextAdapterFunction(torch.autograd.Function):
     """Autograd around the fused kernels of :mod:`llm2clip_fast.kernels.adapter`.
 
@@ -227,75 +342,30 @@ class FusedTextAdapterFunction(torch.autograd.Function):
     and the weights (references, not copies). The LayerNorm outputs, pre-GELU and GELU activations are
     recomputed in backward. Weight gradients come from ``_weight_grad_kernel`` (LayerNorm-on-load, bias
     gradient fused); the input-gradient GEMMs ``dz @ W1`` and ``dout @ Wp`` are torch.mm: their epilogue
-    is plain.
+    is plain. Forward and backward are one custom op each (``text_adapter_forward_triton`` and
+    ``text_adapter_backward_triton``).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dot_dtype: torch.dtype, ln_eps: float, l2_eps: float,
                 num_blocks: int, keep: bool, *weights: torch.Tensor) -> torch.Tensor:
-        from ..kernels import adapter as K
-
-        x = x.contiguous()
-        weights = tuple(w.contiguous() for w in weights)
-        blocks, (lnf_w, lnf_b, wp, bp) = _split_weights(weights, num_blocks)
-        # keep=False (no autograd graph will be built: inference) drops block inputs once used.
-        mean, rstd, norm0 = K.row_stats(x, ln_eps, l2_eps)
-        inputs, means, rstds = [x], [mean], [rstd]
-        cur = x
-        for i, (ln_w, ln_b, w1, b1, w2, b2) in enumerate(blocks):
-            h = K.fused_linear(cur, w1.to(dot_dtype), b1, out_dtype=dot_dtype, ln=(mean, rstd, ln_w, ln_b),
-                               gelu=True)
-            cur = K.fused_linear(h, w2.to(dot_dtype), b2, out_dtype=x.dtype, residual=cur,
-                                 residual_norm=norm0 if i == 0 else None, l2_eps=l2_eps)
-            del h
-            mean, rstd, _ = K.row_stats(cur, ln_eps)
-            if keep:
-                inputs.append(cur)
-                means.append(mean)
-                rstds.append(rstd)
-        out = K.fused_linear(cur, wp.to(dot_dtype), bp, out_dtype=dot_dtype, ln=(mean, rstd, lnf_w, lnf_b))
+        outs = _fused_forward(x, list(weights), num_blocks, dot_dtype, ln_eps, l2_eps, keep)
         if keep:
-            ctx.save_for_backward(*_SavedForBackward(norm0, inputs, means, rstds, list(weights)).flat())
+            st = _SavedForBackward.from_activations(x, outs[1:], list(weights), num_blocks)
+            ctx.save_for_backward(*st.flat())
         ctx.num_blocks = num_blocks
         ctx.dot_dtype = dot_dtype
         ctx.l2_eps = l2_eps
-        return out
+        return outs[0]
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
-        from ..kernels import adapter as K
-
-        nb, cd, l2_eps = ctx.num_blocks, ctx.dot_dtype, ctx.l2_eps
-        st = _SavedForBackward.from_flat(ctx.saved_tensors, nb)
-        blocks, (lnf_w, lnf_b, wp, _) = _split_weights(st.weights, nb)
-        dout = dout.contiguous().to(cd)
-
-        xn, mean, rstd = st.inputs[nb], st.means[nb], st.rstds[nb]
-        dwp, dbp = K.weight_grad(dout, xn, dot_dtype=cd, ln=(mean, rstd, lnf_w, lnf_b))
-        dln = torch.mm(dout, wp.to(cd))
-        g, dlnf_w, dlnf_b = K.layernorm_bwd(xn, mean, rstd, lnf_w, dln, norm=st.norm0 if nb == 0 else None,
-                                            l2_eps=l2_eps)
-        block_grads: list[list[torch.Tensor]] = [[] for _ in range(nb)]
-        for i in reversed(range(nb)):
-            ln_w, ln_b, w1, b1, w2, _ = blocks[i]
-            xi, mean, rstd = st.inputs[i], st.means[i], st.rstds[i]
-            w1c = w1.to(cd)
-            dz, h = K.ln_gelu_bwd(xi, mean, rstd, ln_w, ln_b, w1c, b1, g, w2.to(cd))
-            dw2, db2 = K.weight_grad(g, h, dot_dtype=cd)
-            del h
-            dw1, db1 = K.weight_grad(dz, xi, dot_dtype=cd, ln=(mean, rstd, ln_w, ln_b))
-            dln = torch.mm(dz, w1c)
-            del dz
-            g, dln_w, dln_b = K.layernorm_bwd(xi, mean, rstd, ln_w, dln, dres=g,
-                                              norm=st.norm0 if i == 0 else None, l2_eps=l2_eps)
-            block_grads[i] = [dln_w, dln_b, dw1, db1, dw2, db2]
-        grads = [gr for bg in block_grads for gr in bg] + [dlnf_w, dlnf_b, dwp, dbp]
-        grads = [gr.to(w.dtype) for gr, w in zip(grads, st.weights)]
-        return (g.to(st.inputs[0].dtype), None, None, None, None, None, *grads)
+        st = _SavedForBackward.from_flat(ctx.saved_tensors, ctx.num_blocks)
+        grads = _fused_backward(dout, st.inputs[0], st.activations(), st.weights, ctx.num_blocks,
+                                ctx.dot_dtype, ctx.l2_eps)
+        return (grads[0], None, None, None, None, None, *grads[1:])
 
 
-# Dynamo should not trace into the autotuned launches: under torch.compile the fused op runs as is.
-@torch.compiler.disable
 def text_adapter_triton(
     x: torch.Tensor,
     block_weights: Sequence[BlockWeights],

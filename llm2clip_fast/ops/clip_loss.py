@@ -37,6 +37,7 @@ from ._availability import (
 )
 from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
 from ._chunking import chunk_elements_from_env
+from ._library import define_op
 from .loss_inputs import check_pair, check_scale
 from .reference import clip_loss_reference
 
@@ -170,14 +171,11 @@ def _register_cpu_fakes() -> None:
 
     @torch.library.register_fake("llm2clip_fast::clip_lse_forward")
     def _(image, text, logit_scale, chunk_elements):
-        acc = _acc_dtype(image.dtype)
-        return image.new_empty(image.shape[0], dtype=acc), text.new_empty(text.shape[0], dtype=acc)
+        return _lse_forward_fake(image, text, logit_scale)
 
     @torch.library.register_fake("llm2clip_fast::clip_lse_backward")
     def _(image, text, logit_scale, row_lse, col_lse, row_coef, col_coef, chunk_elements):
-        acc = _acc_dtype(image.dtype)
-        return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
-                image.new_empty((), dtype=acc))
+        return _lse_backward_fake(image, text, logit_scale, row_lse, col_lse, row_coef, col_coef)
 
 
 _register_cpu_fakes()
@@ -195,16 +193,30 @@ def _cpu_op_reasons(ctx: DispatchContext) -> list[str]:
 # triton backend: llm2clip_kernels/clip_loss.py for the tiles, torch.mm (cuBLAS) for the gradient GEMMs.
 
 
-def _triton_lse_forward(image: Tensor, text: Tensor, scale: Tensor) -> _Pair:
+def _triton_lse_forward_impl(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     from ..kernels.clip_loss import clip_lse_forward_triton
 
     return clip_lse_forward_triton(image, text, scale.to(torch.float32))
 
 
-def _triton_lse_backward(
+def _lse_forward_fake(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    acc = _acc_dtype(image.dtype)
+    return image.new_empty(image.shape[0], dtype=acc), text.new_empty(text.shape[0], dtype=acc)
+
+
+def _lse_backward_fake(
     image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
     row_coef: Tensor, col_coef: Tensor,
-) -> _Triple:
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = _acc_dtype(image.dtype)
+    return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
+            image.new_empty((), dtype=acc))
+
+
+def _triton_lse_backward_impl(
+    image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
+    row_coef: Tensor, col_coef: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     from ..kernels.clip_loss import clip_grad_chunk_triton
 
     m, d = image.shape
@@ -238,6 +250,14 @@ def _triton_lse_backward(
             d_text += mm_fp32(g.t(), img)
     factor = s * norm
     return d_image.mul_(factor), d_text.mul_(factor), d_scale * norm
+
+
+# torch.library ops (llm2clip_fast::clip_lse_*_triton): torch.compile traces a loss that calls them
+# without a graph break, and Inductor sees their kernels (see ops/_library.py).
+_triton_lse_forward = define_op("clip_lse_forward_triton", _triton_lse_forward_impl, _lse_forward_fake,
+                                triton=True)
+_triton_lse_backward = define_op("clip_lse_backward_triton", _triton_lse_backward_impl, _lse_backward_fake,
+                                 triton=True)
 
 
 class ClipLseImpl(NamedTuple):

@@ -1,8 +1,9 @@
 """Input checks shared by the local and the global-batch (distributed) CLIP and SigLIP losses.
 
 Each check raises TypeError/ValueError naming the argument and what was expected; the scale and bias
-checks return 0-dim tensors on the features' device with the autograd graph kept. On CUDA the value
-checks are asynchronous device assertions (no host sync).
+checks return 0-dim tensors on the features' device with the autograd graph kept. On CUDA, and on any
+device under ``torch.compile`` (a value read on the host would break the graph), the value checks are
+asynchronous assertions (no host sync) that raise RuntimeError instead of ValueError.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _check_scalar(name: str, value: Any, device: torch.device, positive: bool) -
             raise ValueError(f"{name} is on {value.device} but the features are on {device}")
         value = value.to(device)  # a CPU scalar with device features, as torch allows
     scalar = value.reshape(())
-    if scalar.device.type == "cuda":
+    if scalar.device.type == "cuda" or torch.compiler.is_compiling():
         good = torch.isfinite(scalar) & (scalar > 0) if positive else torch.isfinite(scalar)
         torch._assert_async(good, f"{name} must be {wanted}")
     elif not ok(float(scalar.detach())):

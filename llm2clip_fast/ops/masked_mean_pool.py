@@ -11,11 +11,17 @@ Backends, in dispatch order: ``cuda`` (raw kernel, csrc/cuda/masked_mean_pool.cu
 the pooled rows and the L2 norm of each mean before normalisation; the backward is plain torch:
 the gradient of a mean is the output gradient broadcast over the masked positions divided by their
 count, preceded by the Jacobian of ``x / max(||x||, eps)`` when normalising.
+
+torch.compile: the kernels are custom ops with fake implementations (``llm2clip_fast::
+masked_mean_pool_forward`` in C++, ``masked_mean_pool_triton`` through ``torch.library.triton_op``,
+``masked_mean_pool_cuda``); the autograd Function around them is traced by Dynamo, so
+``torch.compile(fullgraph=True)`` of a model calling :func:`masked_mean_pool` has no graph break.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from .._extensions import cpu_extension, cuda_extension
 from ._availability import (
@@ -25,6 +31,7 @@ from ._availability import (
     triton_kernel_reasons,
 )
 from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
+from ._library import define_op
 
 OP_NAME = "masked_mean_pool"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,13 +52,21 @@ def _run_cpu(hidden: torch.Tensor, mask_u8: torch.Tensor, normalize: bool, eps: 
     return torch.ops.llm2clip_fast.masked_mean_pool_forward(hidden, mask_u8, bool(normalize), float(eps))
 
 
-def _run_triton(hidden: torch.Tensor, mask_u8: torch.Tensor, normalize: bool, eps: float):
+def _pooled_fake(hidden: Tensor, mask_u8: Tensor, normalize: bool, eps: float) -> tuple[Tensor, Tensor]:
+    B, _, H = hidden.shape
+    return (hidden.new_empty((B, H), dtype=torch.float32), hidden.new_empty((B,), dtype=torch.float32))
+
+
+def _triton_pool(hidden: Tensor, mask_u8: Tensor, normalize: bool, eps: float) -> tuple[Tensor, Tensor]:
     from ..kernels.masked_mean_pool import masked_mean_pool_triton
 
     return masked_mean_pool_triton(hidden, mask_u8, normalize, eps)
 
 
-def _run_cuda(hidden: torch.Tensor, mask_u8: torch.Tensor, normalize: bool, eps: float):
+_run_triton = define_op("masked_mean_pool_triton", _triton_pool, _pooled_fake, triton=True)
+
+
+def _cuda_pool(hidden: Tensor, mask_u8: Tensor, normalize: bool, eps: float) -> tuple[Tensor, Tensor]:
     mod = cuda_extension()
     B, L, H = hidden.shape
     out = torch.empty((B, H), dtype=torch.float32, device=hidden.device)
@@ -64,6 +79,10 @@ def _run_cuda(hidden: torch.Tensor, mask_u8: torch.Tensor, normalize: bool, eps:
             bool(normalize), float(eps), stream,
         )
     return out, norm
+
+
+# Raw pointers and a stream handle: opaque to the compiler, hence an op of its own.
+_run_cuda = define_op("masked_mean_pool_cuda", _cuda_pool, _pooled_fake)
 
 
 def _cpu_reasons(ctx: DispatchContext) -> list[str]:
@@ -186,11 +205,7 @@ def _register_fake() -> None:
     if cpu_extension() is None or not hasattr(torch.ops.llm2clip_fast, "masked_mean_pool_forward"):
         return  # the cpu backend refuses with the reason; nothing to describe
 
-    @torch.library.register_fake("llm2clip_fast::masked_mean_pool_forward")
-    def _fake(hidden_states, mask, normalize, eps):
-        B, _, H = hidden_states.shape
-        return (hidden_states.new_empty((B, H), dtype=torch.float32),
-                hidden_states.new_empty((B,), dtype=torch.float32))
+    torch.library.register_fake("llm2clip_fast::masked_mean_pool_forward", _pooled_fake)
 
 
 _register_fake()

@@ -41,6 +41,7 @@ from ._availability import (
 )
 from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
 from ._chunking import chunk_elements_from_env
+from ._library import define_op
 from .loss_inputs import check_bias, check_pair, check_scale
 
 OP_NAME = "siglip_loss"
@@ -71,11 +72,13 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _positive_index(m: int, n: int, offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(rows, cols) of the positives that fall inside an (m, n) block."""
-    rows = torch.arange(m, device=device)
-    cols = rows + offset
-    keep = (cols >= 0) & (cols < n)
-    return rows[keep], cols[keep]
+    """(rows, cols) of the positives that fall inside an (m, n) block.
+
+    The range is computed on the host, not with a boolean mask: a mask gives a data-dependent size,
+    which torch.compile cannot trace without breaking the graph."""
+    lo, hi = max(0, -offset), max(0, min(m, n - offset))
+    rows = torch.arange(lo, max(lo, hi), device=device)
+    return rows, rows + offset
 
 
 def _weights_column(row_weight: Tensor, r0: int, r1: int) -> Tensor:
@@ -193,13 +196,11 @@ def _register_cpu_fakes() -> None:
 
     @torch.library.register_fake("llm2clip_fast::siglip_loss_forward")
     def _(image, text, scale, bias, offset, chunk_rows):
-        return image.new_empty(image.shape[0], dtype=_acc_dtype(image.dtype))
+        return _rows_fake(image, text, scale, bias, offset)
 
     @torch.library.register_fake("llm2clip_fast::siglip_loss_backward")
     def _(image, text, scale, bias, row_weight, offset, chunk_rows):
-        acc = _acc_dtype(image.dtype)
-        return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
-                image.new_empty((), dtype=acc), image.new_empty((), dtype=acc))
+        return _grads_fake(image, text, scale, bias, row_weight, offset)
 
 
 _register_cpu_fakes()
@@ -219,18 +220,39 @@ def _cpu_op_reasons(ctx: DispatchContext) -> list[str]:
 # triton backend: llm2clip_kernels/siglip_loss.py.
 
 
-def _triton_forward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int) -> Tensor:
+def _rows_fake(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int) -> Tensor:
+    return image.new_empty(image.shape[0], dtype=_acc_dtype(image.dtype))
+
+
+def _grads_fake(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor,
+                offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    acc = _acc_dtype(image.dtype)
+    return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
+            image.new_empty((), dtype=acc), image.new_empty((), dtype=acc))
+
+
+def _triton_forward_impl(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int) -> Tensor:
     from ..kernels.siglip_loss import siglip_forward_rows
 
-    return siglip_forward_rows(image, text, s, b, offset)
+    # A custom op's output must own its storage (the launcher may return a view of its workspace).
+    return siglip_forward_rows(image, text, s, b, offset).clone()
 
 
-def _triton_backward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor,
-                     offset: int) -> _Quad:
+def _triton_backward_impl(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor,
+                          offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from ..kernels.siglip_loss import siglip_backward
 
     workspace = _chunk_elements(image.device) * image.element_size()
-    return siglip_backward(image, text, s, b, row_weight, offset, workspace_bytes=workspace)
+    d_image, d_text, d_scale, d_bias = siglip_backward(image, text, s, b, row_weight, offset,
+                                                       workspace_bytes=workspace)
+    # d_scale and d_bias are views of one buffer; outputs of a custom op must not alias.
+    return d_image, d_text, d_scale.clone(), d_bias.clone()
+
+
+# torch.library ops (llm2clip_fast::siglip_*_triton): torch.compile traces a loss that calls them
+# without a graph break, and Inductor sees their kernels (see ops/_library.py).
+_triton_forward = define_op("siglip_forward_triton", _triton_forward_impl, _rows_fake, triton=True)
+_triton_backward = define_op("siglip_backward_triton", _triton_backward_impl, _grads_fake, triton=True)
 
 
 class SigLipImpl(NamedTuple):

@@ -1,0 +1,302 @@
+"""The ops as torch.library custom ops: opcheck of every primitive, and torch.compile(fullgraph=True).
+
+Each primitive that Dynamo cannot trace itself (C++, Triton, raw CUDA) is a custom op with a fake; the
+autograd Functions around them are traced. ``torch.library.opcheck`` checks schema, fake and
+dispatch of each op on small odd shapes; a tiny model calling each public op (every CPU-servable
+backend) compiles with ``fullgraph=True`` (a graph break is an error) and matches eager values and
+gradients. The compile backend is ``aot_eager``: it runs AOTAutograd (functionalisation, the fakes,
+the traced backward) without Inductor's slow CPU code generation. Under ``TRITON_INTERPRET=1`` the
+Triton primitives are plain custom ops (ops/_library.py); the GPU test at the end compiles them with
+Inductor, which sees their kernels through ``triton_op``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from llm2clip_fast.losses import ClipLoss, SigLipLoss
+from llm2clip_fast.models.text_adapter import TextAdapter
+from llm2clip_fast.ops import _backend
+from llm2clip_fast.ops import adapter as adapter_ops
+from llm2clip_fast.ops import clip_loss as clip_ops
+from llm2clip_fast.ops import siglip_loss as siglip_ops
+from llm2clip_fast.ops.masked_mean_pool import masked_mean_pool
+
+OPS = torch.ops.llm2clip_fast
+HAS_CPU_OPS = all(hasattr(OPS, n)
+                  for n in ("clip_lse_forward", "siglip_loss_forward", "masked_mean_pool_forward"))
+needs_cpu_ops = pytest.mark.skipif(not HAS_CPU_OPS, reason="llm2clip_fast._C built without the CPU ops")
+
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _loss_pair(m=5, n=7, d=11):
+    return _randn(m, d, seed=1), _randn(n, d, seed=2)
+
+
+# ---- opcheck: schema, fake tensors, dispatch of every primitive ------------------------------------
+
+
+def _clip_backward_args(m, n, d):
+    image, text = _loss_pair(m, n, d)
+    scale = torch.tensor(2.5)
+    row, col = clip_ops._reference_lse_forward(image, text, scale)
+    return image, text, scale, row, col, _randn(m, seed=3), _randn(n, seed=4)
+
+
+def _opcheck_cases():
+    image, text = _loss_pair()
+    s, b = torch.tensor(2.5), torch.tensor(-1.5)
+    hidden = _randn(3, 6, 13, seed=5)
+    mask = (_randn(3, 6, seed=6) > 0).to(torch.uint8)
+    cases = [
+        ("clip_lse_forward_triton", (image, text, s)),
+        ("clip_lse_backward_triton", _clip_backward_args(5, 7, 11)),
+        ("siglip_forward_triton", (image, text, s, b, 1)),
+        ("siglip_backward_triton", (image, text, s, b, _randn(5, seed=7), -2)),
+        ("masked_mean_pool_triton", (hidden, mask, True, 1e-12)),
+    ]
+    cpu = [
+        ("clip_lse_forward", (image, text, s, 3 * 7)),
+        ("clip_lse_backward", (*_clip_backward_args(5, 7, 11), 3 * 7)),
+        ("siglip_loss_forward", (image, text, s, b, 1, 2)),
+        ("siglip_loss_backward", (image, text, s, b, torch.tensor(0.2), 0, 2)),
+        ("masked_mean_pool_forward", (hidden, mask, False, 1e-12)),
+    ]
+    return cases + [pytest.param(name, args, marks=needs_cpu_ops) for name, args in cpu]
+
+
+@pytest.mark.parametrize(("name", "args"), _opcheck_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck_primitives(name, args):
+    torch.library.opcheck(getattr(OPS, name).default, args)
+
+
+def _adapter_weights(d=12, h=24, n=5, blocks=2, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    flat = []
+    for _ in range(blocks):
+        flat += [1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
+                 torch.randn(h, d, generator=g) / d**0.5, 0.1 * torch.randn(h, generator=g),
+                 torch.randn(d, h, generator=g) / h**0.5, 0.1 * torch.randn(d, generator=g)]
+    flat += [1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
+             torch.randn(n, d, generator=g) / d**0.5, 0.1 * torch.randn(n, generator=g)]
+    return flat
+
+
+def test_opcheck_fused_adapter_forward_and_backward():
+    x, weights = _randn(7, 12, seed=9), _adapter_weights()
+    for keep in (True, False):
+        torch.library.opcheck(OPS.text_adapter_forward_triton.default,
+                              (x, weights, 2, torch.float32, 1e-5, 1e-12, keep))
+    acts = OPS.text_adapter_forward_triton(x, weights, 2, torch.float32, 1e-5, 1e-12, True)
+    torch.library.opcheck(OPS.text_adapter_backward_triton.default,
+                          (_randn(7, 5, seed=10), x, acts[1:], weights, 2, torch.float32, 1e-12))
+
+
+def test_fused_adapter_activations_round_trip_by_name():
+    # The forward op returns the saved state without x and the weights; backward rebuilds it by name.
+    x, weights = _randn(7, 12, seed=9), _adapter_weights()
+    acts = OPS.text_adapter_forward_triton(x, weights, 2, torch.float32, 1e-5, 1e-12, True)[1:]
+    st = adapter_ops._SavedForBackward.from_activations(x, acts, weights, num_blocks=2)
+    assert st.inputs[0] is x and len(st.inputs) == len(st.means) == len(st.rstds) == 3
+    assert all(a is b for a, b in zip(st.activations(), acts))
+    assert adapter_ops._SavedForBackward.from_flat(st.flat(), num_blocks=2).activations() == st.activations()
+    with pytest.raises(RuntimeError, match="activations for 3 blocks"):
+        adapter_ops._SavedForBackward.from_activations(x, acts, weights, num_blocks=3)
+
+
+# ---- torch.compile(fullgraph=True) of a tiny model per public op ----------------------------------
+
+
+def _compare_compiled(model: nn.Module, inputs: tuple[torch.Tensor, ...], atol=1e-5, rtol=1e-5,
+                      backend="aot_eager", **compile_kw):
+    """Eager and compiled (fullgraph) outputs and gradients (inputs and parameters) agree."""
+    compiled = torch.compile(model, fullgraph=True, backend=backend, **compile_kw)
+    leaves = [*(t for t in inputs if t.requires_grad), *model.parameters()]
+    results = []
+    for fn in (model, compiled):
+        out = fn(*inputs)
+        weight = torch.linspace(0.5, 1.5, out.numel(), device=out.device).reshape(out.shape)
+        results.append((out.detach(), torch.autograd.grad((out * weight).sum(), leaves)))
+    (eager, eager_grads), (comp, comp_grads) = results
+    torch.testing.assert_close(comp, eager, atol=atol, rtol=rtol)
+    for got, want in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    return compiled
+
+
+class _TwoTower(nn.Module):
+    """Projections into a shared space, a learnable log-scale (and bias), then the given loss module."""
+
+    def __init__(self, loss: nn.Module, siglip: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image_proj = nn.Linear(10, 11)
+        self.text_proj = nn.Linear(9, 11)
+        self.log_scale = nn.Parameter(torch.tensor(1.2))
+        self.bias = nn.Parameter(torch.tensor(-2.0)) if siglip else None
+        self.loss = loss
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        img = nn.functional.normalize(self.image_proj(image), dim=-1)
+        txt = nn.functional.normalize(self.text_proj(text), dim=-1)
+        if self.bias is None:
+            return self.loss(img, txt, self.log_scale.exp())
+        return self.loss(img, txt, self.log_scale.exp(), self.bias)
+
+
+LOSS_BACKENDS = [pytest.param("cpu", marks=needs_cpu_ops), "triton", "torch"]
+
+
+def _tower_inputs(b=7):
+    return _randn(b, 10, seed=11), _randn(b, 9, seed=12)
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_clip_loss_module_compiles_fullgraph(backend):
+    _compare_compiled(_TwoTower(ClipLoss(backend=backend)), _tower_inputs())
+
+
+@pytest.mark.parametrize("backend", LOSS_BACKENDS)
+def test_siglip_loss_module_compiles_fullgraph(backend):
+    _compare_compiled(_TwoTower(SigLipLoss(backend=backend), siglip=True), _tower_inputs())
+
+
+class _PerSampleLosses(nn.Module):
+    """The functional ops with reduction='none' and features that carry gradients themselves."""
+
+    def forward(self, image, text, scale, bias):
+        clip = clip_ops.clip_loss(image, text, scale, reduction="none", backend="triton")
+        sig = siglip_ops.siglip_loss(image, text, scale, bias, reduction="none", backend="triton")
+        return torch.stack([clip, sig])
+
+
+def test_functional_losses_per_sample_compile_fullgraph():
+    image, text = (t.requires_grad_() for t in _loss_pair(6, 6, 11))
+    scale, bias = torch.tensor(3.0, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
+    _compare_compiled(_PerSampleLosses(), (image, text, scale, bias))
+
+
+@needs_cpu_ops
+def test_clip_loss_compiles_once_for_dynamic_batch_sizes():
+    model = _TwoTower(ClipLoss(backend="cpu"))
+    compiled = _compare_compiled(model, _tower_inputs(7), dynamic=True)
+    for b in (5, 12):
+        image, text = _tower_inputs(b)
+        torch.testing.assert_close(compiled(image, text), model(image, text), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_loss_still_rejects_a_bad_logit_scale():
+    # Under torch.compile the host-side value check becomes an asynchronous assertion.
+    image, text = _loss_pair(5, 5, 11)
+    fn = torch.compile(lambda s: clip_ops.clip_loss(image, text, s, backend="torch"), fullgraph=True,
+                       backend="aot_eager")
+    assert torch.isfinite(fn(torch.tensor(2.0)))
+    with pytest.raises(RuntimeError, match="logit_scale must be positive and finite"):
+        fn(torch.tensor(-2.0))
+
+
+def test_backend_is_chosen_at_trace_time_and_a_refusal_names_its_reasons(monkeypatch):
+    hidden, mask = _randn(2, 3, 4, seed=16), torch.ones(2, 3, dtype=torch.bool)
+    monkeypatch.setenv("LLM2CLIP_BACKEND_MASKED_MEAN_POOL", "cuda")
+    fn = torch.compile(lambda h, m: masked_mean_pool(h, m), fullgraph=True, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="backend 'cuda' was forced but cannot serve"):
+        fn(hidden, mask)
+    torch._dynamo.reset()
+    monkeypatch.setenv("LLM2CLIP_BACKEND_MASKED_MEAN_POOL", "torch")
+    torch.testing.assert_close(fn(hidden, mask), hidden.mean(dim=1))
+    assert _backend.last_selected("masked_mean_pool") == "torch"
+
+
+class _Pooler(nn.Module):
+    def __init__(self, backend: str, normalize: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(8, 13)
+        self.backend = backend
+        self.normalize = normalize
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return masked_mean_pool(self.proj(hidden), mask, normalize=self.normalize, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_ops), "triton", "torch"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_masked_mean_pool_compiles_fullgraph(backend, normalize):
+    hidden = _randn(3, 6, 8, seed=13).requires_grad_()
+    mask = _randn(3, 6, seed=14) > 0
+    mask[-1] = False  # an empty row
+    _compare_compiled(_Pooler(backend, normalize), (hidden, mask))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "recompute"])
+def test_text_adapter_compiles_fullgraph(backend):
+    torch.manual_seed(0)
+    model = TextAdapter(12, 5, num_blocks=2, backend=backend)
+    _compare_compiled(model, (_randn(7, 12, seed=15).requires_grad_(),), atol=1e-4, rtol=1e-4)
+
+
+def test_no_compiler_disable_left_in_the_ops():
+    import inspect
+
+    for module in (adapter_ops, clip_ops, siglip_ops):
+        assert "compiler.disable" not in inspect.getsource(module)
+
+
+def test_distributed_loss_is_outside_fullgraph_but_runs_with_graph_breaks():
+    # The global-batch losses gather batch sizes to the host and call torch.distributed collectives
+    # inside autograd Functions: they run eagerly (torch.compiler.disable, see distributed.py), so
+    # fullgraph=True refuses, and plain torch.compile (a graph break there) gives the eager result.
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        image, text = _loss_pair(5, 5, 11)
+        scale = torch.tensor(2.0)
+
+        def global_loss(a, b):
+            return clip_ops.clip_loss(a, b, scale, distributed=True, backend="torch")
+
+        eager = global_loss(image, text)
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="clip_loss_global"):
+            torch.compile(global_loss, fullgraph=True, backend="aot_eager")(image, text)
+        torch._dynamo.reset()
+        got = torch.compile(global_loss, backend="aot_eager")(image, text)
+        torch.testing.assert_close(got, eager)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@needs_cpu_ops
+def test_inductor_compiles_a_model_around_the_cpu_ops():
+    # The one Inductor compile on CPU (about 10 s on 2 cores): C++ ops and their fakes, traced backward.
+    torch._dynamo.reset()
+    _compare_compiled(_TwoTower(ClipLoss(backend="cpu")), _tower_inputs(), backend="inductor")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["clip", "siglip", "adapter", "pool_triton", "pool_cuda"])
+def test_gpu_inductor_compiles_the_ops(case):
+    # Inductor traces into the triton_op launchers (wrap_triton) and compiles around the kernels.
+    torch._dynamo.reset()
+    device = "cuda"
+    if case in ("clip", "siglip"):
+        loss = ClipLoss(backend="triton") if case == "clip" else SigLipLoss(backend="triton")
+        model = _TwoTower(loss, siglip=case == "siglip").to(device)
+        inputs = tuple(t.to(device) for t in _tower_inputs(37))
+    elif case == "adapter":
+        torch.manual_seed(0)
+        model = TextAdapter(64, 32, num_blocks=2, backend="triton").to(device)
+        inputs = (torch.randn(33, 64, device=device, requires_grad=True),)
+    else:
+        model = _Pooler(case.removeprefix("pool_"), normalize=True).to(device)
+        inputs = (torch.randn(3, 17, 8, device=device, requires_grad=True),
+                  torch.rand(3, 17, device=device) > 0.3)
+    _compare_compiled(model, inputs, atol=1e-4, rtol=1e-4, backend="inductor")
