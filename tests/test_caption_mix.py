@@ -142,7 +142,7 @@ def test_stage2_mix_saves_the_resolved_mix_and_resumes_bit_identically(demo, tmp
     monkeypatch.setattr(stage2, "text_inputs_of", spy)
     assert train_main(stage2_args(demo, tmp_path / "full", *MIX, steps=6)) == 0
     assert set(seen) == {"short", "long"}
-    saved = json.loads((tmp_path / "full" / "run_config.json").read_text())
+    saved = json.loads((tmp_path / "full" / "config.json").read_text())
     assert saved["caption"] == "short:0.5,long:0.5" and saved["caption_mix"] == {"short": 0.5, "long": 0.5}
 
     real_step, calls = stage2.train_step, {"n": 0}

@@ -25,7 +25,7 @@ def demo(tmp_path_factory):
 def test_stage2_refuses_a_finished_run_then_overwrite_starts_over(demo, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main(stage2_args(demo, out, "--save-every", "1", steps=3)) == 0
-    before = {name: (out / name).read_bytes() for name in ("log.jsonl", "summary.json", "run_config.json")}
+    before = {name: (out / name).read_bytes() for name in ("log.jsonl", "summary.json", "config.json")}
     old_ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
 
     listing = r"already holds a run \(.*checkpoints/.*log\.jsonl.*model/"

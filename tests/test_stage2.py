@@ -43,7 +43,7 @@ def test_end_to_end_trains_and_writes_run_folder(demo, tmp_path):
     out = tmp_path / "run"
     assert train_main(stage2_args(demo, out, "--save-every", "5", "--warmup", "1", "--lr", "3e-3",
                                   steps=10, batch=16)) == 0
-    for name in ("log.jsonl", "loss.png", "run_config.json", "summary.json", "model/config.json",
+    for name in ("log.jsonl", "loss.png", "config.json", "summary.json", "model/config.json",
                  "model/model.safetensors"):
         assert (out / name).is_file(), name
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

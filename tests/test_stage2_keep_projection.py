@@ -88,7 +88,7 @@ def test_stage2_run_with_keep_projection(folders, tmp_path):
     i = argv.index("--vision-preset")
     argv[i:i + 2] = ["--vision-path", str(folders["clip"])]
     assert train_main(argv) == 0
-    saved = json.loads((out / "run_config.json").read_text())
+    saved = json.loads((out / "config.json").read_text())
     assert saved["keep_projection"] is True and saved["model"]["embed_dim"] == PROJ
     # Two Adam steps at lr 2e-3 move each weight by about 4e-3: the run started from the pretrained one.
     moved = (final_state(out)["visual_projection.weight"] - _pretrained_projection(folders["clip"])).abs()

@@ -1,6 +1,6 @@
 """Stage 2 ``--recipe llm2clip`` (LLM2CLIP's official stage-2 defaults): values, explicit flags and
 --config files overriding it, ``--global-batch-size`` turned into the per-rank micro-batch, and the
-resolved settings with their origin saved in run_config.json (tiny demo, bag-of-words cache)."""
+resolved settings with their origin saved in config.json (tiny demo, bag-of-words cache)."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def test_recipe_run_saves_resolved_settings_and_where_they_came_from(demo, tmp_p
             "--no-progress", "--log-every", "1", "--recipe", "llm2clip", "--global-batch-size", "16",
             "--grad-accum", "2", "--lr", "2e-3"]
     assert train_main(argv) == 0
-    saved = json.loads((out / "run_config.json").read_text())
+    saved = json.loads((out / "config.json").read_text())
     assert saved["recipe"] == "llm2clip"
     assert (saved["lr"], saved["llrd"], saved["wd"], saved["grad_clip"]) == (2e-3, 0.85, 0.05, 5.0)
     assert (saved["warmup"], saved["warmup_steps"], saved["embed_dim"]) == (0, 0, 1280)

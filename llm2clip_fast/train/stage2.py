@@ -26,7 +26,7 @@ keeps a pretrained CLIP folder's projection.
 
 Run folder ``OUT``: ``log.jsonl`` (loss, lr, images/s, grad norm, logit scale), ``loss.png``,
 ``checkpoints/step_*`` (atomic, every ``--save-every`` steps and at the end; ``--resume`` continues
-exactly), ``run_config.json`` (resolved options, ``settings_from``, ``caption_mix``), ``summary.json``
+exactly), ``config.json`` (resolved options, ``settings_from``, ``caption_mix``), ``summary.json``
 and the final model in ``OUT/model`` (:meth:`LLM2CLIPModel.save_pretrained`).
 """
 
@@ -785,7 +785,7 @@ def run(args: argparse.Namespace) -> int:
 
     if main:
         prepare_run_folder(out_dir, resume=args.resume, overwrite=args.overwrite, say=say)
-        write_json_atomic(out_dir / "run_config.json", {**config, "model": model.config.to_dict()})
+        write_json_atomic(out_dir / "config.json", {**config, "model": model.config.to_dict()})
     log_from = step if resume_from is not None else None
     reporters = ScalarReporters(args.report_to, out_dir, resume_step=log_from, config=config, enabled=main)
     log = JsonlLog(out_dir / "log.jsonl", resume_step=log_from, enabled=main, mirror=reporters)
