@@ -74,7 +74,7 @@ def open_clip_export(model: LLM2CLIPModel) -> tuple[dict[str, torch.Tensor], dic
                                  "vision_cfg": geometry.vision_cfg()}
     if model.logit_bias is not None:
         state["logit_bias"] = model.logit_bias.detach()
-        model_cfg["init_logit_bias"] = float(model.logit_bias)
+        model_cfg["init_logit_bias"] = float(model.logit_bias.detach())
     config = {"model_cfg": model_cfg, "preprocess_cfg": tower.preprocessing.to_open_clip()}
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, config
 
