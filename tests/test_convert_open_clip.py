@@ -111,6 +111,9 @@ def test_hub_folder_matches_the_open_clip_forward(tmp_path, act, pickled):
 def test_bare_state_dict_needs_heads_and_act(tmp_path, capsys):
     visual = _tower(True, seed=4)
     state = clip_state_dict(visual)
+    # OpenAI's own checkpoints also carry these integers (OpenCLIP drops them)
+    state.update({"input_resolution": torch.tensor(16), "context_length": torch.tensor(6),
+                  "vocab_size": torch.tensor(40)})
     files = {"safetensors": tmp_path / "clip.safetensors", "bin": tmp_path / "clip.bin",
              "checkpoint": tmp_path / "epoch_3.pt"}
     save_file(state, str(files["safetensors"]))
@@ -140,6 +143,12 @@ def test_bare_state_dict_needs_heads_and_act(tmp_path, capsys):
     assert cli(["--from", "open_clip", str(not_tensors), "--out", str(tmp_path / "y"), "--llm-dim", "8",
                 "--embed-dim", "4", "--heads", "4", "--act", "gelu"]) == 5
     assert "not tensors" in capsys.readouterr().err
+    assert cli(["--from", "open_clip", str(tmp_path / "nope.bin"), "--out", str(tmp_path / "y"), "--llm-dim",
+                "8", "--embed-dim", "4"]) == 3
+    (tmp_path / "empty").mkdir()
+    assert cli(["--from", "open_clip", str(tmp_path / "empty"), "--out", str(tmp_path / "y"), "--llm-dim",
+                "8", "--embed-dim", "4"]) == 3
+    assert "has no open_clip_config.json" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -158,6 +167,14 @@ def test_activation_from_config_and_act_flag(tmp_path):
         assert _max_diff(forced.encode_image(pixels), expected) <= 1e-5
     assert json.loads((tmp_path / "forced" / "conversion.json").read_text())["activation"]["from"] == \
         "--act (model_cfg has no quick_gelu flag)"
+    # ... but a name that says QuickGELU while the config says nothing needs --act to decide
+    named = _write_hub(tmp_path / "ViT-B-16-quickgelu", state, _model_cfg(None))
+    expected = r"no model_cfg.quick_gelu flag, .* the name 'ViT-B-16-quickgelu' says QuickGELU .*: state"
+    with pytest.raises(ValueError, match=expected):
+        main(["--from", "open_clip", str(named), "--out", str(tmp_path / "x"), "--llm-dim", "8",
+              "--keep-projection"])
+    assert _convert(named, tmp_path / "named", "--keep-projection", "--act", "quick_gelu").config.vision[
+        "config"]["hidden_act"] == "quick_gelu"
     flagged = _write_hub(tmp_path / "flagged", state, _model_cfg(True))
     with pytest.raises(ValueError, match=r"--act gelu contradicts .*quick_gelu=True"):
         main(["--from", "open_clip", str(flagged), "--out", str(tmp_path / "x"), "--llm-dim", "8",

@@ -6,8 +6,9 @@ The source is
 - a folder as OpenCLIP's hub folders are (``open_clip_config.json`` with ``model_cfg`` and
   ``preprocess_cfg``, plus ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``), a local
   one or a hub name already in the local Hugging Face cache; the architecture, the activation
-  (``model_cfg.quick_gelu``, OpenCLIP's default GELU when absent) and the image preprocessing come from
-  the config, and the tensors must agree with it;
+  (``model_cfg.quick_gelu``; when absent OpenCLIP's default GELU, unless the folder or hub name says
+  ``openai``/``quickgelu``, where ``--act`` must decide) and the image preprocessing come from the
+  config, and the tensors must agree with it;
 - or a state-dict file (``.safetensors``, or ``.bin``/``.pt``/``.pth``, also an OpenCLIP training
   checkpoint ``{"state_dict": {"module.visual...": ...}}``): the sizes are read off the tensors, while
   the head count (``--heads``) and the activation (``--act``) must be stated, since no shape holds them;
@@ -58,8 +59,10 @@ from .strict_mapping import apply_plan
 
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-# An OpenCLIP CLIP / CustomTextCLIP stores these besides visual.*; they have no place in stage 2.
-_TEXT_SIDE_KEYS = ("positional_embedding", "text_projection", "logit_scale", "logit_bias", "attn_mask")
+# An OpenCLIP CLIP / CustomTextCLIP stores these besides visual.*; they have no place in stage 2. The
+# last three are the integers OpenAI's own checkpoints carry (OpenCLIP's openai.py pops them too).
+_TEXT_SIDE_KEYS = ("positional_embedding", "text_projection", "logit_scale", "logit_bias", "attn_mask",
+                   "input_resolution", "context_length", "vocab_size")
 _TEXT_SIDE_PREFIXES = ("token_embedding.", "transformer.", "ln_final.", "text_projection.", "text.")
 # CLIPVisionCfg fields and the values our tower reproduces (OpenCLIP's defaults); any other value is
 # refused. Fields not listed here and in _IGNORED_FIELDS are unknown to OpenCLIP 3.3.0 as well.
@@ -67,7 +70,8 @@ _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "ls_init_value": (None,), "attentional_pool": (False,), "no_ln_pre": (False,), "pool_type": ("tok",),
     "block_type": (None, "default"), "qk_norm": (False,), "scaled_cosine_attn": (False,),
     "scale_heads": (False,), "scale_attn_inner": (False,), "scale_attn": (False,), "scale_fc": (False,),
-    "timm_model_name": (None,), "pos_embed_type": ("learnable", "sin_cos_2d"),
+    # sin_cos_2d: a fixed table, stored like the learnable one (it becomes trainable here)
+    "pos_embed_type": ("learnable", "sin_cos_2d"),
 }
 _SIZE_FIELDS = ("layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size")
 # Fields that do not change the eval forward of a 'tok'-pooled ViT: final_ln_after_pool (LayerNorm is
@@ -171,14 +175,15 @@ def refuse_other_towers(tensors: Mapping[str, torch.Tensor], vision_cfg: dict[st
         found.append("no visual.* tensors at all")
     if vision_cfg is not None:
         for name, allowed in _REQUIRED_VALUES.items():
-            if name in vision_cfg and vision_cfg[name] not in allowed and name != "timm_model_name":
+            if name in vision_cfg and vision_cfg[name] not in allowed:
                 found.append(f"vision_cfg.{name}={vision_cfg[name]!r}")
         if vision_cfg.get("act_kwargs"):
             found.append(f"vision_cfg.act_kwargs={vision_cfg['act_kwargs']!r}")
         norm = vision_cfg.get("norm_kwargs") or {}
         if set(norm) - {"eps"}:
             found.append(f"vision_cfg.norm_kwargs={norm!r}")
-        unknown = sorted(set(vision_cfg) - set(_REQUIRED_VALUES) - set(_SIZE_FIELDS) - set(_IGNORED_FIELDS))
+        known = {*_REQUIRED_VALUES, *_SIZE_FIELDS, *_IGNORED_FIELDS, "timm_model_name"}
+        unknown = sorted(set(vision_cfg) - known)
         if unknown:
             found.append(f"vision_cfg fields OpenCLIP's CLIPVisionCfg does not have: {unknown}")
     if found:
@@ -197,11 +202,20 @@ def _square(value: Any, name: str, where: str) -> int:
     return int(value)
 
 
+def _quick_gelu_hint(name: str) -> bool:
+    """Whether a model's name says QuickGELU: OpenAI's weights and OpenCLIP's ``*-quickgelu`` configs."""
+    return any(word in name.lower() for word in ("openai", "quickgelu", "quick_gelu"))
+
+
 def resolve_geometry(tensors: Mapping[str, torch.Tensor], model_cfg: dict[str, Any] | None,
-                     act: str | None, heads: int | None, where: str) -> tuple[OpenClipVisionGeometry, str]:
+                     act: str | None, heads: int | None, where: str,
+                     name: str = "") -> tuple[OpenClipVisionGeometry, str]:
     """The tower's architecture: shapes from the tensors, checked against the config when there is one;
     heads and activation from the config or, for a bare state dict, from ``heads``/``act``. Returns it and
-    where the activation came from."""
+    where the activation came from.
+
+    A config without ``quick_gelu`` means GELU to OpenCLIP; when the model's ``name`` (the folder or hub
+    name) says QuickGELU, the two disagree and ``act`` must decide."""
     shape = geometry_from_tensors(tensors)
     width = int(shape["width"])
     if model_cfg is None:
@@ -233,6 +247,10 @@ def resolve_geometry(tensors: Mapping[str, torch.Tensor], model_cfg: dict[str, A
             act, act_from = config_act, "model_cfg.quick_gelu"
         elif act is not None:
             act_from = "--act (model_cfg has no quick_gelu flag)"
+        elif _quick_gelu_hint(name):
+            raise ValueError(f"{where} has no model_cfg.quick_gelu flag, so OpenCLIP would build GELU, but "
+                             f"the name {name!r} says QuickGELU (OpenAI-pretrained or *-quickgelu): state "
+                             "the activation with --act quick_gelu or --act gelu")
         else:
             act, act_from = "gelu", "OpenCLIP's default without model_cfg.quick_gelu (GELU)"
         eps = float((cfg.get("norm_kwargs") or {}).get("eps", DEFAULT_LAYER_NORM_EPS))
@@ -247,14 +265,20 @@ def resolve_geometry(tensors: Mapping[str, torch.Tensor], model_cfg: dict[str, A
             raise SourceMismatchError(f"{where} does not describe its tensors: {', '.join(differ)}")
     if act not in ACTIVATIONS:
         raise ValueError(f"--act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
-    _check_positive("--heads", heads)
-    if width % heads:
-        raise ValueError(f"{heads} attention heads do not divide the tower's width {width}")
+    bad_heads = SourceMismatchError if model_cfg is not None else ValueError
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
+        raise bad_heads(f"{heads} attention heads do not divide the tower's width {width}")
     geometry = OpenClipVisionGeometry(
         width=width, layers=int(shape["layers"]), heads=heads, patch_size=int(shape["patch_size"]),
         image_size=int(shape["image_size"]), mlp_width=int(shape["mlp_width"]), act=act, layer_norm_eps=eps,
         embed_dim=shape["embed_dim"])
     return geometry, act_from
+
+
+def _model_name(source: str | Path) -> str:
+    """The name the user knows the model by: a hub id as given, else the folder's or file's name."""
+    text = str(source)
+    return text if not Path(text).expanduser().exists() else Path(text).expanduser().resolve().name
 
 
 def _text_side(key: str) -> bool:
@@ -305,7 +329,7 @@ def convert_open_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None
     if src.config is not None:
         model_cfg, preprocess_cfg = model_and_preprocess_cfg(src.config, where)
     refuse_other_towers(src.tensors, None if model_cfg is None else model_cfg["vision_cfg"], where)
-    geometry, act_from = resolve_geometry(src.tensors, model_cfg, act, heads, where)
+    geometry, act_from = resolve_geometry(src.tensors, model_cfg, act, heads, where, _model_name(source))
     if keep_projection:
         proj = src.tensors.get(PROJ_KEY)
         if proj is None or proj.dim() != 2 or proj.shape[0] != geometry.width:
