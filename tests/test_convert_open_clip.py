@@ -71,8 +71,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def _convert(src: Path, out: Path, *extra: str) -> LLM2CLIPModel:
-    assert main(["--from", "open_clip", str(src), "--out", str(out), "--llm-dim", str(LLM_DIM), *extra]) == 0
+def _convert(src: Path, out: Path, *extra: str, llm_dim: int = LLM_DIM) -> LLM2CLIPModel:
+    assert main(["--from", "open_clip", str(src), "--out", str(out), "--llm-dim", str(llm_dim), *extra]) == 0
     return LLM2CLIPModel.from_pretrained(out).eval()
 
 
@@ -394,3 +394,26 @@ def test_mlp_ratio_round_trips_openclip_sizing():
     for width, mlp_width in ((1664, 8192), (1408, 6144), (1280, 5120), (32, 48), (7, 10)):
         ratio = mlp_ratio_for(width, mlp_width)
         assert int(width * ratio) == mlp_width
+
+
+def test_stage2_starts_from_a_converted_open_clip_model(tmp_path):
+    from _stage2_runs import DIM, make_demo
+
+    from llm2clip_fast.train.__main__ import main as train_main
+
+    demo = make_demo(tmp_path / "demo")
+    visual = _tower(True, seed=12, vision_cfg={**VISION_CFG, "image_size": 32})
+    src = _write_hub(tmp_path / "hub", clip_state_dict(visual),
+                     {**_model_cfg(True), "vision_cfg": {**VISION_CFG, "image_size": 32}},
+                     {"mean": [0.5] * 3, "std": [0.5] * 3})
+    converted = _convert(src, tmp_path / "converted", "--keep-projection", "--adapter-blocks", "1",
+                         llm_dim=DIM)
+    run = tmp_path / "run"
+    assert train_main(["stage2", "--init-model", str(tmp_path / "converted"),
+                       "--embeddings", str(demo["cache"]), "--data", str(demo["data"]), "--out", str(run),
+                       "--batch-size", "8", "--steps", "2", "--num-workers", "0", "--no-progress",
+                       "--lr", "1e-3"]) == 0
+    trained = LLM2CLIPModel.from_pretrained(run / "model")
+    assert trained.preprocessing == converted.preprocessing  # the tower's preprocessing goes along
+    assert trained.config.vision["config"]["hidden_act"] == "quick_gelu"
+    assert not torch.equal(trained.visual_projection.weight, converted.visual_projection.weight)
