@@ -65,7 +65,7 @@ _TEXT_SIDE_KEYS = ("positional_embedding", "text_projection", "logit_scale", "lo
                    "input_resolution", "context_length", "vocab_size")
 _TEXT_SIDE_PREFIXES = ("token_embedding.", "transformer.", "ln_final.", "text_projection.", "text.")
 # CLIPVisionCfg fields and the values our tower reproduces (OpenCLIP's defaults); any other value is
-# refused. Fields not listed here and in _IGNORED_FIELDS are unknown to OpenCLIP 3.3.0 as well.
+# refused. A field in none of these tables is unknown to OpenCLIP 3.3.0's CLIPVisionCfg as well.
 _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "ls_init_value": (None,), "attentional_pool": (False,), "no_ln_pre": (False,), "pool_type": ("tok",),
     "block_type": (None, "default"), "qk_norm": (False,), "scaled_cosine_attn": (False,),
@@ -79,7 +79,9 @@ _SIZE_FIELDS = ("layers", "width", "head_width", "mlp_ratio", "patch_size", "ima
 # output_tokens, the attentional pooler's sizes and the timm options (unused without those towers).
 _IGNORED_FIELDS = ("final_ln_after_pool", "patch_dropout", "output_tokens", "attn_pooler_queries",
                    "attn_pooler_heads", "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
-                   "timm_drop", "timm_drop_path", "act_kwargs", "norm_kwargs")
+                   "timm_drop", "timm_drop_path")
+# Checked on their own: a timm tower is refused, act_kwargs must be empty, norm_kwargs may set eps only.
+_CHECKED_FIELDS = ("timm_model_name", "act_kwargs", "norm_kwargs")
 _DEFAULTS = {"layers": 12, "width": 768, "head_width": DEFAULT_HEAD_WIDTH, "mlp_ratio": 4.0, "patch_size": 16,
              "image_size": 224}
 
@@ -182,7 +184,7 @@ def refuse_other_towers(tensors: Mapping[str, torch.Tensor], vision_cfg: dict[st
         norm = vision_cfg.get("norm_kwargs") or {}
         if set(norm) - {"eps"}:
             found.append(f"vision_cfg.norm_kwargs={norm!r}")
-        known = {*_REQUIRED_VALUES, *_SIZE_FIELDS, *_IGNORED_FIELDS, "timm_model_name"}
+        known = {*_REQUIRED_VALUES, *_SIZE_FIELDS, *_IGNORED_FIELDS, *_CHECKED_FIELDS}
         unknown = sorted(set(vision_cfg) - known)
         if unknown:
             found.append(f"vision_cfg fields OpenCLIP's CLIPVisionCfg does not have: {unknown}")
@@ -232,6 +234,9 @@ def resolve_geometry(tensors: Mapping[str, torch.Tensor], model_cfg: dict[str, A
         act_from, eps = "--act", DEFAULT_LAYER_NORM_EPS
     else:
         cfg = {**_DEFAULTS, **model_cfg["vision_cfg"]}
+        if int(cfg["head_width"]) < 1:
+            raise SourceMismatchError(f"{where}: vision_cfg.head_width must be positive, got "
+                                      f"{cfg['head_width']}")
         config_heads = int(cfg["width"]) // int(cfg["head_width"])
         if heads is not None and heads != config_heads:
             raise ValueError(f"--heads {heads} contradicts {where} (width {cfg['width']} // head_width "
