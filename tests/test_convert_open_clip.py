@@ -417,3 +417,13 @@ def test_stage2_starts_from_a_converted_open_clip_model(tmp_path):
     assert trained.preprocessing == converted.preprocessing  # the tower's preprocessing goes along
     assert trained.config.vision["config"]["hidden_act"] == "quick_gelu"
     assert not torch.equal(trained.visual_projection.weight, converted.visual_projection.weight)
+
+
+def test_dtype_is_kept_unless_asked(tmp_path):
+    state = {k: v.half() for k, v in clip_state_dict(_tower(False, seed=13)).items()}
+    src = _write_hub(tmp_path / "hub", state, _model_cfg(False))
+    half = _convert(src, tmp_path / "half", "--keep-projection")
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    assert torch.equal(half.visual_projection.weight, state["visual.proj"].T)
+    full = _convert(src, tmp_path / "full", "--keep-projection", "--dtype", "float32")
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
