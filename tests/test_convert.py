@@ -191,7 +191,7 @@ def test_cli_exit_codes_and_overwrite(tmp_path, capsys):
     assert cli(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "eva")]) == 5
     assert "'eva_vision_model' vision tower" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        cli(["--from", "open_clip", str(src), "--out", str(out)])
+        cli(["--from", "timm", str(src), "--out", str(out)])
     assert exc.value.code == 2
 
 

@@ -5,10 +5,18 @@
   --from hf-clip SRC --out DST --llm-dim N (--embed-dim E | --keep-projection)
                                      a transformers CLIP folder: its vision tower (and with
                                      --keep-projection its projection) plus a new adapter, for stage 2
+  --from open_clip SRC --out DST --llm-dim N (--embed-dim E | --keep-projection) [--heads H --act A]
+                                     the same from an OpenCLIP ViT CLIP: a hub-style folder
+                                     (open_clip_config.json + open_clip_model.safetensors) or a state-dict
+                                     file (.safetensors/.bin/.pt; then --heads and --act are needed)
+  --to open_clip SRC --out FILE.safetensors
+                                     the vision side of one of our LLM2CLIPModel folders as an OpenCLIP
+                                     state dict (visual.*, logit_scale) + open_clip_config.json beside it
 
-Only config.json and safetensors are read; no code from the source folder runs. The result loads with
-``LLM2CLIPModel.from_pretrained(DST)`` and continues training with
-``python -m llm2clip_fast.train stage2 --init-model DST``. ``DST/conversion.json`` records the source.
+Only config files, safetensors and (OpenCLIP) pickles through torch.load(weights_only=True) are read; no
+code from the source runs. The result loads with ``LLM2CLIPModel.from_pretrained(DST)`` and continues
+training with ``python -m llm2clip_fast.train stage2 --init-model DST``. ``DST/conversion.json`` records
+the source.
 
 Expected failures print one line ``llm2clip_fast.convert: error: ...`` on stderr and exit with:
 
@@ -28,18 +36,24 @@ import sys
 from ..cli_exit_codes import code_for, run_command_line
 from .errors import OutputExistsError, SourceMismatchError
 
-FORMATS = ("llm2clip-hf", "hf-clip")
-_HF_CLIP_ONLY = ("llm_dim", "embed_dim", "keep_projection", "adapter_blocks", "adapter_expansion", "loss",
-                 "seed")
+FORMATS = ("llm2clip-hf", "hf-clip", "open_clip")
+EXPORT_FORMATS = ("open_clip",)
+_NEW_STAGE2_MODEL = ("llm_dim", "embed_dim", "keep_projection", "adapter_blocks", "adapter_expansion", "loss",
+                     "seed")
+_OPEN_CLIP_ONLY = ("act", "heads")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llm2clip_fast.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="source_format", required=True, choices=FORMATS,
-                        help="what SRC is")
-    parser.add_argument("source", metavar="SRC", help="the source folder")
-    parser.add_argument("--out", required=True, help="the LLM2CLIPModel folder to write")
+    direction = parser.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="source_format", choices=FORMATS,
+                           help="import: what SRC is")
+    direction.add_argument("--to", dest="target_format", choices=EXPORT_FORMATS,
+                           help="export: the format to write SRC (an LLM2CLIPModel folder) in")
+    parser.add_argument("source", metavar="SRC", help="the source folder (or, for --from open_clip, file)")
+    parser.add_argument("--out", required=True,
+                        help="the LLM2CLIPModel folder to write (--to open_clip: the .safetensors file)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="cast every floating tensor (default: keep the source's dtype)")
@@ -49,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-norm", choices=("l2", "none"), default=None,
                         help="the adapter's input normalisation (default: 'none' for llm2clip-hf, as the "
                              "release's get_text_features; 'l2' for hf-clip, as the official TextProj)")
-    hf = parser.add_argument_group("--from hf-clip only")
+    hf = parser.add_argument_group("--from hf-clip and --from open_clip only")
     hf.add_argument("--llm-dim", type=int, default=None, help="size of the LLM embeddings the adapter reads")
     hf.add_argument("--embed-dim", type=int, default=None,
                     help="shared embedding size (default with --keep-projection: the projection's)")
@@ -59,7 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--adapter-expansion", type=int, default=None, help="adapter MLP expansion (default 2)")
     hf.add_argument("--loss", choices=("clip", "siglip"), default=None, help="default clip")
     hf.add_argument("--seed", type=int, default=None, help="seed of the new parameters (default 0)")
+    oc = parser.add_argument_group("--from open_clip only")
+    oc.add_argument("--act", choices=("quick_gelu", "gelu"), default=None,
+                    help="the tower's activation, needed for a bare state dict: quick_gelu for "
+                         "OpenAI-pretrained weights and *-quickgelu models, gelu for other OpenCLIP models "
+                         "(a folder's open_clip_config.json says it)")
+    oc.add_argument("--heads", type=int, default=None,
+                    help="attention heads, needed for a bare state dict (OpenCLIP: width // head_width, "
+                         "head_width 64 unless the model config says otherwise)")
     return parser
+
+
+def _refuse(args: argparse.Namespace, names: tuple[str, ...], why: str) -> None:
+    given = sorted("--" + name.replace("_", "-") for name in names if getattr(args, name) is not None)
+    if given:
+        raise ValueError(f"{', '.join(given)} {why}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,28 +97,34 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.target_format is not None:
+        return _export(args, dtype)
     check_output(args.out, args.overwrite)
+    if args.source_format != "open_clip":
+        _refuse(args, _OPEN_CLIP_ONLY, "only apply to --from open_clip (the source's config says them)")
     if args.source_format == "llm2clip-hf":
-        given = sorted("--" + name.replace("_", "-") for name in _HF_CLIP_ONLY
-                       if getattr(args, name) is not None)
-        if given:
-            raise ValueError(f"{', '.join(given)} only apply to --from hf-clip (an LLM2CLIP release brings "
-                             "its own adapter, projection and sizes)")
+        _refuse(args, _NEW_STAGE2_MODEL, "only apply to --from hf-clip / open_clip (an LLM2CLIP release "
+                                         "brings its own adapter, projection and sizes)")
         from .llm2clip_hf import DEFAULT_INPUT_NORM, convert_llm2clip_hf
 
         model, provenance = convert_llm2clip_hf(args.source, input_norm=args.input_norm or DEFAULT_INPUT_NORM,
                                                 dtype=dtype)
     else:
         if args.llm_dim is None:
-            raise ValueError("--from hf-clip needs --llm-dim (the size of the LLM embeddings the new "
-                             "adapter reads)")
-        from .hf_clip import convert_hf_clip
+            raise ValueError(f"--from {args.source_format} needs --llm-dim (the size of the LLM embeddings "
+                             "the new adapter reads)")
+        common = dict(llm_dim=args.llm_dim, embed_dim=args.embed_dim,
+                      keep_projection=bool(args.keep_projection), num_blocks=_default(args.adapter_blocks, 4),
+                      expansion=_default(args.adapter_expansion, 2), loss=args.loss or "clip",
+                      seed=_default(args.seed, 0), dtype=dtype, input_norm=args.input_norm or "l2")
+        if args.source_format == "hf-clip":
+            from .hf_clip import convert_hf_clip
 
-        model, provenance = convert_hf_clip(
-            args.source, llm_dim=args.llm_dim, embed_dim=args.embed_dim,
-            keep_projection=bool(args.keep_projection), num_blocks=_default(args.adapter_blocks, 4),
-            expansion=_default(args.adapter_expansion, 2), loss=args.loss or "clip",
-            seed=_default(args.seed, 0), dtype=dtype, input_norm=args.input_norm or "l2")
+            model, provenance = convert_hf_clip(args.source, **common)
+        else:
+            from .open_clip_import import convert_open_clip
+
+            model, provenance = convert_open_clip(args.source, act=args.act, heads=args.heads, **common)
     if args.llm is not None:
         model.config.llm = {"path": args.llm}
     out = write_model_folder(model, args.out, provenance, overwrite=args.overwrite)
@@ -99,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
           f"{model.image_size}px), adapter {cfg.llm_dim} -> {cfg.embed_dim} "
           f"({cfg.adapter['num_blocks']} blocks, input_norm {cfg.adapter.get('input_norm', 'l2')}), "
           f"{len(provenance['dropped'])} source tensors dropped")
+    return 0
+
+
+def _export(args: argparse.Namespace, dtype) -> int:
+    """``--to open_clip``: write the OpenCLIP files of the model folder SRC."""
+    _refuse(args, _NEW_STAGE2_MODEL + _OPEN_CLIP_ONLY + ("llm", "input_norm"),
+            f"only apply to imports (--from); --to {args.target_format} writes the model's vision side as "
+            "it is")
+    from .open_clip_export import export_open_clip
+
+    weights, config = export_open_clip(args.source, args.out, overwrite=args.overwrite, dtype=dtype)
+    print(f"wrote {weights} and {config.name} beside it (OpenCLIP vision side: visual.*, logit_scale)")
     return 0
 
 

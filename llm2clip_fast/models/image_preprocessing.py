@@ -15,7 +15,9 @@ the transformers image processor of that folder would. The choice is saved in th
 ``config.json`` (``vision.preprocessing``), so evaluation and continued training use the same; a model
 saved before this field existed was trained with CLIP's preprocessing whatever its tower, and loads so.
 Matched against transformers 5.24 ``CLIPImageProcessor``, ``SiglipImageProcessor``, ``ViTImageProcessor``
-defaults.
+defaults. An OpenCLIP model's ``preprocess_cfg`` (``open_clip_config.json``) converts both ways
+(:meth:`ImagePreprocessing.from_open_clip`, :meth:`ImagePreprocessing.to_open_clip`), matched against
+open_clip_torch 3.3.0 ``open_clip/transform.py`` (``PreprocessCfg``, ``image_transform`` at eval).
 """
 
 from __future__ import annotations
@@ -112,6 +114,42 @@ class ImagePreprocessing:
                    std=tuple(cfg.get("image_std", base.std)),
                    resize="shortest_edge" if crop else "square", resample=resample,
                    resize_size=resize_side if crop and resize_side != image_size else None)
+
+    @classmethod
+    def from_open_clip(cls, preprocess_cfg: dict[str, Any] | None, image_size: int) -> ImagePreprocessing:
+        """OpenCLIP's eval transform for ``preprocess_cfg`` (missing fields: ``PreprocessCfg``'s defaults,
+        OpenAI CLIP's mean/std, bicubic, ``resize_mode`` 'shortest'). As OpenCLIP's factory does, the
+        size is the tower's ``image_size`` whatever ``size`` says. ``resize_mode`` 'shortest' resizes the
+        short side to the size and centre-crops, 'squash' resizes to a square; 'longest' (resize the long
+        side, pad with ``fill_color``) has no equivalent here and is a ValueError."""
+        cfg = {k: v for k, v in (preprocess_cfg or {}).items() if v is not None}
+        mean, std = cfg.get("mean", CLIP_MEAN), cfg.get("std", CLIP_STD)
+        mean = (mean,) * 3 if isinstance(mean, (int, float)) else tuple(mean)
+        std = (std,) * 3 if isinstance(std, (int, float)) else tuple(std)
+        interpolation = cfg.get("interpolation", "bicubic")
+        # OpenCLIP: 'random' only varies the training filter; its eval transform uses bicubic.
+        resample = {"bicubic": "bicubic", "random": "bicubic", "bilinear": "bilinear"}.get(interpolation)
+        if resample is None:
+            raise ValueError(f"OpenCLIP preprocess_cfg interpolation {interpolation!r}: expected 'bicubic', "
+                             "'bilinear' or 'random'")
+        mode = cfg.get("resize_mode", "shortest")
+        resize = {"shortest": "shortest_edge", "squash": "square"}.get(mode)
+        if resize is None:
+            raise ValueError(f"OpenCLIP preprocess_cfg resize_mode {mode!r} is not supported (supported: "
+                             "'shortest' = resize the short side and centre-crop, 'squash' = resize to a "
+                             "square; 'longest' pads the image, which the data pipeline does not do)")
+        return cls(image_size=image_size, mean=mean, std=std, resize=resize, resample=resample)
+
+    def to_open_clip(self) -> dict[str, Any]:
+        """The ``preprocess_cfg`` of ``open_clip_config.json`` that OpenCLIP turns into this eval transform.
+        ValueError for a ``resize_size`` (resize larger, then crop), which OpenCLIP's transforms lack."""
+        if self.resize_size is not None:
+            raise ValueError(f"this preprocessing resizes to {self.resize_size} before a {self.image_size} "
+                             "centre crop; OpenCLIP's preprocess_cfg resizes straight to the crop size, so "
+                             "it cannot describe it")
+        return {"size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.resample,
+                "resize_mode": "shortest" if self.resize == "shortest_edge" else "squash"}
 
 
 def _side(size: Any, path: Path) -> int:
