@@ -59,6 +59,6 @@ def setup_cli_logging(level: int = logging.INFO) -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.addFilter(_RankFilter())
         logger.addHandler(handler)
-        logger.propagate = False  # no second copy through a root handler someone configured
+        # Records still propagate: a root handler the user (or pytest's caplog) set up sees them too.
     logger.setLevel(level)
     return logger
