@@ -36,6 +36,20 @@ def assemble_model(config: LLM2CLIPConfig, converted: Mapping[str, torch.Tensor]
     return model.eval()
 
 
+def pretrained_tower_config(vision: dict, preprocessing: dict, *, embed_dim: int, llm_dim: int,
+                            num_blocks: int, expansion: int, input_norm: str, loss: str) -> LLM2CLIPConfig:
+    """An LLM-adapter LLM2CLIPConfig around a converted CLIP tower (``vision``: its transformers config
+    fields) with its image ``preprocessing`` and a new adapter of the given geometry."""
+    return LLM2CLIPConfig(
+        vision={"kind": "clip", "config": dict(vision), "preprocessing": preprocessing},
+        embed_dim=embed_dim,
+        text_tower="llm-adapter",
+        llm_dim=llm_dim,
+        adapter={"num_blocks": num_blocks, "expansion": expansion, "dropout": 0.0, "input_norm": input_norm},
+        loss=loss,
+    )
+
+
 def skeleton_shapes(config: LLM2CLIPConfig) -> dict[str, tuple[int, ...]]:
     """State-dict shapes of the model ``config`` describes, built on the meta device (no memory, no RNG)."""
     with torch.device("meta"):

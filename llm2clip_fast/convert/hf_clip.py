@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
-from .assemble import assemble_model, skeleton_shapes
+from ..models.llm2clip import LLM2CLIPModel
+from .assemble import assemble_model, pretrained_tower_config, skeleton_shapes
 from .clip_vision_keys import check_position_ids, position_ids_key, vision_plan
 from .errors import SourceMismatchError
 from .source_files import (
@@ -112,15 +112,9 @@ def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None =
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in tensors) else ""
     if keep_projection:
         embed_dim = check_kept_projection(tensors.get(PROJECTION_KEY), folder, embed_dim)
-    model_config = LLM2CLIPConfig(
-        vision={"kind": "clip", "config": dict(vision_config),
-                "preprocessing": tower_preprocessing(folder, vision_config)},
-        embed_dim=embed_dim,
-        text_tower="llm-adapter",
-        llm_dim=llm_dim,
-        adapter={"num_blocks": num_blocks, "expansion": expansion, "dropout": 0.0, "input_norm": input_norm},
-        loss=loss,
-    )
+    model_config = pretrained_tower_config(vision_config, tower_preprocessing(folder, vision_config),
+                                           embed_dim=embed_dim, llm_dim=llm_dim, num_blocks=num_blocks,
+                                           expansion=expansion, input_norm=input_norm, loss=loss)
     target_shapes = skeleton_shapes(model_config)
     plan = vision_plan(list(target_shapes), prefix)
     fresh = [k for k in target_shapes if not k.startswith("vision.")]

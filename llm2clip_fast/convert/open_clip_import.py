@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from ..models.image_preprocessing import ImagePreprocessing
-from ..models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
-from .assemble import assemble_model, skeleton_shapes
+from ..models.llm2clip import LLM2CLIPModel
+from .assemble import assemble_model, pretrained_tower_config, skeleton_shapes
 from .clip_vision_keys import TOWER_PREFIX
 from .errors import SourceMismatchError
 from .hf_clip import _check_positive
@@ -349,14 +349,9 @@ def convert_open_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None
         preprocessing = ImagePreprocessing.from_open_clip(preprocess_cfg, geometry.image_size)
     except ValueError as exc:
         raise SourceMismatchError(f"{where}: {exc}") from None
-    model_config = LLM2CLIPConfig(
-        vision={"kind": "clip", "config": geometry.hf_config(), "preprocessing": preprocessing.to_dict()},
-        embed_dim=embed_dim,
-        text_tower="llm-adapter",
-        llm_dim=llm_dim,
-        adapter={"num_blocks": num_blocks, "expansion": expansion, "dropout": 0.0, "input_norm": input_norm},
-        loss=loss,
-    )
+    model_config = pretrained_tower_config(geometry.hf_config(), preprocessing.to_dict(), embed_dim=embed_dim,
+                                           llm_dim=llm_dim, num_blocks=num_blocks, expansion=expansion,
+                                           input_norm=input_norm, loss=loss)
     target_shapes = skeleton_shapes(model_config)
     target_of = {k[len(TOWER_PREFIX):].removeprefix("vision_model."): k for k in target_shapes
                  if k.startswith(TOWER_PREFIX)}
