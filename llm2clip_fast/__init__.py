@@ -12,15 +12,13 @@ Import layering, lowest first; a module imports only from its own layer or lower
 
 0. this package and its one-job helpers: ``_extensions``, ``atomic_files``, ``fp32_matmul``,
    ``cli_exit_codes``, ``third_party_notices``;
-1. ``kernels`` (the Triton kernels, ``llm2clip_kernels/``) and ``data`` (sources, loaders, caches);
-2. ``ops`` (backend dispatch, autograd, the CPU/torch implementations);
-3. ``distributed`` (collectives, global-batch losses) and ``losses`` (OpenCLIP-style modules);
+1. ``kernels`` (the Triton kernels, ``llm2clip_kernels/``), ``data`` (sources, loaders, caches) and
+   ``distributed`` (process set-up and the row collectives);
+2. ``ops`` (backend dispatch, autograd, the CPU/torch implementations, the global-batch losses);
+3. ``losses`` (OpenCLIP-style modules);
 4. ``models`` (towers, adapter, LLM encoder, LLM2CLIPModel);
 5. ``convert`` (released checkpoints in and out);
 6. ``train`` (the command lines) and ``info``; ``bench/`` sits outside the package, above all.
-
-One edge points up: ``ops.clip_loss`` / ``ops.siglip_loss`` with ``distributed=True`` hand over to the
-global-batch losses in ``distributed``, imported inside that branch only.
 """
 
 from __future__ import annotations

@@ -243,9 +243,9 @@ def _rank_main(rank: int, ports: list[int], runs: list[list[str]], results) -> N
 # Where the library hands tensors to collectives; each must be seen at least once in the runs.
 EXPECTED_SITES = {
     "train.stage2.equalise_across_ranks", "train.stage2.global_loss", "train.stage2.average_replicated_grads",
-    "train.stage2._gather_objects", "distributed.barrier", "distributed._gather_batch_sizes",
-    "distributed._all_gather_rows", "distributed._reduce_scatter_rows", "distributed._logsumexp_across_ranks",
-    "distributed.backward", "distributed.mean_over_ranks", "distributed.average_gradients",
+    "train.stage2._gather_objects", "distributed.barrier", "distributed.gather_batch_sizes",
+    "distributed.all_gather_rows", "distributed.reduce_scatter_rows", "distributed.logsumexp_across_ranks",
+    "ops.global_batch_losses.backward", "distributed.mean_over_ranks", "distributed.average_gradients",
 }
 
 

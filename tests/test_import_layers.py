@@ -1,6 +1,5 @@
 """The package's import layering (llm2clip_fast/__init__.py's docstring states it): a module imports only
-from its own layer or lower ones, at module level and inside functions alike; the one upward edge is
-named below with its reason."""
+from its own layer or lower ones, at module level and inside functions alike."""
 
 from __future__ import annotations
 
@@ -13,16 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "(base)": 0, "_extensions": 0, "atomic_files": 0, "cli_exit_codes": 0, "fp32_matmul": 0,
     "third_party_notices": 0,
-    "kernels": 1, "data": 1,
+    "kernels": 1, "data": 1, "distributed": 1,
     "ops": 2,
-    "distributed": 3, "losses": 3,
+    "losses": 3,
     "models": 4,
     "convert": 5,
     "train": 6, "info": 6,
 }
-# ops.clip_loss / ops.siglip_loss(..., distributed=True) hand over to the global-batch losses, which
-# are built on the collectives of `distributed`: imported inside that branch only.
-ALLOWED_UPWARD = {("ops", "distributed")}
+# None: the global-batch losses live in ops/ on top of distributed's collectives.
+ALLOWED_UPWARD: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, Path]:

@@ -434,7 +434,7 @@ def clip_loss(
         backend: force a backend ('triton', 'cpu', 'torch', 'reference'); default automatic.
         distributed: compute the global-batch loss across the ranks of ``process_group`` (the
             default group when None); each rank passes its local features. See
-            :func:`llm2clip_fast.distributed.clip_loss_global` for the exact convention.
+            :func:`llm2clip_fast.ops.global_batch_losses.clip_loss_global` for the exact convention.
             Passing a ``process_group`` implies ``distributed=True``.
 
     Returns:
@@ -447,7 +447,7 @@ def clip_loss(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if distributed or process_group is not None:
-        from ..distributed import clip_loss_global
+        from .global_batch_losses import clip_loss_global
 
         return clip_loss_global(image_features, text_features, logit_scale, reduction=reduction,
                                 process_group=process_group, backend=backend)

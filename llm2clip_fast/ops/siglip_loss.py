@@ -429,7 +429,7 @@ def siglip_loss(
         backend: force a backend ('triton', 'cpu', 'torch', 'reference'); default automatic.
         distributed: compute the global-batch loss across the ranks of ``process_group`` (the
             default group when None); each rank passes its local features. See
-            :func:`llm2clip_fast.distributed.siglip_loss_global` for the exact convention.
+            :func:`llm2clip_fast.ops.global_batch_losses.siglip_loss_global` for the exact convention.
             Passing a ``process_group`` implies ``distributed=True``.
 
     Returns:
@@ -439,7 +439,7 @@ def siglip_loss(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if distributed or process_group is not None:
-        from ..distributed import siglip_loss_global
+        from .global_batch_losses import siglip_loss_global
 
         return siglip_loss_global(image_features, text_features, logit_scale, logit_bias,
                                   reduction=reduction, process_group=process_group, backend=backend)
