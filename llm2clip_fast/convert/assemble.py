@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -34,6 +35,22 @@ def assemble_model(config: LLM2CLIPConfig, converted: Mapping[str, torch.Tensor]
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def check_new_head_sizes(llm_dim: Any, embed_dim: Any, keep_projection: bool) -> None:
+    """The sizes of the parts a tower-only import creates: ``llm_dim`` (the adapter's input) always,
+    ``embed_dim`` unless ``keep_projection`` takes it from the pretrained projection."""
+    _check_positive("llm_dim", llm_dim)
+    if embed_dim is None and not keep_projection:
+        raise ValueError("--embed-dim is needed unless --keep-projection takes the size of the pretrained "
+                         "projection")
+    if embed_dim is not None:
+        _check_positive("embed_dim", embed_dim)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def pretrained_tower_config(vision: dict, preprocessing: dict, *, embed_dim: int, llm_dim: int,

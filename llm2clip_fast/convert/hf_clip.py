@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..models.llm2clip import LLM2CLIPModel
-from .assemble import assemble_model, pretrained_tower_config, skeleton_shapes
+from .assemble import assemble_model, check_new_head_sizes, pretrained_tower_config, skeleton_shapes
 from .clip_vision_keys import check_position_ids, position_ids_key, vision_plan
 from .errors import SourceMismatchError
 from .source_files import (
@@ -36,11 +36,6 @@ from .strict_mapping import apply_plan
 _TEXT_TOWER_KEYS = ("text_model.", "text_projection.weight", "logit_scale")
 PROJECTION_KEY = "visual_projection.weight"
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def check_kept_projection(projection: torch.Tensor | None, folder: Path, embed_dim: int | None,
@@ -89,12 +84,7 @@ def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None =
 
     ``embed_dim`` may be omitted with ``keep_projection`` (the pretrained projection's size is used).
     """
-    _check_positive("llm_dim", llm_dim)
-    if embed_dim is None and not keep_projection:
-        raise ValueError("--embed-dim is needed unless --keep-projection takes the size of the pretrained "
-                         "projection")
-    if embed_dim is not None:
-        _check_positive("embed_dim", embed_dim)
+    check_new_head_sizes(llm_dim, embed_dim, keep_projection)
     folder = require_folder(source, "hf-clip source")
     config = read_config(folder)
     model_type = config.get("model_type")

@@ -25,7 +25,6 @@ pooling. Key layout and forward: :mod:`llm2clip_fast.convert.open_clip_keys` (op
 
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,10 +35,9 @@ import torch
 
 from ..models.image_preprocessing import ImagePreprocessing
 from ..models.llm2clip import LLM2CLIPModel
-from .assemble import assemble_model, pretrained_tower_config, skeleton_shapes
+from .assemble import assemble_model, check_new_head_sizes, pretrained_tower_config, skeleton_shapes
 from .clip_vision_keys import TOWER_PREFIX
 from .errors import SourceMismatchError
-from .hf_clip import _check_positive
 from .open_clip_keys import (
     ACTIVATIONS,
     CONFIG_NAME,
@@ -54,7 +52,7 @@ from .open_clip_keys import (
     is_packed,
     packed_names,
 )
-from .source_files import require_folder
+from .source_files import read_json_object, require_folder
 from .strict_mapping import apply_plan
 
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -136,12 +134,7 @@ def read_open_clip_source(source: str | Path) -> OpenClipSource:
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no {CONFIG_NAME}; an OpenCLIP hub folder has one (for "
                                 "a bare state dict, pass the file itself with --heads and --act)")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SourceMismatchError(f"{config_file} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise SourceMismatchError(f"{config_file} must hold a JSON object")
+    config = read_json_object(config_file)
     weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise FileNotFoundError(f"{str(folder)!r} has none of {list(WEIGHT_NAMES)}")
@@ -322,12 +315,7 @@ def convert_open_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None
 
     ``embed_dim`` may be omitted with ``keep_projection`` (``visual.proj``'s output size is used).
     """
-    _check_positive("llm_dim", llm_dim)
-    if embed_dim is None and not keep_projection:
-        raise ValueError("--embed-dim is needed unless --keep-projection takes the size of the pretrained "
-                         "projection")
-    if embed_dim is not None:
-        _check_positive("embed_dim", embed_dim)
+    check_new_head_sizes(llm_dim, embed_dim, keep_projection)
     src = read_open_clip_source(source)
     where = str(src.path / CONFIG_NAME) if src.config is not None else str(src.path)
     model_cfg = preprocess_cfg = None

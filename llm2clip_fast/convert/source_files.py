@@ -39,13 +39,18 @@ def read_config(folder: Path) -> dict[str, Any]:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no config.json (expected a Hugging Face model folder)")
+    return read_json_object(config_file)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; SourceMismatchError when the file is not JSON or not an object."""
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise SourceMismatchError(f"{config_file} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise SourceMismatchError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
-    return config
+        raise SourceMismatchError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SourceMismatchError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_safetensors_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
