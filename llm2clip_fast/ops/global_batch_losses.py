@@ -35,6 +35,29 @@ def _require_process_group() -> None:
         )
 
 
+def _checked_features(image: torch.Tensor, text: torch.Tensor, reduction: str,
+                      group: dist.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checks both global losses run before any collective; the features in one common dtype."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
+    _require_process_group()
+    check_pair(image, text, "image_features", "text_features", same_batch=True)
+    # The collectives below take tensors on the features' device: say so before NCCL does.
+    check_collective_device(image.device, group, require_current=False)
+    if image.dtype != text.dtype:
+        common = torch.promote_types(image.dtype, text.dtype)
+        image, text = image.to(common), text.to(common)
+    return image, text
+
+
+def _local_batch_sizes(image: torch.Tensor, group: dist.ProcessGroup | None) -> list[int]:
+    """Every rank's local batch size (a collective); an empty rank is an error on every rank."""
+    sizes = gather_batch_sizes(image.shape[0], image.device, group)
+    if min(sizes) == 0:
+        raise ValueError(f"every rank needs a non-empty local batch; local batch sizes are {sizes}")
+    return sizes
+
+
 def _local_row_weights(grad_out: torch.Tensor, reduction: str, m: int) -> torch.Tensor:
     """Per-row upstream gradient of a reduced loss, as an (m,) vector."""
     if reduction == "mean":
@@ -133,19 +156,9 @@ def clip_loss_global(
     Not initialised: raises RuntimeError.
     """
 
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
-    _require_process_group()
-    check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
-    # The collectives below take tensors on the features' device: say so before NCCL does.
-    check_collective_device(image_features.device, process_group, require_current=False)
-    if image_features.dtype != text_features.dtype:
-        common = torch.promote_types(image_features.dtype, text_features.dtype)
-        image_features, text_features = image_features.to(common), text_features.to(common)
+    image_features, text_features = _checked_features(image_features, text_features, reduction, process_group)
     scale = check_scale(logit_scale, image_features.device)
-    sizes = gather_batch_sizes(image_features.shape[0], image_features.device, process_group)
-    if min(sizes) == 0:
-        raise ValueError(f"every rank needs a non-empty local batch; local batch sizes are {sizes}")
+    sizes = _local_batch_sizes(image_features, process_group)
     return _ClipLossGlobal.apply(image_features.contiguous(), text_features.contiguous(), scale, reduction,
                                  backend, process_group, sizes)
 
@@ -222,19 +235,9 @@ def siglip_loss_global(
     supported. Any torch.distributed backend (NCCL, gloo). Not initialised: raises RuntimeError.
     """
 
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}")
-    _require_process_group()
-    check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
-    # The collectives below take tensors on the features' device: say so before NCCL does.
-    check_collective_device(image_features.device, process_group, require_current=False)
-    if image_features.dtype != text_features.dtype:
-        common = torch.promote_types(image_features.dtype, text_features.dtype)
-        image_features, text_features = image_features.to(common), text_features.to(common)
+    image_features, text_features = _checked_features(image_features, text_features, reduction, process_group)
     scale = check_scale(logit_scale, image_features.device)
     bias = check_bias(logit_bias, image_features.device)
-    sizes = gather_batch_sizes(image_features.shape[0], image_features.device, process_group)
-    if min(sizes) == 0:
-        raise ValueError(f"every rank needs a non-empty local batch; local batch sizes are {sizes}")
+    sizes = _local_batch_sizes(image_features, process_group)
     return _SigLipLossGlobal.apply(image_features.contiguous(), text_features.contiguous(), scale, bias,
                                    reduction, backend, process_group, sizes)
