@@ -127,6 +127,16 @@ def _row_stats_kernel(X, MEAN, RSTD, NORM, stride_x, M, D, ln_eps, l2_eps,
     tl.store(RSTD + rows, rstd, mask=mask_r)
 
 
+@triton.jit
+def _grouped_tile(pid, ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    """(row tile, column tile) of program ``pid``, walking GROUP-row bands of tiles so neighbouring
+    programs share the row operand's tiles in L2."""
+    num_c = (COLS + BLOCK_C - 1) // BLOCK_C
+    first_r = (pid // (GROUP * num_c)) * GROUP
+    band = tl.minimum((ROWS + BLOCK_R - 1) // BLOCK_R - first_r, GROUP)
+    return first_r + (pid % (GROUP * num_c)) % band, (pid % (GROUP * num_c)) // band
+
+
 @triton.autotune(**_FWD_TILES.autotune_args(_INTERPRET, _interpret_config(_MNK)), key=["M", "N", "K"])
 @triton.jit
 def _fused_linear_fwd_kernel(
@@ -138,13 +148,8 @@ def _fused_linear_fwd_kernel(
     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    # GROUP-row bands of tiles, so neighbouring programs share A tiles in L2.
     pid = tl.program_id(0)
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    first_m = (pid // (GROUP * num_n)) * GROUP
-    band = tl.minimum((M + BLOCK_M - 1) // BLOCK_M - first_m, GROUP)
-    pid_m = first_m + (pid % (GROUP * num_n)) % band
-    pid_n = (pid % (GROUP * num_n)) // band
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m = rm < M
@@ -194,13 +199,8 @@ def _ln_gelu_bwd_kernel(
     DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    # GROUP-row bands of tiles, so neighbouring programs share A tiles in L2.
     pid = tl.program_id(0)
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    first_m = (pid // (GROUP * num_n)) * GROUP
-    band = tl.minimum((M + BLOCK_M - 1) // BLOCK_M - first_m, GROUP)
-    pid_m = first_m + (pid % (GROUP * num_n)) % band
-    pid_n = (pid % (GROUP * num_n)) // band
+    pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP)
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mask_m = rm < M
@@ -252,11 +252,7 @@ def _weight_grad_kernel(
 ):
     # dW[n, k] = sum_m G[m, n] * f(X)[m, k]: output tiles over (N, K), reduction over the M rows.
     pid = tl.program_id(0)
-    num_k = (K + BLOCK_K - 1) // BLOCK_K
-    first_n = (pid // (GROUP * num_k)) * GROUP
-    band = tl.minimum((N + BLOCK_N - 1) // BLOCK_N - first_n, GROUP)
-    pid_n = first_n + (pid % (GROUP * num_k)) % band
-    pid_k = (pid % (GROUP * num_k)) // band
+    pid_n, pid_k = _grouped_tile(pid, N, K, BLOCK_N, BLOCK_K, GROUP)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     mask_n = rn < N
