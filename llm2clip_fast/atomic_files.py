@@ -46,19 +46,12 @@ def _temporary_name(path: Path) -> Path:
 
 def write_stream_atomic(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
     """Call ``write(f)`` on a binary file that becomes ``path`` once complete (fsynced, renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_name(path)
-    try:
+
+    def write_file(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_path_atomic(path, write_file)
 
 
 def write_path_atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
