@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_llm2clip import tiny_clip_tower_model
 
 from llm2clip_fast.train.retrieval_metrics import (
     caption_retrieval_accuracy,
@@ -103,19 +104,6 @@ def _write_tiny_manifest(folder):
     return path
 
 
-def _tiny_clip_tower_model():
-    from llm2clip_fast.models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
-    from llm2clip_fast.models.vision import VisionTower
-
-    torch.manual_seed(0)
-    vision = VisionTower.from_config("clip", {"image_size": 32, "patch_size": 8, "hidden_size": 32,
-                                              "intermediate_size": 64, "num_hidden_layers": 1,
-                                              "num_attention_heads": 2})
-    config = LLM2CLIPConfig(vision=vision.config_dict(), embed_dim=16, text_tower="clip",
-                            clip_text={"width": 32, "layers": 1, "heads": 2})
-    return LLM2CLIPModel(config, vision_tower=vision)
-
-
 def test_eval_command_on_a_saved_model(tmp_path, capsys):
     import json
 
@@ -124,7 +112,7 @@ def test_eval_command_on_a_saved_model(tmp_path, capsys):
     from llm2clip_fast.train.eval import collect_eval_set, evaluate
 
     manifest = _write_tiny_manifest(tmp_path)
-    model = _tiny_clip_tower_model().eval()
+    model = tiny_clip_tower_model().eval()
     model.save_pretrained(tmp_path / "model")
     out = tmp_path / "results" / "val.json"
     assert main(["eval", "--model", str(tmp_path / "model"), "--data", str(manifest),
@@ -163,7 +151,7 @@ def test_eval_bad_arguments(tmp_path):
     from llm2clip_fast.train.eval import evaluate_model_dir
 
     manifest = _write_tiny_manifest(tmp_path)
-    _tiny_clip_tower_model().save_pretrained(tmp_path / "model")
+    tiny_clip_tower_model().save_pretrained(tmp_path / "model")
     with pytest.raises(ValueError, match="caption"):
         evaluate_model_dir(tmp_path / "model", str(manifest), caption="medium")
     with pytest.raises(FileNotFoundError, match="not a saved"):

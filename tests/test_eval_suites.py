@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_llm2clip import tiny_clip_tower_model
 
 from llm2clip_fast.data.bad_data import BadDataError
 from llm2clip_fast.train.eval_suites import (
@@ -408,26 +409,13 @@ def test_suite_all_with_nothing_found(tmp_path):
 # -- end to end: the command on a tiny saved model ----------------------------------------------------
 
 
-def _tiny_clip_tower_model():
-    from llm2clip_fast.models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
-    from llm2clip_fast.models.vision import VisionTower
-
-    torch.manual_seed(0)
-    vision = VisionTower.from_config("clip", {"image_size": 32, "patch_size": 8, "hidden_size": 32,
-                                              "intermediate_size": 64, "num_hidden_layers": 1,
-                                              "num_attention_heads": 2})
-    config = LLM2CLIPConfig(vision=vision.config_dict(), embed_dim=16, text_tower="clip",
-                            clip_text={"width": 32, "layers": 1, "heads": 2})
-    return LLM2CLIPModel(config, vision_tower=vision)
-
-
 def test_eval_suite_command_on_a_saved_model(tmp_path, capsys):
     from PIL import Image
 
     from llm2clip_fast.data.image_transforms import clip_image_transform
     from llm2clip_fast.train.__main__ import main
 
-    model = _tiny_clip_tower_model().eval()
+    model = tiny_clip_tower_model().eval()
     model.save_pretrained(tmp_path / "model")
     root = make_coco(tmp_path / "coco")
     argv = ["eval", "--model", str(tmp_path / "model"), "--suite", "coco", "--root", str(root),
@@ -459,7 +447,7 @@ def test_eval_suite_command_on_a_saved_model(tmp_path, capsys):
 def test_eval_suite_command_errors(tmp_path):
     from llm2clip_fast.train.__main__ import cli
 
-    _tiny_clip_tower_model().save_pretrained(tmp_path / "model")
+    tiny_clip_tower_model().save_pretrained(tmp_path / "model")
     base = ["eval", "--model", str(tmp_path / "model")]
     assert cli([*base, "--suite", "coco", "--root", str(tmp_path)]) == 3  # no dataset_coco.json
     assert cli([*base, "--suite", "coco"]) == 2  # no --root
