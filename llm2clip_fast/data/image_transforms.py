@@ -122,8 +122,11 @@ class ClipImageTransform:
             image = image.resize(
                 (self.size, self.size), self._filter, box=(left, top, left + w, top + h)
             )
-        elif self.resize == "square":  # SigLIP / ViT processors: the whole image, aspect not kept
-            image = image.resize((self.size, self.size), self._filter)
+        elif self.resize == "square":  # SigLIP / ViT processors, timm's 'squash': aspect not kept
+            side = self.resize_size or self.size
+            image = image.resize((side, side), self._filter)
+            if side != self.size:
+                image = center_crop(image, self.size)
         else:
             short = self.resize_size or self.size
             image = center_crop(resize_short_side(image, short, self._filter), self.size)
@@ -156,7 +159,9 @@ def clip_image_transform(
         ratio: range of the crop's aspect ratio w/h (train only).
         mean, std: per-channel normalisation (default: CLIP's).
         resize: evaluation resize: "shortest_edge" (short side to ``resize_size`` or ``size``, then a
-            centre crop; CLIP) or "square" (the whole image to size x size; SigLIP, ViT).
+            centre crop; CLIP) or "square" (the whole image to ``resize_size`` or ``size`` square, aspect
+            not kept, then a centre crop; SigLIP, ViT, timm's 'squash' crop mode).
+        resize_size: the side before the centre crop (default ``size``; >= ``size``).
         resample: "bicubic" or "bilinear".
     """
     if resize not in ("shortest_edge", "square"):
@@ -165,6 +170,8 @@ def clip_image_transform(
         raise ValueError(f"resample must be one of {sorted(_FILTERS)}, got {resample!r}")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
+    if resize_size is not None and (not isinstance(resize_size, int) or resize_size < size):
+        raise ValueError(f"resize_size must be an int >= size ({size}), got {resize_size!r}")
     if not (0.0 < scale[0] <= scale[1] <= 1.0):
         raise ValueError(f"scale must satisfy 0 < scale[0] <= scale[1] <= 1, got {scale!r}")
     if not (0.0 < ratio[0] <= ratio[1]):

@@ -17,12 +17,17 @@ saved before this field existed was trained with CLIP's preprocessing whatever i
 Matched against transformers 5.24 ``CLIPImageProcessor``, ``SiglipImageProcessor``, ``ViTImageProcessor``
 defaults. An OpenCLIP model's ``preprocess_cfg`` (``open_clip_config.json``) converts both ways
 (:meth:`ImagePreprocessing.from_open_clip`, :meth:`ImagePreprocessing.to_open_clip`), matched against
-open_clip_torch 3.3.0 ``open_clip/transform.py`` (``PreprocessCfg``, ``image_transform`` at eval).
+open_clip_torch 3.3.0 ``open_clip/transform.py`` (``PreprocessCfg``, ``image_transform`` at eval). A timm
+model's data config (``timm.data.resolve_data_config``) converts with :meth:`ImagePreprocessing.from_timm`,
+matched against timm 1.0.31 ``timm/data/transforms_factory.py`` (``transforms_imagenet_eval``): crop_pct
+below 1 resizes to ``floor(size / crop_pct)`` before the centre crop (``resize_size``), keeping the
+aspect ('center' crop mode) or not ('squash').
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +35,10 @@ from typing import Any
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
-RESIZE_MODES = ("shortest_edge", "square")  # shortest_edge: then a centre crop; square: no crop
+# shortest_edge: the short side to resize_size (default image_size), then a centre crop;
+# square: the whole image to resize_size x resize_size (aspect not kept), then a centre crop (none when
+# resize_size is None: straight to image_size x image_size)
+RESIZE_MODES = ("shortest_edge", "square")
 RESAMPLE_FILTERS = ("bicubic", "bilinear")
 # PIL's Image.Resampling values, as preprocessor_config.json stores them.
 _PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
@@ -45,7 +53,7 @@ class ImagePreprocessing:
     std: tuple[float, float, float] = CLIP_STD
     resize: str = "shortest_edge"
     resample: str = "bicubic"
-    # shortest_edge mode: the short side before the centre crop (None: image_size, CLIP's 224 -> 224)
+    # the side before the centre crop (None: image_size, CLIP's 224 -> 224; timm's crop_pct 0.9: 248)
     resize_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -57,10 +65,10 @@ class ImagePreprocessing:
             raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {self.resample!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise ValueError(f"mean and std need 3 values each (std > 0), got {self.mean!r}, {self.std!r}")
-        bad_resize_size = self.resize != "shortest_edge" or (self.resize_size or 0) < self.image_size
-        if self.resize_size is not None and bad_resize_size:
-            raise ValueError(f"resize_size applies to resize='shortest_edge' and must be >= image_size "
-                             f"({self.image_size}), got {self.resize_size!r} with resize={self.resize!r}")
+        if self.resize_size is not None and (not isinstance(self.resize_size, int)
+                                             or self.resize_size < self.image_size):
+            raise ValueError(f"resize_size must be an int >= image_size ({self.image_size}), got "
+                             f"{self.resize_size!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -139,6 +147,36 @@ class ImagePreprocessing:
                              "'shortest' = resize the short side and centre-crop, 'squash' = resize to a "
                              "square; 'longest' pads the image, which the data pipeline does not do)")
         return cls(image_size=image_size, mean=mean, std=std, resize=resize, resample=resample)
+
+    @classmethod
+    def from_timm(cls, data_config: dict[str, Any]) -> ImagePreprocessing:
+        """timm's eval transform for a data config (``timm.data.resolve_data_config``): ``input_size``,
+        ``mean``, ``std``, ``interpolation``, ``crop_pct`` and ``crop_mode`` ('center': resize the short
+        side to ``floor(size / crop_pct)`` and centre-crop; 'squash': resize to that square, then crop).
+        ValueError for what the data pipeline does not reproduce (the 'border' crop mode, crop_pct > 1,
+        filters other than bicubic/bilinear, non-square sizes)."""
+        _, height, width = (int(v) for v in data_config["input_size"])
+        if height != width:
+            raise ValueError(f"timm data config input_size {data_config['input_size']}: only square images "
+                             "are supported")
+        interpolation = data_config.get("interpolation", "bicubic")
+        if interpolation not in RESAMPLE_FILTERS:
+            raise ValueError(f"timm data config interpolation {interpolation!r} is not supported (supported: "
+                             f"{', '.join(RESAMPLE_FILTERS)})")
+        crop_pct = float(data_config.get("crop_pct", 1.0))
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"timm data config crop_pct {crop_pct} is not supported (0 < crop_pct <= 1; "
+                             "above 1 timm pads the image, which the data pipeline does not do)")
+        mode = data_config.get("crop_mode", "center")
+        resize = {"center": "shortest_edge", "squash": "square"}.get(mode)
+        if resize is None:
+            raise ValueError(f"timm data config crop_mode {mode!r} is not supported (supported: 'center' = "
+                             "resize the short side and centre-crop, 'squash' = resize to a square and "
+                             "centre-crop; 'border' pads the image, which the data pipeline does not do)")
+        resize_size = math.floor(height / crop_pct)
+        return cls(image_size=height, mean=tuple(data_config["mean"]), std=tuple(data_config["std"]),
+                   resize=resize, resample=interpolation,
+                   resize_size=resize_size if resize_size != height else None)
 
     def to_open_clip(self) -> dict[str, Any]:
         """The ``preprocess_cfg`` of ``open_clip_config.json`` that OpenCLIP turns into this eval transform.
