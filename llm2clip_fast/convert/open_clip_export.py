@@ -53,6 +53,9 @@ def open_clip_export(model: LLM2CLIPModel) -> tuple[dict[str, torch.Tensor], dic
     if tower.kind != "clip":
         raise ValueError(f"the model's vision tower is a {tower.kind!r} tower; only transformers CLIP towers "
                          "(kind 'clip') have an OpenCLIP ViT equivalent")
+    if model.visual_projection.bias is not None:
+        raise ValueError("the model's visual projection has a bias (projection_bias); OpenCLIP's visual.proj "
+                         "has none")
     cfg = tower.model.config
     act = _ACT_OF_HIDDEN_ACT.get(cfg.hidden_act)
     if act is None:

@@ -1,7 +1,8 @@
 """LLM2CLIPModel: a vision tower and a text side trained contrastively into one embedding space.
 
-Image side: a transformers vision tower (:class:`~llm2clip_fast.models.vision.VisionTower`), its pooled
-feature projected by ``visual_projection`` (Linear(hidden -> embed_dim), no bias, as CLIP).
+Image side: a vision tower (:class:`~llm2clip_fast.models.vision.VisionTower`: transformers CLIP/SigLIP/ViT
+or timm), its pooled feature projected by ``visual_projection`` (Linear(hidden -> embed_dim), no bias as
+CLIP, or with a bias as EVA-CLIP's ``visual.head`` when ``config.projection_bias``).
 
 Text side, by ``config.text_tower``:
 
@@ -49,8 +50,10 @@ DEFAULT_PROMPT_TEMPLATES = ("a photo of a {label}.",)
 class LLM2CLIPConfig:
     """Everything needed to rebuild an :class:`LLM2CLIPModel` (weights aside).
 
-    vision: ``{"kind": "clip"|"siglip"|"vit", "config": {transformers config fields}}``.
-    embed_dim: shared embedding size. text_tower: "llm-adapter" or "clip".
+    vision: ``{"kind": "clip"|"siglip"|"vit", "config": {transformers config fields}}`` or ``{"kind":
+    "timm", "config": {"model_name", "model_args"}}``, plus ``"preprocessing"``.
+    embed_dim: shared embedding size. projection_bias: whether ``visual_projection`` has a bias
+    (converted EVA-CLIP models: their ``visual.head`` has one). text_tower: "llm-adapter" or "clip".
     llm_dim: LLM embedding size (llm-adapter only). adapter: TextAdapter keyword arguments
     (num_blocks, expansion, dropout, input_norm; input_norm "none" only for converted checkpoints
     whose official forward skips the L2 step, see ``llm2clip_fast.convert``).
@@ -67,6 +70,7 @@ class LLM2CLIPConfig:
     clip_text: dict[str, Any] | None = None
     loss: str = "clip"
     llm: dict[str, Any] = field(default_factory=dict)
+    projection_bias: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.vision, dict) or "kind" not in self.vision or "config" not in self.vision:
@@ -78,6 +82,8 @@ class LLM2CLIPConfig:
             raise ValueError(f"text_tower must be one of {TEXT_TOWERS}, got {self.text_tower!r}")
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {LOSS_KINDS}, got {self.loss!r}")
+        if not isinstance(self.projection_bias, bool):
+            raise ValueError(f"projection_bias must be true or false, got {self.projection_bias!r}")
         if self.text_tower == "llm-adapter":
             if isinstance(self.llm_dim, bool) or not isinstance(self.llm_dim, int) or self.llm_dim < 1:
                 raise ValueError(f"llm_dim must be a positive int for the llm-adapter text tower, "
@@ -135,8 +141,11 @@ class LLM2CLIPModel(nn.Module):
         config.vision = vision_tower.config_dict()
         self.config = config
         self.vision = vision_tower
-        self.visual_projection = nn.Linear(vision_tower.hidden_size, config.embed_dim, bias=False)
+        self.visual_projection = nn.Linear(vision_tower.hidden_size, config.embed_dim,
+                                           bias=config.projection_bias)
         nn.init.normal_(self.visual_projection.weight, std=vision_tower.hidden_size ** -0.5)
+        if self.visual_projection.bias is not None:
+            nn.init.zeros_(self.visual_projection.bias)
         if config.text_tower == "llm-adapter":
             from .text_adapter import TextAdapter
 

@@ -1,13 +1,16 @@
-"""Vision towers for LLM2CLIP: transformers' CLIP, SigLIP and ViT image encoders behind one interface.
+"""Vision towers for LLM2CLIP: transformers' CLIP, SigLIP and ViT image encoders and timm's ViT-style
+models (EVA02 included) behind one interface.
 
 A :class:`VisionTower` turns ``pixel_values`` (B, 3, S, S) into one pooled feature per image
 (B, hidden_size), the way each family pools: CLIP takes the class token after the post-LayerNorm,
-SigLIP its attention-pooling head, ViT the class token of the final LayerNorm output. It also knows
+SigLIP its attention-pooling head, ViT the class token of the final LayerNorm output, timm models their
+pre-logits features (:mod:`llm2clip_fast.models.timm_vision`). It also knows
 which parameters belong to which transformer layer (for layer-wise learning-rate decay and for
 freezing the first layers) and which module class is one layer (for FSDP wrapping).
 
-Towers are built from a named preset (:data:`VISION_PRESETS`), from a config dict as saved by
-:meth:`VisionTower.config_dict`, or loaded with weights from a local transformers folder.
+Towers are built from a named preset (:data:`VISION_PRESETS`), a timm model name
+(:meth:`VisionTower.from_timm`, random init), a config dict as saved by :meth:`VisionTower.config_dict`,
+or loaded with weights from a local transformers folder.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import timm_vision
 from .image_preprocessing import ImagePreprocessing
 
-VISION_KINDS = ("clip", "siglip", "vit")
+HF_KINDS = ("clip", "siglip", "vit")
+VISION_KINDS = (*HF_KINDS, "timm")
 
 # Presets name an architecture, never weights: they build randomly initialised towers.
 VISION_PRESETS: dict[str, dict[str, Any]] = {
@@ -85,11 +90,13 @@ def _check_kind(kind: str) -> None:
 
 
 class VisionTower(nn.Module):
-    """A transformers image encoder that returns one pooled feature per image.
+    """An image encoder that returns one pooled feature per image.
 
     Args:
-        kind: "clip", "siglip" or "vit".
-        model: the transformers model (``CLIPVisionModel``, ``SiglipVisionModel`` or ``ViTModel``).
+        kind: "clip", "siglip", "vit" or "timm".
+        model: the transformers model (``CLIPVisionModel``, ``SiglipVisionModel`` or ``ViTModel``), or
+            for "timm" a model from :func:`~llm2clip_fast.models.timm_vision.create_timm_model`.
+        preprocessing: default: the family's (transformers' processor defaults; timm's data config).
     """
 
     def __init__(self, kind: str, model: nn.Module,
@@ -98,7 +105,13 @@ class VisionTower(nn.Module):
         _check_kind(kind)
         self.kind = kind
         self.model = model
-        self.preprocessing = preprocessing or ImagePreprocessing.default_for(kind, self.image_size)
+        if kind == "timm":
+            timm_vision.model_config(model)  # raises for a model that cannot be saved and rebuilt
+            self._timm_stem = timm_vision.stem_names(model)
+            default = preprocessing or timm_vision.data_preprocessing(model, self.image_size)
+        else:
+            default = preprocessing or ImagePreprocessing.default_for(kind, self.image_size)
+        self.preprocessing = default
 
     @property
     def preprocessing(self) -> ImagePreprocessing:
@@ -120,9 +133,11 @@ class VisionTower(nn.Module):
     def from_config(cls, kind: str, config: dict[str, Any] | Any,
                     preprocessing: ImagePreprocessing | None = None) -> VisionTower:
         """A randomly initialised tower. ``config`` is a dict of the transformers config's fields
-        (or a config object); ``preprocessing`` defaults to the family's (see
-        :class:`~llm2clip_fast.models.image_preprocessing.ImagePreprocessing`)."""
+        (or a config object), for "timm" ``{"model_name", "model_args"}``; ``preprocessing`` defaults
+        to the family's (see :class:`~llm2clip_fast.models.image_preprocessing.ImagePreprocessing`)."""
         _check_kind(kind)
+        if kind == "timm":
+            return cls(kind, timm_vision.create_timm_model(config), preprocessing)
         config_cls = _config_class(kind)
         if isinstance(config, dict):
             fields = {k: v for k, v in config.items() if k not in {"transformers_version", "model_type"}}
@@ -131,6 +146,14 @@ class VisionTower(nn.Module):
             raise TypeError(f"config for a {kind!r} tower must be a dict or {config_cls.__name__}, "
                             f"got {type(config).__name__}")
         return cls(kind, _model_from_config(kind, config), preprocessing)
+
+    @classmethod
+    def from_timm(cls, model_name: str, model_args: dict[str, Any] | None = None,
+                  preprocessing: ImagePreprocessing | None = None) -> VisionTower:
+        """A randomly initialised timm tower: ``timm.create_model(model_name, pretrained=False,
+        num_classes=0, **model_args)`` (nothing is downloaded); preprocessing from timm's data config."""
+        return cls.from_config("timm", {"model_name": model_name, "model_args": dict(model_args or {})},
+                               preprocessing)
 
     @classmethod
     def from_preset(cls, name: str) -> VisionTower:
@@ -173,6 +196,9 @@ class VisionTower(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """What :meth:`from_config` needs to rebuild this tower: ``{"kind", "config", "preprocessing"}``."""
+        if self.kind == "timm":
+            return {"kind": self.kind, "config": timm_vision.model_config(self.model),
+                    "preprocessing": self.preprocessing.to_dict()}
         cfg = self.model.config.to_dict()
         for k in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
             cfg.pop(k, None)
@@ -182,15 +208,21 @@ class VisionTower(nn.Module):
 
     @property
     def hidden_size(self) -> int:
+        if self.kind == "timm":
+            return timm_vision.hidden_size(self.model)
         return int(self.model.config.hidden_size)
 
     @property
     def image_size(self) -> int:
+        if self.kind == "timm":
+            return timm_vision.image_size(self.model)
         size = self.model.config.image_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
     @property
     def num_layers(self) -> int:
+        if self.kind == "timm":
+            return timm_vision.num_layers(self.model)
         return int(self.model.config.num_hidden_layers)
 
     def layer_id(self, param_name: str) -> int:
@@ -198,6 +230,8 @@ class VisionTower(nn.Module):
         transformer layer ``i``, ``num_layers + 1`` for everything after the last layer (final norm,
         pooling head). ``param_name`` is relative to this tower (or to ``.model``)."""
         name = param_name.removeprefix("model.")
+        if self.kind == "timm":
+            return timm_vision.layer_id(name, self._timm_stem, self.num_layers)
         m = _LAYER_RE.search(name)
         if m:
             return int(m.group(1)) + 1
@@ -205,9 +239,11 @@ class VisionTower(nn.Module):
             return 0
         return self.num_layers + 1
 
-    def layer_modules(self) -> nn.ModuleList:
+    def layer_modules(self) -> nn.ModuleList | nn.Sequential:
         """The transformer layers, in order."""
         inner = self.model
+        if self.kind == "timm":
+            return inner.blocks
         if self.kind == "vit":
             layers = getattr(inner, "layers", None) or getattr(getattr(inner, "encoder", None), "layer", None)
         else:
@@ -228,7 +264,9 @@ class VisionTower(nn.Module):
                 p.requires_grad_(False)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if enabled:
+        if self.kind == "timm":
+            self.model.set_grad_checkpointing(enabled)
+        elif enabled:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             self.model.gradient_checkpointing_disable()
@@ -243,17 +281,23 @@ class VisionTower(nn.Module):
         if pixel_values.shape[-2:] != (size, size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} pixels but this vision "
                              f"tower takes {size}x{size} images (set the data's image size to {size})")
+        if self.kind == "timm":
+            return timm_vision.pooled(self.model, pixel_values)
         out = self.model(pixel_values=pixel_values)
         if self.kind == "vit":
             return out.last_hidden_state[:, 0]
         return out.pooler_output
 
 
-def build_vision_tower(preset: str | None = None, path: str | Path | None = None) -> VisionTower:
-    """A tower from exactly one of a preset name (random init) or a local transformers folder."""
-    if (preset is None) == (path is None):
-        raise ValueError("give exactly one of a vision preset or a vision path "
-                         f"(got preset={preset!r}, path={path!r})")
+def build_vision_tower(preset: str | None = None, path: str | Path | None = None,
+                       timm: str | None = None) -> VisionTower:
+    """A tower from exactly one of a preset name (random init), a local transformers folder or a timm
+    model name (random init)."""
+    if sum(v is not None for v in (preset, path, timm)) != 1:
+        raise ValueError("give exactly one of a vision preset, a vision path and a timm model name "
+                         f"(got preset={preset!r}, path={path!r}, timm={timm!r})")
     if preset is not None:
         return VisionTower.from_preset(preset)
+    if timm is not None:
+        return VisionTower.from_timm(timm)
     return VisionTower.from_pretrained(path)

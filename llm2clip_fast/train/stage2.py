@@ -60,7 +60,7 @@ from ..distributed import (
     is_distributed,
 )
 from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
-from ..models.vision import VISION_PRESETS, build_vision_tower
+from ..models.vision import VISION_PRESETS, VisionTower, build_vision_tower
 from .checkpoint import load_latest_usable, save_checkpoint
 from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
@@ -76,7 +76,8 @@ RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "bat
                      "seed", "steps", "epochs", "lr", "wd", "llrd", "warmup", "schedule", "min_lr_ratio",
                      "grad_clip",
                      "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
-                     "init_model", "adapter_blocks", "adapter_expansion", "adapter_dropout", "precision",
+                     "init_model", "vision_timm", "vision_timm_args", "adapter_blocks", "adapter_expansion",
+                     "adapter_dropout", "precision",
                      "world_size", "fsdp", "crop_scale", "global_batch_size", "keep_projection")
 
 
@@ -112,6 +113,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"random-init vision tower: one of {sorted(VISION_PRESETS)} (default demo-tiny)")
     model.add_argument("--vision-path",
                        help="local transformers CLIP/SigLIP/ViT folder to start the tower from")
+    model.add_argument("--vision-timm", metavar="MODEL_NAME",
+                       help="random-init timm ViT-style tower, e.g. eva02_base_patch16_clip_224 (needs timm: "
+                       "pip install \"llm2clip_fast[timm]\"; nothing is downloaded; a converted EVA-CLIP "
+                       "model continues with --init-model instead)")
+    model.add_argument("--vision-timm-args", metavar="JSON", default=None,
+                       help="with --vision-timm: timm.create_model keyword arguments as a JSON object, e.g. "
+                       "'{\"img_size\": 224, \"drop_path_rate\": 0.1}'")
     model.add_argument("--embed-dim", type=int, default=512, help="shared embedding size (default 512)")
     model.add_argument("--keep-projection", action="store_true",
                        help="with --vision-path to a transformers CLIP folder: start from its "
@@ -218,10 +226,16 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError("--shuffle-buffer must be >= 1, --stream-retries >= 0 and --stream-timeout > 0")
     if args.save_every < 0 or args.num_workers < 0 or args.freeze_vision_layers < 0:
         raise ValueError("--save-every, --num-workers and --freeze-vision-layers must be >= 0")
-    if args.vision_preset and args.vision_path:
-        raise ValueError("give one of --vision-preset and --vision-path, not both")
-    if args.init_model and (args.vision_preset or args.vision_path):
-        raise ValueError("--init-model brings its own vision tower; drop --vision-preset/--vision-path")
+    vision_timm = getattr(args, "vision_timm", None)
+    if sum(bool(v) for v in (args.vision_preset, args.vision_path, vision_timm)) > 1:
+        raise ValueError("give one of --vision-preset, --vision-path and --vision-timm, not several")
+    if args.init_model and (args.vision_preset or args.vision_path or vision_timm):
+        raise ValueError("--init-model brings its own vision tower; drop --vision-preset/--vision-path/"
+                         "--vision-timm")
+    if getattr(args, "vision_timm_args", None) is not None:
+        if not vision_timm:
+            raise ValueError("--vision-timm-args goes with --vision-timm")
+        _timm_model_args(args.vision_timm_args)
     if getattr(args, "keep_projection", False) and not args.vision_path:
         why = ("--init-model already starts from its own projection" if args.init_model
                else "a preset tower has none")
@@ -342,6 +356,19 @@ def llm_provenance(cache_metadata: dict[str, Any]) -> dict[str, Any]:
 # Model, optimizer
 
 
+def _timm_model_args(text: str | None) -> dict[str, Any]:
+    """``--vision-timm-args``: a JSON object of timm.create_model keyword arguments."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--vision-timm-args is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--vision-timm-args must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def build_model(args: argparse.Namespace, llm_dim: int | None, llm_info: dict[str, Any]) -> LLM2CLIPModel:
     if args.init_model:
         model = LLM2CLIPModel.from_pretrained(args.init_model)
@@ -358,8 +385,12 @@ def build_model(args: argparse.Namespace, llm_dim: int | None, llm_info: dict[st
         if llm_info:
             model.config.llm = llm_info
         return model
-    tower = build_vision_tower(preset=args.vision_preset or (None if args.vision_path else "demo-tiny"),
-                               path=args.vision_path)
+    vision_timm = getattr(args, "vision_timm", None)
+    if vision_timm:
+        tower = VisionTower.from_timm(vision_timm, _timm_model_args(getattr(args, "vision_timm_args", None)))
+    else:
+        tower = build_vision_tower(preset=args.vision_preset or (None if args.vision_path else "demo-tiny"),
+                                   path=args.vision_path)
     text: dict[str, Any]
     if args.text_tower == "llm-adapter":
         text = {"llm_dim": llm_dim, "adapter": {"num_blocks": args.adapter_blocks,
