@@ -2,6 +2,12 @@
 
   --from llm2clip-hf SRC --out DST   a released HF-format LLM2CLIP folder (microsoft/LLM2CLIP-Openai-*):
                                      vision tower, projection, text adapter, logit scale
+  --from eva-clip FILE --out DST [--model NAME | --model-config JSON]
+                                     an EVA-CLIP-style LLM2CLIP state dict (microsoft/LLM2CLIP-EVA02-*):
+                                     the EVA02 tower as a timm tower, visual.head as the projection, text
+                                     adapter, logit scale; NAME one of EVA02-CLIP-B-16, EVA02-CLIP-L-14,
+                                     EVA02-CLIP-L-14-336 (default: the one the tensor sizes match); needs
+                                     timm (pip install "llm2clip_fast[timm]")
   --from hf-clip SRC --out DST --llm-dim N (--embed-dim E | --keep-projection)
                                      a transformers CLIP folder: its vision tower (and with
                                      --keep-projection its projection) plus a new adapter, for stage 2
@@ -13,8 +19,8 @@
                                      the vision side of one of our LLM2CLIPModel folders as an OpenCLIP
                                      state dict (visual.*, logit_scale) + open_clip_config.json beside it
 
-Only config files, safetensors and (OpenCLIP) pickles through torch.load(weights_only=True) are read; no
-code from the source runs. The result loads with ``LLM2CLIPModel.from_pretrained(DST)`` and continues
+Only config files, safetensors and (OpenCLIP, EVA-CLIP) pickles through torch.load(weights_only=True) are
+read; no code from the source runs. The result loads with ``LLM2CLIPModel.from_pretrained(DST)`` and continues
 training with ``python -m llm2clip_fast.train stage2 --init-model DST``. ``DST/conversion.json`` records
 the source.
 
@@ -24,6 +30,7 @@ Expected failures print one line ``llm2clip_fast.convert: error: ...`` on stderr
   3  a source file or folder that does not exist
   4  --out already exists (pass --overwrite)
   5  the source does not match the --from format (unknown/missing keys, shape mismatches)
+  9  a package the conversion needs is missing or broken (timm for --from eva-clip)
 
 ``--debug`` or ``LLM2CLIP_DEBUG=1`` shows the traceback of expected failures too.
 """
@@ -36,11 +43,12 @@ import sys
 from ..cli_exit_codes import code_for, run_command_line
 from .errors import OutputExistsError, SourceMismatchError
 
-FORMATS = ("llm2clip-hf", "hf-clip", "open_clip")
+FORMATS = ("llm2clip-hf", "eva-clip", "hf-clip", "open_clip")
 EXPORT_FORMATS = ("open_clip",)
 _NEW_STAGE2_MODEL = ("llm_dim", "embed_dim", "keep_projection", "adapter_blocks", "adapter_expansion", "loss",
                      "seed")
 _OPEN_CLIP_ONLY = ("act", "heads")
+_EVA_CLIP_ONLY = ("model", "model_config")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="import: what SRC is")
     direction.add_argument("--to", dest="target_format", choices=EXPORT_FORMATS,
                            help="export: the format to write SRC (an LLM2CLIPModel folder) in")
-    parser.add_argument("source", metavar="SRC", help="the source folder (or, for --from open_clip, file)")
+    parser.add_argument("source", metavar="SRC",
+                        help="the source folder (or, for --from open_clip, file; for --from eva-clip, file)")
     parser.add_argument("--out", required=True,
                         help="the LLM2CLIPModel folder to write (--to open_clip: the .safetensors file)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -62,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "eval), e.g. the folder of microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned")
     parser.add_argument("--input-norm", choices=("l2", "none"), default=None,
                         help="the adapter's input normalisation (default: 'none' for llm2clip-hf, as the "
-                             "release's get_text_features; 'l2' for hf-clip, as the official TextProj)")
+                             "release's get_text_features; 'l2' for eva-clip, hf-clip and open_clip, as the "
+                             "official TextProj)")
+    eva = parser.add_argument_group("--from eva-clip only")
+    eva.add_argument("--model", default=None,
+                     help="the official model config the state dict was trained with: EVA02-CLIP-B-16, "
+                          "EVA02-CLIP-L-14 or EVA02-CLIP-L-14-336 (heads and MLP ratio are in no tensor "
+                          "shape)")
+    eva.add_argument("--model-config", default=None, metavar="JSON",
+                     help="an official-format model config (embed_dim, vision_cfg) instead of --model")
     hf = parser.add_argument_group("--from hf-clip and --from open_clip only")
     hf.add_argument("--llm-dim", type=int, default=None, help="size of the LLM embeddings the adapter reads")
     hf.add_argument("--embed-dim", type=int, default=None,
@@ -102,7 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     check_output(args.out, args.overwrite)
     if args.source_format != "open_clip":
         _refuse(args, _OPEN_CLIP_ONLY, "only apply to --from open_clip (the source's config says them)")
-    if args.source_format == "llm2clip-hf":
+    if args.source_format != "eva-clip":
+        _refuse(args, _EVA_CLIP_ONLY, "only apply to --from eva-clip")
+    if args.source_format == "eva-clip":
+        _refuse(args, _NEW_STAGE2_MODEL, "only apply to --from hf-clip / open_clip (an EVA-CLIP LLM2CLIP "
+                                         "state dict brings its own adapter, projection and sizes)")
+        from .eva_clip import convert_eva_clip
+
+        model, provenance = convert_eva_clip(args.source, model=args.model, model_config=args.model_config,
+                                             input_norm=args.input_norm or "l2", dtype=dtype)
+    elif args.source_format == "llm2clip-hf":
         _refuse(args, _NEW_STAGE2_MODEL, "only apply to --from hf-clip / open_clip (an LLM2CLIP release "
                                          "brings its own adapter, projection and sizes)")
         from .llm2clip_hf import DEFAULT_INPUT_NORM, convert_llm2clip_hf
@@ -138,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _export(args: argparse.Namespace, dtype) -> int:
     """``--to open_clip``: write the OpenCLIP files of the model folder SRC."""
-    _refuse(args, _NEW_STAGE2_MODEL + _OPEN_CLIP_ONLY + ("llm", "input_norm"),
+    _refuse(args, _NEW_STAGE2_MODEL + _OPEN_CLIP_ONLY + _EVA_CLIP_ONLY + ("llm", "input_norm"),
             f"only apply to imports (--from); --to {args.target_format} writes the model's vision side as "
             "it is")
     from .open_clip_export import export_open_clip
@@ -154,8 +180,11 @@ def _default(value, default):
 
 def exit_code_for(exc: BaseException) -> int | None:
     """The documented exit code of an expected failure, None for a bug."""
+    from ..train.dependencies import MissingDependencyError
+
     return code_for(exc, [
         (KeyboardInterrupt, 130),
+        (MissingDependencyError, 9),
         (OutputExistsError, 4),
         (SourceMismatchError, 5),
         ((FileNotFoundError, NotADirectoryError), 3),

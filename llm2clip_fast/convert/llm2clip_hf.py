@@ -54,7 +54,8 @@ def convert_llm2clip_hf(source: str | Path, *, input_norm: str = DEFAULT_INPUT_N
     if vision_type != "clip_vision_model":
         raise SourceMismatchError(f"{folder}/config.json describes a {vision_type!r} vision tower; --from "
                                   "llm2clip-hf converts the releases with a CLIP vision transformer "
-                                  "(LLM2CLIP-Openai-*); EVA02 towers need timm, not yet a dependency")
+                                  "(LLM2CLIP-Openai-*); the EVA02 models convert from their EVA-CLIP state "
+                                  "dict with --from eva-clip")
     tensors, files = read_safetensors_folder(folder)
     if not any(k.startswith(ADAPTER_PREFIX) for k in tensors):
         raise SourceMismatchError(f"{folder} holds no {ADAPTER_PREFIX}* tensors: not an LLM2CLIP release "

@@ -95,9 +95,10 @@ class OpenClipSource:
     files: list[str]
 
 
-def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+def load_state_file(path: Path, wrappers: tuple[str, ...] = ("state_dict",)) -> dict[str, torch.Tensor]:
     """The state dict in ``path`` (safetensors, or a pickle read with ``weights_only=True``), unwrapped
-    from an OpenCLIP training checkpoint (``state_dict``, ``module.`` prefixes)."""
+    from a training checkpoint (the first of ``wrappers`` it holds, e.g. OpenCLIP's ``state_dict``;
+    ``module.`` prefixes)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -112,8 +113,9 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
                                       f"{exc}") from None
     else:
         raise ValueError(f"{path}: expected a .safetensors, .bin, .pt or .pth state dict file")
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    wrapper = next((w for w in wrappers if isinstance(state, dict) and isinstance(state.get(w), dict)), None)
+    if wrapper is not None:
+        state = state[wrapper]
     if not isinstance(state, dict) or not state:
         raise SourceMismatchError(f"{path} does not hold a state dict (a non-empty dict of tensors)")
     not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
