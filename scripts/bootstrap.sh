@@ -20,4 +20,15 @@ fi
 "${PIP[@]}" install -q -c requirements/pins.txt setuptools pybind11 ninja
 # --no-build-isolation: build against the torch just installed, not a freshly fetched one.
 "${PIP[@]}" install -q -c requirements/pins.txt --no-build-isolation -e ".[test]"
+# timm (EVA02 and other timm vision towers) and the torchvision it imports go into a folder of their own,
+# never site-packages: PyPI's torchvision for this torch is a CUDA build whose compiled ops do not load
+# beside the CPU torch wheel, and transformers imports torchvision whenever it is installed. The timm tests
+# put the folder on their path (tests/_timm_environment.py); timm's own dependencies (pyyaml,
+# huggingface_hub, safetensors) are already installed.
+pin() { sed -n "s/^$1==//p" requirements/pins.txt; }
+TIMM_SITE=.venv/timm-site
+if [ ! -d "$TIMM_SITE/timm-$(pin timm).dist-info" ] || [ ! -d "$TIMM_SITE/torchvision-$(pin torchvision).dist-info" ]; then
+  rm -rf "$TIMM_SITE"
+  "${PIP[@]}" install -q --no-deps --target "$TIMM_SITE" "timm==$(pin timm)" "torchvision==$(pin torchvision)"
+fi
 .venv/bin/python -m llm2clip_fast.info | sed -n '/^extensions:/,/^$/p'

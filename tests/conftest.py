@@ -50,4 +50,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> objec
         reason = str(report.longrepr[2])
         if any(mark in reason for mark in _BUILD_SKIP_MARKS):
             report.outcome = "failed"
-            report.longrepr = f"CI requires the native extension, but the test was skipped: {reason}"
+            report.longrepr = (f"CI requires the full set-up (native extension, timm), but the test was "
+                               f"skipped: {reason}")

@@ -125,3 +125,28 @@ def test_stage2_trains_a_siglip_tower_with_siglip_preprocessing(tmp_path, monkey
     train_calls = [c for c in seen if c[0]]
     assert train_calls and all(m == (0.5, 0.5, 0.5) and r == "square" for _, m, r in train_calls)
     assert LLM2CLIPModel.from_pretrained(tmp_path / "run" / "model").preprocessing.resize == "square"
+
+
+def test_timm_data_configs_it_cannot_reproduce_are_refused():
+    base = {"input_size": (3, 32, 32), "mean": CLIP_MEAN, "std": CLIP_MEAN}
+    with pytest.raises(ValueError, match="crop_mode 'border' is not supported"):
+        ImagePreprocessing.from_timm({**base, "crop_mode": "border"})
+    with pytest.raises(ValueError, match="interpolation 'nearest' is not supported"):
+        ImagePreprocessing.from_timm({**base, "interpolation": "nearest"})
+    with pytest.raises(ValueError, match=r"crop_pct 1\.2 is not supported"):
+        ImagePreprocessing.from_timm({**base, "crop_pct": 1.2})
+    with pytest.raises(ValueError, match="only square"):
+        ImagePreprocessing.from_timm({**base, "input_size": (3, 32, 48)})
+    with pytest.raises(ValueError, match="resize_size must be an int >= image_size"):
+        ImagePreprocessing(32, resize="square", resize_size=30)
+
+
+def test_square_resize_then_centre_crop():
+    # timm's 'squash' crop mode with crop_pct < 1: the whole image to 36 x 36, then the central 32 x 32
+    prep = ImagePreprocessing(32, resize="square", resize_size=36, resample="bilinear")
+    image = _image(50, 70, seed=5)
+    want = np.asarray(image.resize((36, 36), Image.Resampling.BILINEAR).crop((2, 2, 34, 34)), np.float32)
+    want = (want / 255.0 - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+    got = image_transform_for(prep, train=False)(image)
+    torch.testing.assert_close(got, torch.from_numpy(want).permute(2, 0, 1), atol=2e-6, rtol=0)
+    assert ImagePreprocessing.from_dict(prep.to_dict()) == prep
