@@ -80,6 +80,16 @@ def test_freeze_and_gradient_checkpointing():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+def test_token_and_position_tables_are_not_decayed():
+    from llm2clip_fast.train.optim import adamw_param_groups
+
+    groups = adamw_param_groups(_eva().named_parameters(), 0.05, lr=1e-3)
+    no_decay = {n for g in groups if g["weight_decay"] == 0.0 for n in g["param_names"]}
+    # as timm's no_weight_decay() and the official EVA02-CLIP recipe
+    assert {"model.pos_embed", "model.cls_token"} <= no_decay
+    assert "model.patch_embed.proj.weight" not in no_decay and "model.blocks.0.mlp.fc2.weight" not in no_decay
+
+
 def test_save_and_load_round_trip(tmp_path):
     tower = _eva()
     config = LLM2CLIPConfig(vision=tower.config_dict(), embed_dim=16, llm_dim=24,

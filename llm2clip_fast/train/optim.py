@@ -20,14 +20,18 @@ from torch import nn
 
 SCHEDULES = ("cosine", "linear", "constant")
 
+# pos_embed / cls_token / reg_token: timm ViTs' token and position tables (3-d), which timm's
+# no_weight_decay() and the official EVA02-CLIP recipe (llm2clip/training/optim.py skips the tower's
+# no_weight_decay names) leave undecayed.
 _NO_DECAY_PATTERN = re.compile(
-    r"(^|\.)(bias|logit_scale|logit_bias)$|norm|(^|\.|_)ln(_|\d|\.|$)",
+    r"(^|\.)(bias|logit_scale|logit_bias|pos_embed|cls_token|reg_token)$|norm|(^|\.|_)ln(_|\d|\.|$)",
     re.IGNORECASE,
 )
 
 
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    """True for parameters that must not be weight-decayed: 1-d tensors, biases, norms, logit scale/bias."""
+    """True for parameters that must not be weight-decayed: 1-d tensors, biases, norms, logit scale/bias,
+    timm's token and position tables."""
     return param.ndim < 2 or bool(_NO_DECAY_PATTERN.search(name))
 
 
