@@ -128,6 +128,9 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
         raise ValueError(f"eva-clip source {str(source)!r} is a folder; --from eva-clip reads one state-dict "
                          "file (.pt/.pth/.bin/.safetensors)")
     state = load_state_file(path, CHECKPOINT_WRAPPERS)
+    if "text.logit_scale" in state and "logit_scale" not in state:
+        # an older layout with the scale inside the text tower, which the official load_checkpoint moves too
+        state["logit_scale"] = state.pop("text.logit_scale")
     where = f"{path} (as an EVA-CLIP state dict)"
     if not all(any(k.startswith(prefix) for k in state) for prefix in (VISION_PREFIX, TEXT_PREFIX)):
         raise SourceMismatchError(f"{where}: expected visual.* (the EVA02 tower) and text.text_adaptor.* "
