@@ -27,6 +27,7 @@ from .. import distributed
 from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
 from ..data.embedding_cache import build_embedding_cache, storage_dtype_name, weights_fingerprint
 from ..models.prompt_templates import TEMPLATE_CHOICES
+from .run_spine import distributed_run, options_config, resolve_device, write_run_config
 from .shared_folder import check_shared_folder
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "embedding (about half of fp16), read back as float32 by stage 2")
     parser.add_argument("--model-dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="LLM compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--batch-size", type=int, default=64, help="captions per forward pass")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="captions per forward pass of the LLM, on each rank (an encode batch: it "
+                             "changes speed and memory, not the embeddings)")
     parser.add_argument("--shard-size", type=int, default=10_000, help="records per cache shard")
     parser.add_argument("--captions", default=None, help="comma-separated caption names (default: all)")
     parser.add_argument("--instruction", default=None, help="prefix attended but not pooled")
@@ -58,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", choices=["mean", "last_token"], default=None)
     parser.add_argument("--max-length", type=int, default=None, help="token limit (default 512 or saved)")
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:N (default: this rank's GPU, else cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda or cuda:N (default auto: this rank's GPU, else cpu)")
     parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
                         help="stop when more than this fraction of records has an empty caption "
                         "(default 1%%)")
@@ -70,14 +73,6 @@ def _positive(name: str, value: int) -> int:
     if value < 1:
         raise ValueError(f"--{name} must be a positive integer, got {value}")
     return value
-
-
-def _device(arg: str | None) -> torch.device:
-    if arg is not None:
-        return torch.device(arg)
-    if torch.cuda.is_available():
-        return torch.device("cuda", distributed.get_local_rank())
-    return torch.device("cpu")
 
 
 def embed(
@@ -101,8 +96,12 @@ def embed(
     progress: bool = True,
     hook: Callable[[str, int], None] | None = None,
     max_bad_fraction: float = DEFAULT_MAX_FRACTION,
+    config: dict[str, Any] | None = None,
 ) -> Path | None:
-    """Build (or resume) the embedding cache; returns the manifest path on rank 0, else ``None``."""
+    """Build (or resume) the embedding cache; returns the manifest path on rank 0, else ``None``.
+
+    Rank 0 then writes the resolved settings as ``config.json`` into ``out`` (``config``: further
+    entries, e.g. the command line's options; the resolved values win)."""
     from ..data.sources import open_source
     from ..models.llm_encoder import LLMTextEncoder, resolve_model_path
 
@@ -111,7 +110,7 @@ def embed(
     storage = storage_dtype_name(dtype)
     # Before the LLM loads: ranks on several nodes must write into one folder that rank 0 can merge.
     check_shared_folder(out)
-    dev = _device(device)
+    dev = resolve_device(device)
     compute = model_dtype or ("bf16" if dev.type == "cuda" else "fp32")
     source = open_source(data, require_images=False)  # captions only: text-only manifests are fine
     names = list(captions) if captions else list(source.caption_names)
@@ -176,6 +175,11 @@ def embed(
         metadata=metadata, rank=rank, world_size=world, barrier=distributed.barrier, hook=report,
         fingerprint=fingerprint, skipped=bad.bad_keys,
     )
+    if manifest is not None:
+        resolved = embed_settings(metadata, llm=llm, data=data, out=out, dtype=storage, batch_size=batch_size,
+                                  shard_size=shard_size, captions=names, lora=lora, device=dev,
+                                  max_bad_fraction=max_bad_fraction, world_size=world)
+        write_run_config(Path(out), {**(config or {}), **resolved})
     if manifest is not None and bad.bad:
         logger.warning("[embed] skipped %d record(s) with an empty or missing caption (not in the cache; "
                        "stage 2 counts them as bad data): %s", bad.bad, bad.summary())
@@ -188,17 +192,29 @@ def embed(
     return manifest
 
 
+def embed_settings(metadata: dict[str, Any], *, llm: str, data: str, out: str | Path, dtype: str,
+                   batch_size: int, shard_size: int, captions: list[str], lora: str | None,
+                   device: torch.device, max_bad_fraction: float, world_size: int) -> dict[str, Any]:
+    """``config.json`` of an embed run: the options as resolved (the encoder's own pooling, length,
+    instruction and template, the compute dtype, the captions encoded, the device, the ranks)."""
+    return {"llm": str(llm), "data": str(data), "out": str(out), "lora": lora, "dtype": dtype,
+            "model_dtype": metadata["model_dtype"], "load_in_8bit": metadata["load_in_8bit"],
+            "pooling": metadata["pooling"], "instruction": metadata["instruction"],
+            "max_length": metadata["max_length"], "normalize": metadata["normalize"],
+            "template": metadata["template"], "captions": list(captions), "batch_size": batch_size,
+            "shard_size": shard_size, "device": str(device), "max_bad_fraction": max_bad_fraction,
+            "world_size": world_size}
+
+
 def run(args: argparse.Namespace) -> int:
-    distributed.init_distributed_from_env()
-    try:
+    """``python -m llm2clip_fast.train embed``: the cache of ``--data``'s captions in ``--out``."""
+    with distributed_run(args.device) as place:
         embed(
             llm=args.llm, data=args.data, out=args.out, load_in_8bit=args.load_in_8bit, dtype=args.dtype,
             model_dtype=args.model_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
             captions=[c.strip() for c in args.captions.split(",") if c.strip()] if args.captions else None,
             instruction=args.instruction, lora=args.lora, pooling=args.pooling, max_length=args.max_length,
-            normalize=args.normalize, device=args.device, template=args.template, progress=not args.quiet,
-            max_bad_fraction=args.max_bad_fraction,
+            normalize=args.normalize, device=str(place.device), template=args.template,
+            progress=not args.quiet, max_bad_fraction=args.max_bad_fraction, config=options_config(args),
         )
-    finally:
-        distributed.destroy_distributed()
     return 0
