@@ -266,3 +266,21 @@ def test_stage1_and_embed_write_config_json(demo, tmp_path):
     from llm2clip_fast.data.embedding_cache import EmbeddingCache
 
     assert len(EmbeddingCache.open(out)) > 0  # the extra file does not disturb the cache reader
+
+
+@pytest.mark.parametrize(("command", "meaning"), [
+    ("stage1", r"caption pairs per micro-batch over all ranks"),
+    ("embed", r"captions per forward pass of the LLM, on each rank \(an encode batch"),
+    ("stage2", r"images per rank per micro-batch"),
+])
+def test_help_says_what_batch_size_means_and_its_default(command, meaning, capsys):
+    import re
+
+    from llm2clip_fast.train.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    entry = text[text.rindex("--batch-size BATCH_SIZE "):].split(" --")[0]  # its help, not the usage
+    assert re.match(rf"--batch-size BATCH_SIZE {meaning}", entry)
+    assert re.search(r"\(default: \d+\)$", entry)

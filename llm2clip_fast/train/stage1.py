@@ -125,8 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "checked during each epoch and at its end")
 
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=512, help="caption pairs per step over all ranks")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--batch-size", type=int, default=512,
+                   help="caption pairs per micro-batch over all ranks: the global batch whose other captions "
+                        "are each pair's negatives; each rank takes batch-size / world size")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (a step sees batch-size x grad-accum pairs; "
+                        "negatives stay within each micro-batch)")
     g.add_argument("--steps", type=int, default=None, help="contrastive optimizer steps (default: --epochs)")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--mntp-steps", type=int, default=0,
