@@ -504,6 +504,35 @@ def _open_int8_parts(folder: Path, shard: dict[str, Any], verify: bool) -> tuple
     return parts[0], parts[1]
 
 
+def _open_shard(folder: Path, shard: dict[str, Any], verify: bool | str,
+                expected_dtype: np.dtype) -> tuple[np.ndarray, list[str]]:
+    """A manifest shard's memory-mapped array and its keys, checked as ``verify`` asks (sha256 of both
+    files, or only the array's shape and dtype and the number of keys)."""
+    data_path, keys_path = folder / shard["file"], folder / shard["keys_file"]
+    for p in (data_path, keys_path):
+        if not p.is_file():
+            raise CacheCorruptError(f"cache file {p} is missing")
+    if verify is True:
+        if sha256_file(data_path) != shard["sha256"]:
+            raise CacheCorruptError(f"cache shard {data_path} is corrupt or truncated (sha256 mismatch)")
+        if sha256_file(keys_path) != shard["keys_file_sha256"]:
+            raise CacheCorruptError(f"cache keys file {keys_path} is corrupt (sha256 mismatch)")
+    try:
+        array = np.load(data_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CacheCorruptError(f"cache shard {data_path} is unreadable or truncated: {exc}") from exc
+    _advise_random(array)
+    if list(array.shape) != list(shard["shape"]) or array.dtype != expected_dtype:
+        raise CacheCorruptError(
+            f"cache shard {data_path} holds {array.dtype} {list(array.shape)}, the manifest says "
+            f"{expected_dtype} {shard['shape']}"
+        )
+    shard_keys = _read_json(keys_path, "cache keys file")
+    if len(shard_keys) != shard["records"]:
+        raise CacheCorruptError(f"{keys_path} lists {len(shard_keys)} keys, expected {shard['records']}")
+    return array, shard_keys
+
+
 class EmbeddingCache:
     """Read-only view of a finished cache; shards are memory-mapped, nothing of the LLM is needed.
 
@@ -604,32 +633,8 @@ class EmbeddingCache:
             else None
         expected_dtype = np.dtype(STORAGE_DTYPES[manifest["dtype"]])
         for s, shard in enumerate(manifest["shards"]):
-            data_path, keys_path = folder / shard["file"], folder / shard["keys_file"]
-            for p in (data_path, keys_path):
-                if not p.is_file():
-                    raise CacheCorruptError(f"cache file {p} is missing")
-            if verify is True:
-                if sha256_file(data_path) != shard["sha256"]:
-                    raise CacheCorruptError(
-                        f"cache shard {data_path} is corrupt or truncated (sha256 mismatch)"
-                    )
-                if sha256_file(keys_path) != shard["keys_file_sha256"]:
-                    raise CacheCorruptError(f"cache keys file {keys_path} is corrupt (sha256 mismatch)")
-            try:
-                array = np.load(data_path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise CacheCorruptError(f"cache shard {data_path} is unreadable or truncated: {exc}") from exc
-            _advise_random(array)
-            if list(array.shape) != list(shard["shape"]) or array.dtype != expected_dtype:
-                raise CacheCorruptError(
-                    f"cache shard {data_path} holds {array.dtype} {list(array.shape)}, the manifest says "
-                    f"{expected_dtype} {shard['shape']}"
-                )
-            shard_keys = _read_json(keys_path, "cache keys file")
-            if len(shard_keys) != shard["records"]:
-                raise CacheCorruptError(
-                    f"{keys_path} lists {len(shard_keys)} keys, expected {shard['records']}"
-                )
+            array, shard_keys = _open_shard(folder, shard, verify, expected_dtype)
+            keys_path = folder / shard["keys_file"]
             for row, key in enumerate(shard_keys):
                 if key in index:
                     raise CacheCorruptError(f"key {key!r} appears twice (in {keys_path})")

@@ -81,6 +81,15 @@ _RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_siz
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stage1`` command-line options."""
+    _add_model_arguments(parser)
+    _add_data_arguments(parser)
+    _add_optimisation_arguments(parser)
+    _add_run_arguments(parser)
+    mark_recipe_defaults(parser)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The LLM, its LoRA adapters and how captions are encoded."""
     g = parser.add_argument_group("model")
     g.add_argument("--llm", required=True, help="model folder (or a hub name already in the local cache)")
     g.add_argument("--lora-r", type=int, default=16)
@@ -109,6 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="prompt template as llm2vec 0.2.3 wraps texts (default auto: detected from the "
                         "tokenizer and config; saved with the merged encoder)")
 
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The caption pairs, the held-out pairs for CRA, bad-data tolerance."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True, help="caption source (manifest or WebDataset shards)")
     g.add_argument("--short-caption", default="short", help="field of the short caption (default: short)")
@@ -124,6 +136,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="stop when more than this fraction of samples is bad (empty caption; default 1%%), "
                    "checked during each epoch and at its end")
 
+
+def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Batch, length, losses, MNTP warm-up, optimizer and schedule."""
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=512,
                    help="caption pairs per micro-batch over all ranks: the global batch whose other captions "
@@ -154,6 +169,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=0)
 
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run folder, checkpoints, resume, logging."""
     g = parser.add_argument_group("run")
     g.add_argument("--out", required=True, help="run folder")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
@@ -165,7 +183,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     add_report_to_argument(g)
-    mark_recipe_defaults(parser)
 
 
 @dataclass
