@@ -62,6 +62,7 @@ from .run_spine import (
     open_run_log,
     options_config,
     prepare_out_folder,
+    settings_from,
     start_or_resume,
     write_run_config,
 )
@@ -653,7 +654,7 @@ def write_stage1_config(run: Stage1Run, source_size: int) -> None:
     args, start, world = run.args, run.start, run.place.world_size
     if run.place.main:
         write_run_config(run.out, {**run.config, "lora_targets_resolved": run.training.built.targets,
-                                   "settings_from": getattr(args, "recipe_origin", {}),
+                                   "settings_from": settings_from(args),
                                    "total_steps": run.plan.total_steps, "world_size": world}, sort_keys=True)
     if start.resumed:
         _say(f"resuming from {start.checkpoint.path} (step {start.step}, epoch {start.epoch}, batch "
