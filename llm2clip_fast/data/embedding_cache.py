@@ -41,7 +41,7 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +319,30 @@ def build_embedding_cache(
 
     Returns the manifest path on rank 0, ``None`` on other ranks.
     """
+    names = _check_cache_arguments(caption_names, dim=dim, shard_size=shard_size, rank=rank,
+                                   world_size=world_size)
+    storage = storage_dtype_name(dtype)
+    meta = dict(metadata or {})
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_settings(out, _settings(dim, storage, names, shard_size, meta))
+    writer = _ShardWriter(out, encode, names, dim, storage, fingerprint_sha256(fingerprint), hook)
+    n_records = n_shards = 0
+    for index, batch in _record_shards(records, names, shard_size):
+        if index % world_size == rank:
+            writer.write_or_skip(index, batch)
+        n_shards, n_records = index + 1, n_records + len(batch)
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    return _write_manifest(out, n_shards, n_records, _settings(dim, storage, names, shard_size, meta),
+                           fingerprint, dict(skipped or {}))
+
+
+def _check_cache_arguments(caption_names: Sequence[str], *, dim: int, shard_size: int, rank: int,
+                           world_size: int) -> list[str]:
+    """The caption names as a list, after checking the cache's shape arguments; errors name them."""
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
     if not isinstance(dim, int) or dim < 1:
@@ -328,52 +352,16 @@ def build_embedding_cache(
         raise ValueError(f"caption_names must be distinct non-empty strings, got {names!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    storage = storage_dtype_name(dtype)
-    meta = dict(metadata or {})
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_or_write_settings(out, _settings(dim, storage, names, shard_size, meta))
+    return names
 
+
+def _record_shards(records: Iterable[tuple[str, dict[str, str]]], names: Sequence[str],
+                   shard_size: int) -> Iterator[tuple[int, list[tuple[str, dict[str, str]]]]]:
+    """``(shard index, its records)`` of every shard, checking each record on the way: a non-empty,
+    unique key and every caption of ``names``."""
     seen: set[str] = set()
-    n_records = 0
-    n_shards = 0
-
-    encoder_sha256 = fingerprint_sha256(fingerprint)
-
-    def process(index: int, batch: list[tuple[str, dict[str, str]]]) -> None:
-        if index % world_size != rank:
-            return
-        keys = [k for k, _ in batch]
-        captions_payload = _captions_payload(batch, names)
-        state = _shard_state(out, index, keys, hashlib.sha256(captions_payload).hexdigest(), encoder_sha256)
-        if state == "done":
-            if hook:
-                hook("skipped", index)
-            return
-        if state != "missing" and hook:
-            hook(state, index)
-        _remove_temp_files(out, index)
-        texts = [caps[n] for _, caps in batch for n in names]
-        emb = encode(texts)
-        if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != (len(texts), dim):
-            raise ValueError(
-                f"encode returned {getattr(emb, 'shape', type(emb).__name__)}, expected ({len(texts)}, {dim})"
-            )
-        array = emb.detach().to("cpu", torch.float32).reshape(len(batch), len(names), dim).numpy()
-        if storage != "int8":
-            with np.errstate(over="ignore"):  # overflow is reported below, with a hint
-                array = array.astype(STORAGE_DTYPES[storage])
-        if not np.isfinite(array).all():
-            hint = " (values overflow float16: use dtype float32)" if storage == "float16" else ""
-            raise ValueError(f"shard {index}: embeddings contain inf/nan{hint}")
-        stored: np.ndarray | Int8Shard = quantize_shard(array) if storage == "int8" else array
-        if hook:
-            hook("encoded", index)
-        _write_shard(out, index, keys, stored, captions_payload, encoder_sha256)
-        if hook:
-            hook("written", index)
-
     batch: list[tuple[str, dict[str, str]]] = []
+    n_records = n_shards = 0
     for key, captions in records:
         if not isinstance(key, str) or not key:
             raise ValueError(f"record {n_records}: key must be a non-empty str, got {key!r}")
@@ -386,19 +374,61 @@ def build_embedding_cache(
         batch.append((key, captions))
         n_records += 1
         if len(batch) == shard_size:
-            process(n_shards, batch)
+            yield n_shards, batch
             n_shards += 1
             batch = []
     if batch:
-        process(n_shards, batch)
-        n_shards += 1
+        yield n_shards, batch
 
-    if barrier is not None:
-        barrier()
-    if rank != 0:
-        return None
-    return _write_manifest(out, n_shards, n_records, _settings(dim, storage, names, shard_size, meta),
-                           fingerprint, dict(skipped or {}))
+
+class _ShardWriter:
+    """Encodes and writes one rank's shards, skipping those already finished for the same inputs."""
+
+    def __init__(self, out: Path, encode: Callable[[list[str]], torch.Tensor], names: list[str], dim: int,
+                 storage: str, encoder_sha256: str | None, hook: Callable[[str, int], None] | None) -> None:
+        self.out, self.encode, self.names, self.dim = out, encode, names, dim
+        self.storage, self.encoder_sha256, self.hook = storage, encoder_sha256, hook
+
+    def _event(self, event: str, index: int) -> None:
+        if self.hook:
+            self.hook(event, index)
+
+    def write_or_skip(self, index: int, batch: list[tuple[str, dict[str, str]]]) -> None:
+        """Reuse shard ``index`` when it is finished for these keys, caption texts and encoder;
+        otherwise (reporting changed inputs) encode its captions and write it."""
+        keys = [k for k, _ in batch]
+        captions_payload = _captions_payload(batch, self.names)
+        state = _shard_state(self.out, index, keys, hashlib.sha256(captions_payload).hexdigest(),
+                             self.encoder_sha256)
+        if state == "done":
+            self._event("skipped", index)
+            return
+        if state != "missing":
+            self._event(state, index)
+        _remove_temp_files(self.out, index)
+        stored = self.encode_shard(index, batch)
+        self._event("encoded", index)
+        _write_shard(self.out, index, keys, stored, captions_payload, self.encoder_sha256)
+        self._event("written", index)
+
+    def encode_shard(self, index: int, batch: list[tuple[str, dict[str, str]]]) -> np.ndarray | Int8Shard:
+        """The shard's (records, captions, dim) embeddings in the storage dtype (int8: quantised);
+        an error when ``encode`` returns the wrong shape or a non-finite value."""
+        names, dim, storage = self.names, self.dim, self.storage
+        texts = [caps[n] for _, caps in batch for n in names]
+        emb = self.encode(texts)
+        if not isinstance(emb, torch.Tensor) or tuple(emb.shape) != (len(texts), dim):
+            raise ValueError(
+                f"encode returned {getattr(emb, 'shape', type(emb).__name__)}, expected ({len(texts)}, {dim})"
+            )
+        array = emb.detach().to("cpu", torch.float32).reshape(len(batch), len(names), dim).numpy()
+        if storage != "int8":
+            with np.errstate(over="ignore"):  # overflow is reported below, with a hint
+                array = array.astype(STORAGE_DTYPES[storage])
+        if not np.isfinite(array).all():
+            hint = " (values overflow float16: use dtype float32)" if storage == "float16" else ""
+            raise ValueError(f"shard {index}: embeddings contain inf/nan{hint}")
+        return quantize_shard(array) if storage == "int8" else array
 
 
 def _write_manifest(out: Path, n_shards: int, n_records: int, settings: dict[str, Any],
@@ -472,6 +502,35 @@ def _open_int8_parts(folder: Path, shard: dict[str, Any], verify: bool) -> tuple
                                     f"expected float32 {list(expected[part])}")
         parts.append(array)
     return parts[0], parts[1]
+
+
+def _open_shard(folder: Path, shard: dict[str, Any], verify: bool | str,
+                expected_dtype: np.dtype) -> tuple[np.ndarray, list[str]]:
+    """A manifest shard's memory-mapped array and its keys, checked as ``verify`` asks (sha256 of both
+    files, or only the array's shape and dtype and the number of keys)."""
+    data_path, keys_path = folder / shard["file"], folder / shard["keys_file"]
+    for p in (data_path, keys_path):
+        if not p.is_file():
+            raise CacheCorruptError(f"cache file {p} is missing")
+    if verify is True:
+        if sha256_file(data_path) != shard["sha256"]:
+            raise CacheCorruptError(f"cache shard {data_path} is corrupt or truncated (sha256 mismatch)")
+        if sha256_file(keys_path) != shard["keys_file_sha256"]:
+            raise CacheCorruptError(f"cache keys file {keys_path} is corrupt (sha256 mismatch)")
+    try:
+        array = np.load(data_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CacheCorruptError(f"cache shard {data_path} is unreadable or truncated: {exc}") from exc
+    _advise_random(array)
+    if list(array.shape) != list(shard["shape"]) or array.dtype != expected_dtype:
+        raise CacheCorruptError(
+            f"cache shard {data_path} holds {array.dtype} {list(array.shape)}, the manifest says "
+            f"{expected_dtype} {shard['shape']}"
+        )
+    shard_keys = _read_json(keys_path, "cache keys file")
+    if len(shard_keys) != shard["records"]:
+        raise CacheCorruptError(f"{keys_path} lists {len(shard_keys)} keys, expected {shard['records']}")
+    return array, shard_keys
 
 
 class EmbeddingCache:
@@ -574,32 +633,8 @@ class EmbeddingCache:
             else None
         expected_dtype = np.dtype(STORAGE_DTYPES[manifest["dtype"]])
         for s, shard in enumerate(manifest["shards"]):
-            data_path, keys_path = folder / shard["file"], folder / shard["keys_file"]
-            for p in (data_path, keys_path):
-                if not p.is_file():
-                    raise CacheCorruptError(f"cache file {p} is missing")
-            if verify is True:
-                if sha256_file(data_path) != shard["sha256"]:
-                    raise CacheCorruptError(
-                        f"cache shard {data_path} is corrupt or truncated (sha256 mismatch)"
-                    )
-                if sha256_file(keys_path) != shard["keys_file_sha256"]:
-                    raise CacheCorruptError(f"cache keys file {keys_path} is corrupt (sha256 mismatch)")
-            try:
-                array = np.load(data_path, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise CacheCorruptError(f"cache shard {data_path} is unreadable or truncated: {exc}") from exc
-            _advise_random(array)
-            if list(array.shape) != list(shard["shape"]) or array.dtype != expected_dtype:
-                raise CacheCorruptError(
-                    f"cache shard {data_path} holds {array.dtype} {list(array.shape)}, the manifest says "
-                    f"{expected_dtype} {shard['shape']}"
-                )
-            shard_keys = _read_json(keys_path, "cache keys file")
-            if len(shard_keys) != shard["records"]:
-                raise CacheCorruptError(
-                    f"{keys_path} lists {len(shard_keys)} keys, expected {shard['records']}"
-                )
+            array, shard_keys = _open_shard(folder, shard, verify, expected_dtype)
+            keys_path = folder / shard["keys_file"]
             for row, key in enumerate(shard_keys):
                 if key in index:
                     raise CacheCorruptError(f"key {key!r} appears twice (in {keys_path})")

@@ -312,12 +312,45 @@ def build_loader(
         name per sample, when ``caption`` is not None); ``all_captions`` list[dict[str, str]];
         ``labels`` list[str | None] (when the source has a label column); ``batch_index`` int (the slot).
     """
+    source = _as_source(source)
+    _check_layout(batch_size=batch_size, image_size=image_size, world_size=world_size, rank=rank,
+                  num_workers=num_workers, seed=seed, epoch=epoch, start_batch=start_batch)
+    caption = _checked_caption(caption, source)
+    streaming = getattr(source, "streaming", False)
+    _check_source_can_feed(source, world_size, shuffle_buffer)
+    if with_images:
+        transform = _image_transform(source, transform, image_size, train, crop_scale)
+    tracker = bad_data if isinstance(bad_data, BadDataTracker) else BadDataTracker(bad_data)
+    for problem in getattr(source, "damaged_shards", {}).values():
+        tracker.add_note(problem)
+    common = dict(batch_size=batch_size, transform=transform if with_images else None, caption=caption,
+                  rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+                  shuffle=train if shuffle is None else shuffle, drop_last=drop_last)
+    kwargs = _dataloader_kwargs(tracker, num_workers=num_workers, seed=seed, pin_memory=pin_memory,
+                                prefetch_factor=prefetch_factor,
+                                multiprocessing_context=multiprocessing_context)
+    if streaming:
+        return _stream_loader(source, common, kwargs, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
+                              epoch=epoch, start_batch=start_batch)
+    lost, lost_note = _lost_share(source, rank, world_size)
+    dataset = CaptionBatches(source, start_batch=start_batch, **common)
+    return CaptionLoader(dataset, lost=lost, lost_note=lost_note, **kwargs)
+
+
+def _as_source(source: CaptionSource | str | os.PathLike) -> CaptionSource:
+    """``source`` itself, or the source a spec names (:func:`~.sources.open_source`)."""
     from .sources import open_source
 
-    if not isinstance(source, CaptionSource):
-        if not isinstance(source, (str, os.PathLike, list, tuple)):
-            raise TypeError(f"source must be a CaptionSource or a source spec, got {type(source).__name__}")
-        source = open_source(source)
+    if isinstance(source, CaptionSource):
+        return source
+    if not isinstance(source, (str, os.PathLike, list, tuple)):
+        raise TypeError(f"source must be a CaptionSource or a source spec, got {type(source).__name__}")
+    return open_source(source)
+
+
+def _check_layout(*, batch_size: int, image_size: int, world_size: int, rank: int, num_workers: int,
+                  seed: int, epoch: int, start_batch: int) -> None:
+    """The integers that lay out an epoch are ints in range; errors name the argument."""
     _check_int("batch_size", batch_size, minimum=1)
     _check_int("image_size", image_size, minimum=1)
     _check_int("world_size", world_size, minimum=1)
@@ -328,6 +361,11 @@ def build_loader(
     _check_int("seed", seed, minimum=0)
     _check_int("epoch", epoch, minimum=0)
     _check_int("start_batch", start_batch, minimum=0)
+
+
+def _checked_caption(caption: str | Sequence[str] | CaptionMix | None,
+                     source: CaptionSource) -> str | list[str] | CaptionMix | None:
+    """The caption choice, a sequence made a list, every name it may pick checked against the source."""
     if isinstance(caption, CaptionMix):
         check_mix_names(caption, source.caption_names, "the source", flag="caption")
     elif caption is not None and not isinstance(caption, str):
@@ -342,35 +380,50 @@ def build_loader(
                 f"caption {unknown} not among the source's captions {source.caption_names} "
                 "(or use 'random' or None)"
             )
-    streaming = getattr(source, "streaming", False)
-    if not streaming and len(source) == 0:  # also builds a lazy index here, once, rather than in every worker
-        raise ValueError(f"source {source!r} holds no samples")
-    if streaming:
-        _check_int("shuffle_buffer", shuffle_buffer, minimum=1)
-        if len(source.shards) < world_size:
-            raise ValueError(f"a streaming source is split by whole shards over ranks: its "
-                             f"{len(source.shards)} shard(s) cannot feed world_size={world_size} ranks; "
-                             "write more, smaller shards")
-    if with_images and transform is None:
+    return caption
+
+
+def _check_source_can_feed(source: CaptionSource, world_size: int, shuffle_buffer: int) -> None:
+    """A local source holds samples; a streamed one has a shard per rank at least."""
+    if not getattr(source, "streaming", False):
+        if len(source) == 0:  # also builds a lazy index here, once, rather than in every worker
+            raise ValueError(f"source {source!r} holds no samples")
+        return
+    _check_int("shuffle_buffer", shuffle_buffer, minimum=1)
+    if len(source.shards) < world_size:
+        raise ValueError(f"a streaming source is split by whole shards over ranks: its "
+                         f"{len(source.shards)} shard(s) cannot feed world_size={world_size} ranks; "
+                         "write more, smaller shards")
+
+
+def _image_transform(source: CaptionSource, transform: ImageTransform | None, image_size: int, train: bool,
+                     crop_scale: tuple[float, float]) -> ImageTransform:
+    """``transform``, or the CLIP transform of ``image_size``; a CLIP-style transform also lets the
+    source decode large images smaller."""
+    if transform is None:
         transform = clip_image_transform(image_size, train=train, scale=crop_scale)
-    if with_images and isinstance(transform, ClipImageTransform):
+    if isinstance(transform, ClipImageTransform):
         # The CLIP-style transforms never need more than ~their resize side in pixels: large images may
         # decode smaller (bounded memory for a 9000x9000 photo). A custom transform gets full-size images.
         side = max(transform.size, transform.resize_size or 0)
         source.set_decode_min_side(max(side, source.decode_min_side or 0))
-    if isinstance(bad_data, BadDataTracker):
-        tracker = bad_data
-    else:
-        tracker = BadDataTracker(bad_data)
-    for problem in getattr(source, "damaged_shards", {}).values():
-        tracker.add_note(problem)
+    return transform
+
+
+def _lost_share(source: CaptionSource, rank: int, world_size: int) -> tuple[int, str]:
+    """This rank's share of the samples truncated shards lost (counted as bad once per epoch), and
+    the note that says so."""
     lost_total = sum(getattr(source, "lost_samples", {}).values())
     lost = lost_total // world_size + (1 if rank < lost_total % world_size else 0)
-    lost_note = (f"{lost_total} sample(s) lost in truncated shards counted as bad each epoch"
-                 f"{f' ({lost} on this rank)' if world_size > 1 else ''}")
-    common = dict(batch_size=batch_size, transform=transform if with_images else None, caption=caption,
-                  rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                  shuffle=train if shuffle is None else shuffle, drop_last=drop_last)
+    note = (f"{lost_total} sample(s) lost in truncated shards counted as bad each epoch"
+            f"{f' ({lost} on this rank)' if world_size > 1 else ''}")
+    return lost, note
+
+
+def _dataloader_kwargs(tracker: BadDataTracker, *, num_workers: int, seed: int, pin_memory: bool,
+                       prefetch_factor: int | None, multiprocessing_context: str | None) -> dict[str, Any]:
+    """The keyword arguments of the loader classes: tracker, workers, pinning and the worker-seed
+    generator (the worker-only options only with workers)."""
     extra: dict[str, Any] = {}
     if num_workers > 0 and prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
@@ -380,19 +433,21 @@ def build_loader(
     # RNG when it has none: a private one keeps the trainer's dropout stream independent of where a
     # resumed run re-enters the epoch (the batches themselves are seeded per sample, not from it).
     generator = torch.Generator().manual_seed(seed)
-    kwargs = dict(tracker=tracker, num_workers=num_workers, pin_memory=pin_memory, generator=generator,
-                  **extra)
-    if streaming:
-        from .stream_loader import StreamBatches, StreamLoader
+    return dict(tracker=tracker, num_workers=num_workers, pin_memory=pin_memory, generator=generator, **extra)
 
-        workers = max(1, num_workers)
-        if len(source.shards) < world_size * workers:
-            warnings.warn(f"{len(source.shards)} shards over {world_size} rank(s) x {workers} worker(s): "
-                          "some workers get no shard and stay idle", stacklevel=2)
-        loader = StreamLoader(StreamBatches(source, workers=workers, shuffle_buffer=shuffle_buffer, **common),
-                              **kwargs)
-        if start_batch:
-            loader.set_epoch(epoch, start_batch)
-        return loader
-    dataset = CaptionBatches(source, start_batch=start_batch, **common)
-    return CaptionLoader(dataset, lost=lost, lost_note=lost_note, **kwargs)
+
+def _stream_loader(source: CaptionSource, common: dict[str, Any], kwargs: dict[str, Any], *, num_workers: int,
+                   shuffle_buffer: int, epoch: int, start_batch: int) -> CaptionLoader:
+    """The :class:`~.stream_loader.StreamLoader` of a streamed source: whole shards per rank x worker."""
+    from .stream_loader import StreamBatches, StreamLoader
+
+    workers = max(1, num_workers)
+    world_size = common["world_size"]
+    if len(source.shards) < world_size * workers:
+        warnings.warn(f"{len(source.shards)} shards over {world_size} rank(s) x {workers} worker(s): "
+                      "some workers get no shard and stay idle", stacklevel=3)
+    loader = StreamLoader(StreamBatches(source, workers=workers, shuffle_buffer=shuffle_buffer, **common),
+                          **kwargs)
+    if start_batch:
+        loader.set_epoch(epoch, start_batch)
+    return loader

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from .. import distributed
 from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
 from ..data.embedding_cache import build_embedding_cache, storage_dtype_name, weights_fingerprint
 from ..models.prompt_templates import TEMPLATE_CHOICES
+from .run_spine import distributed_run, options_config, resolve_device, write_run_config
 from .shared_folder import check_shared_folder
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "embedding (about half of fp16), read back as float32 by stage 2")
     parser.add_argument("--model-dtype", choices=["fp32", "fp16", "bf16"], default=None,
                         help="LLM compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--batch-size", type=int, default=64, help="captions per forward pass")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="captions per forward pass of the LLM, on each rank (an encode batch: it "
+                             "changes speed and memory, not the embeddings)")
     parser.add_argument("--shard-size", type=int, default=10_000, help="records per cache shard")
     parser.add_argument("--captions", default=None, help="comma-separated caption names (default: all)")
     parser.add_argument("--instruction", default=None, help="prefix attended but not pooled")
@@ -58,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", choices=["mean", "last_token"], default=None)
     parser.add_argument("--max-length", type=int, default=None, help="token limit (default 512 or saved)")
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:N (default: this rank's GPU, else cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda or cuda:N (default auto: this rank's GPU, else cpu)")
     parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
                         help="stop when more than this fraction of records has an empty caption "
                         "(default 1%%)")
@@ -70,14 +73,6 @@ def _positive(name: str, value: int) -> int:
     if value < 1:
         raise ValueError(f"--{name} must be a positive integer, got {value}")
     return value
-
-
-def _device(arg: str | None) -> torch.device:
-    if arg is not None:
-        return torch.device(arg)
-    if torch.cuda.is_available():
-        return torch.device("cuda", distributed.get_local_rank())
-    return torch.device("cpu")
 
 
 def embed(
@@ -101,30 +96,69 @@ def embed(
     progress: bool = True,
     hook: Callable[[str, int], None] | None = None,
     max_bad_fraction: float = DEFAULT_MAX_FRACTION,
+    config: dict[str, Any] | None = None,
 ) -> Path | None:
-    """Build (or resume) the embedding cache; returns the manifest path on rank 0, else ``None``."""
+    """Build (or resume) the embedding cache; returns the manifest path on rank 0, else ``None``.
+
+    Rank 0 then writes the resolved settings as ``config.json`` into ``out`` (``config``: further
+    entries, e.g. the command line's options; the resolved values win)."""
     from ..data.sources import open_source
-    from ..models.llm_encoder import LLMTextEncoder, resolve_model_path
+    from ..models.llm_encoder import LLMTextEncoder
 
     _positive("batch-size", batch_size)
     _positive("shard-size", shard_size)
     storage = storage_dtype_name(dtype)
     # Before the LLM loads: ranks on several nodes must write into one folder that rank 0 can merge.
     check_shared_folder(out)
-    dev = _device(device)
+    dev = resolve_device(device)
     compute = model_dtype or ("bf16" if dev.type == "cuda" else "fp32")
     source = open_source(data, require_images=False)  # captions only: text-only manifests are fine
-    names = list(captions) if captions else list(source.caption_names)
-    unknown = [n for n in names if n not in source.caption_names]
-    if unknown:
-        raise ValueError(f"--captions {unknown} not in the source; it has {source.caption_names}")
+    names = _caption_names(source, captions)
     encoder = LLMTextEncoder.from_pretrained(
         llm, dtype=compute, load_in_8bit=load_in_8bit, instruction=instruction, lora=lora,
         merge_lora=lora is not None, pooling=pooling, max_length=max_length, normalize=normalize, device=dev,
         template=template,
     )
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    metadata: dict[str, Any] = {
+    metadata = cache_metadata(encoder, llm=llm, lora=lora, load_in_8bit=load_in_8bit, compute=compute,
+                              data=data)
+    reporter = _ShardReporter(rank, progress, hook)
+    bad = BadDataTracker(max_bad_fraction)
+    manifest = build_embedding_cache(
+        _caption_records(source, names, bad),
+        lambda texts: encoder.encode(texts, batch_size=batch_size, show_progress=False),
+        out, caption_names=names, dim=encoder.embedding_dim, dtype=storage, shard_size=shard_size,
+        metadata=metadata, rank=rank, world_size=world, barrier=distributed.barrier, hook=reporter,
+        fingerprint=encoder_fingerprint(metadata, llm=llm, lora=lora), skipped=bad.bad_keys,
+    )
+    if manifest is None:
+        return None
+    resolved = embed_settings(metadata, llm=llm, data=data, out=out, dtype=storage, batch_size=batch_size,
+                              shard_size=shard_size, captions=names, lora=lora, device=dev,
+                              max_bad_fraction=max_bad_fraction, world_size=world)
+    write_run_config(Path(out), {**(config or {}), **resolved})
+    if bad.bad:
+        logger.warning("[embed] skipped %d record(s) with an empty or missing caption (not in the cache; "
+                       "stage 2 counts them as bad data): %s", bad.bad, bad.summary())
+    if progress:
+        reporter.log_totals(manifest)
+    return manifest
+
+
+def _caption_names(source: Any, captions: list[str] | None) -> list[str]:
+    """The captions to encode: ``captions``, checked against the source's, or all of the source's."""
+    names = list(captions) if captions else list(source.caption_names)
+    unknown = [n for n in names if n not in source.caption_names]
+    if unknown:
+        raise ValueError(f"--captions {unknown} not in the source; it has {source.caption_names}")
+    return names
+
+
+def cache_metadata(encoder: Any, *, llm: str, lora: str | None, load_in_8bit: bool, compute: str,
+                   data: str) -> dict[str, Any]:
+    """What the cache records about how its vectors were made: the LLM and LoRA folders (resolved), the
+    encoder's resolved settings, the data source."""
+    return {
         "model": str(Path(llm).resolve()) if Path(llm).exists() else llm,
         "lora": ",".join(str(Path(a.strip()).resolve()) for a in lora.split(",") if a.strip()) or None
         if lora else None,
@@ -135,70 +169,87 @@ def embed(
         # identity, and what eval re-encodes captions with.
         "template": encoder.template, "doc_max_length": encoder.doc_max_length,
     }
-    # What makes the embeddings besides the settings above: the weight files' contents, so a model
-    # replaced at the same path re-encodes every shard instead of reusing stale vectors.
+
+
+def encoder_fingerprint(metadata: dict[str, Any], *, llm: str, lora: str | None) -> dict[str, Any]:
+    """What makes the embeddings: the encoding settings and the weight files' contents, so a model
+    replaced at the same path re-encodes every shard instead of reusing stale vectors."""
+    from ..models.llm_encoder import resolve_model_path
+
     encoding = ("load_in_8bit", "model_dtype", "pooling", "instruction", "max_length", "normalize",
                 "bidirectional", "template", "doc_max_length")
     # A LoRA chain ("A,B") is one folder per adapter, each part of what makes the vectors.
     adapters = [a.strip() for a in lora.split(",") if a.strip()] if lora else []
-    fingerprint = {"weights": weights_fingerprint(resolve_model_path(llm), *adapters),
-                   "settings": {k: metadata[k] for k in encoding}}
-    started = time.perf_counter()
-    counts = {"written": 0, "skipped": 0}
-    changed: dict[str, list[int]] = {"captions changed": [], "encoder changed": []}
+    return {"weights": weights_fingerprint(resolve_model_path(llm), *adapters),
+            "settings": {k: metadata[k] for k in encoding}}
 
-    def report(event: str, shard: int) -> None:
-        if event in counts:
-            counts[event] += 1
-            if progress:
-                logger.info("[embed rank %d] shard %d %s (%.1fs)", rank, shard, event,
-                            time.perf_counter() - started)
-        if event in changed:
-            changed[event].append(shard)
-            logger.info("[embed rank %d] shard %d: %s changed since it was encoded; re-encoding it",
-                        rank, shard, event.split()[0])
-        if hook is not None:
-            hook(event, shard)
 
-    bad = BadDataTracker(max_bad_fraction)
+def _caption_records(source: Any, names: list[str],
+                     bad: BadDataTracker) -> Iterator[tuple[str, dict[str, str]]]:
+    """``(key, {name: caption})`` of every record in order; empty captions go to ``bad`` (with the
+    samples truncated shards lost), whose fraction is enforced before the manifest is written."""
     for path, n in getattr(source, "lost_samples", {}).items():
         bad.add_lost(n, f"{n} sample(s) lost in the truncated shard {path}")
+    yield from ((key, {n: caps[n] for n in names}) for key, caps in source.iter_captions(bad_data=bad))
+    # Before the manifest: a cache built from too much bad data must not look finished.
+    bad.check_end_of_epoch()
 
-    def records():
-        yield from ((key, {n: caps[n] for n in names}) for key, caps in source.iter_captions(bad_data=bad))
-        # Before the manifest: a cache built from too much bad data must not look finished.
-        bad.check_end_of_epoch()
 
-    manifest = build_embedding_cache(
-        records(),
-        lambda texts: encoder.encode(texts, batch_size=batch_size, show_progress=False),
-        out, caption_names=names, dim=encoder.embedding_dim, dtype=storage, shard_size=shard_size,
-        metadata=metadata, rank=rank, world_size=world, barrier=distributed.barrier, hook=report,
-        fingerprint=fingerprint, skipped=bad.bad_keys,
-    )
-    if manifest is not None and bad.bad:
-        logger.warning("[embed] skipped %d record(s) with an empty or missing caption (not in the cache; "
-                       "stage 2 counts them as bad data): %s", bad.bad, bad.summary())
-    if progress and manifest is not None:
-        redone = sorted(changed["captions changed"] + changed["encoder changed"])
+class _ShardReporter:
+    """The cache builder's hook: logs each shard written, reused or re-encoded, counts them, and
+    passes every event on to the caller's ``hook``."""
+
+    def __init__(self, rank: int, progress: bool, hook: Callable[[str, int], None] | None) -> None:
+        self.rank, self.progress, self.hook = rank, progress, hook
+        self.started = time.perf_counter()
+        self.counts = {"written": 0, "skipped": 0}
+        self.changed: dict[str, list[int]] = {"captions changed": [], "encoder changed": []}
+
+    def __call__(self, event: str, shard: int) -> None:
+        if event in self.counts:
+            self.counts[event] += 1
+            if self.progress:
+                logger.info("[embed rank %d] shard %d %s (%.1fs)", self.rank, shard, event,
+                            time.perf_counter() - self.started)
+        if event in self.changed:
+            self.changed[event].append(shard)
+            logger.info("[embed rank %d] shard %d: %s changed since it was encoded; re-encoding it",
+                        self.rank, shard, event.split()[0])
+        if self.hook is not None:
+            self.hook(event, shard)
+
+    def log_totals(self, manifest: Path) -> None:
+        """The closing line: shards written (and which were re-encoded for changed inputs), reused."""
+        redone = sorted(self.changed["captions changed"] + self.changed["encoder changed"])
         detail = (f" ({len(redone)} re-encoded because their inputs changed: shards {redone})"
                   if redone else "")
-        logger.info("[embed] %d shard(s) written%s, %d reused; manifest %s", counts["written"], detail,
-                    counts["skipped"], manifest)
-    return manifest
+        logger.info("[embed] %d shard(s) written%s, %d reused; manifest %s", self.counts["written"], detail,
+                    self.counts["skipped"], manifest)
+
+
+def embed_settings(metadata: dict[str, Any], *, llm: str, data: str, out: str | Path, dtype: str,
+                   batch_size: int, shard_size: int, captions: list[str], lora: str | None,
+                   device: torch.device, max_bad_fraction: float, world_size: int) -> dict[str, Any]:
+    """``config.json`` of an embed run: the options as resolved (the encoder's own pooling, length,
+    instruction and template, the compute dtype, the captions encoded, the device, the ranks)."""
+    return {"llm": str(llm), "data": str(data), "out": str(out), "lora": lora, "dtype": dtype,
+            "model_dtype": metadata["model_dtype"], "load_in_8bit": metadata["load_in_8bit"],
+            "pooling": metadata["pooling"], "instruction": metadata["instruction"],
+            "max_length": metadata["max_length"], "normalize": metadata["normalize"],
+            "template": metadata["template"], "captions": list(captions), "batch_size": batch_size,
+            "shard_size": shard_size, "device": str(device), "max_bad_fraction": max_bad_fraction,
+            "world_size": world_size}
 
 
 def run(args: argparse.Namespace) -> int:
-    distributed.init_distributed_from_env()
-    try:
+    """``python -m llm2clip_fast.train embed``: the cache of ``--data``'s captions in ``--out``."""
+    with distributed_run(args.device) as place:
         embed(
             llm=args.llm, data=args.data, out=args.out, load_in_8bit=args.load_in_8bit, dtype=args.dtype,
             model_dtype=args.model_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
             captions=[c.strip() for c in args.captions.split(",") if c.strip()] if args.captions else None,
             instruction=args.instruction, lora=args.lora, pooling=args.pooling, max_length=args.max_length,
-            normalize=args.normalize, device=args.device, template=args.template, progress=not args.quiet,
-            max_bad_fraction=args.max_bad_fraction,
+            normalize=args.normalize, device=str(place.device), template=args.template,
+            progress=not args.quiet, max_bad_fraction=args.max_bad_fraction, config=options_config(args),
         )
-    finally:
-        distributed.destroy_distributed()
     return 0

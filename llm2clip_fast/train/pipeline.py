@@ -184,84 +184,98 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "weighted mix such as short:0.5,long:0.5 (the official recipe's)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from llm2clip_fast.data.demo import write_demo
-    from llm2clip_fast.models.llm_encoder import packaged_minilm_path
-
+def demo_sizes(args: argparse.Namespace) -> DemoSizes:
+    """FULL or QUICK (``--quick``), with ``--n-train`` applied (at least two batches of either stage)."""
     sizes = QUICK if args.quick else FULL
     if args.n_train is not None:
         if args.n_train < 2 * max(sizes.stage1_batch, sizes.stage2_batch):
             raise ValueError(f"--n-train must be at least {2 * max(sizes.stage1_batch, sizes.stage2_batch)} "
                              f"(two batches), got {args.n_train}")
         sizes = replace(sizes, n_train=args.n_train)
-    run_dir = Path(args.out) if args.out else default_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    minilm = packaged_minilm_path()
-    _say(f"run folder {run_dir.resolve()} ({'quick' if args.quick else 'full'} run, seed {args.seed})")
-    timings: dict[str, float] = {}
-    cpu_timings: dict[str, float] = {}
-    started = time.perf_counter()
+    return sizes
+
+
+class StageClock:
+    """Wall and CPU seconds of each stage, announced as it starts and ends."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.started = time.perf_counter()
 
     @contextlib.contextmanager
-    def timed(name: str, what: str) -> Iterator[None]:
+    def timed(self, name: str, what: str) -> Iterator[None]:
         _say(f"--- {name}: {what}")
         t0, c0 = time.perf_counter(), time.process_time()
         yield
-        timings[name] = time.perf_counter() - t0
-        cpu_timings[name] = time.process_time() - c0
-        _say(f"--- {name} done in {timings[name]:.1f}s ({cpu_timings[name]:.1f} CPU-s)")
+        self.wall[name] = time.perf_counter() - t0
+        self.cpu[name] = time.process_time() - c0
+        _say(f"--- {name} done in {self.wall[name]:.1f}s ({self.cpu[name]:.1f} CPU-s)")
 
-    with timed("data", f"demo set: {sizes.n_train} train, {sizes.n_val} val, {sizes.long_detail_groups} "
-                       f"long-detail groups of 4, {sizes.image_size}px"):
+
+def write_demo_data(run_dir: Path, sizes: DemoSizes, seed: int, clock: StageClock) -> dict[str, str]:
+    """The ``data`` stage: the demo splits (train, val, long_detail) as manifest specs."""
+    from llm2clip_fast.data.demo import write_demo
+
+    with clock.timed("data", f"demo set: {sizes.n_train} train, {sizes.n_val} val, "
+                             f"{sizes.long_detail_groups} long-detail groups of 4, {sizes.image_size}px"):
         splits = write_demo(run_dir / "data", n_train=sizes.n_train, n_val=sizes.n_val,
-                            n_long_detail_groups=sizes.long_detail_groups, seed=args.seed,
+                            n_long_detail_groups=sizes.long_detail_groups, seed=seed,
                             image_size=sizes.image_size)
-    splits = {name: str(spec) for name, spec in splits.items()}
+    return {name: str(spec) for name, spec in splits.items()}
+
+
+def train_llm2clip(run_dir: Path, splits: dict[str, str], sizes: DemoSizes, args: argparse.Namespace,
+                   clock: StageClock) -> None:
+    """The ``stage1``, ``embed`` and ``stage2`` stages, each through its sub-command."""
+    from llm2clip_fast.models.llm_encoder import packaged_minilm_path
 
     stage1_dir = run_dir / "stage1"
-    with timed("stage1", f"caption-contrastive LoRA on all-MiniLM-L6-v2, {sizes.stage1_steps} steps"):
-        run_stage(stage1_argv(minilm, splits["train"], splits["val"], stage1_dir, sizes, args.seed))
-    llm_dir = stage1_model_dir(stage1_dir)
-
-    with timed("embed", "train captions through the frozen stage-1 model"):
-        run_stage(embed_argv(llm_dir, splits["train"], run_dir / "embeddings"))
-
-    with timed("stage2", f"vision tower + adapter on cached embeddings, {sizes.stage2_steps} steps"):
+    with clock.timed("stage1", f"caption-contrastive LoRA on all-MiniLM-L6-v2, {sizes.stage1_steps} steps"):
+        run_stage(stage1_argv(packaged_minilm_path(), splits["train"], splits["val"], stage1_dir, sizes,
+                              args.seed))
+    with clock.timed("embed", "train captions through the frozen stage-1 model"):
+        run_stage(embed_argv(stage1_model_dir(stage1_dir), splits["train"], run_dir / "embeddings"))
+    with clock.timed("stage2", f"vision tower + adapter on cached embeddings, {sizes.stage2_steps} steps"):
         run_stage(stage2_argv("llm-adapter", splits["train"], run_dir / "llm2clip", sizes, args.seed,
                               embeddings=run_dir / "embeddings", caption=args.caption))
 
-    results: dict[str, dict[str, dict[str, Any]]] = {"LLM2CLIP": {}}
-    with timed("eval", "LLM2CLIP on val and long_detail"):
-        from llm2clip_fast.models.llm2clip import LLM2CLIPModel
 
+def evaluate_llm2clip(run_dir: Path, splits: dict[str, str], clock: StageClock) -> dict[str, dict[str, Any]]:
+    """The ``eval`` stage: the LLM2CLIP model on val and long_detail (``eval/llm2clip_<split>.json``)."""
+    from llm2clip_fast.models.llm2clip import LLM2CLIPModel
+
+    results: dict[str, dict[str, Any]] = {}
+    with clock.timed("eval", "LLM2CLIP on val and long_detail"):
         model_dir = run_dir / "llm2clip" / "model"
         encoder = load_text_encoder(LLM2CLIPModel.from_pretrained(model_dir))
         for split in ("val", "long_detail"):
             r = evaluate_model_dir(model_dir, splits[split], encoder=encoder)
             write_json_atomic(run_dir / "eval" / f"llm2clip_{split}.json", r)
-            results["LLM2CLIP"][split] = r
+            results[split] = r
         del encoder
+    return results
 
-    if not args.skip_baseline:
-        results["CLIP-77 baseline"] = {}
-        with timed("baseline", f"stage 2 with the 77-token CLIP text tower, {sizes.stage2_steps} steps"):
-            run_stage(stage2_argv("clip", splits["train"], run_dir / "baseline", sizes, args.seed,
-                                  caption=args.caption))
-        with timed("baseline-eval", "baseline on val and long_detail"):
-            for split in ("val", "long_detail"):
-                r = evaluate_model_dir(run_dir / "baseline" / "model", splits[split])
-                write_json_atomic(run_dir / "eval" / f"baseline_{split}.json", r)
-                results["CLIP-77 baseline"][split] = r
 
-    total = time.perf_counter() - started
-    table = format_comparison(results)
-    stage1_cra = read_stage1_cra(stage1_dir)
-    summary = {"run_dir": str(run_dir.resolve()), "seed": args.seed, "quick": bool(args.quick),
-               "stage1_cra": stage1_cra,
-               "sizes": asdict(sizes), "seconds": timings, "cpu_seconds": cpu_timings,
-               "total_seconds": total, "results": results,
-               "table": table}
-    write_json_atomic(run_dir / "results.json", summary)
+def run_baseline(run_dir: Path, splits: dict[str, str], sizes: DemoSizes, args: argparse.Namespace,
+                 clock: StageClock) -> dict[str, dict[str, Any]]:
+    """The ``baseline`` and ``baseline-eval`` stages: stage 2 with the 77-token CLIP text tower, then
+    its evaluation (``eval/baseline_<split>.json``)."""
+    results: dict[str, dict[str, Any]] = {}
+    with clock.timed("baseline", f"stage 2 with the 77-token CLIP text tower, {sizes.stage2_steps} steps"):
+        run_stage(stage2_argv("clip", splits["train"], run_dir / "baseline", sizes, args.seed,
+                              caption=args.caption))
+    with clock.timed("baseline-eval", "baseline on val and long_detail"):
+        for split in ("val", "long_detail"):
+            r = evaluate_model_dir(run_dir / "baseline" / "model", splits[split])
+            write_json_atomic(run_dir / "eval" / f"baseline_{split}.json", r)
+            results[split] = r
+    return results
+
+
+def print_results(results: dict[str, dict[str, dict[str, Any]]], table: str,
+                  stage1_cra: dict[str, Any] | None, clock: StageClock, total: float, run_dir: Path) -> None:
+    """The closing report on stdout: the comparison table, stage 1's CRA, the time per stage."""
     print()
     print(f"Results (%, val: {results['LLM2CLIP']['val']['n']} images; long_detail: "
           f"{results['LLM2CLIP']['long_detail']['n']} images in groups of 4 whose long captions share "
@@ -272,9 +286,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"Stage-1 CRA of the LLM alone on {stage1_cra.get('pairs')} val pairs: "
               f"{100 * stage1_cra['before']:.1f}% before, {100 * stage1_cra['after']:.1f}% after fine-tuning")
     print()
-    per_stage = ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    per_stage = ", ".join(f"{k} {v:.0f}s" for k, v in clock.wall.items())
     print(f"time per stage: {per_stage}; total {total:.0f}s")
     print(f"run folder: {run_dir.resolve()}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole pipeline on the demo set (module docstring); writes ``results.json``."""
+    sizes = demo_sizes(args)
+    run_dir = Path(args.out) if args.out else default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _say(f"run folder {run_dir.resolve()} ({'quick' if args.quick else 'full'} run, seed {args.seed})")
+    clock = StageClock()
+    splits = write_demo_data(run_dir, sizes, args.seed, clock)
+    train_llm2clip(run_dir, splits, sizes, args, clock)
+    results: dict[str, dict[str, dict[str, Any]]] = {"LLM2CLIP": evaluate_llm2clip(run_dir, splits, clock)}
+    if not args.skip_baseline:
+        results["CLIP-77 baseline"] = run_baseline(run_dir, splits, sizes, args, clock)
+    total = time.perf_counter() - clock.started
+    table = format_comparison(results)
+    stage1_cra = read_stage1_cra(run_dir / "stage1")
+    summary = {"run_dir": str(run_dir.resolve()), "seed": args.seed, "quick": bool(args.quick),
+               "stage1_cra": stage1_cra,
+               "sizes": asdict(sizes), "seconds": clock.wall, "cpu_seconds": clock.cpu,
+               "total_seconds": total, "results": results,
+               "table": table}
+    write_json_atomic(run_dir / "results.json", summary)
+    print_results(results, table, stage1_cra, clock, total, run_dir)
     return 0
 
 

@@ -26,7 +26,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from ..data.caption_source import CaptionSource
 from ..data.loader import build_loader, sample_rng
 from ..data.sources import open_source
 from ..models.prompt_templates import TEMPLATE_CHOICES
-from .checkpoint import latest_checkpoint, load_latest_usable, restore_rng_state, save_checkpoint
+from .checkpoint import latest_checkpoint, restore_rng_state, save_checkpoint
 from .cra import caption_pairs, encoder_cra
 from .hard_negative_loss import hard_negative_nll_loss
 from .holdout import split_holdout
@@ -51,9 +51,22 @@ from .mntp import check_head_loaded, mask_captions, mask_token_id, mntp_loss, pr
 from .mntp_phase import contrastive_phase_args, run_mntp_phase
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
 from .recipes import mark_recipe_defaults, resolve_recipe
-from .run_folder import check_run_folder, new_run_id, prepare_run_folder
-from .run_log import JsonlLog, TrainProgress, plot_loss_curve
-from .scalar_reporters import ScalarReporters, add_report_to_argument, check_report_to
+from .run_log import JsonlLog, TrainProgress
+from .run_spine import (
+    RunPlace,
+    RunStart,
+    autocast_factory,
+    check_out_folder,
+    distributed_run,
+    finish_run,
+    open_run_log,
+    options_config,
+    prepare_out_folder,
+    settings_from,
+    start_or_resume,
+    write_run_config,
+)
+from .scalar_reporters import add_report_to_argument, check_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +82,15 @@ _RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_siz
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``stage1`` command-line options."""
+    _add_model_arguments(parser)
+    _add_data_arguments(parser)
+    _add_optimisation_arguments(parser)
+    _add_run_arguments(parser)
+    mark_recipe_defaults(parser)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The LLM, its LoRA adapters and how captions are encoded."""
     g = parser.add_argument_group("model")
     g.add_argument("--llm", required=True, help="model folder (or a hub name already in the local cache)")
     g.add_argument("--lora-r", type=int, default=16)
@@ -97,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="prompt template as llm2vec 0.2.3 wraps texts (default auto: detected from the "
                         "tokenizer and config; saved with the merged encoder)")
 
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The caption pairs, the held-out pairs for CRA, bad-data tolerance."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True, help="caption source (manifest or WebDataset shards)")
     g.add_argument("--short-caption", default="short", help="field of the short caption (default: short)")
@@ -112,9 +137,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="stop when more than this fraction of samples is bad (empty caption; default 1%%), "
                    "checked during each epoch and at its end")
 
+
+def _add_optimisation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Batch, length, losses, MNTP warm-up, optimizer and schedule."""
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=512, help="caption pairs per step over all ranks")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--batch-size", type=int, default=512,
+                   help="caption pairs per micro-batch over all ranks: the global batch whose other captions "
+                        "are each pair's negatives; each rank takes batch-size / world size")
+    g.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (a step sees batch-size x grad-accum pairs; "
+                        "negatives stay within each micro-batch)")
     g.add_argument("--steps", type=int, default=None, help="contrastive optimizer steps (default: --epochs)")
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--mntp-steps", type=int, default=0,
@@ -138,6 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--seed", type=int, default=0)
 
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run folder, checkpoints, resume, logging."""
     g = parser.add_argument_group("run")
     g.add_argument("--out", required=True, help="run folder")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
@@ -149,7 +184,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=1)
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     add_report_to_argument(g)
-    mark_recipe_defaults(parser)
 
 
 @dataclass
@@ -414,17 +448,10 @@ def _write_json(path: Path, data: Any) -> None:
     write_json_atomic(path, data, sort_keys=True)
 
 
-def _run_config(args: argparse.Namespace) -> dict[str, Any]:
+def stage1_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's options as each checkpoint records them: the plain (scalar) resolved options, sorted."""
     plain = (str, int, float, bool, type(None))
-    return {k: v for k, v in sorted(vars(args).items()) if isinstance(v, plain) and not k.startswith("_")}
-
-
-def _check_resume_config(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-             for k in _RESUME_MUST_MATCH if k in saved and saved.get(k) != current.get(k)]
-    if diffs:
-        raise ValueError("--resume with different options than the checkpoint's run:\n  "
-                         + "\n  ".join(diffs))
+    return {k: v for k, v in sorted(options_config(args).items()) if isinstance(v, plain)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -462,29 +489,27 @@ def _micro_batches(loader: Any, epoch: int, start_batch: int,
         start_batch = 0
 
 
+def _say(message: str) -> None:
+    # Rank 0 only: the command line's handler drops other ranks' info lines.
+    logger.info("stage1: %s", message)
+
+
 def train_stage1(args: argparse.Namespace) -> Stage1Result:
     """Run stage 1 as configured by ``args`` (see :func:`add_arguments`)."""
     with warnings.catch_warnings():
         # bitsandbytes warns on every int8 matmul that fp32 activations are cast to fp16.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-        return _train_stage1(args)
+        with distributed_run("auto") as place:
+            return _train_stage1(args, place)
 
 
-def _train_stage1(args: argparse.Namespace) -> Stage1Result:
-    dist_helpers.init_distributed_from_env()
-    rank, world = dist_helpers.get_rank(), dist_helpers.get_world_size()
-    main = rank == 0
-    resolve_recipe(args)
-    check_options(args, world)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", dist_helpers.get_local_rank()) if cuda else torch.device("cpu")
-    dist_helpers.check_collective_device(device)  # every collective below takes tensors on `device`
-    out = Path(args.out)
-    say = logger.info  # rank 0 only: the command line's handler drops other ranks' info lines
-    check_run_folder(out, resume=args.resume, overwrite=args.overwrite)
-    run_config = _run_config(args)
+# ---------------------------------------------------------------------------------------------
+# the run, step by step
 
-    # Data first: a missing caption field should fail before a large model loads.
+
+def open_pair_data(args: argparse.Namespace) -> tuple[CaptionSource, list[tuple[str, str]]]:
+    """The training captions (``--data``) and the held-out (short, long) pairs CRA is measured on:
+    ``--eval-data``, or ``--eval-fraction`` of ``--data`` held out (not for streamed data)."""
     source = _open_captions(args.data, args.short_caption, args.long_caption, "--data",
                             hard=args.hard_negative_caption)
     eval_pairs: list[tuple[str, str]] = []
@@ -499,10 +524,29 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
         source, eval_source = split_holdout(source, args.eval_fraction, seed=args.seed,
                                             max_heldout=args.eval_size)
         eval_pairs = caption_pairs(eval_source, args.short_caption, args.long_caption)
-    per_rank = args.batch_size // world
-    loader = build_loader(source, batch_size=per_rank, caption=None, with_images=False, rank=rank,
-                          world_size=world, seed=args.seed, num_workers=args.num_workers, drop_last=True,
-                          bad_data=args.max_bad_fraction)
+    return source, eval_pairs
+
+
+@dataclass(frozen=True)
+class Stage1Plan:
+    """How long the run is: batch slots used per epoch, contrastive steps, all optimizer steps."""
+
+    usable_slots: int
+    contrastive_steps: int
+    total_steps: int
+
+
+def build_pair_loader(args: argparse.Namespace, source: CaptionSource, place: RunPlace) -> Any:
+    """This rank's caption-only loader: ``--batch-size / world size`` pairs per batch, full batches."""
+    return build_loader(source, batch_size=args.batch_size // place.world_size, caption=None,
+                        with_images=False, rank=place.rank, world_size=place.world_size, seed=args.seed,
+                        num_workers=args.num_workers, drop_last=True, bad_data=args.max_bad_fraction)
+
+
+def plan_steps(args: argparse.Namespace, source: CaptionSource, loader: Any) -> Stage1Plan:
+    """Steps per epoch (whole ``--grad-accum`` groups of batch slots), the contrastive steps
+    (``--steps`` or ``--epochs``) and the total with ``--mntp-steps``; an error when an epoch cannot
+    fill one step."""
     # A streamed source counts its batches from the shards' sample counts (one counting pass).
     slots = loader.num_batches() if getattr(source, "streaming", False) else len(loader.dataset.batches())
     steps_per_epoch = slots // args.grad_accum
@@ -510,172 +554,290 @@ def _train_stage1(args: argparse.Namespace) -> Stage1Result:
         raise ValueError(f"{len(source)} training samples make {slots} batches of {args.batch_size} "
                          "per epoch, "
                          f"fewer than --grad-accum {args.grad_accum}: lower --batch-size")
-    usable_slots = steps_per_epoch * args.grad_accum
     contrastive_steps = args.steps if args.steps is not None else max(1, round(args.epochs * steps_per_epoch))
-    total_steps = args.mntp_steps + contrastive_steps
+    return Stage1Plan(usable_slots=steps_per_epoch * args.grad_accum, contrastive_steps=contrastive_steps,
+                      total_steps=args.mntp_steps + contrastive_steps)
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)  # noqa: NPY002 - seeding the global stream libraries draw from
-    folder_prepared = False
-    if args.mntp_data:
-        # MNTP as its own phase (llm2vec's recipe): its LoRA is merged into the base the contrastive
-        # phase then trains a fresh LoRA on. It writes into --out, so the folder is made ready (and,
-        # with --overwrite, emptied) first; its mntp/ folder is then this run's own, not a stale one.
-        if main:
-            prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite,
-                               say=lambda msg: say(f"stage1: {msg}"))
-        dist_helpers.barrier()
-        folder_prepared = True
-        say_main = logger.info
-        mntp_base = run_mntp_phase(args, device, out, say_main)
-        args = contrastive_phase_args(args, mntp_base)
-        total_steps = contrastive_steps
-    built = build_trainable_encoder(args, device)
-    encoder, peft_model = built.encoder, built.peft_model
-    scale_module = LogitScale(args.scale, args.learn_scale).to(device)
-    named_trainable = [(f"lora.{n}", p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    named_trainable += [(f"scale.{n}", p) for n, p in scale_module.named_parameters()]
-    trainable = [p for _, p in named_trainable]
-    optimizer = torch.optim.AdamW(adamw_param_groups(named_trainable, args.weight_decay, lr=args.lr))
+
+def run_separate_mntp_phase(args: argparse.Namespace, place: RunPlace, out: Path,
+                            plan: Stage1Plan) -> tuple[argparse.Namespace, Stage1Plan]:
+    """With ``--mntp-data``: MNTP as its own phase (llm2vec's recipe), its LoRA merged into the base
+    the contrastive phase then trains a fresh LoRA on. Returns the contrastive phase's options and
+    plan. It writes into ``--out``, so the folder is made ready (and, with ``--overwrite``, emptied)
+    first; its ``mntp/`` folder is then this run's own, not a stale one."""
+    prepare_out_folder(place, out, resume=args.resume, overwrite=args.overwrite, say=_say)
+    dist_helpers.barrier()
+    mntp_base = run_mntp_phase(args, place.device, out, logger.info)
+    return contrastive_phase_args(args, mntp_base), replace(plan, total_steps=plan.contrastive_steps)
+
+
+@dataclass
+class Stage1Training:
+    """What the steps train: the LoRA-wrapped encoder, the logit scale, the optimizer and schedule."""
+
+    built: TrainableEncoder
+    scale_module: LogitScale
+    named_trainable: list[tuple[str, nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable]
+
+
+def build_training(args: argparse.Namespace, place: RunPlace, total_steps: int) -> Stage1Training:
+    """Load the LLM with LoRA (:func:`build_trainable_encoder`), the logit scale, AdamW over the LoRA
+    weights (and a learned scale) and the warmup + ``--schedule`` lr schedule."""
+    built = build_trainable_encoder(args, place.device)
+    scale_module = LogitScale(args.scale, args.learn_scale).to(place.device)
+    named = [(f"lora.{n}", p) for n, p in built.peft_model.named_parameters() if p.requires_grad]
+    named += [(f"scale.{n}", p) for n, p in scale_module.named_parameters()]
+    optimizer = torch.optim.AdamW(adamw_param_groups(named, args.weight_decay, lr=args.lr))
     scheduler = build_scheduler(optimizer, args.schedule, warmup_steps=args.warmup_steps,
                                 total_steps=total_steps, min_lr_ratio=args.min_lr_ratio)
-    torch.manual_seed(args.seed + rank)  # dropout streams differ per rank
+    return Stage1Training(built, scale_module, named, optimizer, scheduler)
 
-    step, epoch, start_batch = 0, 0, 0
+
+def restore_from_checkpoint(start: RunStart, training: Stage1Training) -> float | None:
+    """Continue where the checkpoint stopped (trainable tensors, optimizer, schedule, RNG streams);
+    returns the CRA it measured before training (None for a fresh run or when it measured none)."""
+    ckpt = start.checkpoint
+    if ckpt is None:
+        return None
+    state = dict(training.named_trainable)
+    missing = sorted(set(state) - set(ckpt.model_state))
+    if missing:
+        raise ValueError(f"checkpoint {ckpt.path} lacks trainable tensors, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, p in state.items():
+            p.copy_(ckpt.model_state[name].to(p.device, p.dtype))
+    training.optimizer.load_state_dict(ckpt.optimizer_state)
+    training.scheduler.load_state_dict(ckpt.scheduler_state)
+    restore_rng_state(ckpt.rng)
+    return ckpt.extra.get("cra_before")
+
+
+@dataclass
+class Stage1Run:
+    """Everything the training loop works with, set up by :func:`_train_stage1`."""
+
+    args: argparse.Namespace
+    place: RunPlace
+    out: Path
+    loader: Any
+    plan: Stage1Plan
+    training: Stage1Training
+    config: dict[str, Any]
+    start: RunStart
+    autocast: Any
+    eval_pairs: list[tuple[str, str]]
     cra_before: float | None = None
-    run_id = new_run_id()
-    ckpt_path = None
-    if args.resume:
-        ckpt = load_latest_usable(out, lambda msg: say(f"stage1: {msg}"))
-        ckpt_path = ckpt.path
-        run_id = ckpt.run_id or run_id
-        _check_resume_config(ckpt.config, run_config)
-        state = dict(named_trainable)
-        missing = sorted(set(state) - set(ckpt.model_state))
-        if missing:
-            raise ValueError(f"checkpoint {ckpt_path} lacks trainable tensors, e.g. {missing[:3]}")
-        with torch.no_grad():
-            for name, p in state.items():
-                p.copy_(ckpt.model_state[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(ckpt.optimizer_state)
-        scheduler.load_state_dict(ckpt.scheduler_state)
-        restore_rng_state(ckpt.rng)
-        step, epoch, start_batch = ckpt.step, ckpt.epoch, ckpt.batch_index
-        cra_before = ckpt.extra.get("cra_before")
-    if main:
-        if not folder_prepared:
-            prepare_run_folder(out, resume=args.resume, overwrite=args.overwrite,
-                               say=lambda msg: say(f"stage1: {msg}"))
-        _write_json(out / "config.json", {**run_config, "lora_targets_resolved": built.targets,
-                                          "settings_from": getattr(args, "recipe_origin", {}),
-                                          "total_steps": total_steps, "world_size": world})
-    if ckpt_path is not None:
-        say(f"stage1: resuming from {ckpt_path} (step {step}, epoch {epoch}, batch {start_batch})")
-    say(f"stage1: {len(source)} training pairs, {len(eval_pairs)} held-out, {total_steps} steps "
-        f"({args.mntp_steps} MNTP), LoRA r={args.lora_r} on {','.join(built.targets)}")
+    mask_id: int = -1
+    special_ids: set[int] = field(default_factory=set)
 
-    if main and eval_pairs and cra_before is None:
-        cra_before = encoder_cra(encoder, eval_pairs)
-        say(f"stage1: CRA before training {cra_before:.4f} on {len(eval_pairs)} pairs")
+
+@dataclass
+class Stage1LoopState:
+    """Where the loop is: optimizer steps done, the epoch of the last batch, the per-step losses and
+    the captions seen (all ranks)."""
+
+    step: int
+    epoch: int
+    losses: list[float] = field(default_factory=list)
+    captions: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+
+
+def write_stage1_config(run: Stage1Run, source_size: int) -> None:
+    """Make ``--out`` ready and write ``config.json`` (rank 0), then say where the run starts."""
+    args, start, world = run.args, run.start, run.place.world_size
+    if run.place.main:
+        write_run_config(run.out, {**run.config, "lora_targets_resolved": run.training.built.targets,
+                                   "settings_from": settings_from(args),
+                                   "total_steps": run.plan.total_steps, "world_size": world}, sort_keys=True)
+    if start.resumed:
+        _say(f"resuming from {start.checkpoint.path} (step {start.step}, epoch {start.epoch}, batch "
+             f"{start.batch_index})")
+    _say(f"{source_size} training pairs, {len(run.eval_pairs)} held-out, {run.plan.total_steps} steps "
+         f"({args.mntp_steps} MNTP), LoRA r={args.lora_r} on {','.join(run.training.built.targets)}")
+
+
+def measure_cra_before(run: Stage1Run) -> None:
+    """On rank 0, unless a resumed checkpoint carries it: caption retrieval accuracy before training."""
+    if run.place.main and run.eval_pairs and run.cra_before is None:
+        run.cra_before = encoder_cra(run.training.built.encoder, run.eval_pairs)
+        _say(f"CRA before training {run.cra_before:.4f} on {len(run.eval_pairs)} pairs")
     dist_helpers.barrier()
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                              enabled=device.type == "cuda" and args.bf16_autocast)
-    special_ids = set(getattr(encoder.tokenizer, "all_special_ids", []) or [])
-    mask_id = mask_token_id(encoder.tokenizer) if args.mntp_steps else -1
-    log_from = step if ckpt_path is not None else None
-    reporters = ScalarReporters(args.report_to, out, resume_step=log_from, config=run_config, enabled=main)
-    log = JsonlLog(out / "log.jsonl", resume_step=log_from, enabled=main, mirror=reporters)
-    progress = TrainProgress(total_steps, initial=step, unit_name="captions", desc="stage1",
-                             enabled=main and not args.quiet)
-    batches = _micro_batches(loader, epoch, start_batch, usable_slots)
-    losses: list[float] = []
-    peft_model.train()
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            mntp = step < args.mntp_steps
-            step_loss = 0.0
-            captions = 0
-            for _ in range(args.grad_accum):
-                batch, epoch = next(batches)
-                shorts, longs, flip = _batch_pairs(batch, args, epoch)
-                with autocast:
-                    if mntp:
-                        enc = encoder.tokenize(shorts + longs)
-                        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-                        ids, labels = mask_captions(
-                            enc["input_ids"], enc["attention_mask"], mask_id=mask_id, special_ids=special_ids,
-                            probability=args.mntp_probability, generator=gen, decoder=built.decoder)
-                        out_h = peft_model(input_ids=ids.to(encoder.device),
-                                           attention_mask=enc["attention_mask"].to(encoder.device))
-                        loss = mntp_loss(out_h.last_hidden_state, labels.to(encoder.device), built.head,
-                                         decoder=built.decoder)
-                    else:
-                        query, key = _embed_pairs(encoder, shorts, longs, flip, args)
-                        if args.loss == "hardneg":
-                            hard = [c[args.hard_negative_caption] for c in batch["all_captions"]]
-                            negative = _embed(encoder, hard, _document_instructions(args, len(hard)))
-                            loss = hard_negative_nll_loss(query, key, negative, scale_module())
-                        else:
-                            loss = contrastive_loss(query, key, scale_module(), args.loss)
-                (loss / args.grad_accum).backward()
-                step_loss += float(loss.detach()) / args.grad_accum
-                captions += 2 * len(shorts) * world
-            dist_helpers.average_gradients(trainable)
-            step_loss = dist_helpers.mean_over_ranks(step_loss, device)
-            grad_norm = clip_grad_norm(trainable, args.max_grad_norm)
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                raise NonFiniteTrainingError(_non_finite_message(
-                    out, step + 1, "mntp" if mntp else "contrastive",
-                    f"loss {step_loss}, gradient norm {grad_norm}"))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            if not all_params_finite(trainable):
-                raise NonFiniteTrainingError(_non_finite_message(
-                    out, step + 1, "mntp" if mntp else "contrastive",
-                    f"the optimizer update (lr {lr}) made trainable weights non-finite"))
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(step_loss)
-            rate = progress.update(captions, loss=step_loss, lr=lr)
-            if step % args.log_every == 0 or step == total_steps:
-                scale_now = scale_module()
-                scale_now = float(scale_now.detach()) if isinstance(scale_now, torch.Tensor) else scale_now
-                log.log({"step": step, "phase": "mntp" if mntp else "contrastive", "loss": step_loss,
-                         "lr": lr,
-                         "grad_norm": grad_norm, "scale": float(scale_now), "epoch": epoch,
-                         "captions_per_s": rate, "step_time_s": time.perf_counter() - t0})
-            if step % args.save_every == 0 or step == total_steps:
-                if main:
-                    save_checkpoint(out, step=step, epoch=loader.epoch, batch_index=loader.next_batch,
-                                    model_state={n: p for n, p in named_trainable}, optimizer=optimizer,
-                                    scheduler=scheduler, config=run_config, keep_last=args.keep_checkpoints,
-                                    run_id=run_id,
-                                    extra={"cra_before": cra_before} if cra_before is not None else {})
-                dist_helpers.barrier()
-    finally:
-        progress.close()
-        log.close()
-    loader.bad_data.check_end_of_epoch()  # a run shorter than an epoch: the fraction of what it saw
 
+def mntp_batch_loss(run: Stage1Run, shorts: list[str], longs: list[str], step: int) -> torch.Tensor:
+    """The MNTP warm-up loss of one micro-batch: masked-token prediction over its captions (the mask
+    seeded by step and rank)."""
+    args, built = run.args, run.training.built
+    encoder = built.encoder
+    enc = encoder.tokenize(shorts + longs)
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + run.place.rank)
+    ids, labels = mask_captions(enc["input_ids"], enc["attention_mask"], mask_id=run.mask_id,
+                                special_ids=run.special_ids, probability=args.mntp_probability, generator=gen,
+                                decoder=built.decoder)
+    out_h = built.peft_model(input_ids=ids.to(encoder.device),
+                             attention_mask=enc["attention_mask"].to(encoder.device))
+    return mntp_loss(out_h.last_hidden_state, labels.to(encoder.device), built.head, decoder=built.decoder)
+
+
+def contrastive_batch_loss(run: Stage1Run, batch: dict[str, Any], shorts: list[str], longs: list[str],
+                           flip: torch.Tensor) -> torch.Tensor:
+    """The contrastive loss of one micro-batch's caption pairs (``--loss``; hardneg adds the batch's
+    hard-negative captions)."""
+    args, encoder, scale = run.args, run.training.built.encoder, run.training.scale_module
+    query, key = _embed_pairs(encoder, shorts, longs, flip, args)
+    if args.loss == "hardneg":
+        hard = [c[args.hard_negative_caption] for c in batch["all_captions"]]
+        negative = _embed(encoder, hard, _document_instructions(args, len(hard)))
+        return hard_negative_nll_loss(query, key, negative, scale())
+    return contrastive_loss(query, key, scale(), args.loss)
+
+
+def accumulate_gradients(run: Stage1Run, batches: Iterator, state: Stage1LoopState,
+                         mntp: bool) -> tuple[float, int]:
+    """Forward and backward of the step's ``--grad-accum`` micro-batches; returns this rank's mean
+    loss and the captions the step covered over all ranks."""
+    args = run.args
+    step_loss, captions = 0.0, 0
+    for _ in range(args.grad_accum):
+        batch, state.epoch = next(batches)
+        shorts, longs, flip = _batch_pairs(batch, args, state.epoch)
+        with run.autocast():
+            if mntp:
+                loss = mntp_batch_loss(run, shorts, longs, state.step)
+            else:
+                loss = contrastive_batch_loss(run, batch, shorts, longs, flip)
+        (loss / args.grad_accum).backward()
+        step_loss += float(loss.detach()) / args.grad_accum
+        captions += 2 * len(shorts) * run.place.world_size
+    return step_loss, captions
+
+
+def apply_update(run: Stage1Run, local_loss: float, step: int, phase: str) -> tuple[float, float, float]:
+    """Average gradients and loss over the ranks, clip, update, schedule; stops with
+    :class:`NonFiniteTrainingError` before a non-finite update is kept. Returns (loss, grad norm, lr)."""
+    training, device = run.training, run.place.device
+    trainable = training.trainable
+    dist_helpers.average_gradients(trainable)
+    loss = dist_helpers.mean_over_ranks(local_loss, device)
+    grad_norm = clip_grad_norm(trainable, run.args.max_grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteTrainingError(_non_finite_message(run.out, step + 1, phase,
+                                                         f"loss {loss}, gradient norm {grad_norm}"))
+    lr = training.optimizer.param_groups[0]["lr"]
+    training.optimizer.step()
+    if not all_params_finite(trainable):
+        raise NonFiniteTrainingError(_non_finite_message(
+            run.out, step + 1, phase, f"the optimizer update (lr {lr}) made trainable weights non-finite"))
+    training.scheduler.step()
+    training.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, lr
+
+
+def save_run_checkpoint(run: Stage1Run, step: int) -> None:
+    """Checkpoint the trainable tensors, optimizer, schedule and data position (rank 0 writes)."""
+    if run.place.main:
+        training, loader = run.training, run.loader
+        save_checkpoint(run.out, step=step, epoch=loader.epoch, batch_index=loader.next_batch,
+                        model_state={n: p for n, p in training.named_trainable}, optimizer=training.optimizer,
+                        scheduler=training.scheduler, config=run.config, keep_last=run.args.keep_checkpoints,
+                        run_id=run.start.run_id,
+                        extra={"cra_before": run.cra_before} if run.cra_before is not None else {})
+    dist_helpers.barrier()
+
+
+def train_loop(run: Stage1Run, log: JsonlLog, progress: TrainProgress) -> Stage1LoopState:
+    """Optimizer steps until the plan's total (MNTP warm-up steps first): log every ``--log-every``
+    steps and the last, checkpoint every ``--save-every`` steps and at the end."""
+    args, total = run.args, run.plan.total_steps
+    state = Stage1LoopState(step=run.start.step, epoch=run.start.epoch)
+    batches = _micro_batches(run.loader, run.start.epoch, run.start.batch_index, run.plan.usable_slots)
+    run.training.built.peft_model.train()
+    while state.step < total:
+        t0 = time.perf_counter()
+        phase = "mntp" if state.step < args.mntp_steps else "contrastive"
+        local_loss, captions = accumulate_gradients(run, batches, state, phase == "mntp")
+        step_loss, grad_norm, lr = apply_update(run, local_loss, state.step, phase)
+        state.step += 1
+        state.losses.append(step_loss)
+        state.captions += captions
+        rate = progress.update(captions, loss=step_loss, lr=lr)
+        if state.step % args.log_every == 0 or state.step == total:
+            scale_now = run.training.scale_module()
+            scale_now = float(scale_now.detach()) if isinstance(scale_now, torch.Tensor) else scale_now
+            log.log({"step": state.step, "phase": phase, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                     "scale": float(scale_now), "epoch": state.epoch, "captions_per_s": rate,
+                     "step_time_s": time.perf_counter() - t0})
+        if state.step % args.save_every == 0 or state.step == total:
+            save_run_checkpoint(run, state.step)
+    return state
+
+
+def finish_stage1(run: Stage1Run, state: Stage1LoopState) -> Stage1Result:
+    """On rank 0: CRA after training (``cra.json``), ``adapter/`` and ``merged/``, then ``loss.png``,
+    ``summary.json`` and the closing line."""
+    args, out = run.args, run.out
+    elapsed = time.perf_counter() - state.t_start
     cra_after = None
     merged_encoder = None
-    if main:
-        if eval_pairs:
-            cra_after = encoder_cra(encoder, eval_pairs)
-            say(f"stage1: CRA after training {cra_after:.4f} (before {cra_before:.4f})")
-            _write_json(out / "cra.json", {"before": cra_before, "after": cra_after, "pairs": len(eval_pairs),
-                                           "steps": total_steps})
-        merged_encoder = _save_outputs(args, built, out)
-        try:
-            plot_loss_curve(out / "log.jsonl", out / "loss.png", title="stage 1")
-        except ValueError:
-            pass  # nothing logged in this process (e.g. a resume of a finished run)
-        say(f"stage1: adapter in {out / 'adapter'}, merged model in {out / 'merged'}")
+    if run.place.main:
+        if run.eval_pairs:
+            cra_after = encoder_cra(run.training.built.encoder, run.eval_pairs)
+            _say(f"CRA after training {cra_after:.4f} (before {run.cra_before:.4f})")
+            _write_json(out / "cra.json", {"before": run.cra_before, "after": cra_after,
+                                           "pairs": len(run.eval_pairs), "steps": run.plan.total_steps})
+        merged_encoder = _save_outputs(args, run.training.built, out)
+        summary = {"steps": state.step, "total_steps": run.plan.total_steps, "seconds": elapsed,
+                   "captions_per_s": state.captions / elapsed if elapsed > 0 and state.captions else None,
+                   "final_loss": state.losses[-1] if state.losses else None, "cra_before": run.cra_before,
+                   "cra_after": cra_after, "bad_data": run.loader.bad_data.as_dict(),
+                   "adapter": str(out / "adapter"), "merged": str(out / "merged")}
+        finish_run(out, plot_title="stage 1", summary=summary, say=_say,
+                   final_lines=[f"adapter in {out / 'adapter'}, merged model in {out / 'merged'}"])
     dist_helpers.barrier()
-    return Stage1Result(out, merged_encoder, cra_before, cra_after, step, losses)
+    return Stage1Result(out, merged_encoder, run.cra_before, cra_after, state.step, state.losses)
+
+
+def _train_stage1(args: argparse.Namespace, place: RunPlace) -> Stage1Result:
+    resolve_recipe(args)
+    check_options(args, place.world_size)
+    out = check_out_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    run_config = stage1_config(args)
+    # Data first: a missing caption field should fail before a large model loads.
+    source, eval_pairs = open_pair_data(args)
+    loader = build_pair_loader(args, source, place)
+    plan = plan_steps(args, source, loader)
+    random.seed(args.seed)
+    np.random.seed(args.seed)  # noqa: NPY002 - seeding the global stream libraries draw from
+    if args.mntp_data:
+        args, plan = run_separate_mntp_phase(args, place, out, plan)
+    training = build_training(args, place, plan.total_steps)
+    torch.manual_seed(args.seed + place.rank)  # dropout streams differ per rank
+    start = start_or_resume(out, resume=args.resume, config=run_config, must_match=_RESUME_MUST_MATCH,
+                            say=_say)
+    encoder = training.built.encoder
+    run = Stage1Run(args, place, out, loader, plan, training, run_config, start,
+                    # --no-bf16-autocast: plain fp32 on CUDA too
+                    autocast_factory("auto" if args.bf16_autocast else "fp32", place.device), eval_pairs,
+                    cra_before=restore_from_checkpoint(start, training),
+                    mask_id=mask_token_id(encoder.tokenizer) if args.mntp_steps else -1,
+                    special_ids=set(getattr(encoder.tokenizer, "all_special_ids", []) or []))
+    if not args.mntp_data:  # the MNTP phase made the folder ready already
+        prepare_out_folder(place, out, resume=args.resume, overwrite=args.overwrite, say=_say)
+    write_stage1_config(run, len(source))
+    measure_cra_before(run)
+    with open_run_log(place, out, start=start, report_to=args.report_to, config=run_config,
+                      total_steps=plan.total_steps, unit_name="captions", desc="stage1",
+                      progress=not args.quiet) as (log, progress):
+        state = train_loop(run, log, progress)
+    run.loader.bad_data.check_end_of_epoch()  # a run shorter than an epoch: the fraction of what it saw
+    return finish_stage1(run, state)
 
 
 def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) -> Any:
@@ -710,8 +872,5 @@ def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``python -m llm2clip_fast.train stage1``."""
-    try:
-        train_stage1(args)
-    finally:
-        dist_helpers.destroy_distributed()
+    train_stage1(args)
     return 0

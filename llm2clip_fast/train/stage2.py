@@ -37,37 +37,39 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..atomic_files import write_json_atomic
 from ..data.caption_mix import CaptionMix, check_mix_names, parse_caption_spec
 from ..data.image_transforms import image_transform_for
-from ..distributed import (
-    barrier,
-    check_collective_device,
-    get_local_rank,
-    get_rank,
-    get_world_size,
-    init_distributed_from_env,
-    is_distributed,
-)
+from ..distributed import barrier, get_world_size, is_distributed
 from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, VisionTower, build_vision_tower
-from .checkpoint import load_latest_usable, save_checkpoint
+from .checkpoint import save_checkpoint
 from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
 from .recipes import STAGE2_RECIPES, explicitly_given, mark_recipe_defaults, resolve_recipe
-from .run_folder import check_run_folder, new_run_id, prepare_run_folder
-from .run_log import JsonlLog, TrainProgress, plot_loss_curve
-from .scalar_reporters import ScalarReporters, add_report_to_argument, check_report_to
+from .run_spine import (
+    RunPlace,
+    RunStart,
+    autocast_factory,
+    check_out_folder,
+    distributed_run,
+    finish_run,
+    open_run_log,
+    options_config,
+    prepare_out_folder,
+    settings_from,
+    start_or_resume,
+    write_run_config,
+)
+from .scalar_reporters import add_report_to_argument, check_report_to
 
 logger = logging.getLogger(__name__)
 
@@ -589,28 +591,7 @@ def equalise_across_ranks(batch: dict[str, Any], device: torch.device) -> int:
 
 
 # -------------------------------------------------------------------------------------------------
-# The run
-
-
-def _device(args: argparse.Namespace) -> torch.device:
-    if args.device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available")
-    if device.type == "cuda" and device.index is None:
-        # Under torchrun each rank drives its own GPU, not all of them cuda:0.
-        device = torch.device("cuda", get_local_rank())
-    return device
-
-
-def _autocast_factory(precision: str, device: torch.device):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+# Several ranks
 
 
 def _wrap_distributed(model: LLM2CLIPModel, args: argparse.Namespace, device: torch.device) -> nn.Module:
@@ -677,47 +658,34 @@ def _gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def _run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The resolved options, ``world_size`` and ``settings_from``: where each option a recipe tracks got
-    its value (``flag``: command line or --config, ``recipe``, ``default``, ``derived``: the per-rank
-    batch from --global-batch-size)."""
-    config = {k: v for k, v in vars(args).items()
-              if k not in {"command", "recipe_origin"} and not k.startswith("_")}
-    config["crop_scale"] = list(args.crop_scale)
-    config["world_size"] = get_world_size()
-    config["settings_from"] = dict(getattr(args, "recipe_origin", None) or {})
-    return config
+# -------------------------------------------------------------------------------------------------
+# The run, step by step (the spine's parts in .run_spine)
 
 
-def _check_resume_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in RESUME_MUST_MATCH
-               if json.loads(json.dumps(saved.get(k))) != json.loads(json.dumps(current.get(k)))]
-    if changed:
-        raise ValueError(f"--resume from {path}: these options differ from the interrupted run, so it cannot "
-                         f"continue exactly: {'; '.join(changed)}")
+def _say(message: str) -> None:
+    logger.info("stage2: %s", message)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
-    resolve_recipe(args, STAGE2_RECIPES)
-    _check_options(args)
-    device = _device(args)
-    # --device cpu on a GPU node: gloo, since NCCL exchanges CUDA tensors only.
-    init_distributed_from_env(backend="gloo" if device.type == "cpu" else None)
-    rank, world = get_rank(), get_world_size()
-    resolve_batch_size(args, world)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    check_collective_device(device)
-    out_dir = Path(args.out)
-    main = rank == 0
+@dataclass
+class TrainData:
+    """The run's data: the caption source, the embedding cache (None for the clip text tower), what
+    the loader picks captions from, the names it may pick, the resolved mix and the cache's LLM."""
 
-    def say(message: str) -> None:
-        logger.info("stage2: %s", message)
+    source: Any
+    cache: Any | None
+    loader_caption: str | list[str] | CaptionMix
+    caption_names: list[str]
+    caption_mix: dict[str, float]
+    llm_info: dict[str, Any]
 
-    check_run_folder(out_dir, resume=args.resume, overwrite=args.overwrite)
+    @property
+    def streamed(self) -> bool:
+        return bool(getattr(self.source, "streaming", False))
 
-    from ..data.loader import build_loader
+
+def open_train_data(args: argparse.Namespace) -> TrainData:
+    """Open ``--data`` and ``--embeddings``, resolve ``--caption`` and check that the cache holds the
+    data's captions: every key up front, or, for streamed data, each batch as it arrives."""
     from ..data.sources import open_source
     from ..data.stream_transport import TransportPolicy
 
@@ -731,19 +699,23 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{exc} (--caption {args.caption} came from --recipe {args.recipe}; give "
                              "--caption to override it)") from None
         raise
-    llm_info: dict[str, Any] = {}
-    streamed = getattr(source, "streaming", False)
+    data = TrainData(source, cache, loader_caption, caption_names, caption_mix, {})
     if cache is not None:
-        if streamed:
+        if data.streamed:
             check_cache_names(cache, caption_names)
-            say("streamed --data: each batch is checked against the embedding cache as it arrives (keys "
-                "present, captions unchanged) instead of reading every shard up front")
+            _say("streamed --data: each batch is checked against the embedding cache as it arrives (keys "
+                 "present, captions unchanged) instead of reading every shard up front")
         else:
             check_cache_covers(cache, source, caption_names)
-        llm_info = llm_provenance(cache.metadata)
+        data.llm_info = llm_provenance(cache.metadata)
+    return data
 
+
+def build_run_model(args: argparse.Namespace, data: TrainData, device: torch.device) -> LLM2CLIPModel:
+    """The model on ``device``, with identical initial weights on every rank (seeded), its image size
+    checked against ``--image-size``, ``--freeze-vision-layers`` and ``--grad-checkpointing`` applied."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = build_model(args, cache.dim if cache is not None else None, llm_info)
+    model = build_model(args, data.cache.dim if data.cache is not None else None, data.llm_info)
     image_size = model.image_size
     if args.image_size is not None and args.image_size != image_size:
         raise ValueError(f"image size mismatch: --image-size {args.image_size} but the vision tower takes "
@@ -752,158 +724,278 @@ def run(args: argparse.Namespace) -> int:
     model.vision.freeze_layers(args.freeze_vision_layers)
     if args.grad_checkpointing:
         model.vision.set_gradient_checkpointing(True)
-    model.to(device)
+    return model.to(device)
 
-    per_rank_batches = len(source) // world // args.batch_size
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How long the run is: optimizer steps and warmup steps."""
+
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(args: argparse.Namespace, n_samples: int, world: int) -> StepPlan:
+    """``--steps``, or ``--epochs`` (default 1) over each rank's full batches per ``--grad-accum``;
+    warmup ``--warmup-steps`` or 5% of the steps. An error when the data cannot fill one global batch."""
+    per_rank_batches = n_samples // world // args.batch_size
     if per_rank_batches < 1:
         lower = ("--global-batch-size" if getattr(args, "global_batch_size", None) is not None
                  else "--batch-size")
-        raise ValueError(f"the data has {len(source)} samples, fewer than batch-size {args.batch_size} x "
+        raise ValueError(f"the data has {n_samples} samples, fewer than batch-size {args.batch_size} x "
                          f"{world} ranks: lower {lower}")
     if args.steps is not None:
         total_steps = args.steps
     else:
         total_steps = max(1, math.ceil((args.epochs or 1.0) * per_rank_batches / args.grad_accum))
     warmup = args.warmup if args.warmup is not None else max(1, round(0.05 * total_steps))
+    return StepPlan(total_steps, warmup)
 
-    loader = build_loader(source, batch_size=args.batch_size, image_size=image_size, train=True,
-                          caption=loader_caption, rank=rank, world_size=world, num_workers=args.num_workers,
-                          seed=args.seed, drop_last=True, crop_scale=tuple(args.crop_scale),
-                          bad_data=args.max_bad_fraction, pin_memory=device.type == "cuda",
-                          transform=image_transform_for(model.preprocessing, train=True,
-                                                        scale=tuple(args.crop_scale)),
-                          shuffle_buffer=args.shuffle_buffer)
 
-    wrapped = _wrap_distributed(model, args, device)
-    fsdp = args.fsdp and is_distributed() and world > 1
+def build_train_loader(args: argparse.Namespace, data: TrainData, model: LLM2CLIPModel,
+                       place: RunPlace) -> Any:
+    """This rank's loader of training batches: seeded shuffle, the model's own image preprocessing with
+    random resized crops (``--crop-scale``), full batches only, bad samples counted against
+    ``--max-bad-fraction``."""
+    from ..data.loader import build_loader
+
+    crop_scale = tuple(args.crop_scale)
+    return build_loader(data.source, batch_size=args.batch_size, image_size=model.image_size, train=True,
+                        caption=data.loader_caption, rank=place.rank, world_size=place.world_size,
+                        num_workers=args.num_workers, seed=args.seed, drop_last=True, crop_scale=crop_scale,
+                        bad_data=args.max_bad_fraction, pin_memory=place.device.type == "cuda",
+                        transform=image_transform_for(model.preprocessing, train=True, scale=crop_scale),
+                        shuffle_buffer=args.shuffle_buffer)
+
+
+@dataclass
+class Optimisation:
+    """The model as the step runs it (DDP/FSDP-wrapped under torchrun), its optimizer and schedule."""
+
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    fsdp: bool
+
+
+def build_optimisation(args: argparse.Namespace, model: LLM2CLIPModel, plan: StepPlan,
+                       place: RunPlace) -> Optimisation:
+    """Wrap the model for the ranks (DDP, or FSDP2 with ``--fsdp``), then AdamW with layer-wise lr decay
+    and the warmup + ``--schedule`` lr schedule."""
+    wrapped = _wrap_distributed(model, args, place.device)
+    fsdp = args.fsdp and is_distributed() and place.world_size > 1
     optimizer = build_optimizer(model, args, model.named_parameters(), fused=not fsdp)
-    scheduler = build_scheduler(optimizer, args.schedule, warmup_steps=warmup, total_steps=total_steps,
-                                min_lr_ratio=args.min_lr_ratio)
-    config = _run_config(args)
-    config.update({"total_steps": total_steps, "warmup_steps": warmup, "global_batch":
-                   args.batch_size * world * args.grad_accum, "caption_mix": caption_mix})
+    scheduler = build_scheduler(optimizer, args.schedule, warmup_steps=plan.warmup_steps,
+                                total_steps=plan.total_steps, min_lr_ratio=args.min_lr_ratio)
+    return Optimisation(wrapped, optimizer, scheduler, fsdp)
 
-    step, epoch, start_batch = 0, 0, 0
-    run_id = new_run_id()
-    resume_from = None
-    if args.resume:
-        ckpt = load_latest_usable(out_dir, say)
-        resume_from = ckpt.path
-        run_id = ckpt.run_id or run_id
-        _check_resume_config(ckpt.config, config, resume_from)
-        if args.fsdp and world > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-            set_state_dict(model, optimizer, model_state_dict=ckpt.model_state,
-                           optim_state_dict=ckpt.optimizer_state,
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            model.load_state_dict({k: v.to(device) for k, v in ckpt.model_state.items()})
-            optimizer.load_state_dict(ckpt.optimizer_state)
-        scheduler.load_state_dict(ckpt.scheduler_state)
-        step, epoch, start_batch = ckpt.step, ckpt.epoch, ckpt.batch_index
-        say(f"resuming from {resume_from} (step {step}, epoch {epoch}, batch {start_batch})")
-        mine = ckpt.extra["ranks"][rank]
-        loader.bad_data.load_dict(mine["bad_data"])
-        if "loader" in mine:  # a streamed source resumes at each worker's saved shard and sample
-            loader.load_state_dict(mine["loader"])
-        torch.set_rng_state(mine["torch_rng"])
-        if device.type == "cuda" and mine.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(mine["cuda_rng"], device)
+def stage2_config(args: argparse.Namespace, plan: StepPlan, data: TrainData, world: int) -> dict[str, Any]:
+    """The run's config (checkpoints and ``config.json``): the resolved options, ``world_size``,
+    ``settings_from`` (where each option a recipe tracks got its value: ``flag`` for the command line
+    or --config, ``recipe``, ``default``, ``derived`` for the per-rank batch from
+    --global-batch-size), the step plan, the global batch and the resolved caption mix."""
+    config = options_config(args)
+    config["world_size"] = world
+    config["settings_from"] = settings_from(args)
+    config.update({"total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
+                   "global_batch": args.batch_size * world * args.grad_accum,
+                   "caption_mix": data.caption_mix})
+    return config
+
+
+def restore_from_checkpoint(start: RunStart, args: argparse.Namespace, model: LLM2CLIPModel,
+                            opt: Optimisation, loader: Any, place: RunPlace) -> None:
+    """Continue where the checkpoint stopped: model, optimizer and schedule state, and this rank's
+    bad-data counts, streamed-loader position and RNG streams. A fresh run seeds each rank's own
+    stream (dropout) from ``--seed`` instead."""
+    ckpt = start.checkpoint
+    if ckpt is None:
+        torch.manual_seed(args.seed * 1000 + place.rank + 1)
+        return
+    if args.fsdp and place.world_size > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, opt.optimizer, model_state_dict=ckpt.model_state,
+                       optim_state_dict=ckpt.optimizer_state, options=StateDictOptions(full_state_dict=True))
     else:
-        # Each rank its own stream (dropout), reproducible from the seed.
-        torch.manual_seed(args.seed * 1000 + rank + 1)
+        model.load_state_dict({k: v.to(place.device) for k, v in ckpt.model_state.items()})
+        opt.optimizer.load_state_dict(ckpt.optimizer_state)
+    opt.scheduler.load_state_dict(ckpt.scheduler_state)
+    _say(f"resuming from {ckpt.path} (step {start.step}, epoch {start.epoch}, batch {start.batch_index})")
+    mine = ckpt.extra["ranks"][place.rank]
+    loader.bad_data.load_dict(mine["bad_data"])
+    if "loader" in mine:  # a streamed source resumes at each worker's saved shard and sample
+        loader.load_state_dict(mine["loader"])
+    torch.set_rng_state(mine["torch_rng"])
+    if place.device.type == "cuda" and mine.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(mine["cuda_rng"], place.device)
 
-    if main:
-        prepare_run_folder(out_dir, resume=args.resume, overwrite=args.overwrite, say=say)
-        write_json_atomic(out_dir / "config.json", {**config, "model": model.config.to_dict()})
-    log_from = step if resume_from is not None else None
-    reporters = ScalarReporters(args.report_to, out_dir, resume_step=log_from, config=config, enabled=main)
-    log = JsonlLog(out_dir / "log.jsonl", resume_step=log_from, enabled=main, mirror=reporters)
-    progress = TrainProgress(total_steps, initial=step, unit_name="images", desc="stage2",
-                             enabled=main and not args.no_progress)
-    autocast = _autocast_factory(args.precision, device)
 
-    def save(step: int, epoch: int, next_batch: int) -> None:
-        model_state, opt_state = _full_state(model, args, optimizer)
-        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        ranks = _gather_objects({"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                                 "bad_data": loader.bad_data.as_dict(), "loader": loader.state_dict()})
-        if main:
-            save_checkpoint(out_dir, step=step, epoch=epoch, batch_index=next_batch, model_state=model_state,
-                            optimizer=_StateOf(opt_state), scheduler=scheduler, config=config,
-                            extra={"ranks": ranks}, keep_last=args.keep_checkpoints, run_id=run_id)
-        barrier()
+@dataclass
+class Stage2Run:
+    """Everything the training loop works with, set up by :func:`run`."""
 
-    stream = batch_stream(loader, epoch, start_batch)
-    trimmed = 0
-    t_start, images_done = time.perf_counter(), 0
-    pos = (epoch, start_batch)
+    args: argparse.Namespace
+    place: RunPlace
+    out: Path
+    data: TrainData
+    model: LLM2CLIPModel
+    loader: Any
+    opt: Optimisation
+    plan: StepPlan
+    config: dict[str, Any]
+    start: RunStart
+    autocast: Any
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: optimizer steps done, the data position after the last batch (epoch, next
+    slot), the last loss, and the counts the summary reports."""
+
+    step: int
+    pos: tuple[int, int]
     loss: float | None = None
-    model.train()
-    try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            micro = []
-            for _ in range(args.grad_accum):
-                batch, *pos = next(stream)
-                trimmed += equalise_across_ranks(batch, device)
-                if streamed and cache is not None:
-                    check_batch_in_cache(cache, batch, caption_names)
-                micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
-                                        text_inputs_of(batch, model, cache, device)))
-            loss = global_loss(train_step(wrapped, micro, args.loss, autocast, device),
-                               sum(mb.size for mb in micro), device)
-            if fsdp:
-                average_replicated_grads(replicated_scalars(model))
-            grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], args.grad_clip)
-            lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
-            step += 1
-            n_images = sum(mb.size for mb in micro) * world
-            images_done += n_images
-            rate = progress.update(n_images, loss=loss, lr=lr)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"stage2: loss is {loss} at step {step}; lower --lr or check "
-                                         "the data")
-            if step % args.log_every == 0 or step == total_steps or step == 1:
-                record = {"step": step, "epoch": pos[0], "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                          "logit_scale": float(model.logit_scale_value().detach()), "images_per_s": rate,
-                          "step_s": time.perf_counter() - t0}
-                if model.logit_bias is not None:
-                    record["logit_bias"] = float(model.logit_bias.detach())
-                log.log(record)
-            if args.save_every and step % args.save_every == 0 and step < total_steps:
-                save(step, *pos)
-        # The loader checks at each epoch's end; a run ending mid-epoch checks what it saw.
-        loader.bad_data.check_end_of_epoch()
-        save(step, *pos)
-    finally:
-        progress.close()
-        log.close()
+    trimmed: int = 0
+    images_done: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
 
-    elapsed = time.perf_counter() - t_start
-    model_state, _ = _full_state(model, args)
-    if main:
-        model.save_pretrained(out_dir / "model", state_dict=model_state)
-        try:
-            plot_loss_curve(out_dir / "log.jsonl", out_dir / "loss.png", title="stage 2 loss")
-        except ValueError:
-            pass  # nothing logged (a resumed run that was already complete)
-        bad = loader.bad_data.as_dict()
-        summary = {"steps": step, "total_steps": total_steps, "seconds": elapsed,
-                   "images_per_s": images_done / elapsed if elapsed > 0 else None,
-                   "final_loss": loss, "trimmed_for_equal_batches": trimmed,
-                   "bad_data": bad, "model": str(out_dir / "model")}
-        write_json_atomic(out_dir / "summary.json", summary)
-        if bad.get("bad"):
-            logger.info("stage2: %s", loader.bad_data.summary())
-        logger.info("stage2: %d steps in %.1fs; model saved to %s", step, elapsed, out_dir / "model")
+
+def save_run_checkpoint(run: Stage2Run, step: int, epoch: int, next_batch: int) -> None:
+    """Checkpoint the run (collective: every rank's RNG, bad-data counts and loader position are
+    gathered; rank 0 writes, atomically, keeping ``--keep-checkpoints``)."""
+    device = run.place.device
+    model_state, opt_state = _full_state(run.model, run.args, run.opt.optimizer)
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    ranks = _gather_objects({"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
+                             "bad_data": run.loader.bad_data.as_dict(), "loader": run.loader.state_dict()})
+    if run.place.main:
+        save_checkpoint(run.out, step=step, epoch=epoch, batch_index=next_batch, model_state=model_state,
+                        optimizer=_StateOf(opt_state), scheduler=run.opt.scheduler, config=run.config,
+                        extra={"ranks": ranks}, keep_last=run.args.keep_checkpoints, run_id=run.start.run_id)
     barrier()
+
+
+def next_micro_batches(run: Stage2Run, stream: Iterator, state: LoopState) -> list[MicroBatch]:
+    """The step's ``--grad-accum`` micro-batches on the device: each trimmed to the smallest rank's
+    batch, checked against the cache when streamed, its text side as the text tower takes it."""
+    device, cache = run.place.device, run.data.cache
+    micro = []
+    for _ in range(run.args.grad_accum):
+        batch, *pos = next(stream)
+        state.pos = tuple(pos)
+        state.trimmed += equalise_across_ranks(batch, device)
+        if run.data.streamed and cache is not None:
+            check_batch_in_cache(cache, batch, run.data.caption_names)
+        micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
+                                text_inputs_of(batch, run.model, cache, device)))
+    return micro
+
+
+def optimizer_step(run: Stage2Run, micro: list[MicroBatch]) -> tuple[float, float, float]:
+    """One optimizer step over the micro-batches: forward/backward (:func:`train_step`), gradient
+    clipping, the update, the schedule, the logit-scale clamp. Returns (global loss, grad norm, lr)."""
+    model, opt, device = run.model, run.opt, run.place.device
+    loss = global_loss(train_step(opt.wrapped, micro, run.args.loss, run.autocast, device),
+                       sum(mb.size for mb in micro), device)
+    if opt.fsdp:
+        average_replicated_grads(replicated_scalars(model))
+    grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], run.args.grad_clip)
+    lr = opt.optimizer.param_groups[0]["lr"] / opt.optimizer.param_groups[0].get("lr_scale", 1.0)
+    opt.optimizer.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scheduler.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
+    return loss, grad_norm, lr
+
+
+def log_record(run: Stage2Run, state: LoopState, grad_norm: float, lr: float, rate: float,
+               step_s: float) -> dict[str, Any]:
+    """The ``log.jsonl`` record of the step just done."""
+    model = run.model
+    record = {"step": state.step, "epoch": state.pos[0], "loss": state.loss, "lr": lr,
+              "grad_norm": grad_norm, "logit_scale": float(model.logit_scale_value().detach()),
+              "images_per_s": rate, "step_s": step_s}
+    if model.logit_bias is not None:
+        record["logit_bias"] = float(model.logit_bias.detach())
+    return record
+
+
+def train_loop(run: Stage2Run, log: Any, progress: Any) -> LoopState:
+    """Optimizer steps until the plan's total: log every ``--log-every`` steps (and the first and
+    last), checkpoint every ``--save-every`` and at the end; stop on a non-finite loss."""
+    args, total = run.args, run.plan.total_steps
+    state = LoopState(step=run.start.step, pos=(run.start.epoch, run.start.batch_index))
+    stream = batch_stream(run.loader, run.start.epoch, run.start.batch_index)
+    run.model.train()
+    while state.step < total:
+        t0 = time.perf_counter()
+        micro = next_micro_batches(run, stream, state)
+        state.loss, grad_norm, lr = optimizer_step(run, micro)
+        state.step += 1
+        n_images = sum(mb.size for mb in micro) * run.place.world_size
+        state.images_done += n_images
+        rate = progress.update(n_images, loss=state.loss, lr=lr)
+        if not math.isfinite(state.loss):
+            raise FloatingPointError(f"stage2: loss is {state.loss} at step {state.step}; lower --lr or "
+                                     "check the data")
+        if state.step % args.log_every == 0 or state.step == total or state.step == 1:
+            log.log(log_record(run, state, grad_norm, lr, rate, time.perf_counter() - t0))
+        if args.save_every and state.step % args.save_every == 0 and state.step < total:
+            save_run_checkpoint(run, state.step, *state.pos)
+    # The loader checks at each epoch's end; a run ending mid-epoch checks what it saw.
+    run.loader.bad_data.check_end_of_epoch()
+    save_run_checkpoint(run, state.step, *state.pos)
+    return state
+
+
+def finish_stage2(run: Stage2Run, state: LoopState) -> None:
+    """Save the model to ``OUT/model`` (collective under FSDP), then on rank 0 ``loss.png``,
+    ``summary.json``, the bad-data summary and the final line."""
+    elapsed = time.perf_counter() - state.t_start
+    model_state, _ = _full_state(run.model, run.args)
+    if run.place.main:
+        out = run.out
+        run.model.save_pretrained(out / "model", state_dict=model_state)
+        bad = run.loader.bad_data.as_dict()
+        summary = {"steps": state.step, "total_steps": run.plan.total_steps, "seconds": elapsed,
+                   "images_per_s": state.images_done / elapsed if elapsed > 0 else None,
+                   "final_loss": state.loss, "trimmed_for_equal_batches": state.trimmed,
+                   "bad_data": bad, "model": str(out / "model")}
+        closing = [run.loader.bad_data.summary()] if bad.get("bad") else []
+        closing.append(f"{state.step} steps in {elapsed:.1f}s; model saved to {out / 'model'}")
+        finish_run(out, plot_title="stage 2 loss", summary=summary, say=_say, final_lines=closing)
+    barrier()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
+    resolve_recipe(args, STAGE2_RECIPES)
+    _check_options(args)
+    with distributed_run(args.device) as place:
+        resolve_batch_size(args, place.world_size)
+        out = check_out_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+        data = open_train_data(args)
+        model = build_run_model(args, data, place.device)
+        plan = plan_steps(args, len(data.source), place.world_size)
+        loader = build_train_loader(args, data, model, place)
+        opt = build_optimisation(args, model, plan, place)
+        config = stage2_config(args, plan, data, place.world_size)
+        start = start_or_resume(out, resume=args.resume, config=config, must_match=RESUME_MUST_MATCH,
+                                say=_say)
+        restore_from_checkpoint(start, args, model, opt, loader, place)
+        prepare_out_folder(place, out, resume=args.resume, overwrite=args.overwrite, say=_say)
+        if place.main:
+            write_run_config(out, {**config, "model": model.config.to_dict()})
+        stage2 = Stage2Run(args, place, out, data, model, loader, opt, plan, config, start,
+                           autocast_factory(args.precision, place.device))
+        with open_run_log(place, out, start=start, report_to=args.report_to, config=config,
+                          total_steps=plan.total_steps, unit_name="images", desc="stage2",
+                          progress=not args.no_progress) as (log, progress):
+            state = train_loop(stage2, log, progress)
+        finish_stage2(stage2, state)
     return 0
 
 

@@ -1,0 +1,305 @@
+"""The run spine of the ``stage1``, ``embed`` and ``stage2`` sub-commands: what every run does around
+what its own step computes.
+
+A trainer's ``run`` reads as these steps, in this order; each is one function here:
+
+1. :func:`distributed_run` (a context manager): resolve ``--device`` (:func:`resolve_device`), start
+   the process group under ``torchrun`` (gloo for a CPU run, NCCL for CUDA), bind this rank to its GPU,
+   check that collectives get tensors on that device; tear the group down when the run ends, however.
+2. :func:`check_out_folder`, on every rank before anything heavy loads: ``--out`` may be used as asked
+   (``--resume`` / ``--overwrite``; :mod:`.run_folder`).
+3. :func:`autocast_factory`: bf16 autocast on CUDA (``auto``), always (``bf16``) or never (``fp32``).
+4. :func:`start_or_resume`: a fresh run id at step 0, or the newest usable checkpoint, whose saved
+   config must agree with this run on the trainer's must-match options (:func:`check_resume_config`).
+5. :func:`prepare_out_folder` (rank 0 creates, cleans or empties ``--out``), then
+   :func:`write_run_config`: the resolved options, once, as ``config.json``.
+6. :func:`open_run_log` (a context manager): ``log.jsonl`` mirrored to ``--report-to``'s reporters,
+   and the progress bar; both closed when the loop ends, however.
+7. :func:`finish_run`, on rank 0: ``loss.png`` (a logged notice when there is nothing to draw),
+   ``summary.json`` and the final log line.
+
+The trainers keep what is their own: building their model, what a step computes, what a checkpoint
+holds and how it is restored, and what they save at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..atomic_files import write_json_atomic
+from .checkpoint import Checkpoint, load_latest_usable
+from .run_folder import check_run_folder, new_run_id, prepare_run_folder
+from .run_log import JsonlLog, TrainProgress, plot_loss_curve
+from .scalar_reporters import ScalarReporters
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SUMMARY_NAME = "summary.json"
+LOG_NAME = "log.jsonl"
+LOSS_PLOT_NAME = "loss.png"
+PRECISIONS = ("auto", "fp32", "bf16")
+# Parsed-option entries that are bookkeeping of the command line, not settings of the run.
+_NOT_SETTINGS = frozenset({"command", "recipe_origin"})
+_DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda)(:\d+)?$")
+
+Say = Callable[[str], None]
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. Where the run executes
+
+
+@dataclass(frozen=True)
+class RunPlace:
+    """This process's place in the run: its device, its rank and the number of ranks."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes the run folder, logs and saves."""
+        return self.rank == 0
+
+
+def resolve_device(spec: str | None, *, flag: str = "--device") -> torch.device:
+    """The torch device a ``--device`` value names.
+
+    ``auto`` (or None): this rank's GPU (``cuda:LOCAL_RANK`` under torchrun, ``cuda:0`` alone) when CUDA
+    is available, else the CPU. ``cpu``. ``cuda``: this rank's GPU. ``cuda:N``: that GPU. Raises
+    ValueError naming ``flag`` for any other value, or when CUDA is asked for but absent (or N is not a
+    visible device).
+    """
+    text = "auto" if spec is None else str(spec).strip().lower()
+    match = _DEVICE_SPEC.match(text)
+    if match is None or (match.group(1) != "cuda" and match.group(2)):
+        raise ValueError(f"{flag} must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    kind = match.group(1)
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        kind = "cuda"
+    if not torch.cuda.is_available():
+        raise ValueError(f"{flag} {spec} asked for, but no CUDA device is available (use {flag} cpu or auto)")
+    # Under torchrun each rank drives its own GPU, not all of them cuda:0.
+    index = int(match.group(2)[1:]) if match.group(2) else distributed.get_local_rank()
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {spec}: GPU {index} asked for, but {torch.cuda.device_count()} CUDA "
+                         "device(s) are visible")
+    return torch.device("cuda", index)
+
+
+@contextlib.contextmanager
+def distributed_run(device_spec: str | None, *, flag: str = "--device") -> Iterator[RunPlace]:
+    """Resolve the device, start the process group torchrun asks for, bind this rank to its GPU and
+    check the collectives' device; yields the :class:`RunPlace`. A process group this call started is
+    torn down when the block ends, normally or not; one the caller had already started is left alone."""
+    device = resolve_device(device_spec, flag=flag)
+    started_here = not distributed.is_distributed()
+    try:
+        # --device cpu on a GPU node: gloo, since NCCL exchanges CUDA tensors only.
+        distributed.init_distributed_from_env(backend="gloo" if device.type == "cpu" else None)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        distributed.check_collective_device(device)  # every collective takes tensors on `device`
+        yield RunPlace(device, distributed.get_rank(), distributed.get_world_size())
+    finally:
+        if started_here:
+            distributed.destroy_distributed()
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument factory of the forward passes' autocast context.
+
+    ``precision``: ``auto`` (bf16 autocast on CUDA, plain fp32 elsewhere), ``bf16`` (bf16 autocast on
+    any device) or ``fp32`` (no autocast). A factory rather than one context, so each forward enters
+    a fresh one.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# -------------------------------------------------------------------------------------------------
+# 2, 5. The run folder and its config.json
+
+
+def check_out_folder(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """``--out`` as a Path, after checking (read-only, on every rank, before anything heavy) that it
+    may be used as asked; raises :class:`~.run_folder.RunFolderError` or ValueError otherwise."""
+    out = Path(out)
+    check_run_folder(out, resume=resume, overwrite=overwrite)
+    return out
+
+
+def prepare_out_folder(place: RunPlace, out: Path, *, resume: bool, overwrite: bool, say: Say) -> None:
+    """On rank 0: create ``out``, remove an interrupted save's temporaries, and with ``overwrite``
+    delete what it holds, saying what (:func:`~.run_folder.prepare_run_folder`). Other ranks: nothing."""
+    if place.main:
+        prepare_run_folder(out, resume=resume, overwrite=overwrite, say=say)
+
+
+def options_config(args: Any) -> dict[str, Any]:
+    """The parsed options of a run as JSON values (tuples become lists), without the command line's
+    bookkeeping (``command``, ``recipe_origin``) and private entries (``_name``)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
+            if k not in _NOT_SETTINGS and not k.startswith("_")}
+
+
+def settings_from(args: Any) -> dict[str, str]:
+    """Where each option a recipe tracks got its value (``flag``, ``recipe``, ``default``, ``derived``)."""
+    return dict(getattr(args, "recipe_origin", None) or {})
+
+
+def write_run_config(out: Path, config: dict[str, Any], *, sort_keys: bool = False) -> Path:
+    """Write the resolved config atomically as ``out/config.json`` (call on rank 0 only)."""
+    return write_json_atomic(out / CONFIG_NAME, config, sort_keys=sort_keys)
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Fresh start or resume
+
+
+def _json_value(value: Any) -> Any:
+    """A value as JSON reads it back (tuples are lists), so a saved config compares equal to a live one."""
+    return json.loads(json.dumps(value))
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], must_match: Sequence[str], *,
+                        checkpoint: Path | str) -> None:
+    """Raise ValueError naming every option of ``must_match`` whose value in the checkpoint's config
+    differs from this run's, since the run could not continue exactly. An option absent from the saved
+    config (a checkpoint written before the option existed) is not compared."""
+    # Named by their config.json key: a few differ from their flag (wd: --weight-decay).
+    changed = [f"{k}: {saved[k]!r} in the checkpoint, {current.get(k)!r} now"
+               for k in must_match if k in saved and _json_value(saved[k]) != _json_value(current.get(k))]
+    if changed:
+        raise ValueError(f"--resume from {checkpoint}: these options differ from the interrupted run, so it "
+                         f"cannot continue exactly: {'; '.join(changed)}")
+
+
+@dataclass
+class RunStart:
+    """Where a run starts: fresh (``checkpoint`` None, step 0) or from the checkpoint it resumes."""
+
+    run_id: str
+    checkpoint: Checkpoint | None = None
+
+    @property
+    def resumed(self) -> bool:
+        return self.checkpoint is not None
+
+    @property
+    def step(self) -> int:
+        return self.checkpoint.step if self.checkpoint is not None else 0
+
+    @property
+    def epoch(self) -> int:
+        return self.checkpoint.epoch if self.checkpoint is not None else 0
+
+    @property
+    def batch_index(self) -> int:
+        return self.checkpoint.batch_index if self.checkpoint is not None else 0
+
+    @property
+    def log_from(self) -> int | None:
+        """``resume_step`` of the log and reporters: the checkpoint's step, None for a fresh log."""
+        return self.step if self.checkpoint is not None else None
+
+
+def start_or_resume(out: Path, *, resume: bool, config: dict[str, Any], must_match: Sequence[str],
+                    say: Say) -> RunStart:
+    """A fresh start (new run id), or with ``resume`` the newest usable checkpoint of ``out`` (damaged
+    newer ones reported through ``say``; :class:`~.checkpoint.CheckpointError` when none is usable),
+    its config checked against ``config`` (:func:`check_resume_config`). The trainer restores the
+    checkpoint's state itself."""
+    if not resume:
+        return RunStart(new_run_id())
+    ckpt = load_latest_usable(out, say)
+    check_resume_config(ckpt.config, config, must_match, checkpoint=ckpt.path)
+    return RunStart(ckpt.run_id or new_run_id(), ckpt)
+
+
+# -------------------------------------------------------------------------------------------------
+# 6. The log, the reporters, the progress bar
+
+
+@contextlib.contextmanager
+def open_run_log(place: RunPlace, out: Path, *, start: RunStart, report_to: list[str], config: dict[str, Any],
+                 total_steps: int, unit_name: str, desc: str,
+                 progress: bool = True) -> Iterator[tuple[JsonlLog, TrainProgress]]:
+    """``(log, progress)`` for the training loop: ``out/log.jsonl`` (on resume, records after the
+    checkpoint's step dropped) mirrored to ``--report-to``'s reporters, and the progress bar counting
+    ``unit_name`` per second from the start's step. Rank 0 only (no-ops elsewhere); ``progress``
+    False hides the bar. Both are closed when the block ends, however."""
+    reporters = ScalarReporters(report_to, out, resume_step=start.log_from, config=config, enabled=place.main)
+    log = JsonlLog(out / LOG_NAME, resume_step=start.log_from, enabled=place.main, mirror=reporters)
+    bar = TrainProgress(total_steps, initial=start.step, unit_name=unit_name, desc=desc,
+                        enabled=place.main and progress)
+    try:
+        yield log, bar
+    finally:
+        bar.close()
+        log.close()
+
+
+# -------------------------------------------------------------------------------------------------
+# 7. The end
+
+
+def plot_run_loss(out: Path, *, title: str, say: Say) -> Path | None:
+    """Draw ``out/log.jsonl``'s loss into ``out/loss.png``; returns its path, or None with a logged
+    notice when there is nothing to draw (a resumed run that was already complete) or no matplotlib."""
+    try:
+        return plot_loss_curve(out / LOG_NAME, out / LOSS_PLOT_NAME, title=title)
+    except ValueError:
+        say(f"no {LOSS_PLOT_NAME}: {out / LOG_NAME} holds no loss to draw (this process ran no step)")
+        return None
+
+
+def finish_run(out: Path, *, plot_title: str, summary: dict[str, Any], say: Say,
+               final_lines: Sequence[str] = ()) -> None:
+    """The end of a run, on rank 0: ``loss.png`` (:func:`plot_run_loss`), ``summary.json`` (written
+    atomically), then the closing log lines through ``say``."""
+    plot_run_loss(out, title=plot_title, say=say)
+    write_json_atomic(out / SUMMARY_NAME, summary)
+    for line in final_lines:
+        say(line)
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "PRECISIONS",
+    "RunPlace",
+    "RunStart",
+    "autocast_factory",
+    "check_out_folder",
+    "check_resume_config",
+    "distributed_run",
+    "finish_run",
+    "open_run_log",
+    "options_config",
+    "plot_run_loss",
+    "prepare_out_folder",
+    "resolve_device",
+    "settings_from",
+    "start_or_resume",
+    "write_run_config",
+]
