@@ -229,8 +229,8 @@ def test_stage2_continues_from_a_converted_eva_clip_model(tmp_path):
 
 
 def test_missing_timm_and_a_broken_torchvision_are_named(tmp_path, monkeypatch, capsys):
+    from llm2clip_fast.missing_dependency import MissingDependencyError
     from llm2clip_fast.models import timm_vision
-    from llm2clip_fast.train.dependencies import MissingDependencyError
 
     visual, text, logit_scale = _official(seed=7)
     src = _write(tmp_path / "eva.safetensors", _state(visual, text, logit_scale))

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from llm2clip_fast.train.dependencies import MissingDependencyError
+from llm2clip_fast.missing_dependency import MissingDependencyError
 from llm2clip_fast.train.scalar_reporters import ScalarReporters, check_report_to
 
 

@@ -180,7 +180,7 @@ def _default(value, default):
 
 def exit_code_for(exc: BaseException) -> int | None:
     """The documented exit code of an expected failure, None for a bug."""
-    from ..train.dependencies import MissingDependencyError
+    from ..missing_dependency import MissingDependencyError
 
     return code_for(exc, [
         (KeyboardInterrupt, 130),

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..train.dependencies import MissingDependencyError
+from ..missing_dependency import MissingDependencyError
 from .image_preprocessing import ImagePreprocessing
 
 TIMM_INSTALL = 'pip install "llm2clip_fast[timm]"'

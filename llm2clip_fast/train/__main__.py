@@ -33,9 +33,10 @@ import importlib
 import sys
 
 from ..cli_exit_codes import code_for, run_command_line
+from ..missing_dependency import MissingDependencyError
 from .cli_logging import setup_cli_logging
 from .config_file import add_config_argument, expand_config_argument
-from .dependencies import MissingDependencyError, require_train_packages
+from .dependencies import require_train_packages
 
 SUBCOMMANDS = {
     "pipeline": "run every stage on the built-in demo set (the default)",

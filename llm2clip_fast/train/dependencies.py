@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 
+from ..missing_dependency import MissingDependencyError
+
 # import name -> PyPI distribution. Needed by every sub-command (models, data, progress, checkpoints).
 TRAIN_MODULES = {
     "transformers": "transformers",
@@ -24,10 +26,6 @@ OPTIONAL_TRAIN_MODULES = {
     "webdataset": "webdataset",  # WebDataset shards
     "matplotlib": "matplotlib",  # loss.png (skipped with a warning without it)
 }
-
-
-class MissingDependencyError(ImportError):
-    """A package the trainer needs is not installed."""
 
 
 def missing_train_packages() -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..atomic_files import write_text_atomic
-from .dependencies import MissingDependencyError
+from ..missing_dependency import MissingDependencyError
 
 REPORT_CHOICES = ("none", "csv", "tensorboard", "wandb")
 
