@@ -88,7 +88,17 @@ RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "bat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``stage2`` sub-command's options."""
+    """The ``stage2`` sub-command's options, one function per option group (in --help order)."""
+    _add_io_arguments(parser)
+    _add_model_arguments(parser)
+    _add_training_arguments(parser)
+    _add_run_arguments(parser)
+    _add_stream_arguments(parser)
+    mark_recipe_defaults(parser, STAGE2_RECIPES)
+
+
+def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data, the embedding cache, the run folder (resume/overwrite), a model to start from."""
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--embeddings", help="embedding cache folder written by the embed step "
                     "(required for the llm-adapter text tower)")
@@ -107,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--init-model", help="start from a saved LLM2CLIPModel folder instead of a fresh one "
                     "(its architecture replaces the model options)")
 
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The text tower, the vision tower and its sizes, the adapter, frozen layers."""
     model = parser.add_argument_group("model")
     model.add_argument("--text-tower", choices=("llm-adapter", "clip"), default="llm-adapter",
                        help="llm-adapter: adapter on cached LLM embeddings (LLM2CLIP); clip: CLIP text "
@@ -139,6 +152,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="freeze the vision stem and the first N transformer layers")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute vision activations")
 
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """Loss, captions, batch, length, optimizer, schedule, precision, device."""
     train = parser.add_argument_group("training")
     train.add_argument("--loss", choices=("clip", "siglip"), default="clip")
     train.add_argument("--caption", default="long",
@@ -182,6 +198,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--cache-verify", choices=("full", "size"), default="full",
                        help="check the cache's shard checksums (full) or only their shapes (size, fast)")
 
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Loader workers, checkpoints, logging, bad-data tolerance, reporters."""
     run = parser.add_argument_group("run")
     run.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
     run.add_argument("--save-every", type=int, default=500,
@@ -194,6 +213,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_hidden_alias(run, "--no-progress", run.add_argument(
         "--quiet", dest="no_progress", action="store_true", help="no progress bar"))
     add_report_to_argument(run)
+
+
+def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """Streamed shards: shuffle buffer, stall timeout, retries."""
     stream = parser.add_argument_group("streamed shards (--data with pipe:, http(s)://, s3://, gs://, ...)")
     stream.add_argument("--shuffle-buffer", type=int, default=1000,
                         help="samples per seeded shuffle block of each loader worker's stream")
@@ -201,7 +224,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a shard connection or read may stall before it is retried")
     stream.add_argument("--stream-retries", type=int, default=3,
                         help="retries per shard read; then the shard's unread samples count as bad data")
-    mark_recipe_defaults(parser, STAGE2_RECIPES)
 
 
 # -------------------------------------------------------------------------------------------------
