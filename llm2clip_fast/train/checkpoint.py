@@ -212,43 +212,18 @@ def save_checkpoint(
     same id (None: every checkpoint in the folder counts as this run's).
     RNG states are captured here, so call this at the point the resumed run will continue from.
     """
-    if step < 0 or epoch < 0 or batch_index < 0:
-        raise ValueError(f"step, epoch and batch_index must be >= 0, got {step}, {epoch}, {batch_index}")
-    if keep_last is not None and keep_last < 0:
-        raise ValueError(f"keep_last must be >= 0 or None, got {keep_last}")
+    _check_save_arguments(step, epoch, batch_index, keep_last)
+    # Converted before anything is written: a config that is not JSON fails with nothing on disk.
     config_json = json.loads(json.dumps(dict(config or {}), default=str))
-
     final = checkpoint_dir(run_dir, step)
-    parent = final.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        model_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
-        save_file(model_tensors, str(tmp / _MODEL_FILE), metadata={"format": "pt"})
-        _fsync_file(tmp / _MODEL_FILE)
-
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = _flatten({
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": capture_rng_state(),
-            "extra": dict(extra or {}),
-        }, tensors)
-        save_file(tensors, str(tmp / _STATE_TENSORS))
-        _fsync_file(tmp / _STATE_TENSORS)
-        _write_json(tmp / _STATE_JSON, skeleton)
-        files = [_MODEL_FILE, _STATE_TENSORS, _STATE_JSON]
-        _write_json(tmp / _META, {
-            "format_version": FORMAT_VERSION,
-            "step": int(step),
-            "epoch": int(epoch),
-            "batch_index": int(batch_index),
-            "run_id": run_id,
-            "config": config_json,
-            "files": files,
-            "sha256": {name: file_sha256(tmp / name) for name in files},
-        })
+        _write_model_file(tmp, model_state)
+        _write_trainer_state(tmp, optimizer, scheduler, extra)
+        _write_meta(tmp, {"step": int(step), "epoch": int(epoch), "batch_index": int(batch_index),
+                          "run_id": run_id, "config": config_json})
         _fsync_dir(tmp)
         # Re-saving a step (a resumed run passing the same point) swaps the old one out first.
         replace_dir(tmp, final)
@@ -256,10 +231,58 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep_last:
-        mine = [p for p in list_checkpoints(run_dir) if run_id is None or _run_id_of(p) == run_id]
-        for old in mine[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune_checkpoints(run_dir, run_id, keep_last)
     return final
+
+
+def _check_save_arguments(step: int, epoch: int, batch_index: int, keep_last: int | None) -> None:
+    """Raise ValueError for a negative position or ``keep_last``."""
+    if step < 0 or epoch < 0 or batch_index < 0:
+        raise ValueError(f"step, epoch and batch_index must be >= 0, got {step}, {epoch}, {batch_index}")
+    if keep_last is not None and keep_last < 0:
+        raise ValueError(f"keep_last must be >= 0 or None, got {keep_last}")
+
+
+def _write_model_file(folder: Path, model_state: Mapping[str, torch.Tensor]) -> None:
+    """``model.safetensors``: CPU copies of ``model_state`` (safetensors refuses shared storage), fsynced."""
+    model_tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
+    save_file(model_tensors, str(folder / _MODEL_FILE), metadata={"format": "pt"})
+    _fsync_file(folder / _MODEL_FILE)
+
+
+def _write_trainer_state(folder: Path, optimizer: Any | None, scheduler: Any | None,
+                         extra: Mapping[str, Any] | None) -> None:
+    """``trainer_state.safetensors`` + ``trainer_state.json``: the optimizer, scheduler, the RNG states
+    captured now and ``extra``, as a JSON skeleton whose tensors live in the safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten({
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": capture_rng_state(),
+        "extra": dict(extra or {}),
+    }, tensors)
+    save_file(tensors, str(folder / _STATE_TENSORS))
+    _fsync_file(folder / _STATE_TENSORS)
+    _write_json(folder / _STATE_JSON, skeleton)
+
+
+def _write_meta(folder: Path, position: dict[str, Any]) -> None:
+    """``meta.json``, written last: the format version, ``position`` (step, epoch, batch_index,
+    run_id, config) and the SHA-256 of each data file, so a reader can tell a complete checkpoint."""
+    files = [_MODEL_FILE, _STATE_TENSORS, _STATE_JSON]
+    _write_json(folder / _META, {
+        "format_version": FORMAT_VERSION,
+        **position,
+        "files": files,
+        "sha256": {name: file_sha256(folder / name) for name in files},
+    })
+
+
+def _prune_checkpoints(run_dir: str | os.PathLike[str], run_id: str | None, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` complete checkpoints of ``run_id`` (None: of any run)."""
+    mine = [p for p in list_checkpoints(run_dir) if run_id is None or _run_id_of(p) == run_id]
+    for old in mine[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _run_id_of(path: Path) -> str | None:
