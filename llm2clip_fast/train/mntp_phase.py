@@ -21,7 +21,9 @@ import os
 import random
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -113,60 +115,100 @@ def run_mntp_phase(args: argparse.Namespace, device: torch.device, out: Path,
                    say: Callable[[str], None]) -> Path:
     """Train, merge and save the MNTP LoRA; returns the merged model folder (reused when finished)."""
     from ..models.llm_encoder import ENCODER_CONFIG_NAME
-    from .mntp import mask_captions, mask_token_id, mntp_loss
-    from .optim import adamw_param_groups, build_scheduler, clip_grad_norm
-    from .stage1 import (
-        NonFiniteTrainingError,
-        all_params_finite,
-        build_trainable_encoder,
-    )
 
     final = mntp_merged_dir(out)
     if (final / ENCODER_CONFIG_NAME).is_file():
         say(f"stage1: MNTP phase already done, reusing {final}")
         return final
     rank, world = dist_helpers.get_rank(), dist_helpers.get_world_size()
+    texts = _read_batchable_texts(args, world)
+    training = _build_mntp_training(args, device)
+    batches = _text_batches(texts, args.batch_size // world, args.seed, rank, world)
+    say(f"stage1: MNTP phase, {args.mntp_steps} steps on {len(texts)} passages of {args.mntp_data}")
+    training.built.peft_model.train()
+    for step in range(1, args.mntp_steps + 1):
+        loss = _mntp_batch_loss(args, training, next(batches), step, rank, device)
+        _mntp_update(args, training, loss, step, device)
+    if rank == 0:
+        _save_merged(args, training.built, final)
+        say(f"stage1: MNTP adapter merged, saved to {final}")
+    dist_helpers.barrier()
+    del training
+    return final
+
+
+def _read_batchable_texts(args: argparse.Namespace, world: int) -> list[str]:
+    """The ``--mntp-data`` passages; an error when they cannot fill one global batch."""
     texts = read_mntp_texts(args.mntp_data)
-    per_rank = args.batch_size // world
-    if len(texts) < per_rank * world:
+    if len(texts) < (args.batch_size // world) * world:
         raise ValueError(
             f"--mntp-data holds {len(texts)} passages, fewer than one batch of {args.batch_size}")
-    built = build_trainable_encoder(args, device)  # loads the token-prediction head (mntp_steps > 0)
-    tokenizer, peft_model = built.encoder.tokenizer, built.peft_model
-    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
+    return texts
+
+
+@dataclass
+class _MntpTraining:
+    """The phase's LoRA-wrapped model (with its token-prediction head), optimizer, schedule and the
+    tokenizer's mask and special token ids."""
+
+    built: Any  # stage1.TrainableEncoder
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    mask_id: int
+    special_ids: set[int]
+
+
+def _build_mntp_training(args: argparse.Namespace, device: torch.device) -> _MntpTraining:
+    """Load the LLM with LoRA and its token-prediction head (``--mntp-steps`` > 0 asks for it), AdamW
+    over the LoRA weights and the ``--schedule`` over ``--mntp-steps`` steps, without warm-up."""
+    from .mntp import mask_token_id
+    from .optim import adamw_param_groups, build_scheduler
+    from .stage1 import build_trainable_encoder
+
+    built = build_trainable_encoder(args, device)
+    named = [(n, p) for n, p in built.peft_model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(adamw_param_groups(named, args.weight_decay, lr=args.lr))
     scheduler = build_scheduler(optimizer, args.schedule, warmup_steps=0, total_steps=args.mntp_steps,
                                 min_lr_ratio=args.min_lr_ratio)
-    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    mask_id = mask_token_id(tokenizer)
-    batches = _text_batches(texts, per_rank, args.seed, rank, world)
-    say(f"stage1: MNTP phase, {args.mntp_steps} steps on {len(texts)} passages of {args.mntp_data}")
-    peft_model.train()
-    for step in range(1, args.mntp_steps + 1):
-        # llm2vec's MNTP tokenises the raw passages (no prompt template, no instruction).
-        enc = tokenizer(next(batches), padding=True, truncation=True, max_length=args.max_length,
-                        padding_side="right", return_tensors="pt")
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
-        ids, labels = mask_captions(enc["input_ids"], enc["attention_mask"], mask_id=mask_id,
-                                    special_ids=special_ids, probability=args.mntp_probability, generator=gen,
-                                    decoder=built.decoder)
-        hidden = peft_model(input_ids=ids.to(device), attention_mask=enc["attention_mask"].to(device))
-        loss = mntp_loss(hidden.last_hidden_state, labels.to(device), built.head, decoder=built.decoder)
-        loss.backward()
-        dist_helpers.average_gradients(params)
-        value = dist_helpers.mean_over_ranks(float(loss.detach()), device)
-        grad_norm = clip_grad_norm(params, args.max_grad_norm)
-        if not (math.isfinite(value) and math.isfinite(grad_norm)):
-            raise NonFiniteTrainingError(_stopped(step, f"loss {value}, gradient norm {grad_norm}"))
-        optimizer.step()
-        if not all_params_finite(params):
-            raise NonFiniteTrainingError(_stopped(step, "the optimizer update made weights non-finite"))
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    if rank == 0:
-        _save_merged(args, built, final)
-        say(f"stage1: MNTP adapter merged, saved to {final}")
-    dist_helpers.barrier()
-    del built, peft_model, optimizer
-    return final
+    tokenizer = built.encoder.tokenizer
+    return _MntpTraining(built, [p for _, p in named], optimizer, scheduler, mask_token_id(tokenizer),
+                         set(getattr(tokenizer, "all_special_ids", []) or []))
+
+
+def _mntp_batch_loss(args: argparse.Namespace, training: _MntpTraining, texts: list[str], step: int,
+                     rank: int, device: torch.device) -> torch.Tensor:
+    """The masked-token-prediction loss of this rank's passages (mask seeded by seed, step and rank)."""
+    from .mntp import mask_captions, mntp_loss
+
+    built = training.built
+    # llm2vec's MNTP tokenises the raw passages (no prompt template, no instruction).
+    enc = built.encoder.tokenizer(texts, padding=True, truncation=True, max_length=args.max_length,
+                                  padding_side="right", return_tensors="pt")
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + rank)
+    ids, labels = mask_captions(enc["input_ids"], enc["attention_mask"], mask_id=training.mask_id,
+                                special_ids=training.special_ids, probability=args.mntp_probability,
+                                generator=gen, decoder=built.decoder)
+    hidden = built.peft_model(input_ids=ids.to(device), attention_mask=enc["attention_mask"].to(device))
+    return mntp_loss(hidden.last_hidden_state, labels.to(device), built.head, decoder=built.decoder)
+
+
+def _mntp_update(args: argparse.Namespace, training: _MntpTraining, loss: torch.Tensor, step: int,
+                 device: torch.device) -> None:
+    """Backward, average gradients and loss over the ranks, clip, update, schedule; stops with
+    ``NonFiniteTrainingError`` before a non-finite update is kept."""
+    from .optim import clip_grad_norm
+    from .stage1 import NonFiniteTrainingError, all_params_finite
+
+    params = training.params
+    loss.backward()
+    dist_helpers.average_gradients(params)
+    value = dist_helpers.mean_over_ranks(float(loss.detach()), device)
+    grad_norm = clip_grad_norm(params, args.max_grad_norm)
+    if not (math.isfinite(value) and math.isfinite(grad_norm)):
+        raise NonFiniteTrainingError(_stopped(step, f"loss {value}, gradient norm {grad_norm}"))
+    training.optimizer.step()
+    if not all_params_finite(params):
+        raise NonFiniteTrainingError(_stopped(step, "the optimizer update made weights non-finite"))
+    training.scheduler.step()
+    training.optimizer.zero_grad(set_to_none=True)
