@@ -303,10 +303,8 @@ class TrainableEncoder:
 
 def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> TrainableEncoder:
     """Load the LLM (8-bit if asked), make it bidirectional, add LoRA, wrap it in an LLMTextEncoder."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from ..models.bidirectional import set_bidirectional
     from ..models.llm_encoder import LLMTextEncoder, is_decoder_only, resolve_model_path
 
     folder = resolve_model_path(args.llm)
@@ -314,6 +312,22 @@ def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> T
     decoder = is_decoder_only(config)
     if decoder and hasattr(config, "use_cache"):
         config.use_cache = False
+    base, head = _load_base_model(args, folder, config, decoder, device)
+    base, targets = _prepare_base_for_lora(args, base, decoder)
+    peft_model = _add_lora(args, base, targets)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoder = LLMTextEncoder(peft_model, tokenizer, pooling=args.pooling, max_length=args.max_length,
+                             instruction=args.instruction, template=getattr(args, "template", "auto"))
+    return TrainableEncoder(encoder, peft_model, head, decoder, targets, folder)
+
+
+def _load_base_model(args: argparse.Namespace, folder: Path, config: Any, decoder: bool,
+                     device: torch.device) -> tuple[nn.Module, nn.Module | None]:
+    """(base model, frozen token-prediction head or None) on ``device``, in ``--dtype`` (LLM.int8 with
+    ``--load-in-8bit``). With ``--mntp-steps`` the model is loaded with its LM/MLM head, which MNTP
+    needs and whose absence is an error naming the folder."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
     kwargs: dict[str, Any] = {"dtype": _resolve_dtype(args.dtype, device)}
     if args.load_in_8bit:
         from transformers import BitsAndBytesConfig
@@ -335,10 +349,21 @@ def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> T
         base = full.base_model
     else:
         base = AutoModel.from_pretrained(folder, config=config, **kwargs)
-    if not args.load_in_8bit:
+    if not args.load_in_8bit:  # an 8-bit model was placed by its device_map
         base.to(device)
         if head is not None:
             head.to(device)
+    return base, head
+
+
+def _prepare_base_for_lora(args: argparse.Namespace, base: nn.Module,
+                           decoder: bool) -> tuple[nn.Module, list[str]]:
+    """Bidirectional attention (decoders), the LoRA target modules (``--lora-targets``), every base
+    weight frozen, and the 8-bit preparation or gradient checkpointing asked for."""
+    from peft import prepare_model_for_kbit_training
+
+    from ..models.bidirectional import set_bidirectional
+
     if decoder:
         set_bidirectional(base, True)
     targets = resolve_lora_targets(base, [t for t in args.lora_targets.split(",")])
@@ -350,17 +375,20 @@ def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> T
                                                gradient_checkpointing_kwargs=gc_kwargs)
     elif args.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    return base, targets
+
+
+def _add_lora(args: argparse.Namespace, base: nn.Module, targets: list[str]) -> nn.Module:
+    """The peft model: LoRA (``--lora-r/-alpha/-dropout``) on ``targets``, initialised from ``--seed``."""
+    from peft import LoraConfig, get_peft_model
+
     # Identical LoRA initialisation on every rank.
     torch.manual_seed(args.seed)
     # A BERT pooler's "dense" matches the targets but never feeds mean pooling: no adapter there.
     unused = [n for n, _ in base.named_modules() if n == "pooler" or n.startswith("pooler.")]
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, exclude_modules=unused or None, bias="none")
-    peft_model = get_peft_model(base, lora)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    encoder = LLMTextEncoder(peft_model, tokenizer, pooling=args.pooling, max_length=args.max_length,
-                             instruction=args.instruction, template=getattr(args, "template", "auto"))
-    return TrainableEncoder(encoder, peft_model, head, decoder, targets, folder)
+    return get_peft_model(base, lora)
 
 
 class LogitScale(nn.Module):
