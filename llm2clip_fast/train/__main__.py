@@ -29,6 +29,7 @@ exiting, for use from Python; :func:`cli` is the command line.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import sys
 
@@ -47,15 +48,34 @@ SUBCOMMANDS = {
 }
 
 
+def _has_default_to_show(action: argparse.Action) -> bool:
+    """An option with a value of its own when not given (not a switch that is off, not "unset")."""
+    # Identity, not ``in``: 0 and 0.0 equal False, yet they are defaults worth showing.
+    unset = (None, False, argparse.SUPPRESS)
+    return bool(action.option_strings) and not any(action.default is v for v in unset)
+
+
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
     """``--help`` shows each option's default, unless its help already says it or there is none."""
 
+    def _format_action(self, action: argparse.Action) -> str:
+        # argparse prints no help line at all for an option without help text: give it one.
+        if action.help is None and _has_default_to_show(action):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
-                or not action.option_strings):
+        if "default" in text.lower() or not _has_default_to_show(action):
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def add_subcommand_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options of sub-command ``name`` (its module's ``add_arguments``) and ``--config FILE``."""
+    importlib.import_module(f"llm2clip_fast.train.{name}").add_arguments(parser)
+    add_config_argument(parser)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,8 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p = sub.add_parser(name, help=help_text, description=help_text,
                            formatter_class=_DefaultsHelpFormatter)
         if name == wanted:
-            importlib.import_module(f"llm2clip_fast.train.{name}").add_arguments(p)
-            add_config_argument(p)
+            add_subcommand_options(p, name)
             rest, config_path = expand_config_argument(argv[1:], p)
             argv = [name, *rest]
     args = parser.parse_args(argv)
