@@ -68,7 +68,9 @@ def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Actio
     for a in parser._actions:
         if not a.option_strings or a.dest in ("help", "config"):
             continue
-        out[a.dest] = a
+        # A dest shared with hidden old spellings (flag_aliases) stays the visible option's.
+        if a.help is not argparse.SUPPRESS or a.dest not in out:
+            out[a.dest] = a
         for spelling in a.option_strings:
             if spelling.startswith("--") and not spelling.startswith("--no-"):
                 out[spelling[2:].replace("-", "_")] = a
@@ -118,7 +120,8 @@ def config_to_argv(config: dict[str, Any], parser: argparse.ArgumentParser, sour
     actions = _option_actions(parser)
     unknown = [k for k in config if str(k).replace("-", "_") not in actions]
     if unknown:
-        known = ", ".join(sorted({max(a.option_strings, key=len).lstrip("-") for a in actions.values()}))
+        known = ", ".join(sorted({max(a.option_strings, key=len).lstrip("-") for a in actions.values()
+                                  if a.help is not argparse.SUPPRESS}))  # not the hidden old spellings
         raise ConfigFileError(f"{source}: {', '.join(repr(k) for k in unknown)} "
                               f"{'is not a flag' if len(unknown) == 1 else 'are not flags'} of this "
                               f"sub-command; its flags: {known}")

@@ -27,6 +27,7 @@ from .. import distributed
 from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
 from ..data.embedding_cache import build_embedding_cache, storage_dtype_name, weights_fingerprint
 from ..models.prompt_templates import TEMPLATE_CHOICES
+from .device_flags import add_device_argument
 from .run_spine import distributed_run, options_config, resolve_device, write_run_config
 from .shared_folder import check_shared_folder
 
@@ -42,10 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-in-8bit", action="store_true",
                         help="load the LLM's linear weights as LLM.int8")
     parser.add_argument("--dtype", choices=["fp16", "fp32", "int8"], default="fp16",
-                        help="stored embedding dtype; int8: one byte per value plus a float32 scale per "
-                             "embedding (about half of fp16), read back as float32 by stage 2")
+                        help="the dtype the embeddings are stored in (not the LLM's: that is "
+                             "--model-dtype); int8: one byte per value plus a float32 scale per embedding "
+                             "(about half of fp16), read back as float32 by stage 2")
     parser.add_argument("--model-dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                        help="LLM compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+                        help="the LLM's weight dtype, which it also computes in (stage1 calls it --dtype; "
+                             "embed runs no autocast, so it has no --precision) (default: bf16 on CUDA, "
+                             "fp32 on CPU)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="captions per forward pass of the LLM, on each rank (an encode batch: it "
                              "changes speed and memory, not the embeddings)")
@@ -61,8 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pooling", choices=["mean", "last_token"], default=None)
     parser.add_argument("--max-length", type=int, default=None, help="token limit (default 512 or saved)")
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
-    parser.add_argument("--device", default="auto",
-                        help="auto, cpu, cuda or cuda:N (default auto: this rank's GPU, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
                         help="stop when more than this fraction of records has an empty caption "
                         "(default 1%%)")

@@ -27,3 +27,27 @@ def add_hidden_alias(group: Any, old: str, current: argparse.Action) -> None:
         if current.choices is not None:
             kwargs["choices"] = current.choices
     group.add_argument(old, **kwargs)
+
+
+class _HiddenValueSwitch(argparse.BooleanOptionalAction):
+    """``--X`` / ``--no-X``, writing ``on`` or ``off`` (rather than True/False) into the dest."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, on: Any, off: Any, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.on, self.off = on, off
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string in self.option_strings:
+            setattr(namespace, self.dest, self.off if option_string.startswith("--no-") else self.on)
+
+
+def add_hidden_switch_alias(group: Any, old: str, current: argparse.Action, *, on: Any, off: Any) -> None:
+    """Accept the old switch pair ``old`` / ``--no-<old>`` (e.g. ``--bf16-autocast``) as spellings of the
+    value ``on`` / ``off`` of the option ``current`` (e.g. ``--precision auto`` / ``fp32``), hidden
+    from --help. A --config file may still set the old key to true or false."""
+    for value in (on, off):
+        if current.choices is not None and value not in current.choices:
+            raise ValueError(f"alias {old}: {value!r} is not a choice of {current.option_strings[0]}")
+    group.add_argument(old, action=_HiddenValueSwitch, dest=current.dest, on=on, off=off,
+                       help=argparse.SUPPRESS, default=argparse.SUPPRESS)

@@ -72,9 +72,9 @@ def _stopped(step: int, what: str) -> str:
             "Lower --lr or check --mntp-data")
 
 
-def _save_merged(args: argparse.Namespace, built: object, final: Path) -> None:
-    """Save the MNTP adapter, then the base with it merged (into a full-precision reload when the
-    base was loaded 8-bit: merging into int8 weights would round the update away)."""
+def _save_merged(args: argparse.Namespace, built: Any, final: Path, device: torch.device) -> None:
+    """Save the MNTP adapter, then the base with it merged (into a full-precision reload on ``device``
+    when the base was loaded 8-bit: merging into int8 weights would round the update away)."""
     from ..models.llm_encoder import LLMTextEncoder
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -82,8 +82,9 @@ def _save_merged(args: argparse.Namespace, built: object, final: Path) -> None:
     built.peft_model.save_pretrained(str(tmp))
     replace_dir(tmp, final.parent / "adapter")
     if args.load_in_8bit:
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        encoder = LLMTextEncoder.from_pretrained(built.folder, dtype=dtype, lora=final.parent / "adapter",
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        encoder = LLMTextEncoder.from_pretrained(built.folder, dtype=dtype, device=device,
+                                                 lora=final.parent / "adapter",
                                                  merge_lora=True, max_length=args.max_length, instruction="",
                                                  bidirectional=True, template=built.encoder.template)
     else:
@@ -130,7 +131,7 @@ def run_mntp_phase(args: argparse.Namespace, device: torch.device, out: Path,
         loss = _mntp_batch_loss(args, training, next(batches), step, rank, device)
         _mntp_update(args, training, loss, step, device)
     if rank == 0:
-        _save_merged(args, training.built, final)
+        _save_merged(args, training.built, final, device)
         say(f"stage1: MNTP adapter merged, saved to {final}")
     dist_helpers.barrier()
     del training

@@ -44,6 +44,8 @@ from ..data.sources import open_source
 from ..models.prompt_templates import TEMPLATE_CHOICES
 from .checkpoint import latest_checkpoint, restore_rng_state, save_checkpoint
 from .cra import caption_pairs, encoder_cra
+from .device_flags import add_device_argument, add_precision_argument
+from .flag_aliases import add_hidden_switch_alias
 from .hard_negative_loss import hard_negative_nll_loss
 from .holdout import split_holdout
 from .lora_targets import resolve_lora_targets
@@ -102,10 +104,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-in-8bit", action="store_true",
                    help="LoRA on an LLM.int8 frozen base (bitsandbytes)")
     g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="base weights' dtype (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="the frozen LLM's weight dtype (auto: bf16 on CUDA, fp32 on CPU); not the autocast, "
+                        "which --precision sets")
     g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--no-bf16-autocast", dest="bf16_autocast", action="store_false",
-                   help="disable bf16 autocast on CUDA")
+    # --bf16-autocast / --no-bf16-autocast: the spellings before --precision (on: auto, off: fp32).
+    add_hidden_switch_alias(g, "--bf16-autocast", add_precision_argument(
+        g, note="the --mntp-data phase runs without it"), on="auto", off="fp32")
     g.add_argument("--pooling", default="mean", choices=("mean", "last_token"))
     g.add_argument("--max-length", type=int, default=512)
     g.add_argument("--instruction", default=None,
@@ -175,6 +179,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The run folder, checkpoints, resume, logging."""
     g = parser.add_argument_group("run")
     g.add_argument("--out", required=True, help="run folder")
+    add_device_argument(g)
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--resume", action="store_true",
@@ -527,7 +532,7 @@ def train_stage1(args: argparse.Namespace) -> Stage1Result:
     with warnings.catch_warnings():
         # bitsandbytes warns on every int8 matmul that fp32 activations are cast to fp16.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-        with distributed_run("auto") as place:
+        with distributed_run(args.device) as place:
             return _train_stage1(args, place)
 
 
@@ -820,7 +825,7 @@ def finish_stage1(run: Stage1Run, state: Stage1LoopState) -> Stage1Result:
             _say(f"CRA after training {cra_after:.4f} (before {run.cra_before:.4f})")
             _write_json(out / "cra.json", {"before": run.cra_before, "after": cra_after,
                                            "pairs": len(run.eval_pairs), "steps": run.plan.total_steps})
-        merged_encoder = _save_outputs(args, run.training.built, out)
+        merged_encoder = _save_outputs(args, run.training.built, out, run.place.device)
         summary = {"steps": state.step, "total_steps": run.plan.total_steps, "seconds": elapsed,
                    "captions_per_s": state.captions / elapsed if elapsed > 0 and state.captions else None,
                    "final_loss": state.losses[-1] if state.losses else None, "cra_before": run.cra_before,
@@ -851,8 +856,7 @@ def _train_stage1(args: argparse.Namespace, place: RunPlace) -> Stage1Result:
                             say=_say)
     encoder = training.built.encoder
     run = Stage1Run(args, place, out, loader, plan, training, run_config, start,
-                    # --no-bf16-autocast: plain fp32 on CUDA too
-                    autocast_factory("auto" if args.bf16_autocast else "fp32", place.device), eval_pairs,
+                    autocast_factory(args.precision, place.device), eval_pairs,
                     cra_before=restore_from_checkpoint(start, training),
                     mask_id=mask_token_id(encoder.tokenizer) if args.mntp_steps else -1,
                     special_ids=set(getattr(encoder.tokenizer, "all_special_ids", []) or []))
@@ -868,8 +872,9 @@ def _train_stage1(args: argparse.Namespace, place: RunPlace) -> Stage1Result:
     return finish_stage1(run, state)
 
 
-def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) -> Any:
-    """Write ``adapter/`` and ``merged/`` atomically; returns the merged in-memory encoder."""
+def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path, device: torch.device) -> Any:
+    """Write ``adapter/`` and ``merged/`` atomically; returns the merged in-memory encoder (an 8-bit
+    base is merged into a reload on the run's ``device``)."""
     from ..models.llm_encoder import LLMTextEncoder
 
     tmp = out / f".tmp-adapter-{uuid.uuid4().hex[:8]}"
@@ -879,9 +884,9 @@ def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path) 
     encoder = built.encoder
     if args.load_in_8bit:
         # Merging into int8 weights would round the update away: merge into a full-precision reload.
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        encoder = LLMTextEncoder.from_pretrained(built.folder, dtype=dtype, lora=out / "adapter",
-                                                 merge_lora=True, pooling=args.pooling,
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        encoder = LLMTextEncoder.from_pretrained(built.folder, dtype=dtype, device=device,
+                                                 lora=out / "adapter", merge_lora=True, pooling=args.pooling,
                                                  max_length=args.max_length,
                                                  instruction=args.instruction or "",
                                                  bidirectional=True, template=built.encoder.template)

@@ -52,6 +52,7 @@ from ..distributed import barrier, get_world_size, is_distributed
 from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, VisionTower, build_vision_tower
 from .checkpoint import save_checkpoint
+from .device_flags import add_device_argument, add_precision_argument
 from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
 from .recipes import STAGE2_RECIPES, explicitly_given, mark_recipe_defaults, resolve_recipe
@@ -188,13 +189,12 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--min-lr-ratio", type=float, default=0.0)
     add_hidden_alias(train, "--grad-clip", train.add_argument(
         "--max-grad-norm", dest="grad_clip", type=float, default=1.0, help="max global grad norm (0: off)"))
-    train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                       help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    add_precision_argument(train)
     train.add_argument("--crop-scale", type=float, nargs=2, default=(0.9, 1.0), metavar=("MIN", "MAX"),
                        help="random resized crop area range")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
-    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_device_argument(train)
     train.add_argument("--cache-verify", choices=("full", "size"), default="full",
                        help="check the cache's shard checksums (full) or only their shapes (size, fast)")
 
