@@ -162,3 +162,28 @@ def test_float_noise_below_the_tolerance_is_a_tie():
     sim = torch.tensor([[0.5, 0.5 + 3e-7, 0.1]])
     assert topk_hit_rates(sim, torch.tensor([0]), (1,)) == pytest.approx({1: 0.5})
     assert topk_hit_rates(sim, torch.tensor([0]), (1,), tie_tolerance=0.0) == pytest.approx({1: 0.0})
+
+
+def test_eval_device_means_what_it_means_in_the_trainers(tmp_path, monkeypatch):
+    import json
+
+    from llm2clip_fast.train.__main__ import main
+    from llm2clip_fast.train.eval_suites import ModelEmbedder
+
+    manifest = _write_tiny_manifest(tmp_path)
+    tiny_clip_tower_model().save_pretrained(tmp_path / "model")
+    model = str(tmp_path / "model")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # Resolved before anything loads, for --data and --suite alike, with the trainers' message.
+    for what in (["--data", str(manifest)], ["--suite", "urban1k", "--root", str(tmp_path / "none")]):
+        with pytest.raises(ValueError, match=r"--device cuda asked for, but no CUDA device is available"):
+            main(["eval", "--model", model, *what, "--device", "cuda"])
+        with pytest.raises(ValueError, match=r"--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+            main(["eval", "--model", model, *what, "--device", "gpu"])
+    with pytest.raises(ValueError, match=r"--device cuda:0 asked for, but no CUDA device"):
+        ModelEmbedder(model, device="cuda:0")
+    assert ModelEmbedder(model, device="auto").device == torch.device("cpu")
+    out = tmp_path / "cpu.json"
+    argv = ["eval", "--model", model, "--data", str(manifest), "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["n"] == 7

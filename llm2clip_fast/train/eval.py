@@ -34,11 +34,13 @@ import torch
 
 from llm2clip_fast import atomic_files
 from llm2clip_fast.models.prompt_templates import TEMPLATE_CHOICES
+from llm2clip_fast.train.device_flags import add_device_argument
 from llm2clip_fast.train.retrieval_metrics import (
     caption_retrieval_accuracy,
     image_text_retrieval,
     zero_shot_accuracy,
 )
+from llm2clip_fast.train.run_spine import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -196,22 +198,25 @@ def format_results_table(rows: dict[str, dict[str, Any]], ks: Sequence[int] = DE
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str | None = None,
                        caption: str = "long", batch_size: int = 64, encoder: Any = None,
                        ks: Sequence[int] = DEFAULT_KS, image_root_only: bool = False,
-                       template: str | None = None) -> dict[str, Any]:
+                       template: str | None = None,
+                       device: str | torch.device | None = None) -> dict[str, Any]:
     """Load a saved model and a caption source and evaluate (the ``eval`` sub-command's work).
 
     ``encoder`` reuses an already loaded LLM (the pipeline evaluates two splits with one load).
     ``image_root_only``: manifest image paths outside the manifest's folder are bad samples.
+    ``device``: where the model and the LLM run (None: the model on the CPU, the LLM where its loader
+    puts it).
     """
     from llm2clip_fast.data.sources import open_source
     from llm2clip_fast.models.llm2clip import LLM2CLIPModel
 
-    model = LLM2CLIPModel.from_pretrained(model_dir)
+    model = LLM2CLIPModel.from_pretrained(model_dir, device=device if device is not None else "cpu")
     source = open_source(data, image_root_only=image_root_only)
     if caption not in source.caption_names:
         raise ValueError(f"--caption {caption!r} is not a caption of {data}; captions found: "
                          f"{source.caption_names}")
     if encoder is None:
-        encoder = load_text_encoder(model, llm, template=template)
+        encoder = load_text_encoder(model, llm, template=template, device=device)
     recorded = model.config.llm or {}
     text_path = (f"LLM {llm or recorded.get('model') or recorded.get('path')}" if encoder is not None
                  else "clip text tower")
@@ -253,7 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root-only", action="store_true",
                         help="manifest image paths must stay inside the manifest's folder (others are bad "
                         "samples)")
-    parser.add_argument("--device", default=None, help="--suite: cuda or cpu (default: cuda when available)")
+    add_device_argument(parser, note="the model and the LLM that embeds the captions")
     parser.add_argument("--workers", type=int, default=4,
                         help="--suite: image decoding processes (default 4)")
     parser.add_argument("--no-cache", action="store_true",
@@ -264,15 +269,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="--suite: no progress bars")
 
 
-def run_suites_command(args: argparse.Namespace) -> int:
-    """``eval --suite``: the benchmarks under ``--root`` (see ``llm2clip_fast.train.eval_suites``)."""
+def run_suites_command(args: argparse.Namespace, device: torch.device) -> int:
+    """``eval --suite`` on ``device``: the benchmarks under ``--root`` (see
+    ``llm2clip_fast.train.eval_suites``)."""
     from llm2clip_fast.train.eval_suites import ModelEmbedder, format_suite_table, run_suites
 
     if not args.root:
         raise ValueError("--suite needs --root DIR (the suite's folder, or with --suite all their parent)")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device)
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     _log(f"model {args.model} on {device}; text path: {embedder.text_path}")
@@ -287,17 +292,21 @@ def run_suites_command(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Entry point of ``python -m llm2clip_fast.train eval``."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    # Resolved before anything loads: --device cuda without CUDA is a one-line error, as in the trainers.
+    device = resolve_device(args.device)
     if getattr(args, "suite", None) is not None:
         if args.data is not None:
             raise ValueError("pass either --data (a caption source) or --suite (a benchmark), not both")
-        return run_suites_command(args)
+        return run_suites_command(args, device)
     if args.data is None:
         raise ValueError("eval needs --data SOURCE or --suite NAME --root DIR")
+    _log(f"model {args.model} on {device}")
     results = evaluate_model_dir(args.model, args.data, llm=args.llm, caption=args.caption,
                                  batch_size=args.batch_size, image_root_only=args.image_root_only,
-                                 template=getattr(args, "template", None))
+                                 template=getattr(args, "template", None), device=device)
     print(format_results_table({Path(args.model).name or str(args.model): results}))
     print(f"chance R@1 = {100 * results['chance_R@1']:.1f}% over {results['n']} images; "
           f"{results['seconds']:.1f}s")

@@ -78,10 +78,12 @@ class ModelEmbedder:
                  template: str | None = None, device: str | torch.device = "cpu",
                  encoder: Any = None) -> None:
         from llm2clip_fast.models.llm2clip import CONFIG_NAME, WEIGHTS_NAME, LLM2CLIPModel
+        from llm2clip_fast.train.run_spine import resolve_device
 
+        # A name (auto, cpu, cuda, cuda:N) means what --device means in every sub-command.
+        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.model_dir = Path(model_dir)
-        self.model = LLM2CLIPModel.from_pretrained(self.model_dir, device=device).eval()
-        self.device = torch.device(device)
+        self.model = LLM2CLIPModel.from_pretrained(self.model_dir, device=self.device).eval()
         self._model_files = _file_stats([self.model_dir / CONFIG_NAME, self.model_dir / WEIGHTS_NAME])
         self._llm, self._template, self._encoder = llm, template, encoder
 
