@@ -186,3 +186,21 @@ def test_zero_defaults_are_shown_too(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--seed SEED default: 0" in text and "--weight-decay WEIGHT_DECAY default: 0.0" in text
     assert "--lora-r LORA_R default: 16" in text  # an option without help text gets its default line
+
+
+def test_eval_uses_the_trainers_spellings_and_keeps_its_old_ones(tmp_path, capsys):
+    args = parse_args(["eval", "--model", "m", "--num-workers", "2", "--quiet"])
+    assert (args.workers, args.no_progress) == (2, True)
+    old = parse_args(["eval", "--model", "m", "--workers", "3", "--no-progress"])
+    assert (old.workers, old.no_progress) == (3, True)
+    defaults = parse_args(["eval", "--model", "m"])
+    assert (defaults.workers, defaults.no_progress) == (4, False)
+    cfg = tmp_path / "e.json"
+    cfg.write_text(json.dumps({"workers": 1, "no_progress": True}))  # keys by dest keep working
+    from_file = parse_args(["eval", "--model", "m", "--config", str(cfg)])
+    assert (from_file.workers, from_file.no_progress) == (1, True)
+    with pytest.raises(SystemExit):
+        parse_args(["eval", "--help"])
+    text = capsys.readouterr().out
+    assert "--num-workers" in text and "--quiet" in text
+    assert "--workers" not in text and "--no-progress" not in text

@@ -35,6 +35,7 @@ import torch
 from llm2clip_fast import atomic_files
 from llm2clip_fast.models.prompt_templates import TEMPLATE_CHOICES
 from llm2clip_fast.train.device_flags import add_device_argument
+from llm2clip_fast.train.flag_aliases import add_hidden_alias
 from llm2clip_fast.train.retrieval_metrics import (
     caption_retrieval_accuracy,
     image_text_retrieval,
@@ -259,14 +260,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="manifest image paths must stay inside the manifest's folder (others are bad "
                         "samples)")
     add_device_argument(parser, note="the model and the LLM that embeds the captions")
-    parser.add_argument("--workers", type=int, default=4,
-                        help="--suite: image decoding processes (default 4)")
+    # --workers / --no-progress: the spellings before the trainers' --num-workers / --quiet.
+    add_hidden_alias(parser, "--workers", parser.add_argument(
+        "--num-workers", dest="workers", type=int, default=4,
+        help="--suite: image decoding processes (default 4)"))
     parser.add_argument("--no-cache", action="store_true",
                         help="--suite: neither read nor write the per-model embedding cache")
     parser.add_argument("--max-missing-fraction", type=float, default=0.01,
                         help="--suite: stop when more of a suite's images than this are missing or "
                              "undecodable (default 0.01); fewer are left out and reported")
-    parser.add_argument("--no-progress", action="store_true", help="--suite: no progress bars")
+    add_hidden_alias(parser, "--no-progress", parser.add_argument(
+        "--quiet", dest="no_progress", action="store_true", help="--suite: no progress bars"))
 
 
 def run_suites_command(args: argparse.Namespace, device: torch.device) -> int:
@@ -277,7 +281,7 @@ def run_suites_command(args: argparse.Namespace, device: torch.device) -> int:
     if not args.root:
         raise ValueError("--suite needs --root DIR (the suite's folder, or with --suite all their parent)")
     if args.workers < 0:
-        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        raise ValueError(f"--num-workers must be >= 0, got {args.workers}")
     embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device)
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     _log(f"model {args.model} on {device}; text path: {embedder.text_path}")
