@@ -79,7 +79,7 @@ _RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_siz
                       "epochs", "mntp_steps", "lora_r", "lora_alpha", "lora_targets", "loss", "scale",
                       "learn_scale", "seed", "lr", "schedule", "warmup_steps", "load_in_8bit", "max_length",
                       "instruction", "pooling", "eval_fraction", "template", "query_instruction_short",
-                      "query_instruction_long", "hard_negative_caption", "mntp_data")
+                      "query_instruction_long", "hard_negative_caption", "mntp_data", "precision")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
