@@ -34,10 +34,10 @@ def _timm():
     require_timm()
 
 
-def _official(seed: int = 0, config: dict = TINY):
+def _official(seed: int = 0, config: dict = TINY, llm_dim: int = LLM_DIM):
     torch.manual_seed(seed)
     visual = build_visual(config["embed_dim"], config["vision_cfg"]).eval()
-    text = TextProj(embedding_dim=LLM_DIM, output_dim=config["embed_dim"], expansion_factor=2,
+    text = TextProj(embedding_dim=llm_dim, output_dim=config["embed_dim"], expansion_factor=2,
                     num_layers_text=BLOCKS).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # every weight non-default, so a swapped or skipped tensor shows in the outputs

@@ -3,7 +3,8 @@
 Expected recalls are counted by hand. A fake embedder makes that possible: an image's embedding is its
 solid colour (each channel 0/120/240 read back as 0/1/2), a text's embedding the sum of the ``[a b c]``
 vectors written in it, so every cosine similarity below is known. Ties count by their expectation under
-a random tie-break (``retrieval_metrics``). One end-to-end test runs the command on a tiny saved model.
+a random tie-break (``retrieval_metrics``). End-to-end tests run the command on tiny saved and converted
+models (an HF-format release; an EVA-CLIP state dict, also after stage 2 continued from it).
 """
 
 from __future__ import annotations
@@ -550,3 +551,82 @@ def test_suite_on_a_model_converted_from_a_released_checkpoint(tmp_path):
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, abs=1e-5), key
     assert result["n_images"] == 3
+
+
+def test_suite_on_a_converted_eva_clip_checkpoint_and_after_stage2_from_it(tmp_path):
+    """The README's EVA-CLIP path: an EVA-CLIP state dict (official key names, tiny sizes) -> convert
+    --from eva-clip --llm -> eval --suite, the numbers equal to the metric on the official forwards; then
+    stage 2 continues from the converted folder on an embedding cache of the same LLM, and its model
+    evaluates through the LLM that run recorded."""
+    from _timm_environment import require_timm
+
+    require_timm()  # puts timm's torchvision on the path too, for the official eval transform
+    from _tiny_llama import write_tiny_llama
+    from PIL import Image
+    from test_convert_eva_clip import TINY, _config_file, _official, _state, _write
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    from llm2clip_fast.convert.__main__ import main as convert_main
+    from llm2clip_fast.data.demo import write_demo
+    from llm2clip_fast.models.llm2clip import LLM2CLIPModel
+    from llm2clip_fast.train import eval as eval_module
+    from llm2clip_fast.train.__main__ import main as train_main
+
+    llm = write_tiny_llama(tmp_path / "llm")  # hidden size 32: the adapter's input
+    visual, adapter, logit_scale = _official(seed=8, llm_dim=32)
+    src = _write(tmp_path / "eva.safetensors", _state(visual, adapter, logit_scale))
+    converted = tmp_path / "converted"
+    assert convert_main(["--from", "eva-clip", str(src), "--out", str(converted), "--model-config",
+                         _config_file(tmp_path), "--llm", str(llm)]) == 0
+    root = make_urban1k(tmp_path / "urban1k")
+    # Textured, non-square pictures in place of the solid ones, so that resize and crop matter.
+    g = torch.Generator().manual_seed(9)
+    for i in (1, 2, 3):
+        noise = torch.randint(0, 256, (37, 45, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(noise).save(root / "image" / f"{i}.jpg", quality=95)
+    suite = ["--suite", "urban1k", "--root", str(root), "--batch-size", "2", "--num-workers", "0",
+             "--device", "cpu", "--max-missing-fraction", "0.3", "--quiet"]
+    assert train_main(["eval", "--model", str(converted), *suite]) == 0
+    result = json.loads((converted / "eval" / "urban1k.json").read_text())
+
+    # The same metric from the official forwards: the LLM's pooled embeddings -> the official TextProj
+    # with its default l2_norm=True (CustomCLIP.encode_text on cached embeddings), the official
+    # EVAVisionTransformer (head included) on the official eval transform (llm2clip/eva_clip/transform.py
+    # image_transform, is_train=False: torchvision's bicubic short-side resize, centre crop, OpenAI
+    # mean/std).
+    encoder = eval_module.load_text_encoder(LLM2CLIPModel.from_pretrained(converted))
+    image_size = TINY["vision_cfg"]["image_size"]
+    openai_mean, openai_std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    transform = Compose([Resize(image_size, interpolation=InterpolationMode.BICUBIC), CenterCrop(image_size),
+                         lambda image: image.convert("RGB"), ToTensor(), Normalize(openai_mean, openai_std)])
+    pixels = torch.stack([transform(Image.open(root / "image" / f"{i}.jpg")) for i in (1, 2, 3)])
+    with torch.no_grad():
+        pooled = encoder.encode([SINGLE[k] for k in "abc"], batch_size=2).float()
+        texts = torch.nn.functional.normalize(adapter(pooled), dim=-1)
+        images = torch.nn.functional.normalize(visual(pixels), dim=-1)
+    expected = multi_caption_retrieval(images, texts, torch.arange(3))
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-5), key
+    assert result["n_images"] == 3
+    # Three items leave the recalls few values to take, so the vectors the command embedded (its cache)
+    # are compared too: fp32, timm's SDPA and fused RoPE against the official order of operations.
+    cache = converted / "eval" / "cache"
+    for side, official in (("images", images), ("texts", texts)):
+        (file,) = cache.glob(f"*-{side}-*.pt")
+        embedded = torch.load(file, weights_only=True)["embeddings"]
+        assert float((torch.nn.functional.normalize(embedded, dim=-1) - official).abs().max()) <= 1e-5, side
+
+    # Stage 2 from the converted folder, on captions embedded by the same LLM (as README's commands).
+    data = write_demo(tmp_path / "demo", n_train=16, n_val=0, n_long_detail_groups=0, image_size=32)["train"]
+    embeddings, run = tmp_path / "llm-cache", tmp_path / "run"
+    assert train_main(["embed", "--llm", str(llm), "--data", data, "--out", str(embeddings), "--dtype",
+                       "fp32", "--batch-size", "8", "--max-length", "32", "--quiet"]) == 0
+    assert train_main(["stage2", "--init-model", str(converted), "--embeddings", str(embeddings), "--data",
+                       data, "--out", str(run), "--batch-size", "8", "--steps", "2", "--num-workers", "0",
+                       "--lr", "1e-3", "--no-progress"]) == 0
+    trained = LLM2CLIPModel.from_pretrained(run / "model")
+    assert trained.config.vision["kind"] == "timm" and trained.config.adapter["input_norm"] == "l2"
+    assert trained.config.llm["path"] == str(llm.resolve()) and trained.config.llm["max_length"] == 32
+    assert train_main(["eval", "--model", str(run / "model"), *suite]) == 0
+    again = json.loads((run / "model" / "eval" / "urban1k.json").read_text())
+    assert again["n_images"] == 3 and set(expected) <= set(again)
