@@ -196,6 +196,16 @@ def test_dtype_is_kept_unless_asked(tmp_path):
     assert {p.dtype for p in full.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fp32_release_converts_to_half_precision(tmp_path, dtype):
+    """--dtype casts after the RoPE check: an fp32 file's (right) tables must not fail against a rounded
+    copy of timm's."""
+    visual, text, logit_scale = _official(seed=6)
+    src = _write(tmp_path / "eva.safetensors", _state(visual, text, logit_scale))
+    half = LLM2CLIPModel.from_pretrained(main_out(tmp_path / "half", src, tmp_path, "--dtype", dtype))
+    assert {p.dtype for p in half.parameters()} == {getattr(torch, dtype)}
+
+
 def main_out(out: Path, src: Path, tmp_path: Path, *extra: str) -> Path:
     assert main(["--from", "eva-clip", str(src), "--out", str(out), "--model-config", _config_file(tmp_path),
                  *extra]) == 0

@@ -153,8 +153,12 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
     plan.update(adapter_plan(adapter_geometry(state, TEXT_PREFIX), TEXT_PREFIX))
     plan["logit_scale"] = "logit_scale"
     result = apply_plan(state, plan, skeleton_shapes(config), drop=is_rope_table, what=where)
-    converted = assemble_model(config, result.tensors, dtype=dtype)
+    converted = assemble_model(config, result.tensors)
+    # Before any --dtype cast: timm's RoPE buffer would be rounded with the weights, and the source's
+    # tables (in its own dtype) would then no longer match tables that are right.
     rope_tables = check_rope_tables(state, converted.vision.model.rope.get_embed(), where)
+    if dtype is not None:
+        converted.to(dtype)
     provenance = {
         "from": "eva-clip",
         "source": str(path.resolve()),
