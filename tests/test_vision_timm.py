@@ -83,11 +83,45 @@ def test_freeze_and_gradient_checkpointing():
 def test_token_and_position_tables_are_not_decayed():
     from llm2clip_fast.train.optim import adamw_param_groups
 
-    groups = adamw_param_groups(_eva().named_parameters(), 0.05, lr=1e-3)
+    tower = _eva()
+    groups = adamw_param_groups(tower.named_parameters(), 0.05, lr=1e-3,
+                                no_decay_names=tower.no_weight_decay_names())
     no_decay = {n for g in groups if g["weight_decay"] == 0.0 for n in g["param_names"]}
     # as timm's no_weight_decay() and the official EVA02-CLIP recipe
     assert {"model.pos_embed", "model.cls_token"} <= no_decay
     assert "model.patch_embed.proj.weight" not in no_decay and "model.blocks.0.mlp.fc2.weight" not in no_decay
+
+
+def test_transformers_towers_keep_their_decay():
+    """Only a timm tower names extra no-decay tables: a transformers ViT's 3-d embeddings.cls_token and
+    position_embeddings are decayed, as they always were."""
+    from llm2clip_fast.models.vision import VisionTower
+    from llm2clip_fast.train.optim import adamw_param_groups
+
+    vit = VisionTower.from_config("vit", {"image_size": 16, "patch_size": 8, "hidden_size": 16,
+                                          "intermediate_size": 32, "num_hidden_layers": 1,
+                                          "num_attention_heads": 2})
+    assert vit.no_weight_decay_names() == frozenset()
+    groups = adamw_param_groups(vit.named_parameters(), 0.05, lr=1e-3,
+                                no_decay_names=vit.no_weight_decay_names())
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["param_names"]}
+    assert {"model.embeddings.cls_token", "model.embeddings.position_embeddings"} <= decayed
+
+
+def test_stage2_optimizer_leaves_the_timm_tables_undecayed():
+    import argparse
+
+    from llm2clip_fast.train.stage2 import build_optimizer
+
+    tower = _eva()
+    config = LLM2CLIPConfig(vision=tower.config_dict(), embed_dim=16, llm_dim=24,
+                            adapter={"num_blocks": 1, "expansion": 2, "dropout": 0.0})
+    model = LLM2CLIPModel(config, vision_tower=tower)
+    args = argparse.Namespace(wd=0.05, lr=1e-3, llrd=0.85, beta2=0.98)
+    optimizer = build_optimizer(model, args, model.named_parameters(), fused=False)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay_of[id(model.vision.model.pos_embed)] == decay_of[id(model.vision.model.cls_token)] == 0.0
+    assert decay_of[id(model.vision.model.patch_embed.proj.weight)] == 0.05
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -173,6 +173,13 @@ def layer_id(name: str, stem: frozenset[str], layers: int) -> int:
     return 0 if name in stem else layers + 1
 
 
+def no_weight_decay(model: nn.Module) -> frozenset[str]:
+    """The parameter names timm's ``model.no_weight_decay()`` lists (a model without it: none)."""
+    names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    params = dict(model.named_parameters())
+    return frozenset(n for n in names if n in params)
+
+
 def pooled(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, C, S, S) -> (B, hidden_size): timm's pre-logits features."""
     return model.forward_head(model.forward_features(pixel_values), pre_logits=True)

@@ -239,6 +239,15 @@ class VisionTower(nn.Module):
             return 0
         return self.num_layers + 1
 
+    def no_weight_decay_names(self) -> frozenset[str]:
+        """Parameter names (relative to this tower) its own library keeps out of weight decay beyond
+        biases and norms: for timm towers ``model.`` + ``no_weight_decay()`` (token and position tables,
+        as timm and the official EVA02-CLIP recipe do); none for transformers towers, whose 3-d tables
+        have always been decayed here."""
+        if self.kind != "timm":
+            return frozenset()
+        return frozenset(f"model.{n}" for n in timm_vision.no_weight_decay(self.model))
+
     def layer_modules(self) -> nn.ModuleList | nn.Sequential:
         """The transformer layers, in order."""
         inner = self.model

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -20,19 +20,18 @@ from torch import nn
 
 SCHEDULES = ("cosine", "linear", "constant")
 
-# pos_embed / cls_token / reg_token: timm ViTs' token and position tables (3-d), which timm's
-# no_weight_decay() and the official EVA02-CLIP recipe (llm2clip/training/optim.py skips the tower's
-# no_weight_decay names) leave undecayed.
 _NO_DECAY_PATTERN = re.compile(
-    r"(^|\.)(bias|logit_scale|logit_bias|pos_embed|cls_token|reg_token)$|norm|(^|\.|_)ln(_|\d|\.|$)",
+    r"(^|\.)(bias|logit_scale|logit_bias)$|norm|(^|\.|_)ln(_|\d|\.|$)",
     re.IGNORECASE,
 )
 
 
-def is_no_decay(name: str, param: torch.Tensor) -> bool:
+def is_no_decay(name: str, param: torch.Tensor, no_decay_names: Collection[str] = ()) -> bool:
     """True for parameters that must not be weight-decayed: 1-d tensors, biases, norms, logit scale/bias,
-    timm's token and position tables."""
-    return param.ndim < 2 or bool(_NO_DECAY_PATTERN.search(name))
+    and the names a model lists itself (``no_decay_names``: e.g. a timm tower's token and position
+    tables, which timm's ``no_weight_decay()`` names; matched exactly, never by pattern, so a
+    transformers tower's ``embeddings.cls_token`` keeps the decay it always had)."""
+    return param.ndim < 2 or name in no_decay_names or bool(_NO_DECAY_PATTERN.search(name))
 
 
 def adamw_param_groups(
@@ -41,12 +40,14 @@ def adamw_param_groups(
     *,
     lr: float,
     lr_multipliers: Mapping[str, float] | Callable[[str], float] | None = None,
+    no_decay_names: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """AdamW parameter groups for ``torch.optim.AdamW(groups)``.
 
     named_parameters: ``model.named_parameters()``; frozen parameters (requires_grad False) are
     skipped. weight_decay: applied to matrices only (see :func:`is_no_decay`). lr: base lr.
     lr_multipliers: per-name lr factor (a mapping, missing names 1.0, or a function of the name).
+    no_decay_names: exact parameter names kept out of weight decay besides :func:`is_no_decay`'s rule.
     Each group carries ``lr = lr * multiplier`` plus ``lr_scale`` and ``weight_decay`` for logging.
     Groups are ordered deterministically (by first appearance), so optimizer state dicts line up on
     resume.
@@ -65,7 +66,7 @@ def adamw_param_groups(
             mult = float(lr_multipliers(name))
         else:
             mult = float(lr_multipliers.get(name, 1.0))
-        no_decay = is_no_decay(name, param)
+        no_decay = is_no_decay(name, param, no_decay_names)
         key = (mult, no_decay)
         if key not in groups:
             groups[key] = {"params": [], "param_names": [], "lr": lr * mult, "lr_scale": mult,

@@ -449,7 +449,8 @@ def build_optimizer(model: LLM2CLIPModel, args: argparse.Namespace, named_params
     """AdamW over the trainable parameters (LLRD groups). ``fused``: one multi-tensor kernel per
     group instead of a loop of element-wise ops per parameter (CPU and CUDA; not for FSDP shards)."""
     groups = adamw_param_groups(named_params, args.wd, lr=args.lr,
-                                lr_multipliers=lr_multipliers(model, args.llrd) if args.llrd < 1 else None)
+                                lr_multipliers=lr_multipliers(model, args.llrd) if args.llrd < 1 else None,
+                                no_decay_names={f"vision.{n}" for n in model.vision.no_weight_decay_names()})
     for g in groups:
         g.pop("param_names", None)  # not part of AdamW's state; keeps state dicts plain
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=fused or None)
