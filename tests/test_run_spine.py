@@ -182,6 +182,24 @@ def test_fresh_start_and_resume_without_a_checkpoint(tmp_path):
         start_or_resume(tmp_path, resume=True, config={}, must_match=(), say=print)
 
 
+@pytest.mark.parametrize(("switch", "meant"), [(False, "fp32"), (True, "auto")])
+def test_stage1_checkpoint_before_precision_is_compared_by_what_its_switch_meant(tmp_path, switch, meant):
+    """A stage-1 checkpoint saved with --bf16-autocast/--no-bf16-autocast (no precision key) resumes in
+    the precision it meant and is refused in another one, instead of the check skipping the key."""
+    from llm2clip_fast.train.checkpoint import save_checkpoint
+    from llm2clip_fast.train.stage1 import _RESUME_MUST_MATCH, upgrade_saved_config
+
+    save_checkpoint(tmp_path, step=2, epoch=0, batch_index=2, model_state={"w": torch.zeros(2)},
+                    config={"bf16_autocast": switch, "lr": 1e-4}, run_id="r" * 32)
+    other = "auto" if meant == "fp32" else "fp32"
+    start = start_or_resume(tmp_path, resume=True, config={"precision": meant, "lr": 1e-4},
+                            must_match=_RESUME_MUST_MATCH, say=print, upgrade_saved=upgrade_saved_config)
+    assert start.resumed and start.step == 2
+    with pytest.raises(ValueError, match=f"precision: '{meant}' in the checkpoint, '{other}' now"):
+        start_or_resume(tmp_path, resume=True, config={"precision": other, "lr": 1e-4},
+                        must_match=_RESUME_MUST_MATCH, say=print, upgrade_saved=upgrade_saved_config)
+
+
 # ---------------------------------------------------------------------------------------- the end
 
 

@@ -225,15 +225,18 @@ class RunStart:
 
 
 def start_or_resume(out: Path, *, resume: bool, config: dict[str, Any], must_match: Sequence[str],
-                    say: Say) -> RunStart:
+                    say: Say, upgrade_saved: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                    ) -> RunStart:
     """A fresh start (new run id), or with ``resume`` the newest usable checkpoint of ``out`` (damaged
     newer ones reported through ``say``; :class:`~.checkpoint.CheckpointError` when none is usable),
-    its config checked against ``config`` (:func:`check_resume_config`). The trainer restores the
-    checkpoint's state itself."""
+    its config checked against ``config`` (:func:`check_resume_config`). ``upgrade_saved`` turns an
+    older checkpoint's config into today's keys first (an option renamed since), so a renamed option is
+    still compared instead of skipped as absent. The trainer restores the checkpoint's state itself."""
     if not resume:
         return RunStart(new_run_id())
     ckpt = load_latest_usable(out, say)
-    check_resume_config(ckpt.config, config, must_match, checkpoint=ckpt.path)
+    saved = upgrade_saved(dict(ckpt.config)) if upgrade_saved is not None else ckpt.config
+    check_resume_config(saved, config, must_match, checkpoint=ckpt.path)
     return RunStart(ckpt.run_id or new_run_id(), ckpt)
 
 

@@ -75,6 +75,15 @@ logger = logging.getLogger(__name__)
 LOSSES = ("clip", "infonce", "hardneg")
 MAX_LOGIT_SCALE = 100.0
 # Options that must match when resuming: they define the model, the data order or the schedule.
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint config of before ``--precision``: its ``bf16_autocast`` switch as the precision it
+    meant (on: ``auto``, bf16 autocast on CUDA; off: ``fp32``), so resuming it in another precision is
+    refused like any other changed must-match option."""
+    if "precision" not in saved and "bf16_autocast" in saved:
+        saved["precision"] = "auto" if saved["bf16_autocast"] else "fp32"
+    return saved
+
+
 _RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_size", "grad_accum", "steps",
                       "epochs", "mntp_steps", "lora_r", "lora_alpha", "lora_targets", "loss", "scale",
                       "learn_scale", "seed", "lr", "schedule", "warmup_steps", "load_in_8bit", "max_length",
@@ -853,7 +862,7 @@ def _train_stage1(args: argparse.Namespace, place: RunPlace) -> Stage1Result:
     training = build_training(args, place, plan.total_steps)
     torch.manual_seed(args.seed + place.rank)  # dropout streams differ per rank
     start = start_or_resume(out, resume=args.resume, config=run_config, must_match=_RESUME_MUST_MATCH,
-                            say=_say)
+                            say=_say, upgrade_saved=upgrade_saved_config)
     encoder = training.built.encoder
     run = Stage1Run(args, place, out, loader, plan, training, run_config, start,
                     autocast_factory(args.precision, place.device), eval_pairs,
