@@ -267,32 +267,6 @@ def test_hf_clip_vision_only_folder(tmp_path):
               "--embed-dim", "8"])
 
 
-def test_eva_clip_text_side_matches_textproj():
-    from llm2clip_fast.convert.eva_clip import map_eva_clip_text_side
-    from llm2clip_fast.models.text_adapter import TextAdapter
-
-    torch.manual_seed(7)
-    official = TextProj(embedding_dim=LLM_DIM, output_dim=EMBED_DIM, expansion_factor=2,
-                        num_layers_text=2).eval()
-    _perturb(official, 8)
-    state = {f"text.{k}": v.detach().clone() for k, v in official.state_dict().items()}
-    state["logit_scale"] = torch.tensor(4.2)
-    state["visual.patch_embed.proj.weight"] = torch.zeros(8, 3, 4, 4)
-    side = map_eva_clip_text_side(state)
-    assert side.vision_keys == ["visual.patch_embed.proj.weight"]
-    assert side.adapter["num_blocks"] == 2 and side.adapter["input_norm"] == "l2"
-    ours = TextAdapter(**side.adapter).eval()
-    ours.load_state_dict({k.removeprefix("text_adapter."): v for k, v in side.tensors.items()
-                          if k.startswith("text_adapter.")})
-    x = 3.0 * torch.randn(6, LLM_DIM)
-    with torch.no_grad():
-        assert _max_diff(ours(x), official(x)) <= 1e-6
-    assert side.tensors["logit_scale"].item() == pytest.approx(4.2)
-    state["text.text_projection"] = torch.zeros(3)
-    with pytest.raises(SourceMismatchError, match=r"unknown keys \(1\): text\.text_projection"):
-        map_eva_clip_text_side(state)
-
-
 def test_from_pretrained_reads_the_local_hub_cache_and_points_releases_to_convert(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

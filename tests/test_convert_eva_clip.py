@@ -130,6 +130,16 @@ def test_strict_mapping_lists_every_problem(tmp_path, capsys):
     assert "does not match" in capsys.readouterr().err
 
 
+def test_an_unknown_text_key_is_a_mismatch(tmp_path):
+    visual, text, logit_scale = _official(seed=7)
+    state = _state(visual, text, logit_scale)
+    state["text.text_projection"] = torch.zeros(3)
+    src = _write(tmp_path / "eva.safetensors", state)
+    with pytest.raises(SourceMismatchError, match=r"unknown keys \(1\): text\.text_projection"):
+        main(["--from", "eva-clip", str(src), "--out", str(tmp_path / "x"), "--model-config",
+              _config_file(tmp_path)])
+
+
 def test_geometry_must_fit_the_tensors_and_the_rope_tables(tmp_path):
     visual, text, logit_scale = _official(seed=4)
     src = _write(tmp_path / "eva.safetensors", _state(visual, text, logit_scale))

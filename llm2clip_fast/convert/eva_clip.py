@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ import torch
 
 from ..models.image_preprocessing import ImagePreprocessing
 from ..models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
-from ..models.text_adapter import TextAdapter
 from .adapter_keys import adapter_geometry, adapter_plan
 from .assemble import assemble_model, skeleton_shapes
 from .errors import SourceMismatchError
@@ -52,40 +50,6 @@ from .open_clip_import import load_state_file
 
 TEXT_PREFIX = "text.text_adaptor."
 CHECKPOINT_WRAPPERS = ("model", "module", "state_dict")
-
-
-@dataclass
-class EvaClipTextSide:
-    """``adapter``: TextAdapter keyword arguments (with ``in_dim``/``out_dim``); ``tensors``: our
-    ``text_adapter.*`` and ``logit_scale`` entries (source dtype); ``vision_keys``: the ``visual.*``
-    keys left for the EVA02 tower."""
-
-    adapter: dict[str, int | float | str]
-    tensors: dict[str, torch.Tensor]
-    vision_keys: list[str]
-
-
-def _adapter_options(state: Mapping[str, torch.Tensor], input_norm: str) -> dict[str, Any]:
-    geometry = adapter_geometry(state, TEXT_PREFIX)
-    return {"in_dim": geometry.llm_dim, "out_dim": geometry.embed_dim, "num_blocks": geometry.num_blocks,
-            "expansion": geometry.expansion, "dropout": 0.0, "input_norm": input_norm}
-
-
-def map_eva_clip_text_side(state: Mapping[str, torch.Tensor], input_norm: str = "l2") -> EvaClipTextSide:
-    """Map ``text.text_adaptor.*`` and ``logit_scale`` strictly; any key outside those and ``visual.*``
-    is an error (SourceMismatchError listing it)."""
-    from .strict_mapping import apply_plan
-
-    adapter = _adapter_options(state, input_norm)
-    with torch.device("meta"):
-        skeleton = TextAdapter(**adapter)
-    target_shapes = {f"text_adapter.{k}": tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    target_shapes["logit_scale"] = ()
-    plan = adapter_plan(adapter_geometry(state, TEXT_PREFIX), TEXT_PREFIX)
-    plan["logit_scale"] = "logit_scale"
-    result = apply_plan(state, plan, target_shapes, drop=lambda k: k.startswith(VISION_PREFIX),
-                        what="the EVA-CLIP state dict's text side")
-    return EvaClipTextSide(adapter=adapter, tensors=result.tensors, vision_keys=result.dropped)
 
 
 def resolve_geometry(state: Mapping[str, torch.Tensor], model: str | None,
@@ -136,21 +100,22 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
         raise SourceMismatchError(f"{where}: expected visual.* (the EVA02 tower) and text.text_adaptor.* "
                                   f"(the LLM2CLIP adapter) tensors, found e.g. {sorted(state)[:5]}")
     geometry, geometry_from = resolve_geometry(state, model, model_config)
-    adapter = _adapter_options(state, input_norm)
+    text = adapter_geometry(state, TEXT_PREFIX)
     config = LLM2CLIPConfig(
         vision={"kind": "timm", "config": geometry.timm_config(),
                 "preprocessing": ImagePreprocessing(geometry.image_size).to_dict()},
         embed_dim=geometry.embed_dim,
         text_tower="llm-adapter",
-        llm_dim=adapter["in_dim"],
-        adapter={k: adapter[k] for k in ("num_blocks", "expansion", "dropout", "input_norm")},
+        llm_dim=text.llm_dim,
+        adapter={"num_blocks": text.num_blocks, "expansion": text.expansion, "dropout": 0.0,
+                 "input_norm": input_norm},
         loss="clip",
         projection_bias=True,
     )
     from .strict_mapping import apply_plan
 
     plan = vision_plan(geometry, uses_separate_qv_bias(state))
-    plan.update(adapter_plan(adapter_geometry(state, TEXT_PREFIX), TEXT_PREFIX))
+    plan.update(adapter_plan(text, TEXT_PREFIX))
     plan["logit_scale"] = "logit_scale"
     result = apply_plan(state, plan, skeleton_shapes(config), drop=is_rope_table, what=where)
     converted = assemble_model(config, result.tensors)
