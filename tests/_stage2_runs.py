@@ -7,12 +7,15 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from llm2clip_fast.data.demo import write_demo
 from llm2clip_fast.data.embedding_cache import build_embedding_cache
 from llm2clip_fast.data.sources import open_source
 from llm2clip_fast.models.llm2clip import LLM2CLIPModel
+from llm2clip_fast.train import stage2
+from llm2clip_fast.train.__main__ import main as train_main
 
 DIM = 24
 N_TRAIN = 48
@@ -41,6 +44,24 @@ def stage2_args(demo: dict[str, Path], out: Path, *extra: str, batch: int = 8, s
             "--vision-preset", "micro", "--embed-dim", "16", "--adapter-blocks", "1",
             "--batch-size", str(batch), "--steps", str(steps), "--num-workers", "0", "--log-every", "1",
             "--no-progress", "--lr", "2e-3", *extra]
+
+
+def stop_stage2_in_step(monkeypatch: pytest.MonkeyPatch, argv: list[str], step: int) -> None:
+    """Run ``train_main(argv)`` and interrupt it inside its ``step``-th training step (a kill mid-step:
+    that step's update is never applied, only the checkpoints saved before it remain); the real step
+    is put back afterwards, ready for the ``--resume`` run."""
+    real_step, calls = stage2.train_step, {"n": 0}
+
+    def stops_in_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt(f"stopped in step {step}")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(stage2, "train_step", stops_in_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(argv)
+    monkeypatch.setattr(stage2, "train_step", real_step)
 
 
 def final_state(run: Path) -> dict[str, torch.Tensor]:

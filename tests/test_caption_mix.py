@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from _stage2_runs import final_state, logged_losses, make_demo, stage2_args
+from _stage2_runs import final_state, logged_losses, make_demo, stage2_args, stop_stage2_in_step
 
 from llm2clip_fast.data import build_loader, open_source
 from llm2clip_fast.data.caption_mix import CaptionMix, CaptionSpecError, parse_caption_spec
@@ -145,18 +145,7 @@ def test_stage2_mix_saves_the_resolved_mix_and_resumes_bit_identically(demo, tmp
     saved = json.loads((tmp_path / "full" / "config.json").read_text())
     assert saved["caption"] == "short:0.5,long:0.5" and saved["caption_mix"] == {"short": 0.5, "long": 0.5}
 
-    real_step, calls = stage2.train_step, {"n": 0}
-
-    def stops_in_step_5(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("stopped in step 5")
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(stage2, "train_step", stops_in_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(stage2_args(demo, tmp_path / "stopped", *MIX, steps=6))
-    monkeypatch.setattr(stage2, "train_step", real_step)
+    stop_stage2_in_step(monkeypatch, stage2_args(demo, tmp_path / "stopped", *MIX, steps=6), 5)
     assert train_main(stage2_args(demo, tmp_path / "stopped", *MIX, "--resume", steps=6)) == 0
     assert logged_losses(tmp_path / "stopped") == logged_losses(tmp_path / "full")
     a, b = final_state(tmp_path / "full"), final_state(tmp_path / "stopped")

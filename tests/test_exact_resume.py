@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _stage2_runs import final_state, logged_losses, make_demo, stage2_args
+from _stage2_runs import final_state, logged_losses, make_demo, stage2_args, stop_stage2_in_step
 
-from llm2clip_fast.train import stage2
 from llm2clip_fast.train.__main__ import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,18 +59,7 @@ def test_stop_and_resume_is_bit_identical(demo, tmp_path, monkeypatch, combo):
     args = ("--save-every", "2", *COMBOS[combo])
     assert train_main(_argv(demo, tmp_path / "full", *args, steps=6)) == 0
 
-    real_step, calls = stage2.train_step, {"n": 0}
-
-    def stops_in_step_6(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt("stopped in step 6")
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(stage2, "train_step", stops_in_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(_argv(demo, tmp_path / "stopped", *args, steps=6))
-    monkeypatch.setattr(stage2, "train_step", real_step)
+    stop_stage2_in_step(monkeypatch, _argv(demo, tmp_path / "stopped", *args, steps=6), 6)
     assert train_main(_argv(demo, tmp_path / "stopped", *args, "--resume", steps=6)) == 0
     _assert_identical(tmp_path / "full", tmp_path / "stopped")
 

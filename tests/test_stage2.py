@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _stage2_runs import DIM, N_TRAIN, bag_of_words, final_state, stage2_args
+from _stage2_runs import DIM, N_TRAIN, bag_of_words, final_state, stage2_args, stop_stage2_in_step
 
 from llm2clip_fast.data.demo import write_demo
 from llm2clip_fast.data.embedding_cache import build_embedding_cache
@@ -62,18 +62,8 @@ def test_resume_after_kill_equals_uninterrupted(demo, tmp_path, monkeypatch):
     args = ("--save-every", "2", "--caption", "random")
     train_main(stage2_args(demo, tmp_path / "full", *args, steps=6, batch=8))
 
-    real_step, calls = stage2.train_step, {"n": 0}
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # killed during step 6 (epoch 1), after the step-4 checkpoint
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(stage2, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(stage2_args(demo, tmp_path / "killed", *args, steps=6, batch=8))
-    monkeypatch.setattr(stage2, "train_step", real_step)
+    # killed during step 6 (epoch 1), after the step-4 checkpoint
+    stop_stage2_in_step(monkeypatch, stage2_args(demo, tmp_path / "killed", *args, steps=6, batch=8), 6)
     assert not (tmp_path / "killed" / "model").exists()
     train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=6, batch=8))
 
@@ -94,18 +84,7 @@ def test_resume_at_an_odd_step_with_two_loader_workers_equals_uninterrupted(demo
     args = ("--save-every", "3", "--caption", "random", "--num-workers", "2")
     train_main(stage2_args(demo, tmp_path / "full", *args, steps=5, batch=8))
 
-    real_step, calls = stage2.train_step, {"n": 0}
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated kill")
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(stage2, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(stage2_args(demo, tmp_path / "killed", *args, steps=5, batch=8))
-    monkeypatch.setattr(stage2, "train_step", real_step)
+    stop_stage2_in_step(monkeypatch, stage2_args(demo, tmp_path / "killed", *args, steps=5, batch=8), 4)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step_00000003"]
     train_main(stage2_args(demo, tmp_path / "killed", *args, "--resume", steps=5, batch=8))
 

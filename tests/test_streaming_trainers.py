@@ -13,13 +13,13 @@ import tarfile
 
 import pytest
 import torch
-from _stage2_runs import N_TRAIN, bag_of_words, final_state, logged_losses, stage2_args
+from _stage2_runs import N_TRAIN, bag_of_words, final_state, logged_losses, stage2_args, stop_stage2_in_step
 from _tiny_llama import write_pairs, write_tiny_llama
 
 from llm2clip_fast.data.demo import write_demo
 from llm2clip_fast.data.embedding_cache import EmbeddingCache, StaleCacheError, build_embedding_cache
 from llm2clip_fast.data.sources import open_source
-from llm2clip_fast.train import stage1, stage2
+from llm2clip_fast.train import stage1
 from llm2clip_fast.train.__main__ import main as train_main
 from llm2clip_fast.train.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -43,18 +43,7 @@ def test_stage2_on_streamed_shards_resumes_bit_identically(streamed_demo, tmp_pa
     args = ("--save-every", "2", "--adapter-dropout", "0.1", "--caption", "random", "--shuffle-buffer", "5")
     assert train_main(stage2_args(streamed_demo, tmp_path / "full", *args, steps=5)) == 0
 
-    real_step, calls = stage2.train_step, {"n": 0}
-
-    def stops_in_step_4(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("stopped in step 4")
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(stage2, "train_step", stops_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(stage2_args(streamed_demo, tmp_path / "stopped", *args, steps=5))
-    monkeypatch.setattr(stage2, "train_step", real_step)
+    stop_stage2_in_step(monkeypatch, stage2_args(streamed_demo, tmp_path / "stopped", *args, steps=5), 4)
     saved = load_checkpoint(latest_checkpoint(tmp_path / "stopped")).extra["ranks"][0]["loader"]
     assert saved["start_batch"] == 2 and saved["stream"]["positions"][0]["sample"] > 0  # mid-shard
     with caplog.at_level(logging.WARNING, logger="llm2clip_fast.data.stream"):
