@@ -486,10 +486,6 @@ def _embed_pairs(encoder: Any, shorts: list[str], longs: list[str], flip: torch.
 # files
 
 
-def _write_json(path: Path, data: Any) -> None:
-    write_json_atomic(path, data, sort_keys=True)
-
-
 def stage1_config(args: argparse.Namespace) -> dict[str, Any]:
     """The run's options as each checkpoint records them: the plain (scalar) resolved options, sorted."""
     plain = (str, int, float, bool, type(None))
@@ -832,8 +828,9 @@ def finish_stage1(run: Stage1Run, state: Stage1LoopState) -> Stage1Result:
         if run.eval_pairs:
             cra_after = encoder_cra(run.training.built.encoder, run.eval_pairs)
             _say(f"CRA after training {cra_after:.4f} (before {run.cra_before:.4f})")
-            _write_json(out / "cra.json", {"before": run.cra_before, "after": cra_after,
-                                           "pairs": len(run.eval_pairs), "steps": run.plan.total_steps})
+            write_json_atomic(out / "cra.json", {"before": run.cra_before, "after": cra_after,
+                                                 "pairs": len(run.eval_pairs), "steps": run.plan.total_steps},
+                              sort_keys=True)
         merged_encoder = _save_outputs(args, run.training.built, out, run.place.device)
         summary = {"steps": state.step, "total_steps": run.plan.total_steps, "seconds": elapsed,
                    "captions_per_s": state.captions / elapsed if elapsed > 0 and state.captions else None,
