@@ -321,8 +321,9 @@ def build_loader(
     if with_images:
         transform = _image_transform(source, transform, image_size, train, crop_scale)
     tracker = bad_data if isinstance(bad_data, BadDataTracker) else BadDataTracker(bad_data)
-    for problem in getattr(source, "damaged_shards", {}).values():
-        tracker.add_note(problem)
+    if not streaming:  # a stream notes each broken shard when it reads it (with what it lost)
+        for problem in getattr(source, "damaged_shards", {}).values():
+            tracker.add_note(problem)
     common = dict(batch_size=batch_size, transform=transform if with_images else None, caption=caption,
                   rank=rank, world_size=world_size, seed=seed, epoch=epoch,
                   shuffle=train if shuffle is None else shuffle, drop_last=drop_last)
