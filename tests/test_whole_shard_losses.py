@@ -171,3 +171,16 @@ def test_a_local_shard_with_a_damaged_header_is_noticed(shards):
         len(source)
     assert source.lost_samples == {str(shards / NAMES[2]): 2}
 
+
+
+def test_embed_counts_a_local_shard_lost_whole(shards):
+    """embed's caption pass counts what truncated local shards lost (it used to read the losses before
+    the shards were indexed, so it counted none)."""
+    from llm2clip_fast.train.embed import _caption_records
+
+    _cut_between_members(shards / NAMES[4], keep=1)
+    with pytest.warns(UserWarning, match="end-of-archive"):
+        source = open_source(str(shards / "d-{000..004}.tar"), require_images=False)
+        tracker = BadDataTracker(0.01)
+        with pytest.raises(BadDataError, match=r"\(5 lost in damaged shards\)"):
+            list(_caption_records(source, ["short"], tracker))

@@ -13,9 +13,11 @@ Expected failures print one line ``llm2clip_fast.train CMD: error: ...`` on stde
 
   2  bad arguments or options (also argparse's own usage errors)
   3  a file or folder that does not exist
-  4  --out already holds a run (pass --resume or --overwrite)
+  4  --out already holds a run (pass --resume or --overwrite), or another run is using the folder
+     (--out, or embed's cache; the message names it, --overwrite and --resume included)
   5  a damaged checkpoint, or --resume with no usable checkpoint
-  6  a damaged embedding cache, or one built from other captions than the data's
+  6  a damaged embedding cache, or one built from other captions than the data's, or (eval) an LLM
+     whose files differ from those recorded with the model (--allow-llm-change to go on)
   7  too much bad data (more than --max-bad-fraction of the samples)
   8  the loss became inf/nan
   9  a package the trainer needs is not installed (pip install 'llm2clip_fast[train]')
@@ -33,7 +35,7 @@ import copy
 import importlib
 import sys
 
-from ..cli_exit_codes import code_for, run_command_line
+from ..cli_exit_codes import code_for, redacting_excepthook, run_command_line
 from ..missing_dependency import MissingDependencyError
 from .cli_logging import setup_cli_logging
 from .config_file import add_config_argument, expand_config_argument
@@ -124,13 +126,15 @@ def exit_code_for(exc: BaseException) -> int | None:
         return 130
     from ..data.bad_data import BadDataError
     from ..data.embedding_cache import CacheCorruptError, StaleCacheError
+    from ..models.llm_fingerprint import LLMChangedError
     from .checkpoint import CheckpointError
+    from .folder_lock import FolderLockedError
     from .run_folder import RunFolderError
 
     return code_for(exc, [
-        (RunFolderError, 4),
+        ((RunFolderError, FolderLockedError), 4),
         (CheckpointError, 5),
-        ((CacheCorruptError, StaleCacheError), 6),
+        ((CacheCorruptError, StaleCacheError, LLMChangedError), 6),
         (BadDataError, 7),
         (FloatingPointError, 8),
         ((FileNotFoundError, NotADirectoryError), 3),
@@ -147,4 +151,5 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.excepthook = redacting_excepthook  # a bug's traceback must not print a credential either
     sys.exit(cli())

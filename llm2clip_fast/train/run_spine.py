@@ -6,8 +6,10 @@ A trainer's ``run`` reads as these steps, in this order; each is one function he
 1. :func:`distributed_run` (a context manager): resolve ``--device`` (:func:`resolve_device`), start
    the process group under ``torchrun`` (gloo for a CPU run, NCCL for CUDA), bind this rank to its GPU,
    check that collectives get tensors on that device; tear the group down when the run ends, however.
-2. :func:`check_out_folder`, on every rank before anything heavy loads: ``--out`` may be used as asked
-   (``--resume`` / ``--overwrite``; :mod:`.run_folder`).
+2. :func:`locked_out_folder` (a context manager): on every rank before anything heavy loads, ``--out``
+   may be used as asked (``--resume`` / ``--overwrite``; :mod:`.run_folder`, :func:`check_out_folder`);
+   then rank 0 takes the folder's lock for the life of the run (:mod:`.folder_lock`), before any rank
+   writes, and every rank learns the verdict (:func:`hold_folder`): a folder another run uses is refused.
 3. :func:`autocast_factory`: bf16 autocast on CUDA (``auto``), always (``bf16``) or never (``fp32``).
 4. :func:`start_or_resume`: a fresh run id at step 0, or the newest usable checkpoint, whose saved
    config must agree with this run on the trainer's must-match options (:func:`check_resume_config`).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,8 +40,11 @@ import torch
 
 from .. import distributed
 from ..atomic_files import write_json_atomic
+from ..data.stream_transport import is_stream_url
+from ..redaction import redact, redact_value
 from .checkpoint import Checkpoint, load_latest_usable
-from .run_folder import check_run_folder, new_run_id, prepare_run_folder
+from .folder_lock import FolderLock
+from .run_folder import RunFolderError, check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 from .scalar_reporters import ScalarReporters
 
@@ -51,6 +57,10 @@ LOSS_PLOT_NAME = "loss.png"
 PRECISIONS = ("auto", "fp32", "bf16")
 # Parsed-option entries that are bookkeeping of the command line, not settings of the run.
 _NOT_SETTINGS = frozenset({"command", "recipe_origin"})
+# Options that name files or folders: a resumed run compares where they lead, not how they were spelled.
+PATH_OPTIONS = ("data", "embeddings", "init_model", "vision_path", "llm", "mntp_data", "eval_data")
+RESOLVED_PATHS = "resolved_paths"
+_GLOB_OR_BRACE = set("{*?[")
 _DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda)(:\d+)?$")
 
 Say = Callable[[str], None]
@@ -149,6 +159,60 @@ def check_out_folder(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def hold_folder(folder: str | Path, *, main: bool, what: str, say: Say,
+                check: Callable[[], None] | None = None) -> Iterator[FolderLock | None]:
+    """Hold ``folder``'s :class:`~.folder_lock.FolderLock` for the block: taken by the ``main`` process
+    (rank 0) for every rank of the run, then ``check()`` (run on rank 0 under the lock: what the folder
+    holds may have changed while another run held it). Every rank raises when rank 0 could not take it
+    (rank 0 its own error, the others :class:`~.run_folder.RunFolderError` with its message), so no rank
+    waits for a run that will not start. Yields the lock on rank 0, None elsewhere. A collective under
+    torchrun: every rank must enter it."""
+    lock, failure = None, None
+    if main:
+        lock = FolderLock(folder, what=what, say=say)
+        try:
+            lock.acquire()
+            if check is not None:
+                check()
+        except Exception as exc:  # every rank must hear of it, whatever it is
+            lock.release()
+            failure = exc
+    message = _rank0_verdict(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RunFolderError(f"rank 0 could not take {folder}: {message}")
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _rank0_verdict(message: str | None) -> str | None:
+    """Rank 0's ``message`` on every rank (itself without a process group)."""
+    if not distributed.is_distributed():
+        return message
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def locked_out_folder(place: RunPlace, out: str | Path, *, resume: bool, overwrite: bool, say: Say,
+                      what: str) -> Iterator[Path]:
+    """``--out`` as a Path, checked on every rank (:func:`check_out_folder`) and locked by rank 0 for
+    the block (:func:`hold_folder`), the check repeated under the lock. ``what`` names this run to a
+    second one (``"stage2 run"``)."""
+    out = check_out_folder(out, resume=resume, overwrite=overwrite)
+    with hold_folder(out, main=place.main, what=what, say=say,
+                     check=lambda: check_run_folder(out, resume=resume, overwrite=overwrite)):
+        yield out
+
+
 def prepare_out_folder(place: RunPlace, out: Path, *, resume: bool, overwrite: bool, say: Say) -> None:
     """On rank 0: create ``out``, remove an interrupted save's temporaries, and with ``overwrite``
     delete what it holds, saying what (:func:`~.run_folder.prepare_run_folder`). Other ranks: nothing."""
@@ -156,11 +220,39 @@ def prepare_out_folder(place: RunPlace, out: Path, *, resume: bool, overwrite: b
         prepare_run_folder(out, resume=resume, overwrite=overwrite, say=say)
 
 
+def resolved_spec(spec: str) -> str:
+    """Where a path option leads, for comparing two spellings of it: each ``::``-joined part that is a
+    local path made absolute with symbolic links resolved (a brace or glob pattern: its folder), a URL
+    or ``pipe:`` command redacted, anything else (a hub model name) as given."""
+    parts = []
+    for part in str(spec).split("::"):
+        if is_stream_url(part):
+            parts.append(redact(part))
+            continue
+        local = part[len("file://"):] if part.lower().startswith("file://") else part
+        local = os.path.expanduser(local[len("file:"):] if local.startswith("file:") else local)
+        head, tail = os.path.split(local)
+        if os.path.exists(local):
+            parts.append(os.path.realpath(local))
+        elif (head and os.path.isdir(head)) or (not head and _GLOB_OR_BRACE & set(tail)):
+            parts.append(os.path.join(os.path.realpath(head or "."), tail))
+        else:
+            parts.append(part)
+    return "::".join(parts)
+
+
 def options_config(args: Any) -> dict[str, Any]:
     """The parsed options of a run as JSON values (tuples become lists), without the command line's
-    bookkeeping (``command``, ``recipe_origin``) and private entries (``_name``)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
-            if k not in _NOT_SETTINGS and not k.startswith("_")}
+    bookkeeping (``command``, ``recipe_origin``) and private entries (``_name``), with every credential
+    masked (:func:`~llm2clip_fast.redaction.redact_value`: what is saved or logged never holds one), and
+    under ``resolved_paths`` where each path option leads (:func:`resolved_spec`), so a resumed run
+    given the same files by another spelling (absolute, relative, through a link) is not refused."""
+    config = {k: redact_value(list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+              if k not in _NOT_SETTINGS and not k.startswith("_")}
+    paths = {k: resolved_spec(config[k]) for k in PATH_OPTIONS if isinstance(config.get(k), str)}
+    if paths:
+        config[RESOLVED_PATHS] = paths
+    return config
 
 
 def settings_from(args: Any) -> dict[str, str]:
@@ -182,14 +274,27 @@ def _json_value(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _comparable(config: dict[str, Any], key: str) -> Any:
+    """``config[key]`` as a resumed run compares it: credentials masked (the checkpoint holds the
+    redacted value, the run the real one), a path option by where it leads (the ``resolved_paths``
+    recorded with it, else resolved now)."""
+    value = config.get(key)
+    if key in PATH_OPTIONS and isinstance(value, str):
+        recorded = (config.get(RESOLVED_PATHS) or {}).get(key)
+        return recorded if isinstance(recorded, str) else resolved_spec(value)
+    return _json_value(redact_value(value))
+
+
 def check_resume_config(saved: dict[str, Any], current: dict[str, Any], must_match: Sequence[str], *,
                         checkpoint: Path | str) -> None:
     """Raise ValueError naming every option of ``must_match`` whose value in the checkpoint's config
     differs from this run's, since the run could not continue exactly. An option absent from the saved
-    config (a checkpoint written before the option existed) is not compared."""
+    config (a checkpoint written before the option existed) is not compared. Values are compared with
+    their credentials masked (a presigned URL with a fresh signature is the same data) and path options
+    by where they lead (:func:`resolved_spec`)."""
     # Named by their config.json key: a few differ from their flag (wd: --weight-decay).
-    changed = [f"{k}: {saved[k]!r} in the checkpoint, {current.get(k)!r} now"
-               for k in must_match if k in saved and _json_value(saved[k]) != _json_value(current.get(k))]
+    changed = [f"{k}: {redact_value(saved[k])!r} in the checkpoint, {redact_value(current.get(k))!r} now"
+               for k in must_match if k in saved and _comparable(saved, k) != _comparable(current, k)]
     if changed:
         raise ValueError(f"--resume from {checkpoint}: these options differ from the interrupted run, so it "
                          f"cannot continue exactly: {'; '.join(changed)}")
@@ -297,11 +402,14 @@ __all__ = [
     "check_resume_config",
     "distributed_run",
     "finish_run",
+    "hold_folder",
+    "locked_out_folder",
     "open_run_log",
     "options_config",
     "plot_run_loss",
     "prepare_out_folder",
     "resolve_device",
+    "resolved_spec",
     "settings_from",
     "start_or_resume",
     "write_run_config",

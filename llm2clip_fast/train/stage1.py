@@ -55,12 +55,13 @@ from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_nor
 from .recipes import mark_recipe_defaults, resolve_recipe
 from .run_log import JsonlLog, TrainProgress
 from .run_spine import (
+    RESOLVED_PATHS,
     RunPlace,
     RunStart,
     autocast_factory,
-    check_out_folder,
     distributed_run,
     finish_run,
+    locked_out_folder,
     open_run_log,
     options_config,
     prepare_out_folder,
@@ -239,9 +240,11 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
         _fail(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.lora_alpha <= 0 or args.lr <= 0:
         _fail("--lora-alpha and --lr must be > 0")
-    for name in ("lr", "lora_alpha", "scale", "weight_decay", "max_grad_norm"):
+    for name in ("lr", "lora_alpha", "scale", "weight_decay", "max_grad_norm", "epochs"):
         if not math.isfinite(getattr(args, name)):
             _fail(f"--{name.replace('_', '-')} must be finite, got {getattr(args, name)}")
+    if args.max_grad_norm < 0:
+        _fail(f"--max-grad-norm must be >= 0 (0: no clipping), got {args.max_grad_norm}")
     if not 0 < args.scale <= MAX_LOGIT_SCALE:
         _fail(f"--scale must be in (0, {MAX_LOGIT_SCALE:g}], got {args.scale}")
     if not 0.0 <= args.eval_fraction < 1.0:
@@ -487,9 +490,14 @@ def _embed_pairs(encoder: Any, shorts: list[str], longs: list[str], flip: torch.
 
 
 def stage1_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's options as each checkpoint records them: the plain (scalar) resolved options, sorted."""
+    """The run's options as each checkpoint records them: the plain (scalar) resolved options, sorted,
+    and where the path options lead (``resolved_paths``)."""
     plain = (str, int, float, bool, type(None))
-    return {k: v for k, v in sorted(options_config(args).items()) if isinstance(v, plain)}
+    options = options_config(args)
+    config = {k: v for k, v in sorted(options.items()) if isinstance(v, plain)}
+    if RESOLVED_PATHS in options:  # where --llm, --data, ... lead, compared on --resume
+        config[RESOLVED_PATHS] = options[RESOLVED_PATHS]
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +546,11 @@ def train_stage1(args: argparse.Namespace) -> Stage1Result:
         # bitsandbytes warns on every int8 matmul that fp32 activations are cast to fp16.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
         with distributed_run(args.device) as place:
-            return _train_stage1(args, place)
+            resolve_recipe(args)
+            check_options(args, place.world_size)
+            with locked_out_folder(place, args.out, resume=args.resume, overwrite=args.overwrite, say=_say,
+                                   what="a stage1 run") as out:
+                return _train_stage1(args, place, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -843,10 +855,7 @@ def finish_stage1(run: Stage1Run, state: Stage1LoopState) -> Stage1Result:
     return Stage1Result(out, merged_encoder, run.cra_before, cra_after, state.step, state.losses)
 
 
-def _train_stage1(args: argparse.Namespace, place: RunPlace) -> Stage1Result:
-    resolve_recipe(args)
-    check_options(args, place.world_size)
-    out = check_out_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+def _train_stage1(args: argparse.Namespace, place: RunPlace, out: Path) -> Stage1Result:
     run_config = stage1_config(args)
     # Data first: a missing caption field should fail before a large model loads.
     source, eval_pairs = open_pair_data(args)

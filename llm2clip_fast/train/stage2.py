@@ -51,6 +51,7 @@ from ..data.image_transforms import image_transform_for
 from ..distributed import barrier, get_world_size, is_distributed
 from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, VisionTower, build_vision_tower
+from ..redaction import redact_value
 from .checkpoint import save_checkpoint
 from .device_flags import add_device_argument, add_precision_argument
 from .flag_aliases import add_hidden_alias
@@ -60,9 +61,9 @@ from .run_spine import (
     RunPlace,
     RunStart,
     autocast_factory,
-    check_out_folder,
     distributed_run,
     finish_run,
+    locked_out_folder,
     open_run_log,
     options_config,
     prepare_out_folder,
@@ -230,7 +231,25 @@ def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
 # Set-up checks
 
 
+def _check_finite_options(args: argparse.Namespace) -> None:
+    """Every real-valued option is a finite number, named by its flag: ``--lr inf`` would pass the range
+    checks and fail at the second step, ``--max-grad-norm nan`` turn every weight into nan (then
+    reported as the logit scale's fault)."""
+    finite = {"lr": args.lr, "weight-decay": args.wd, "max-grad-norm": args.grad_clip, "beta2": args.beta2,
+              "llrd": args.llrd, "min-lr-ratio": args.min_lr_ratio, "adapter-dropout": args.adapter_dropout,
+              "epochs": args.epochs, "stream-timeout": args.stream_timeout,
+              "max-bad-fraction": args.max_bad_fraction}
+    for flag, value in finite.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{flag} must be a finite number, got {value}")
+    if not all(math.isfinite(v) for v in args.crop_scale):
+        raise ValueError(f"--crop-scale must be two finite numbers, got {list(args.crop_scale)}")
+    if args.grad_clip < 0:
+        raise ValueError(f"--max-grad-norm must be >= 0 (0: no clipping), got {args.grad_clip}")
+
+
 def _check_options(args: argparse.Namespace) -> None:
+    _check_finite_options(args)
     positive = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "embed_dim": args.embed_dim,
                 "log_every": args.log_every}
     for name, value in positive.items():
@@ -366,13 +385,22 @@ def resolve_caption(caption: str, source: Any, cache: Any | None
     return spec, [spec], {spec: 1.0}
 
 
-def llm_provenance(cache_metadata: dict[str, Any]) -> dict[str, Any]:
+def llm_provenance(cache_metadata: dict[str, Any],
+                   encoder_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the saved model records about the LLM behind its cache (``config.llm``): the cache's
-    metadata (encoder options) plus ``path``, the LLM to load to embed new captions the same way."""
-    info = dict(cache_metadata)
+    metadata (encoder options) plus ``path``, the LLM to load to embed new captions the same way, and
+    ``weights_sha256``, its files' hashes from the cache's encoder fingerprint, which eval checks the
+    LLM against (:mod:`~llm2clip_fast.models.llm_fingerprint`). Credentials in the recorded data
+    source are masked."""
+    from ..models.llm_fingerprint import RECORD_KEY
+
+    info = redact_value(dict(cache_metadata))
     path = info.get("path") or info.get("model")
     if path:
         info["path"] = path
+    weights = (encoder_fingerprint or {}).get("weights")
+    if isinstance(weights, dict) and weights:
+        info[RECORD_KEY] = dict(weights)
     return info
 
 
@@ -730,7 +758,7 @@ def open_train_data(args: argparse.Namespace) -> TrainData:
                  "present, captions unchanged) instead of reading every shard up front")
         else:
             check_cache_covers(cache, source, caption_names)
-        data.llm_info = llm_provenance(cache.metadata)
+        data.llm_info = llm_provenance(cache.metadata, cache.manifest.get("encoder_fingerprint"))
     return data
 
 
@@ -997,9 +1025,10 @@ def run(args: argparse.Namespace) -> int:
     """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
     resolve_recipe(args, STAGE2_RECIPES)
     _check_options(args)
-    with distributed_run(args.device) as place:
+    with distributed_run(args.device) as place, locked_out_folder(
+            place, args.out, resume=args.resume, overwrite=args.overwrite, say=_say,
+            what="a stage2 run") as out:
         resolve_batch_size(args, place.world_size)
-        out = check_out_folder(args.out, resume=args.resume, overwrite=args.overwrite)
         data = open_train_data(args)
         model = build_run_model(args, data, place.device)
         plan = plan_steps(args, len(data.source), place.world_size)
