@@ -82,7 +82,7 @@ RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "bat
                      "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
                      "init_model", "vision_timm", "vision_timm_args", "adapter_blocks", "adapter_expansion",
                      "adapter_dropout", "precision",
-                     "world_size", "fsdp", "crop_scale", "global_batch_size", "keep_projection")
+                     "world_size", "fsdp", "crop_scale", "global_batch_size", "keep_projection", "decode")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -230,6 +230,19 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Loader workers, checkpoints, logging, bad-data tolerance, reporters."""
     run = parser.add_argument_group("run")
     run.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
+    run.add_argument("--prefetch-factor", type=int, default=None,
+                     help="batches each loader worker prepares ahead (DataLoader's prefetch_factor; "
+                     "default 2)")
+    run.add_argument("--decode", choices=("exact", "reduced", "gpu"), default="exact",
+                     help="how training JPEGs are decoded: exact (full size, PIL; the default), reduced "
+                     "(at 1/2, 1/4 or 1/8 size where every possible crop keeps the tower's size: fewer CPU "
+                     "cores per GPU, pixels differ slightly), gpu (nvJPEG through torchvision on the "
+                     "training GPU; workers only read bytes and draw crops; pixels differ slightly). "
+                     "Evaluation always decodes exactly")
+    run.add_argument("--pixel-dtype", choices=("uint8", "float32"), default="uint8",
+                     help="what loader workers hand over: uint8 pixels, normalised on the device (a "
+                     "quarter of the bytes to copy; the same numbers bit for bit; the default), or "
+                     "normalised float32")
     run.add_argument("--save-every", type=int, default=500,
                      help="checkpoint every N steps (0: only at the end)")
     run.add_argument("--keep-checkpoints", type=int, default=2)
@@ -275,6 +288,10 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
     if args.shuffle_buffer < 1 or args.stream_retries < 0 or not args.stream_timeout > 0:
         raise ValueError("--shuffle-buffer must be >= 1, --stream-retries >= 0 and --stream-timeout > 0")
+    if args.prefetch_factor is not None and args.prefetch_factor < 1:
+        raise ValueError(f"--prefetch-factor must be >= 1, got {args.prefetch_factor}")
+    if args.decode == "gpu" and args.pixel_dtype != "uint8":
+        raise ValueError("--decode gpu hands the GPU uint8 pixels: drop --pixel-dtype float32")
     if not args.ddp_bucket_mb > 0:
         raise ValueError(f"--ddp-bucket-mb must be > 0, got {args.ddp_bucket_mb}")
     if args.save_every < 0 or args.num_workers < 0 or args.freeze_vision_layers < 0:
@@ -623,6 +640,10 @@ def global_loss(local_loss: float, local_count: int, device: torch.device) -> fl
     return float(both[0] / both[1])
 
 
+# A batch's per-sample lists besides the pixels.
+_PER_SAMPLE_KEYS = ("keys", "captions", "caption_names", "all_captions", "labels")
+
+
 def equalise_across_ranks(batch: dict[str, Any], device: torch.device) -> int:
     """Trim this rank's batch to the smallest local batch of all ranks (bad samples make batches
     uneven; the global-batch loss needs equal shards). Returns how many samples were trimmed.
@@ -635,7 +656,7 @@ def equalise_across_ranks(batch: dict[str, Any], device: torch.device) -> int:
     cut = int(n - smallest)
     if cut:
         keep = int(smallest)
-        for k in ("keys", "captions", "caption_names", "all_captions", "labels"):
+        for k in _PER_SAMPLE_KEYS:
             if k in batch:
                 batch[k] = batch[k][:keep]
         batch["pixel_values"] = batch["pixel_values"][:keep]
@@ -892,17 +913,27 @@ def plan_steps(args: argparse.Namespace, n_samples: int, world: int) -> StepPlan
 def build_train_loader(args: argparse.Namespace, data: TrainData, model: LLM2CLIPModel,
                        place: RunPlace) -> Any:
     """This rank's loader of training batches: seeded shuffle, the model's own image preprocessing with
-    random resized crops (``--crop-scale``), full batches only, bad samples counted against
+    random resized crops (``--crop-scale``), decoded as ``--decode`` says and handed over as
+    ``--pixel-dtype`` (pinned on CUDA), full batches only, bad samples counted against
     ``--max-bad-fraction``."""
     from ..data.loader import build_loader
 
     crop_scale = tuple(args.crop_scale)
+    decode = getattr(args, "decode", "exact")
+    if decode == "gpu":
+        from ..data.gpu_decode import unavailable_reason
+
+        why = unavailable_reason(place.device)
+        if why is not None:
+            raise ValueError(f"--decode gpu: {why}; use --decode exact or reduced")
+    transform = image_transform_for(model.preprocessing, train=True, scale=crop_scale,
+                                    output=getattr(args, "pixel_dtype", "float32"))
     return build_loader(data.source, batch_size=args.batch_size, image_size=model.image_size, train=True,
                         caption=data.loader_caption, rank=place.rank, world_size=place.world_size,
                         num_workers=args.num_workers, seed=args.seed, drop_last=True, crop_scale=crop_scale,
                         bad_data=args.max_bad_fraction, pin_memory=place.device.type == "cuda",
-                        transform=image_transform_for(model.preprocessing, train=True, scale=crop_scale),
-                        shuffle_buffer=args.shuffle_buffer)
+                        transform=transform, shuffle_buffer=args.shuffle_buffer, decode=decode,
+                        prefetch_factor=getattr(args, "prefetch_factor", None))
 
 
 @dataclass
@@ -1023,12 +1054,43 @@ def next_micro_batches(run: Stage2Run, stream: Iterator, state: LoopState) -> li
     for _ in range(run.args.grad_accum):
         batch, *pos = next(stream)
         state.pos = tuple(pos)
+        pixels_to_device(batch, run.model.preprocessing, device, run.loader.bad_data)
         state.trimmed += equalise_across_ranks(batch, device)
         if run.data.streamed and cache is not None:
             check_batch_in_cache(cache, batch, run.data.caption_names)
-        micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
-                                text_inputs_of(batch, run.model, cache, device)))
+        micro.append(MicroBatch(batch["pixel_values"], text_inputs_of(batch, run.model, cache, device)))
     return micro
+
+
+def pixels_to_device(batch: dict[str, Any], preprocessing: Any, device: torch.device, bad_data: Any) -> None:
+    """Put ``batch["pixel_values"]`` on ``device`` as normalised float32: uint8 pixels are copied (from
+    pinned memory, asynchronously) and normalised there (:func:`~llm2clip_fast.data.image_transforms.
+    normalize_uint8`, bit-identical to the loader's float path); ``--decode gpu`` batches are decoded there
+    (:func:`~llm2clip_fast.data.gpu_decode.decode_batch`), samples nvJPEG cannot decode dropped and
+    counted in ``bad_data``."""
+    p = preprocessing
+    if "encoded_images" in batch:
+        from ..data.gpu_decode import decode_batch
+
+        pixels, bad = decode_batch(batch.pop("encoded_images"), size=p.image_size, mean=p.mean, std=p.std,
+                                   resample=p.resample, device=device)
+        if bad:
+            drop = {i for i, _, _ in bad}
+            keep = [i for i in range(len(batch["keys"])) if i not in drop]
+            for k in _PER_SAMPLE_KEYS:
+                if k in batch:
+                    batch[k] = [batch[k][i] for i in keep]
+            for _, key, reason in bad:
+                bad_data.add_bad(key, reason)
+            bad_data.check()
+        batch["pixel_values"] = pixels
+        return
+    pixels = batch["pixel_values"].to(device, non_blocking=True)
+    if pixels.dtype == torch.uint8:
+        from ..data.image_transforms import normalize_uint8
+
+        pixels = normalize_uint8(pixels, p.mean, p.std)
+    batch["pixel_values"] = pixels
 
 
 def optimizer_step(run: Stage2Run, micro: list[MicroBatch]) -> tuple[float, float, float]:
