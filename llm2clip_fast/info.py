@@ -115,7 +115,7 @@ def render(info: dict[str, Any]) -> str:
         out.append(f"  {row['op']:<18} {row['device']:<5} {row['dtype']:<9} -> {serves}{forced}")
         for b, why in row["refusals"].items():
             out.append(f"      {b:<10} not used: {'; '.join(why)}")
-    out += ["", "attention kernels (ViT-L/14-336 shape: 16 heads, 577 tokens, head size 64; run, not assumed):"]
+    out += ["", "attention kernels (ViT-L/14-336 call: 16 heads, 577 tokens, head size 64; observed):"]
     for row in info.get("attention", []):
         out.append(f"  sdpa {row['device']:<5} {row['dtype']:<9} -> {row['serves']}")
         for k, why in row["refusals"].items():

@@ -142,7 +142,8 @@ class ClipImageTransform:
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
         decoded_from = image.info.get(DECODED_FROM)
-        image = image.convert("RGB")
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         if self.train:
             rng = rng if rng is not None else random.Random()
             # A reduced-size decode (--decode reduced) draws the crop on the original size, then maps it.
