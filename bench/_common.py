@@ -295,6 +295,8 @@ def machine_description() -> dict[str, Any]:
     """
     cpu_model, cpu_flags = _cpu_model_and_flags()
     info: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                            # the 1/5/15-minute load: on a shared machine, how much else was running
+                            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                             "torch_threads": torch.get_num_threads(), "cpu_model": cpu_model,
                             "cpu_flags": cpu_flags, "python": platform.python_version(),
                             "libraries": _library_versions(), "git_commit": _git_commit(),

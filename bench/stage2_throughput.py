@@ -422,42 +422,65 @@ BREAKDOWN_COLUMNS = ["tower", "batch", "step_ms", "tower_forward", "tower_backwa
                      "optimizer", "communication", "sum_of_parts_ms"]
 
 
-def run_gpu_stage(budget_s: float, out_dir: str | Path) -> dict:
-    """The CUDA plan (``bench/gpu_check.py``'s ``stage2_step`` stage): ViT-L/14-336 and ViT-B/16
-    (transformers CLIP) and EVA02-L/14-336 (timm), 512 images per GPU, bf16, our step against the best
-    plain step and OpenCLIP's, interleaved; MFU, breakdown, attention kernel, checkpointing and compile
-    time per point. Points are run most important first and skipped once ``budget_s`` is spent. Writes
-    ``out_dir/stage2_step.json`` and returns its content (``status`` "ok", "partial" or "error")."""
+def run_gpu_stage(budget_s: float, out_dir: str | Path, quick: bool = False) -> dict:
+    """The CUDA plan (``bench/gpu_check.py``'s ``stage2_step`` stage): ViT-L/14-336 (transformers CLIP),
+    EVA02-L/14-336 (timm) and ViT-B/16, 512 images per GPU, bf16, our step against the best plain step
+    and OpenCLIP's, interleaved; MFU, breakdown, attention kernel, checkpointing and compile time per
+    point; then the GPU JPEG decode rate (``bench/loader_throughput.py``). Points run most important
+    first, each in its own process, and are recorded as skipped once ``budget_s`` is spent (all three
+    take about 8 minutes on one H100). ``quick``: the same code on CPU at a tiny size (the micro tower, 16
+    images, fp32), for gpu_check's ``--quick``. Writes ``out_dir/stage2_step.json`` and returns its
+    content (``status`` "ok", "partial" or "error")."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    if not torch.cuda.is_available():
+    device = "cpu" if quick else "cuda"
+    if not quick and not torch.cuda.is_available():
         doc = {"bench": "stage2_throughput", "device": "cuda", "status": "error", "rows": [],
                "error": "torch sees no CUDA device"}
         write_json(out_dir / "stage2_step.json", doc)
         return doc
-    points = parse_points(GPU_POINTS)
-    timm_ok = _timm_importable()
+    points = parse_points("micro:16" if quick else GPU_POINTS)
     skipped = []
-    if timm_ok is not None:
-        skipped = [{"tower": t, "batch": b, "impl": i, "status": "skipped", "error": timm_ok}
+    timm_problem = _timm_importable()
+    if timm_problem is not None:
+        skipped = [{"tower": t, "batch": b, "impl": i, "status": "skipped", "error": timm_problem}
                    for t, b in points if t.startswith("timm:") for i in IMPLS]
         points = [(t, b) for t, b in points if not t.startswith("timm:")]
-    per_point = max(5.0, min(20.0, budget_s / 20))
-    result = sweep(points, device="cuda", precision="bf16", llm_dim=4096, embed_dim=1280, micro_batch=None,
-                   checkpointing="auto", compile_tower="auto", attention="auto", compile_loss=True,
+    per_point = 0.05 if quick else max(5.0, min(20.0, budget_s / 20))
+    result = sweep(points, device=device, precision="fp32" if quick else "bf16",
+                   llm_dim=32 if quick else 4096, embed_dim=16 if quick else 1280, micro_batch=None,
+                   checkpointing="auto", compile_tower="auto", attention="auto", compile_loss=not quick,
                    impls=list(IMPLS), budget_s=per_point, deadline=start + budget_s)
     result["rows"] += skipped
+    result["gpu_decode"] = _gpu_decode_entry(device, quick, start + budget_s)
     statuses = {r.get("status") for r in result["rows"]}
     status = "ok" if statuses == {"ok"} else ("error" if "ok" not in statuses else "partial")
-    doc = {"bench": "stage2_throughput", "device": "cuda", "precision": "bf16", "llm_dim": 4096,
-           "embed_dim": 1280, "status": status, "machine": machine_description(),
-           "seconds": time.monotonic() - start, **result}
+    doc = {"bench": "stage2_throughput", "device": device, "precision": "fp32" if quick else "bf16",
+           "status": status, "machine": machine_description(), "seconds": time.monotonic() - start, **result}
     write_json(out_dir / "stage2_step.json", doc)
-    print_table(doc["rows"], ROW_COLUMNS, title="stage-2 step, cuda, bf16, 512 per GPU")
+    print_table(doc["rows"], ROW_COLUMNS, title=f"stage-2 step, {device}, {doc['precision']}, per GPU")
     if doc["breakdowns"]:
         print_table(doc["breakdowns"], BREAKDOWN_COLUMNS, title="our step, ms per part")
+    print(f"GPU JPEG decode: {doc['gpu_decode']}")
     return doc
+
+
+def _gpu_decode_entry(device: str, quick: bool, deadline: float) -> dict[str, Any]:
+    """The GPU half of ``--decode gpu`` on 1024x768 JPEGs at 336 pixels (images/s), or why not."""
+    import tempfile
+
+    from bench.loader_throughput import gpu_decode_rate, write_jpeg_set
+
+    if time.monotonic() > deadline - 20:
+        return {"status": "skipped", "error": "time budget spent"}
+    with tempfile.TemporaryDirectory(prefix="gpu_decode_") as tmp:
+        spec = str(write_jpeg_set(Path(tmp), 8 if quick else 128))
+        try:
+            return {"size": 336, "batch": 64, **gpu_decode_rate(spec, 336, 64, reps=1 if quick else 3,
+                                                               device="cuda" if not quick else device)}
+        except Exception as exc:  # reported, not raised: the step results above stand
+            return {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _timm_importable() -> str | None:
