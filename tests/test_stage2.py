@@ -251,6 +251,9 @@ def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_pat
                                  steps=3, batch=2),
         "fsdp": stage2_args(demo, tmp_path / "fsdp", *DISTRIBUTED_COMMON, "--fsdp", "--grad-accum", "2",
                             steps=3, batch=2),  # 2 ranks x 2 micro-batches x 2 images
+        # FSDP2 with every vision layer checkpointed: the recompute runs on unsharded weights
+        "fsdp_ckpt": stage2_args(demo, tmp_path / "fsdp_ckpt", *DISTRIBUTED_COMMON, "--fsdp",
+                                 "--grad-checkpointing", steps=3, batch=4),
     }
     ctx = multiprocessing.get_context("fork")
     errors = ctx.Queue()
