@@ -86,6 +86,8 @@ def collect() -> dict[str, Any]:
                     "serves": chosen, "forced_by_env": forced,
                     "refusals": {b: why for b, why in rows if why},
                 })
+    from .models.attention_kernels import machine_report
+
     return {
         "versions": versions,
         "platform": platform.platform(),
@@ -93,6 +95,8 @@ def collect() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "extensions": ext,
         "ops": table,
+        # Which kernel SDPA runs for a vision tower's attention here (run, not predicted).
+        "attention": machine_report(),
     }
 
 
@@ -111,6 +115,11 @@ def render(info: dict[str, Any]) -> str:
         out.append(f"  {row['op']:<18} {row['device']:<5} {row['dtype']:<9} -> {serves}{forced}")
         for b, why in row["refusals"].items():
             out.append(f"      {b:<10} not used: {'; '.join(why)}")
+    out += ["", "attention kernels (ViT-L/14-336 call: 16 heads, 577 tokens, head size 64; observed):"]
+    for row in info.get("attention", []):
+        out.append(f"  sdpa {row['device']:<5} {row['dtype']:<9} -> {row['serves']}")
+        for k, why in row["refusals"].items():
+            out.append(f"      {k:<10} not used: {'; '.join(why)[:200]}")
     return "\n".join(out)
 
 

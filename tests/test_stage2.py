@@ -243,9 +243,17 @@ def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_pat
 
     train_main(stage2_args(demo, tmp_path / "single", *DISTRIBUTED_COMMON, steps=3, batch=8))
     runs = {  # each: the same 8-image global batch per step as the single process
-        "ddp": stage2_args(demo, tmp_path / "ddp", *DISTRIBUTED_COMMON, steps=3, batch=4),
+        # DDP with static_graph (auto: on without accumulation) and 10 KB buckets (many all-reduces, each
+        # launched as its bucket fills during the backward), then with accumulation (static_graph off)
+        "ddp": stage2_args(demo, tmp_path / "ddp", *DISTRIBUTED_COMMON, "--ddp-bucket-mb", "0.01", steps=3,
+                           batch=4),
+        "ddp_accum": stage2_args(demo, tmp_path / "ddp_accum", *DISTRIBUTED_COMMON, "--grad-accum", "2",
+                                 steps=3, batch=2),
         "fsdp": stage2_args(demo, tmp_path / "fsdp", *DISTRIBUTED_COMMON, "--fsdp", "--grad-accum", "2",
                             steps=3, batch=2),  # 2 ranks x 2 micro-batches x 2 images
+        # FSDP2 with every vision layer checkpointed: the recompute runs on unsharded weights
+        "fsdp_ckpt": stage2_args(demo, tmp_path / "fsdp_ckpt", *DISTRIBUTED_COMMON, "--fsdp",
+                                 "--grad-checkpointing", steps=3, batch=4),
     }
     ctx = multiprocessing.get_context("fork")
     errors = ctx.Queue()
@@ -266,6 +274,10 @@ def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_pat
 
     single = final_state(tmp_path / "single")
     log1 = [json.loads(x)["loss"] for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    ddp = {m: json.loads((tmp_path / m / "config.json").read_text())["step"]["ddp"]
+           for m in ("ddp", "ddp_accum")}
+    assert ddp["ddp"] == {"bucket_cap_mb": 0.01, "static_graph": True, "gradient_as_bucket_view": True}
+    assert ddp["ddp_accum"]["static_graph"] is False
     for mode in runs:
         other = final_state(tmp_path / mode)
         for k in single:

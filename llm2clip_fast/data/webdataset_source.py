@@ -374,11 +374,15 @@ class WebDatasetSource(CaptionSource):
         return None if value is None else str(value)
 
     def image_at(self, index: int) -> Image.Image:
+        return decode_image(self.index[index].key, self.image_bytes_at(index), self.decode_min_side)
+
+    def image_bytes_at(self, index: int) -> bytes:
+        """The image member's bytes, undecoded (for decoding on the GPU)."""
         sample = self.index[index]
         ext = _image_ext(sample.members)
         if ext is None:
             raise BadSampleError(sample.key, f"no image member (members: {sorted(sample.members)})")
-        return decode_image(sample.key, self._read(sample, ext), self.decode_min_side)
+        return self._read(sample, ext)
 
     def record_at(self, index: int, with_image: bool = True) -> Record:
         sample = self.index[index]
