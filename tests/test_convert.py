@@ -223,7 +223,9 @@ def test_hf_clip_keeps_the_tower_and_optionally_the_projection(tmp_path):
         assert _max_diff(kept.encode_image(pixels), expected_image) <= 1e-6
         assert kept.encode_text(torch.randn(3, 12)).shape == (3, EMBED_DIM)
     provenance = json.loads((tmp_path / "kept" / "conversion.json").read_text())
-    assert "text_projection.weight" in provenance["dropped"] and "logit_scale" in provenance["dropped"]
+    assert "text_projection.weight" in provenance["dropped"]
+    # the pretrained logit scale is kept, as the official run keeps it (issue 27; test_official_recipe.py)
+    assert "logit_scale" not in provenance["dropped"] and kept.logit_scale.item() == clip.logit_scale.item()
     assert "visual_projection.weight" not in provenance["fresh"]
 
     main(["--from", "hf-clip", str(tmp_path / "clip"), "--out", str(tmp_path / "fresh"), "--llm-dim", "12",

@@ -98,7 +98,8 @@ def test_hub_folder_matches_the_open_clip_forward(tmp_path, act, pickled):
     provenance = json.loads((tmp_path / "kept" / "conversion.json").read_text())
     assert provenance["from"] == "open_clip" and provenance["kept_projection"]
     assert provenance["activation"] == {"act": act, "from": "model_cfg.quick_gelu"}
-    assert "visual.proj" not in provenance["dropped"] and "logit_scale" in provenance["dropped"]
+    # the pretrained logit scale is kept, as the official run keeps it (issue 27; test_official_recipe.py)
+    assert "visual.proj" not in provenance["dropped"] and "logit_scale" not in provenance["dropped"]
     assert "transformer.resblocks.0.attn.in_proj_weight" in provenance["dropped"]  # the text tower's
 
     fresh = _convert(src, tmp_path / "fresh", "--embed-dim", "6", "--seed", "2")

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the adapter's input normalisation (default: 'none' for llm2clip-hf, as the "
                              "release's get_text_features; 'l2' for eva-clip, hf-clip and open_clip, as the "
                              "official TextProj)")
+    parser.add_argument("--logit-scale-init", choices=("pretrained", "new"), default=None,
+                        help="a pretrained start (hf-clip, open_clip, a plain EVA-CLIP file): 'pretrained' "
+                             "(default) keeps the source's logit_scale, as the official LLM2CLIP run keeps "
+                             "its starting checkpoint's (CLIP-trained towers sit near ln 100); 'new' "
+                             "restarts it at ln(1/0.07). A source without one starts new either way (said "
+                             "in the output)")
     eva = parser.add_argument_group("--from eva-clip only")
     eva.add_argument("--model", default=None,
                      help="the official model config the state dict was trained with: EVA02-CLIP-B-16, "
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
+    logit_scale_init = args.logit_scale_init or "pretrained"
     if args.target_format is not None:
         return _export(args, dtype)
     check_output(args.out, args.overwrite)
@@ -132,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         model, provenance = convert_eva_clip(args.source, model=args.model, model_config=args.model_config,
                                              input_norm=args.input_norm or "l2", dtype=dtype)
     elif args.source_format == "llm2clip-hf":
-        _refuse(args, _NEW_STAGE2_MODEL, "only apply to --from hf-clip / open_clip (an LLM2CLIP release "
-                                         "brings its own adapter, projection and sizes)")
+        _refuse(args, (*_NEW_STAGE2_MODEL, "logit_scale_init"),
+                "only apply to --from hf-clip / open_clip (an LLM2CLIP release brings its own adapter, "
+                "projection, sizes and trained logit scale)")
         from .llm2clip_hf import DEFAULT_INPUT_NORM, convert_llm2clip_hf
 
         model, provenance = convert_llm2clip_hf(args.source, input_norm=args.input_norm or DEFAULT_INPUT_NORM,
@@ -149,14 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.source_format == "hf-clip":
             from .hf_clip import convert_hf_clip
 
-            model, provenance = convert_hf_clip(args.source, **common)
+            model, provenance = convert_hf_clip(args.source, **common, logit_scale_init=logit_scale_init)
         else:
             from .open_clip_import import convert_open_clip
 
-            model, provenance = convert_open_clip(args.source, act=args.act, heads=args.heads, **common)
+            model, provenance = convert_open_clip(args.source, act=args.act, heads=args.heads, **common,
+                                                  logit_scale_init=logit_scale_init)
     if args.llm is not None:
         model.config.llm = recorded_llm(args.llm)
     out = write_model_folder(model, args.out, provenance, overwrite=args.overwrite)
+    if "logit_scale" in provenance:
+        print(provenance["logit_scale"])
     cfg = model.config
     print(f"wrote {out}: {cfg.vision['kind']} vision tower ({model.vision.num_layers} layers, "
           f"{model.image_size}px), adapter {cfg.llm_dim} -> {cfg.embed_dim} "
@@ -180,7 +191,8 @@ def recorded_llm(llm: str) -> dict[str, Any]:
 
 def _export(args: argparse.Namespace, dtype) -> int:
     """``--to open_clip``: write the OpenCLIP files of the model folder SRC."""
-    _refuse(args, _NEW_STAGE2_MODEL + _OPEN_CLIP_ONLY + _EVA_CLIP_ONLY + ("llm", "input_norm"),
+    _refuse(args, (*_NEW_STAGE2_MODEL, *_OPEN_CLIP_ONLY, *_EVA_CLIP_ONLY, "llm", "input_norm",
+                   "logit_scale_init"),
             f"only apply to imports (--from); --to {args.target_format} writes the model's vision side as "
             "it is")
     from .open_clip_export import export_open_clip

@@ -1,7 +1,9 @@
 """``--from hf-clip``: a plain transformers CLIP folder -> an :class:`LLM2CLIPModel` that starts stage 2.
 
-The pretrained vision tower is kept; the text adapter is new (seeded init) and so is the logit scale
-(ln(1/0.07)). The visual projection is new unless ``keep_projection`` asks to keep the pretrained one,
+The pretrained vision tower is kept, and so is a full ``CLIPModel``'s ``logit_scale`` (as the official
+LLM2CLIP run keeps its starting checkpoint's; ``logit_scale_init="new"`` restarts it at ln(1/0.07), as
+does a vision-only folder, which holds none: :mod:`.pretrained_logit_scale`); the text adapter is new
+(seeded init). The visual projection is new unless ``keep_projection`` asks to keep the pretrained one,
 which needs its output size to equal ``embed_dim`` (the official recipe re-initialises it; both are
 possible). Accepted folders (``config.json`` ``model_type``):
 
@@ -24,6 +26,7 @@ from ..models.llm2clip import LLM2CLIPModel
 from .assemble import assemble_model, check_new_head_sizes, pretrained_tower_config, skeleton_shapes
 from .clip_vision_keys import check_position_ids, position_ids_key, vision_plan
 from .errors import SourceMismatchError
+from .pretrained_logit_scale import describe, find_pretrained_logit_params
 from .source_files import (
     read_config,
     read_safetensors_folder,
@@ -79,10 +82,13 @@ def load_kept_projection(source: str | Path, embed_dim: int, hidden_size: int) -
 def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None = None,
                     keep_projection: bool = False, num_blocks: int = 4, expansion: int = 2,
                     loss: str = "clip", seed: int = 0, input_norm: str = "l2",
-                    dtype: torch.dtype | None = None) -> tuple[LLM2CLIPModel, dict[str, Any]]:
+                    dtype: torch.dtype | None = None,
+                    logit_scale_init: str = "pretrained") -> tuple[LLM2CLIPModel, dict[str, Any]]:
     """Convert the folder ``source``; returns the model and a provenance record for ``conversion.json``.
 
     ``embed_dim`` may be omitted with ``keep_projection`` (the pretrained projection's size is used).
+    ``logit_scale_init``: "pretrained" keeps the folder's ``logit_scale`` (a full CLIPModel's) for the
+    CLIP loss, "new" starts at ln(1/0.07).
     """
     check_new_head_sizes(llm_dim, embed_dim, keep_projection)
     folder = require_folder(source, "hf-clip source")
@@ -112,6 +118,11 @@ def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None =
         plan[PROJECTION_KEY] = PROJECTION_KEY
         fresh.remove(PROJECTION_KEY)
     check_position_ids(tensors, prefix)
+    logit = find_pretrained_logit_params(tensors, loss, logit_scale_init, str(folder))
+    for ours_from, ours in logit.plan().items():
+        tensors[ours_from] = tensors[ours_from].reshape(())
+        plan[ours_from] = ours
+        fresh.remove(ours)
 
     def drop(key: str) -> bool:
         if key == position_ids_key(prefix) or key == PROJECTION_KEY:
@@ -129,5 +140,6 @@ def convert_hf_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None =
         "fresh": sorted(fresh),
         "seed": seed,
         "dropped": result.dropped,
+        "logit_scale": describe(logit, tensors, str(folder)),
     }
     return model, provenance

@@ -16,8 +16,10 @@ The source is
 
 Pickled files are read with ``torch.load(weights_only=True)``, which only rebuilds tensors and plain
 containers and runs no code from the file. The text tower (``token_embedding``, ``transformer.*``,
-``ln_final``, ``text_projection``, ``text.*``), ``logit_scale`` and ``logit_bias`` are dropped; the text
-adapter and the logit scale are new (seeded), as is the projection unless ``keep_projection``. Towers
+``ln_final``, ``text_projection``, ``text.*``) is dropped; ``logit_scale`` (and for a SigLIP-loss model
+``logit_bias``) is kept, as the official LLM2CLIP run keeps its starting checkpoint's, unless
+``logit_scale_init="new"`` (:mod:`.pretrained_logit_scale`); the text adapter is new (seeded), as is the
+projection unless ``keep_projection``. Towers
 that are not OpenCLIP's plain ViT are refused, naming what was found: ModifiedResNet (``visual.layer1``),
 timm trunks (``visual.trunk.*``), attentional pooling, LayerScale, custom attention blocks, average
 pooling. Key layout and forward: :mod:`llm2clip_fast.convert.open_clip_keys` (open_clip_torch 3.3.0).
@@ -52,6 +54,7 @@ from .open_clip_keys import (
     is_packed,
     packed_names,
 )
+from .pretrained_logit_scale import describe, find_pretrained_logit_params
 from .source_files import read_json_object, require_folder
 from .strict_mapping import apply_plan
 
@@ -311,11 +314,13 @@ def _source_view(tensors: Mapping[str, torch.Tensor], keep_projection: bool) -> 
 def convert_open_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None = None,
                       keep_projection: bool = False, act: str | None = None, heads: int | None = None,
                       num_blocks: int = 4, expansion: int = 2, loss: str = "clip", seed: int = 0,
-                      input_norm: str = "l2",
-                      dtype: torch.dtype | None = None) -> tuple[LLM2CLIPModel, dict[str, Any]]:
+                      input_norm: str = "l2", dtype: torch.dtype | None = None,
+                      logit_scale_init: str = "pretrained") -> tuple[LLM2CLIPModel, dict[str, Any]]:
     """Convert ``source`` (see the module docstring); returns the model and a provenance record.
 
     ``embed_dim`` may be omitted with ``keep_projection`` (``visual.proj``'s output size is used).
+    ``logit_scale_init``: "pretrained" keeps the source's logit scale (see the module docstring), "new"
+    starts at the new model's.
     """
     check_new_head_sizes(llm_dim, embed_dim, keep_projection)
     src = read_open_clip_source(source)
@@ -352,7 +357,13 @@ def convert_open_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None
     if keep_projection:
         plan[PROJ_KEY + ".T"] = "visual_projection.weight"
         fresh.remove("visual_projection.weight")
-    result = apply_plan(_source_view(src.tensors, keep_projection), plan, target_shapes,
+    view = _source_view(src.tensors, keep_projection)
+    logit = find_pretrained_logit_params(view, loss, logit_scale_init, str(src.path))
+    for theirs, ours in logit.plan().items():
+        view[theirs] = view[theirs].reshape(())
+        plan[theirs] = ours
+        fresh.remove(ours)
+    result = apply_plan(view, plan, target_shapes,
                         drop=lambda k: _text_side(k) or k == PROJ_KEY, fresh=fresh,
                         what=f"{src.path} (as an OpenCLIP ViT CLIP)")
     model = assemble_model(model_config, result.tensors, seed=seed, dtype=dtype)
@@ -368,5 +379,6 @@ def convert_open_clip(source: str | Path, *, llm_dim: int, embed_dim: int | None
         "heads": {"heads": geometry.heads, "from": "--heads" if model_cfg is None else "vision_cfg"},
         "preprocessing_from": "preprocess_cfg" if preprocess_cfg else "OpenCLIP's default (OpenAI CLIP)",
         "open_clip_code": "open_clip_torch 3.3.0 open_clip/transformer.py (VisionTransformer)",
+        "logit_scale": describe(logit, view, str(src.path)),
     }
     return model, provenance

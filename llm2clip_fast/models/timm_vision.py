@@ -192,3 +192,64 @@ def data_preprocessing(model: nn.Module, size: int) -> ImagePreprocessing:
     data_config = timm.data.resolve_data_config({"input_size": (3, size, size)}, model=model)
     return ImagePreprocessing.from_timm(data_config)
 
+
+
+# Wrappers a training checkpoint may hold the weights under (timm's own checkpoint_filter_fns unwrap the
+# same ones), the first found wins.
+_CHECKPOINT_WRAPPERS = ("model_ema", "model", "module", "state_dict")
+
+
+def load_checkpoint_file(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """Load the local weights file ``path`` into the timm tower ``model`` (built by
+    :func:`create_timm_model`, so without classifier) and return every tensor the file holds (unwrapped),
+    for the caller to read what is not the tower's (a CLIP checkpoint's ``logit_scale``).
+
+    ``path``: ``.safetensors``, or a ``.pt``/``.pth``/``.bin`` pickle read with ``torch.load(weights_only
+    =True)`` (no code from it runs). The tensors go through the model family's own
+    ``checkpoint_filter_fn`` (as ``timm.create_model(pretrained=True)`` would apply it: EVA-CLIP and
+    OpenCLIP layouts with a ``visual.`` prefix, patch-embedding and position-embedding resampling), the
+    classifier's keys are left out (towers have none), and the rest must match the tower exactly:
+    ValueError listing the missing and unexpected keys otherwise.
+    """
+    import sys
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"--vision-timm-checkpoint {str(path)!r} is not a file")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(file))
+    elif file.suffix in (".pt", ".pth", ".bin"):
+        try:
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+        except Exception as exc:  # an unpickling error names what the file tried to build
+            raise ValueError(f"--vision-timm-checkpoint {file}: not a plain state dict of tensors "
+                             f"({type(exc).__name__}: {exc})") from None
+    else:
+        raise ValueError(f"--vision-timm-checkpoint {file}: expected a .safetensors, .pt, .pth or .bin file")
+    for wrapper in _CHECKPOINT_WRAPPERS:
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"--vision-timm-checkpoint {file} holds no state dict")
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    filtered = filter_fn(dict(tensors), model) if filter_fn is not None else dict(tensors)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    own = dict(model.state_dict())
+    filtered = {k: v for k, v in filtered.items()
+                if k in own or not any(k == c or k.startswith(c + ".") for c in classifiers)}
+    result = model.load_state_dict(filtered, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(("rope.pos_embed", "freqs_cos", "freqs_sin"))]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"--vision-timm-checkpoint {file} does not fit timm model "
+                         f"{model_config(model)['model_name']!r}: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {result.unexpected_keys[:8]}"
+                         f"{' ...' if len(result.unexpected_keys) > 8 else ''}")
+    return tensors

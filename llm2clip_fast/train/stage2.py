@@ -81,7 +81,8 @@ RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "bat
                      "seed", "steps", "epochs", "lr", "wd", "llrd", "warmup", "schedule", "min_lr_ratio",
                      "grad_clip",
                      "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
-                     "init_model", "vision_timm", "vision_timm_args", "adapter_blocks", "adapter_expansion",
+                     "init_model", "vision_timm", "vision_timm_args", "vision_timm_checkpoint",
+                     "logit_scale_init", "adapter_blocks", "adapter_expansion",
                      "adapter_dropout", "precision",
                      "world_size", "fsdp", "crop_scale", "global_batch_size", "keep_projection", "decode")
 
@@ -136,6 +137,17 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="random-init timm ViT-style tower, e.g. eva02_base_patch16_clip_224 (needs timm: "
                        "pip install \"llm2clip_fast[timm]\"; nothing is downloaded; a converted EVA-CLIP "
                        "model continues with --init-model instead)")
+    model.add_argument("--vision-timm-checkpoint", metavar="FILE", default=None,
+                       help="with --vision-timm: start the timm tower from this local weights file "
+                       "(.safetensors, or .pt/.pth/.bin read with torch.load(weights_only=True)) through the "
+                       "model family's checkpoint filter, as timm loads pretrained weights (an EVA-CLIP or "
+                       "OpenCLIP checkpoint's visual.* works for timm's EVA02-CLIP models)")
+    model.add_argument("--logit-scale-init", choices=("pretrained", "new"), default="pretrained",
+                       help="where the logit scale starts with a pretrained tower (--vision-path, "
+                       "--vision-timm-checkpoint): pretrained (default) = the checkpoint's logit_scale "
+                       "(and SigLIP logit_bias), as the official LLM2CLIP run keeps it (CLIP-trained towers "
+                       "sit near ln 100); new = ln(1/0.07) (SigLIP: ln 10, bias -10). A checkpoint without "
+                       "one starts new either way (logged)")
     model.add_argument("--vision-timm-args", metavar="JSON", default=None,
                        help="with --vision-timm: timm.create_model keyword arguments as a JSON object, e.g. "
                        "'{\"img_size\": 224, \"drop_path_rate\": 0.1}'")
@@ -321,6 +333,8 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.init_model and (args.vision_preset or args.vision_path or vision_timm):
         raise ValueError("--init-model brings its own vision tower; drop --vision-preset/--vision-path/"
                          "--vision-timm")
+    if getattr(args, "vision_timm_checkpoint", None) is not None and not vision_timm:
+        raise ValueError("--vision-timm-checkpoint goes with --vision-timm (the timm model it loads into)")
     if getattr(args, "vision_timm_args", None) is not None:
         if not vision_timm:
             raise ValueError("--vision-timm-args goes with --vision-timm")
@@ -484,8 +498,15 @@ def build_model(args: argparse.Namespace, llm_dim: int | None, llm_info: dict[st
             model.config.llm = llm_info
         return model
     vision_timm = getattr(args, "vision_timm", None)
+    pretrained: tuple[dict[str, torch.Tensor], str] | None = None
     if vision_timm:
         tower = VisionTower.from_timm(vision_timm, _timm_model_args(getattr(args, "vision_timm_args", None)))
+        checkpoint = getattr(args, "vision_timm_checkpoint", None)
+        if checkpoint:
+            from ..models.timm_vision import load_checkpoint_file
+
+            pretrained = (load_checkpoint_file(tower.model, checkpoint), str(checkpoint))
+            _say(f"vision tower {vision_timm} loaded from {checkpoint}")
     else:
         tower = build_vision_tower(preset=args.vision_preset or (None if args.vision_path else "demo-tiny"),
                                    path=args.vision_path)
@@ -508,6 +529,19 @@ def build_model(args: argparse.Namespace, llm_dim: int | None, llm_info: dict[st
     if kept is not None:
         with torch.no_grad():
             model.visual_projection.weight.copy_(kept)
+    if args.vision_path:
+        from .pretrained_start import folder_logit_tensors
+
+        tensors, unreadable = folder_logit_tensors(args.vision_path)
+        if unreadable:
+            _say(f"logit scale starts new ({unreadable}): {model.logit_scale.item():.4f}")
+        else:
+            pretrained = (tensors, str(args.vision_path))
+    if pretrained is not None:
+        from .pretrained_start import start_logit_params
+
+        _say(start_logit_params(model, pretrained[0], getattr(args, "logit_scale_init", "pretrained"),
+                                pretrained[1]))
     return model
 
 

@@ -1,0 +1,109 @@
+"""The official LLM2CLIP recipe, item by item (issue 27), against transcriptions of microsoft/LLM2CLIP at
+commit cba3b45ba3d9bdaaf8ad640156dedbdbcb60353a (``_llm2clip_training_reference``) and llm2vec 0.2.3."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from _llm2clip_training_reference import load_checkpoint
+from _stage2_runs import make_demo, stage2_args
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
+
+from llm2clip_fast.convert.__main__ import main as convert_main
+from llm2clip_fast.models.llm2clip import LLM2CLIPModel
+from llm2clip_fast.train.__main__ import main as train_main
+
+VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "image_size": 16, "patch_size": 8, "hidden_act": "quick_gelu", "projection_dim": 20}
+NEW_SCALE = math.log(1 / 0.07)
+
+
+def _clip_folder(folder: Path, logit_scale: float) -> Path:
+    torch.manual_seed(0)
+    config = CLIPConfig(vision_config=VISION,
+                        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                     "num_attention_heads": 2, "vocab_size": 50,
+                                     "max_position_embeddings": 8},
+                        projection_dim=20)
+    clip = CLIPModel(config).eval()
+    with torch.no_grad():
+        clip.logit_scale.fill_(logit_scale)
+    clip.save_pretrained(folder)
+    return folder
+
+
+# -- item 1: the pretrained logit scale -------------------------------------------------------------------
+
+def test_official_load_checkpoint_keeps_the_pretrained_logit_scale():
+    """What the transcription shows: text.* and visual.head.* go, logit_scale stays (also when an older
+    layout keeps it as text.logit_scale)."""
+    state = {"visual.blocks.0.attn.q_bias": torch.ones(2), "visual.head.weight": torch.ones(3, 2),
+             "text.transformer.w": torch.ones(1), "logit_scale": torch.tensor(4.6052),
+             "visual.rope.freqs_cos": torch.ones(1)}
+    kept = load_checkpoint(True, dict(state))
+    assert sorted(kept) == ["logit_scale", "visual.blocks.0.attn.q_bias", "visual.blocks.0.attn.q_proj.bias"]
+    assert float(kept["logit_scale"]) == pytest.approx(4.6052)
+    old = {"visual.pos_embed": torch.ones(1), "text.logit_scale": torch.tensor(4.5)}
+    assert float(load_checkpoint(True, old)["logit_scale"]) == 4.5
+
+
+def test_hf_clip_and_open_clip_conversions_keep_the_pretrained_logit_scale(tmp_path, capsys):
+    src = _clip_folder(tmp_path / "clip", 4.5)
+    convert_main(["--from", "hf-clip", str(src), "--out", str(tmp_path / "kept"), "--llm-dim", "12",
+                  "--embed-dim", "8"])
+    kept = LLM2CLIPModel.from_pretrained(tmp_path / "kept")
+    official = load_checkpoint(True, {"logit_scale": torch.tensor(4.5), "text.w": torch.ones(1)})
+    assert kept.logit_scale.item() == float(official["logit_scale"]) == 4.5
+    provenance = json.loads((tmp_path / "kept" / "conversion.json").read_text())
+    assert "logit_scale" not in provenance["dropped"] and "logit_scale" not in provenance["fresh"]
+    assert "kept" in provenance["logit_scale"] and "logit scale kept" in capsys.readouterr().out
+
+    convert_main(["--from", "hf-clip", str(src), "--out", str(tmp_path / "new"), "--llm-dim", "12",
+                  "--embed-dim", "8", "--logit-scale-init", "new"])
+    assert LLM2CLIPModel.from_pretrained(tmp_path / "new").logit_scale.item() == pytest.approx(NEW_SCALE)
+
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION))
+    tower.save_pretrained(tmp_path / "tower")
+    convert_main(["--from", "hf-clip", str(tmp_path / "tower"), "--out", str(tmp_path / "vo"),
+                  "--llm-dim", "12", "--embed-dim", "8"])
+    assert LLM2CLIPModel.from_pretrained(tmp_path / "vo").logit_scale.item() == pytest.approx(NEW_SCALE)
+    why = json.loads((tmp_path / "vo" / "conversion.json").read_text())["logit_scale"]
+    assert "holds no logit_scale" in why
+
+    # an OpenCLIP state dict (the transcription-tested layout of test_convert_open_clip)
+    from _open_clip_reference import clip_state_dict
+    from test_convert_open_clip import _tower
+
+    state = clip_state_dict(_tower(True))
+    state["logit_scale"] = torch.tensor(4.25)
+    save_file(state, str(tmp_path / "oc.safetensors"))
+    convert_main(["--from", "open_clip", str(tmp_path / "oc.safetensors"), "--out", str(tmp_path / "oc"),
+                  "--llm-dim", "12", "--embed-dim", "8", "--heads", "4", "--act", "quick_gelu"])
+    assert LLM2CLIPModel.from_pretrained(tmp_path / "oc").logit_scale.item() == 4.25
+    # under the SigLIP loss a CLIP scale means nothing: new values, said why
+    convert_main(["--from", "open_clip", str(tmp_path / "oc.safetensors"), "--out", str(tmp_path / "sig"),
+                  "--llm-dim", "12", "--embed-dim", "8", "--heads", "4", "--act", "quick_gelu",
+                  "--loss", "siglip"])
+    sig = LLM2CLIPModel.from_pretrained(tmp_path / "sig")
+    assert sig.logit_scale.item() == pytest.approx(math.log(10)) and sig.logit_bias.item() == -10
+    assert "CLIP's" in json.loads((tmp_path / "sig" / "conversion.json").read_text())["logit_scale"]
+
+
+def test_stage2_vision_path_starts_at_the_folder_logit_scale(tmp_path):
+    demo = make_demo(tmp_path / "demo")
+    src = _clip_folder(tmp_path / "clip", 4.5)
+
+    def first_scale(out: Path, *extra: str) -> float:
+        argv = [a for a in stage2_args(demo, out, "--steps", "1", *extra) if a != "--vision-preset"]
+        argv.remove("micro")
+        assert train_main([*argv, "--vision-path", str(src), "--lr", "1e-6"]) == 0
+        record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+        return math.log(record["logit_scale"])
+
+    assert first_scale(tmp_path / "kept") == pytest.approx(4.5, abs=1e-4)
+    assert first_scale(tmp_path / "new", "--logit-scale-init", "new") == pytest.approx(NEW_SCALE, abs=1e-4)
