@@ -80,7 +80,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-@pytest.mark.parametrize("input_norm", [None, "l2"])
+# None: the default, l2 since issue 27 (the official training code's TextProj.forward(l2_norm=True))
+@pytest.mark.parametrize("input_norm", [None, "none"])
 @pytest.mark.parametrize("shards", [1, 3])
 def test_llm2clip_hf_release_matches_the_official_forward(tmp_path, input_norm, shards):
     tower, projection, adapter, logit_scale = _release_parts()
@@ -92,21 +93,21 @@ def test_llm2clip_hf_release_matches_the_official_forward(tmp_path, input_norm, 
 
     model = LLM2CLIPModel.from_pretrained(out).eval()
     assert model.config.adapter == {"num_blocks": BLOCKS, "expansion": 2, "dropout": 0.0,
-                                    "input_norm": input_norm or "none"}
+                                    "input_norm": input_norm or "l2"}
     torch.manual_seed(5)
     llm = 4.0 * torch.randn(7, LLM_DIM)  # norm far from 1, so a wrong input normalisation shows
     pixels = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
-        expected_text = adapter(llm, l2_norm=input_norm == "l2")
+        expected_text = adapter(llm, l2_norm=(input_norm or "l2") == "l2")
         expected_image = projection(tower(pixel_values=pixels).pooler_output)
         assert _max_diff(model.encode_text(llm), expected_text) <= 1e-6
         assert _max_diff(model.encode_image(pixels), expected_image) <= 1e-6
-        other = adapter(llm, l2_norm=input_norm != "l2")
+        other = adapter(llm, l2_norm=(input_norm or "l2") != "l2")
         assert _max_diff(model.encode_text(llm), other) > 1e-3
     assert model.logit_scale.item() == logit_scale.item()
     provenance = json.loads((out / "conversion.json").read_text())
     assert provenance["from"] == "llm2clip-hf" and provenance["dropped"] == []
-    assert provenance["adapter_input_norm"] == (input_norm or "none")
+    assert provenance["adapter_input_norm"] == (input_norm or "l2")
 
 
 def test_dtype_is_kept_unless_asked(tmp_path):
@@ -316,6 +317,6 @@ def test_stage2_continues_from_a_converted_release(tmp_path):
                        "--batch-size", "8", "--steps", "2", "--num-workers", "0", "--no-progress",
                        "--lr", "1e-3"]) == 0
     trained = LLM2CLIPModel.from_pretrained(run / "model")
-    assert trained.config.adapter["input_norm"] == "none"
+    assert trained.config.adapter["input_norm"] == "l2"  # the default since issue 27
     before = state["text_adapter.adaptor.0.fn.0.weight"]
     assert not torch.equal(trained.text_adapter.blocks[0].fc1.weight, before)

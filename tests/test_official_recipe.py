@@ -107,3 +107,39 @@ def test_stage2_vision_path_starts_at_the_folder_logit_scale(tmp_path):
 
     assert first_scale(tmp_path / "kept") == pytest.approx(4.5, abs=1e-4)
     assert first_scale(tmp_path / "new", "--logit-scale-init", "new") == pytest.approx(NEW_SCALE, abs=1e-4)
+
+
+# -- item 2: the release's adapter input normalisation ------------------------------------------------------
+
+def test_llm2clip_hf_defaults_to_the_training_codes_l2_and_says_so(tmp_path, capsys, caplog):
+    """The training code normalises (TextProj.forward(l2_norm=True), official transcription in
+    _llm2clip_official_reference); the default follows it, records it as an assumption, and the
+    conversion and eval say so."""
+    from _llm2clip_official_reference import TextProj
+    from test_convert import _release_parts, _release_state, _write_release
+
+    from llm2clip_fast.convert.input_norm_notice import warn_if_input_norm_assumed
+
+    tower, projection, adapter, scale = _release_parts()
+    src = _write_release(tmp_path / "release", _release_state(tower, projection, adapter, scale))
+    convert_main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "default")])
+    assert "could not be read to confirm it" in capsys.readouterr().err
+    model = LLM2CLIPModel.from_pretrained(tmp_path / "default").eval()
+    llm = 3.0 * torch.randn(4, adapter.embedding_dim)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(llm), adapter(llm), atol=1e-6)  # TextProj's default l2_norm
+    assert isinstance(adapter, TextProj)
+    record = json.loads((tmp_path / "default" / "conversion.json").read_text())
+    assert record["adapter_input_norm"] == "l2" and record["adapter_input_norm_from"].startswith("default")
+    with caplog.at_level("WARNING"):
+        assert "--input-norm none" in warn_if_input_norm_assumed(tmp_path / "default")
+    # eval says it before anything else (here the data is missing, so it stops right after)
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(FileNotFoundError, match=r"missing\.csv"):
+        train_main(["eval", "--model", str(tmp_path / "default"), "--data", str(tmp_path / "missing.csv")])
+    assert any("could not be read to confirm it" in r.getMessage() for r in caplog.records)
+
+    capsys.readouterr()
+    convert_main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "none"), "--input-norm", "none"])
+    assert "confirm" not in capsys.readouterr().err
+    assert warn_if_input_norm_assumed(tmp_path / "none") is None

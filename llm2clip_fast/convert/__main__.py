@@ -73,9 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "where it is on this machine its files' hashes are recorded too, and eval "
                              "checks the LLM against them")
     parser.add_argument("--input-norm", choices=("l2", "none"), default=None,
-                        help="the adapter's input normalisation (default: 'none' for llm2clip-hf, as the "
-                             "release's get_text_features; 'l2' for eva-clip, hf-clip and open_clip, as the "
-                             "official TextProj)")
+                        help="the adapter's input normalisation (default 'l2', as the official TextProj "
+                             "trains on cached embeddings; for llm2clip-hf an assumption, since the "
+                             "release's modeling file could not be read: said at conversion and eval)")
     parser.add_argument("--logit-scale-init", choices=("pretrained", "new"), default=None,
                         help="a pretrained start (hf-clip, open_clip, a plain EVA-CLIP file): 'pretrained' "
                              "(default) keeps the source's logit_scale, as the official LLM2CLIP run keeps "
@@ -142,10 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         _refuse(args, (*_NEW_STAGE2_MODEL, "logit_scale_init"),
                 "only apply to --from hf-clip / open_clip (an LLM2CLIP release brings its own adapter, "
                 "projection, sizes and trained logit scale)")
-        from .llm2clip_hf import DEFAULT_INPUT_NORM, convert_llm2clip_hf
+        from .llm2clip_hf import convert_llm2clip_hf
 
-        model, provenance = convert_llm2clip_hf(args.source, input_norm=args.input_norm or DEFAULT_INPUT_NORM,
-                                                dtype=dtype)
+        model, provenance = convert_llm2clip_hf(args.source, input_norm=args.input_norm, dtype=dtype)
     else:
         if args.llm_dim is None:
             raise ValueError(f"--from {args.source_format} needs --llm-dim (the size of the LLM embeddings "
@@ -168,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     out = write_model_folder(model, args.out, provenance, overwrite=args.overwrite)
     if "logit_scale" in provenance:
         print(provenance["logit_scale"])
+    if str(provenance.get("adapter_input_norm_from", "")).startswith("default"):
+        from .input_norm_notice import assumed_input_norm_notice
+
+        print(f"NOTE: {assumed_input_norm_notice(out, provenance['adapter_input_norm'])}", file=sys.stderr)
     cfg = model.config
     print(f"wrote {out}: {cfg.vision['kind']} vision tower ({model.vision.num_layers} layers, "
           f"{model.image_size}px), adapter {cfg.llm_dim} -> {cfg.embed_dim} "

@@ -12,13 +12,19 @@ The tensors the release holds:
   Linear; layout in :mod:`llm2clip_fast.convert.adapter_keys`);
 - ``logit_scale``: the learnt log logit scale.
 
-Input normalisation of the adapter: the release's ``get_text_features(inputs)`` applies
-``text_adapter`` (= ``adaptor(inputs)``) to the LLM2Vec embedding as given, without the L2 step of
-``TextProj.forward`` -- the same as the official ``LLM2VecTextTransformer`` calling
-``text_proj(x, l2_norm=False)`` (microsoft/LLM2CLIP ``llm2clip/eva_clip/llm_model.py``, commit
-cba3b45ba3d9). The release's ``modeling_llm2clip.py`` itself was not readable from this build machine
-(no Hub access), so this default follows its documented use (``model.get_text_features(l2v.encode(...))``)
-and the official repository's code; ``input_norm="l2"`` converts for the ``TextProj`` default instead.
+Input normalisation of the adapter (``input_norm``, default ``"l2"``): the releases' remote modeling
+file (``config.json`` ``auto_map`` -> ``modeling_llm2clip.py``) is not on GitHub and could not be read
+from this build machine (no Hub access), so what its ``get_text_features`` does before the adapter is
+not known first-hand. The default follows the official training code: the released configs take
+``"use_embedding": true`` (``llm2clip/eva_clip/model_configs/OpenaiCLIP-*.json``), which builds
+``TextProj`` and trains it on cached LLM2Vec embeddings through ``TextProj.forward(text,
+l2_norm=True)`` (microsoft/LLM2CLIP ``llm2clip/eva_clip/model.py`` at commit cba3b45ba3d9); the
+``l2_norm=False`` call belongs to ``LLM2VecTextTransformer`` (``use_embedding: false``, ``llm_model.py``),
+a path none of the released configs takes. Two third-party projects that load the releases with
+``trust_remote_code`` also describe the release's text adapter as normalising first. ``input_norm="none"``
+converts for the other reading. The assumption is recorded in ``conversion.json``
+(``adapter_input_norm_from``) and said loudly at conversion and whenever ``eval`` loads such a folder
+(:mod:`.input_norm_notice`); README says how to check it on your own data.
 """
 
 from __future__ import annotations
@@ -38,12 +44,19 @@ from .strict_mapping import apply_plan
 
 ADAPTER_PREFIX = "text_adapter.adaptor."
 VISION_PREFIX = "vision_model."
-DEFAULT_INPUT_NORM = "none"
+DEFAULT_INPUT_NORM = "l2"
+# conversion.json's adapter_input_norm_from when the default was taken (the notice looks for it).
+ASSUMED = ("default: the official training code's TextProj.forward(l2_norm=True); the release's "
+           "modeling_llm2clip.py was not read")
 
 
-def convert_llm2clip_hf(source: str | Path, *, input_norm: str = DEFAULT_INPUT_NORM,
+def convert_llm2clip_hf(source: str | Path, *, input_norm: str | None = None,
                         dtype: torch.dtype | None = None) -> tuple[LLM2CLIPModel, dict[str, Any]]:
-    """Convert the folder ``source``; returns the model and a provenance record for ``conversion.json``."""
+    """Convert the folder ``source``; returns the model and a provenance record for ``conversion.json``.
+    ``input_norm``: the adapter's input normalisation; None takes :data:`DEFAULT_INPUT_NORM` and records
+    it as an assumption (see the module docstring)."""
+    assumed = input_norm is None
+    input_norm = DEFAULT_INPUT_NORM if assumed else input_norm
     folder = require_folder(source, "llm2clip-hf source")
     config = read_config(folder)
     vision_config = config.get("vision_config")
@@ -97,6 +110,7 @@ def convert_llm2clip_hf(source: str | Path, *, input_norm: str = DEFAULT_INPUT_N
         "source_files": files,
         "dropped": result.dropped,
         "adapter_input_norm": input_norm,
+        "adapter_input_norm_from": ASSUMED if assumed else "--input-norm",
         "official_code": "microsoft/LLM2CLIP llm2clip/eva_clip/model.py (LinearBlock, TextProj) at "
                          "cba3b45ba3d9bdaaf8ad640156dedbdbcb60353a",
     }

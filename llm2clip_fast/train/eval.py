@@ -319,6 +319,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # Resolved before anything loads: --device cuda without CUDA is a one-line error, as in the trainers.
     device = resolve_device(args.device)
+    from llm2clip_fast.convert.input_norm_notice import warn_if_input_norm_assumed
+
+    warn_if_input_norm_assumed(args.model)  # a converted release whose adapter input norm was assumed
     if getattr(args, "suite", None) is not None:
         if args.data is not None:
             raise ValueError("pass either --data (a caption source) or --suite (a benchmark), not both")
