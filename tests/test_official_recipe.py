@@ -143,3 +143,119 @@ def test_llm2clip_hf_defaults_to_the_training_codes_l2_and_says_so(tmp_path, cap
     convert_main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "none"), "--input-norm", "none"])
     assert "confirm" not in capsys.readouterr().err
     assert warn_if_input_norm_assumed(tmp_path / "none") is None
+
+
+# -- item 3: starting where run.sh starts (a plain EVA-CLIP checkpoint) ----------------------------------
+
+def _plain_eva_clip(seed: int = 0):
+    """A tiny pretrained EVA-CLIP as baaivision ships it: visual.* (q_bias/v_bias, a CLIP head of 12), a
+    CLIP text tower under text.*, the RoPE tables and a trained logit_scale."""
+    from _eva_clip_reference import build_visual
+    from test_convert_eva_clip import TINY
+
+    torch.manual_seed(seed)
+    visual = build_visual(12, TINY["vision_cfg"]).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in visual.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+    state = {k.replace("attn.q_proj.bias", "attn.q_bias").replace("attn.v_proj.bias", "attn.v_bias"): v
+             for k, v in state.items()}
+    state.update({"text.token_embedding.weight": torch.randn(40, 16),
+                  "text.positional_embedding": torch.randn(6, 16),
+                  "text.transformer.resblocks.0.attn.in_proj_weight": torch.randn(48, 16),
+                  "text.ln_final.weight": torch.ones(16), "text.text_projection": torch.randn(16, 12),
+                  "logit_scale": torch.tensor(4.6052)})
+    return visual, {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def test_plain_eva_clip_converts_as_the_official_load_checkpoint_loads_it(tmp_path, capsys):
+    from _llm2clip_official_reference import TextProj
+    from _llm2clip_training_reference import init_head
+    from _timm_environment import require_timm
+    from test_convert_eva_clip import TINY, _config_file
+
+    require_timm()
+    visual, state = _plain_eva_clip()
+    src = tmp_path / "EVA02_CLIP_tiny.pt"
+    torch.save({"module": state}, src)
+    cfg = _config_file(tmp_path, TINY)  # embed_dim 20: the LLM2CLIP config's size, not the file's head (12)
+    convert_main(["--from", "eva-clip", str(src), "--out", str(tmp_path / "m"), "--model-config", cfg,
+                  "--llm-dim", "24", "--seed", "3"])
+    assert "logit scale kept" in capsys.readouterr().out
+    model = LLM2CLIPModel.from_pretrained(tmp_path / "m").eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (model.vision(pixels) - visual.forward_features(pixels)).abs().max() <= 1e-5
+    official = load_checkpoint(True, dict(state))
+    assert model.logit_scale.item() == pytest.approx(float(official["logit_scale"]))
+    record = json.loads((tmp_path / "m" / "conversion.json").read_text())
+    # exactly what load_checkpoint deletes (text*, visual.head*) and the RoPE tables it skips
+    gone = sorted(set(state) - set(official) - {"logit_scale"})
+    assert record["dropped"] == gone and "visual.head.weight" in gone and "text.text_projection" in gone
+    # the new head: EVAVisionTransformer's initialisation, bit for bit from the same RNG state
+    head = torch.nn.Linear(64, 20)
+    torch.manual_seed(3)
+    init_head(head)
+    assert torch.equal(model.visual_projection.weight, head.weight)
+    assert torch.equal(model.visual_projection.bias, head.bias) and not head.bias.any()
+    assert model.config.embed_dim == 20 and model.config.adapter["input_norm"] == "l2"
+
+    # the new adapter gets the official TextProj's initialisation: same RNG state, same weights
+    from llm2clip_fast.models.text_adapter import TextAdapter
+
+    torch.manual_seed(11)
+    ours = TextAdapter(24, 20, num_blocks=4, expansion=2)
+    torch.manual_seed(11)
+    theirs = TextProj(embedding_dim=24, output_dim=20, expansion_factor=2, num_layers_text=4)
+    pairs = {"blocks.{i}.norm": "text_adaptor.{i}.ln", "blocks.{i}.fc1": "text_adaptor.{i}.fn.0",
+             "blocks.{i}.fc2": "text_adaptor.{i}.fn.3"}
+    theirs_state = theirs.state_dict()
+    for i in range(4):
+        for a, b in pairs.items():
+            for p in ("weight", "bias"):
+                assert torch.equal(ours.state_dict()[f"{a.format(i=i)}.{p}"],
+                                   theirs_state[f"{b.format(i=i)}.{p}"])
+    assert torch.equal(ours.proj.weight, theirs_state["text_adaptor.5.weight"])
+
+    # --keep-projection keeps the file's CLIP head; an LLM2CLIP file refuses the new-part options
+    convert_main(["--from", "eva-clip", str(src), "--out", str(tmp_path / "k"), "--model-config", cfg,
+                  "--llm-dim", "24", "--keep-projection"])
+    kept = LLM2CLIPModel.from_pretrained(tmp_path / "k")
+    assert torch.equal(kept.visual_projection.weight, visual.head.weight.detach())
+    with pytest.raises(ValueError, match="give --llm-dim"):
+        convert_main(["--from", "eva-clip", str(src), "--out", str(tmp_path / "x"), "--model-config", cfg])
+
+
+def test_vision_timm_loads_a_local_checkpoint_with_its_logit_scale(tmp_path):
+    from _timm_environment import require_timm
+    from test_convert_eva_clip import TINY
+
+    from llm2clip_fast.convert.eva_clip_vision import geometry_from_model_config
+    from llm2clip_fast.models.vision import VisionTower
+
+    require_timm()
+    visual, state = _plain_eva_clip(seed=5)
+    file = tmp_path / "eva.safetensors"
+    save_file(state, str(file))
+    timm_cfg = geometry_from_model_config(TINY, "tiny").timm_config()
+    demo = make_demo(tmp_path / "demo")
+    argv = stage2_args(demo, tmp_path / "run", "--steps", "1", "--lr", "1e-7", "--embed-dim", "8")
+    argv.remove("--vision-preset"), argv.remove("micro")
+    assert train_main([*argv, "--vision-timm", timm_cfg["model_name"], "--vision-timm-args",
+                       json.dumps(timm_cfg["model_args"]), "--vision-timm-checkpoint", str(file)]) == 0
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert math.log(record["logit_scale"]) == pytest.approx(4.6052, abs=1e-4)
+    tower = VisionTower.from_timm(timm_cfg["model_name"], timm_cfg["model_args"])
+    from llm2clip_fast.models.timm_vision import load_checkpoint_file
+
+    load_checkpoint_file(tower.model, str(file))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (tower.eval()(pixels) - visual.forward_features(pixels)).abs().max() <= 1e-5
+    broken = dict(state)
+    del broken["visual.blocks.1.mlp.w3.weight"]
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['blocks\.1\.mlp\.fc2\.weight'\]"):
+        load_checkpoint_file(tower.model, str(tmp_path / "broken.safetensors"))

@@ -7,7 +7,10 @@
                                      the EVA02 tower as a timm tower, visual.head as the projection, text
                                      adapter, logit scale; NAME one of EVA02-CLIP-B-16, EVA02-CLIP-L-14,
                                      EVA02-CLIP-L-14-336 (default: the one the tensor sizes match); needs
-                                     timm (pip install "llm2clip_fast[timm]")
+                                     timm (pip install "llm2clip_fast[timm]"). A plain EVA-CLIP file
+                                     (EVA02_CLIP_L_336_psz14_s6B.pt, where the official run.sh starts) takes
+                                     --llm-dim N [--embed-dim E]: its tower and logit scale, a new adapter
+                                     and a new head initialised as the official one
   --from hf-clip SRC --out DST --llm-dim N (--embed-dim E | --keep-projection)
                                      a transformers CLIP folder: its vision tower (and with
                                      --keep-projection its projection) plus a new adapter, for stage 2
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "shape)")
     eva.add_argument("--model-config", default=None, metavar="JSON",
                      help="an official-format model config (embed_dim, vision_cfg) instead of --model")
-    hf = parser.add_argument_group("--from hf-clip and --from open_clip only")
+    hf = parser.add_argument_group("--from hf-clip, --from open_clip and a plain EVA-CLIP file only")
     hf.add_argument("--llm-dim", type=int, default=None, help="size of the LLM embeddings the adapter reads")
     hf.add_argument("--embed-dim", type=int, default=None,
                     help="shared embedding size (default with --keep-projection: the projection's)")
@@ -132,12 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.source_format != "eva-clip":
         _refuse(args, _EVA_CLIP_ONLY, "only apply to --from eva-clip")
     if args.source_format == "eva-clip":
-        _refuse(args, _NEW_STAGE2_MODEL, "only apply to --from hf-clip / open_clip (an EVA-CLIP LLM2CLIP "
-                                         "state dict brings its own adapter, projection and sizes)")
         from .eva_clip import convert_eva_clip
 
+        # only a plain EVA-CLIP file (no adapter) takes these; an LLM2CLIP state dict refuses them
+        new_parts = {name: getattr(args, name) for name in (*_NEW_STAGE2_MODEL, "logit_scale_init")
+                     if getattr(args, name) is not None}
         model, provenance = convert_eva_clip(args.source, model=args.model, model_config=args.model_config,
-                                             input_norm=args.input_norm or "l2", dtype=dtype)
+                                             input_norm=args.input_norm or "l2", dtype=dtype,
+                                             new_parts=new_parts)
     elif args.source_format == "llm2clip-hf":
         _refuse(args, (*_NEW_STAGE2_MODEL, "logit_scale_init"),
                 "only apply to --from hf-clip / open_clip (an LLM2CLIP release brings its own adapter, "

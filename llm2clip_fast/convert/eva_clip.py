@@ -18,6 +18,17 @@ config for these names (that one crops 0.9 at 224). The file is a ``.safetensors
 with ``torch.load(weights_only=True)`` (no code from it runs), optionally wrapped in ``model``,
 ``module`` or ``state_dict`` as the official ``load_state_dict`` accepts; nothing is ever dropped but
 the RoPE tables, which are checked against the geometry instead.
+
+A plain EVA-CLIP file (no ``text.text_adaptor.*``: the checkpoint the official ``run.sh`` starts stage 2
+from, ``--pretrained=eva_clip`` = EVA02_CLIP_L_336_psz14_s6B: ``visual.*`` plus a CLIP text tower and
+``logit_scale``) converts as the official ``load_checkpoint`` loads it (``factory.py``): every key
+containing ``text`` and every ``visual.head`` key is dropped, the logit scale is kept (unless
+``logit_scale_init="new"``), and the parts it lacks are new: a ``TextProj`` adapter for ``llm_dim``-sized
+embeddings (PyTorch's default Linear/LayerNorm initialisation, as the official ``TextProj`` gets, seeded)
+and the head Linear(width -> embed_dim) initialised as ``EVAVisionTransformer.__init__`` does
+(:func:`init_official_head`: truncated normal std 0.02 scaled by ``init_scale`` 1e-3, zero bias).
+``embed_dim`` defaults to the model config's (1280 for the LLM2CLIP configs); ``keep_projection`` keeps
+the file's own CLIP head instead.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..models.image_preprocessing import ImagePreprocessing
 from ..models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
@@ -50,10 +62,34 @@ from .open_clip_import import load_state_file
 
 TEXT_PREFIX = "text.text_adaptor."
 CHECKPOINT_WRAPPERS = ("model", "module", "state_dict")
+# EVAVisionTransformer.__init__'s init_scale default, which _build_vision_tower does not override.
+OFFICIAL_HEAD_INIT_SCALE = 0.001
 
 
-def resolve_geometry(state: Mapping[str, torch.Tensor], model: str | None,
-                     model_config: str | Path | None) -> tuple[EvaVisionGeometry, str]:
+def init_official_head(head: nn.Linear, init_scale: float = OFFICIAL_HEAD_INIT_SCALE) -> None:
+    """Initialise ``head`` in place as the official ``EVAVisionTransformer.__init__`` initialises its
+    ``head`` (microsoft/LLM2CLIP ``eva_vit_model.py`` at OFFICIAL_COMMIT): ``_init_weights`` first (truncated
+    normal std 0.02 within absolute bounds +-2, zero bias), then again truncated normal std 0.02, and
+    weight and bias multiplied by ``init_scale``. Both draws are kept, so that from the same RNG state the
+    weights are the official ones bit for bit."""
+    with torch.no_grad():
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        head.weight.mul_(init_scale)
+        if head.bias is not None:
+            head.bias.mul_(init_scale)
+
+
+def is_plain_eva_clip(state: Mapping[str, torch.Tensor]) -> bool:
+    """A state dict with an EVA tower but no LLM2CLIP adapter: a pretrained EVA-CLIP to start stage 2 from."""
+    return (any(k.startswith(VISION_PREFIX) for k in state)
+            and not any(k.startswith(TEXT_PREFIX) for k in state))
+
+
+def resolve_geometry(state: Mapping[str, torch.Tensor], model: str | None, model_config: str | Path | None,
+                     check_head: bool = True) -> tuple[EvaVisionGeometry, str]:
     """The tower geometry from ``--model NAME``, ``--model-config JSON`` or, with neither, the one named
     config whose sizes the tensors have; returns it and where it came from."""
     if model is not None and model_config is not None:
@@ -71,7 +107,7 @@ def resolve_geometry(state: Mapping[str, torch.Tensor], model: str | None,
         if not isinstance(config, dict):
             raise ValueError(f"--model-config {path}: expected a JSON object")
         return geometry_from_model_config(config, str(path)), f"--model-config {path}"
-    name = infer_named_model(state)
+    name = infer_named_model(state, check_head=check_head)
     if name is None:
         raise ValueError("the tensors' sizes match none of the known EVA-CLIP models (EVA02-CLIP-B-16, "
                          "EVA02-CLIP-L-14, EVA02-CLIP-L-14-336) by themselves; heads and MLP ratio are in "
@@ -81,10 +117,12 @@ def resolve_geometry(state: Mapping[str, torch.Tensor], model: str | None,
 
 
 def convert_eva_clip(source: str | Path, *, model: str | None = None, model_config: str | Path | None = None,
-                     input_norm: str = "l2",
-                     dtype: torch.dtype | None = None) -> tuple[LLM2CLIPModel, dict[str, Any]]:
+                     input_norm: str = "l2", dtype: torch.dtype | None = None,
+                     new_parts: dict[str, Any] | None = None) -> tuple[LLM2CLIPModel, dict[str, Any]]:
     """Convert the EVA-CLIP state-dict file ``source`` (see the module docstring); returns the model and a
-    provenance record."""
+    provenance record. ``new_parts`` (a plain EVA-CLIP file only; then ``llm_dim`` is required):
+    ``llm_dim``, ``embed_dim``, ``keep_projection``, ``adapter_blocks``, ``adapter_expansion``, ``seed``,
+    ``logit_scale_init`` of the parts the file lacks."""
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"eva-clip source {str(source)!r} does not exist")
@@ -96,6 +134,13 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
         # an older layout with the scale inside the text tower, which the official load_checkpoint moves too
         state["logit_scale"] = state.pop("text.logit_scale")
     where = f"{path} (as an EVA-CLIP state dict)"
+    if is_plain_eva_clip(state):
+        return _convert_plain(path, state, model, model_config, input_norm, dtype, dict(new_parts or {}))
+    if new_parts:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(new_parts))} only apply to "
+                         f"--from hf-clip / open_clip and to a plain EVA-CLIP file: {path} is an LLM2CLIP "
+                         "state dict (it holds text.text_adaptor.*), which brings its own adapter, head, "
+                         "sizes and trained logit scale")
     if not all(any(k.startswith(prefix) for k in state) for prefix in (VISION_PREFIX, TEXT_PREFIX)):
         raise SourceMismatchError(f"{where}: expected visual.* (the EVA02 tower) and text.text_adaptor.* "
                                   f"(the LLM2CLIP adapter) tensors, found e.g. {sorted(state)[:5]}")
@@ -135,5 +180,97 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
         "adapter_input_norm": input_norm,
         "official_code": f"microsoft/LLM2CLIP llm2clip/eva_clip (eva_vit_model.py, rope.py, model.py) at "
                          f"{OFFICIAL_COMMIT}",
+    }
+    return converted, provenance
+
+
+def _convert_plain(path: Path, state: dict[str, torch.Tensor], model: str | None,
+                   model_config: str | Path | None, input_norm: str, dtype: torch.dtype | None,
+                   new: dict[str, Any]) -> tuple[LLM2CLIPModel, dict[str, Any]]:
+    """A plain EVA-CLIP file (see the module docstring)."""
+    from .assemble import check_new_head_sizes
+    from .pretrained_logit_scale import describe, find_pretrained_logit_params
+    from .strict_mapping import apply_plan
+
+    where = f"{path} (as a plain EVA-CLIP state dict)"
+    unknown_opts = sorted(set(new) - {"llm_dim", "embed_dim", "keep_projection", "adapter_blocks",
+                                      "adapter_expansion", "seed", "logit_scale_init", "loss"})
+    if unknown_opts:
+        raise TypeError(f"convert_eva_clip: unknown new_parts {unknown_opts}")
+    if new.get("loss", "clip") != "clip":
+        raise ValueError("--loss: an EVA-CLIP tower starts the CLIP loss (the official recipe's); got "
+                         f"{new['loss']!r}")
+    llm_dim = new.get("llm_dim")
+    if llm_dim is None:
+        raise ValueError(f"{path} is a plain EVA-CLIP file (no text.text_adaptor.*: a pretrained EVA-CLIP, "
+                         "as the official run.sh starts stage 2 from); give --llm-dim (the size of the LLM "
+                         "embeddings the new adapter reads, 4096 for Llama-3-8B)")
+    keep_projection = bool(new.get("keep_projection"))
+    head = state.get(VISION_PREFIX + "head.weight")
+    geometry, geometry_from = resolve_geometry(state, model, model_config, check_head=False)
+    embed_dim = new.get("embed_dim")
+    if keep_projection:
+        if head is None or head.dim() != 2:
+            raise SourceMismatchError(f"--keep-projection: {where} has no visual.head.weight to keep")
+        if embed_dim is not None and embed_dim != head.shape[0]:
+            raise ValueError(f"--keep-projection: the file's head outputs {head.shape[0]} features but "
+                             f"--embed-dim is {embed_dim}")
+        embed_dim = int(head.shape[0])
+    elif embed_dim is None:
+        embed_dim = geometry.embed_dim
+    check_new_head_sizes(llm_dim, embed_dim, keep_projection)
+    config = LLM2CLIPConfig(
+        vision={"kind": "timm", "config": geometry.timm_config(),
+                "preprocessing": ImagePreprocessing(geometry.image_size).to_dict()},
+        embed_dim=embed_dim, text_tower="llm-adapter", llm_dim=llm_dim,
+        adapter={"num_blocks": new.get("adapter_blocks", 4), "expansion": new.get("adapter_expansion", 2),
+                 "dropout": 0.0,
+                 "input_norm": input_norm},
+        loss="clip", projection_bias=True)
+    plan = vision_plan(geometry, uses_separate_qv_bias(state))
+    fresh = [k for k in skeleton_shapes(config) if not k.startswith("vision.")]
+    if keep_projection:
+        fresh = [k for k in fresh if not k.startswith("visual_projection.")]
+    else:
+        del plan[VISION_PREFIX + "head.weight"], plan[VISION_PREFIX + "head.bias"]
+    logit = find_pretrained_logit_params(state, "clip", new.get("logit_scale_init", "pretrained"), str(path))
+    for theirs, ours in logit.plan().items():
+        state[theirs] = state[theirs].reshape(())
+        plan[theirs] = ours
+        fresh.remove(ours)
+
+    def drop(key: str) -> bool:
+        # load_checkpoint: every key containing 'text', every 'visual.head' key; the RoPE tables (checked)
+        return "text" in key or "visual.head" in key or is_rope_table(key)
+
+    result = apply_plan(state, plan, skeleton_shapes(config), drop=drop, fresh=fresh, what=where)
+    seed = int(new.get("seed", 0))
+    converted = assemble_model(config, result.tensors, seed=seed)
+    if not keep_projection:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            init_official_head(converted.visual_projection)
+    rope_tables = check_rope_tables(state, converted.vision.model.rope.get_embed(), where)
+    if dtype is not None:
+        converted.to(dtype)
+    provenance = {
+        "from": "eva-clip",
+        "kind": "plain EVA-CLIP (pretrained tower; new adapter and head)",
+        "source": str(path.resolve()),
+        "source_files": [path.name],
+        "geometry": {"from": geometry_from, "heads": geometry.heads, "mlp_ratio": geometry.mlp_ratio,
+                     "pt_hw_seq_len": geometry.pt_hw_seq_len, "timm": geometry.timm_config()},
+        "dropped": result.dropped,
+        "fresh": sorted(fresh),
+        "seed": seed,
+        "kept_projection": keep_projection,
+        "head_init": None if keep_projection else (
+            f"official EVAVisionTransformer head init: trunc_normal std 0.02 x {OFFICIAL_HEAD_INIT_SCALE}, "
+            "zero bias"),
+        "rope_tables_checked": len(rope_tables),
+        "adapter_input_norm": input_norm,
+        "logit_scale": describe(logit, state, str(path)),
+        "official_code": f"microsoft/LLM2CLIP llm2clip/eva_clip (factory.py load_checkpoint, "
+                         f"eva_vit_model.py, model.py TextProj) at {OFFICIAL_COMMIT}",
     }
     return converted, provenance

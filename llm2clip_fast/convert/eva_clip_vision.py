@@ -166,20 +166,22 @@ def named_geometry(name: str) -> EvaVisionGeometry:
     return geometry_from_model_config(copy.deepcopy(EVA02_CLIP_CONFIGS[name]), name, TIMM_NAMES[name])
 
 
-def infer_named_model(state: Mapping[str, torch.Tensor]) -> str | None:
-    """The named config whose readable sizes (width, depth, patch, image size, embed_dim) match the tensors,
-    None when none or several do."""
+def infer_named_model(state: Mapping[str, torch.Tensor], check_head: bool = True) -> str | None:
+    """The named config whose readable sizes (width, depth, patch, image size and, with ``check_head``,
+    embed_dim) match the tensors, None when none or several do. A plain EVA-CLIP file is matched without
+    its head (``check_head=False``): its CLIP head (EVA02-CLIP-L: 768) is not the LLM2CLIP config's."""
     patch = state.get(VISION_PREFIX + "patch_embed.proj.weight")
     pos = state.get(VISION_PREFIX + "pos_embed")
     head = state.get(VISION_PREFIX + "head.weight")
-    if patch is None or pos is None or head is None or patch.dim() != 4 or pos.dim() != 3:
+    if patch is None or pos is None or (check_head and head is None) or patch.dim() != 4 or pos.dim() != 3:
         return None
     layers = len({m.group(1) for k in state if (m := _BLOCK_RE.match(k))})
     found = []
     for name in EVA02_CLIP_CONFIGS:
         g = named_geometry(name)
-        if (patch.shape[0], patch.shape[-1], pos.shape[1], layers, head.shape[0]) == (
-                g.width, g.patch_size, g.grid * g.grid + 1, g.layers, g.embed_dim):
+        head_fits = not check_head or (head is not None and head.shape[0] == g.embed_dim)
+        if head_fits and (patch.shape[0], patch.shape[-1], pos.shape[1], layers) == (
+                g.width, g.patch_size, g.grid * g.grid + 1, g.layers):
             found.append(name)
     return found[0] if len(found) == 1 else None
 
