@@ -259,3 +259,66 @@ def test_vision_timm_loads_a_local_checkpoint_with_its_logit_scale(tmp_path):
     save_file(broken, str(tmp_path / "broken.safetensors"))
     with pytest.raises(ValueError, match=r"missing \['blocks\.1\.mlp\.fc2\.weight'\]"):
         load_checkpoint_file(tower.model, str(tmp_path / "broken.safetensors"))
+
+
+# -- items 7 and 8: optimizer and run length ---------------------------------------------------------------
+
+def _stage2_recipe(*argv: str):
+    from llm2clip_fast.train.__main__ import parse_args
+    from llm2clip_fast.train.recipes import STAGE2_RECIPES, resolve_recipe
+
+    args = parse_args(["stage2", "--data", "d", "--out", "o", "--embeddings", "c", *argv])
+    resolve_recipe(args, STAGE2_RECIPES)
+    return args
+
+
+def test_recipe_adamw_betas_and_eps_are_what_every_official_model_config_gets():
+    from _llm2clip_training_reference import OFFICIAL_MODEL_CONFIGS, RUN_SH, get_default_params
+
+    got = {(p["beta1"], p["beta2"], p["eps"]) for p in map(get_default_params, OFFICIAL_MODEL_CONFIGS)}
+    assert got == {(0.9, 0.999, 1e-8)}  # EVA02 and OpenAI towers alike: no "vit" in any shipped name
+    assert get_default_params(RUN_SH["model"])["beta2"] == 0.999
+    assert get_default_params("ViT-L-14")["beta2"] == 0.98  # the rule the recipe would follow elsewhere
+    args = _stage2_recipe("--recipe", "llm2clip")
+    assert (args.beta1, args.beta2, args.eps) == (0.9, 0.999, 1e-8)
+    assert {args.recipe_origin[k] for k in ("beta1", "beta2", "eps")} == {"recipe"}
+    explicit = _stage2_recipe("--recipe", "llm2clip", "--beta1", "0.8", "--eps", "1e-7")
+    assert (explicit.beta1, explicit.beta2, explicit.eps) == (0.8, 0.999, 1e-7)
+    plain = _stage2_recipe()
+    assert (plain.beta1, plain.beta2, plain.eps) == (0.9, 0.98, 1e-6)  # the defaults did not move
+
+
+def test_text_ld_above_one_is_a_no_op_in_the_official_optimizer():
+    import argparse
+
+    from _llm2clip_training_reference import RUN_SH, get_assigner
+
+    class Tower:
+        def get_num_layers(self):
+            return 4
+
+    model = argparse.Namespace(visual=Tower(), text=Tower())
+    run = argparse.Namespace(**{k: RUN_SH[k] for k in ("ld", "visual_ld", "text_ld")})
+    visual, text = get_assigner(run, model)
+    assert text is None  # --text-ld=1.01: no assigner, the adapter trains at the plain lr
+    assert visual.values == pytest.approx([0.85 ** (5 - i) for i in range(6)])
+
+
+def test_recipe_runs_20_epochs_unless_steps_are_given_and_uses_the_official_adamw(tmp_path):
+    from _llm2clip_training_reference import RUN_SH
+
+    args = _stage2_recipe("--recipe", "llm2clip")
+    assert args.epochs == RUN_SH["epochs"] == 20 and args.steps is None
+    args = _stage2_recipe("--recipe", "llm2clip", "--steps", "5")
+    assert args.epochs is None and args.recipe_origin["epochs"] == "default"
+    demo = make_demo(tmp_path / "demo")
+    out = tmp_path / "run"
+    argv = [a for a in stage2_args(demo, out, "--steps", "1", "--embed-dim", "16") if a != "--batch-size"]
+    argv.remove("8")
+    assert train_main([*argv, "--recipe", "llm2clip", "--global-batch-size", "8"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["beta1"], saved["beta2"], saved["eps"]) == (0.9, 0.999, 1e-8)
+    from llm2clip_fast.train.checkpoint import load_latest_usable
+
+    state = load_latest_usable(out, lambda _: None).optimizer_state
+    assert {(tuple(g["betas"]), g["eps"]) for g in state["param_groups"]} == {((0.9, 0.999), 1e-8)}

@@ -17,11 +17,21 @@ schedule of ``llm2clip/training/scheduler.py`` (``warmup_cosine_lr``); the outpu
 0.85 --weight-decay 0.05 --max-grad-norm 5 --warmup-steps 0 --global-batch-size 4096 --embed-dim 1280
 --caption short:0.5,long:0.5``. The visual projection is re-initialised there
 (``load_checkpoint`` in ``llm2clip/eva_clip/factory.py`` deletes every ``visual.head`` weight of the
-pretrained tower), which is stage 2's default (``--keep-projection`` off). Not in the recipe:
-the official Adam betas/eps come from ``get_default_params`` in ``llm2clip/training/params.py``, by a
-substring match on the model name (0.98/1e-6 for names containing "vit", 0.999/1e-8 otherwise,
-EVA02 included); stage 2 keeps ``--beta2 0.98`` and eps 1e-6. The official ``--text-ld=1.01`` (a
-layer-wise lr factor over the text adapter's blocks) has no counterpart here.
+pretrained tower), which is stage 2's default (``--keep-projection`` off).
+
+Optimizer: run.sh passes ``--optimizer="ap_adamw" --precision "fp16"``; ``create_optimizer``
+(``llm2clip/training/optim.py``) takes ``AnyPrecisionAdamW`` only under bf16, so the run uses
+``torch.optim.AdamW`` with ``betas=(args.beta1, args.beta2), eps=args.eps``, which ``parse_args``
+(``llm2clip/training/params.py``) fills from ``get_default_params(args.model)``: 0.9/0.98/1e-6 when the
+lower-cased model name contains "vit", 0.9/0.999/1e-8 otherwise. None of the 13 model configs the
+repository ships (``llm2clip/eva_clip/model_configs``: EVA01/EVA02-CLIP-*, OpenaiCLIP-*, Llama3.x-*)
+contains "vit", so every official run, on EVA02 and OpenAI towers alike, trains with beta1 0.9, beta2
+0.999, eps 1e-8: ``--beta1 0.9 --beta2 0.999 --eps 1e-8`` here. run.sh's ``--text-ld=1.01`` is a no-op:
+``get_assigner`` builds a layer-decay assigner only for a factor below 1.0, so the text adapter trains at
+the plain lr, as it does here.
+
+Run length: run.sh passes ``--epochs=20`` although its run name says ``4ep``
+(``T_vitl336_Rcc12mR_Rcc3m_4ep``); the recipe follows the flag (``--epochs 20``; ``--steps`` replaces it).
 
 How "given explicitly" is told apart from a default: :func:`mark_recipe_defaults` makes the options
 a table tracks record, on the parsed namespace, that they were given (on the command line, or in a
@@ -90,14 +100,15 @@ STAGE2_RECIPES = RecipeTable(
         "llm2clip": {
             "lr": 1e-5, "llrd": 0.85, "wd": 0.05, "grad_clip": 5.0, "warmup": 0,
             "global_batch_size": 4096, "embed_dim": 1280, "caption": "short:0.5,long:0.5",
+            "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "epochs": 20.0,
         },
     },
     help="named defaults: llm2clip = LLM2CLIP's official stage-2 setting (microsoft/LLM2CLIP run.sh: "
          "lr 1e-5, vision layer-wise lr decay 0.85, weight decay 0.05, max grad norm 5, no warmup, "
-         "global batch 4096 over all ranks, embed dim 1280, captions short:0.5,long:0.5 per sample); "
-         "flags given explicitly (command line or --config) override it, and an explicit --batch-size "
-         "replaces its global batch",
-    yields_to={"global_batch_size": ("batch_size",)},
+         "global batch 4096 over all ranks, embed dim 1280, captions short:0.5,long:0.5 per sample, "
+         "AdamW betas 0.9/0.999 eps 1e-8, 20 epochs); flags given explicitly (command line or --config) "
+         "override it, an explicit --batch-size replaces its global batch and --steps its epochs",
+    yields_to={"global_batch_size": ("batch_size",), "epochs": ("steps",)},
 )
 
 RECIPE_TABLES = {t.stage: t for t in (STAGE1_RECIPES, STAGE2_RECIPES)}

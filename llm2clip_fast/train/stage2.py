@@ -79,6 +79,7 @@ logger = logging.getLogger(__name__)
 # Options that change what the run computes: a resumed run must agree on them to continue exactly.
 RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "batch_size", "grad_accum",
                      "seed", "steps", "epochs", "lr", "wd", "llrd", "warmup", "schedule", "min_lr_ratio",
+                     "beta1", "beta2", "eps",
                      "grad_clip",
                      "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
                      "init_model", "vision_timm", "vision_timm_args", "vision_timm_checkpoint",
@@ -219,7 +220,11 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=float, default=5e-4)
     add_hidden_alias(train, "--wd", train.add_argument(
         "--weight-decay", dest="wd", type=float, default=0.05, help="AdamW weight decay (matrices only)"))
-    train.add_argument("--beta2", type=float, default=0.98)
+    train.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (default 0.9)")
+    train.add_argument("--beta2", type=float, default=0.98,
+                       help="AdamW beta2 (default 0.98, OpenCLIP's for ViTs; --recipe llm2clip: 0.999)")
+    train.add_argument("--eps", type=float, default=1e-6,
+                       help="AdamW eps (default 1e-6, OpenCLIP's for ViTs; --recipe llm2clip: 1e-8)")
     train.add_argument("--llrd", type=float, default=0.85,
                        help="layer-wise lr decay of the vision tower (1: off)")
     add_hidden_alias(train, "--warmup", train.add_argument(
@@ -288,6 +293,7 @@ def _check_finite_options(args: argparse.Namespace) -> None:
     checks and fail at the second step, ``--max-grad-norm nan`` turn every weight into nan (then
     reported as the logit scale's fault)."""
     finite = {"lr": args.lr, "weight-decay": args.wd, "max-grad-norm": args.grad_clip, "beta2": args.beta2,
+              "beta1": getattr(args, "beta1", 0.9), "eps": getattr(args, "eps", 1e-6),
               "llrd": args.llrd, "min-lr-ratio": args.min_lr_ratio, "adapter-dropout": args.adapter_dropout,
               "epochs": args.epochs, "stream-timeout": args.stream_timeout,
               "max-bad-fraction": args.max_bad_fraction}
@@ -317,6 +323,11 @@ def _check_options(args: argparse.Namespace) -> None:
     parse_caption_spec(args.caption)  # its syntax, before any data is read (names are checked later)
     if not 0 < args.llrd <= 1:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
+    for flag, beta in (("beta1", getattr(args, "beta1", 0.9)), ("beta2", args.beta2)):
+        if not 0 <= beta < 1:
+            raise ValueError(f"--{flag} must be in [0, 1), got {beta}")
+    if not getattr(args, "eps", 1e-6) > 0:
+        raise ValueError(f"--eps must be > 0, got {args.eps}")
     if args.shuffle_buffer < 1 or args.stream_retries < 0 or not args.stream_timeout > 0:
         raise ValueError("--shuffle-buffer must be >= 1, --stream-retries >= 0 and --stream-timeout > 0")
     if args.prefetch_factor is not None and args.prefetch_factor < 1:
@@ -561,7 +572,8 @@ def build_optimizer(model: LLM2CLIPModel, args: argparse.Namespace, named_params
                                 no_decay_names={f"vision.{n}" for n in model.vision.no_weight_decay_names()})
     for g in groups:
         g.pop("param_names", None)  # not part of AdamW's state; keeps state dicts plain
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), eps=1e-6, fused=fused or None)
+    betas, eps = (getattr(args, "beta1", 0.9), args.beta2), getattr(args, "eps", 1e-6)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=eps, fused=fused or None)
 
 
 # -------------------------------------------------------------------------------------------------
