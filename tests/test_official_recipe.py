@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _llm2clip_training_reference import load_checkpoint
@@ -322,3 +323,97 @@ def test_recipe_runs_20_epochs_unless_steps_are_given_and_uses_the_official_adam
 
     state = load_latest_usable(out, lambda _: None).optimizer_state
     assert {(tuple(g["betas"]), g["eps"]) for g in state["param_groups"]} == {((0.9, 0.999), 1e-8)}
+
+
+# -- item 8: the two-source resampled mix, the official caption keys ----------------------------------------
+
+def _official_shards(folder: Path, seed: int, n: int = 24) -> str:
+    """Demo samples as the official shards hold them: key.png + key.json with shortSV_captions and
+    longSV_captions (keys that repeat across the two folders, as cc3m's and cc12m's do)."""
+    import io
+    import tarfile
+
+    from llm2clip_fast.data.demo import write_demo
+
+    spec = write_demo(folder / "src", n_train=n, n_val=0, n_long_detail_groups=0, image_size=32, seed=seed,
+                      format="wds")["train"]
+    from llm2clip_fast.data.sources import open_source
+
+    source = open_source(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i in range(len(source)):
+            key = f"{i:09d}"
+            png = io.BytesIO()
+            source.image_at(i).save(png, format="PNG")
+            caps = source.captions_at(i)
+            meta = json.dumps({"shortSV_captions": caps["short"], "longSV_captions": caps["long"]}).encode()
+            for name, data in ((f"{key}.png", png.getvalue()), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(folder / "00000.tar")
+
+
+def test_mix_draws_each_batchs_source_as_the_official_mixing_dataloader(tmp_path):
+    from _llm2clip_training_reference import mixing_dataset_index, mixing_sample_weights
+
+    from llm2clip_fast.data.sources import open_source
+
+    a, b = _official_shards(tmp_path / "cc3m", 0, 16), _official_shards(tmp_path / "cc12m", 1, 48)
+    mix = open_source(f"{a};{b}")
+    assert mix.names == ["cc3m", "cc12m"] and len(mix) == 64
+    assert mix.caption_names == ["shortSV_captions", "longSV_captions"]
+    assert mix.key_at(0) == "cc3m/000000000" and mix.key_at(16) == "cc12m/000000000"
+    weights = mixing_sample_weights([16, 48])
+    assert mix.weights == pytest.approx(list(weights))
+    for epoch in range(3):
+        parts = mix.batch_parts(16, seed=0, epoch=epoch)
+        assert parts == [mixing_dataset_index(c, 16, epoch, weights, 2) for c in range(16)]
+    # each global batch from one source, on every rank; a shuffled pass or, resampled, with replacement
+    for resampled in (False, True):
+        mix = open_source(f"{a};{b}", resampled=resampled)
+        per_rank = [mix.rank_batches(batch_size=2, rank=r, world_size=2, seed=3, epoch=1, shuffle=True,
+                                     drop_last=True) for r in range(2)]
+        assert len(per_rank[0]) == 64 // 4
+        for slot, part in enumerate(mix.batch_parts(16, 3, 1)):
+            both = np.concatenate([per_rank[0][slot], per_rank[1][slot]])
+            lo, hi = mix.offsets[part], mix.offsets[part + 1]
+            assert ((both >= lo) & (both < hi)).all()
+        drawn = np.concatenate(per_rank[0] + per_rank[1])
+        from_a = drawn[drawn < 16]
+        if not resampled:  # a shuffled pass: no repeats until a part is used up
+            assert len(set(from_a.tolist())) == min(len(from_a), 16)
+    with pytest.raises(ValueError, match="--data-weights gives 1 weights for 2"):
+        open_source(f"{a};{b}", mix_weights="3")
+    assert open_source(f"{a};{b}", mix_weights="1,1").weights == [0.5, 0.5]
+
+
+def test_stage2_trains_on_the_official_two_source_mix_with_official_caption_keys(tmp_path, monkeypatch):
+    from _stage2_runs import bag_of_words, stop_stage2_in_step
+
+    from llm2clip_fast.data.embedding_cache import build_embedding_cache
+    from llm2clip_fast.data.sources import open_source
+
+    a, b = _official_shards(tmp_path / "cc3m", 0, 16), _official_shards(tmp_path / "cc12m", 1, 32)
+    data = f"{a};{b}"
+    source = open_source(data)
+    build_embedding_cache(source.iter_captions(), bag_of_words, tmp_path / "cache",
+                          caption_names=source.caption_names, dim=24, metadata={"path": "bag-of-words"})
+    demo = {"cache": tmp_path / "cache", "data": data}
+
+    def argv(out: Path) -> list[str]:
+        return [*stage2_args(demo, out, "--steps", "4"), "--caption", "short:0.5,long:0.5",
+                "--dataset-resampled", "--save-every", "2"]
+
+    assert train_main(argv(tmp_path / "full")) == 0
+    saved = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert saved["caption_mix"] == {"shortSV_captions": 0.5, "longSV_captions": 0.5}
+    assert saved["data_mix"]["resampled"]
+    assert saved["data_mix"]["parts"]["cc12m"]["weight"] == pytest.approx(2 / 3)
+    # exact resume holds on the mix
+    stop_stage2_in_step(monkeypatch, argv(tmp_path / "cut"), 3)
+    assert train_main([*argv(tmp_path / "cut"), "--resume"]) == 0
+    full = LLM2CLIPModel.from_pretrained(tmp_path / "full" / "model").state_dict()
+    cut = LLM2CLIPModel.from_pretrained(tmp_path / "cut" / "model").state_dict()
+    assert all(torch.equal(full[k], cut[k]) for k in full)

@@ -119,6 +119,10 @@ class CaptionBatches(IterableDataset):
         self.drop_last = drop_last
 
     def batches(self) -> list[np.ndarray]:
+        if hasattr(self.source, "rank_batches"):  # a weighted mix lays out its own epoch (mixed_source)
+            return self.source.rank_batches(batch_size=self.batch_size, rank=self.rank,
+                                            world_size=self.world_size, seed=self.seed, epoch=self.epoch,
+                                            shuffle=self.shuffle, drop_last=self.drop_last)
         return rank_batches(
             len(self.source),
             batch_size=self.batch_size,

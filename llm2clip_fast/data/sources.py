@@ -25,6 +25,8 @@ def open_source(
     require_images: bool = True,
     streaming: bool | None = None,
     transport: TransportPolicy | None = None,
+    mix_weights: str | Sequence[float] | None = None,
+    resampled: bool = False,
 ) -> CaptionSource:
     """Open a caption source and check its structure.
 
@@ -54,11 +56,34 @@ def open_source(
             by random access to local tar files. True reads local shards as streams too (the same
             path as remote ones); False refuses remote specs.
         transport: timeouts and retries for streamed shards (default :class:`TransportPolicy`).
+        mix_weights: a ``;`` spec (``"data/cc3m/{00..287}.tar;data/cc12m/{00..1001}.tar"``, the official
+            ``--train-data-list``) opens each part alike and mixes them (:mod:`~.mixed_source`), each
+            training batch drawn from one part by these relative weights (default: the parts' sample
+            counts); comma-separated text or a list.
+        resampled: training batches draw their samples with replacement (the official
+            ``--dataset-resampled``; a single source becomes a one-part mix).
 
     Raises:
         ValueError: a structural mistake (missing column, no shards matched, unreadable manifest); the
             message lists what was found.
     """
+    from .mixed_source import MixedSource, is_mix_spec, open_mix, part_name
+
+    if is_mix_spec(spec) or resampled:
+        def open_part(part: SourceSpec) -> CaptionSource:
+            return open_source(part, image_column=image_column, caption_columns=caption_columns,
+                               key_column=key_column, label_column=label_column, bad_data=bad_data,
+                               image_root_only=image_root_only, require_images=require_images,
+                               streaming=streaming, transport=transport)
+
+        if is_mix_spec(spec):
+            return open_mix(os.fspath(spec), open_part, mix_weights, resampled)  # type: ignore[arg-type]
+        if mix_weights is not None:
+            raise ValueError("--data-weights needs several --data parts joined by ';'")
+        name = part_name(os.fspath(spec)) if isinstance(spec, (str, os.PathLike)) else "data"
+        return MixedSource([open_part(spec)], [name], None, resampled)
+    if mix_weights is not None:
+        raise ValueError("--data-weights needs several --data parts joined by ';'")
     if isinstance(spec, (str, os.PathLike)) and os.path.isdir(spec):
         spec = _spec_in_folder(os.fspath(spec))
     if isinstance(spec, (str, os.PathLike)) and os.fspath(spec).lower().endswith(MANIFEST_SUFFIXES):

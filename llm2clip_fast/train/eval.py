@@ -225,6 +225,9 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
 
     model = LLM2CLIPModel.from_pretrained(model_dir, device=device if device is not None else "cpu")
     source = open_source(data, image_root_only=image_root_only)
+    from llm2clip_fast.data.caption_names import resolve_caption_name
+
+    caption = resolve_caption_name(caption, source.caption_names)  # 'long' finds the official longSV_captions
     if caption not in source.caption_names:
         raise ValueError(f"--caption {caption!r} is not a caption of {data}; captions found: "
                          f"{source.caption_names}")

@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 # Options that change what the run computes: a resumed run must agree on them to continue exactly.
 RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "batch_size", "grad_accum",
                      "seed", "steps", "epochs", "lr", "wd", "llrd", "warmup", "schedule", "min_lr_ratio",
-                     "beta1", "beta2", "eps",
+                     "beta1", "beta2", "eps", "data_weights", "dataset_resampled",
                      "grad_clip",
                      "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
                      "init_model", "vision_timm", "vision_timm_args", "vision_timm_checkpoint",
@@ -112,6 +112,15 @@ def _add_io_arguments(parser: argparse.ArgumentParser) -> None:
                     help="caption source: manifest (.csv/.tsv/.jsonl) or WebDataset shards, local or "
                     "streamed ('https://host/d-{000..099}.tar', 'pipe:aws s3 cp s3://b/d-{0..9}.tar -', "
                     "'s3://...')")
+    io.add_argument("--data-weights", default=None, metavar="W1,W2,...",
+                    help="with a ';' --data mix ('data/cc3m/{00..287}.tar;data/cc12m/{00..1001}.tar', the "
+                    "official --train-data-list): each global batch comes from one part, drawn by these "
+                    "relative weights (default: the parts' sample counts, as the official "
+                    "--train-num-samples-list); the parts' keys get their folder name as prefix (embed the "
+                    "same --data)")
+    io.add_argument("--dataset-resampled", action="store_true",
+                    help="draw each batch's samples with replacement from its part (the official "
+                    "--dataset-resampled) instead of a shuffled pass")
     io.add_argument("--out", required=True, help="run folder (log, checkpoints, loss.png, model/)")
     io.add_argument("--resume", action="store_true",
                     help="continue from the newest usable checkpoint in --out (an error if there is none)")
@@ -438,8 +447,12 @@ def resolve_caption(caption: str, source: Any, cache: Any | None
                     ) -> tuple[str | list[str] | CaptionMix, list[str], dict[str, float]]:
     """(what the loader picks from, the caption names that may be picked, the resolved mix
     ``{name: probability}`` recorded in the run config)."""
+    from ..data.caption_names import resolve_caption_name
+
     spec = parse_caption_spec(caption)
-    if isinstance(spec, CaptionMix):
+    if isinstance(spec, CaptionMix):  # 'short'/'long' find the official shortSV_/longSV_captions keys
+        spec = CaptionMix(tuple(resolve_caption_name(n, source.caption_names) for n in spec.names),
+                          spec.weights)
         check_mix_names(spec, source.caption_names, "the data")
         return spec, list(spec.names), spec.as_dict()
     if spec == "random":
@@ -450,6 +463,7 @@ def resolve_caption(caption: str, source: Any, cache: Any | None
                 raise ValueError(f"no caption name is both in the data {source.caption_names} and in the "
                                  f"embedding cache {list(cache.caption_names)}")
         return names, names, CaptionMix.uniform(names).as_dict()
+    spec = resolve_caption_name(spec, source.caption_names)
     if spec not in source.caption_names:
         raise ValueError(f"--caption {spec!r} is not a caption of the data; it has {source.caption_names} "
                          "(or use 'random', or a weighted mix like 'short:0.5,long:0.5')")
@@ -844,7 +858,11 @@ def open_train_data(args: argparse.Namespace) -> TrainData:
     from ..data.stream_transport import TransportPolicy
 
     source = open_source(args.data, image_root_only=args.image_root_only,
-                         transport=TransportPolicy(timeout=args.stream_timeout, retries=args.stream_retries))
+                         transport=TransportPolicy(timeout=args.stream_timeout, retries=args.stream_retries),
+                         mix_weights=getattr(args, "data_weights", None),
+                         resampled=getattr(args, "dataset_resampled", False))
+    if hasattr(source, "as_dict"):
+        _say(f"--data: {source.describe()}")
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
     try:
         loader_caption, caption_names, caption_mix = resolve_caption(args.caption, source, cache)
@@ -1043,6 +1061,8 @@ def stage2_config(args: argparse.Namespace, plan: StepPlan, data: TrainData, wor
     config.update({"total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
                    "global_batch": args.batch_size * world * args.grad_accum,
                    "caption_mix": data.caption_mix})
+    if hasattr(data.source, "as_dict"):
+        config["data_mix"] = data.source.as_dict()
     return config
 
 
