@@ -234,3 +234,66 @@ def get_text(item, choice):
     return sample
 
 
+
+
+# -- llm_caption_contrastive/dataset/E5_cc3m.py (stage 1) -----------------------------------------------
+
+E5_CC3M_PROMPTS = [
+    "Given a sentence, retrieve a detailed relevant sentence",
+    "Given a detailed sentence, retrieve a short relevant sentence",
+]
+SEPARATOR = "!@#$%^&*()"
+
+
+def get_cc3m(data, random):
+    """E5Data.get_cc3m over ``data`` (rows of [short_caption, long_caption], the csv's values); `random`
+    stands for the module (the official code uses the global one)."""
+    list_of_dict = []
+    for i in range(len(data)):
+        short_caption = data[i][0]
+        long_caption = data[i][1]
+        rand_num = random.randint(0, 1)
+        if rand_num == 0:
+            query = short_caption
+            positive = long_caption
+        else:
+            query = long_caption
+            positive = short_caption
+        while True:
+            rand_index = random.randint(0, len(data) - 1)
+            if rand_index != i:
+                neg = data[rand_index][1] if rand_num == 0 else data[rand_index][0]
+                break
+        list_of_dict.append({
+            'query': query,
+            'positive': positive,
+            'negative': neg,
+            'random_num': rand_num
+        })
+    return list_of_dict
+
+
+def cc3m_texts(sample, separator=SEPARATOR):
+    """E5Data.load_data's cc3m branch: the (query, positive, negative) texts of one sample."""
+    instruction = (
+        E5_CC3M_PROMPTS[sample["random_num"]]
+    )
+    query = f"{instruction}; " + separator + sample["query"]
+    pos = separator + sample["positive"]
+    neg = separator + sample["negative"]
+    return query, pos, neg
+
+
+# -- llm_caption_contrastive/run_supervised.py: prepare_for_tokenization, Llama-3-Instruct branch ----------
+
+def prepare_for_tokenization_llama3(text):
+    text = (
+        "<|start_header_id|>user<|end_header_id|>\n\n" + text.strip() + "<|eot_id|>"
+    )
+    return text
+
+
+def llm2vec_split(text, separator=SEPARATOR):
+    """llm2vec 0.2.3 LLM2Vec.tokenize's split of one text: (what is tokenised, what is pooled)."""
+    t = text.split(separator)
+    return "".join(t), (t[1] if len(t) > 1 else "")

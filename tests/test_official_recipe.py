@@ -417,3 +417,139 @@ def test_stage2_trains_on_the_official_two_source_mix_with_official_caption_keys
     full = LLM2CLIPModel.from_pretrained(tmp_path / "full" / "model").state_dict()
     cut = LLM2CLIPModel.from_pretrained(tmp_path / "cut" / "model").state_dict()
     assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+# -- item 6: the stage-1 objective ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from llm2clip_fast.models.tiny_llm import build_tiny_llm
+
+    return build_tiny_llm(tmp_path_factory.mktemp("llm") / "llama", "llama", hidden_size=32, num_layers=1,
+                          num_heads=4, num_kv_heads=2)
+
+
+def _pairs_manifest(folder: Path, n: int = 24, prefix: str = "t") -> Path:
+    colours, shapes = ["red", "green", "blue", "yellow", "purple", "orange"], ["circle", "square", "star"]
+    rows = [{"key": f"{prefix}{i}", "short": f"a {colours[i % 6]} {shapes[i % 3]}",
+             "long": f"a photo of a {colours[i % 6]} {shapes[i % 3]} next to a {colours[(i + 2) % 6]} square"}
+            for i in range(n)]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "captions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _stage1_args(*argv: str):
+    import argparse
+
+    from llm2clip_fast.train import stage1
+    from llm2clip_fast.train.recipes import resolve_recipe
+
+    parser = argparse.ArgumentParser()
+    stage1.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    resolve_recipe(args)
+    return args
+
+
+def test_stage1_recipe_texts_are_the_official_training_texts(tiny_llama):
+    """The strings the official collator tokenises (E5_cc3m.py's cc3m branch, run_supervised.py's
+    prepare_for_tokenization, llm2vec's split) equal ours under the recipe's instructions."""
+    from _llm2clip_training_reference import (
+        cc3m_texts,
+        get_cc3m,
+        llm2vec_split,
+        prepare_for_tokenization_llama3,
+    )
+
+    from llm2clip_fast.models.llm_encoder import LLMTextEncoder
+
+    args = _stage1_args("--llm", "x", "--data", "x", "--out", "x", "--recipe", "llm2clip")
+    encoder = LLMTextEncoder.from_pretrained(tiny_llama, device="cpu", template="llama3",
+                                             doc_max_length=args.doc_max_length, max_length=args.max_length)
+    import random
+
+    rows = [["a red circle", "a photo of a red circle on a table"],
+            ["two dogs", "two brown dogs run across a green field under a cloudy sky"],
+            ["a cup", "a white cup of coffee on a wooden desk next to a laptop"]]
+    rng = random.Random(0)
+    for sample in get_cc3m(rows, rng):
+        query, pos, neg = cc3m_texts(sample)
+        long_query = sample["random_num"] == 1
+        instruction = args.query_instruction_long if long_query else args.query_instruction_short
+        ours_q = encoder.llm2vec_strings([sample["query"]], [instruction])
+        assert (ours_q[0][0], ours_q[1][0]) == llm2vec_split(prepare_for_tokenization_llama3(query))
+        for doc, text in ((pos, sample["positive"]), (neg, sample["negative"])):
+            ours = encoder.llm2vec_strings([text], [None])
+            assert (ours[0][0], ours[1][0]) == llm2vec_split(prepare_for_tokenization_llama3(doc))
+    assert (args.loss, args.hard_negative_other_image, args.schedule) == ("hardneg", True, "linear")
+    assert (args.max_length, args.doc_max_length, args.scale, args.batch_size) == (512, 512, 50.0, 512)
+
+
+def test_other_image_negatives_follow_the_official_rule(tmp_path):
+    from _llm2clip_training_reference import get_cc3m
+
+    from llm2clip_fast.data.sources import open_source
+    from llm2clip_fast.train.stage1 import other_image_negatives
+
+    source = open_source(_pairs_manifest(tmp_path), require_images=False)
+    rows = [[source.captions_at(i)["short"], source.captions_at(i)["long"]] for i in range(len(source))]
+    import random
+
+    for sample in get_cc3m(rows, random.Random(1)):  # the official rule: another row, the positive's kind
+        kind = 1 if sample["random_num"] == 0 else 0
+        assert sample["negative"] in [r[kind] for r in rows]
+    args = _stage1_args("--llm", "x", "--data", "x", "--out", "x", "--recipe", "llm2clip")
+    keys = source.keys()
+    flips = [i % 2 == 1 for i in range(len(keys))]
+    negatives = other_image_negatives(source, keys, flips, args, epoch=0)
+    for i, (neg, long_query) in enumerate(zip(negatives, flips, strict=True)):
+        kind = "short" if long_query else "long"
+        owners = [j for j in range(len(source)) if source.captions_at(j)[kind] == neg]
+        assert (owners and i not in owners) or len(owners) > 1
+    assert negatives == other_image_negatives(source, keys, flips, args, epoch=0)  # seeded: resumable
+    assert negatives != other_image_negatives(source, keys, flips, args, epoch=1)
+
+
+def test_stage1_recipe_runs_from_a_merged_lora_chain_on_a_two_source_mix(tiny_llama, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from llm2clip_fast.train import stage1
+
+    # an "MNTP" adapter to start from, as McGill's are
+    torch.manual_seed(4)
+    base = AutoModel.from_pretrained(tiny_llama)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    peft.save_pretrained(tmp_path / "mntp")
+    merged = peft.merge_and_unload().state_dict()
+
+    a, b = _pairs_manifest(tmp_path / "capsA", 16, "a"), _pairs_manifest(tmp_path / "capsB", 32, "b")
+    args = _stage1_args("--llm", str(tiny_llama), "--lora", str(tmp_path / "mntp"), "--data", f"{a};{b}",
+                        "--out", str(tmp_path / "run"), "--recipe", "llm2clip", "--batch-size", "8",
+                        "--steps", "2", "--warmup-steps", "1", "--eval-fraction", "0", "--quiet",
+                        "--max-length", "48", "--template", "llama3")
+    built = stage1.build_trainable_encoder(args, torch.device("cpu"))
+    ours = {k.replace("base_layer.", ""): v for k, v in built.peft_model.get_base_model().state_dict().items()
+            if "lora_" not in k}
+    for key, value in merged.items():
+        assert torch.allclose(ours[key], value, atol=1e-6), key
+    # one part per global batch, weighted
+    source, _ = stage1.open_pair_data(args)
+    from llm2clip_fast.train.run_spine import RunPlace
+
+    place = RunPlace(rank=0, world_size=1, device=torch.device("cpu"))
+    loader = stage1.build_pair_loader(args, source, place)
+    for batch in loader:
+        assert len({k.split("/")[0] for k in batch["keys"]}) == 1
+    result = stage1.train_stage1(args)
+    assert result.steps == 2
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["loss"] == "hardneg" and saved["hard_negative_other_image"] and saved["lora"]
+    enc = json.loads(next((tmp_path / "run" / "merged").glob("*encoder*.json")).read_text())
+    assert enc["doc_max_length"] == 512

@@ -105,6 +105,7 @@ def contrastive_phase_args(args: argparse.Namespace, mntp_base: Path) -> argpars
     out = copy.copy(args)
     out.llm = str(mntp_base)
     out.mntp_steps = 0
+    out.lora = None  # the --lora chain is merged into the MNTP base already
     return out
 
 

@@ -1,9 +1,25 @@
 """``--recipe``: named sets of defaults, one table per stage; every flag given explicitly still wins.
 
-Stage 1's ``llm2clip`` is LLM2CLIP's official stage-1 setting (the paper and its released training
-scripts, which follow llm2vec's supervised recipe): LoRA r=16, alpha=32, dropout 0.05 on
-q/k/v/o/gate/up/down (``--lora-targets auto`` on a decoder), lr 2e-4 with 300 warm-up steps, logit
-scale 50, 512 caption pairs per step over all ranks.
+Stage 1's ``llm2clip`` is LLM2CLIP's official stage-1 objective, checked against microsoft/LLM2CLIP at
+commit cba3b45ba3d9bdaaf8ad640156dedbdbcb60353a: ``llm_caption_contrastive/run_supervised.py`` with
+``train_configs/supervised/MetaLlama3_cc3m.json`` and ``dataset/E5_cc3m.py``:
+
+- LoRA r=16, alpha=2r=32, dropout 0.05 on q/k/v/o/gate/up/down (``initialize_peft``; ``--lora-targets
+  auto`` on a decoder); lr 2e-4, 300 warm-up steps, HF Trainer's default linear decay
+  (``--schedule linear``), 64 per device x 8 = 512 pairs per step (``--batch-size 512``), one epoch,
+  ``max_seq_length`` 512 with no caption cut (the training collator tokenises without llm2vec's
+  ``doc_max_length`` step: ``--max-length 512 --doc-max-length 512``);
+- ``HardNegativeNLLLoss`` (scale 50) in one direction (``--loss hardneg``), the hard negative of each
+  pair being the caption of the positive's kind of a random *other* sample (``rand_index != i``:
+  ``--hard-negative-other-image``);
+- the query's direction drawn per pair and its instruction per direction, ``f"{instruction}; " +
+  separator + text`` (``--query-instruction-short "Given a sentence, retrieve a detailed relevant
+  sentence;"`` and ``--query-instruction-long "Given a detailed sentence, retrieve a short relevant
+  sentence;"``: the encoder joins ``instruction.strip() + " "`` before the separator, which gives the same
+  string), positives and negatives the separator alone (no instruction).
+
+The starting point is not a value: ``--llm`` (Meta-Llama-3-8B-Instruct) with ``--lora`` (McGill's
+``-mntp`` and ``-mntp-supervised`` adapters, then LLM2CLIP's own MNTP adapter), merged in that order.
 
 Stage 2's ``llm2clip`` is the official stage-2 setting, checked against microsoft/LLM2CLIP at commit
 cba3b45ba3d9bdaaf8ad640156dedbdbcb60353a (2026-02-01): ``llm2clip/run.sh`` (last changed in 71839f1f)
@@ -86,11 +102,17 @@ STAGE1_RECIPES = RecipeTable(
         "none": {},
         "llm2clip": {
             "lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05, "lora_targets": "auto",
-            "lr": 2e-4, "warmup_steps": 300, "scale": 50.0, "batch_size": 512,
+            "lr": 2e-4, "warmup_steps": 300, "scale": 50.0, "batch_size": 512, "schedule": "linear",
+            "loss": "hardneg", "hard_negative_other_image": True, "max_length": 512, "doc_max_length": 512,
+            "query_instruction_short": "Given a sentence, retrieve a detailed relevant sentence;",
+            "query_instruction_long": "Given a detailed sentence, retrieve a short relevant sentence;",
         },
     },
-    help="named defaults: llm2clip = LLM2CLIP's stage-1 setting (LoRA r16/a32/d0.05 on q/k/v/o/gate/up/down, "
-         "lr 2e-4, 300 warm-up steps, scale 50, batch 512); flags given explicitly override it",
+    help="named defaults: llm2clip = LLM2CLIP's stage-1 objective (llm_caption_contrastive: LoRA "
+         "r16/a32/d0.05 on q/k/v/o/gate/up/down, lr 2e-4, 300 warm-up steps then linear, batch 512, "
+         "HardNegativeNLLLoss at scale 50 with a random other image's caption as hard negative, "
+         "per-direction query instructions, max length 512 with no caption cut); flags given explicitly "
+         "override it",
 )
 
 STAGE2_RECIPES = RecipeTable(

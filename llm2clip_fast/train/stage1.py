@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import distributed as dist_helpers
 from ..atomic_files import replace_dir, write_json_atomic
-from ..data.bad_data import DEFAULT_MAX_FRACTION
+from ..data.bad_data import DEFAULT_MAX_FRACTION, BadSampleError
 from ..data.caption_source import CaptionSource
 from ..data.loader import build_loader, sample_rng
 from ..data.sources import open_source
@@ -89,7 +89,8 @@ _RESUME_MUST_MATCH = ("llm", "data", "short_caption", "long_caption", "batch_siz
                       "epochs", "mntp_steps", "lora_r", "lora_alpha", "lora_targets", "loss", "scale",
                       "learn_scale", "seed", "lr", "schedule", "warmup_steps", "load_in_8bit", "max_length",
                       "instruction", "pooling", "eval_fraction", "template", "query_instruction_short",
-                      "query_instruction_long", "hard_negative_caption", "mntp_data", "precision")
+                      "query_instruction_long", "hard_negative_caption", "mntp_data", "precision", "lora",
+                      "doc_max_length", "hard_negative_other_image", "data_weights")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +106,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The LLM, its LoRA adapters and how captions are encoded."""
     g = parser.add_argument_group("model")
     g.add_argument("--llm", required=True, help="model folder (or a hub name already in the local cache)")
+    g.add_argument("--lora", default=None, metavar="A[,B,...]",
+                   help="peft adapter folders merged into --llm in order before the new LoRA, as llm2vec's "
+                        "from_pretrained merges peft_model_name_or_path and extra_model_name_or_path: the "
+                        "official start is Meta-Llama-3-8B-Instruct + McGill's -mntp and -mntp-supervised "
+                        "adapters (+ LLM2CLIP's own MNTP adapter)")
     g.add_argument("--lora-r", type=int, default=16)
     g.add_argument("--lora-alpha", type=float, default=32.0)
     g.add_argument("--lora-dropout", type=float, default=0.05)
@@ -122,6 +128,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         g, note="the --mntp-data phase runs without it"), on="auto", off="fp32")
     g.add_argument("--pooling", default="mean", choices=("mean", "last_token"))
     g.add_argument("--max-length", type=int, default=512)
+    g.add_argument("--doc-max-length", type=int, default=400,
+                   help="llm2vec's caption length cap in tokens (longer captions are cut by words; default "
+                        "400, llm2vec's; --recipe llm2clip: 512, which with --max-length 512 never cuts, as "
+                        "the official training collator does not); saved with the merged encoder")
     g.add_argument("--instruction", default=None,
                    help="prefix attended but not pooled, on both sides (symmetric)")
     g.add_argument("--query-instruction-short", default=None,
@@ -142,6 +152,14 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--long-caption", default="long", help="field of the long caption (default: long)")
     g.add_argument("--hard-negative-caption", default=None,
                    help="field of a hard-negative caption per sample (with --loss hardneg)")
+    g.add_argument("--hard-negative-other-image", action="store_true",
+                   help="with --loss hardneg: each pair's hard negative is the caption of the positive's "
+                        "kind (short or long) of a random other sample, drawn per sample and epoch "
+                        "(LLM2CLIP's llm_caption_contrastive/dataset/E5_cc3m.py)")
+    g.add_argument("--data-weights", default=None, metavar="W1,W2,...",
+                   help="with a ';' --data mix: each global batch comes from one part, drawn by these "
+                        "relative weights (default: the parts' sample counts), as the official stage 1 "
+                        "batches each dataset of its mixture apart")
     g.add_argument("--eval-data", default=None, help="held-out caption source for CRA")
     g.add_argument("--eval-fraction", type=float, default=0.05,
                    help="without --eval-data: fraction of --data held out for CRA (0 disables CRA)")
@@ -253,9 +271,19 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
     if query_instr and args.instruction:
         _fail("--instruction (both sides) and --query-instruction-short/-long (query side only) exclude "
               "each other")
-    if (args.loss == "hardneg") != (args.hard_negative_caption is not None):
-        _fail("--loss hardneg and --hard-negative-caption go together (the loss scores each query against "
-              "the batch's positives and hard negatives)")
+    other = getattr(args, "hard_negative_other_image", False)
+    if other and args.hard_negative_caption is not None:
+        _fail("--hard-negative-caption and --hard-negative-other-image exclude each other (one hard negative "
+              "per pair)")
+    if (args.loss == "hardneg") != (args.hard_negative_caption is not None or other):
+        _fail("--loss hardneg and a hard negative (--hard-negative-caption or --hard-negative-other-image) "
+              "go together (the loss scores each query against the batch's positives and hard negatives)")
+    if getattr(args, "lora", None) and args.load_in_8bit:
+        _fail("--lora merges adapters into the base weights, which an LLM.int8 base cannot take: drop "
+              "--load-in-8bit (or merge the adapters into a full-precision folder first)")
+    doc_max = getattr(args, "doc_max_length", 400)
+    if isinstance(doc_max, bool) or not isinstance(doc_max, int) or doc_max < 1:
+        _fail(f"--doc-max-length must be a positive int, got {doc_max!r}")
     if args.hard_negative_caption in (args.short_caption, args.long_caption):
         _fail(f"--hard-negative-caption must differ from the short and long captions "
               f"(got {args.hard_negative_caption!r})")
@@ -275,10 +303,11 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
 # data
 
 
-def _open_captions(spec: str, short: str, long: str, what: str, hard: str | None = None) -> CaptionSource:
+def _open_captions(spec: str, short: str, long: str, what: str, hard: str | None = None,
+                   weights: str | None = None) -> CaptionSource:
     names = [short, long] + ([hard] if hard else [])
     try:
-        source = open_source(spec, caption_columns=names, require_images=False)
+        source = open_source(spec, caption_columns=names, require_images=False, mix_weights=weights)
     except ValueError as exc:
         raise ValueError(f"{what} {spec!r}: {exc} (set --short-caption / --long-caption"
                          f"{' / --hard-negative-caption' if hard else ''})") from exc
@@ -330,11 +359,16 @@ def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> T
     if decoder and hasattr(config, "use_cache"):
         config.use_cache = False
     base, head = _load_base_model(args, folder, config, decoder, device)
+    if getattr(args, "lora", None):
+        from ..models.llm2vec_checkpoints import apply_lora_chain, normalize_lora_list
+
+        base = apply_lora_chain(base, normalize_lora_list(args.lora), merge_last=True)
     base, targets = _prepare_base_for_lora(args, base, decoder)
     peft_model = _add_lora(args, base, targets)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     encoder = LLMTextEncoder(peft_model, tokenizer, pooling=args.pooling, max_length=args.max_length,
-                             instruction=args.instruction, template=getattr(args, "template", "auto"))
+                             instruction=args.instruction, template=getattr(args, "template", "auto"),
+                             doc_max_length=getattr(args, "doc_max_length", 400))
     return TrainableEncoder(encoder, peft_model, head, decoder, targets, folder)
 
 
@@ -561,7 +595,7 @@ def open_pair_data(args: argparse.Namespace) -> tuple[CaptionSource, list[tuple[
     """The training captions (``--data``) and the held-out (short, long) pairs CRA is measured on:
     ``--eval-data``, or ``--eval-fraction`` of ``--data`` held out (not for streamed data)."""
     source = _open_captions(args.data, args.short_caption, args.long_caption, "--data",
-                            hard=args.hard_negative_caption)
+                            hard=args.hard_negative_caption, weights=getattr(args, "data_weights", None))
     eval_pairs: list[tuple[str, str]] = []
     if args.eval_data:
         eval_source = _open_captions(args.eval_data, args.short_caption, args.long_caption, "--eval-data")
@@ -685,6 +719,7 @@ class Stage1Run:
     cra_before: float | None = None
     mask_id: int = -1
     special_ids: set[int] = field(default_factory=set)
+    source: Any = None  # the training captions (--hard-negative-other-image draws from them)
 
 
 @dataclass
@@ -736,14 +771,43 @@ def mntp_batch_loss(run: Stage1Run, shorts: list[str], longs: list[str], step: i
     return mntp_loss(out_h.last_hidden_state, labels.to(encoder.device), built.head, decoder=built.decoder)
 
 
+def other_image_negatives(source: CaptionSource, keys: list[str], flips: list[bool],
+                          args: argparse.Namespace, epoch: int) -> list[str]:
+    """One hard negative per pair, as LLM2CLIP's ``E5Data.get_cc3m`` (microsoft/LLM2CLIP
+    ``llm_caption_contrastive/dataset/E5_cc3m.py`` at commit cba3b45ba3d9) draws it: a random *other*
+    sample of the training data (``rand_index != i``) and its caption of the positive's kind (the long
+    one when the short caption is the query, else the short one). The draw is seeded by (seed, epoch,
+    key), so a resumed run draws the same; a drawn sample with an empty caption is passed over."""
+    out = []
+    for key, long_query in zip(keys, flips, strict=True):
+        rng = sample_rng(args.seed, epoch, key, "other-image negative")
+        for _ in range(1000):
+            j = rng.randrange(len(source))
+            if source.key_at(j) == key:
+                continue
+            try:
+                captions = source.captions_at(j)
+            except BadSampleError:
+                continue
+            out.append(captions[args.short_caption] if long_query else captions[args.long_caption])
+            break
+        else:
+            raise ValueError(f"--hard-negative-other-image: no other sample with good captions found for "
+                             f"{key!r} in {len(source)} samples")
+    return out
+
+
 def contrastive_batch_loss(run: Stage1Run, batch: dict[str, Any], shorts: list[str], longs: list[str],
-                           flip: torch.Tensor) -> torch.Tensor:
+                           flip: torch.Tensor, epoch: int = 0) -> torch.Tensor:
     """The contrastive loss of one micro-batch's caption pairs (``--loss``; hardneg adds the batch's
     hard-negative captions)."""
     args, encoder, scale = run.args, run.training.built.encoder, run.training.scale_module
     query, key = _embed_pairs(encoder, shorts, longs, flip, args)
     if args.loss == "hardneg":
-        hard = [c[args.hard_negative_caption] for c in batch["all_captions"]]
+        if getattr(args, "hard_negative_other_image", False):
+            hard = other_image_negatives(run.source, batch["keys"], flip.tolist(), args, epoch)
+        else:
+            hard = [c[args.hard_negative_caption] for c in batch["all_captions"]]
         negative = _embed(encoder, hard, _document_instructions(args, len(hard)))
         return hard_negative_nll_loss(query, key, negative, scale())
     return contrastive_loss(query, key, scale(), args.loss)
@@ -762,7 +826,7 @@ def accumulate_gradients(run: Stage1Run, batches: Iterator, state: Stage1LoopSta
             if mntp:
                 loss = mntp_batch_loss(run, shorts, longs, state.step)
             else:
-                loss = contrastive_batch_loss(run, batch, shorts, longs, flip)
+                loss = contrastive_batch_loss(run, batch, shorts, longs, flip, state.epoch)
         (loss / args.grad_accum).backward()
         step_loss += float(loss.detach()) / args.grad_accum
         captions += 2 * len(shorts) * run.place.world_size
@@ -874,7 +938,8 @@ def _train_stage1(args: argparse.Namespace, place: RunPlace, out: Path) -> Stage
                     autocast_factory(args.precision, place.device), eval_pairs,
                     cra_before=restore_from_checkpoint(start, training),
                     mask_id=mask_token_id(encoder.tokenizer) if args.mntp_steps else -1,
-                    special_ids=set(getattr(encoder.tokenizer, "all_special_ids", []) or []))
+                    special_ids=set(getattr(encoder.tokenizer, "all_special_ids", []) or []),
+                    source=source)
     if not args.mntp_data:  # the MNTP phase made the folder ready already
         prepare_out_folder(place, out, resume=args.resume, overwrite=args.overwrite, say=_say)
     write_stage1_config(run, len(source))
@@ -904,7 +969,8 @@ def _save_outputs(args: argparse.Namespace, built: TrainableEncoder, out: Path, 
                                                  lora=out / "adapter", merge_lora=True, pooling=args.pooling,
                                                  max_length=args.max_length,
                                                  instruction=args.instruction or "",
-                                                 bidirectional=True, template=built.encoder.template)
+                                                 bidirectional=True, template=built.encoder.template,
+                                                 doc_max_length=getattr(args, "doc_max_length", 400))
     else:
         if args.gradient_checkpointing:
             encoder.model.get_base_model().gradient_checkpointing_disable()
