@@ -297,3 +297,58 @@ def llm2vec_split(text, separator=SEPARATOR):
     """llm2vec 0.2.3 LLM2Vec.tokenize's split of one text: (what is tokenised, what is pooled)."""
     t = text.split(separator)
     return "".join(t), (t[1] if len(t) > 1 else "")
+
+
+# -- llm2clip/llm2vec/llm2vec.py: LLM2CLIP's modified copy of llm2vec (prepare_for_tokenization) ---------------
+
+def llm2clip_prepare_for_tokenization(name_or_path, text, pooling_mode="mean"):
+    """LLM2Vec.prepare_for_tokenization of LLM2CLIP's copy, ``self.model.config._name_or_path`` as
+    ``name_or_path`` (the eos_token suffixes, for pooling_mode "eos_token", are not transcribed)."""
+    if "Llama-3" in name_or_path and "Instruct" in name_or_path:
+        text = (
+            "<|start_header_id|>user<|end_header_id|>\n\n"
+            + text.strip()
+            + "<|eot_id|>"
+        )
+        return text
+    if name_or_path == "microsoft/Phi-3.5-mini-instruct":
+        text = (
+            '<|user|>\n'
+            + text.strip()
+            + '<|end|>\n'
+        )
+    if name_or_path in [
+        "mistralai/Mistral-7B-Instruct-v0.2",
+        "meta-llama/Llama-2-7b-chat-hf",
+    ]:
+        text = "[INST] " + text.strip() + " [/INST]"
+    if name_or_path in [
+        "google/gemma-2-9b-it",
+    ]:
+        text = "<bos><start_of_turn>user\n" + text.strip() + "<end_of_turn>"
+    if name_or_path in [
+        "Qwen/Qwen2-1.5B-Instruct",
+        "Qwen/Qwen2-7B-Instruct",
+    ]:
+        text = "<|im_start|>user\n" + text.strip() + "<|im_end|>"
+    return text
+
+
+# -- llm2vec 0.2.3 llm2vec/llm2vec.py LLM2Vec.from_pretrained: which _name_or_path the model ends with ---------
+
+def llm2vec_from_pretrained_name_or_path(base_model_name_or_path):
+    """``model.config._name_or_path`` after ``LLM2Vec.from_pretrained(base_model_name_or_path)`` (0.2.3;
+    LLM2CLIP's copy reads it the same way): transformers' from_pretrained sets it to the name as given,
+    then for a local folder llm2vec replaces it with its config.json's (PretrainedConfig.from_dict keeps a
+    ``_name_or_path`` key; without one the attribute is "")."""
+    import json
+    import os
+
+    name = str(base_model_name_or_path)  # modeling_utils: config.name_or_path = pretrained_model_name_or_path
+    if os.path.isdir(base_model_name_or_path) and os.path.exists(
+        f"{base_model_name_or_path}/config.json"
+    ):
+        with open(f"{base_model_name_or_path}/config.json") as fIn:
+            config_dict = json.load(fIn)
+        name = config_dict.get("_name_or_path", "")  # PretrainedConfig.from_dict(config_dict)._name_or_path
+    return name

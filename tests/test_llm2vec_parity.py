@@ -178,7 +178,11 @@ def test_template_auto_from_tokenizer_and_explicit_choice():
     assert LLMTextEncoder(local, base, template="llama2-chat").template == "mistral"
     with pytest.raises(ValueError, match="template must be one of"):
         LLMTextEncoder(local, base, template="vicuna")
-    full, pooled = LLMTextEncoder(local, tok3, instruction=INSTRUCTION).llm2vec_strings(["a dog "])
+    # issue 27: "auto" is llm2vec 0.2.3's exact-name rule (this local name matches none of its names);
+    # LLM2CLIP's own copy of llm2vec ("llm2clip") matches "Llama-3" and "Instruct" in it
+    assert LLMTextEncoder(local, tok3).template == "none"
+    full, pooled = LLMTextEncoder(local, tok3, instruction=INSTRUCTION,
+                                  template="llm2clip").llm2vec_strings(["a dog "])
     assert full == ["<|start_header_id|>user<|end_header_id|>\n\n"
                     "Given a caption, retrieve a detailed relevant caption: a dog<|eot_id|>"]
     assert pooled == ["a dog<|eot_id|>"]
@@ -186,7 +190,8 @@ def test_template_auto_from_tokenizer_and_explicit_choice():
 
 def test_template_saved_and_restored(tmp_path):
     tok = _tokenizer("llama3")
-    model = _model("llama", len(tok), "tiny/local")
+    # the hub name llm2vec 0.2.3 gives the Llama-3 format ("auto" follows llm2vec's rule, issue 27)
+    model = _model("llama", len(tok), "meta-llama/Meta-Llama-3-8B-Instruct")
     enc = _ours(model, tok, doc_max_length=77)
     assert enc.template == "llama3"
     enc.save_pretrained(tmp_path / "enc")
@@ -226,6 +231,11 @@ def test_template_flag_on_embed_stage1_eval_and_recorded_in_cache(tmp_path):
     folder = tmp_path / "llm"
     _model("llama", len(tok), "tiny/local").save_pretrained(folder)
     tok.save_pretrained(folder)
+    # a local copy of Meta-Llama-3-8B-Instruct as transformers 4.x saved it: config.json names it, which is
+    # what llm2vec 0.2.3 (and "auto", issue 27) reads for a local folder
+    config = _json.loads((folder / "config.json").read_text())
+    config["_name_or_path"] = "meta-llama/Meta-Llama-3-8B-Instruct"
+    (folder / "config.json").write_text(_json.dumps(config))
     manifest = tmp_path / "captions.jsonl"
     manifest.write_text("".join(_json.dumps({"key": f"k{i}", "image": f"k{i}.png", "long": c, "short": c[:9]})
                                 + "\n" for i, c in enumerate(CAPTIONS[:4])))

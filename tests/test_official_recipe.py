@@ -553,3 +553,71 @@ def test_stage1_recipe_runs_from_a_merged_lora_chain_on_a_two_source_mix(tiny_ll
     assert saved["loss"] == "hardneg" and saved["hard_negative_other_image"] and saved["lora"]
     enc = json.loads(next((tmp_path / "run" / "merged").glob("*encoder*.json")).read_text())
     assert enc["doc_max_length"] == 512
+
+
+# -- item 5: which prompt template ---------------------------------------------------------------------------
+
+NAMES = ["meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3.1-8B-Instruct",
+         "McGill-NLP/LLM2Vec-Meta-Llama-3-8B-Instruct-mntp", "/blob/ckpt/Meta-Llama-3-8B-Instruct-cc",
+         "mistralai/Mistral-7B-Instruct-v0.2", "meta-llama/Llama-2-7b-chat-hf", "google/gemma-2-9b-it",
+         "Qwen/Qwen2-1.5B-Instruct", "Qwen/Qwen2-7B-Instruct", "microsoft/Phi-3.5-mini-instruct",
+         "meta-llama/Meta-Llama-3-8B", "", "tiny/local"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_template_rules_are_llm2vecs_and_llm2clips(name):
+    import argparse
+
+    from _llm2clip_training_reference import llm2clip_prepare_for_tokenization
+    from _llm2vec_0_2_3_reference import LLM2VecReference
+
+    from llm2clip_fast.models.prompt_templates import get_template, llm2clip_template, llm2vec_template
+
+    text = "Given a caption; !@#$%^&*()a red circle "
+    model = argparse.Namespace(config=argparse.Namespace(_name_or_path=name))
+    official = LLM2VecReference.prepare_for_tokenization(argparse.Namespace(model=model), text)
+    assert get_template(llm2vec_template(name)).wrap(text) == official
+    assert get_template(llm2clip_template(name)).wrap(text) == llm2clip_prepare_for_tokenization(name, text)
+
+
+def test_auto_reads_the_name_llm2vec_reads_for_a_folder_or_hub_id(tmp_path, monkeypatch):
+    """The issue's case: a folder whose config names Meta-Llama-3-8B-Instruct but whose tokenizer has no chat
+    template gets the Llama-3 format from llm2vec, so from 'auto'; a tokenizer with a chat template in a
+    folder that names nothing gets none (as llm2vec), the Llama-3 format only with 'chat'."""
+    from _llm2clip_training_reference import llm2vec_from_pretrained_name_or_path
+
+    from llm2clip_fast.models.llm_encoder import LLMTextEncoder
+    from llm2clip_fast.models.prompt_templates import llm2vec_name_or_path
+    from llm2clip_fast.models.tiny_llm import build_tiny_llm
+
+    folder = build_tiny_llm(tmp_path / "named", "llama", hidden_size=32, num_layers=1, num_heads=4,
+                            num_kv_heads=2)
+    config = json.loads((folder / "config.json").read_text())
+    plain = tmp_path / "plain"
+    import shutil
+
+    shutil.copytree(folder, plain)
+    config["_name_or_path"] = "meta-llama/Meta-Llama-3-8B-Instruct"
+    (folder / "config.json").write_text(json.dumps(config))
+    for path in (folder, plain):
+        assert llm2vec_name_or_path(str(path)) == llm2vec_from_pretrained_name_or_path(str(path))
+    assert llm2vec_name_or_path("meta-llama/Meta-Llama-3-8B-Instruct") == \
+        llm2vec_from_pretrained_name_or_path("meta-llama/Meta-Llama-3-8B-Instruct")
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    assert not tok.get("chat_template")
+    assert LLMTextEncoder.from_pretrained(folder, device="cpu").template == "llama3"
+    assert LLMTextEncoder.from_pretrained(plain, device="cpu").template == "none"
+    tok["chat_template"] = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+                            "{% endfor %}")
+    (plain / "tokenizer_config.json").write_text(json.dumps(tok))
+    assert LLMTextEncoder.from_pretrained(plain, device="cpu").template == "none"
+    assert LLMTextEncoder.from_pretrained(plain, device="cpu", template="chat").template == "llama3"
+    # LLM2CLIP's released LLM: its extraction forces the Meta-Llama-3-8B-Instruct name
+    release = tmp_path / "release"
+    shutil.copytree(plain, release)
+    cfg = json.loads((release / "config.json").read_text())
+    cfg.update({"architectures": ["LlamaEncoderModel"],
+                "auto_map": {"AutoModel": "modeling_llama_encoder.LlamaEncoderModel"}})
+    (release / "config.json").write_text(json.dumps(cfg))
+    assert LLMTextEncoder.from_pretrained(release, device="cpu").template == "none"
+    assert LLMTextEncoder.from_pretrained(release, device="cpu", template="llm2clip").template == "llama3"

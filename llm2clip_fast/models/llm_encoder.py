@@ -35,7 +35,13 @@ from ..atomic_files import write_json_atomic
 from ..ops.masked_mean_pool import masked_mean_pool
 from .bidirectional import set_bidirectional
 from .llm2vec_checkpoints import apply_lora_chain, map_llm2vec_encoder, normalize_lora_list
-from .prompt_templates import TEMPLATE_CHOICES, get_template, resolve_template
+from .prompt_templates import (
+    LLM2CLIP_EXTRACTION_NAME,
+    TEMPLATE_CHOICES,
+    get_template,
+    llm2vec_name_or_path,
+    resolve_template,
+)
 from .xformers_attention import register_xformers_attention
 
 ENCODER_CONFIG_NAME = "llm2clip_encoder.json"
@@ -211,6 +217,7 @@ class LLMTextEncoder(nn.Module):
         normalize: bool = False,
         template: str = "auto",
         doc_max_length: int = 400,
+        name_or_path: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -240,7 +247,8 @@ class LLMTextEncoder(nn.Module):
         self.llm2vec_convention = config is not None and is_decoder_only(config)
         if template != "auto" and template not in TEMPLATE_CHOICES:
             raise ValueError(f"template must be one of {TEMPLATE_CHOICES}, got {template!r}")
-        resolved = resolve_template(template, tokenizer, config)
+        # name_or_path: what llm2vec would compare for the folder the model came from (from_pretrained)
+        resolved = resolve_template(template, tokenizer, config, name_or_path)
         if resolved != "none" and not self.llm2vec_convention:
             raise ValueError(
                 f"template={template!r}: prompt templates apply to decoder LLMs (llm2vec convention); "
@@ -357,9 +365,12 @@ class LLMTextEncoder(nn.Module):
             model = cls._apply_lora(model, lora, merge_lora)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        name = (LLM2CLIP_EXTRACTION_NAME if mapped is not None and settings["template"] == "llm2clip"
+                else llm2vec_name_or_path(os.fspath(path), folder))
         return cls(model, tokenizer, pooling=settings["pooling"], max_length=int(settings["max_length"]),
                    instruction=settings["instruction"], normalize=bool(settings["normalize"]),
-                   template=settings["template"], doc_max_length=int(settings["doc_max_length"]))
+                   template=settings["template"], doc_max_length=int(settings["doc_max_length"]),
+                   name_or_path=name)
 
     @staticmethod
     def _read_saved_settings(folder: Path) -> dict[str, Any]:

@@ -366,9 +366,12 @@ def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> T
     base, targets = _prepare_base_for_lora(args, base, decoder)
     peft_model = _add_lora(args, base, targets)
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    from ..models.prompt_templates import llm2vec_name_or_path
+
     encoder = LLMTextEncoder(peft_model, tokenizer, pooling=args.pooling, max_length=args.max_length,
                              instruction=args.instruction, template=getattr(args, "template", "auto"),
-                             doc_max_length=getattr(args, "doc_max_length", 400))
+                             doc_max_length=getattr(args, "doc_max_length", 400),
+                             name_or_path=llm2vec_name_or_path(str(args.llm), folder))
     return TrainableEncoder(encoder, peft_model, head, decoder, targets, folder)
 
 
