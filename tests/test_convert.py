@@ -177,7 +177,9 @@ def test_cli_exit_codes_and_overwrite(tmp_path, capsys):
     assert "pickled weights ['pytorch_model.bin']" in capsys.readouterr().err
     assert cli(["--from", "llm2clip-hf", str(src), "--out", str(out), "--llm-dim", "8"]) == 2
     assert cli(["--from", "llm2clip-hf", str(src), "--out", str(out), "--llm", "models/cc-llama"]) == 0
-    assert LLM2CLIPModel.from_pretrained(out).config.llm == {"path": "models/cc-llama"}
+    # with LLM2CLIP's caption encoding, which the release's adapter was trained on (issue 27, item 4)
+    assert LLM2CLIPModel.from_pretrained(out).config.llm == {"path": "models/cc-llama", "max_length": 512,
+                                                             "doc_max_length": 512, "template": "llm2clip"}
     before = (out / "model.safetensors").read_bytes()
     assert cli(["--from", "llm2clip-hf", str(src), "--out", str(out)]) == 4
     with pytest.raises(OutputExistsError, match="--overwrite"):

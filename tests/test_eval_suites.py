@@ -535,8 +535,8 @@ def test_suite_on_a_model_converted_from_a_released_checkpoint(tmp_path):
                        "--max-missing-fraction", "0.3", "--no-progress"]) == 0
     result = json.loads((tmp_path / "converted" / "eval" / "urban1k.json").read_text())
 
-    # The same metric from the official forward: LLM pooled embeddings -> official TextProj (the release
-    # feeds them without L2), and the source tower + projection for the images.
+    # The same metric from the official forward: LLM pooled embeddings -> official TextProj (with its
+    # default L2 step, the conversion's default since issue 27), and the source tower + projection.
     model = LLM2CLIPModel.from_pretrained(tmp_path / "converted")
     encoder = eval_module.load_text_encoder(model)
     transform = clip_image_transform(VISION["image_size"], train=False)
@@ -544,7 +544,7 @@ def test_suite_on_a_model_converted_from_a_released_checkpoint(tmp_path):
     pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         pooled = encoder.encode([SINGLE[k] for k in "abc"], batch_size=2).float()
-        texts = torch.nn.functional.normalize(adapter(pooled, l2_norm=False), dim=-1)
+        texts = torch.nn.functional.normalize(adapter(pooled, l2_norm=True), dim=-1)
         images = projection(tower(pixel_values=pixels).pooler_output)
         images = torch.nn.functional.normalize(images, dim=-1)
     expected = multi_caption_retrieval(images, texts, torch.arange(3))

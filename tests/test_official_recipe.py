@@ -621,3 +621,84 @@ def test_auto_reads_the_name_llm2vec_reads_for_a_folder_or_hub_id(tmp_path, monk
     (release / "config.json").write_text(json.dumps(cfg))
     assert LLMTextEncoder.from_pretrained(release, device="cpu").template == "none"
     assert LLMTextEncoder.from_pretrained(release, device="cpu", template="llm2clip").template == "llama3"
+
+
+# -- item 4: LLM2CLIP's encoding length -------------------------------------------------------------------
+
+def test_embed_recipe_llm2clip_encodes_as_llm2clips_extraction(tmp_path):
+    """llm2clip/data/extract_embedding.py: LLM2Vec(llm_model, tokenizer, pooling_mode="mean", max_length=512,
+    doc_max_length=512) after forcing _name_or_path to meta-llama/Meta-Llama-3-8B-Instruct on the released
+    LLM; our embed --recipe llm2clip on a folder shaped like that release gives the same vectors, and the
+    settings are part of the cache's fingerprint."""
+    import shutil
+
+    from _llm2vec_0_2_3_reference import BiModelReference, LLM2VecReference
+    from _tiny_llama import WORDS, write_tiny_llama
+    from transformers import AutoModel, AutoTokenizer
+
+    from llm2clip_fast.data.embedding_cache import EmbeddingCache
+
+    llm = write_tiny_llama(tmp_path / "llm")
+    release = tmp_path / "release"
+    shutil.copytree(llm, release)
+    cfg = json.loads((release / "config.json").read_text())
+    cfg.update({"architectures": ["LlamaEncoderModel"],
+                "auto_map": {"AutoModel": "modeling_llama_encoder.LlamaEncoderModel"}})
+    (release / "config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(0)
+    captions = [" ".join(rng.choice(WORDS, size=n)) for n in (12, 430, 470, 30)]  # two cut at 400, not 512
+    manifest = tmp_path / "caps.jsonl"
+    manifest.write_text("".join(json.dumps({"key": f"k{i}", "long": c}) + "\n"
+                                for i, c in enumerate(captions)))
+    out = tmp_path / "cache"
+    assert train_main(["embed", "--llm", str(release), "--data", str(manifest), "--out", str(out), "--dtype",
+                       "fp32", "--recipe", "llm2clip", "--quiet", "--device", "cpu"]) == 0
+    cache = EmbeddingCache.open(out)
+    meta = cache.metadata
+    assert (meta["max_length"], meta["doc_max_length"], meta["template"]) == (512, 512, "llama3")
+    model = AutoModel.from_pretrained(llm).eval()
+    model.config._name_or_path = "meta-llama/Meta-Llama-3-8B-Instruct"  # the extraction's workaround
+    ref = LLM2VecReference(BiModelReference(model), AutoTokenizer.from_pretrained(llm), pooling_mode="mean",
+                           max_length=512, doc_max_length=512)
+    want = ref.encode([["", c] for c in captions], batch_size=2, device="cpu")
+    got = cache.lookup([f"k{i}" for i in range(4)], "long")
+    assert (got - want).abs().max() <= 1e-5
+    # llm2vec's default cap (400) cuts the two long ones: other vectors; the cache built with 512 refuses them
+    from llm2clip_fast.train.embed import embed
+
+    with pytest.raises(ValueError, match="'doc_max_length': 400"):
+        embed(llm=str(release), data=str(manifest), out=out, dtype="fp32", template="llm2clip",
+              max_length=512, doc_max_length=400, device="cpu", progress=False)
+    embed(llm=str(release), data=str(manifest), out=tmp_path / "cut", dtype="fp32", template="llm2clip",
+          max_length=512, doc_max_length=400, device="cpu", progress=False)
+    cut = EmbeddingCache.open(tmp_path / "cut")
+    assert cut.metadata["doc_max_length"] == 400
+    assert not torch.allclose(cut.lookup(["k1"], "long"), got[1:2], atol=1e-4)
+    assert torch.allclose(cut.lookup(["k0"], "long"), got[0:1], atol=1e-5)
+
+
+def test_eval_and_convert_take_the_encoding_settings(tmp_path):
+    from llm2clip_fast.train.__main__ import parse_args
+    from llm2clip_fast.train.eval import encoding_overrides
+    from llm2clip_fast.train.recipes import EVAL_RECIPES, resolve_recipe
+
+    args = parse_args(["eval", "--model", "m", "--data", "d", "--recipe", "llm2clip"])
+    resolve_recipe(args, EVAL_RECIPES)
+    assert encoding_overrides(args) == {"max_length": 512, "doc_max_length": 512}
+    assert args.template == "llm2clip"
+    args = parse_args(["eval", "--model", "m", "--data", "d", "--recipe", "llm2clip",
+                       "--doc-max-length", "300"])
+    resolve_recipe(args, EVAL_RECIPES)
+    assert encoding_overrides(args)["doc_max_length"] == 300
+    plain = parse_args(["eval", "--model", "m", "--data", "d"])
+    resolve_recipe(plain, EVAL_RECIPES)
+    assert encoding_overrides(plain) == {} and plain.template is None  # what the model recorded
+    from test_convert import _release_parts, _release_state, _write_release
+
+    src = _write_release(tmp_path / "rel", _release_state(*_release_parts()))
+    convert_main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "a"), "--llm", "L",
+                  "--doc-max-length", "256"])
+    llm = LLM2CLIPModel.from_pretrained(tmp_path / "a").config.llm
+    assert (llm["max_length"], llm["doc_max_length"], llm["template"]) == (512, 256, "llm2clip")
+    with pytest.raises(ValueError, match="need --llm"):
+        convert_main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "b"), "--max-length", "77"])

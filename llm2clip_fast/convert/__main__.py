@@ -75,6 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "eval), e.g. the folder of microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned; "
                              "where it is on this machine its files' hashes are recorded too, and eval "
                              "checks the LLM against them")
+    from ..models.prompt_templates import TEMPLATE_CHOICES
+
+    enc = parser.add_argument_group("with --llm: how eval encodes captions with it (recorded in config.llm)")
+    enc.add_argument("--max-length", type=int, default=None,
+                     help="token limit (default: LLM2CLIP's 512 for an LLM2CLIP model, else the LLM's saved "
+                          "setting or 512)")
+    enc.add_argument("--doc-max-length", type=int, default=None,
+                     help="llm2vec's caption cap (default: LLM2CLIP's 512 for an LLM2CLIP model, whose "
+                          "adapter was trained on embeddings extracted with it; else the LLM's saved setting "
+                          "or 400)")
+    enc.add_argument("--template", choices=TEMPLATE_CHOICES, default=None,
+                     help="prompt template (default: 'llm2clip' for an LLM2CLIP model, the rule its "
+                          "extraction followed; else the LLM's saved setting or 'auto')")
     parser.add_argument("--input-norm", choices=("l2", "none"), default=None,
                         help="the adapter's input normalisation (default 'l2', as the official TextProj "
                              "trains on cached embeddings; for llm2clip-hf an assumption, since the "
@@ -167,8 +180,21 @@ def main(argv: list[str] | None = None) -> int:
 
             model, provenance = convert_open_clip(args.source, act=args.act, heads=args.heads, **common,
                                                   logit_scale_init=logit_scale_init)
+    encoding = {k: getattr(args, k) for k in ("max_length", "doc_max_length", "template")
+                if getattr(args, k) is not None}
+    if encoding and args.llm is None:
+        flags = ", ".join("--" + k.replace("_", "-") for k in encoding)
+        raise ValueError(f"{flags} describe how eval encodes captions with the LLM: they need --llm")
+    for name in ("max_length", "doc_max_length"):
+        if name in encoding and encoding[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {encoding[name]}")
     if args.llm is not None:
-        model.config.llm = recorded_llm(args.llm)
+        trained_on_llm2clip = provenance.get("from") == "llm2clip-hf" or (
+            provenance.get("from") == "eva-clip" and "kind" not in provenance)
+        from ..train.recipes import LLM2CLIP_ENCODING
+
+        defaults = dict(LLM2CLIP_ENCODING) if trained_on_llm2clip else {}
+        model.config.llm = {**recorded_llm(args.llm), **defaults, **encoding}
     out = write_model_folder(model, args.out, provenance, overwrite=args.overwrite)
     if "logit_scale" in provenance:
         print(provenance["logit_scale"])
@@ -200,7 +226,7 @@ def recorded_llm(llm: str) -> dict[str, Any]:
 def _export(args: argparse.Namespace, dtype) -> int:
     """``--to open_clip``: write the OpenCLIP files of the model folder SRC."""
     _refuse(args, (*_NEW_STAGE2_MODEL, *_OPEN_CLIP_ONLY, *_EVA_CLIP_ONLY, "llm", "input_norm",
-                   "logit_scale_init"),
+                   "logit_scale_init", "max_length", "doc_max_length", "template"),
             f"only apply to imports (--from); --to {args.target_format} writes the model's vision side as "
             "it is")
     from .open_clip_export import export_open_clip

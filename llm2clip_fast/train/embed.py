@@ -65,12 +65,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(stage-1 output; LLM2Vec's MNTP,supervised pair)")
     parser.add_argument("--pooling", choices=["mean", "last_token"], default=None)
     parser.add_argument("--max-length", type=int, default=None, help="token limit (default 512 or saved)")
+    parser.add_argument("--doc-max-length", type=int, default=None,
+                        help="llm2vec's caption length cap in tokens, longer captions cut by words (default "
+                             "saved with the LLM, else 400, llm2vec's; LLM2CLIP encodes with 512)")
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
     add_device_argument(parser)
     parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
                         help="stop when more than this fraction of records has an empty caption "
                         "(default 1%%)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    from .recipes import EMBED_RECIPES, mark_recipe_defaults
+
+    mark_recipe_defaults(parser, EMBED_RECIPES)
 
 
 def _positive(name: str, value: int) -> int:
@@ -101,6 +107,7 @@ def embed(
     hook: Callable[[str, int], None] | None = None,
     max_bad_fraction: float = DEFAULT_MAX_FRACTION,
     config: dict[str, Any] | None = None,
+    doc_max_length: int | None = None,
 ) -> Path | None:
     """Build (or resume) the embedding cache; returns the manifest path on rank 0, else ``None``.
 
@@ -119,7 +126,7 @@ def embed(
             batch_size=batch_size, shard_size=shard_size, captions=captions, instruction=instruction,
             lora=lora, pooling=pooling, max_length=max_length, normalize=normalize, device=device,
             template=template, progress=progress, hook=hook, max_bad_fraction=max_bad_fraction,
-            config=config)
+            config=config, doc_max_length=doc_max_length)
 
 
 def _embed_locked(*, llm: str, data: str, out: str | Path, load_in_8bit: bool, storage: str,
@@ -127,7 +134,7 @@ def _embed_locked(*, llm: str, data: str, out: str | Path, load_in_8bit: bool, s
                   instruction: str | None, lora: str | None, pooling: str | None, max_length: int | None,
                   normalize: bool, device: str | None, template: str | None, progress: bool,
                   hook: Callable[[str, int], None] | None, max_bad_fraction: float,
-                  config: dict[str, Any] | None) -> Path | None:
+                  config: dict[str, Any] | None, doc_max_length: int | None = None) -> Path | None:
     """:func:`embed`'s work, with the cache folder locked."""
     from ..data.sources import open_source
     from ..models.llm_encoder import LLMTextEncoder
@@ -141,7 +148,7 @@ def _embed_locked(*, llm: str, data: str, out: str | Path, load_in_8bit: bool, s
     encoder = LLMTextEncoder.from_pretrained(
         llm, dtype=compute, load_in_8bit=load_in_8bit, instruction=instruction, lora=lora,
         merge_lora=lora is not None, pooling=pooling, max_length=max_length, normalize=normalize, device=dev,
-        template=template,
+        template=template, doc_max_length=doc_max_length,
     )
     rank, world = distributed.get_rank(), distributed.get_world_size()
     metadata = cache_metadata(encoder, llm=llm, lora=lora, load_in_8bit=load_in_8bit, compute=compute,
@@ -260,13 +267,19 @@ def embed_settings(metadata: dict[str, Any], *, llm: str, data: str, out: str | 
             "model_dtype": metadata["model_dtype"], "load_in_8bit": metadata["load_in_8bit"],
             "pooling": metadata["pooling"], "instruction": metadata["instruction"],
             "max_length": metadata["max_length"], "normalize": metadata["normalize"],
-            "template": metadata["template"], "captions": list(captions), "batch_size": batch_size,
+            "template": metadata["template"], "doc_max_length": metadata["doc_max_length"],
+            "captions": list(captions), "batch_size": batch_size,
             "shard_size": shard_size, "device": str(device), "max_bad_fraction": max_bad_fraction,
             "world_size": world_size}
 
 
 def run(args: argparse.Namespace) -> int:
     """``python -m llm2clip_fast.train embed``: the cache of ``--data``'s captions in ``--out``."""
+    from .recipes import EMBED_RECIPES, resolve_recipe
+
+    resolve_recipe(args, EMBED_RECIPES)
+    if args.doc_max_length is not None:
+        _positive("doc-max-length", args.doc_max_length)
     with distributed_run(args.device) as place:
         embed(
             llm=args.llm, data=args.data, out=args.out, load_in_8bit=args.load_in_8bit, dtype=args.dtype,
@@ -275,5 +288,6 @@ def run(args: argparse.Namespace) -> int:
             instruction=args.instruction, lora=args.lora, pooling=args.pooling, max_length=args.max_length,
             normalize=args.normalize, device=str(place.device), template=args.template,
             progress=not args.quiet, max_bad_fraction=args.max_bad_fraction, config=options_config(args),
+            doc_max_length=args.doc_max_length,
         )
     return 0

@@ -211,19 +211,24 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
                        ks: Sequence[int] = DEFAULT_KS, image_root_only: bool = False,
                        template: str | None = None,
                        device: str | torch.device | None = None,
-                       allow_llm_change: bool = False) -> dict[str, Any]:
+                       allow_llm_change: bool = False,
+                       encoding_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a saved model and a caption source and evaluate (the ``eval`` sub-command's work).
 
     ``encoder`` reuses an already loaded LLM (the pipeline evaluates two splits with one load).
     ``image_root_only``: manifest image paths outside the manifest's folder are bad samples.
     ``device``: where the model and the LLM run (None: the model on the CPU, the LLM where its loader
     puts it). ``allow_llm_change``: evaluate even when the LLM's files differ from those the model
-    recorded (see :func:`load_text_encoder`).
+    recorded (see :func:`load_text_encoder`). ``encoding_overrides``: encoding settings (``max_length``,
+    ``doc_max_length``) that replace those the model recorded (``--max-length``, ``--doc-max-length``,
+    ``--recipe llm2clip``).
     """
     from llm2clip_fast.data.sources import open_source
     from llm2clip_fast.models.llm2clip import LLM2CLIPModel
 
     model = LLM2CLIPModel.from_pretrained(model_dir, device=device if device is not None else "cpu")
+    if encoding_overrides:
+        model.config.llm = {**(model.config.llm or {}), **encoding_overrides}
     source = open_source(data, image_root_only=image_root_only)
     from llm2clip_fast.data.caption_names import resolve_caption_name
 
@@ -271,6 +276,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=TEMPLATE_CHOICES,
                         help="prompt template to encode captions with (default: the one the embedding "
                              "cache recorded); must match what the adapter was trained on")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="the LLM's token limit for captions (default: what the model's embedding cache "
+                             "recorded)")
+    parser.add_argument("--doc-max-length", type=int, default=None,
+                        help="llm2vec's caption length cap (default: what the model's embedding cache "
+                             "recorded; LLM2CLIP encodes with 512)")
     parser.add_argument("--caption", default="long", help="caption name used for retrieval (default: long)")
     parser.add_argument("--batch-size", type=int, default=64, help="images/captions per forward (default 64)")
     parser.add_argument("--out", default=None,
@@ -291,6 +302,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "undecodable (default 0.01); fewer are left out and reported")
     add_hidden_alias(parser, "--no-progress", parser.add_argument(
         "--quiet", dest="no_progress", action="store_true", help="--suite: no progress bars"))
+    from .recipes import EVAL_RECIPES, mark_recipe_defaults
+
+    mark_recipe_defaults(parser, EVAL_RECIPES)
+
+
+def encoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--max-length`` / ``--doc-max-length`` (given, or from ``--recipe``), checked."""
+    out = {}
+    for name in ("max_length", "doc_max_length"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            out[name] = value
+    return out
 
 
 def run_suites_command(args: argparse.Namespace, device: torch.device) -> int:
@@ -303,7 +329,8 @@ def run_suites_command(args: argparse.Namespace, device: torch.device) -> int:
     if args.workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.workers}")
     embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device,
-                             allow_llm_change=args.allow_llm_change)
+                             allow_llm_change=args.allow_llm_change,
+                             encoding_overrides=encoding_overrides(args))
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     _log(f"model {args.model} on {device}; text path: {embedder.text_path}")
     results = run_suites(embedder, args.suite, args.root, out=out, model_name=str(args.model),
@@ -322,6 +349,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # Resolved before anything loads: --device cuda without CUDA is a one-line error, as in the trainers.
     device = resolve_device(args.device)
+    from .recipes import EVAL_RECIPES, resolve_recipe
+
+    resolve_recipe(args, EVAL_RECIPES)
+    encoding_overrides(args)  # checked before anything loads
     from llm2clip_fast.convert.input_norm_notice import warn_if_input_norm_assumed
 
     warn_if_input_norm_assumed(args.model)  # a converted release whose adapter input norm was assumed
@@ -335,7 +366,8 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate_model_dir(args.model, args.data, llm=args.llm, caption=args.caption,
                                  batch_size=args.batch_size, image_root_only=args.image_root_only,
                                  template=getattr(args, "template", None), device=device,
-                                 allow_llm_change=getattr(args, "allow_llm_change", False))
+                                 allow_llm_change=getattr(args, "allow_llm_change", False),
+                                 encoding_overrides=encoding_overrides(args))
     print(format_results_table({Path(args.model).name or str(args.model): results}))
     print(f"chance R@1 = {100 * results['chance_R@1']:.1f}% over {results['n']} images; "
           f"{results['seconds']:.1f}s")

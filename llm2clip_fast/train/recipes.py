@@ -133,7 +133,19 @@ STAGE2_RECIPES = RecipeTable(
     yields_to={"global_batch_size": ("batch_size",), "epochs": ("steps",)},
 )
 
-RECIPE_TABLES = {t.stage: t for t in (STAGE1_RECIPES, STAGE2_RECIPES)}
+# LLM2CLIP's caption encoding (llm2clip/data/extract_embedding.py at cba3b45ba3d9: LLM2Vec(...,
+# max_length=512, doc_max_length=512), the Llama-3 template its forced name selects), for embed and eval.
+LLM2CLIP_ENCODING = {"max_length": 512, "doc_max_length": 512, "template": "llm2clip"}
+ENCODING_HELP = ("named defaults: llm2clip = LLM2CLIP's caption encoding (llm2clip/data/"
+                 "extract_embedding.py: max length 512, doc_max_length 512, the template LLM2CLIP's copy of "
+                 "llm2vec chooses, with the Meta-Llama-3-8B-Instruct name its extraction forces on the "
+                 "released LLM); flags given explicitly override it")
+EMBED_RECIPES = RecipeTable(stage="embed", recipes={"none": {}, "llm2clip": dict(LLM2CLIP_ENCODING)},
+                            help=ENCODING_HELP)
+EVAL_RECIPES = RecipeTable(stage="eval", recipes={"none": {}, "llm2clip": dict(LLM2CLIP_ENCODING)},
+                           help=ENCODING_HELP)
+
+RECIPE_TABLES = {t.stage: t for t in (STAGE1_RECIPES, STAGE2_RECIPES, EMBED_RECIPES, EVAL_RECIPES)}
 
 # Set on the parsed namespace: the dests of the tracked options that were given as flags.
 EXPLICIT_ATTR = "_recipe_explicit"

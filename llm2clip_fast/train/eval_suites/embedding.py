@@ -77,7 +77,8 @@ class ModelEmbedder:
 
     def __init__(self, model_dir: str | os.PathLike[str], *, llm: str | None = None,
                  template: str | None = None, device: str | torch.device = "cpu",
-                 encoder: Any = None, allow_llm_change: bool = False) -> None:
+                 encoder: Any = None, allow_llm_change: bool = False,
+                 encoding_overrides: dict[str, Any] | None = None) -> None:
         from llm2clip_fast.models.llm2clip import CONFIG_NAME, WEIGHTS_NAME, LLM2CLIPModel
         from llm2clip_fast.train.run_spine import resolve_device
 
@@ -85,6 +86,8 @@ class ModelEmbedder:
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
         self.model_dir = Path(model_dir)
         self.model = LLM2CLIPModel.from_pretrained(self.model_dir, device=self.device).eval()
+        if encoding_overrides:  # --max-length / --doc-max-length / --recipe llm2clip replace the recorded
+            self.model.config.llm = {**(self.model.config.llm or {}), **encoding_overrides}
         self._model_files = _file_stats([self.model_dir / CONFIG_NAME, self.model_dir / WEIGHTS_NAME])
         self._llm, self._template, self._encoder = llm, template, encoder
         self._allow_llm_change = allow_llm_change
