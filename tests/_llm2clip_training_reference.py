@@ -352,3 +352,24 @@ def llm2vec_from_pretrained_name_or_path(base_model_name_or_path):
             config_dict = json.load(fIn)
         name = config_dict.get("_name_or_path", "")  # PretrainedConfig.from_dict(config_dict)._name_or_path
     return name
+
+
+# -- llm2clip/data/extract_embedding.py: save_embeddings_to_tar ------------------------------------------------
+
+def save_embeddings_to_tar(path, keys, embeddings, _KEYS=("shortSV_captions", "longSV_captions")):
+    """``embeddings``: {caption key: (N, dim) float32 torch tensor} as ``model.encode(..., convert_to_tensor=
+    True)`` returns them."""
+    import webdataset as wds
+
+    try:
+        with wds.TarWriter(path) as dst:
+            for i, key in enumerate(keys):
+                sample = {}
+                sample["__key__"] = key
+                for k in _KEYS:
+                    feautre = embeddings[k][i].numpy().tobytes()
+                    sample[k] = feautre
+                dst.write(sample)
+        print("saved: ", path)
+    except:  # noqa: E722
+        print("failed to save: ", path)

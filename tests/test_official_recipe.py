@@ -702,3 +702,159 @@ def test_eval_and_convert_take_the_encoding_settings(tmp_path):
     assert (llm["max_length"], llm["doc_max_length"], llm["template"]) == (512, 256, "llm2clip")
     with pytest.raises(ValueError, match="need --llm"):
         convert_main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "b"), "--max-length", "77"])
+
+
+# -- item 9: their embeddings and checkpoints, imported ---------------------------------------------------
+
+def _official_embedding_tars(shard: str, seed: int) -> dict[str, torch.Tensor]:
+    """extract_embedding.py's tar beside ``shard``: random 24-d "embeddings" of each sample's captions."""
+    import tarfile
+
+    from _llm2clip_training_reference import save_embeddings_to_tar
+
+    with tarfile.open(shard) as tar:
+        keys = sorted({m.name.split(".")[0] for m in tar.getmembers()})
+    g = torch.Generator().manual_seed(seed)
+    emb = {k: torch.randn(len(keys), 24, generator=g) for k in ("shortSV_captions", "longSV_captions")}
+    save_embeddings_to_tar(shard.replace(".tar", "_text_embeddings.tar"), keys, emb)
+    return {"keys": keys, **emb}
+
+
+def test_embed_imports_llm2clip_embedding_tars_checked_against_the_data(tmp_path, caplog):
+    from _llm2clip_training_reference import get_text
+
+    from llm2clip_fast.data.embedding_cache import EmbeddingCache
+
+    a, b = _official_shards(tmp_path / "cc3m", 0, 16), _official_shards(tmp_path / "cc12m", 1, 24)
+    ea, eb = _official_embedding_tars(a, 5), _official_embedding_tars(b, 6)
+    out = tmp_path / "cache"
+    assert train_main(["embed", "--import-llm2clip", "--data", f"{a};{b}", "--out", str(out), "--dtype",
+                       "fp32", "--quiet"]) == 0
+    cache = EmbeddingCache.open(out)
+    assert cache.caption_names == ["shortSV_captions", "longSV_captions"] and len(cache) == 40
+    assert cache.metadata["doc_max_length"] == 512 and cache.metadata["template"] == "llama3"
+    assert torch.equal(cache.lookup(["cc12m/000000003"], "longSV_captions")[0], eb["longSV_captions"][3])
+    # what the official reader hands the model for that sample: one of the two float32 vectors
+    item = {"jpg": b"", "shortsv_captions": ea["shortSV_captions"][2].numpy().tobytes(),
+            "longsv_captions": ea["longSV_captions"][2].numpy().tobytes()}
+    official = get_text(item, lambda pair: pair[0])["text"]
+    assert np.array_equal(official, cache.lookup(["cc3m/000000002"], "shortSV_captions")[0].numpy())
+    # stage 2 trains on it, its captions checked against the data's
+    demo = {"cache": out, "data": f"{a};{b}"}
+    assert train_main([*stage2_args(demo, tmp_path / "run", "--steps", "1", "--embed-dim", "8"),
+                       "--caption", "short:0.5,long:0.5"]) == 0
+    # a sample without its vector names itself; no --data is refused unless trusted
+    (tmp_path / "cc12m" / "00000_text_embeddings.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=r"00000_text_embeddings\.tar"):
+        train_main(["embed", "--import-llm2clip", "--data", f"{a};{b}", "--out", str(tmp_path / "c2")])
+    with pytest.raises(ValueError, match="--trust-embedding-keys"):
+        train_main(["embed", "--import-llm2clip", str(tmp_path / "cc3m"), "--out", str(tmp_path / "c3")])
+    assert train_main(["embed", "--import-llm2clip", str(tmp_path / "cc3m"), "--trust-embedding-keys",
+                       "--out", str(tmp_path / "c3"), "--quiet"]) == 0
+    trusted = EmbeddingCache.open(tmp_path / "c3")
+    assert trusted.metadata["captions_unverified"] and len(trusted) == 16
+    with caplog.at_level("WARNING"):
+        assert train_main([*stage2_args({"cache": tmp_path / "c3", "data": a}, tmp_path / "run3", "--steps",
+                                        "1", "--embed-dim", "8"), "--caption", "long"]) == 0
+    assert any("--trust-embedding-keys" in r.getMessage() for r in caplog.records)
+
+
+def _fake_deepspeed_classes():
+    """Classes that pickle under DeepSpeed 0.8.1's own names (deepspeed.runtime.config.DeepSpeedConfig
+    with a nested pydantic-style zero config and an enum), and one whose unpickling would run a shell."""
+    import enum
+    import sys
+    import types
+
+    config_mod = types.ModuleType("deepspeed.runtime.config")
+    zero_mod = types.ModuleType("deepspeed.runtime.zero.config")
+
+    class ZeroStageEnum(int, enum.Enum):
+        disabled = 0
+        optimizer_states = 1
+
+    class DeepSpeedZeroConfig:
+        def __init__(self):
+            self.stage = ZeroStageEnum.optimizer_states
+            self.reduce_bucket_size = 500000000
+
+    class DeepSpeedConfig:
+        def __init__(self):
+            self._param_dict = {"train_batch_size": 4096, "fp16": {"enabled": True}}
+            self.zero_config = DeepSpeedZeroConfig()
+            self.fp16_enabled = True
+
+    class Sneaky:
+        def __reduce__(self):
+            return (os.system, (f"touch {SNEAKY_FILE}",))
+
+    for mod, classes in ((config_mod, [DeepSpeedConfig]), (zero_mod, [ZeroStageEnum, DeepSpeedZeroConfig])):
+        for cls in classes:
+            cls.__module__ = mod.__name__
+            setattr(mod, cls.__name__, cls)
+            cls.__qualname__ = cls.__name__
+        sys.modules[mod.__name__] = mod
+    for parent in ("deepspeed", "deepspeed.runtime", "deepspeed.runtime.zero"):
+        sys.modules.setdefault(parent, types.ModuleType(parent))
+    return DeepSpeedConfig, Sneaky
+
+
+import os  # noqa: E402
+
+SNEAKY_FILE = Path("/tmp/llm2clip_fast_deepspeed_sneaky_test")
+
+
+def test_deepspeed_checkpoint_converts_without_running_pickled_code(tmp_path):
+    import sys
+    from collections import OrderedDict
+
+    from _timm_environment import require_timm
+    from test_convert_eva_clip import _config_file, _official, _state, _write
+
+    from llm2clip_fast.convert.deepspeed_checkpoint import Opaque, load_deepspeed_model_states
+
+    require_timm()
+    visual, text, logit_scale = _official(seed=2)
+    module = OrderedDict((k, v.half()) for k, v in _state(visual, text, logit_scale).items())
+    config_cls, sneaky = _fake_deepspeed_classes()
+    try:
+        # DeepSpeed 0.8.1 engine._save_checkpoint's keys, ZeRO-1 fp16 (optimizer None, param_shapes), and
+        # main.py's client_state {"epoch": N}
+        state = dict(module=module, buffer_names=[], optimizer=None,
+                     param_shapes=[OrderedDict((k, v.shape) for k, v in module.items())], lr_scheduler=None,
+                     data_sampler=None, random_ltd=None, sparse_tensor_module_names=set(), skipped_steps=3,
+                     global_steps=1200, global_samples=1200 * 4096, dp_world_size=8, mp_world_size=1,
+                     ds_config=config_cls(), ds_version="0.8.1", epoch=20)
+        ckpt = tmp_path / "checkpoints" / "epoch_20"
+        ckpt.mkdir(parents=True)
+        torch.save(state, ckpt / "mp_rank_00_model_states.pt")
+        crafted = tmp_path / "crafted" / "epoch_1"
+        crafted.mkdir(parents=True)
+        torch.save({**state, "sneaky": sneaky()}, crafted / "mp_rank_00_model_states.pt")
+        (tmp_path / "checkpoints" / "latest").write_text("epoch_20")
+    finally:
+        for name in ("deepspeed.runtime.config", "deepspeed.runtime.zero.config", "deepspeed.runtime.zero",
+                     "deepspeed.runtime", "deepspeed"):
+            sys.modules.pop(name, None)
+    with pytest.raises(Exception, match="Unsupported global"):  # what torch's safe loader says alone
+        torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)
+    SNEAKY_FILE.unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"without running its code.*posix\.system"):
+        load_deepspeed_model_states(crafted)  # a file naming a shell call is refused, never run
+    assert not SNEAKY_FILE.exists(), "a pickled call ran"
+    loaded = load_deepspeed_model_states(tmp_path / "checkpoints")
+    assert isinstance(loaded["ds_config"], Opaque)
+    assert isinstance(loaded["ds_config"].state["zero_config"], Opaque)
+    assert loaded["epoch"] == 20 and loaded["ds_version"] == "0.8.1" and loaded["global_steps"] == 1200
+    assert all(torch.equal(loaded["module"][k], v) for k, v in module.items())
+    cfg = _config_file(tmp_path)
+    convert_main(["--from", "eva-clip", str(ckpt), "--out", str(tmp_path / "from_ds"), "--model-config", cfg])
+    _write(tmp_path / "plain.safetensors", dict(module))
+    convert_main(["--from", "eva-clip", str(tmp_path / "plain.safetensors"), "--out", str(tmp_path / "plain"),
+                  "--model-config", cfg])
+    a = LLM2CLIPModel.from_pretrained(tmp_path / "from_ds").state_dict()
+    b = LLM2CLIPModel.from_pretrained(tmp_path / "plain").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["logit_scale"].dtype == torch.float16
+    record = json.loads((tmp_path / "from_ds" / "conversion.json").read_text())
+    assert record["deepspeed"] == {"epoch": 20, "global_steps": 1200, "global_samples": 1200 * 4096,
+                                   "ds_version": "0.8.1"}

@@ -126,16 +126,33 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"eva-clip source {str(source)!r} does not exist")
-    if path.is_dir():
+    from .deepspeed_checkpoint import is_deepspeed_checkpoint, load_deepspeed_model_states, model_states_file
+
+    deepspeed: dict[str, Any] | None = None
+    if is_deepspeed_checkpoint(path):
+        # the official training's own checkpoints (epoch_N/mp_rank_00_model_states.pt): weights under
+        # "module", DeepSpeed's objects beside them read as inert stand-ins (no pickled code runs)
+        full = load_deepspeed_model_states(path)
+        path = model_states_file(path)
+        state = {k: v for k, v in full["module"].items() if isinstance(v, torch.Tensor)}
+        deepspeed = {k: full.get(k) for k in ("epoch", "global_steps", "global_samples", "ds_version")
+                     if isinstance(full.get(k), (int, str))}
+    elif path.is_dir():
         raise ValueError(f"eva-clip source {str(source)!r} is a folder; --from eva-clip reads one state-dict "
-                         "file (.pt/.pth/.bin/.safetensors)")
-    state = load_state_file(path, CHECKPOINT_WRAPPERS)
+                         "file (.pt/.pth/.bin/.safetensors) or a DeepSpeed checkpoint (epoch_N/"
+                         "mp_rank_00_model_states.pt)")
+    else:
+        state = load_state_file(path, CHECKPOINT_WRAPPERS)
     if "text.logit_scale" in state and "logit_scale" not in state:
         # an older layout with the scale inside the text tower, which the official load_checkpoint moves too
         state["logit_scale"] = state.pop("text.logit_scale")
     where = f"{path} (as an EVA-CLIP state dict)"
     if is_plain_eva_clip(state):
-        return _convert_plain(path, state, model, model_config, input_norm, dtype, dict(new_parts or {}))
+        converted, provenance = _convert_plain(path, state, model, model_config, input_norm, dtype,
+                                               dict(new_parts or {}))
+        if deepspeed is not None:
+            provenance["deepspeed"] = deepspeed
+        return converted, provenance
     if new_parts:
         raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in sorted(new_parts))} only apply to "
                          f"--from hf-clip / open_clip and to a plain EVA-CLIP file: {path} is an LLM2CLIP "
@@ -181,6 +198,8 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
         "official_code": f"microsoft/LLM2CLIP llm2clip/eva_clip (eva_vit_model.py, rope.py, model.py) at "
                          f"{OFFICIAL_COMMIT}",
     }
+    if deepspeed is not None:
+        provenance["deepspeed"] = deepspeed
     return converted, provenance
 
 

@@ -36,10 +36,19 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--llm", required=True,
-                        help="model folder (or hub name present in the local HF cache)")
-    parser.add_argument("--data", required=True,
+    parser.add_argument("--llm", default=None,
+                        help="model folder (or hub name present in the local HF cache); with "
+                             "--import-llm2clip, the LLM the imported vectors came from (recorded for eval)")
+    parser.add_argument("--data", default=None,
                         help="caption source: manifest (.csv/.tsv/.jsonl) or shard spec")
+    parser.add_argument("--import-llm2clip", nargs="?", const="beside", default=None, metavar="DIR",
+                        help="import LLM2CLIP's precomputed *_text_embeddings.tar files (one per --data "
+                             "shard, in DIR or, without DIR, beside each shard) instead of running an LLM; "
+                             "the cache's caption hashes come from the --data shards")
+    parser.add_argument("--trust-embedding-keys", action="store_true",
+                        help="with --import-llm2clip and no --data: import the tars' keys and vectors "
+                             "without the captions they came from (recorded in the cache; stage 2 then warns "
+                             "that it cannot check the cache against its data)")
     parser.add_argument("--out", required=True, help="cache folder (created; an unfinished one is resumed)")
     parser.add_argument("--load-in-8bit", action="store_true",
                         help="load the LLM's linear weights as LLM.int8")
@@ -280,6 +289,14 @@ def run(args: argparse.Namespace) -> int:
     resolve_recipe(args, EMBED_RECIPES)
     if args.doc_max_length is not None:
         _positive("doc-max-length", args.doc_max_length)
+    if args.import_llm2clip is not None:
+        return _run_import(args)
+    if args.trust_embedding_keys:
+        raise ValueError("--trust-embedding-keys goes with --import-llm2clip")
+    missing = [f"--{n}" for n in ("llm", "data") if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"embed needs {' and '.join(missing)} (or --import-llm2clip DIR to import "
+                         "LLM2CLIP's precomputed embeddings)")
     with distributed_run(args.device) as place:
         embed(
             llm=args.llm, data=args.data, out=args.out, load_in_8bit=args.load_in_8bit, dtype=args.dtype,
@@ -290,4 +307,29 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet, max_bad_fraction=args.max_bad_fraction, config=options_config(args),
             doc_max_length=args.doc_max_length,
         )
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    """``--import-llm2clip``: LLM2CLIP's embedding tars into the cache (:mod:`.import_llm2clip`)."""
+    from .import_llm2clip import import_llm2clip_embeddings
+
+    official = {"max_length": (None, 512), "doc_max_length": (None, 512),
+                "template": (None, "llm2clip", "llama3")}
+    names = ("lora", "instruction", "pooling", "model_dtype", "captions", "max_length", "doc_max_length",
+             "template")
+    conflicting = [f"--{n.replace('_', '-')}" for n in names
+                   if getattr(args, n, None) not in official.get(n, (None,))]
+    conflicting += [f"--{n.replace('_', '-')}" for n in ("load_in_8bit", "normalize") if getattr(args, n)]
+    if conflicting:
+        raise ValueError(f"--import-llm2clip imports vectors LLM2CLIP's extraction made already; "
+                         f"{', '.join(conflicting)} cannot apply to them")
+    if distributed.get_world_size() > 1:
+        raise ValueError("--import-llm2clip runs in one process (no torchrun): it reads files, no LLM")
+    with hold_folder(args.out, main=True, what="an embed run", say=logger.warning):
+        manifest = import_llm2clip_embeddings(
+            out=args.out, data=args.data, folder=args.import_llm2clip, trust_keys=args.trust_embedding_keys,
+            llm=args.llm, dtype=args.dtype, shard_size=_positive("shard-size", args.shard_size),
+            max_bad_fraction=args.max_bad_fraction, progress=not args.quiet)
+        write_run_config(Path(args.out), {**options_config(args), "imported": str(manifest)})
     return 0

@@ -427,6 +427,10 @@ def check_cache_covers(cache: Any, source: Any, caption_names: list[str]) -> Non
                        "checked against the data's captions; rerun the embed step on it to record them",
                        cache.directory)
         return
+    if cache.metadata.get("captions_unverified"):
+        logger.warning("stage2: the embedding cache %s was imported with --trust-embedding-keys (no caption "
+                       "texts): its keys are checked, its captions cannot be", cache.directory)
+        return
     # A private tracker that never stops: bad samples are the loader's business, counted there.
     cache.check_captions(source.iter_captions(bad_data=BadDataTracker(1.0)), caption_names)
 
@@ -439,7 +443,7 @@ def check_batch_in_cache(cache: Any, batch: dict[str, Any], caption_names: list[
         raise ValueError(f"the embedding cache {cache.directory} lacks embeddings for {len(missing)} key(s) "
                          f"of a batch of the streamed data, e.g. {missing[:5]}; run the embed step on this "
                          "data")
-    if cache.has_caption_fingerprints:
+    if cache.has_caption_fingerprints and not cache.metadata.get("captions_unverified"):
         cache.check_captions(zip(batch["keys"], batch["all_captions"]), caption_names)
 
 
