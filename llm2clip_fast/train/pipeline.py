@@ -60,10 +60,17 @@ class DemoSizes:
     clip_text_width: int
     clip_text_layers: int
     clip_text_heads: int
+    adapter_blocks: int = 1
 
 
 # FULL is sized for about 10 minutes on 2 uncontended CPU cores (module docstring: where the time
 # goes); QUICK only checks that every stage runs and learns something.
+#
+# adapter_blocks: the official TextProj has 4 residual blocks, trained on 4096-d embeddings of ~13M
+# captions for 20 epochs. At demo scale (384-d MiniLM, 1,500 images, 150 steps) those 4 blocks (2.4M
+# weights from scratch) overfit the long captions and lose the LLM's short/long alignment: with 4 blocks
+# LLM2CLIP's zero-shot fell below the baseline's on seeds 1 and 2 and the CRA through the adapter halved.
+# One block (the same TextProj, scaled to the data) keeps both (issue 27, item 10; README "The demo").
 FULL = DemoSizes(n_train=1500, n_val=300, long_detail_groups=50, image_size=64,
                  stage1_steps=30, stage1_batch=16, stage1_lr=2e-4, stage1_eval_size=100,
                  stage2_steps=150, stage2_batch=64, stage2_lr=5e-4, embed_dim=128,
@@ -136,7 +143,7 @@ def stage2_argv(text_tower: str, data: str, out: Path, sizes: DemoSizes, seed: i
         argv += ["--clip-text-width", str(sizes.clip_text_width), "--clip-text-layers",
                  str(sizes.clip_text_layers), "--clip-text-heads", str(sizes.clip_text_heads)]
     else:
-        argv += ["--embeddings", str(embeddings)]
+        argv += ["--embeddings", str(embeddings), "--adapter-blocks", str(sizes.adapter_blocks)]
     return argv
 
 
