@@ -22,11 +22,12 @@ loss_speed      35     bf16 matmul rate (8192^3); fused CLIP and SigLIP fwd+bwd 
                        the measured matmul rate) against the materialised OpenCLIP-style losses
 clip_1m         60     CLIP at B=1,048,576, D=1024 bf16: finite loss and gradients, peak memory, time; row
                        and column log-sum-exp recomputed with torch for sampled rows (first, random, last)
-adapter_speed   85     adapter 4096->1280 (4 blocks x2, bf16 autocast) fused vs eager vs torch.compile at
-                       batch 8192 and 32768: fwd+bwd time and activation memory
-adapter_kernels 30     optional: each fused adapter kernel (LN-on-load GEMM + GELU, GEMM + residual, the
-                       LN/GELU backward, the weight gradients, the LayerNorm backward) against the torch /
-                       cuBLAS ops that compute the same thing, at one block's shapes (B=8192, 4096 -> 8192)
+adapter_speed   85     adapter 4096->1280 (4 blocks x2, bf16 autocast) lean (cuBLAS + Triton) vs eager vs
+                       recompute vs torch.compile at batch 8192 and 32768: fwd+bwd time, saved bytes,
+                       activation memory, fidelity (bench/adapter_throughput.py's gpu_speed_cases)
+adapter_kernels 30     optional: each Triton element-wise kernel of the lean adapter (LayerNorm forward and
+                       backward, GELU + dropout forward and backward) against the torch ops that compute
+                       the same thing, at one block's shapes (B=8192, 4096 -> 8192)
 models          70     optional: embedding throughput of an 8B-shaped random Llama (bf16; int8 only where
                        bitsandbytes is installed) and a stage-2 step on ViT-L/14 with cached (random)
                        embeddings at batch 1024. Random weights from configs; nothing is downloaded.
@@ -108,8 +109,9 @@ STAGES = [
     Stage("gpu_tests", "pytest -m gpu with a per-test time limit", 110, 120),
     Stage("loss_speed", "matmul rate; fused vs materialised CLIP/SigLIP fwd+bwd", 35, 90),
     Stage("clip_1m", "CLIP at B=1,048,576: finite, peak memory, sampled LSE check", 60, 60),
-    Stage("adapter_speed", "adapter fused vs eager vs torch.compile: time and activation memory", 85, 120),
-    Stage("adapter_kernels", "each fused adapter kernel vs the torch ops it replaces", 30, 90, optional=True),
+    Stage("adapter_speed", "adapter lean vs eager vs torch.compile: time, saved bytes, fidelity", 85, 120),
+    Stage("adapter_kernels", "each lean-adapter Triton kernel vs the torch ops it replaces", 30, 90,
+          optional=True),
     Stage("models", "8B-shaped Llama embedding throughput; ViT-L/14 stage-2 step", 70, 120, optional=True),
 ]
 
@@ -719,97 +721,21 @@ def stage_clip_1m(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
 
 
 def stage_adapter_speed(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
-    from bench.adapter_throughput import adapter_flops, point
+    """bench/adapter_throughput.py's GPU plan: every adapter backend's time, saved bytes and fidelity."""
+    from bench.adapter_throughput import gpu_speed_cases
 
     if quick:
         rec.note("quick: torch.compile is not measured (CPU code generation takes minutes on 2 cores)")
-    order = [(impl, b) for impl in ("fused", "recompute", "eager") for b in sizes.adapter_batches]
-    if not quick:
-        order += [("compile", b) for b in sizes.adapter_batches]  # dearest last: compilation
-    d, n = sizes.adapter_d, sizes.adapter_out
-    fwdbwd: dict[tuple[str, int], float] = {}
-    for impl, b in order:
-        def run(impl: str = impl, b: int = b) -> dict:
-            blocks = sizes.adapter_blocks
-            r = point(impl=impl, batch=b, dim=d, out_dim=n, num_blocks=blocks, expansion=2, device=str(dev),
-                      dtype="bf16" if dev.type == "cuda" else "fp32", budget_s=0.2 if quick else 1.0,
-                      fused_backend="triton")
-            fwdbwd[(impl, b)] = r["fwdbwd_ms"]
-            r["fwdbwd_tflops"] = 3 * adapter_flops(b, d, n, blocks, 2) / r["fwdbwd_ms"] / 1e9
-            r["blocks"] = blocks
-            if ("eager", b) in fwdbwd and impl != "eager":
-                r["speedup_vs_eager"] = fwdbwd[("eager", b)] / r["fwdbwd_ms"]
-            if impl == "eager" and ("fused", b) in fwdbwd:
-                r["fused_speedup_vs_eager"] = r["fwdbwd_ms"] / fwdbwd[("fused", b)]
-            r.pop("peak_above_baseline_mb", None)
-            return r
-
-        rec.attempt(f"adapter {impl} B={b} {d}->{n}", run)
+    for name, run in gpu_speed_cases(dev, quick):
+        rec.attempt(name, run)
 
 
 def stage_adapter_kernels(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
-    """Each fused adapter kernel against the torch/cuBLAS ops that compute the same, at one block's shapes."""
-    import torch
-    import torch.nn.functional as F
-    from llm2clip_fast.kernels import adapter as K
+    """Each Triton element-wise kernel of the lean adapter against the torch ops that compute the same."""
+    from bench.adapter_throughput import gpu_kernel_cases
 
-    b, d = sizes.adapter_batches[0], sizes.adapter_d
-    h = 2 * d
-    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    g = torch.Generator(device="cpu").manual_seed(7)
-
-    def rnd(*shape: int, scale: float = 1.0, dtype: Any = dt) -> Any:
-        return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dtype)
-
-    x, dy = rnd(b, d), rnd(b, d)
-    ln_w, ln_b = rnd(d, scale=0.1, dtype=torch.float32) + 1, rnd(d, scale=0.1, dtype=torch.float32)
-    w1, b1 = rnd(h, d, scale=d ** -0.5), rnd(h, scale=0.1, dtype=torch.float32)
-    w2, b2 = rnd(d, h, scale=h ** -0.5), rnd(d, scale=0.1, dtype=torch.float32)
-    mean, rstd, _ = K.row_stats(x, 1e-5)
-    dz, hh = K.ln_gelu_bwd(x, mean, rstd, ln_w, ln_b, w1, b1, dy, w2)
-
-    def ln_x() -> Any:
-        return F.layer_norm(x.float(), (d,), ln_w, ln_b, 1e-5).to(dt)
-
-    def torch_ln_gelu_bwd() -> Any:
-        z = F.linear(ln_x(), w1, b1.to(dt)).float()
-        dh = (dy @ w2).float()
-        cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))
-        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
-        return (dh * (cdf + z * pdf)).to(dt), (z * cdf).to(dt)
-
-    gemm = 2 * b * d * h
-    cases: list[tuple[str, float, Callable[[], Any], Callable[[], Any]]] = [
-        ("fc1: LN-on-load GEMM + bias + GELU", gemm,
-         lambda: K.fused_linear(x, w1, b1, out_dtype=dt, ln=(mean, rstd, ln_w, ln_b), gelu=True),
-         lambda: F.gelu(F.linear(ln_x(), w1, b1.to(dt)))),
-        ("fc2: GEMM + bias + residual", gemm,
-         lambda: K.fused_linear(hh, w2, b2, out_dtype=dt, residual=x),
-         lambda: F.linear(hh, w2, b2.to(dt)) + x),
-        ("ln_gelu_bwd: recompute z, dy @ W2, GELU'", 2 * gemm,
-         lambda: K.ln_gelu_bwd(x, mean, rstd, ln_w, ln_b, w1, b1, dy, w2), torch_ln_gelu_bwd),
-        ("weight_grad dW1 (LN-on-load)", gemm,
-         lambda: K.weight_grad(dz, x, dot_dtype=dt, ln=(mean, rstd, ln_w, ln_b)),
-         lambda: (dz.t() @ ln_x(), dz.float().sum(0))),
-        ("weight_grad dW2", gemm, lambda: K.weight_grad(dy, hh, dot_dtype=dt),
-         lambda: (dy.t() @ hh, dy.float().sum(0))),
-        ("dLN = dz @ W1 (torch.mm in both)", gemm, lambda: torch.mm(dz, w1), lambda: torch.mm(dz, w1)),
-        ("layernorm_bwd + residual", 0.0,
-         lambda: K.layernorm_bwd(x, mean, rstd, ln_w, dy, dres=dy),
-         lambda: torch.autograd.grad(F.layer_norm(xr, (d,), ln_w, ln_b, 1e-5), (xr,), dy.float())),
-    ]
-    xr = x.float().requires_grad_()
-    reps = 2 if quick else 10
-    for name, flops, fused, ref in cases:
-        def run(fused: Callable[[], Any] = fused, ref: Callable[[], Any] = ref, flops: float = flops) -> dict:
-            t_fused, t_ref = Timer(dev).split([fused, ref], reps=reps)
-            m: dict[str, Any] = {"fused_ms": t_fused, "torch_ms": t_ref, "fused_over_torch": t_fused / t_ref}
-            if flops:
-                m["fused_tflops"] = flops / t_fused / 1e9
-                m["torch_tflops"] = flops / t_ref / 1e9
-            return m
-
-        rec.attempt(f"{name} B={b} d={d} h={h}", run)
+    for name, run in gpu_kernel_cases(dev, quick):
+        rec.attempt(name, run)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,15 +22,11 @@ SM90_SHARED_MEMORY_BYTES = 227 * 1024
 
 # Operand tiles each kernel pipelines through shared memory, as (rows, cols) config keys.
 _MN_K = (("BLOCK_M", "BLOCK_K"), ("BLOCK_N", "BLOCK_K"))
-_MK_KN = (("BLOCK_M", "BLOCK_K"), ("BLOCK_K", "BLOCK_N"))
 OPERAND_TILES: dict[str, tuple[tuple[str, str], ...]] = {
     "clip_fwd": _MN_K,
     "clip_bwd": _MN_K,
     "siglip_fwd": _MN_K,
     "siglip_bwd": _MN_K,
-    "adapter_fwd": _MK_KN,
-    "adapter_bwd": _MK_KN + _MK_KN,  # LN(x) @ W1 and dy @ W2 share the K loop
-    "adapter_wgrad": (("BLOCK_N", "BLOCK_M"), ("BLOCK_M", "BLOCK_K")),
 }
 
 

@@ -42,11 +42,7 @@ class KernelSpec:
 def _specs(dtype: str, fp32_prec: str = "ieee") -> dict[str, KernelSpec]:
     """fp32_prec: "ieee" is torch's default float32 matmul precision ("highest"), "tf32" what
     ``torch.backends.cuda.matmul.allow_tf32`` / precision "high" selects."""
-    import triton.language as tl
-
     prec = fp32_prec if dtype == "fp32" else "tf32"
-    dot_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
-    adapter_prec = fp32_prec if dtype == "fp32" else None
     return {
         "clip_fwd": KernelSpec("clip_loss", "_clip_lse_forward_kernel", "_FWD_TILES", ("image_ptr", "text_ptr"), (),
                                {"UPCAST": False, "DOT_PRECISION": prec}),
@@ -56,19 +52,6 @@ def _specs(dtype: str, fp32_prec: str = "ieee") -> dict[str, KernelSpec]:
                                  ("stride_id", "stride_td"), {"UPCAST": False, "DOT_PRECISION": prec}),
         "siglip_bwd": KernelSpec("siglip_loss", "_siglip_grad_tile_kernel", "_BWD_TILES", ("img_ptr", "txt_ptr", "g_ptr"),
                                  ("stride_id", "stride_td"), {"UPCAST": False, "DOT_PRECISION": prec}),
-        "adapter_fwd": KernelSpec(
-            "adapter", "_fused_linear_fwd_kernel", "_FWD_TILES", ("A", "W", "RES", "OUT"),
-            ("stride_ak", "stride_wk", "stride_rn", "stride_on"),
-            {"LN_INPUT": True, "GELU": True, "HAS_RES": True, "RES_L2": False, "DOT_DTYPE": dot_dtype,
-             "UPCAST": False, "PRECISION": adapter_prec}),
-        "adapter_bwd": KernelSpec(
-            "adapter", "_ln_gelu_bwd_kernel", "_BWD_TILES", ("X", "W1", "DY", "W2", "DZ", "H"),
-            ("stride_xk", "stride_w1k", "stride_dyk", "stride_w2n", "stride_on"),
-            {"DOT_DTYPE": dot_dtype, "UPCAST": False, "PRECISION": adapter_prec}),
-        "adapter_wgrad": KernelSpec(
-            "adapter", "_weight_grad_kernel", "_WGRAD_TILES", ("G", "X"), ("stride_gn", "stride_xk", "stride_dwk"),
-            {"LN_INPUT": True, "HAS_DB": True, "DOT_DTYPE": dot_dtype, "UPCAST": False,
-             "PRECISION": adapter_prec}),
     }
 
 

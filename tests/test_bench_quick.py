@@ -23,13 +23,13 @@ sys.path.insert(0, str(REPO))
 
 from bench import gpu_check  # noqa: E402
 
-BACKENDS = {"triton", "cpu", "torch", "cuda", "reference"}
+BACKENDS = {"triton", "cpu", "torch", "cuda", "reference", "lean"}
 
 # (id, script and extra args, row key naming the implementation, fused values, key of the recorded backend
 # or None for a bench that runs no op)
 BENCHES = [
     ("loss_throughput", ["bench/loss_throughput.py"], "provider", {"fused"}, "backend"),
-    ("adapter_throughput", ["bench/adapter_throughput.py"], "impl", {"fused"}, "backend"),
+    ("adapter_throughput", ["bench/adapter_throughput.py"], "impl", {"lean"}, "backend"),
     ("distributed_memory", ["bench/distributed_memory.py"], "provider", {"global-clip"}, "backend"),
     ("embed_throughput", ["bench/embed_throughput.py"], None, None, "pool_backend"),
     ("stage2_throughput", ["bench/stage2_throughput.py"], "impl", {"fused"}, "loss_backend"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from llm2clip_fast.kernels import adapter, clip_loss, siglip_loss
+from llm2clip_fast.kernels import clip_loss, siglip_loss
 from llm2clip_fast.kernels._config_fit import (
     SM90_SHARED_MEMORY_BYTES,
     TileConfigs,
@@ -23,9 +23,6 @@ PRODUCTION = {
     "clip backward": clip_loss._BWD_TILES,
     "siglip forward": siglip_loss._FWD_TILES,
     "siglip backward": siglip_loss._BWD_TILES,
-    "adapter forward": adapter._FWD_TILES,
-    "adapter backward": adapter._BWD_TILES,
-    "adapter weight gradient": adapter._WGRAD_TILES,
 }
 
 
@@ -33,8 +30,6 @@ def test_shared_memory_estimate_counts_stages_tiles_and_element_size():
     (cfg,) = gemm_configs([(128, 64, 32, 8, 3)])
     assert estimated_shared_bytes("clip_fwd", cfg, 2) == 3 * (128 * 32 + 64 * 32) * 2
     assert estimated_shared_bytes("clip_fwd", cfg, 4) == 3 * (128 * 32 + 64 * 32) * 4
-    # The adapter backward streams two operand pairs (LN(x), W1 and dy, W2) through one K loop.
-    assert estimated_shared_bytes("adapter_bwd", cfg, 2) == 3 * 2 * (128 * 32 + 32 * 64) * 2
     with pytest.raises(KeyError, match="kernel must be one of"):
         estimated_shared_bytes("nope", cfg, 2)
 
@@ -42,11 +37,11 @@ def test_shared_memory_estimate_counts_stages_tiles_and_element_size():
 def test_configs_over_the_shared_memory_budget_are_dropped_per_dtype():
     big, small = gemm_configs([(128, 128, 64, 8, 4), (64, 64, 32, 4, 3)])
     # 4 stages of two 128x64 tiles: 128 KiB in bf16 fits sm_90's 227 KiB, 256 KiB in fp32 does not.
-    assert fitting_configs("adapter_fwd", [big, small], 2, SM90_SHARED_MEMORY_BYTES) == [big, small]
-    assert fitting_configs("adapter_fwd", [big, small], 4, SM90_SHARED_MEMORY_BYTES) == [small]
+    assert fitting_configs("clip_fwd", [big, small], 2, SM90_SHARED_MEMORY_BYTES) == [big, small]
+    assert fitting_configs("clip_fwd", [big, small], 4, SM90_SHARED_MEMORY_BYTES) == [small]
     # Nothing fits: keep the smallest rather than leave the autotuner without a config.
-    assert fitting_configs("adapter_fwd", [big, small], 4, 1024) == [small]
-    tiles = TileConfigs("adapter_fwd", ("A", "W"), half=(big, small), fp32=(big, small))
+    assert fitting_configs("clip_fwd", [big, small], 4, 1024) == [small]
+    tiles = TileConfigs("clip_fwd", ("A", "W"), half=(big, small), fp32=(big, small))
     assert tiles.for_elem_size(2) == [big, small]
     assert tiles.for_elem_size(4) == [small]
 
@@ -89,7 +84,6 @@ def test_spilling_tiles_are_not_listed():
     assert (128, 256, 64, 8) not in shapes(clip_loss._FWD_TILES.all())
     for tiles in (siglip_loss._FWD_TILES, siglip_loss._BWD_TILES):
         assert not shapes(tiles.all()) & {(128, 256, 64, 8), (256, 128, 64, 8), (128, 128, 32, 4)}
-    assert (128, 128, 64, 8) not in shapes(adapter._FWD_TILES.fp32)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
