@@ -23,6 +23,7 @@ EXPECTED_CPU = {
     "siglip_loss": {F32: "cpu", F64: "cpu", F16: "cpu", BF16: "cpu"},
     "masked_mean_pool": {F32: "cpu", F64: "torch", F16: "cpu", BF16: "cpu"},
     "text_adapter": {F32: "lean", F64: "torch", F16: "torch", BF16: "lean"},
+    "w8a8_linear": {F32: "cpu", F64: "torch", F16: "torch", BF16: "cpu"},
 }
 
 
