@@ -28,9 +28,10 @@ adapter_speed   85     adapter 4096->1280 (4 blocks x2, bf16 autocast) lean (cuB
 adapter_kernels 30     optional: each Triton element-wise kernel of the lean adapter (LayerNorm forward and
                        backward, GELU + dropout forward and backward) against the torch ops that compute
                        the same thing, at one block's shapes (B=8192, 4096 -> 8192)
-models          70     optional: embedding throughput of an 8B-shaped random Llama (bf16; int8 only where
-                       bitsandbytes is installed) and a stage-2 step on ViT-L/14 with cached (random)
-                       embeddings at batch 1024. Random weights from configs; nothing is downloaded.
+models          70     optional: caption-embedding throughput of an 8B-shaped random Llama built on the GPU,
+                       bf16 against w8a8-fp8, w8a8-int8, llm-int8 and torchao where installed
+                       (bench/embed_throughput.py's gpu_cases), and a stage-2 step on ViT-L/14 with cached
+                       (random) embeddings at batch 1024. Random weights from configs; nothing is downloaded.
 ==============  =====  ====================================================================================
 
 ``--quick`` runs every stage with tiny sizes on CPU with ``TRITON_INTERPRET=1`` (the same code, so
@@ -189,10 +190,6 @@ class Sizes:
     matmul_n: int
     big_b: int
     big_d: int
-    adapter_batches: tuple[int, ...]
-    adapter_blocks: int
-    llm: dict[str, int]
-    llm_batch: tuple[int, int]
     vit_preset: str
     vit_batch: int
     stage2_llm_dim: int
@@ -202,17 +199,11 @@ class Sizes:
 
 GPU_SIZES = Sizes(loss_b=8192, loss_d=1024, adapter_b=1024, adapter_d=4096, adapter_out=1280,
                   pool=(64, 256, 4096), speed_b=65536, matmul_n=8192, big_b=1 << 20, big_d=1024,
-                  adapter_batches=(8192, 32768), adapter_blocks=4,
-                  llm=dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate=14336,
-                           vocab=32000),
-                  llm_batch=(32, 256), vit_preset="vit-l-14", vit_batch=1024, stage2_llm_dim=4096,
+                  vit_preset="vit-l-14", vit_batch=1024, stage2_llm_dim=4096,
                   stage2_embed_dim=1280, reps=5)
 QUICK_SIZES = Sizes(loss_b=37, loss_d=24, adapter_b=9, adapter_d=32, adapter_out=16, pool=(3, 7, 24),
-                    speed_b=33, matmul_n=64, big_b=67, big_d=16, adapter_batches=(9,), adapter_blocks=1,
-                    llm=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate=64,
-                             vocab=100),
-                    llm_batch=(2, 8), vit_preset="micro", vit_batch=8, stage2_llm_dim=32, stage2_embed_dim=16,
-                    reps=2)
+                    speed_b=33, matmul_n=64, big_b=67, big_d=16, vit_preset="micro", vit_batch=8,
+                    stage2_llm_dim=32, stage2_embed_dim=16, reps=2)
 
 
 def rel_err(x: Any, ref: Any) -> float:
@@ -742,79 +733,15 @@ def stage_adapter_kernels(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) ->
 # stage: models
 
 
-def _llm_embed_speed(dev: Any, sizes: Sizes, reps: int, int8: bool) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaModel
-
-    from llm2clip_fast.ops import _backend
-    from llm2clip_fast.ops.masked_mean_pool import masked_mean_pool
-
-    c = sizes.llm
-    config = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden_size"],
-                         intermediate_size=c["intermediate"], num_hidden_layers=c["num_layers"],
-                         num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
-                         max_position_embeddings=4096)
-    config._attn_implementation = "sdpa"
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    t0 = time.perf_counter()
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):  # random init straight on the device: no host copy of 8B weights
-            model = LlamaModel(config).eval()
-    finally:
-        torch.set_default_dtype(prev)
-    if int8:
-        import bitsandbytes as bnb
-
-        def swap(mod: Any) -> None:
-            for name, child in mod.named_children():
-                if isinstance(child, torch.nn.Linear):
-                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, child.bias is not None,
-                                            has_fp16_weights=False, threshold=6.0)
-                    q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False,
-                                                 has_fp16_weights=False)
-                    setattr(mod, name, q.to(dev))
-                else:
-                    swap(child)
-
-        swap(model)
-    build_s = time.perf_counter() - t0
-    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    bsz, seq = sizes.llm_batch
-    g = torch.Generator(device="cpu").manual_seed(5)
-    ids = torch.randint(3, c["vocab"], (bsz, seq), generator=g).to(dev)
-    lengths = torch.randint(seq // 4, seq + 1, (bsz,), generator=g)
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(dev)
-
-    def embed() -> Any:
-        with torch.inference_mode():
-            hidden = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-            return masked_mean_pool(hidden, mask)
-
-    _backend.clear_selections()
-    (ms,) = Timer(dev).split([embed], reps=reps)
-    tokens = int(lengths.sum())
-    return {"precision": "int8" if int8 else str(dtype).replace("torch.", ""), "build_s": build_s,
-            "weights_mb": weights_mb, "batch": bsz, "seq": seq, "ms": ms, "captions_per_s": bsz / ms * 1000,
-            "tokens_per_s": tokens / ms * 1000, "pool_backend": _backend.last_selected("masked_mean_pool"),
-            "note": "random token ids, random weights; attention over padded length, pooling over the mask"}
-
-
 def stage_models(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
-    name = "8B-shaped Llama" if not quick else "tiny Llama"
-    rec.attempt(f"{name} embed bf16" if dev.type == "cuda" else f"{name} embed fp32",
-                lambda: _llm_embed_speed(dev, sizes, sizes.reps, int8=False))
-    import torch
+    """bench/embed_throughput.py's GPU plan (an 8B-shaped Llama, bf16 against the 8-bit modes), then a
+    stage-2 training step."""
+    from bench.embed_throughput import gpu_cases, gpu_skipped
 
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()  # the 8B model is gone: give its memory back before the int8 copy
-    if importlib.util.find_spec("bitsandbytes") is None:
-        rec.add(f"{name} embed int8", "skipped", note="bitsandbytes is not installed")
-    elif dev.type != "cuda":
-        rec.add(f"{name} embed int8", "skipped", note="int8 is measured on CUDA only in this check")
-    else:
-        rec.attempt(f"{name} embed int8", lambda: _llm_embed_speed(dev, sizes, sizes.reps, int8=True))
+    for name, why in gpu_skipped(dev, quick):
+        rec.add(name, "skipped", note=why)
+    for name, run in gpu_cases(dev, quick):
+        rec.attempt(name, run)
 
     def stage2() -> dict:
         from bench.stage2_throughput import point

@@ -232,7 +232,8 @@ def test_template_flag_on_embed_stage1_eval_and_recorded_in_cache(tmp_path):
     for template in ("auto", "none"):
         out = tmp_path / f"cache-{template}"
         assert main(["embed", "--llm", str(folder), "--data", str(manifest), "--out", str(out), "--dtype",
-                     "fp32", "--captions", "long", "--template", template, "--quiet"]) == 0
+                     "fp32", "--precision", "fp32", "--captions", "long", "--template", template,
+                     "--quiet"]) == 0
         cache = EmbeddingCache.open(out)
         resolved = "llama3" if template == "auto" else "none"
         assert cache.metadata["template"] == resolved and cache.metadata["doc_max_length"] == 400

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from llm2clip_fast import atomic_files
+from llm2clip_fast.models.llm_quantization import QUANTIZE_CHOICES
 from llm2clip_fast.models.prompt_templates import TEMPLATE_CHOICES
 from llm2clip_fast.train.device_flags import add_device_argument
 from llm2clip_fast.train.flag_aliases import add_hidden_alias
@@ -59,14 +60,17 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
-                      template: str | None = None, device: str | torch.device | None = None) -> Any:
+                      template: str | None = None, device: str | torch.device | None = None,
+                      quantize: str | None = None) -> Any:
     """The frozen ``LLMTextEncoder`` an llm-adapter model reads captions through; None for a model
     with its own (clip) text tower.
 
     The path and encoder options (pooling, max length, instruction, compute dtype, ...) come from the
     model's config (``config.llm``: the embedding cache's settings, which stage 2 records, with the LLM
     folder under ``model`` or ``path``); ``llm`` overrides the path and ``template`` the recorded
-    prompt template; ``device`` where the LLM runs (default: its loader's).
+    prompt template; ``device`` where the LLM runs (default: its loader's). The recorded precision and
+    8-bit quantisation (``precision``, ``quantize``, ``quantize_keep``) are reproduced unless ``quantize``
+    overrides the mode (``"none"``, ``"llm-int8"``, ``"w8a8-int8"``, ``"w8a8-fp8"``).
     """
     if model.config.text_tower != "llm-adapter":
         return None
@@ -84,6 +88,12 @@ def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
     options = {k: v for k, v in recorded.items() if k in accepted and k != "path" and v is not None}
     if template is not None:
         options["template"] = template
+    if quantize is not None:
+        if options.get("quantize", "llm-int8" if options.get("load_in_8bit") else "none") != quantize:
+            # Another mode than the cache's: its 16-bit layer list does not apply.
+            options.pop("quantize_keep", None)
+        options["quantize"] = quantize
+        options.pop("load_in_8bit", None)
     if device is not None:
         options["device"] = device
     encoder = LLMTextEncoder.from_pretrained(str(path), **options)
@@ -199,14 +209,14 @@ def format_results_table(rows: dict[str, dict[str, Any]], ks: Sequence[int] = DE
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str | None = None,
                        caption: str = "long", batch_size: int = 64, encoder: Any = None,
                        ks: Sequence[int] = DEFAULT_KS, image_root_only: bool = False,
-                       template: str | None = None,
-                       device: str | torch.device | None = None) -> dict[str, Any]:
+                       template: str | None = None, device: str | torch.device | None = None,
+                       quantize: str | None = None) -> dict[str, Any]:
     """Load a saved model and a caption source and evaluate (the ``eval`` sub-command's work).
 
     ``encoder`` reuses an already loaded LLM (the pipeline evaluates two splits with one load).
     ``image_root_only``: manifest image paths outside the manifest's folder are bad samples.
     ``device``: where the model and the LLM run (None: the model on the CPU, the LLM where its loader
-    puts it).
+    puts it). ``quantize``: the LLM's 8-bit mode instead of the one its cache recorded.
     """
     from llm2clip_fast.data.sources import open_source
     from llm2clip_fast.models.llm2clip import LLM2CLIPModel
@@ -217,7 +227,7 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
         raise ValueError(f"--caption {caption!r} is not a caption of {data}; captions found: "
                          f"{source.caption_names}")
     if encoder is None:
-        encoder = load_text_encoder(model, llm, template=template, device=device)
+        encoder = load_text_encoder(model, llm, template=template, device=device, quantize=quantize)
     recorded = model.config.llm or {}
     text_path = (f"LLM {llm or recorded.get('model') or recorded.get('path')}" if encoder is not None
                  else "clip text tower")
@@ -251,6 +261,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=TEMPLATE_CHOICES,
                         help="prompt template to encode captions with (default: the one the embedding "
                              "cache recorded); must match what the adapter was trained on")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                        help="8-bit inference of the LLM that embeds the captions (see embed --quantize); "
+                             "default: what the model's embedding cache recorded")
+    parser.add_argument("--load-in-8bit", dest="quantize", action="store_const", const="llm-int8",
+                        help="the same as --quantize llm-int8")
     parser.add_argument("--caption", default="long", help="caption name used for retrieval (default: long)")
     parser.add_argument("--batch-size", type=int, default=64, help="images/captions per forward (default 64)")
     parser.add_argument("--out", default=None,
@@ -282,7 +297,8 @@ def run_suites_command(args: argparse.Namespace, device: torch.device) -> int:
         raise ValueError("--suite needs --root DIR (the suite's folder, or with --suite all their parent)")
     if args.workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.workers}")
-    embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device)
+    embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device,
+                             quantize=getattr(args, "quantize", None))
     out = Path(args.out) if args.out else Path(args.model) / "eval"
     _log(f"model {args.model} on {device}; text path: {embedder.text_path}")
     results = run_suites(embedder, args.suite, args.root, out=out, model_name=str(args.model),
@@ -310,7 +326,8 @@ def run(args: argparse.Namespace) -> int:
     _log(f"model {args.model} on {device}")
     results = evaluate_model_dir(args.model, args.data, llm=args.llm, caption=args.caption,
                                  batch_size=args.batch_size, image_root_only=args.image_root_only,
-                                 template=getattr(args, "template", None), device=device)
+                                 template=getattr(args, "template", None), device=device,
+                                 quantize=getattr(args, "quantize", None))
     print(format_results_table({Path(args.model).name or str(args.model): results}))
     print(f"chance R@1 = {100 * results['chance_R@1']:.1f}% over {results['n']} images; "
           f"{results['seconds']:.1f}s")
