@@ -124,3 +124,15 @@ def test_strict_targets_send_the_worst_layers_back_to_16_bit(models, captions):
     # An unreachable target: every layer goes back, a quarter of the remaining ones at a time.
     assert report.quantized == 0 and len(report.kept_16bit) == total
     assert not any(isinstance(m, W8A8Linear) for m in encoder.model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["w8a8-int8", "w8a8-fp8"])
+@pytest.mark.parametrize("model", ["minilm", "massive-llama"])
+def test_gpu_quantized_embeddings_meet_the_fidelity_targets(model, mode, models, captions, caplog):
+    caplog.set_level(logging.ERROR)
+    reference = LLMTextEncoder.from_pretrained(models[model], device="cuda").encode(captions,
+                                                                                   show_progress=False)
+    encoder = LLMTextEncoder.from_pretrained(models[model], device="cuda", quantize=mode)
+    fidelity = embedding_fidelity(encoder.encode(captions, show_progress=False), reference)
+    assert all(fidelity[k] >= v for k, v in TARGETS.items()), fidelity

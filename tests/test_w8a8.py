@@ -160,3 +160,17 @@ def test_module_keeps_the_packed_weight_until_moved():
     assert q._packed is packed
     q.to(torch.float32)
     assert q._packed is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("code", [INT8, FP8])
+@pytest.mark.parametrize("m", [37, 5])  # 5 rows: torch._int_mm needs more than 16, the op pads
+def test_gpu_triton_backend_agrees_with_the_reference(code, m):
+    x, w, wq, ws, b, inv = _operands(code, x_dtype=torch.bfloat16, m=m, k=48, n=32)
+    args = [t.cuda() for t in (x, wq, ws, b, inv)]
+    y = ops.w8a8_linear(*args)
+    assert _backend.last_selected("w8a8_linear") == "triton" and y.dtype == torch.bfloat16
+    ref = ops.w8a8_linear(*args, backend="torch")
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    want = _ref(x.float(), w, b).cuda()
+    assert ((y.double() - want).norm() / want.norm()) < (0.02 if code == INT8 else 0.06)

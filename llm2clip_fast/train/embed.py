@@ -72,8 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the LLM's weight dtype (stage1 calls it --dtype; the forward's autocast is "
                              "--precision) (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--batch-size", type=int, default=256,
-                        help="at most this many captions per forward pass of the LLM, on each rank (an "
-                             "encode batch: it changes speed and memory, not the embeddings)")
+                        help="captions per forward pass of the LLM, on each rank (an encode batch: it "
+                             "changes speed and memory, not the embeddings); at most: the token budget below "
+                             "cuts batches of long captions smaller")
     parser.add_argument("--max-batch-tokens", type=int, default=16384,
                         help="at most this many padded tokens per forward pass (captions x the batch's "
                              "longest one, after sorting by length): long captions go in small batches")
