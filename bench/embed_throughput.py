@@ -24,7 +24,9 @@ channels (``build_tiny_llm(massive_channels=3)``): the outliers that make 8-bit 
 trained on a 16-bit (``bf16``) cache and on each 8-bit mode's cache of the same captions (the frozen LLM
 is the demo's MiniLM, or ``--llm`` such as a stage-1 ``merged`` folder), same seed and steps, then the
 validation retrieval of each; ``within_one_image`` holds when i2t and t2i R@1 differ from the 16-bit
-run's by at most one validation image. About 3 minutes per mode on 2 idle cores (the demo's sizes).
+run's by at most one validation image. ``--modes fp32`` gives the noise floor: how far an fp32 cache
+(the closest thing to the 16-bit one) moves the same numbers. About 3 minutes per mode on 2 idle cores
+(the demo's sizes).
 
 ``run_gpu_stage(budget_s, out_dir)`` is the GPU plan (bench/gpu_check.py's models stage calls
 :func:`gpu_cases`): an 8B-shaped Llama built directly on the GPU with random weights (no checkpoint on
@@ -442,7 +444,9 @@ def retrieval_check(out_dir: str | Path, modes: list[str], llm: str | None = Non
     rows: list[dict] = []
     for mode in ["bf16", *[m for m in modes if m != "bf16"]]:
         cache, run = root / f"cache-{mode}", root / f"stage2-{mode}"
-        numerics = ["--precision", "bf16"] + ([] if mode == "bf16" else ["--quantize", mode])
+        # fp32: the other 16-bit-free reference, whose distance from bf16 is the run-to-run noise floor.
+        numerics = (["--precision", "fp32"] if mode == "fp32" else
+                    ["--precision", "bf16"] + ([] if mode == "bf16" else ["--quantize", mode]))
         t0 = time.perf_counter()
         run_stage([*embed_argv(Path(llm_path), splits["train"], cache), *numerics])
         embed_s = time.perf_counter() - t0
