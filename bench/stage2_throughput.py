@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -206,6 +207,28 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(parser, default_out="bench/results/stage2_throughput.json")
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+
+def gpu_check_points(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], dict]]]:
+    """The ``stage2_step`` stage of bench/gpu_check.py: (name, run) pairs in priority order, each
+    ``run()`` returning one result's flat metrics (optional ``status``/``note``).
+
+    A fused stage-2 step on ViT-L/14 with cached (random) 4096-d LLM embeddings at batch 1024, bf16,
+    gradient checkpointing; quick (CPU): the micro tower at batch 8.
+    """
+    on_gpu = device.type == "cuda"
+    preset, batch, llm_dim, embed_dim = ("vit-l-14", 1024, 4096, 1280) if on_gpu else ("micro", 8, 32, 16)
+
+    def run() -> dict:
+        r = point(impl="fused", preset=preset, batch=batch, llm_dim=llm_dim, embed_dim=embed_dim,
+                  device=str(device), precision="bf16" if on_gpu else "fp32", micro_batch=batch,
+                  grad_checkpointing=on_gpu, budget_s=0.3 if quick else 1.0)
+        r.pop("peak_above_baseline_mb", None)
+        r["note"] = "fused adapter + fused CLIP loss + AdamW; cached (random) LLM embeddings"
+        return r
+
+    return [(f"stage-2 step {preset} B={batch}", run)]
 
 
 if __name__ == "__main__":

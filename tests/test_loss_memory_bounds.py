@@ -119,3 +119,36 @@ def test_the_budget_caps_the_chunks_too(monkeypatch):
 def test_the_measurement_sees_a_materialised_matrix(small_chunks, name):
     run, _ = _loss(name, "reference", SMALL_BUDGET)
     assert _largest_allocation(run) >= B * B * FP32
+
+
+def test_budget_from_argument_environment_and_default(monkeypatch):
+    from llm2clip_fast.ops import _chunking
+
+    monkeypatch.delenv(_chunking.BUDGET_ENV, raising=False)
+    monkeypatch.setattr(_chunking, "free_memory_bytes", lambda device: 8 << 30)
+    cpu = torch.device("cpu")
+    assert _chunking.memory_budget(cpu) == 2 << 30  # a quarter of what is free
+    monkeypatch.setenv(_chunking.BUDGET_ENV, "512MiB")
+    assert _chunking.memory_budget(cpu) == 512 << 20
+    assert _chunking.memory_budget(cpu, "1.5GB") == 1_500_000_000  # the argument wins
+    assert _chunking.memory_budget(cpu, 1000) == 1000
+    for bad in ("lots", "-1", "12 parsecs"):
+        monkeypatch.setenv(_chunking.BUDGET_ENV, bad)
+        with pytest.raises(ValueError, match="LLM2CLIP_LOSS_MEMORY_BUDGET must be a byte count"):
+            _chunking.memory_budget(cpu)
+    monkeypatch.delenv(_chunking.BUDGET_ENV)
+    with pytest.raises(ValueError, match="memory_budget must be >= 0 bytes"):
+        clip_loss(torch.ones(2, 3), torch.ones(2, 3), 1.0, memory_budget=-5)
+    with pytest.raises(TypeError, match="memory_budget must be a number of bytes"):
+        clip_loss(torch.ones(2, 3), torch.ones(2, 3), 1.0, memory_budget=2.5)
+
+
+def test_info_reports_the_budget_and_the_path_a_training_call_takes(monkeypatch):
+    from llm2clip_fast import info
+
+    monkeypatch.setenv("LLM2CLIP_LOSS_MEMORY_BUDGET", "256MiB")
+    (cpu,) = [r for r in info.collect()["loss_memory"] if r["device"] == "cpu"]
+    assert cpu["budget_bytes"] == 256 << 20 and "LLM2CLIP_LOSS_MEMORY_BUDGET=256MiB" in cpu["source"]
+    paths = {b: p["keep_logits"] for b, p in cpu["clip_paths"].items()}
+    assert paths == {"4096": True, "16384": False, "65536": False}  # 64 MiB of logits fit; 1 GiB do not
+    assert "B=16384  float32: recompute" in info.render(info.collect())
