@@ -49,6 +49,8 @@ Examples::
     python bench/loss_throughput.py                      # CPU: the sweep and the target points
     python bench/loss_throughput.py --device cuda        # CUDA: the default sweep above
     python bench/loss_throughput.py --batch 8192 --dim 512 --providers fused materialised-1gemm-compiled
+    python bench/loss_throughput.py --batch 8192 --dim 512 --providers fused materialised-1gemm-compiled \
+        --interleave 8                                   # one process, steps alternating: for shared machines
 """
 
 from __future__ import annotations
@@ -380,6 +382,44 @@ def run_point(
 # sweeps
 
 
+def interleaved(loss: str, providers: list[str], batch: int, dim: int, device: str, dtype: str,
+                rounds: int) -> dict[str, Any]:
+    """All ``providers`` in one process on the same inputs, their fwd+bwd steps alternating for
+    ``rounds`` rounds: on a shared machine each sees the same load, so their ratio means something.
+    Returns per provider min and median ms (and the fused rows' path)."""
+    import statistics
+    import time
+
+    from llm2clip_fast.ops import _chunking
+
+    dev = torch.device(device)
+    img, txt = (t.requires_grad_() for t in make_inputs(batch, dim, dev, DTYPES[dtype]))
+    scale = torch.tensor(SCALE[loss], device=dev, requires_grad=True)
+    bias = torch.tensor(BIAS, device=dev, requires_grad=True)
+    fns = {p: PROVIDERS[loss][p].build(batch, dim, device) for p in providers}
+    paths: dict[str, str | None] = {}
+    times: dict[str, list[float]] = {p: [] for p in providers}
+
+    def step(p: str) -> float:
+        img.grad = txt.grad = scale.grad = bias.grad = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fns[p](img, txt, scale, bias).backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1000
+
+    for p in providers:  # warm-up and compilation
+        step(p)
+        paths[p] = _chunking.last_path(f"{loss}_loss") if p.startswith("fused") else None
+    for _ in range(rounds):
+        for p in providers:
+            times[p].append(step(p))
+    return {"providers": {p: {"min_ms": min(t), "median_ms": statistics.median(t), "path": paths[p],
+                              "times_ms": t} for p, t in times.items()}}
+
+
 CUDA_FUSED_ONLY_B = 1 << 20
 CPU_TARGET_B, CPU_TARGET_D, CPU_BIG_B = 8192, 512, 32768
 
@@ -449,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None, help="timing budget per point (seconds)")
     parser.add_argument("--error-batch", type=int, default=None,
                         help="rows for the float64 error check (default 2048 on CPU, 16384 on CUDA; 0: none)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="instead of a point per provider: every --providers at one --batch/--dim in one "
+                        "process, their steps alternating ROUNDS times (ratios that mean something on a "
+                        "shared machine)")
     parser.add_argument("--no-target", action="store_true",
                         help="skip the CPU target points (B=8192 against the compiled plain loss, B=32768)")
     args = parser.parse_args(argv)
@@ -469,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             return providers
         return default_providers_at(args.device, b, providers, args.quick)
 
+    if args.interleave:
+        return _main_interleaved(args, providers, batches, dims, dtype)
     rows: list[dict[str, Any]] = []
     for d in dims:
         for b in batches:
@@ -503,6 +549,31 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_json(args.out, payload)
     print(f"matmul roofline: {payload['matmul_tflops']:.3g} TFLOP/s ({dtype}); wrote {path}")
+    return 0
+
+
+def _main_interleaved(args: argparse.Namespace, providers: list[str], batches: list[int], dims: list[int],
+                      dtype: str) -> int:
+    if len(batches) != 1 or len(dims) != 1 or len(providers) < 2:
+        raise SystemExit("--interleave needs one --batch, one --dim and at least two --providers")
+    kwargs = {"loss": args.loss, "providers": providers, "batch": batches[0], "dim": dims[0],
+              "device": args.device, "dtype": dtype, "rounds": args.interleave}
+    res = run_point_in_subprocess("bench.loss_throughput:interleaved", kwargs, timeout_s=3600)
+    if res.get("status") != "ok":
+        raise SystemExit(f"the interleaved run failed: {res}")
+    rows = [{"loss": args.loss, "provider": p, "B": batches[0], "D": dims[0], "dtype": dtype,
+             "device": args.device, "status": "ok", "interleaved_rounds": args.interleave, **r}
+            for p, r in res["providers"].items()]
+    print_table(rows, ["provider", "path", "B", "D", "dtype", "min_ms", "median_ms"],
+                title=f"{args.loss} loss, fwd+bwd, {args.device}, steps interleaved in one process")
+    first = rows[0]
+    for r in rows[1:]:
+        print(f"{first['provider']} speed / {r['provider']} speed: {r['min_ms'] / first['min_ms']:.3f} "
+              f"(min), {r['median_ms'] / first['median_ms']:.3f} (median)")
+    # Its own bench name: report.py's loss section reads the per-point JSON, not this one.
+    payload = {"bench": "loss_throughput_interleaved", "machine": machine_description(), "loss": args.loss,
+               "flops": {p: PROVIDERS[args.loss][p].convention for p in providers}, "rows": rows}
+    print(f"wrote {write_json(args.out, payload)}")
     return 0
 
 

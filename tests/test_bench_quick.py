@@ -199,3 +199,12 @@ def test_loss_bench_float64_errors_and_cpu_target():
     target = L.cpu_target(rows)
     assert target["speed_vs_plain_compiled"] == pytest.approx(1000 / 900) and target["speed_ok"]
     assert target["big_memory_over_inputs"] == pytest.approx(200 / 128)
+
+
+def test_loss_bench_interleaved_runs_every_provider_in_turn():
+    from bench import loss_throughput as L
+
+    res = L.interleaved("clip", ["fused", "materialised-1gemm"], 16, 8, "cpu", "fp32", rounds=2)["providers"]
+    assert set(res) == {"fused", "materialised-1gemm"}
+    assert all(len(r["times_ms"]) == 2 and r["min_ms"] <= r["median_ms"] for r in res.values())
+    assert res["fused"]["path"] == "keep-logits" and res["materialised-1gemm"]["path"] is None

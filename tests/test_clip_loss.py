@@ -561,3 +561,24 @@ def test_triton_epilogues_address_rows_past_2_31_elements():
     want_g = 0.5 * ((x - row_lse[:, None]).exp() + (x - col_lse[None, :]).exp())
     torch.testing.assert_close(g_out.double(), want_g, rtol=2e-3, atol=1e-3)  # G is stored in fp16
     torch.testing.assert_close(parts.sum().double(), (want_g * chunk.double()).sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_ops), "torch", "triton"])
+def test_kept_logits_survive_a_second_backward(backend):
+    # retain_graph: the backward writes G beside the kept logits, never over them.
+    img, txt = _features(29, 7, torch.float32)
+    scale = torch.tensor(9.0, requires_grad=True)
+    leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_(), scale]
+    loss = clip_loss(*leaves, backend=backend, memory_budget="1GiB")
+    assert last_path("clip_loss") == KEEP_LOGITS
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_no_grad_calls_keep_nothing():
+    img, txt = _features(23, 5, torch.float32)
+    with torch.no_grad():
+        clip_loss(img, txt, 5.0, backend="torch", memory_budget="1GiB")
+    assert last_path("clip_loss") == RECOMPUTE  # a forward without a backward has nothing to keep for
