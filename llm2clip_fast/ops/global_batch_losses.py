@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from ..distributed import (
     all_gather_rows,
@@ -114,9 +115,14 @@ class Ring:
         return (self.rank - t - 1) % self.world
 
     def exchange(self, send: torch.Tensor, recv: torch.Tensor) -> list[Any]:
-        """Start sending ``send`` to the next rank and receiving ``recv`` from the previous one."""
-        ops = [dist.P2POp(dist.isend, send, self._next, group=self.group),
-               dist.P2POp(dist.irecv, recv, self._prev, group=self.group)]
+        """Start sending ``send`` to the next rank and receiving ``recv`` from the previous one.
+
+        One batch (NCCL: one group), so the ring cannot deadlock on the order of sends and receives.
+        The ops are torch.distributed's own isend/irecv (``P2POp`` accepts no other), also where a
+        tool has wrapped the module's attributes.
+        """
+        ops = [dist.P2POp(c10d.isend, send, self._next, group=self.group),
+               dist.P2POp(c10d.irecv, recv, self._prev, group=self.group)]
         return dist.batch_isend_irecv(ops)
 
 
