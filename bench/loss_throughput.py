@@ -18,9 +18,11 @@ CLIP providers (``--loss clip``):
   ``text @ image.T`` included), eager and ``torch.compile``d: 12*B^2*D, what it executes.
 - ``materialised-1gemm``, ``materialised-1gemm-compiled``: the best plain loss a user would write, one
   logit GEMM and ``logits.T`` for the other direction: 6*B^2*D.
-- ``inf-cl``: Inf-CL 1.2.1 (``inf_cl.cal_inf_loss``, one direction per call, so two calls; fp32
-  operands with TF32 dots; D a multiple of its head_dim): 20*B^2*D (per call: forward 2, backward
-  recomputes the logits in its dq and its dk kernel, 2 + 2, and the two products, 2 + 2). CUDA only.
+- ``inf-cl``: Inf-CL 1.2.1, one direction per call, so two calls; fp32 operands with TF32 dots; D a
+  multiple of its head_dim: 20*B^2*D (per call: forward 2, backward recomputes the logits in its dq and
+  its dk kernel, 2 + 2, and the two products, 2 + 2). CUDA only. Its single-process path
+  (``cal_flash_loss``, what ``cal_inf_loss`` runs without a process group, minus the scale's
+  ``GradientGather``, whose backward all-reduces and needs a process group).
 
 SigLIP providers (``--loss siglip``): ``fused`` (one-pass for a mean loss with gradients: 6*B^2*D),
 ``fused-torch`` (the same on the pure-torch backend),
@@ -159,14 +161,17 @@ def _inf_cl_head_dim(d: int) -> int | None:
 
 
 def _inf_cl(b: int, d: int, device: str) -> LossFn:
-    from inf_cl import cal_inf_loss
+    # cal_inf_loss without a process group runs _cal_flash_loss(scale * q, k, ...).mean(), but first
+    # wraps the scale in GradientGather, whose backward all-reduces and so needs a process group (ring.py).
+    # cal_flash_loss is that same single-process computation without the wrapper.
+    from inf_cl import cal_flash_loss
 
     head = _inf_cl_head_dim(d)
 
     def loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         # One direction per call (the README's usage): image->text, then text->image.
-        return 0.5 * (cal_inf_loss(img, txt, scale=scale, head_dim=head)
-                      + cal_inf_loss(txt, img, scale=scale, head_dim=head))
+        return 0.5 * (cal_flash_loss(img, txt, scale=scale, head_dim=head).mean()
+                      + cal_flash_loss(txt, img, scale=scale, head_dim=head).mean())
 
     return loss
 
@@ -238,7 +243,8 @@ PROVIDERS: dict[str, dict[str, Provider]] = {
                                        "plain loss with one logit GEMM (logits.T for text->image), eager"),
         "materialised-1gemm-compiled": Provider(lambda b, d, dev: _clip(_compiled(one_gemm_clip_loss)),
                                                 "6*B^2*D", 6.0, "torch.compile(one-GEMM plain loss)"),
-        "inf-cl": Provider(_inf_cl, "20*B^2*D", 20.0, "Inf-CL 1.2.1 cal_inf_loss, both directions (TF32)",
+        "inf-cl": Provider(_inf_cl, "20*B^2*D", 20.0, "Inf-CL 1.2.1 single process (cal_flash_loss), both "
+                           "directions (TF32)",
                            _inf_cl_reason),
     },
     "siglip": {
