@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -213,6 +215,39 @@ def main(argv: list[str] | None = None) -> int:
     })
     print(f"wrote {path}")
     return 0
+
+
+
+def gpu_check_points(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], dict]]]:
+    """The ``adapter`` stage of bench/gpu_check.py: (name, run) pairs in priority order, each ``run()``
+    returning one result's flat metrics (optional ``status``/``note``).
+
+    4096 -> 1280, 4 blocks x2, bf16 autocast on CUDA: fused, recompute and eager at batch 8192 and
+    32768, torch.compile last (its compilation is the dearest). Quick (CPU, interpreter): tiny sizes,
+    no compile.
+    """
+    on_gpu = device.type == "cuda"
+    d, n, blocks = (4096, 1280, 4) if on_gpu else (32, 16, 1)
+    batches = (8192, 32768) if on_gpu else (9,)
+    order = [(impl, b) for impl in ("fused", "recompute", "eager") for b in batches]
+    if not quick:
+        order += [("compile", b) for b in batches]
+    fwdbwd: dict[tuple[str, int], float] = {}
+
+    def run(impl: str, b: int) -> dict:
+        r = point(impl=impl, batch=b, dim=d, out_dim=n, num_blocks=blocks, expansion=2, device=str(device),
+                  dtype="bf16" if on_gpu else "fp32", budget_s=0.2 if quick else 1.0, fused_backend="triton")
+        fwdbwd[(impl, b)] = r["fwdbwd_ms"]
+        r["fwdbwd_tflops"] = 3 * adapter_flops(b, d, n, blocks, 2) / r["fwdbwd_ms"] / 1e9
+        r["blocks"] = blocks
+        if ("eager", b) in fwdbwd and impl != "eager":
+            r["speedup_vs_eager"] = fwdbwd[("eager", b)] / r["fwdbwd_ms"]
+        if impl == "eager" and ("fused", b) in fwdbwd:
+            r["fused_speedup_vs_eager"] = r["fwdbwd_ms"] / fwdbwd[("fused", b)]
+        r.pop("peak_above_baseline_mb", None)
+        return r
+
+    return [(f"adapter {impl} B={b} {d}->{n}", functools.partial(run, impl, b)) for impl, b in order]
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -202,6 +203,101 @@ def main() -> int:
     write_json(args.out, {"machine": machine_description(), "args": vars(args), "rows": rows, "table": table})
     print(f"wrote {args.out}")
     return 1 if errors else 0
+
+
+
+# The gpu_check stage's LLM: an 8B-shaped Llama (random weights from the config), a tiny one for --quick.
+_GPU_CHECK_LLM = dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate=14336,
+                      vocab=32000)
+_QUICK_LLM = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate=64, vocab=100)
+
+
+def llm_embed_point(device: torch.device, llm: dict[str, int], batch: tuple[int, int], reps: int,
+                    int8: bool) -> dict:
+    """Embedding throughput of a random Llama built from ``llm`` on ``device`` (bf16 on CUDA, fp32 on
+    CPU; ``int8``: its linear layers swapped for bitsandbytes' LLM.int8), mean-pooled over the mask."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from bench.gpu_check import Timer
+    from llm2clip_fast.ops import _backend
+    from llm2clip_fast.ops.masked_mean_pool import masked_mean_pool
+
+    config = LlamaConfig(vocab_size=llm["vocab"], hidden_size=llm["hidden_size"],
+                         intermediate_size=llm["intermediate"], num_hidden_layers=llm["num_layers"],
+                         num_attention_heads=llm["num_heads"], num_key_value_heads=llm["num_kv_heads"],
+                         max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # random init straight on the device: no host copy of 8B weights
+            model = LlamaModel(config).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    if int8:
+        import bitsandbytes as bnb
+
+        def swap(mod: torch.nn.Module) -> None:
+            for name, child in mod.named_children():
+                if isinstance(child, torch.nn.Linear):
+                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, child.bias is not None,
+                                            has_fp16_weights=False, threshold=6.0)
+                    q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False,
+                                                 has_fp16_weights=False)
+                    setattr(mod, name, q.to(device))
+                else:
+                    swap(child)
+
+        swap(model)
+    build_s = time.perf_counter() - t0
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    bsz, seq = batch
+    g = torch.Generator(device="cpu").manual_seed(5)
+    ids = torch.randint(3, llm["vocab"], (bsz, seq), generator=g).to(device)
+    lengths = torch.randint(seq // 4, seq + 1, (bsz,), generator=g)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(device)
+
+    def embed() -> torch.Tensor:
+        with torch.inference_mode():
+            hidden = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            return masked_mean_pool(hidden, mask)
+
+    _backend.clear_selections()
+    (ms,) = Timer(device).split([embed], reps=reps)
+    tokens = int(lengths.sum())
+    return {"precision": "int8" if int8 else str(dtype).replace("torch.", ""), "build_s": build_s,
+            "weights_mb": weights_mb, "batch": bsz, "seq": seq, "ms": ms, "captions_per_s": bsz / ms * 1000,
+            "tokens_per_s": tokens / ms * 1000, "pool_backend": _backend.last_selected("masked_mean_pool"),
+            "note": "random token ids, random weights; attention over padded length, pooling over the mask"}
+
+
+def gpu_check_points(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], dict]]]:
+    """The ``embed`` stage of bench/gpu_check.py: (name, run) pairs in priority order, each ``run()``
+    returning one result's flat metrics (optional ``status``/``note``).
+
+    An 8B-shaped random Llama, bf16 then LLM.int8 (CUDA with bitsandbytes), batch 32 x 256 tokens;
+    quick (CPU): a tiny Llama in fp32, int8 reported as skipped.
+    """
+    import importlib.util
+
+    on_gpu = device.type == "cuda"
+    llm, batch, reps = (_GPU_CHECK_LLM, (32, 256), 5) if on_gpu else (_QUICK_LLM, (2, 8), 2)
+    name = "8B-shaped Llama" if on_gpu else "tiny Llama"
+
+    def sixteen() -> dict:
+        return llm_embed_point(device, llm, batch, reps, int8=False)
+
+    def eight() -> dict:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return {"status": "skipped", "note": "bitsandbytes is not installed"}
+        if not on_gpu:
+            return {"status": "skipped", "note": "int8 is measured on CUDA only in this check"}
+        torch.cuda.empty_cache()  # the 16-bit model is gone: give its memory back before the int8 copy
+        return llm_embed_point(device, llm, batch, reps, int8=True)
+
+    return [(f"{name} embed {'bf16' if on_gpu else 'fp32'}", sixteen), (f"{name} embed int8", eight)]
 
 
 if __name__ == "__main__":

@@ -20,14 +20,10 @@ from typing import Any
 # sm_90 (H100/H200): 227 KiB of shared memory per block with the opt-in carve-out.
 SM90_SHARED_MEMORY_BYTES = 227 * 1024
 
-# Operand tiles each kernel pipelines through shared memory, as (rows, cols) config keys.
-_MN_K = (("BLOCK_M", "BLOCK_K"), ("BLOCK_N", "BLOCK_K"))
+# Operand tiles each kernel pipelines through shared memory, as (rows, cols) config keys. (The loss
+# kernels are epilogues over cuBLAS results, with no operand tiles to pipeline.)
 _MK_KN = (("BLOCK_M", "BLOCK_K"), ("BLOCK_K", "BLOCK_N"))
 OPERAND_TILES: dict[str, tuple[tuple[str, str], ...]] = {
-    "clip_fwd": _MN_K,
-    "clip_bwd": _MN_K,
-    "siglip_fwd": _MN_K,
-    "siglip_bwd": _MN_K,
     "adapter_fwd": _MK_KN,
     "adapter_bwd": _MK_KN + _MK_KN,  # LN(x) @ W1 and dy @ W2 share the K loop
     "adapter_wgrad": (("BLOCK_N", "BLOCK_M"), ("BLOCK_M", "BLOCK_K")),

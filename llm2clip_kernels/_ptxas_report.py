@@ -1,6 +1,6 @@
 """Compile every autotune config of the Triton kernels for sm_90a, no GPU needed, and report fit.
 
-``python -m llm2clip_fast.kernels._ptxas_report [--dtypes bf16 fp32] [--kernels clip_fwd ...]`` prints,
+``python -m llm2clip_fast.kernels._ptxas_report [--dtypes bf16 fp32] [--kernels adapter_fwd ...]`` prints,
 per kernel, operand dtype and config: registers per thread, spill stores/loads (bytes, from
 ``ptxas -v``), the shared memory Triton allocates, and the estimate that
 :mod:`llm2clip_fast.kernels._config_fit` prunes by. Run it with ``TRITON_INTERPRET`` unset (the kernel
@@ -44,18 +44,9 @@ def _specs(dtype: str, fp32_prec: str = "ieee") -> dict[str, KernelSpec]:
     ``torch.backends.cuda.matmul.allow_tf32`` / precision "high" selects."""
     import triton.language as tl
 
-    prec = fp32_prec if dtype == "fp32" else "tf32"
     dot_dtype = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32}[dtype]
     adapter_prec = fp32_prec if dtype == "fp32" else None
     return {
-        "clip_fwd": KernelSpec("clip_loss", "_clip_lse_forward_kernel", "_FWD_TILES", ("image_ptr", "text_ptr"), (),
-                               {"UPCAST": False, "DOT_PRECISION": prec}),
-        "clip_bwd": KernelSpec("clip_loss", "_clip_grad_tile_kernel", "_BWD_TILES", ("image_ptr", "text_ptr", "g_ptr"), (),
-                               {"UPCAST": False, "DOT_PRECISION": prec}),
-        "siglip_fwd": KernelSpec("siglip_loss", "_siglip_fwd_kernel", "_FWD_TILES", ("img_ptr", "txt_ptr"),
-                                 ("stride_id", "stride_td"), {"UPCAST": False, "DOT_PRECISION": prec}),
-        "siglip_bwd": KernelSpec("siglip_loss", "_siglip_grad_tile_kernel", "_BWD_TILES", ("img_ptr", "txt_ptr", "g_ptr"),
-                                 ("stride_id", "stride_td"), {"UPCAST": False, "DOT_PRECISION": prec}),
         "adapter_fwd": KernelSpec(
             "adapter", "_fused_linear_fwd_kernel", "_FWD_TILES", ("A", "W", "RES", "OUT"),
             ("stride_ak", "stride_wk", "stride_rn", "stride_on"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
-from llm2clip_fast.kernels import adapter, clip_loss, siglip_loss
+from llm2clip_fast.kernels import adapter
 from llm2clip_fast.kernels._config_fit import (
     SM90_SHARED_MEMORY_BYTES,
     TileConfigs,
@@ -19,10 +19,6 @@ from llm2clip_fast.kernels._config_fit import (
 )
 
 PRODUCTION = {
-    "clip forward": clip_loss._FWD_TILES,
-    "clip backward": clip_loss._BWD_TILES,
-    "siglip forward": siglip_loss._FWD_TILES,
-    "siglip backward": siglip_loss._BWD_TILES,
     "adapter forward": adapter._FWD_TILES,
     "adapter backward": adapter._BWD_TILES,
     "adapter weight gradient": adapter._WGRAD_TILES,
@@ -31,8 +27,8 @@ PRODUCTION = {
 
 def test_shared_memory_estimate_counts_stages_tiles_and_element_size():
     (cfg,) = gemm_configs([(128, 64, 32, 8, 3)])
-    assert estimated_shared_bytes("clip_fwd", cfg, 2) == 3 * (128 * 32 + 64 * 32) * 2
-    assert estimated_shared_bytes("clip_fwd", cfg, 4) == 3 * (128 * 32 + 64 * 32) * 4
+    assert estimated_shared_bytes("adapter_fwd", cfg, 2) == 3 * (128 * 32 + 32 * 64) * 2
+    assert estimated_shared_bytes("adapter_fwd", cfg, 4) == 3 * (128 * 32 + 32 * 64) * 4
     # The adapter backward streams two operand pairs (LN(x), W1 and dy, W2) through one K loop.
     assert estimated_shared_bytes("adapter_bwd", cfg, 2) == 3 * 2 * (128 * 32 + 32 * 64) * 2
     with pytest.raises(KeyError, match="kernel must be one of"):
@@ -54,7 +50,7 @@ def test_configs_over_the_shared_memory_budget_are_dropped_per_dtype():
 def test_prune_picks_the_list_of_the_widest_operand_dtype():
     half = tuple(gemm_configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 3)]))
     fp32 = tuple(gemm_configs([(64, 64, 16, 4, 3)]))
-    tiles = TileConfigs("clip_fwd", ("image_ptr", "text_ptr"), half=half, fp32=fp32)
+    tiles = TileConfigs("adapter_fwd", ("image_ptr", "text_ptr"), half=half, fp32=fp32)
     configs = tiles.all()
     bf16 = torch.empty(2, 2, dtype=torch.bfloat16)
     f32 = torch.empty(2, 2, dtype=torch.float32)
@@ -86,9 +82,6 @@ def test_spilling_tiles_are_not_listed():
     def shapes(configs):
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in configs}
 
-    assert (128, 256, 64, 8) not in shapes(clip_loss._FWD_TILES.all())
-    for tiles in (siglip_loss._FWD_TILES, siglip_loss._BWD_TILES):
-        assert not shapes(tiles.all()) & {(128, 256, 64, 8), (256, 128, 64, 8), (128, 128, 32, 4)}
     assert (128, 128, 64, 8) not in shapes(adapter._FWD_TILES.fp32)
 
 
@@ -97,24 +90,15 @@ def test_autotuner_benchmarks_only_the_operand_dtype_list(monkeypatch):
     # Triton's own autotuner with the production sm_90 configs and prune hook, under the interpreter.
     from _autotune_probe import autotuner_with_winner
 
-    tiles = clip_loss._BWD_TILES
-    tuned = autotuner_with_winner(clip_loss._clip_grad_tile_kernel, tiles.all(), winner=1, prune=tiles.prune)
-    monkeypatch.setattr(clip_loss, "_clip_grad_tile_kernel", tuned)
-    monkeypatch.setattr(clip_loss, "_MIN_BLOCK_M", tiles.block_min("BLOCK_M"))
-    monkeypatch.setattr(clip_loss, "_MIN_BLOCK_N", tiles.block_min("BLOCK_N"))
+    tiles = adapter._WGRAD_TILES
+    tuned = autotuner_with_winner(adapter._weight_grad_kernel, tiles.all(), winner=1, prune=tiles.prune)
+    monkeypatch.setattr(adapter, "_weight_grad_kernel", tuned)
     gen = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(70, 20, generator=gen), dim=-1)
-    txt = torch.nn.functional.normalize(torch.randn(66, 20, generator=gen), dim=-1)
-    scale = torch.tensor(5.0)
-    x = 5.0 * img.double() @ txt.double().t()
-    row_lse, col_lse = x.logsumexp(1), x.logsumexp(0)
-    coef_r, coef_c = torch.full((70,), 0.5), torch.full((66,), 0.5)
-    g_out = torch.empty(70, 66)
-    d_scale = clip_loss.clip_grad_chunk_triton(img, txt, scale, row_lse.float(), col_lse.float(),
-                                               coef_r, coef_c, g_out)
+    g = torch.randn(70, 20, generator=gen)
+    x = torch.randn(70, 33, generator=gen)
+    dw, db = adapter.weight_grad(g, x, dot_dtype=torch.float32)
     benchmarked = list(tuned.configs_timings)
     assert [c.kwargs for c in benchmarked] == [c.kwargs for c in tiles.fp32]
     assert tuned.best_config.kwargs == tiles.fp32[1].kwargs
-    want_g = 0.5 * ((x - row_lse[:, None]).exp() + (x - col_lse[None, :]).exp())
-    torch.testing.assert_close(g_out.double(), want_g, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(d_scale.double(), (want_g * x / 5.0).sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw.double(), g.double().t() @ x.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db.double(), g.double().sum(0), rtol=1e-5, atol=1e-5)
