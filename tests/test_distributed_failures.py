@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from _rank_processes import fork_cli_ranks, spawn_cli_ranks
+from _rank_processes import REPO, fork_cli_ranks, free_port, spawn_cli_ranks
 from _stage2_runs import make_demo, stage2_args
 
 from llm2clip_fast.train.__main__ import add_subcommand_options, exit_code_for, parse_args
@@ -105,6 +107,21 @@ def test_a_stopped_rank_0_that_serves_the_store_is_reported_by_rank_1(demo, tmp_
     assert rank1.status == 10, rank1.output
     line = _one_error_line(rank1.output)
     assert line.count("rank 1:") == 1 and "rendezvous store" in line and "does not answer" in line
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_killed_rank_is_named_not_reported_as_preempted(demo, tmp_path):
+    """torchrun SIGTERMs the surviving ranks when one dies: that must not hide why the run failed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LLM2CLIP_TEST_SIGNAL": "SIGKILL"}
+    env.pop("LLM2CLIP_DEBUG", None)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), str(REPO / "tests" / "_signal_in_step.py"),
+                          *_argv(demo, tmp_path / "run", "--dist-timeout", "60")],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    ours = [line for line in run.stderr.splitlines() if line.startswith("llm2clip_fast.train stage2: error:")]
+    assert len(ours) == 1, run.stderr[-4000:]
+    assert "rank 0: a collective failed in 'step 3:" in ours[0] and "rank 1 (pid " in ours[0]
+    assert "is gone" in ours[0] and "SIGTERM" not in ours[0]
 
 
 def test_distributed_failures_have_their_exit_code_and_the_timeout_flag_is_checked(demo, tmp_path):

@@ -174,17 +174,22 @@ def distributed_run(device_spec: str | None, *, flag: str = "--device",
         yield RunPlace(device, distributed.get_rank(), distributed.get_world_size())
         clean = True
     except BaseException as exc:
-        failure = distributed_failures.explain(exc) if started_here else None
-        if started_here:
+        if not started_here:
+            raise
+        # Failing: a SIGTERM now (torchrun stops the other ranks when one dies) only records a request,
+        # so the line printed says why the run failed, not that it was stopped.
+        with STOP_REQUESTS.deferred():
+            failure = distributed_failures.explain(exc)
             # The failed frames' locals (a DDP model holds the process group) must not keep the group
-            # alive past the teardown below.
+            # alive past the teardown.
             traceback.clear_frames(exc.__traceback__)
+            _end_process_group(sync=False)
         if failure is not None:
             raise failure from exc
         raise
     finally:
-        if started_here:
-            _end_process_group(sync=clean)
+        if started_here and clean:
+            _end_process_group(sync=True)
 
 
 def _end_process_group(*, sync: bool) -> None:
