@@ -28,8 +28,17 @@ from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
 from ..data.embedding_cache import build_embedding_cache, storage_dtype_name
 from ..models.prompt_templates import TEMPLATE_CHOICES
 from ..redaction import redact
+from ..writable_output import check_writable
+from . import distributed_failures
 from .device_flags import add_device_argument
-from .run_spine import distributed_run, hold_folder, options_config, resolve_device, write_run_config
+from .run_spine import (
+    add_distributed_arguments,
+    distributed_run,
+    hold_folder,
+    options_config,
+    resolve_device,
+    write_run_config,
+)
 from .shared_folder import check_shared_folder
 
 logger = logging.getLogger(__name__)
@@ -67,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="token limit (default 512 or saved)")
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
     add_device_argument(parser)
+    add_distributed_arguments(parser)
     parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
                         help="stop when more than this fraction of records has an empty caption "
                         "(default 1%%)")
@@ -111,6 +121,7 @@ def embed(
     _positive("batch-size", batch_size)
     _positive("shard-size", shard_size)
     storage = storage_dtype_name(dtype)
+    check_writable(out, flag="--out", folder=True)
     # Rank 0 locks the cache folder before any rank writes into it: two embed runs on one cache would
     # write the same shards and manifest.
     with hold_folder(out, main=distributed.get_rank() == 0, what="an embed run", say=logger.warning):
@@ -133,6 +144,8 @@ def _embed_locked(*, llm: str, data: str, out: str | Path, load_in_8bit: bool, s
     from ..models.llm_encoder import LLMTextEncoder
 
     # Before the LLM loads: ranks on several nodes must write into one folder that rank 0 can merge.
+    distributed_failures.at("start-up: checking that every rank sees the cache folder (broadcast, "
+                            "all-gather, barriers)")
     check_shared_folder(out)
     dev = resolve_device(device)
     compute = model_dtype or ("bf16" if dev.type == "cuda" else "fp32")
@@ -148,6 +161,8 @@ def _embed_locked(*, llm: str, data: str, out: str | Path, load_in_8bit: bool, s
                               data=data)
     reporter = _ShardReporter(rank, progress, hook)
     bad = BadDataTracker(max_bad_fraction)
+    distributed_failures.at("encoding this rank's shards, then the barrier until every rank has written "
+                            "its own")
     manifest = build_embedding_cache(
         _caption_records(source, names, bad),
         lambda texts: encoder.encode(texts, batch_size=batch_size, show_progress=False),
@@ -267,7 +282,7 @@ def embed_settings(metadata: dict[str, Any], *, llm: str, data: str, out: str | 
 
 def run(args: argparse.Namespace) -> int:
     """``python -m llm2clip_fast.train embed``: the cache of ``--data``'s captions in ``--out``."""
-    with distributed_run(args.device) as place:
+    with distributed_run(args.device, timeout_s=args.dist_timeout) as place:
         embed(
             llm=args.llm, data=args.data, out=args.out, load_in_8bit=args.load_in_8bit, dtype=args.dtype,
             model_dtype=args.model_dtype, batch_size=args.batch_size, shard_size=args.shard_size,

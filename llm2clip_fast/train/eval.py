@@ -43,6 +43,7 @@ from llm2clip_fast.train.retrieval_metrics import (
     zero_shot_accuracy,
 )
 from llm2clip_fast.train.run_spine import resolve_device
+from llm2clip_fast.writable_output import OutputNotWritableError, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -299,9 +300,11 @@ def run_suites_command(args: argparse.Namespace, device: torch.device) -> int:
         raise ValueError("--suite needs --root DIR (the suite's folder, or with --suite all their parent)")
     if args.workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.workers}")
+    out = Path(args.out) if args.out else Path(args.model) / "eval"
+    check_writable(out, flag="--out" if args.out else "the results folder (default MODEL/eval; --out)",
+                   folder=True)  # before hours of embedding, not after
     embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device,
                              allow_llm_change=args.allow_llm_change)
-    out = Path(args.out) if args.out else Path(args.model) / "eval"
     _log(f"model {args.model} on {device}; text path: {embedder.text_path}")
     results = run_suites(embedder, args.suite, args.root, out=out, model_name=str(args.model),
                          classnames=args.classnames, templates=args.templates, batch_size=args.batch_size,
@@ -325,6 +328,11 @@ def run(args: argparse.Namespace) -> int:
         return run_suites_command(args, device)
     if args.data is None:
         raise ValueError("eval needs --data SOURCE or --suite NAME --root DIR")
+    if args.out:  # before the model loads and everything is embedded, not after
+        if Path(args.out).is_dir():
+            raise OutputNotWritableError(f"--out {args.out!r} is a folder; --data writes one JSON file: give "
+                                         "its path")
+        check_writable(args.out, flag="--out", folder=False)
     _log(f"model {args.model} on {device}")
     results = evaluate_model_dir(args.model, args.data, llm=args.llm, caption=args.caption,
                                  batch_size=args.batch_size, image_root_only=args.image_root_only,
