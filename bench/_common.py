@@ -116,6 +116,29 @@ def mark_memory_baseline() -> float:
     return _BASELINE_MB
 
 
+def cpu_peak_allocated_mb(fn: Callable[[], Any]) -> float:
+    """Run ``fn`` once; return the peak of the bytes its CPU tensors held above what was live before it
+    (MiB): every allocation and free of torch's CPU allocator, read from the profiler's memory events.
+
+    This is what :func:`cuda_peak_mb` measures on CUDA (the caching allocator's peak). Peak RSS is not:
+    glibc keeps freed heap memory mapped, so the resident high-water mark of a step that follows a
+    warm-up step says how much of the warm-up's freed memory the allocator reused, which varies by
+    ±100 MiB from run to run of identical code (bench/stage2_throughput.py's docstring has the numbers).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # (time, arrival order, signed bytes): allocations are positive, frees negative.
+    events = sorted((e.start_ns(), i, e.nbytes()) for i, e in enumerate(prof.profiler.kineto_results.events())
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = peak = 0
+    for _, _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def cuda_peak_mb(fn: Callable[[], Any], device: torch.device | str = "cuda") -> tuple[float, float]:
     """Run ``fn`` once; return (peak allocated MiB during it, allocated MiB before it)."""
     torch.cuda.synchronize(device)
@@ -272,6 +295,8 @@ def machine_description() -> dict[str, Any]:
     """
     cpu_model, cpu_flags = _cpu_model_and_flags()
     info: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                            # the 1/5/15-minute load: on a shared machine, how much else was running
+                            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
                             "torch_threads": torch.get_num_threads(), "cpu_model": cpu_model,
                             "cpu_flags": cpu_flags, "python": platform.python_version(),
                             "libraries": _library_versions(), "git_commit": _git_commit(),

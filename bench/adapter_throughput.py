@@ -23,8 +23,8 @@ worst ratio of the two, which the tests hold at <= 2).
 FLOPs counted: forward ``2*B*(blocks*2*d*h + d*out)``, forward+backward three times that; recomputation
 (recompute's second forward) is not credited.
 
-``run_gpu_stage(budget_s, out_dir)`` runs the GPU plan (bench/gpu_check.py's adapter stages call
-:func:`gpu_speed_cases` and :func:`gpu_kernel_cases`) and writes ``adapter_gpu.json``.
+``run_gpu_stage(budget_s, out_dir)`` runs the GPU plan alone and writes ``adapter_gpu.json``;
+bench/gpu_check.py's ``adapter`` stage runs the same cases through :func:`gpu_check_points`.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def _with_ratios(rows: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
-# The GPU plan: bench/gpu_check.py's adapter stages call these; run_gpu_stage runs them alone.
+# The GPU plan: gpu_check.py's adapter stage calls these (gpu_check_points); run_gpu_stage runs them alone.
 
 GPU_BATCHES = (8192, 32768)
 GPU_DIM, GPU_OUT = 4096, 1280
@@ -389,6 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     })
     print(f"wrote {path}")
     return 0
+
+
+
+def gpu_check_points(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], dict]]]:
+    """The ``adapter`` stage of bench/gpu_check.py: :func:`gpu_speed_cases` (lean, eager, recompute, then
+    torch.compile, at B = 8192 and 32768, 4096 -> 1280) then :func:`gpu_kernel_cases` (each element-wise
+    Triton kernel against the torch ops it replaces), in that priority order."""
+    return [*gpu_speed_cases(device, quick), *gpu_kernel_cases(device, quick)]
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ run's by at most one validation image. ``--modes fp32`` gives the noise floor: h
 (the closest thing to the 16-bit one) moves the same numbers. About 3 minutes per mode on 2 idle cores
 (the demo's sizes).
 
-``run_gpu_stage(budget_s, out_dir)`` is the GPU plan (bench/gpu_check.py's models stage calls
-:func:`gpu_cases`): an 8B-shaped Llama built directly on the GPU with random weights (no checkpoint on
-disk), batches of caption lengths drawn from the demo's length distribution, bf16 against w8a8-fp8,
-w8a8-int8, llm-int8 and torchao where installed; then the fidelity points above on the GPU.
+``run_gpu_stage(budget_s, out_dir)`` is the GPU plan alone (bench/gpu_check.py's ``embed`` stage runs
+:func:`gpu_check_points`, the same cases): an 8B-shaped Llama built directly on the GPU with random
+weights (no checkpoint on disk), batches of caption lengths drawn from the demo's length distribution,
+bf16 against w8a8-fp8, w8a8-int8, llm-int8 and torchao where installed;
+then the fidelity points above on the GPU.
 """
 
 from __future__ import annotations
@@ -506,6 +507,15 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {"machine": machine_description(), "args": vars(args), "rows": rows, "table": table})
     print(f"wrote {args.out}")
     return 1 if errors else 0
+
+
+def gpu_check_points(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], dict]]]:
+    """The ``embed`` stage of bench/gpu_check.py: the 8B-shaped Llama built on the GPU in bf16 and every
+    8-bit mode (:func:`gpu_cases`); the modes that cannot run here come first, as ``skipped`` rows with
+    the missing package named."""
+    skipped = [(name, lambda why=why: {"status": "skipped", "note": why})
+               for name, why in gpu_skipped(device, quick)]
+    return [*skipped, *gpu_cases(device, quick)]
 
 
 if __name__ == "__main__":

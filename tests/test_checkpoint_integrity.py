@@ -46,10 +46,12 @@ def test_truncated_file_gives_an_error_naming_it(tmp_path, name):
     (path / name).write_bytes(data[: len(data) // 2])
     with pytest.raises(ckpt.CheckpointError, match=str(path / name)):
         ckpt.load_checkpoint(path)
-    # Without recorded checksums (an older checkpoint) the reader still names the file.
+    # Without recorded checksums (an older checkpoint: format 1, no SHA256SUMS) the reader still names it.
     meta = json.loads((path / "meta.json").read_text())
     del meta["sha256"]
+    meta["format_version"] = 1
     (path / "meta.json").write_text(json.dumps(meta))
+    (path / "SHA256SUMS").unlink()
     with pytest.raises(ckpt.CheckpointError, match=str(path / name)):
         ckpt.load_checkpoint(path)
 
@@ -101,3 +103,73 @@ def test_stage2_resume_without_usable_checkpoint_fails_and_keeps_the_log(demo, t
     with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
         train_main(stage2_args(demo, out, "--save-every", "1", "--resume", steps=2))
     assert (out / "log.jsonl").read_bytes() == log
+
+
+# ------------------------------------------------------------- meta.json is covered too (issue 28, item 4)
+
+
+def test_every_file_including_meta_json_is_listed_in_sha256sums(tmp_path):
+    import hashlib
+
+    path = _save(tmp_path, 1)
+    lines = (path / "SHA256SUMS").read_text().splitlines()
+    listed = dict(reversed(line.split("  ", 1)) for line in lines)
+    assert sorted(listed) == sorted(p.name for p in path.iterdir() if p.name != "SHA256SUMS")
+    assert "meta.json" in listed
+    for name, digest in listed.items():  # the sha256sum format: `sha256sum -c SHA256SUMS` checks it
+        assert hashlib.sha256((path / name).read_bytes()).hexdigest() == digest
+
+
+def test_a_flipped_digit_of_meta_json_is_caught(tmp_path):
+    path = _save(tmp_path, 1)
+    text = (path / "meta.json").read_text()
+    assert '"step": 1,' in text
+    (path / "meta.json").write_text(text.replace('"step": 1,', '"step": 7,'))
+    with pytest.raises(ckpt.CheckpointError, match=rf"{path / 'meta.json'} is damaged.*SHA256SUMS"):
+        ckpt.load_checkpoint(path)
+
+
+def test_a_missing_or_damaged_sha256sums_is_caught(tmp_path):
+    path = _save(tmp_path, 1)
+    sums = (path / "SHA256SUMS").read_text()
+    (path / "SHA256SUMS").write_text(sums.replace("  meta.json\n", "  meta.jsonx\n"))
+    with pytest.raises(ckpt.CheckpointError, match=r"does not list meta\.json"):
+        ckpt.load_checkpoint(path)
+    (path / "SHA256SUMS").write_text("not a checksum line\n")
+    with pytest.raises(ckpt.CheckpointError, match="line 1 is not"):
+        ckpt.load_checkpoint(path)
+    (path / "SHA256SUMS").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="SHA256SUMS is missing"):
+        ckpt.load_checkpoint(path)
+
+
+def test_a_checkpoint_from_before_sha256sums_loads_with_a_warning_naming_meta_json(tmp_path, caplog):
+    path = _save(tmp_path, 3)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["format_version"] = 1
+    (path / "meta.json").write_text(json.dumps(meta))
+    (path / "SHA256SUMS").unlink()
+    with caplog.at_level("WARNING"):
+        loaded = ckpt.load_checkpoint(path)
+    assert loaded.step == 3
+    assert f"checkpoint {path} was written before checkpoints carried SHA256SUMS: meta.json cannot be " \
+           "verified" in caplog.text
+    # Older still (no sums at all): every file is named.
+    del meta["sha256"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ckpt.load_checkpoint(path)
+    every_file = "meta.json, model.safetensors, trainer_state.safetensors, trainer_state.json cannot be"
+    assert every_file in caplog.text
+
+
+def test_stage2_resume_refuses_a_checkpoint_whose_step_was_changed(demo, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(stage2_args(demo, out, "--save-every", "2", "--keep-checkpoints", "1", steps=4)) == 0
+    meta_path = out / "checkpoints" / "step_00000004" / "meta.json"
+    meta_path.write_text(meta_path.read_text().replace('"step": 4,', '"step": 1,'))
+    (out / "model").rename(tmp_path / "model-before")
+    with pytest.raises(ckpt.CheckpointError, match=r"no usable checkpoint.*meta.json is damaged"):
+        train_main(stage2_args(demo, out, "--save-every", "2", "--keep-checkpoints", "1", "--resume",
+                               steps=4))

@@ -41,11 +41,13 @@ def _loss_pair(m=5, n=7, d=11):
 # ---- opcheck: schema, fake tensors, dispatch of every primitive ------------------------------------
 
 
-def _clip_backward_args(m, n, d):
+def _clip_backward_args(m, n, d, kept=False):
+    """Arguments of a clip_lse_backward op: with the kept (m, n) logits, or an empty tensor."""
     image, text = _loss_pair(m, n, d)
     scale = torch.tensor(2.5)
-    row, col = clip_ops._reference_lse_forward(image, text, scale)
-    return image, text, scale, row, col, _randn(m, seed=3), _randn(n, seed=4)
+    row, col, _ = clip_ops._reference_lse_forward(image, text, scale, 3, False)
+    logits = image @ text.t() if kept else image.new_empty((0, n))
+    return image, text, scale, row, col, _randn(m, seed=3), _randn(n, seed=4), logits, 3
 
 
 def _opcheck_cases():
@@ -54,17 +56,23 @@ def _opcheck_cases():
     hidden = _randn(3, 6, 13, seed=5)
     mask = (_randn(3, 6, seed=6) > 0).to(torch.uint8)
     cases = [
-        ("clip_lse_forward_triton", (image, text, s)),
+        ("clip_lse_forward_triton", (image, text, s, 3, False)),
+        ("clip_lse_forward_triton", (image, text, s, 3, True)),
         ("clip_lse_backward_triton", _clip_backward_args(5, 7, 11)),
-        ("siglip_forward_triton", (image, text, s, b, 1)),
-        ("siglip_backward_triton", (image, text, s, b, _randn(5, seed=7), -2)),
+        ("clip_lse_backward_triton", _clip_backward_args(5, 7, 11, kept=True)),
+        ("siglip_forward_triton", (image, text, s, b, 1, 2)),
+        ("siglip_backward_triton", (image, text, s, b, _randn(5, seed=7), -2, 2)),
+        ("siglip_fused_triton", (image, text, s, b, 0, 2)),
         ("masked_mean_pool_triton", (hidden, mask, True, 1e-12)),
     ]
     cpu = [
-        ("clip_lse_forward", (image, text, s, 3 * 7)),
-        ("clip_lse_backward", (*_clip_backward_args(5, 7, 11), 3 * 7)),
+        ("clip_lse_forward", (image, text, s, 3, False)),
+        ("clip_lse_forward", (image, text, s, 3, True)),
+        ("clip_lse_backward", _clip_backward_args(5, 7, 11)),
+        ("clip_lse_backward", _clip_backward_args(5, 7, 11, kept=True)),
         ("siglip_loss_forward", (image, text, s, b, 1, 2)),
         ("siglip_loss_backward", (image, text, s, b, torch.tensor(0.2), 0, 2)),
+        ("siglip_loss_fused", (image, text, s, b, 0, 2)),
         ("masked_mean_pool_forward", (hidden, mask, False, 1e-12)),
     ]
     return cases + [pytest.param(name, args, marks=needs_cpu_ops) for name, args in cpu]

@@ -217,13 +217,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, runs: list[list[str]], errors) -> None:
-    """One rank (a forked child: the parent's imports are reused, which keeps the test fast)."""
+def _rank_main(rank: int, ports: list[int], runs: list[list[str]], errors) -> None:
+    """One rank (a forked child: the parent's imports are reused, which keeps the test fast).
+
+    Each run gets its own rendezvous port, as separate torchrun jobs would: on one port, a rank that
+    finished run k first could reach rank 0's store of run k (not yet torn down) for run k + 1's
+    rendezvous, whose keys it shares, and the ranks would then wait in different collectives."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "MASTER_ADDR": "127.0.0.1"})
     torch.set_num_threads(1)  # two ranks share the two cores
     try:
-        for argv in runs:
+        for port, argv in zip(ports, runs, strict=True):
+            os.environ["MASTER_PORT"] = str(port)
             train_main(argv)
     except BaseException:
         import traceback
@@ -243,14 +248,26 @@ def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_pat
 
     train_main(stage2_args(demo, tmp_path / "single", *DISTRIBUTED_COMMON, steps=3, batch=8))
     runs = {  # each: the same 8-image global batch per step as the single process
-        "ddp": stage2_args(demo, tmp_path / "ddp", *DISTRIBUTED_COMMON, steps=3, batch=4),
+        # DDP with static_graph (auto: on without accumulation) and 10 KB buckets (many all-reduces, each
+        # launched as its bucket fills during the backward), then with accumulation (static_graph off)
+        "ddp": stage2_args(demo, tmp_path / "ddp", *DISTRIBUTED_COMMON, "--ddp-bucket-mb", "0.01", steps=3,
+                           batch=4),
+        "ddp_accum": stage2_args(demo, tmp_path / "ddp_accum", *DISTRIBUTED_COMMON, "--grad-accum", "2",
+                                 steps=3, batch=2),
         "fsdp": stage2_args(demo, tmp_path / "fsdp", *DISTRIBUTED_COMMON, "--fsdp", "--grad-accum", "2",
                             steps=3, batch=2),  # 2 ranks x 2 micro-batches x 2 images
+        # FSDP2 with every vision layer checkpointed: the recompute runs on unsharded weights
+        "fsdp_ckpt": stage2_args(demo, tmp_path / "fsdp_ckpt", *DISTRIBUTED_COMMON, "--fsdp",
+                                 "--grad-checkpointing", steps=3, batch=4),
     }
     ctx = multiprocessing.get_context("fork")
     errors = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, list(runs.values()), errors)) for r in range(2)]
+    ports: list[int] = []
+    while len(ports) < len(runs):
+        port = _free_port()
+        if port not in ports:
+            ports.append(port)
+    procs = [ctx.Process(target=_rank_main, args=(r, ports, list(runs.values()), errors)) for r in range(2)]
     for p in procs:
         p.start()
     try:
@@ -266,6 +283,10 @@ def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_pat
 
     single = final_state(tmp_path / "single")
     log1 = [json.loads(x)["loss"] for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    ddp = {m: json.loads((tmp_path / m / "config.json").read_text())["step"]["ddp"]
+           for m in ("ddp", "ddp_accum")}
+    assert ddp["ddp"] == {"bucket_cap_mb": 0.01, "static_graph": True, "gradient_as_bucket_view": True}
+    assert ddp["ddp_accum"]["static_graph"] is False
     for mode in runs:
         other = final_state(tmp_path / mode)
         for k in single:

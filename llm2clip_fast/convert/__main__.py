@@ -27,9 +27,11 @@ the source.
 Expected failures print one line ``llm2clip_fast.convert: error: ...`` on stderr and exit with:
 
   2  bad arguments or options
-  3  a source file or folder that does not exist
+  3  a source file or folder that does not exist, or a file or folder that cannot be read or written
+     (permissions, a read-only filesystem)
   4  --out already exists (pass --overwrite)
-  5  the source does not match the --from format (unknown/missing keys, shape mismatches)
+  5  the source does not match the --from format (unknown/missing keys, shape mismatches), or a
+     safetensors file of it is damaged or truncated
   9  a package the conversion needs is missing or broken (timm for --from eva-clip)
 
 ``--debug`` or ``LLM2CLIP_DEBUG=1`` shows the traceback of expected failures too.
@@ -39,8 +41,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from ..cli_exit_codes import code_for, run_command_line
+from ..cli_exit_codes import code_for, redacting_excepthook, run_command_line
 from .errors import OutputExistsError, SourceMismatchError
 
 FORMATS = ("llm2clip-hf", "eva-clip", "hf-clip", "open_clip")
@@ -68,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cast every floating tensor (default: keep the source's dtype)")
     parser.add_argument("--llm", default=None,
                         help="record the LLM whose embeddings the adapter reads (config.llm.path, used by "
-                             "eval), e.g. the folder of microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned")
+                             "eval), e.g. the folder of microsoft/LLM2CLIP-Llama-3-8B-Instruct-CC-Finetuned; "
+                             "where it is on this machine its files' hashes are recorded too, and eval "
+                             "checks the LLM against them")
     parser.add_argument("--input-norm", choices=("l2", "none"), default=None,
                         help="the adapter's input normalisation (default: 'none' for llm2clip-hf, as the "
                              "release's get_text_features; 'l2' for eva-clip, hf-clip and open_clip, as the "
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
             model, provenance = convert_open_clip(args.source, act=args.act, heads=args.heads, **common)
     if args.llm is not None:
-        model.config.llm = {"path": args.llm}
+        model.config.llm = recorded_llm(args.llm)
     out = write_model_folder(model, args.out, provenance, overwrite=args.overwrite)
     cfg = model.config
     print(f"wrote {out}: {cfg.vision['kind']} vision tower ({model.vision.num_layers} layers, "
@@ -160,6 +165,19 @@ def main(argv: list[str] | None = None) -> int:
           f"({cfg.adapter['num_blocks']} blocks, input_norm {cfg.adapter.get('input_norm', 'l2')}), "
           f"{len(provenance['dropped'])} source tensors dropped")
     return 0
+
+
+def recorded_llm(llm: str) -> dict[str, Any]:
+    """``config.llm`` for ``--llm``: its path, and where it is a local folder (or in the local HF cache)
+    the hashes of its files, which eval checks the LLM against before embedding captions."""
+    from ..models.llm_fingerprint import RECORD_KEY, llm_weights_fingerprint
+
+    record: dict[str, Any] = {"path": llm}
+    try:
+        record[RECORD_KEY] = llm_weights_fingerprint(llm)
+    except FileNotFoundError:
+        pass  # not on this machine: eval warns that it cannot check the LLM
+    return record
 
 
 def _export(args: argparse.Namespace, dtype) -> int:
@@ -181,13 +199,14 @@ def _default(value, default):
 def exit_code_for(exc: BaseException) -> int | None:
     """The documented exit code of an expected failure, None for a bug."""
     from ..missing_dependency import MissingDependencyError
+    from ..safetensors_files import DamagedWeightsError
 
     return code_for(exc, [
         (KeyboardInterrupt, 130),
         (MissingDependencyError, 9),
         (OutputExistsError, 4),
-        (SourceMismatchError, 5),
-        ((FileNotFoundError, NotADirectoryError), 3),
+        ((SourceMismatchError, DamagedWeightsError), 5),
+        ((FileNotFoundError, NotADirectoryError, PermissionError), 3),
         (ValueError, 2),
     ])
 
@@ -198,4 +217,5 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.excepthook = redacting_excepthook  # a bug's traceback must not print a credential either
     sys.exit(cli())

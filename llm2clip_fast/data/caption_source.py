@@ -11,9 +11,10 @@ from PIL import Image, UnidentifiedImageError
 
 from .bad_data import BadDataTracker, BadSampleError
 from .records import Record
+from .reduced_decode import DECODED_FROM, DecodeRequest
 
 
-def decode_image(key: str, data: bytes, min_side: int | None = None) -> Image.Image:
+def decode_image(key: str, data: bytes, min_side: int | DecodeRequest | None = None) -> Image.Image:
     """Decode image bytes fully to RGB; any failure becomes :class:`BadSampleError`.
 
     min_side: the smallest side the consumer needs (None: full size). A much larger image is then
@@ -21,19 +22,43 @@ def decode_image(key: str, data: bytes, min_side: int | None = None) -> Image.Im
     never exists at full size in memory), other formats through ``reduce`` right after decoding (their
     peak stays bounded by PIL's decompression-bomb limit). Both keep at least ``2 * min_side`` pixels
     on each side, so a following resize to ``min_side`` still has detail to average.
+
+    A :class:`~.reduced_decode.DecodeRequest` carries ``min_side`` and, for ``--decode reduced``
+    training, a :class:`~.reduced_decode.ReducedDecode`: a JPEG then decodes at the largest reduction
+    that keeps every training crop at least the tower's size, and the returned image's
+    ``info[DECODED_FROM]`` says (original width, original height, factor) so the crop is drawn on the
+    original size and mapped into the reduced image.
     """
+    reduce = None
+    if isinstance(min_side, DecodeRequest):
+        min_side, reduce = min_side.min_side, min_side.reduce
     if not data:
         raise BadSampleError(key, "image is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        # Not a `with` block: closing the image would discard its pixels, and an RGB image is returned as
+        # decoded (a convert() copy costs as much as a fifth of the decode for a 1024x768 photo).
+        image = Image.open(io.BytesIO(data))
+        original = image.size
+        factor = 1
+        if reduce is None:
             if min_side:
                 image.draft("RGB", (2 * min_side, 2 * min_side))  # no-op for non-JPEG formats
-            image.load()  # decoding happens lazily: load() is what exposes truncated files
-            rgb = image.convert("RGB")
+        elif image.format == "JPEG":
+            # PIL honours one draft call: the larger of the two reductions allowed.
+            factor = reduce.factor(*original)
+            if min_side:
+                factor = max(factor, _draft_factor(original, 2 * min_side))
+            if factor > 1:
+                image.draft("RGB", (original[0] // factor, original[1] // factor))
+        image.load()  # decoding happens lazily: load() is what exposes truncated files
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
         if min_side:
-            factor = min(rgb.size) // (2 * min_side)
-            if factor >= 2:
-                rgb = rgb.reduce(factor)
+            extra = min(rgb.size) // (2 * min_side)
+            if extra >= 2:
+                rgb = rgb.reduce(extra)
+                factor *= extra
+        if reduce is not None:
+            rgb.info[DECODED_FROM] = (original[0], original[1], factor)
         return rgb
     except UnidentifiedImageError:
         raise BadSampleError(key, "image cannot be identified (not an image or unsupported format)") from None
@@ -41,17 +66,28 @@ def decode_image(key: str, data: bytes, min_side: int | None = None) -> Image.Im
         raise BadSampleError(key, f"image cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
-def read_image_file(key: str, path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
-    """Read and decode an image file (``min_side``: see :func:`decode_image`); missing or unreadable
-    files become :class:`BadSampleError`."""
+def _draft_factor(size: tuple[int, int], side: int) -> int:
+    """The reduction PIL's JPEG ``draft(mode, (side, side))`` picks for an image of ``size``."""
+    scale = min(size[0] // side, size[1] // side)
+    return next(k for k in (8, 4, 2, 1) if scale >= k)
+
+
+def read_image_bytes(key: str, path: str | os.PathLike) -> bytes:
+    """An image file's bytes; missing or unreadable files become :class:`BadSampleError`."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise BadSampleError(key, f"image file is missing: {os.fspath(path)}") from None
     except OSError as exc:
         raise BadSampleError(key, f"image file cannot be read: {os.fspath(path)} ({exc})") from None
-    return decode_image(key, data, min_side)
+
+
+def read_image_file(key: str, path: str | os.PathLike,
+                    min_side: int | DecodeRequest | None = None) -> Image.Image:
+    """Read and decode an image file (``min_side``: see :func:`decode_image`); missing or unreadable
+    files become :class:`BadSampleError`."""
+    return decode_image(key, read_image_bytes(key, path), min_side)
 
 
 def check_captions(key: str, captions: dict[str, str], names: list[str]) -> dict[str, str]:
@@ -106,15 +142,28 @@ class CaptionSource(ABC):
     def image_at(self, index: int) -> Image.Image:
         """The decoded RGB image; raises :class:`BadSampleError` when it is missing or broken."""
 
+    def image_bytes_at(self, index: int) -> bytes:
+        """The image's encoded bytes, undecoded (``--decode gpu`` decodes them on the device); raises
+        :class:`BadSampleError` when it is missing. Sources that cannot hand them out raise
+        NotImplementedError (see :attr:`serves_image_bytes`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hand out undecoded image bytes; decode "
+                                  "on the CPU (--decode exact or reduced)")
+
+    @property
+    def serves_image_bytes(self) -> bool:
+        """Whether :meth:`image_bytes_at` is implemented (local manifests and WebDataset shards)."""
+        return type(self).image_bytes_at is not CaptionSource.image_bytes_at
+
     def describe(self) -> str:
         return type(self).__name__
 
-    #: Smallest image side consumers need (None: decode at full size); see :func:`decode_image`.
-    decode_min_side: int | None = None
+    #: Smallest image side consumers need (None: decode at full size), or a
+    #: :class:`~.reduced_decode.DecodeRequest` (``--decode reduced``); see :func:`decode_image`.
+    decode_min_side: int | DecodeRequest | None = None
 
-    def set_decode_min_side(self, min_side: int | None) -> None:
+    def set_decode_min_side(self, min_side: int | DecodeRequest | None) -> None:
         """Let :meth:`image_at` decode large images smaller, keeping at least ``2 * min_side`` pixels a side
-        (loaders with the CLIP transform set it to their image size)."""
+        (loaders with the CLIP transform set it to their image size), or pass a :class:`DecodeRequest`."""
         self.decode_min_side = min_side
 
     # Shared behaviour -------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..atomic_files import write_stream_atomic
+from ..redaction import redact_value
 from .embedding_int8 import Int8Shard, dequantize_rows, quantize_shard
 
 CACHE_FORMAT = "llm2clip_fast.embedding_cache"
@@ -187,7 +188,8 @@ def _settings(
 def _check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
     path = out / SETTINGS_NAME
     if path.is_file():
-        old = _read_json(path, "cache settings")
+        # A cache written before sources were saved redacted: its source compares by its redacted form.
+        old = redact_value(_read_json(path, "cache settings"))
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             raise ValueError(

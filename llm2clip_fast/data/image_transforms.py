@@ -18,9 +18,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .reduced_decode import DECODED_FROM, ReducedDecode, map_box
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+OUTPUTS = ("float32", "uint8")
 
 
 def resize_short_side(image: Image.Image, size: int,
@@ -73,6 +76,25 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8, unnormalised: a quarter of the float32 bytes to collate, pin and
+    copy to the device, where :func:`normalize_uint8` finishes it."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def normalize_uint8(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) on any device -> float32 ``(pixel / 255 - mean) / std`` per channel.
+
+    The same float32 operations in the same order as :func:`to_normalized_tensor`'s lookup table, so the
+    result is bit-identical to the float path: uint8 transfer changes no number of a run."""
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"pixels must be uint8, got {pixels.dtype}")
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return pixels.to(torch.float32).div_(255.0).sub_(m).div_(s)
+
+
 def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32, (pixel / 255 - mean) / std per channel.
 
@@ -100,7 +122,11 @@ class ClipImageTransform:
         resize: str = "shortest_edge",
         resample: str = "bicubic",
         resize_size: int | None = None,
+        output: str = "float32",
     ):
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        self.output = output
         self.size = size
         self.train = train
         self.scale = scale
@@ -115,13 +141,18 @@ class ClipImageTransform:
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-        image = image.convert("RGB")
+        decoded_from = image.info.get(DECODED_FROM)
+        if image.mode != "RGB":
+            image = image.convert("RGB")
         if self.train:
             rng = rng if rng is not None else random.Random()
-            left, top, w, h = random_resized_crop_box(image.width, image.height, self.scale, self.ratio, rng)
-            image = image.resize(
-                (self.size, self.size), self._filter, box=(left, top, left + w, top + h)
-            )
+            # A reduced-size decode (--decode reduced) draws the crop on the original size, then maps it.
+            width, height, factor = decoded_from or (image.width, image.height, 1)
+            left, top, w, h = random_resized_crop_box(width, height, self.scale, self.ratio, rng)
+            box = (left, top, left + w, top + h)
+            if factor > 1:
+                box = map_box(box, factor)
+            image = image.resize((self.size, self.size), self._filter, box=box)
         elif self.resize == "square":  # SigLIP / ViT processors, timm's 'squash': aspect not kept
             side = self.resize_size or self.size
             image = image.resize((side, side), self._filter)
@@ -130,7 +161,15 @@ class ClipImageTransform:
         else:
             short = self.resize_size or self.size
             image = center_crop(resize_short_side(image, short, self._filter), self.size)
+        if self.output == "uint8":
+            return to_uint8_tensor(image)
         return to_normalized_tensor(image, self.mean, self.std)
+
+    def reduced_decode(self) -> ReducedDecode:
+        """The decode plan of ``--decode reduced`` for this (training) transform's crops."""
+        if not self.train:
+            raise ValueError("reduced-size decoding is for training crops only; evaluation decodes exactly")
+        return ReducedDecode(self.size, self.scale, self.ratio)
 
     def __repr__(self) -> str:
         mode = f"train, scale={self.scale}, ratio={self.ratio}" if self.train else f"eval, {self.resize}"
@@ -149,6 +188,7 @@ def clip_image_transform(
     resize: str = "shortest_edge",
     resample: str = "bicubic",
     resize_size: int | None = None,
+    output: str = "float32",
 ) -> ClipImageTransform:
     """CLIP preprocessing: PIL image -> normalised float32 tensor (3, size, size).
 
@@ -163,6 +203,8 @@ def clip_image_transform(
             not kept, then a centre crop; SigLIP, ViT, timm's 'squash' crop mode).
         resize_size: the side before the centre crop (default ``size``; >= ``size``).
         resample: "bicubic" or "bilinear".
+        output: "float32" (normalised) or "uint8" (unnormalised; :func:`normalize_uint8` on the device
+            gives the float32 result bit for bit).
     """
     if resize not in ("shortest_edge", "square"):
         raise ValueError(f"resize must be 'shortest_edge' or 'square', got {resize!r}")
@@ -179,13 +221,15 @@ def clip_image_transform(
     if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
         raise ValueError(f"mean and std need 3 values each (std > 0), got mean={mean!r}, std={std!r}")
     return ClipImageTransform(size, train, tuple(scale), tuple(ratio), mean, std, resize, resample,
-                              resize_size)
+                              resize_size, output)
 
 
-def image_transform_for(preprocessing: Any, train: bool = False, *,
-                        scale: tuple[float, float] = (0.9, 1.0)) -> ClipImageTransform:
+def image_transform_for(preprocessing: Any, train: bool = False, *, scale: tuple[float, float] = (0.9, 1.0),
+                        output: str = "float32") -> ClipImageTransform:
     """The transform of a tower's :class:`~llm2clip_fast.models.image_preprocessing.ImagePreprocessing`:
-    its size, mean/std, resize mode and filter (training: a random resized crop with ``scale``)."""
+    its size, mean/std, resize mode and filter (training: a random resized crop with ``scale``);
+    ``output`` as in :func:`clip_image_transform`."""
     p = preprocessing
     return clip_image_transform(p.image_size, train=train, scale=scale, mean=p.mean, std=p.std,
-                                resize=p.resize, resample=p.resample, resize_size=p.resize_size)
+                                resize=p.resize, resample=p.resample, resize_size=p.resize_size,
+                                output=output)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -45,6 +46,7 @@ from .bad_data import BadDataPolicy, BadDataTracker, BadSampleError
 from .caption_mix import CaptionMix, check_mix_names
 from .caption_source import CaptionSource
 from .image_transforms import ClipImageTransform, clip_image_transform
+from .reduced_decode import DecodeRequest
 
 ImageTransform = Callable[[Image.Image, random.Random], torch.Tensor]
 
@@ -150,8 +152,11 @@ class CaptionBatches(IterableDataset):
             try:
                 captions = self.source.captions_at(index)
                 if self.transform is not None:
-                    image = self.source.image_at(index)
-                    pixels.append(self.transform(image, sample_rng(self.seed, self.epoch, key, "image")))
+                    rng = sample_rng(self.seed, self.epoch, key, "image")
+                    if getattr(self.transform, "wants_bytes", False):  # --decode gpu: bytes and a crop box
+                        pixels.append(self.transform.encode(key, self.source.image_bytes_at(index), rng))
+                    else:
+                        pixels.append(self.transform(self.source.image_at(index), rng))
             except BadSampleError as exc:
                 bad.append((exc.key, exc.reason))
                 continue
@@ -171,7 +176,10 @@ class CaptionBatches(IterableDataset):
                  bad: list[tuple[str, str]], seen: int) -> dict[str, Any]:
         """The batch dict of the good samples of a slot of ``seen`` samples (``bad`` the dropped ones)."""
         batch: dict[str, Any] = {"keys": keys, "all_captions": all_captions}
-        if self.transform is not None:
+        if self.transform is not None and pixels and isinstance(pixels[0], dict):
+            # --decode gpu: undecoded JPEGs and crop boxes; the trainer decodes them on the device.
+            batch["encoded_images"] = pixels
+        elif self.transform is not None:
             # numpy's single-threaded copy: torch.stack's threaded copy crawls on a busy machine.
             batch["pixel_values"] = (
                 torch.from_numpy(np.stack([p.numpy() for p in pixels])) if pixels else torch.empty(0)
@@ -278,6 +286,7 @@ def build_loader(
     prefetch_factor: int | None = None,
     multiprocessing_context: str | None = None,
     shuffle_buffer: int = 1000,
+    decode: str = "exact",
 ) -> CaptionLoader:
     """A DataLoader of caption batches for one rank (see the module docstring for the epoch layout).
 
@@ -301,6 +310,11 @@ def build_loader(
         bad_data: policy (or max fraction, or a tracker to share) for bad samples.
         pin_memory, prefetch_factor, multiprocessing_context: passed to the DataLoader. Workers are
             started afresh each epoch (no ``persistent_workers``) so they see ``set_epoch``.
+        decode: how training images are decoded: "exact" (full-size PIL decode; the default), "reduced"
+            (JPEGs decoded at 1/2, 1/4 or 1/8 size where every possible crop keeps the output size:
+            :mod:`.reduced_decode`; training only, pixels differ slightly), "gpu" (workers ship JPEG bytes
+            and crop boxes in ``encoded_images``, the trainer decodes on the GPU: :mod:`.gpu_decode`;
+            needs a uint8 training ClipImageTransform and a source that serves bytes).
         shuffle_buffer: streaming sources only (``source.streaming``, e.g. http/pipe:/s3 shards): samples
             per seeded shuffle block. Such sources get a :class:`~.stream_loader.StreamLoader`: whole
             shards per rank x worker (at least ``world_size`` shards needed), batches that depend on
@@ -308,8 +322,10 @@ def build_loader(
 
     Returns:
         :class:`CaptionLoader` yielding dicts: ``keys`` list[str]; ``pixel_values`` float32 (B, 3, S, S)
-        (with images); ``captions`` list[str] and ``caption_names`` list[str] (the chosen caption and its
-        name per sample, when ``caption`` is not None); ``all_captions`` list[dict[str, str]];
+        (with images; uint8 unnormalised from a transform with ``output="uint8"``; with ``decode="gpu"``
+        ``encoded_images`` instead, see :func:`~.gpu_decode.decode_batch`); ``captions`` list[str] and
+        ``caption_names`` list[str] (the chosen caption and its name per sample, when ``caption`` is not
+        None); ``all_captions`` list[dict[str, str]];
         ``labels`` list[str | None] (when the source has a label column); ``batch_index`` int (the slot).
     """
     source = _as_source(source)
@@ -319,10 +335,11 @@ def build_loader(
     streaming = getattr(source, "streaming", False)
     _check_source_can_feed(source, world_size, shuffle_buffer)
     if with_images:
-        transform = _image_transform(source, transform, image_size, train, crop_scale)
+        transform = _image_transform(source, transform, image_size, train, crop_scale, decode)
     tracker = bad_data if isinstance(bad_data, BadDataTracker) else BadDataTracker(bad_data)
-    for problem in getattr(source, "damaged_shards", {}).values():
-        tracker.add_note(problem)
+    if not streaming:  # a stream notes each broken shard when it reads it (with what it lost)
+        for problem in getattr(source, "damaged_shards", {}).values():
+            tracker.add_note(problem)
     common = dict(batch_size=batch_size, transform=transform if with_images else None, caption=caption,
                   rank=rank, world_size=world_size, seed=seed, epoch=epoch,
                   shuffle=train if shuffle is None else shuffle, drop_last=drop_last)
@@ -396,17 +413,40 @@ def _check_source_can_feed(source: CaptionSource, world_size: int, shuffle_buffe
                          "write more, smaller shards")
 
 
+DECODES = ("exact", "reduced", "gpu")
+
+
 def _image_transform(source: CaptionSource, transform: ImageTransform | None, image_size: int, train: bool,
-                     crop_scale: tuple[float, float]) -> ImageTransform:
+                     crop_scale: tuple[float, float], decode: str = "exact") -> ImageTransform:
     """``transform``, or the CLIP transform of ``image_size``; a CLIP-style transform also lets the
-    source decode large images smaller."""
+    source decode large images smaller, and ``decode`` (see :func:`build_loader`) chooses how."""
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {DECODES}, got {decode!r}")
     if transform is None:
         transform = clip_image_transform(image_size, train=train, scale=crop_scale)
+    if decode != "exact" and not (isinstance(transform, ClipImageTransform) and transform.train):
+        raise ValueError(f"decode={decode!r} is for training crops of a ClipImageTransform (train=True); "
+                         "evaluation and custom transforms decode exactly")
     if isinstance(transform, ClipImageTransform):
         # The CLIP-style transforms never need more than ~their resize side in pixels: large images may
         # decode smaller (bounded memory for a 9000x9000 photo). A custom transform gets full-size images.
         side = max(transform.size, transform.resize_size or 0)
-        source.set_decode_min_side(max(side, source.decode_min_side or 0))
+        current = source.decode_min_side
+        current = current.min_side if isinstance(current, DecodeRequest) else current
+        side = max(side, current or 0)
+        if decode == "reduced":
+            source.set_decode_min_side(DecodeRequest(side, transform.reduced_decode()))
+        else:
+            source.set_decode_min_side(side)
+    if decode == "gpu":
+        from .gpu_decode import JpegCropTransform
+
+        if not source.serves_image_bytes:
+            raise ValueError(f"decode='gpu' needs undecoded image bytes, which {type(source).__name__} does "
+                             "not hand out (local manifests and WebDataset shards do); use exact or reduced")
+        if transform.output != "uint8":
+            raise ValueError("decode='gpu' needs a uint8 transform: clip_image_transform(output='uint8')")
+        return JpegCropTransform(transform)
     return transform
 
 
@@ -420,6 +460,14 @@ def _lost_share(source: CaptionSource, rank: int, world_size: int) -> tuple[int,
     return lost, note
 
 
+def ignore_sigterm_in_worker(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM: its trainer stops at a step boundary and saves when SLURM sends
+    SIGTERM to every process of a job (see ``train.stop_requests``), and shuts its workers down itself.
+    A worker killed by the signal would break that step with "DataLoader worker exited unexpectedly"
+    (and one that inherited the trainer's handler would raise in the worker)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _dataloader_kwargs(tracker: BadDataTracker, *, num_workers: int, seed: int, pin_memory: bool,
                        prefetch_factor: int | None, multiprocessing_context: str | None) -> dict[str, Any]:
     """The keyword arguments of the loader classes: tracker, workers, pinning and the worker-seed
@@ -429,6 +477,8 @@ def _dataloader_kwargs(tracker: BadDataTracker, *, num_workers: int, seed: int, 
         extra["prefetch_factor"] = prefetch_factor
     if num_workers > 0 and multiprocessing_context is not None:
         extra["multiprocessing_context"] = multiprocessing_context
+    if num_workers > 0:
+        extra["worker_init_fn"] = ignore_sigterm_in_worker
     # DataLoader draws its workers' base seed each epoch from this generator, or from the global torch
     # RNG when it has none: a private one keeps the trainer's dropout stream independent of where a
     # resumed run re-enters the epoch (the batches themselves are seeded per sample, not from it).

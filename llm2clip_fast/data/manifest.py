@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from .bad_data import BadDataPolicy, BadDataTracker, BadSampleError
-from .caption_source import CaptionSource, read_image_file
+from .caption_source import CaptionSource, read_image_bytes, read_image_file
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
@@ -159,6 +159,13 @@ class ManifestSource(CaptionSource):
         return self.root / self._images[index]
 
     def image_at(self, index: int) -> Image.Image:
+        return read_image_file(self._keys[index], self._checked_image_path(index), self.decode_min_side)
+
+    def image_bytes_at(self, index: int) -> bytes:
+        """The image file's bytes, undecoded (for decoding on the GPU)."""
+        return read_image_bytes(self._keys[index], self._checked_image_path(index))
+
+    def _checked_image_path(self, index: int) -> Path:
         key = self._keys[index]
         if not self.has_images:
             raise ValueError(f"manifest {os.fspath(self.path)!r} is text-only (no image column "
@@ -171,7 +178,7 @@ class ManifestSource(CaptionSource):
             if not resolved.is_relative_to(root):
                 raise BadSampleError(key, f"image path {self._images[index]!r} leads outside the manifest's "
                                      f"folder {os.fspath(root)!r} (--image-root-only)")
-        return read_image_file(key, path, self.decode_min_side)
+        return path
 
     def keys(self) -> list[str]:
         return list(self._keys)

@@ -13,6 +13,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..redaction import redact
 from .stream_transport import TAIL_BYTES, ShardStream, TransportError, TransportPolicy
 
 logger = logging.getLogger("llm2clip_fast.data.stream")
@@ -33,9 +34,9 @@ class ShardError(Exception):
     """A shard stopped before its end (transport gave up, or the archive is cut short or damaged)."""
 
     def __init__(self, url: str, reason: str, samples_read: int):
-        super().__init__(f"shard {url!r}: {reason}")
-        self.url = url
-        self.reason = reason
+        self.url = url  # the real URL; messages show it redacted
+        self.reason = redact(reason)
+        super().__init__(f"shard {redact(url)!r}: {self.reason}")
         self.samples_read = samples_read
 
 
@@ -66,7 +67,7 @@ def iter_shard(
             if stream.discarded:
                 logger.warning("stream: %s cannot seek; re-read and discarded %d bytes to resume at "
                                "sample %d",
-                               url, stream.discarded, start_number)
+                               redact(url), stream.discarded, start_number)
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     if not member.isfile():
@@ -93,6 +94,8 @@ def iter_shard(
         reason = exc.reason
     except (tarfile.TarError, EOFError) as exc:
         reason = f"the tar data is truncated or damaged ({exc})"
+    except (MemoryError, OverflowError) as exc:  # a header claiming 2**40 bytes, read into memory at once
+        reason = f"a tar header claims more bytes than can be read ({type(exc).__name__}): it is damaged"
     else:
         if pending is not None:
             yield pending

@@ -6,17 +6,25 @@ workers (:mod:`~.stream_loader`). ``len(source)`` needs every shard's sample cou
 ``sizes.json`` beside the shards (OpenCLIP's convention) when there is one, else learned by one
 counting pass over the shards on first use, and kept. A shard the transport gives up on, or that ends
 early, keeps the samples read before the break; the rest count as bad data (lost samples) with the
-shard named.
+shard named: as many as the shard should hold (its ``sizes.json`` count, else the median count of the
+intact shards) minus those read, and at least one. So a shard that yields nothing (a garbage body, a
+``pipe:`` command that exits non-zero, an HTTP 404) counts as a whole shard lost, not as one sample.
+
+Shard URLs may carry credentials (``https://user:pass@host/...``, presigned ``?X-Amz-Signature=...``
+URLs, an ``Authorization`` header in a ``pipe:`` command): they are used as given and shown redacted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
+import urllib.parse
 from collections.abc import Iterator, Sequence
 
 from PIL import Image
 
+from ..redaction import redact
 from .bad_data import BadDataPolicy, BadDataTracker, BadSampleError
 from .caption_source import CaptionSource, check_captions, decode_image
 from .records import Record
@@ -61,10 +69,11 @@ class StreamingWebDatasetSource(CaptionSource):
         self.shards = shard_patterns(spec)
         if not self.shards:
             raise ValueError(f"spec {spec!r} names no shards")
-        globbed = [u for u in self.shards if _GLOB_CHARS & set(u.split("://", 1)[-1])]
+        globbed = [redact(u) for u in self.shards if has_glob(u)]
         if globbed:
-            raise ValueError(f"spec {spec!r}: glob patterns cannot be listed over a stream ({globbed[:3]}); "
-                             "name the shards with a brace pattern such as d-{000..099}.tar")
+            raise ValueError(f"spec {redact(str(spec))!r}: glob patterns cannot be listed over a stream "
+                             f"({globbed[:3]}); name the shards with a brace pattern such as "
+                             "d-{000..099}.tar")
         for url in dict.fromkeys(self.shards):
             check_backend(url)
         self.transport = transport or TransportPolicy()
@@ -72,6 +81,8 @@ class StreamingWebDatasetSource(CaptionSource):
         self.damaged_shards: dict[str, str] = {}  # problems met by the counting pass
         self.lost_samples: dict[str, int] = {}  # streams count their losses while they are read
         self._sizes: list[int] | None = None
+        self._published = False  # the sizes came from sizes.json (else from a counting pass)
+        self._broken: set[int] = set()  # shards the counting pass could not read to their end
         first = self._first_sample()
         where = f"first sample {first.key!r} of shard {self.shards[first.shard]!r}"
         try:
@@ -94,7 +105,8 @@ class StreamingWebDatasetSource(CaptionSource):
                 if len(problems) >= 3:
                     break
         more = " ..." if len(self.shards) > 3 else ""
-        raise ValueError(f"no sample could be read from the shards {self.shards[:3]}{more}: "
+        shown = [redact(u) for u in self.shards[:3]]
+        raise ValueError(f"no sample could be read from the shards {shown}{more}: "
                          f"{'; '.join(problems) or 'all are empty'}")
 
     # Sizes ------------------------------------------------------------------------------------
@@ -106,6 +118,7 @@ class StreamingWebDatasetSource(CaptionSource):
         part counts what was read; the problem is kept in ``damaged_shards``)."""
         if self._sizes is None:
             self._sizes = published_sizes(self.shards, self.transport)
+            self._published = self._sizes is not None
         if self._sizes is None:
             sizes = []
             for shard, url in enumerate(self.shards):
@@ -115,7 +128,8 @@ class StreamingWebDatasetSource(CaptionSource):
                         count += 1
                 except ShardError as exc:
                     count = exc.samples_read
-                    self.damaged_shards[url] = str(exc)
+                    self._broken.add(shard)
+                    self.damaged_shards[redact(url)] = str(exc)
                     self.bad_data.add_note(str(exc))
                 sizes.append(count)
             self._sizes = sizes
@@ -129,18 +143,52 @@ class StreamingWebDatasetSource(CaptionSource):
     def iter_samples(self, tracker: BadDataTracker, shards: Sequence[int] | None = None,
                      ) -> Iterator[StreamSample]:
         """Raw samples of ``shards`` (default: all, in order); a shard that breaks counts its unread
-        samples (at least one) as lost in ``tracker`` with the shard named."""
+        samples (:meth:`lost_after`) as lost in ``tracker`` with the shard named.
+
+        A full pass (``shards`` None) before the sizes are known is itself the counting pass: it learns
+        every shard's count, and the losses of the shards that broke are counted when it ends, against
+        the intact shards' median."""
+        learning = shards is None and self._sizes is None
+        counts: list[int] = []
+        broken: list[tuple[int, ShardError]] = []
         for shard in range(len(self.shards)) if shards is None else shards:
+            read = 0
             try:
-                yield from iter_shard(self.shards[shard], shard, policy=self.transport)
+                for sample in iter_shard(self.shards[shard], shard, policy=self.transport):
+                    read += 1
+                    yield sample
             except ShardError as exc:
-                tracker.add_lost(self.lost_after(shard, exc.samples_read), lost_note(exc))
-                tracker.check()
+                read = exc.samples_read
+                if learning:
+                    broken.append((shard, exc))
+                else:
+                    tracker.add_lost(self.lost_after(shard, exc.samples_read), lost_note(exc))
+                    tracker.check()
+            counts.append(read)
+        if learning and self._sizes is None:
+            self._sizes = counts
+            for shard, exc in broken:
+                self._broken.add(shard)
+                self.damaged_shards[redact(exc.url)] = str(exc)
+        for shard, exc in broken:
+            tracker.add_lost(self.lost_after(shard, exc.samples_read), lost_note(exc))
+        if broken:
+            tracker.check()
+
+    def expected_size(self, shard: int) -> int:
+        """How many samples ``shard`` should hold: its ``sizes.json`` count, else (for a shard the
+        counting pass could not read to its end) the median count of the intact shards, else what the
+        counting pass read. Counts the shards first if need be."""
+        sizes = self.shard_sizes
+        if self._published or shard not in self._broken:
+            return sizes[shard]
+        intact = [n for i, n in enumerate(sizes) if i not in self._broken]
+        return max(sizes[shard], statistics.median_low(intact)) if intact else sizes[shard]
 
     def lost_after(self, shard: int, samples_read: int) -> int:
-        """Samples of ``shard`` missed when a read broke after ``samples_read`` (at least one)."""
-        expected = self._sizes[shard] if self._sizes is not None else 0
-        return max(1, expected - samples_read)
+        """Samples of ``shard`` missed when a read broke after ``samples_read``: what the shard should
+        hold (:meth:`expected_size`) minus what was read, at least one."""
+        return max(1, self.expected_size(shard) - samples_read)
 
     def captions_of(self, sample: StreamSample) -> tuple[dict[str, str], str | None]:
         """(checked captions, label) of a raw sample; :class:`BadSampleError` for a bad one."""
@@ -204,8 +252,8 @@ class StreamingWebDatasetSource(CaptionSource):
     # Random access is what a stream lacks ------------------------------------------------------
 
     def _no_random_access(self, what: str):
-        raise TypeError(f"{what}: a streaming source ({self.shards[0]!r}, ...) is read in order only; use "
-                        "iter_records / iter_captions / keys, or build_loader")
+        raise TypeError(f"{what}: a streaming source ({redact(self.shards[0])!r}, ...) is read in order "
+                        "only; use iter_records / iter_captions / keys, or build_loader")
 
     def key_at(self, index: int) -> str:
         self._no_random_access("key_at")
@@ -221,8 +269,9 @@ class StreamingWebDatasetSource(CaptionSource):
 
     def describe(self) -> str:
         n = f"{sum(self._sizes)} samples" if self._sizes is not None else "not counted yet"
-        return (f"StreamingWebDatasetSource({len(self.shards)} shards from {self.shards[:2]}, {n}, "
-                f"captions={self.caption_names}, label={self.label_column!r})")
+        shown = [redact(u) for u in self.shards[:2]]
+        return (f"StreamingWebDatasetSource({len(self.shards)} shards from {shown}, "
+                f"{n}, captions={self.caption_names}, label={self.label_column!r})")
 
 
 def published_sizes(shards: Sequence[str], transport: TransportPolicy) -> list[int] | None:
@@ -234,7 +283,7 @@ def published_sizes(shards: Sequence[str], transport: TransportPolicy) -> list[i
         return None
     tables: dict[str, dict] = {}
     once = TransportPolicy(timeout=transport.timeout, retries=0)
-    for folder in dict.fromkeys(url.rsplit("/", 1)[0] for url in shards):
+    for folder in dict.fromkeys(_folder_and_name(url)[0] for url in shards):
         try:
             chunks = []
             with ShardStream(f"{folder}/sizes.json", policy=once) as stream:
@@ -248,7 +297,7 @@ def published_sizes(shards: Sequence[str], transport: TransportPolicy) -> list[i
         tables[folder] = table
     sizes = []
     for url in shards:
-        folder, name = url.rsplit("/", 1)
+        folder, name = _folder_and_name(url)
         count = tables[folder].get(name)
         if not isinstance(count, int) or count < 0:
             return None
@@ -256,6 +305,28 @@ def published_sizes(shards: Sequence[str], transport: TransportPolicy) -> list[i
     return sizes
 
 
+def _folder_and_name(url: str) -> tuple[str, str]:
+    """(folder URL, shard file name) of a shard URL; a query (a presigned URL's signature) is in
+    neither, since ``sizes.json`` names shards by file name."""
+    if "://" in url:
+        parts = urllib.parse.urlsplit(url)
+        folder, _, name = parts.path.rpartition("/")
+        return urllib.parse.urlunsplit(parts._replace(path=folder, query="", fragment="")), name
+    folder, _, name = url.rpartition("/")
+    return folder, name
+
+
+def has_glob(url: str) -> bool:
+    """Whether a streamed shard spec holds glob characters that would need listing: in a URL's path
+    (a ``?`` after it starts a presigned URL's query, not a glob), in a local path; never in a ``pipe:``
+    command (its shell expands what it wants)."""
+    if url.startswith("pipe:"):
+        return False
+    if "://" in url:
+        return bool(_GLOB_CHARS & set(urllib.parse.urlsplit(url).path))
+    return bool(_GLOB_CHARS & set(url))
+
+
 def lost_note(exc: ShardError) -> str:
-    """The bad-data note for a shard that broke: the URL and why."""
-    return f"shard {exc.url!r} stopped after {exc.samples_read} sample(s): {exc.reason}"
+    """The bad-data note for a shard that broke: the URL (redacted) and why."""
+    return f"shard {redact(exc.url)!r} stopped after {exc.samples_read} sample(s): {exc.reason}"

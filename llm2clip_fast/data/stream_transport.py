@@ -6,6 +6,9 @@ What is matched (the WebDataset spec conventions, after brace expansion):
   cannot seek; a non-zero exit status is a transport error.
 - ``http://`` / ``https://``: read with ``urllib``; a start offset is asked for with a ``Range`` header
   (a server that ignores it is read from the start and the bytes before the offset are discarded).
+  Credentials in the URL (``https://user:password@host/...``) are sent as HTTP Basic authentication
+  (not to another host a redirect leads to); a presigned URL's query (``?X-Amz-Signature=...``) is sent
+  as given.
 - any other ``PROTOCOL://`` (``s3://``, ``gs://``, ``hf://``, ``memory://``, ...): through ``fsspec``,
   which needs the protocol's backend package (``s3fs``, ``gcsfs``, ...); the error names it.
 - ``file://PATH`` or a plain path: a local file (seekable).
@@ -14,10 +17,14 @@ A read that fails (HTTP 404/5xx, connection reset, a body shorter than its Conte
 that exits non-zero, no byte within ``timeout`` seconds) reopens the stream at the byte reached, at most
 ``retries`` times with a doubling pause; then :class:`TransportError` names the URL. Reads never wait
 longer than ``timeout`` (fsspec backends use their own timeouts).
+
+Every URL or command in a message or log line is shown redacted (:func:`~llm2clip_fast.redaction.redact`:
+passwords, signatures, tokens and ``Authorization`` headers masked); ``.url`` keeps the real one.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import logging
 import os
@@ -28,9 +35,12 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import BinaryIO
+
+from ..redaction import redact
 
 logger = logging.getLogger("llm2clip_fast.data.stream")
 _URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]+://)")
@@ -46,9 +56,9 @@ class TransportError(Exception):
     mistakes it for a damaged archive."""
 
     def __init__(self, url: str, reason: str):
-        super().__init__(f"{url}: {reason}")
         self.url = url
-        self.reason = reason
+        self.reason = redact(reason)
+        super().__init__(f"{redact(url)}: {self.reason}")
 
 
 @dataclass(frozen=True)
@@ -94,16 +104,17 @@ def check_backend(url: str) -> None:
         import fsspec
     except ImportError:
         extra = f" {package}" if package else ""
-        raise ImportError(f"reading {url!r} needs fsspec: pip install fsspec{extra}") from None
+        raise ImportError(f"reading {redact(url)!r} needs fsspec: pip install fsspec{extra}") from None
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError as exc:
         extra = {"s3fs": "s3", "gcsfs": "gcs"}.get(package or "")
         hint = (f"pip install {package}" + (f" (or 'llm2clip_fast[{extra}]')" if extra else "") if package
                 else f"install fsspec's {protocol!r} backend")
-        raise ImportError(f"reading {url!r} needs fsspec's {protocol!r} backend: {hint} ({exc})") from None
+        raise ImportError(f"reading {redact(url)!r} needs fsspec's {protocol!r} backend: {hint} "
+                          f"({exc})") from None
     except ValueError as exc:
-        raise ValueError(f"shard URL {url!r} has a protocol fsspec does not know: {exc}") from None
+        raise ValueError(f"shard URL {redact(url)!r} has a protocol fsspec does not know: {exc}") from None
 
 
 def _fsspec_protocol(url: str) -> str | None:
@@ -139,8 +150,8 @@ class _PipeReader:
             if status != 0:
                 self._stderr.seek(0)
                 tail = self._stderr.read()[-300:].decode("utf-8", "replace").strip()
-                raise OSError(f"command {self.command!r} exited with status {status}"
-                              f"{f': {tail}' if tail else ''}")
+                raise OSError(redact(f"command {self.command!r} exited with status {status}"
+                                     f"{f': {tail}' if tail else ''}"))
         return data
 
     def close(self) -> None:
@@ -171,13 +182,30 @@ class _HttpBody:
         self._response.close()
 
 
+def http_request(url: str) -> urllib.request.Request:
+    """The GET request of an http(s) URL: credentials in its userinfo (``user:password@``, each part
+    percent-decoded) become an HTTP Basic ``Authorization`` header that is not sent on to where a
+    redirect leads, and leave the URL (urllib would take them for part of the host name)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url)
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(pair).decode("ascii"))
+    return request
+
+
 def _open_at(url: str, offset: int, timeout: float) -> tuple[BinaryIO, int]:
     """(stream, byte offset it starts at): ``offset`` when the transport could seek there, else 0."""
     if url.startswith("pipe:"):
         return _PipeReader(url[len("pipe:"):], timeout), 0
     lowered = url.lower()
     if lowered.startswith(("http://", "https://")):
-        request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+        request = http_request(url)
+        if offset:
+            request.add_header("Range", f"bytes={offset}-")
         response = urllib.request.urlopen(request, timeout=timeout)
         return _HttpBody(response), offset if offset and response.status == 206 else 0
     if is_stream_url(url):
@@ -226,8 +254,9 @@ class ShardStream:
                 if self.failures > self.policy.retries:
                     raise TransportError(self.url, f"{type(error).__name__}: {error} "
                                                    f"(gave up after {self.policy.retries} retries)") from None
-                logger.warning("stream: %s: %s: %s; retry %d of %d at byte %d", self.url,
-                               type(error).__name__, error, self.failures, self.policy.retries, self.position)
+                logger.warning("stream: %s: %s: %s; retry %d of %d at byte %d", redact(self.url),
+                               type(error).__name__, redact(str(error)), self.failures, self.policy.retries,
+                               self.position)
                 time.sleep(self.policy.backoff * 2 ** (self.failures - 1))
             try:
                 self._raw, at = _open_at(self.url, self.position, self.policy.timeout)

@@ -101,8 +101,16 @@ class _Sample:
     members: dict[str, tuple[int, int]]  # extension -> (data offset, size)
 
 
+_END_OF_ARCHIVE = 1024  # a tar archive ends with two 512-byte blocks of zeros
+
+
 def _index_shard(shard: int, path: str) -> tuple[list[_Sample], str | None]:
-    """(samples, problem): a shard cut short keeps the samples read before the cut and says so."""
+    """(samples, problem): a shard cut short keeps the samples read before the cut and says so.
+
+    tarfile takes a file that ends exactly between two members (what a killed writer leaves), or a
+    garbage header, for the end of the archive: only the two zero blocks that close a tar tell a
+    complete shard from one cut there, so they are checked. A header claiming an impossible size (a
+    PAX extended header of 2**40 bytes, which tarfile tries to read into memory) is damage too."""
     samples: list[_Sample] = []
     problem = None
     file_size = os.path.getsize(path)
@@ -118,7 +126,16 @@ def _index_shard(shard: int, path: str) -> tuple[list[_Sample], str | None]:
                 if not samples or samples[-1].key != key or ext in samples[-1].members:
                     samples.append(_Sample(shard, key, {}))
                 samples[-1].members[ext] = (member.offset_data, member.size)
-    except tarfile.ReadError as exc:
+            end = tar.offset  # where tarfile stopped reading headers
+        with open(path, "rb") as f:
+            f.seek(end)
+            closing = f.read(_END_OF_ARCHIVE)
+        if closing != bytes(_END_OF_ARCHIVE):
+            raise tarfile.ReadError(f"no tar end-of-archive blocks at byte {end} (the file is cut between "
+                                    "two members, or a header there is damaged)")
+    except (tarfile.ReadError, MemoryError, OverflowError) as exc:
+        if not isinstance(exc, tarfile.ReadError):
+            exc = _impossible_size(exc)
         if not samples:
             raise ValueError(f"shard {path!r} is not a readable uncompressed tar file: {exc}") from None
         problem = (
@@ -128,6 +145,33 @@ def _index_shard(shard: int, path: str) -> tuple[list[_Sample], str | None]:
     for sample in samples:  # a member cut by truncation reads short: drop it, so its sample is flagged bad
         sample.members = {e: (o, n) for e, (o, n) in sample.members.items() if o + n <= file_size}
     return samples, problem
+
+
+def _impossible_size(exc: BaseException) -> tarfile.ReadError:
+    """What tarfile's MemoryError or OverflowError on a header means: a size no shard can hold."""
+    return tarfile.ReadError(f"a tar header claims more bytes than can be read ({type(exc).__name__}); the "
+                             "header is damaged")
+
+
+class _LocalSizes:
+    """Sample counts of local shards from a ``sizes.json`` in their folder (OpenCLIP's convention: a
+    JSON object mapping shard file name to count), each folder's file read once; a folder without a
+    readable one (or a shard it does not list) has no count."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, dict] = {}
+
+    def count(self, path: str) -> int | None:
+        folder, name = os.path.split(path)
+        if folder not in self._tables:
+            try:
+                with open(os.path.join(folder or ".", "sizes.json"), encoding="utf-8") as f:
+                    table = json.load(f)
+            except (OSError, ValueError):
+                table = {}
+            self._tables[folder] = table if isinstance(table, dict) else {}
+        value = self._tables[folder].get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _image_ext(members: dict) -> str | None:
@@ -214,9 +258,10 @@ class WebDatasetSource(CaptionSource):
             )
         self._requested_label = label_column
         self.damaged_shards: dict[str, str] = {}
-        # Samples a damaged shard lost past its cut (no key survives): at least one per damaged shard,
-        # or the shortfall against the median sample count of the intact shards (shards are usually
-        # written with equal counts). Loaders count them as bad data each epoch.
+        # Samples a damaged shard lost past its cut (no key survives): the shortfall against what the
+        # shard should hold, its count in a sizes.json beside it (OpenCLIP's convention) or else the
+        # median count of the intact shards (shards are usually written with equal counts), at least
+        # one per damaged shard. Loaders count them as bad data each epoch.
         self.lost_samples: dict[str, int] = {}
         self.bad_data = BadDataTracker(bad_data)
         self._index: list[_Sample] | None = None
@@ -253,8 +298,13 @@ class WebDatasetSource(CaptionSource):
     def index(self) -> list[_Sample]:
         if self._index is None:
             index, intact_counts, damaged_counts = [], [], {}
+            published = _LocalSizes()
             for shard, path in enumerate(self.shards):
                 samples, problem = _index_shard(shard, path)
+                listed = published.count(path)
+                if problem is None and listed is not None and len(samples) < listed:
+                    problem = (f"shard {path!r} holds {len(samples)} samples where its sizes.json lists "
+                               f"{listed}; the others cannot be read")
                 index.extend(samples)
                 if problem is not None:
                     self.damaged_shards[path] = problem
@@ -265,7 +315,8 @@ class WebDatasetSource(CaptionSource):
                     intact_counts.append(len(samples))
             typical = statistics.median_low(intact_counts) if intact_counts else 0
             for path, count in damaged_counts.items():
-                self.lost_samples[path] = max(1, typical - count)
+                listed = published.count(path)
+                self.lost_samples[path] = max(1, (typical if listed is None else listed) - count)
             self._index = index
         return self._index
 
@@ -332,11 +383,15 @@ class WebDatasetSource(CaptionSource):
         return None if value is None else str(value)
 
     def image_at(self, index: int) -> Image.Image:
+        return decode_image(self.index[index].key, self.image_bytes_at(index), self.decode_min_side)
+
+    def image_bytes_at(self, index: int) -> bytes:
+        """The image member's bytes, undecoded (for decoding on the GPU)."""
         sample = self.index[index]
         ext = _image_ext(sample.members)
         if ext is None:
             raise BadSampleError(sample.key, f"no image member (members: {sorted(sample.members)})")
-        return decode_image(sample.key, self._read(sample, ext), self.decode_min_side)
+        return self._read(sample, ext)
 
     def record_at(self, index: int, with_image: bool = True) -> Record:
         sample = self.index[index]

@@ -16,6 +16,7 @@ or loaded with weights from a local transformers folder.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import timm_vision
 from .image_preprocessing import ImagePreprocessing
@@ -272,13 +274,117 @@ class VisionTower(nn.Module):
             if self.layer_id(name) <= n:
                 p.requires_grad_(False)
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        if self.kind == "timm":
-            self.model.set_grad_checkpointing(enabled)
-        elif enabled:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    def set_gradient_checkpointing(self, enabled: bool | int) -> None:
+        """Recompute transformer layers' activations in backward instead of keeping them.
+
+        ``True``: every layer (full); ``False`` or 0: none; an int ``k``: the first ``k`` layers (selective:
+        the memory a checkpointed layer still holds is its input, so ``k`` trades ``k`` layers' activations
+        for one extra forward of ``k`` layers). Non-reentrant ``torch.utils.checkpoint`` around each chosen
+        layer's forward, so it composes with per-layer ``torch.compile`` (:meth:`compile_layers`) and
+        replays dropout masks; parameter names and state dicts are unchanged.
+        """
+        layers = self.layer_modules()
+        if isinstance(enabled, bool):
+            count = len(layers) if enabled else 0
+        elif isinstance(enabled, int) and 0 <= enabled <= len(layers):
+            count = enabled
         else:
-            self.model.gradient_checkpointing_disable()
+            raise ValueError(f"gradient checkpointing: True, False or a number of layers in 0..{len(layers)} "
+                             f"for this tower, got {enabled!r}")
+        # The library's own switches stay off: ours wraps each layer the same way for every family.
+        if self.kind == "timm":
+            self.model.set_grad_checkpointing(False)
+        for i, layer in enumerate(layers):
+            if hasattr(layer, "gradient_checkpointing"):  # transformers' GradientCheckpointingLayer
+                layer.gradient_checkpointing = False
+            if i < count:
+                layer.forward = functools.partial(_checkpointed_forward, layer)
+            else:
+                layer.__dict__.pop("forward", None)
+        self._checkpointed_layers = count
+
+    @property
+    def checkpointed_layers(self) -> int:
+        """How many transformer layers recompute their activations in backward (the first ones)."""
+        return getattr(self, "_checkpointed_layers", 0)
+
+    def compile_layers(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` each transformer layer in place (``nn.Module.compile``): one graph per layer
+        shape, shared by identical layers, so compilation takes seconds rather than the minutes a
+        whole-model graph takes, and gradient checkpointing still applies per layer."""
+        for layer in self.layer_modules():
+            layer.compile(**compile_kwargs)
+        self._compiled_layers = True
+
+    @property
+    def layers_compiled(self) -> bool:
+        return bool(getattr(self, "_compiled_layers", False))
+
+    # -- attention ----------------------------------------------------------------------------------
+
+    def attention_shape(self, batch: int, device: torch.device | str, dtype: torch.dtype):
+        """The :class:`~.attention_kernels.AttentionShape` of this tower's attention for ``batch`` images."""
+        from .attention_kernels import AttentionShape
+
+        heads, tokens, head_dim = self.attention_geometry()
+        return AttentionShape(batch, heads, tokens, head_dim, torch.device(device).type,
+                              str(dtype).replace("torch.", ""))
+
+    def attention_geometry(self) -> tuple[int, int, int]:
+        """(heads, tokens per image, head size) of the transformer layers' attention."""
+        if self.kind == "timm":
+            attn = self.layer_modules()[0].attn
+            tokens = self.model.patch_embed.num_patches + int(getattr(self.model, "num_prefix_tokens", 0))
+            return int(attn.num_heads), int(tokens), int(attn.head_dim)
+        cfg = self.model.config
+        heads = int(cfg.num_attention_heads)
+        patches = (self.image_size // int(cfg.patch_size)) ** 2
+        return heads, patches + (0 if self.kind == "siglip" else 1), int(cfg.hidden_size) // heads
+
+    def set_attention_kernel(self, kernel: str | None) -> None:
+        """Run the tower's attention on ``kernel`` (see :mod:`.attention_kernels`): an SDPA kernel
+        ("flash", "cudnn", "efficient", "math") is pinned around each forward; "xformers" switches a
+        transformers tower's attention implementation to xformers; None: SDPA chooses per call."""
+        from .attention_kernels import KERNELS
+
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"attention kernel must be one of {KERNELS} or None, got {kernel!r}")
+        if self.kind != "timm":
+            wanted = "xformers" if kernel == "xformers" else "sdpa"
+            if self.model.config._attn_implementation != wanted:
+                if wanted == "xformers":
+                    from .xformers_attention import register_xformers_attention
+
+                    register_xformers_attention()
+                self.model.set_attn_implementation(wanted)
+        elif kernel == "xformers":
+            raise ValueError("a timm tower's attention calls SDPA only; xformers needs a transformers tower")
+        self._attention_kernel = kernel
+
+    @property
+    def attention_kernel(self) -> str | None:
+        """The pinned attention kernel (None: SDPA's own choice per call)."""
+        return getattr(self, "_attention_kernel", None)
+
+    # -- work ---------------------------------------------------------------------------------------
+
+    def flops_per_image(self) -> dict[str, int]:
+        """Model FLOPs of one image's forward pass, by the multiply-adds of its matrix products (x2):
+        ``weights``: every Linear and the patch-embedding convolution, applied at each token (stem and
+        pooling heads included: their Linear layers count at every token they see, an upper bound for
+        attention-pooling heads that run on one query); ``attention``: ``QK^T`` and ``AV``, 4 x tokens^2
+        x (heads x head size) per layer. Backward is twice the forward; recomputation is not counted."""
+        heads, tokens, head_dim = self.attention_geometry()
+        weights = 0
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                weights += 2 * tokens * module.in_features * module.out_features
+            elif isinstance(module, nn.Conv2d):  # the patch embedding: one output per patch
+                kh, kw = module.kernel_size
+                per_patch = module.in_channels // module.groups * kh * kw * module.out_channels
+                weights += 2 * (self.image_size // module.stride[0]) ** 2 * per_patch
+        attention = 4 * tokens * tokens * heads * head_dim * self.num_layers
+        return {"weights": weights, "attention": attention, "tokens": tokens}
 
     # -- compute ------------------------------------------------------------------------------------
 
@@ -290,12 +396,24 @@ class VisionTower(nn.Module):
         if pixel_values.shape[-2:] != (size, size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])} pixels but this vision "
                              f"tower takes {size}x{size} images (set the data's image size to {size})")
-        if self.kind == "timm":
-            return timm_vision.pooled(self.model, pixel_values)
-        out = self.model(pixel_values=pixel_values)
+        from .attention_kernels import pinned
+
+        with pinned(self.attention_kernel):
+            if self.kind == "timm":
+                return timm_vision.pooled(self.model, pixel_values)
+            out = self.model(pixel_values=pixel_values)
         if self.kind == "vit":
             return out.last_hidden_state[:, 0]
         return out.pooler_output
+
+
+def _checkpointed_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A layer's own forward under non-reentrant activation checkpointing (installed as the layer
+    instance's ``forward`` by :meth:`VisionTower.set_gradient_checkpointing`; a ``functools.partial``
+    of the layer, so deep copies and pickles of the tower keep pointing at their own layer)."""
+    if not torch.is_grad_enabled():
+        return type(layer).forward(layer, *args, **kwargs)
+    return checkpoint(type(layer).forward, layer, *args, use_reentrant=False, **kwargs)
 
 
 def build_vision_tower(preset: str | None = None, path: str | Path | None = None,

@@ -7,21 +7,27 @@ A checkpoint is a folder ``<run_dir>/checkpoints/step_<NNNNNNNN>/`` holding:
   extra state, as a JSON skeleton whose tensors live in the safetensors file (no pickle anywhere,
   so loading a checkpoint cannot run code);
 - ``meta.json``: step, epoch, data position (batches consumed in the current epoch), the run config,
-  the run's id, and the list of files with their SHA-256 checksums, written last.
+  the run's id, and the list of files with their SHA-256 checksums;
+- ``SHA256SUMS``, written last: the SHA-256 of every other file, ``meta.json`` included, in
+  ``sha256sum`` format (``sha256sum -c SHA256SUMS`` checks a checkpoint by hand). So a flipped digit
+  of ``meta.json``'s step is caught like a flipped bit of the weights.
 
 The folder is assembled under a temporary name in the same parent, every file fsynced, then renamed
 into place with ``os.replace``: a reader sees either the whole checkpoint or none of it, even if the
 process is killed mid-write. :func:`latest_checkpoint` additionally checks ``meta.json`` and the files
 it lists, so stray temporary folders are never picked up. :func:`load_checkpoint` verifies the
-checksums and names the damaged file; :func:`load_latest_usable` walks back from the newest checkpoint
-to the newest one that verifies, reporting each damaged one by path. Pruning (``keep_last``) removes
-only checkpoints of the same ``run_id``, so a run never deletes another run's checkpoints.
+checksums and names the damaged file; a checkpoint written before ``SHA256SUMS`` existed (format 1)
+still loads, with a logged warning naming what cannot be verified. :func:`load_latest_usable` walks back
+from the newest checkpoint to the newest one that verifies, reporting each damaged one by path. Pruning
+(``keep_last``) removes only checkpoints of the same ``run_id``, so a run never deletes another run's
+checkpoints.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -45,7 +51,12 @@ _MODEL_FILE = "model.safetensors"
 _STATE_TENSORS = "trainer_state.safetensors"
 _STATE_JSON = "trainer_state.json"
 _META = "meta.json"
-FORMAT_VERSION = 1
+_SUMS = "SHA256SUMS"
+# 2: SHA256SUMS covers every file, meta.json included. 1: meta.json alone lists the other files' sums.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -224,6 +235,7 @@ def save_checkpoint(
         _write_trainer_state(tmp, optimizer, scheduler, extra)
         _write_meta(tmp, {"step": int(step), "epoch": int(epoch), "batch_index": int(batch_index),
                           "run_id": run_id, "config": config_json})
+        _write_sums(tmp)
         _fsync_dir(tmp)
         # Re-saving a step (a resumed run passing the same point) swaps the old one out first.
         replace_dir(tmp, final)
@@ -276,6 +288,31 @@ def _write_meta(folder: Path, position: dict[str, Any]) -> None:
         "files": files,
         "sha256": {name: file_sha256(folder / name) for name in files},
     })
+
+
+def _write_sums(folder: Path) -> None:
+    """``SHA256SUMS``, written last: every file of the checkpoint, ``meta.json`` included."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != _SUMS)
+    text = "".join(f"{file_sha256(folder / name)}  {name}\n" for name in names)
+    with open(folder / _SUMS, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_sums(path: Path) -> dict[str, str]:
+    """``{file name: sha256}`` of a ``SHA256SUMS`` file; :class:`CheckpointError` when malformed."""
+    sums: dict[str, str] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); the checkpoint is damaged") from None
+    for number, line in enumerate(lines, 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not name or "/" in name:
+            raise CheckpointError(f"{path} is damaged: line {number} is not '<sha256>  <file>'")
+        sums[name] = digest
+    return sums
 
 
 def _prune_checkpoints(run_dir: str | os.PathLike[str], run_id: str | None, keep_last: int) -> None:
@@ -332,30 +369,62 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check a checkpoint folder against its ``meta.json`` (files present, SHA-256 checksums equal);
-    returns the metadata. Raises :class:`CheckpointError` naming the damaged file. Checkpoints written
-    before checksums were recorded are checked for presence only."""
+    """Check a checkpoint folder: ``SHA256SUMS`` against ``meta.json`` first, then against every other
+    file, which must include each file ``meta.json`` lists; returns the metadata. Raises
+    :class:`CheckpointError` naming the damaged file. A format-1 checkpoint (written before
+    ``SHA256SUMS``) is checked against ``meta.json``'s own sums, and a logged warning names what cannot
+    be verified (``meta.json`` itself; every file when it predates checksums altogether)."""
     path = Path(path)
     meta_path = path / _META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path} is missing (the save did not finish)")
+    sums_path = path / _SUMS
+    sums = _read_sums(sums_path) if sums_path.is_file() else None
+    if sums is not None:
+        if _META not in sums:
+            raise CheckpointError(f"{sums_path} does not list {_META}; the checkpoint is damaged")
+        _check_file(path / _META, sums[_META], _SUMS)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         files = list(meta["files"])
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_path} is missing (the save did not finish)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{meta_path} is damaged: {exc}") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format_version')}, "
-                              f"expected {FORMAT_VERSION}")
-    sums = meta.get("sha256") or {}
+    version = meta.get("format_version")
+    if version not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: checkpoint format {version}, this reader reads formats "
+                              f"{', '.join(map(str, READABLE_FORMATS))}")
+    if sums is None and version >= 2:
+        raise CheckpointError(f"{sums_path} is missing: a format-{version} checkpoint cannot be verified "
+                              "without it (the checkpoint is damaged)")
+    if sums is not None:
+        unlisted = [name for name in files if name not in sums]
+        if unlisted:
+            raise CheckpointError(f"{sums_path} does not list {', '.join(unlisted)}; the checkpoint is "
+                                  "damaged")
+        for name, digest in sums.items():
+            if name != _META:
+                _check_file(path / name, digest, _SUMS)
+        return meta
+    recorded = meta.get("sha256") or {}
     for name in files:
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        if name in sums and file_sha256(file) != sums[name]:
-            raise CheckpointError(f"{file} is damaged: its SHA-256 differs from the one recorded at save "
-                                  "(truncated or modified)")
+        if name in recorded:
+            _check_file(path / name, recorded[name], _META)
+        elif not (path / name).is_file():
+            raise CheckpointError(f"{path / name} is missing")
+    unverified = [_META] + [name for name in files if name not in recorded]
+    logger.warning("checkpoint %s was written before checkpoints carried %s: %s cannot be verified (a "
+                   "damaged step, data position or config there would go unnoticed); using it anyway",
+                   path, _SUMS, ", ".join(unverified))
     return meta
+
+
+def _check_file(file: Path, digest: str, where: str) -> None:
+    """:class:`CheckpointError` unless ``file`` exists and its SHA-256 is ``digest``."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    if file_sha256(file) != digest:
+        raise CheckpointError(f"{file} is damaged: its SHA-256 differs from the one recorded in {where} "
+                              "at save (truncated or modified)")
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

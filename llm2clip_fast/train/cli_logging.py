@@ -5,7 +5,8 @@ printing. :func:`setup_cli_logging` (called by ``python -m llm2clip_fast.train``
 as plain lines, from rank 0 only under ``torchrun`` (other ranks keep warnings and errors, prefixed with
 their rank). Library users who configure :mod:`logging` themselves get the same records and are left
 alone: the handler is added to the ``llm2clip_fast`` logger once, only by the command line. Results
-(tables, the paths written) stay on stdout as the command's output.
+(tables, the paths written) stay on stdout as the command's output. Every line the handler writes has
+its credentials masked (:func:`~llm2clip_fast.redaction.redact`), whatever logged it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+from ..redaction import redact
 
 ROOT_LOGGER = "llm2clip_fast"
 _HANDLER_NAME = "llm2clip_fast.cli"
@@ -39,6 +42,13 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _RedactingFormatter(logging.Formatter):
+    """The message (and any traceback) with credentials masked: a shard URL, a ``pipe:`` command."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 class _StderrHandler(logging.Handler):
     """Writes to whatever ``sys.stderr`` is at the time (pytest and notebooks swap it)."""
 
@@ -56,7 +66,7 @@ def setup_cli_logging(level: int = logging.INFO) -> logging.Logger:
     if not any(h.get_name() == _HANDLER_NAME for h in logger.handlers):
         handler = _StderrHandler()
         handler.set_name(_HANDLER_NAME)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_RedactingFormatter("%(message)s"))
         handler.addFilter(_RankFilter())
         logger.addHandler(handler)
         # Records still propagate: a root handler the user (or pytest's caplog) set up sees them too.

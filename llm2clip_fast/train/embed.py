@@ -32,17 +32,22 @@ import torch
 
 from .. import distributed
 from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
-from ..data.embedding_cache import (
-    MANIFEST_NAME,
-    build_embedding_cache,
-    storage_dtype_name,
-    weights_fingerprint,
-)
+from ..data.embedding_cache import MANIFEST_NAME, build_embedding_cache, storage_dtype_name
 from ..models.llm_encoder import PRECISION_CHOICES, resolve_precision
 from ..models.llm_quantization import QUANTIZE_CHOICES
 from ..models.prompt_templates import TEMPLATE_CHOICES
+from ..redaction import redact
+from ..writable_output import check_writable
+from . import distributed_failures
 from .device_flags import add_device_argument
-from .run_spine import distributed_run, options_config, resolve_device, write_run_config
+from .run_spine import (
+    add_distributed_arguments,
+    distributed_run,
+    hold_folder,
+    options_config,
+    resolve_device,
+    write_run_config,
+)
 from .shared_folder import check_shared_folder
 
 logger = logging.getLogger(__name__)
@@ -91,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="token limit (default 512 or saved)")
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
     add_device_argument(parser)
+    add_distributed_arguments(parser)
     parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
                         help="stop when more than this fraction of records has an empty caption "
                         "(default 1%%)")
@@ -132,10 +138,9 @@ def embed(
     """Build (or resume) the embedding cache; returns the manifest path on rank 0, else ``None``.
 
     Rank 0 then writes the resolved settings as ``config.json`` into ``out`` (``config``: further
-    entries, e.g. the command line's options; the resolved values win)."""
-    from ..data.sources import open_source
-    from ..models.llm_encoder import LLMTextEncoder
-
+    entries, e.g. the command line's options; the resolved values win). The cache folder is locked
+    while it is written (:mod:`~.folder_lock`): a second embed run on it stops with an error naming
+    this one."""
     _positive("batch-size", batch_size)
     _positive("shard-size", shard_size)
     if max_batch_tokens is not None:
@@ -144,7 +149,33 @@ def embed(
         raise ValueError(f"--load-in-8bit is --quantize llm-int8; it conflicts with --quantize {quantize}")
     quantize = "llm-int8" if load_in_8bit else quantize
     storage = storage_dtype_name(dtype)
+    check_writable(out, flag="--out", folder=True)
+    # Rank 0 locks the cache folder before any rank writes into it: two embed runs on one cache would
+    # write the same shards and manifest.
+    with hold_folder(out, main=distributed.get_rank() == 0, what="an embed run", say=logger.warning):
+        return _embed_locked(
+            llm=llm, data=data, out=out, quantize=quantize, precision=precision, storage=storage,
+            model_dtype=model_dtype, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+            shard_size=shard_size, captions=captions, instruction=instruction,
+            lora=lora, pooling=pooling, max_length=max_length, normalize=normalize, device=device,
+            template=template, progress=progress, hook=hook, max_bad_fraction=max_bad_fraction,
+            config=config)
+
+
+def _embed_locked(*, llm: str, data: str, out: str | Path, quantize: str, precision: str, storage: str,
+                  model_dtype: str | None, batch_size: int, max_batch_tokens: int | None, shard_size: int,
+                  captions: list[str] | None,
+                  instruction: str | None, lora: str | None, pooling: str | None, max_length: int | None,
+                  normalize: bool, device: str | None, template: str | None, progress: bool,
+                  hook: Callable[[str, int], None] | None, max_bad_fraction: float,
+                  config: dict[str, Any] | None) -> Path | None:
+    """:func:`embed`'s work, with the cache folder locked."""
+    from ..data.sources import open_source
+    from ..models.llm_encoder import LLMTextEncoder
+
     # Before the LLM loads: ranks on several nodes must write into one folder that rank 0 can merge.
+    distributed_failures.at("start-up: checking that every rank sees the cache folder (broadcast, "
+                            "all-gather, barriers)")
     check_shared_folder(out)
     dev = resolve_device(device)
     compute = model_dtype or ("bf16" if dev.type == "cuda" else "fp32")
@@ -164,6 +195,8 @@ def embed(
     _say_what_changed(Path(out), fingerprint)
     reporter = _ShardReporter(rank, progress, hook)
     bad = BadDataTracker(max_bad_fraction)
+    distributed_failures.at("encoding this rank's shards, then the barrier until every rank has written "
+                            "its own")
     manifest = build_embedding_cache(
         _caption_records(source, names, bad),
         lambda texts: encoder.encode(texts, batch_size=batch_size, show_progress=False,
@@ -206,7 +239,7 @@ def cache_metadata(encoder: Any, *, llm: str, lora: str | None, load_in_8bit: bo
         if lora else None,
         "load_in_8bit": bool(load_in_8bit), "model_dtype": compute, "pooling": encoder.pooling,
         "instruction": encoder.instruction, "max_length": encoder.max_length, "normalize": encoder.normalize,
-        "bidirectional": encoder.bidirectional, "source": str(data),
+        "bidirectional": encoder.bidirectional, "source": redact(str(data)),
         # The resolved prompt template and llm2vec's caption cap change every vector: part of the cache's
         # identity, and what eval re-encodes captions with.
         "template": encoder.template, "doc_max_length": encoder.doc_max_length,
@@ -234,12 +267,10 @@ def encoder_fingerprint(metadata: dict[str, Any], *, llm: str, lora: str | None,
     ``options`` (:func:`encoder_options`): bf16 autocast adds ``precision``, w8a8 adds ``quantization``
     (mode, smoothing, calibration hash, layers kept in 16-bit); the defaults of earlier versions (fp32,
     no w8a8) add nothing, so their caches keep their fingerprint."""
-    from ..models.llm_encoder import resolve_model_path
+    from ..models.llm_fingerprint import llm_weights_fingerprint
 
     encoding = ("load_in_8bit", "model_dtype", "pooling", "instruction", "max_length", "normalize",
                 "bidirectional", "template", "doc_max_length")
-    # A LoRA chain ("A,B") is one folder per adapter, each part of what makes the vectors.
-    adapters = [a.strip() for a in lora.split(",") if a.strip()] if lora else []
     settings = {k: metadata[k] for k in encoding}
     options = options or {}
     if options.get("precision") == "bf16":
@@ -248,7 +279,9 @@ def encoder_fingerprint(metadata: dict[str, Any], *, llm: str, lora: str | None,
         report = options["quantization"]
         settings["quantization"] = {k: report[k] for k in ("mode", "smoothing_alpha", "calibration_sha256",
                                                           "kept_16bit")}
-    return {"weights": weights_fingerprint(resolve_model_path(llm), *adapters), "settings": settings}
+    # A LoRA chain ("A,B") is one folder per adapter, each part of what makes the vectors. The same
+    # hashes go with the stage-2 model, and eval checks its LLM against them.
+    return {"weights": llm_weights_fingerprint(llm, lora), "settings": settings}
 
 
 def _say_what_changed(out: Path, fingerprint: dict[str, Any]) -> None:
@@ -273,9 +306,10 @@ def _caption_records(source: Any, names: list[str],
                      bad: BadDataTracker) -> Iterator[tuple[str, dict[str, str]]]:
     """``(key, {name: caption})`` of every record in order; empty captions go to ``bad`` (with the
     samples truncated shards lost), whose fraction is enforced before the manifest is written."""
+    yield from ((key, {n: caps[n] for n in names}) for key, caps in source.iter_captions(bad_data=bad))
+    # After the pass: a local source finds its damaged shards while indexing them on the way.
     for path, n in getattr(source, "lost_samples", {}).items():
         bad.add_lost(n, f"{n} sample(s) lost in the truncated shard {path}")
-    yield from ((key, {n: caps[n] for n in names}) for key, caps in source.iter_captions(bad_data=bad))
     # Before the manifest: a cache built from too much bad data must not look finished.
     bad.check_end_of_epoch()
 
@@ -317,7 +351,7 @@ def embed_settings(metadata: dict[str, Any], *, llm: str, data: str, out: str | 
                    device: torch.device, max_bad_fraction: float, world_size: int) -> dict[str, Any]:
     """``config.json`` of an embed run: the options as resolved (the encoder's own pooling, length,
     instruction and template, the compute dtype, the captions encoded, the device, the ranks)."""
-    return {"llm": str(llm), "data": str(data), "out": str(out), "lora": lora, "dtype": dtype,
+    return {"llm": str(llm), "data": redact(str(data)), "out": str(out), "lora": lora, "dtype": dtype,
             "model_dtype": metadata["model_dtype"], "load_in_8bit": metadata["load_in_8bit"],
             "pooling": metadata["pooling"], "instruction": metadata["instruction"],
             "max_length": metadata["max_length"], "normalize": metadata["normalize"],
@@ -328,7 +362,7 @@ def embed_settings(metadata: dict[str, Any], *, llm: str, data: str, out: str | 
 
 def run(args: argparse.Namespace) -> int:
     """``python -m llm2clip_fast.train embed``: the cache of ``--data``'s captions in ``--out``."""
-    with distributed_run(args.device) as place:
+    with distributed_run(args.device, timeout_s=args.dist_timeout) as place:
         embed(
             llm=args.llm, data=args.data, out=args.out, load_in_8bit=args.load_in_8bit,
             quantize=args.quantize, precision=args.precision, dtype=args.dtype, model_dtype=args.model_dtype,

@@ -35,6 +35,7 @@ import torch
 from llm2clip_fast import atomic_files
 from llm2clip_fast.models.llm_quantization import QUANTIZE_CHOICES
 from llm2clip_fast.models.prompt_templates import TEMPLATE_CHOICES
+from llm2clip_fast.redaction import redact
 from llm2clip_fast.train.device_flags import add_device_argument
 from llm2clip_fast.train.flag_aliases import add_hidden_alias
 from llm2clip_fast.train.retrieval_metrics import (
@@ -43,6 +44,7 @@ from llm2clip_fast.train.retrieval_metrics import (
     zero_shot_accuracy,
 )
 from llm2clip_fast.train.run_spine import resolve_device
+from llm2clip_fast.writable_output import OutputNotWritableError, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
 
 def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
                       template: str | None = None, device: str | torch.device | None = None,
-                      quantize: str | None = None) -> Any:
+                      quantize: str | None = None, *, allow_llm_change: bool = False) -> Any:
     """The frozen ``LLMTextEncoder`` an llm-adapter model reads captions through; None for a model
     with its own (clip) text tower.
 
@@ -71,16 +73,24 @@ def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
     prompt template; ``device`` where the LLM runs (default: its loader's). The recorded precision and
     8-bit quantisation (``precision``, ``quantize``, ``quantize_keep``) are reproduced unless ``quantize``
     overrides the mode (``"none"``, ``"llm-int8"``, ``"w8a8-int8"``, ``"w8a8-fp8"``).
+
+    Before loading, the LLM's files are checked against the fingerprint the model recorded
+    (:func:`~llm2clip_fast.models.llm_fingerprint.check_llm_unchanged`): an LLM retrained in place
+    raises :class:`~llm2clip_fast.models.llm_fingerprint.LLMChangedError` unless ``allow_llm_change``.
     """
     if model.config.text_tower != "llm-adapter":
         return None
     recorded = dict(model.config.llm or {})
+    fingerprint_record = dict(recorded)
     recorded_path = recorded.pop("path", None) or recorded.pop("model", None)
     path = llm if llm is not None else recorded_path
     if not path:
         raise ValueError("the model's config records no LLM (config.llm.model / config.llm.path); pass --llm "
                          "PATH, the LLM its embedding cache was computed with")
     from llm2clip_fast.models.llm_encoder import LLMTextEncoder
+    from llm2clip_fast.models.llm_fingerprint import check_llm_unchanged
+
+    check_llm_unchanged(fingerprint_record, path, lora=recorded.get("lora"), allow_change=allow_llm_change)
 
     if "model_dtype" in recorded and "dtype" not in recorded:
         recorded["dtype"] = recorded.pop("model_dtype")
@@ -210,13 +220,15 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
                        caption: str = "long", batch_size: int = 64, encoder: Any = None,
                        ks: Sequence[int] = DEFAULT_KS, image_root_only: bool = False,
                        template: str | None = None, device: str | torch.device | None = None,
-                       quantize: str | None = None) -> dict[str, Any]:
+                       quantize: str | None = None, allow_llm_change: bool = False) -> dict[str, Any]:
     """Load a saved model and a caption source and evaluate (the ``eval`` sub-command's work).
 
     ``encoder`` reuses an already loaded LLM (the pipeline evaluates two splits with one load).
     ``image_root_only``: manifest image paths outside the manifest's folder are bad samples.
     ``device``: where the model and the LLM run (None: the model on the CPU, the LLM where its loader
     puts it). ``quantize``: the LLM's 8-bit mode instead of the one its cache recorded.
+    ``allow_llm_change``: evaluate even when the LLM's files differ from those the model recorded (see
+    :func:`load_text_encoder`).
     """
     from llm2clip_fast.data.sources import open_source
     from llm2clip_fast.models.llm2clip import LLM2CLIPModel
@@ -227,14 +239,15 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
         raise ValueError(f"--caption {caption!r} is not a caption of {data}; captions found: "
                          f"{source.caption_names}")
     if encoder is None:
-        encoder = load_text_encoder(model, llm, template=template, device=device, quantize=quantize)
+        encoder = load_text_encoder(model, llm, template=template, device=device, quantize=quantize,
+                                    allow_llm_change=allow_llm_change)
     recorded = model.config.llm or {}
     text_path = (f"LLM {llm or recorded.get('model') or recorded.get('path')}" if encoder is not None
                  else "clip text tower")
     _log(f"{source.describe()}: embedding images and {caption!r} captions ({text_path})")
     eval_set = collect_eval_set(source, model.preprocessing)
     results = evaluate(model, eval_set, encoder=encoder, caption=caption, batch_size=batch_size, ks=ks)
-    results.update({"model": str(model_dir), "data": str(data), "text_tower": model.config.text_tower,
+    results.update({"model": str(model_dir), "data": redact(str(data)), "text_tower": model.config.text_tower,
                     "bad_samples": eval_set["bad"]})
     return results
 
@@ -257,6 +270,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "name (default: the 80 OpenAI ImageNet templates)")
     parser.add_argument("--llm", default=None,
                         help="frozen LLM to embed captions with (default: the one in the model's config)")
+    parser.add_argument("--allow-llm-change", action="store_true",
+                        help="evaluate even when the LLM's files differ from those recorded with the model "
+                             "(an LLM retrained in place after stage 2); without it that is an error "
+                             "(exit 6)")
     parser.add_argument("--template", default=None,
                         choices=TEMPLATE_CHOICES,
                         help="prompt template to encode captions with (default: the one the embedding "
@@ -297,9 +314,12 @@ def run_suites_command(args: argparse.Namespace, device: torch.device) -> int:
         raise ValueError("--suite needs --root DIR (the suite's folder, or with --suite all their parent)")
     if args.workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.workers}")
-    embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device,
-                             quantize=getattr(args, "quantize", None))
+
     out = Path(args.out) if args.out else Path(args.model) / "eval"
+    check_writable(out, flag="--out" if args.out else "the results folder (default MODEL/eval; --out)",
+                   folder=True)  # before hours of embedding, not after
+    embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device,
+                             quantize=getattr(args, "quantize", None), allow_llm_change=args.allow_llm_change)
     _log(f"model {args.model} on {device}; text path: {embedder.text_path}")
     results = run_suites(embedder, args.suite, args.root, out=out, model_name=str(args.model),
                          classnames=args.classnames, templates=args.templates, batch_size=args.batch_size,
@@ -323,11 +343,17 @@ def run(args: argparse.Namespace) -> int:
         return run_suites_command(args, device)
     if args.data is None:
         raise ValueError("eval needs --data SOURCE or --suite NAME --root DIR")
+    if args.out:  # before the model loads and everything is embedded, not after
+        if Path(args.out).is_dir():
+            raise OutputNotWritableError(f"--out {args.out!r} is a folder; --data writes one JSON file: give "
+                                         "its path")
+        check_writable(args.out, flag="--out", folder=False)
     _log(f"model {args.model} on {device}")
     results = evaluate_model_dir(args.model, args.data, llm=args.llm, caption=args.caption,
                                  batch_size=args.batch_size, image_root_only=args.image_root_only,
                                  template=getattr(args, "template", None), device=device,
-                                 quantize=getattr(args, "quantize", None))
+                                 quantize=getattr(args, "quantize", None),
+                                 allow_llm_change=getattr(args, "allow_llm_change", False))
     print(format_results_table({Path(args.model).name or str(args.model): results}))
     print(f"chance R@1 = {100 * results['chance_R@1']:.1f}% over {results['n']} images; "
           f"{results['seconds']:.1f}s")

@@ -5,6 +5,8 @@
 - Temporaries a killed save left behind (``.tmp-*``, ``.old-*``, ``.*.tmp``, in the folder and its
   ``checkpoints/``) are removed at start, and reported.
 - A run id ties checkpoints to the run that wrote them, so pruning never touches another run's.
+- The folder's lock file (:mod:`.folder_lock`: another run must not use the folder while this one does)
+  is neither a run's content nor deleted by ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from ..atomic_files import is_leftover_temporary
 from .checkpoint import CHECKPOINTS_DIRNAME
+from .folder_lock import is_lock_file
 
 _SHOWN = 12
 
@@ -61,7 +64,7 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise RunFolderError(f"--out {out} is a file, not a folder")
     if resume or overwrite or not out.is_dir():
         return
-    entries = [p for p in out.iterdir() if not is_leftover_temporary(p.name)]
+    entries = [p for p in out.iterdir() if not is_leftover_temporary(p.name) and not is_lock_file(p.name)]
     if entries:
         raise RunFolderError(f"--out {out} already holds a run ({_describe(entries)}); pass --resume to "
                              "continue it, --overwrite to delete it and start over, or choose another --out")
@@ -74,7 +77,7 @@ def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, say: Callabl
     out.mkdir(parents=True, exist_ok=True)
     clean_leftover_temporaries(out, say)
     if overwrite:
-        entries = sorted(out.iterdir())
+        entries = sorted(p for p in out.iterdir() if not is_lock_file(p.name))
         if entries:
             say(f"--overwrite: removing {_describe(entries)} from {out}")
             for p in entries:

@@ -49,9 +49,12 @@ from torch import nn
 from ..data.caption_mix import CaptionMix, check_mix_names, parse_caption_spec
 from ..data.image_transforms import image_transform_for
 from ..distributed import barrier, get_world_size, is_distributed
+from ..models.attention_kernels import KERNELS as ATTENTION_KERNELS
 from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, VisionTower, build_vision_tower
-from .checkpoint import save_checkpoint
+from ..redaction import redact_value
+from . import distributed_failures
+from .checkpoint import checkpoint_dir, save_checkpoint
 from .device_flags import add_device_argument, add_precision_argument
 from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
@@ -59,10 +62,11 @@ from .recipes import STAGE2_RECIPES, explicitly_given, mark_recipe_defaults, res
 from .run_spine import (
     RunPlace,
     RunStart,
+    add_distributed_arguments,
     autocast_factory,
-    check_out_folder,
     distributed_run,
     finish_run,
+    locked_out_folder,
     open_run_log,
     options_config,
     prepare_out_folder,
@@ -71,6 +75,8 @@ from .run_spine import (
     write_run_config,
 )
 from .scalar_reporters import add_report_to_argument, check_report_to
+from .stop_requests import REQUESTS as STOP_REQUESTS
+from .stop_requests import AgreedStop, agreed_stop, lock_taken_over, preempted
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +87,7 @@ RESUME_MUST_MATCH = ("data", "embeddings", "text_tower", "loss", "caption", "bat
                      "freeze_vision_layers", "embed_dim", "image_size", "vision_preset", "vision_path",
                      "init_model", "vision_timm", "vision_timm_args", "adapter_blocks", "adapter_expansion",
                      "adapter_dropout", "precision",
-                     "world_size", "fsdp", "crop_scale", "global_batch_size", "keep_projection")
+                     "world_size", "fsdp", "crop_scale", "global_batch_size", "keep_projection", "decode")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -93,6 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_io_arguments(parser)
     _add_model_arguments(parser)
     _add_training_arguments(parser)
+    _add_step_arguments(parser)
     _add_run_arguments(parser)
     _add_stream_arguments(parser)
     mark_recipe_defaults(parser, STAGE2_RECIPES)
@@ -151,7 +158,32 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--clip-text-heads", type=int, default=4, help="clip text tower heads")
     model.add_argument("--freeze-vision-layers", type=int, default=0,
                        help="freeze the vision stem and the first N transformer layers")
-    model.add_argument("--grad-checkpointing", action="store_true", help="recompute vision activations")
+    model.add_argument("--grad-checkpointing", nargs="?", const="full", default="auto",
+                       choices=("auto", "none", "selective", "full"),
+                       help="recompute vision-layer activations in backward: auto (default) chooses by "
+                       "memory: none when the micro-batch's measured activations fit the device, else "
+                       "selective (the fewest layers that fit), else full; the bare flag means full")
+
+
+def _add_step_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the step runs: compilation, attention kernel, DDP options (none change what it computes)."""
+    step = parser.add_argument_group("step speed (results are the same whatever these say)")
+    step.add_argument("--compile-tower", choices=("auto", "on", "off"), default="auto",
+                      help="torch.compile each vision layer (one graph per layer shape, seconds to compile; "
+                      "the compile time is logged apart from the step time): auto = on on CUDA, off on CPU "
+                      "(Inductor's CPU code is not faster than eager there: bench/stage2_throughput.py) and "
+                      "under --fsdp")
+    step.add_argument("--attention", choices=("auto", *ATTENTION_KERNELS), default="auto",
+                      help="vision attention kernel: auto = on CUDA the fastest of SDPA's flash/cuDNN/"
+                      "memory-efficient kernels and xformers (transformers towers, where installed), timed "
+                      "at the run's shape; elsewhere SDPA's own choice (checked and logged)")
+    step.add_argument("--ddp-bucket-mb", type=float, default=25.0,
+                      help="DDP gradient bucket size: all-reduce of a full bucket overlaps the rest of the "
+                      "backward (default 25, torch's)")
+    step.add_argument("--ddp-static-graph", choices=("auto", "on", "off"), default="auto",
+                      help="DDP static_graph (the same parameters get gradients in every step, so DDP skips "
+                      "its per-step search): auto = on when --grad-accum is 1 (the accumulation passes "
+                      "detach the logit scale in all but the last pass)")
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +227,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
     add_device_argument(train)
+    add_distributed_arguments(train)
     train.add_argument("--cache-verify", choices=("full", "size"), default="full",
                        help="check the cache's shard checksums (full) or only their shapes (size, fast)")
 
@@ -203,6 +236,19 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Loader workers, checkpoints, logging, bad-data tolerance, reporters."""
     run = parser.add_argument_group("run")
     run.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
+    run.add_argument("--prefetch-factor", type=int, default=None,
+                     help="batches each loader worker prepares ahead (DataLoader's prefetch_factor; "
+                     "default 2)")
+    run.add_argument("--decode", choices=("exact", "reduced", "gpu"), default="exact",
+                     help="how training JPEGs are decoded: exact (full size, PIL; the default), reduced "
+                     "(at 1/2, 1/4 or 1/8 size where every possible crop keeps the tower's size: fewer CPU "
+                     "cores per GPU, pixels differ slightly), gpu (nvJPEG through torchvision on the "
+                     "training GPU; workers only read bytes and draw crops; pixels differ slightly). "
+                     "Evaluation always decodes exactly")
+    run.add_argument("--pixel-dtype", choices=("uint8", "float32"), default="uint8",
+                     help="what loader workers hand over: uint8 pixels, normalised on the device (a "
+                     "quarter of the bytes to copy; the same numbers bit for bit; the default), or "
+                     "normalised float32")
     run.add_argument("--save-every", type=int, default=500,
                      help="checkpoint every N steps (0: only at the end)")
     run.add_argument("--keep-checkpoints", type=int, default=2)
@@ -230,7 +276,25 @@ def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
 # Set-up checks
 
 
+def _check_finite_options(args: argparse.Namespace) -> None:
+    """Every real-valued option is a finite number, named by its flag: ``--lr inf`` would pass the range
+    checks and fail at the second step, ``--max-grad-norm nan`` turn every weight into nan (then
+    reported as the logit scale's fault)."""
+    finite = {"lr": args.lr, "weight-decay": args.wd, "max-grad-norm": args.grad_clip, "beta2": args.beta2,
+              "llrd": args.llrd, "min-lr-ratio": args.min_lr_ratio, "adapter-dropout": args.adapter_dropout,
+              "epochs": args.epochs, "stream-timeout": args.stream_timeout,
+              "max-bad-fraction": args.max_bad_fraction}
+    for flag, value in finite.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{flag} must be a finite number, got {value}")
+    if not all(math.isfinite(v) for v in args.crop_scale):
+        raise ValueError(f"--crop-scale must be two finite numbers, got {list(args.crop_scale)}")
+    if args.grad_clip < 0:
+        raise ValueError(f"--max-grad-norm must be >= 0 (0: no clipping), got {args.grad_clip}")
+
+
 def _check_options(args: argparse.Namespace) -> None:
+    _check_finite_options(args)
     positive = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "embed_dim": args.embed_dim,
                 "log_every": args.log_every}
     for name, value in positive.items():
@@ -248,6 +312,12 @@ def _check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
     if args.shuffle_buffer < 1 or args.stream_retries < 0 or not args.stream_timeout > 0:
         raise ValueError("--shuffle-buffer must be >= 1, --stream-retries >= 0 and --stream-timeout > 0")
+    if args.prefetch_factor is not None and args.prefetch_factor < 1:
+        raise ValueError(f"--prefetch-factor must be >= 1, got {args.prefetch_factor}")
+    if args.decode == "gpu" and args.pixel_dtype != "uint8":
+        raise ValueError("--decode gpu hands the GPU uint8 pixels: drop --pixel-dtype float32")
+    if not args.ddp_bucket_mb > 0:
+        raise ValueError(f"--ddp-bucket-mb must be > 0, got {args.ddp_bucket_mb}")
     if args.save_every < 0 or args.num_workers < 0 or args.freeze_vision_layers < 0:
         raise ValueError("--save-every, --num-workers and --freeze-vision-layers must be >= 0")
     vision_timm = getattr(args, "vision_timm", None)
@@ -366,13 +436,22 @@ def resolve_caption(caption: str, source: Any, cache: Any | None
     return spec, [spec], {spec: 1.0}
 
 
-def llm_provenance(cache_metadata: dict[str, Any]) -> dict[str, Any]:
+def llm_provenance(cache_metadata: dict[str, Any],
+                   encoder_fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the saved model records about the LLM behind its cache (``config.llm``): the cache's
-    metadata (encoder options) plus ``path``, the LLM to load to embed new captions the same way."""
-    info = dict(cache_metadata)
+    metadata (encoder options) plus ``path``, the LLM to load to embed new captions the same way, and
+    ``weights_sha256``, its files' hashes from the cache's encoder fingerprint, which eval checks the
+    LLM against (:mod:`~llm2clip_fast.models.llm_fingerprint`). Credentials in the recorded data
+    source are masked."""
+    from ..models.llm_fingerprint import RECORD_KEY
+
+    info = redact_value(dict(cache_metadata))
     path = info.get("path") or info.get("model")
     if path:
         info["path"] = path
+    weights = (encoder_fingerprint or {}).get("weights")
+    if isinstance(weights, dict) and weights:
+        info[RECORD_KEY] = dict(weights)
     return info
 
 
@@ -594,6 +673,10 @@ def global_loss(local_loss: float, local_count: int, device: torch.device) -> fl
     return float(both[0] / both[1])
 
 
+# A batch's per-sample lists besides the pixels.
+_PER_SAMPLE_KEYS = ("keys", "captions", "caption_names", "all_captions", "labels")
+
+
 def equalise_across_ranks(batch: dict[str, Any], device: torch.device) -> int:
     """Trim this rank's batch to the smallest local batch of all ranks (bad samples make batches
     uneven; the global-batch loss needs equal shards). Returns how many samples were trimmed.
@@ -606,7 +689,7 @@ def equalise_across_ranks(batch: dict[str, Any], device: torch.device) -> int:
     cut = int(n - smallest)
     if cut:
         keep = int(smallest)
-        for k in ("keys", "captions", "caption_names", "all_captions", "labels"):
+        for k in _PER_SAMPLE_KEYS:
             if k in batch:
                 batch[k] = batch[k][:keep]
         batch["pixel_values"] = batch["pixel_values"][:keep]
@@ -617,7 +700,8 @@ def equalise_across_ranks(batch: dict[str, Any], device: torch.device) -> int:
 # Several ranks
 
 
-def _wrap_distributed(model: LLM2CLIPModel, args: argparse.Namespace, device: torch.device) -> nn.Module:
+def _wrap_distributed(model: LLM2CLIPModel, args: argparse.Namespace, device: torch.device,
+                      ddp_options: dict[str, Any] | None = None) -> nn.Module:
     if not is_distributed() or get_world_size() == 1:
         return model
     if args.fsdp:
@@ -631,7 +715,13 @@ def _wrap_distributed(model: LLM2CLIPModel, args: argparse.Namespace, device: to
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # Gradients bucketed (--ddp-bucket-mb) and all-reduced as each bucket fills, overlapping the rest of
+    # the backward; gradient_as_bucket_view: .grad are views into the buckets (no second copy).
+    options = dict(ddp_options or {})
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   bucket_cap_mb=options.get("bucket_cap_mb", 25.0),
+                                   gradient_as_bucket_view=options.get("gradient_as_bucket_view", True),
+                                   static_graph=options.get("static_graph", False))
 
 
 def replicated_scalars(model: LLM2CLIPModel) -> list[nn.Parameter]:
@@ -730,13 +820,14 @@ def open_train_data(args: argparse.Namespace) -> TrainData:
                  "present, captions unchanged) instead of reading every shard up front")
         else:
             check_cache_covers(cache, source, caption_names)
-        data.llm_info = llm_provenance(cache.metadata)
+        data.llm_info = llm_provenance(cache.metadata, cache.manifest.get("encoder_fingerprint"))
     return data
 
 
 def build_run_model(args: argparse.Namespace, data: TrainData, device: torch.device) -> LLM2CLIPModel:
     """The model on ``device``, with identical initial weights on every rank (seeded), its image size
-    checked against ``--image-size``, ``--freeze-vision-layers`` and ``--grad-checkpointing`` applied."""
+    checked against ``--image-size`` and ``--freeze-vision-layers`` applied (the step's speed options:
+    :func:`configure_step`)."""
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, data.cache.dim if data.cache is not None else None, data.llm_info)
     image_size = model.image_size
@@ -745,9 +836,86 @@ def build_run_model(args: argparse.Namespace, data: TrainData, device: torch.dev
                          f"{image_size}x{image_size} images (its {model.config.vision['kind']} config's "
                          "image_size)")
     model.vision.freeze_layers(args.freeze_vision_layers)
-    if args.grad_checkpointing:
-        model.vision.set_gradient_checkpointing(True)
     return model.to(device)
+
+
+@dataclass
+class StepSetup:
+    """How the step runs, as chosen by :func:`configure_step` and reported (log, ``config.json``'s
+    ``step``): the attention kernel, the gradient checkpointing plan, per-layer compilation (and why),
+    and the DDP options."""
+
+    attention: Any
+    checkpointing: Any
+    compiled: bool
+    compile_why: str
+    ddp: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"attention": self.attention.as_dict(), "grad_checkpointing": self.checkpointing.as_dict(),
+                "compile_tower": {"on": self.compiled, "why": self.compile_why}, "ddp": self.ddp}
+
+    def summary_lines(self) -> list[str]:
+        return [self.attention.summary(), self.checkpointing.summary(),
+                f"vision layers compiled: {'yes' if self.compiled else 'no'} ({self.compile_why})"]
+
+
+def compute_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """The dtype the tower's matrix products run in: bf16 under the run's autocast, else fp32."""
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def _probe_text_inputs(model: LLM2CLIPModel, device: torch.device):
+    """Random text-side inputs of a given batch size, for the activation probe."""
+    if model.config.text_tower == "llm-adapter":
+        return lambda b: (torch.randn(b, model.config.llm_dim, device=device),)
+    return lambda b: tuple(t.to(device) for t in model.tokenize(["a photo"] * b))
+
+
+def configure_step(args: argparse.Namespace, model: LLM2CLIPModel, device: torch.device,
+                   world_size: int) -> StepSetup:
+    """Set the step's speed options on ``model`` (before it is wrapped for the ranks) and say what was
+    chosen: the attention kernel (``--attention``; checked, on CUDA timed), gradient checkpointing by
+    memory (``--grad-checkpointing``, see :mod:`.step_memory`), then per-layer ``torch.compile``
+    (``--compile-tower``). None of them changes what the step computes."""
+    from ..models.attention_kernels import choose_kernel
+    from . import step_memory
+
+    tower = model.vision
+    dtype = compute_dtype(args, device)
+    autocast = autocast_factory(args.precision, device)
+    forced = None if args.attention == "auto" else args.attention
+    shape = tower.attention_shape(min(args.batch_size, 64), device, dtype)
+    attention = choose_kernel(shape, xformers_ok=tower.kind != "timm", forced=forced)
+    # Pin what was forced or timed; SDPA's own per-call choice stands where it was only observed.
+    tower.set_attention_kernel(attention.kernel if attention.how != "sdpa default" else None)
+
+    request = args.grad_checkpointing
+    profile = None
+    if request in ("auto", "selective"):
+        profile = step_memory.profile_activations(model, device, autocast, _probe_text_inputs(model, device))
+    budget, _free = step_memory.device_budget_bytes(device, step_memory.state_bytes(model))
+    global_batch = args.batch_size * world_size * args.grad_accum
+    plan = step_memory.plan_checkpointing(request, profile, args.batch_size, tower.num_layers, budget,
+                                          extra_bytes=step_memory.loss_bytes(args.batch_size, global_batch))
+    tower.set_gradient_checkpointing(plan.layers)
+
+    fsdp = args.fsdp and world_size > 1
+    if args.compile_tower == "auto":
+        compiled = device.type == "cuda" and not fsdp
+        why = ("auto: on CUDA" if compiled else
+               "auto: off under --fsdp (FSDP2's per-layer hooks)" if fsdp else
+               f"auto: off on {device.type} (Inductor's CPU code is no faster than eager here)")
+    else:
+        compiled, why = args.compile_tower == "on", "as asked"
+    if compiled:
+        tower.compile_layers()
+    ddp = {}
+    if world_size > 1 and not fsdp:
+        static = args.ddp_static_graph == "on" or (args.ddp_static_graph == "auto" and args.grad_accum == 1)
+        ddp = {"bucket_cap_mb": args.ddp_bucket_mb, "static_graph": static, "gradient_as_bucket_view": True}
+    return StepSetup(attention, plan, compiled, why, ddp)
 
 
 @dataclass(frozen=True)
@@ -778,17 +946,27 @@ def plan_steps(args: argparse.Namespace, n_samples: int, world: int) -> StepPlan
 def build_train_loader(args: argparse.Namespace, data: TrainData, model: LLM2CLIPModel,
                        place: RunPlace) -> Any:
     """This rank's loader of training batches: seeded shuffle, the model's own image preprocessing with
-    random resized crops (``--crop-scale``), full batches only, bad samples counted against
+    random resized crops (``--crop-scale``), decoded as ``--decode`` says and handed over as
+    ``--pixel-dtype`` (pinned on CUDA), full batches only, bad samples counted against
     ``--max-bad-fraction``."""
     from ..data.loader import build_loader
 
     crop_scale = tuple(args.crop_scale)
+    decode = getattr(args, "decode", "exact")
+    if decode == "gpu":
+        from ..data.gpu_decode import unavailable_reason
+
+        why = unavailable_reason(place.device)
+        if why is not None:
+            raise ValueError(f"--decode gpu: {why}; use --decode exact or reduced")
+    transform = image_transform_for(model.preprocessing, train=True, scale=crop_scale,
+                                    output=getattr(args, "pixel_dtype", "float32"))
     return build_loader(data.source, batch_size=args.batch_size, image_size=model.image_size, train=True,
                         caption=data.loader_caption, rank=place.rank, world_size=place.world_size,
                         num_workers=args.num_workers, seed=args.seed, drop_last=True, crop_scale=crop_scale,
                         bad_data=args.max_bad_fraction, pin_memory=place.device.type == "cuda",
-                        transform=image_transform_for(model.preprocessing, train=True, scale=crop_scale),
-                        shuffle_buffer=args.shuffle_buffer)
+                        transform=transform, shuffle_buffer=args.shuffle_buffer, decode=decode,
+                        prefetch_factor=getattr(args, "prefetch_factor", None))
 
 
 @dataclass
@@ -802,10 +980,10 @@ class Optimisation:
 
 
 def build_optimisation(args: argparse.Namespace, model: LLM2CLIPModel, plan: StepPlan,
-                       place: RunPlace) -> Optimisation:
-    """Wrap the model for the ranks (DDP, or FSDP2 with ``--fsdp``), then AdamW with layer-wise lr decay
-    and the warmup + ``--schedule`` lr schedule."""
-    wrapped = _wrap_distributed(model, args, place.device)
+                       place: RunPlace, setup: StepSetup | None = None) -> Optimisation:
+    """Wrap the model for the ranks (DDP with ``setup``'s options, or FSDP2 with ``--fsdp``), then AdamW
+    with layer-wise lr decay and the warmup + ``--schedule`` lr schedule."""
+    wrapped = _wrap_distributed(model, args, place.device, setup.ddp if setup is not None else None)
     fsdp = args.fsdp and is_distributed() and place.world_size > 1
     optimizer = build_optimizer(model, args, model.named_parameters(), fused=not fsdp)
     scheduler = build_scheduler(optimizer, args.schedule, warmup_steps=plan.warmup_steps,
@@ -883,11 +1061,14 @@ class LoopState:
     trimmed: int = 0
     images_done: int = 0
     t_start: float = field(default_factory=time.perf_counter)
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def save_run_checkpoint(run: Stage2Run, step: int, epoch: int, next_batch: int) -> None:
     """Checkpoint the run (collective: every rank's RNG, bad-data counts and loader position are
     gathered; rank 0 writes, atomically, keeping ``--keep-checkpoints``)."""
+    distributed_failures.at(f"checkpoint at step {step}: gathering every rank's state (all_gather_object), "
+                            "then the barrier while rank 0 writes it")
     device = run.place.device
     model_state, opt_state = _full_state(run.model, run.args, run.opt.optimizer)
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -908,12 +1089,43 @@ def next_micro_batches(run: Stage2Run, stream: Iterator, state: LoopState) -> li
     for _ in range(run.args.grad_accum):
         batch, *pos = next(stream)
         state.pos = tuple(pos)
+        pixels_to_device(batch, run.model.preprocessing, device, run.loader.bad_data)
         state.trimmed += equalise_across_ranks(batch, device)
         if run.data.streamed and cache is not None:
             check_batch_in_cache(cache, batch, run.data.caption_names)
-        micro.append(MicroBatch(batch["pixel_values"].to(device, non_blocking=True),
-                                text_inputs_of(batch, run.model, cache, device)))
+        micro.append(MicroBatch(batch["pixel_values"], text_inputs_of(batch, run.model, cache, device)))
     return micro
+
+
+def pixels_to_device(batch: dict[str, Any], preprocessing: Any, device: torch.device, bad_data: Any) -> None:
+    """Put ``batch["pixel_values"]`` on ``device`` as normalised float32: uint8 pixels are copied (from
+    pinned memory, asynchronously) and normalised there (:func:`~llm2clip_fast.data.image_transforms.
+    normalize_uint8`, bit-identical to the loader's float path); ``--decode gpu`` batches are decoded there
+    (:func:`~llm2clip_fast.data.gpu_decode.decode_batch`), samples nvJPEG cannot decode dropped and
+    counted in ``bad_data``."""
+    p = preprocessing
+    if "encoded_images" in batch:
+        from ..data.gpu_decode import decode_batch
+
+        pixels, bad = decode_batch(batch.pop("encoded_images"), size=p.image_size, mean=p.mean, std=p.std,
+                                   resample=p.resample, device=device)
+        if bad:
+            drop = {i for i, _, _ in bad}
+            keep = [i for i in range(len(batch["keys"])) if i not in drop]
+            for k in _PER_SAMPLE_KEYS:
+                if k in batch:
+                    batch[k] = [batch[k][i] for i in keep]
+            for _, key, reason in bad:
+                bad_data.add_bad(key, reason)
+            bad_data.check()
+        batch["pixel_values"] = pixels
+        return
+    pixels = batch["pixel_values"].to(device, non_blocking=True)
+    if pixels.dtype == torch.uint8:
+        from ..data.image_transforms import normalize_uint8
+
+        pixels = normalize_uint8(pixels, p.mean, p.std)
+    batch["pixel_values"] = pixels
 
 
 def optimizer_step(run: Stage2Run, micro: list[MicroBatch]) -> tuple[float, float, float]:
@@ -948,36 +1160,73 @@ def log_record(run: Stage2Run, state: LoopState, grad_norm: float, lr: float, ra
 
 def train_loop(run: Stage2Run, log: Any, progress: Any) -> LoopState:
     """Optimizer steps until the plan's total: log every ``--log-every`` steps (and the first and
-    last), checkpoint every ``--save-every`` and at the end; stop on a non-finite loss."""
-    args, total = run.args, run.plan.total_steps
+    last), checkpoint every ``--save-every`` and at the end; stop on a non-finite loss. After each step
+    the ranks agree whether to stop (:func:`agreed_stop_after`) before anything of it is written."""
+    total, save_every = run.plan.total_steps, run.args.save_every
     state = LoopState(step=run.start.step, pos=(run.start.epoch, run.start.batch_index))
     stream = batch_stream(run.loader, run.start.epoch, run.start.batch_index)
     run.model.train()
-    while state.step < total:
-        t0 = time.perf_counter()
-        micro = next_micro_batches(run, stream, state)
-        state.loss, grad_norm, lr = optimizer_step(run, micro)
-        state.step += 1
-        n_images = sum(mb.size for mb in micro) * run.place.world_size
-        state.images_done += n_images
-        rate = progress.update(n_images, loss=state.loss, lr=lr)
-        if not math.isfinite(state.loss):
-            raise FloatingPointError(f"stage2: loss is {state.loss} at step {state.step}; lower --lr or "
-                                     "check the data")
-        if state.step % args.log_every == 0 or state.step == total or state.step == 1:
-            log.log(log_record(run, state, grad_norm, lr, rate, time.perf_counter() - t0))
-        if args.save_every and state.step % args.save_every == 0 and state.step < total:
-            save_run_checkpoint(run, state.step, *state.pos)
+    with STOP_REQUESTS.deferred():
+        while state.step < total:
+            record = run_one_step(run, stream, state, progress)
+            stop = agreed_stop_after(run, state.step)
+            if stop is not None and stop.lock_lost:  # the folder is another run's now: write nothing
+                raise lock_taken_over(run.out, state.step, stop.note)
+            if record is not None:
+                log.log(record)
+            if stop is not None or (save_every and state.step % save_every == 0 and state.step < total):
+                save_run_checkpoint(run, state.step, *state.pos)
+            if stop is not None:  # SIGTERM: saved above, at the step every rank stopped after
+                raise preempted(state.step, total, checkpoint_dir(run.out, state.step))
     # The loader checks at each epoch's end; a run ending mid-epoch checks what it saw.
     run.loader.bad_data.check_end_of_epoch()
     save_run_checkpoint(run, state.step, *state.pos)
     return state
 
 
+def step_time_summary(seconds: list[float]) -> dict[str, float]:
+    """The first step's time (compilation, kernel selection, allocator warm-up) apart from the steady
+    steps': ``first_step_s``, ``median_step_s`` (the others) and ``warmup_s`` (their difference, mostly
+    compile time when --compile-tower is on)."""
+    if len(seconds) < 2:
+        return {"first_step_s": seconds[0]} if seconds else {}
+    steady = sorted(seconds[1:])[len(seconds[1:]) // 2]
+    return {"first_step_s": seconds[0], "median_step_s": steady, "warmup_s": max(0.0, seconds[0] - steady)}
+
+
+def agreed_stop_after(run: Stage2Run, step: int) -> AgreedStop | None:
+    """Whether the ranks stop after ``step`` (SIGTERM, a lost lock): one tiny all-reduce."""
+    distributed_failures.at(f"step {step}: the stop-flag all-reduce at the step boundary")
+    return agreed_stop(run.place.device)
+
+
+def run_one_step(run: Stage2Run, stream: Iterator, state: LoopState, progress: Any) -> dict[str, Any] | None:
+    """One optimizer step (its micro-batches, the update); returns its ``log.jsonl`` record when this
+    step is logged (every ``--log-every``, the first and the last), None otherwise. Writes nothing."""
+    args, total = run.args, run.plan.total_steps
+    distributed_failures.at(f"step {state.step + 1}: batch sizes (all-reduce), the global-batch loss "
+                            "(all-gather, reduce-scatter, all-reduce) and the gradient all-reduce")
+    t0 = time.perf_counter()
+    micro = next_micro_batches(run, stream, state)
+    state.loss, grad_norm, lr = optimizer_step(run, micro)
+    state.step_seconds.append(time.perf_counter() - t0)
+    state.step += 1
+    n_images = sum(mb.size for mb in micro) * run.place.world_size
+    state.images_done += n_images
+    rate = progress.update(n_images, loss=state.loss, lr=lr)
+    if not math.isfinite(state.loss):
+        raise FloatingPointError(f"stage2: loss is {state.loss} at step {state.step}; lower --lr or "
+                                 "check the data")
+    if state.step % args.log_every == 0 or state.step == total or state.step == 1:
+        return log_record(run, state, grad_norm, lr, rate, time.perf_counter() - t0)
+    return None
+
+
 def finish_stage2(run: Stage2Run, state: LoopState) -> None:
     """Save the model to ``OUT/model`` (collective under FSDP), then on rank 0 ``loss.png``,
     ``summary.json``, the bad-data summary and the final line."""
     elapsed = time.perf_counter() - state.t_start
+    distributed_failures.at("end of run: the barrier while rank 0 saves the model")
     model_state, _ = _full_state(run.model, run.args)
     if run.place.main:
         out = run.out
@@ -985,6 +1234,7 @@ def finish_stage2(run: Stage2Run, state: LoopState) -> None:
         bad = run.loader.bad_data.as_dict()
         summary = {"steps": state.step, "total_steps": run.plan.total_steps, "seconds": elapsed,
                    "images_per_s": state.images_done / elapsed if elapsed > 0 else None,
+                   **step_time_summary(state.step_seconds),
                    "final_loss": state.loss, "trimmed_for_equal_batches": state.trimmed,
                    "bad_data": bad, "model": str(out / "model")}
         closing = [run.loader.bad_data.summary()] if bad.get("bad") else []
@@ -997,29 +1247,40 @@ def run(args: argparse.Namespace) -> int:
     """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
     resolve_recipe(args, STAGE2_RECIPES)
     _check_options(args)
-    with distributed_run(args.device) as place:
-        resolve_batch_size(args, place.world_size)
-        out = check_out_folder(args.out, resume=args.resume, overwrite=args.overwrite)
-        data = open_train_data(args)
-        model = build_run_model(args, data, place.device)
-        plan = plan_steps(args, len(data.source), place.world_size)
-        loader = build_train_loader(args, data, model, place)
-        opt = build_optimisation(args, model, plan, place)
-        config = stage2_config(args, plan, data, place.world_size)
-        start = start_or_resume(out, resume=args.resume, config=config, must_match=RESUME_MUST_MATCH,
-                                say=_say)
-        restore_from_checkpoint(start, args, model, opt, loader, place)
-        prepare_out_folder(place, out, resume=args.resume, overwrite=args.overwrite, say=_say)
-        if place.main:
-            write_run_config(out, {**config, "model": model.config.to_dict()})
-        stage2 = Stage2Run(args, place, out, data, model, loader, opt, plan, config, start,
-                           autocast_factory(args.precision, place.device))
-        with open_run_log(place, out, start=start, report_to=args.report_to, config=config,
-                          total_steps=plan.total_steps, unit_name="images", desc="stage2",
-                          progress=not args.no_progress) as (log, progress):
-            state = train_loop(stage2, log, progress)
-        finish_stage2(stage2, state)
+    with distributed_run(args.device, timeout_s=args.dist_timeout) as place, locked_out_folder(
+            place, args.out, resume=args.resume, overwrite=args.overwrite, say=_say,
+            what="a stage2 run") as out:
+        # In a function of its own: its model wrappers (DDP, FSDP hold the process group) are gone
+        # when the process group is torn down.
+        train(args, place, out)
     return 0
+
+
+def train(args: argparse.Namespace, place: RunPlace, out: Path) -> None:
+    """The run inside its process group and locked ``--out``: set up, train, save (see :func:`run`)."""
+    resolve_batch_size(args, place.world_size)
+    data = open_train_data(args)
+    model = build_run_model(args, data, place.device)
+    setup = configure_step(args, model, place.device, place.world_size)
+    plan = plan_steps(args, len(data.source), place.world_size)
+    loader = build_train_loader(args, data, model, place)
+    opt = build_optimisation(args, model, plan, place, setup)
+    config = stage2_config(args, plan, data, place.world_size)
+    start = start_or_resume(out, resume=args.resume, config=config, must_match=RESUME_MUST_MATCH,
+                            say=_say)
+    restore_from_checkpoint(start, args, model, opt, loader, place)
+    prepare_out_folder(place, out, resume=args.resume, overwrite=args.overwrite, say=_say)
+    if place.main:
+        write_run_config(out, {**config, "model": model.config.to_dict(), "step": setup.as_dict()})
+        for line in setup.summary_lines():
+            _say(line)
+    stage2 = Stage2Run(args, place, out, data, model, loader, opt, plan, config, start,
+                       autocast_factory(args.precision, place.device))
+    with open_run_log(place, out, start=start, report_to=args.report_to, config=config,
+                      total_steps=plan.total_steps, unit_name="images", desc="stage2",
+                      progress=not args.no_progress) as (log, progress):
+        state = train_loop(stage2, log, progress)
+    finish_stage2(stage2, state)
 
 
 __all__ = ["add_arguments", "run", "train_step"]

@@ -71,12 +71,13 @@ class ModelEmbedder:
 
     The frozen LLM (llm-adapter models) is loaded only when texts must actually be embedded, so a run
     served from the cache never loads it. ``llm``/``template``/``quantize`` override what the model's
-    config recorded, as in ``train eval --data``; ``encoder`` reuses an already loaded ``LLMTextEncoder``.
+    config recorded, as in ``train eval --data``; ``encoder`` reuses an already loaded ``LLMTextEncoder``;
+    ``allow_llm_change`` lets an LLM whose files differ from those the model recorded embed texts.
     """
 
     def __init__(self, model_dir: str | os.PathLike[str], *, llm: str | None = None,
                  template: str | None = None, device: str | torch.device = "cpu",
-                 encoder: Any = None, quantize: str | None = None) -> None:
+                 encoder: Any = None, quantize: str | None = None, allow_llm_change: bool = False) -> None:
         from llm2clip_fast.models.llm2clip import CONFIG_NAME, WEIGHTS_NAME, LLM2CLIPModel
         from llm2clip_fast.train.run_spine import resolve_device
 
@@ -86,6 +87,7 @@ class ModelEmbedder:
         self.model = LLM2CLIPModel.from_pretrained(self.model_dir, device=self.device).eval()
         self._model_files = _file_stats([self.model_dir / CONFIG_NAME, self.model_dir / WEIGHTS_NAME])
         self._llm, self._template, self._encoder, self._quantize = llm, template, encoder, quantize
+        self._allow_llm_change = allow_llm_change
 
     @property
     def text_path(self) -> str:
@@ -100,7 +102,8 @@ class ModelEmbedder:
             from llm2clip_fast.train.eval import load_text_encoder
 
             self._encoder = load_text_encoder(self.model, self._llm, template=self._template,
-                                              device=self.device, quantize=self._quantize)
+                                              device=self.device, quantize=self._quantize,
+                                              allow_llm_change=self._allow_llm_change)
         return self._encoder
 
     def identity(self, side: str) -> dict[str, Any]:
