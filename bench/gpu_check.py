@@ -1,39 +1,55 @@
-"""One-shot GPU check: is every GPU path right, and how fast is it (under 8.5 minutes on one H200).
+"""One-shot GPU check, sized for a 15-minute GPU window: is every GPU path right, and how fast is it.
 
-    pip install --no-build-isolation --no-deps -e .      # on a fresh box: builds _C and _cuda
-    python bench/gpu_check.py --out gpu_check_out        # the check (CUDA)
-    python bench/gpu_check.py --out /tmp/gc --quick      # the same code, tiny sizes, CPU + Triton interpreter
+    pip install --no-build-isolation --no-deps -e .                  # on a fresh box: builds _C and _cuda
+    python bench/gpu_check.py --plan                                  # the stages, their seconds, the total
+    python bench/gpu_check.py --out gpu_check_out --wheels .whl       # the check (CUDA), peers from wheels
+    python bench/gpu_check.py --out /tmp/gc --stages loss_compare     # a subset
+    python bench/gpu_check.py --out /tmp/gc --quick                   # the same code: tiny, CPU, interpreter
 
-Each stage runs in its own process under a wall-clock limit, cheapest first; a stage's results are
-written as they come (one JSON file per stage, rewritten after every measurement) and ``summary.md``
-is regenerated after every stage, so a run cut short still reports everything it measured.
+A lent GPU machine (15 minutes of device time, machine start ~1.5 min and build ~1 min included, one
+command at most 10 minutes) runs the default plan in one call: build, then this script with its
+default budget of 8 minutes. Whoever has a GPU runs the default plan.
 
-Stages (timeouts in seconds, CUDA run; the optional ones run only if the overall budget still allows):
+Stages run in priority order, each in its own process under its time budget (seconds, CUDA run);
+the first seven sum to at most 7.5 minutes and ``gpu_tests`` gets what is left of ``--budget-s``
+(a longer window runs it whole). A stage's results are written as they come (one JSON file per
+stage, rewritten after every result) and ``summary.md`` after every stage, so a run cut short still
+reports everything it measured.
 
-==============  =====  ====================================================================================
-env             20     GPU name, clocks, versions, ``python -m llm2clip_fast.info``
-correctness     85     first calls in a fresh process (autotune defects show there), forced Triton: CLIP and
-                       SigLIP at B=8192, D=1024 in bf16 and fp16, adapter 4096->1280, masked mean pool
-                       (triton and cuda); loss and every gradient against float64 on the same inputs, and
-                       the distributed losses' single-rank path against the plain ones
-gpu_tests       110    ``pytest -m gpu`` on the test files that carry the marker, per-test time limit
-loss_speed      35     bf16 matmul rate (8192^3); fused CLIP and SigLIP fwd+bwd at B=65536, D=1024 bf16
-                       (CUDA events, median of 5, fwd/bwd/total, TFLOP/s with 8*B^2*D and as a fraction of
-                       the measured matmul rate) against the materialised OpenCLIP-style losses
-clip_1m         60     CLIP at B=1,048,576, D=1024 bf16: finite loss and gradients, peak memory, time; row
-                       and column log-sum-exp recomputed with torch for sampled rows (first, random, last)
-adapter_speed   85     adapter 4096->1280 (4 blocks x2, bf16 autocast) fused vs eager vs torch.compile at
-                       batch 8192 and 32768: fwd+bwd time and activation memory
-adapter_kernels 30     optional: each fused adapter kernel (LN-on-load GEMM + GELU, GEMM + residual, the
-                       LN/GELU backward, the weight gradients, the LayerNorm backward) against the torch /
-                       cuBLAS ops that compute the same thing, at one block's shapes (B=8192, 4096 -> 8192)
-models          70     optional: embedding throughput of an 8B-shaped random Llama (bf16; int8 only where
-                       bitsandbytes is installed) and a stage-2 step on ViT-L/14 with cached (random)
-                       embeddings at batch 1024. Random weights from configs; nothing is downloaded.
-==============  =====  ====================================================================================
+==============  =====  =====================================================================================
+env             10     GPU name, clocks, versions (the peers' too), ``python -m llm2clip_fast.info``
+correctness     60     first calls in a fresh process, forced Triton: CLIP (keep-logits and recompute) and
+                       SigLIP (one-pass and two-pass) at B=8192, D=1024 in bf16 and fp16, loss and every
+                       gradient against float64; the single-stream schedule; adapter and masked mean pool;
+                       the distributed losses' single-rank path
+loss_compare    120    bf16 matmul rate; CLIP and SigLIP fwd+bwd at B=65536 then 8192, D=1024, bf16: fused
+                       (both CLIP paths) beside OpenCLIP as written, the one-GEMM plain loss (eager,
+                       compiled), Inf-CL and siglip-kernel, each with its FLOP convention, share of the
+                       matmul rate, peak memory and float64 error; per piece: the chunk GEMMs alone against
+                       GEMM + epilogue, overlapped and not; the autotuned epilogue configs; the goals of
+                       issue 24 met or missed
+stage2_step     90     ``bench/stage2_throughput.py``'s :func:`gpu_check_points` (a stage-2 training step)
+embed           75     ``bench/embed_throughput.py``'s :func:`gpu_check_points` (8B-shaped LLM, 16 vs 8 bit)
+adapter         45     ``bench/adapter_throughput.py``'s :func:`gpu_check_points` (the text adapter)
+clip_1m         40     CLIP at B=1,048,576, D=1024 bf16: path, finite loss and gradients, peak memory above
+                       the inputs, time; row and column log-sum-exp recomputed for sampled rows
+gpu_tests       rest   ``pytest -m gpu`` on the test files that carry the marker, per-test time limit
+==============  =====  =====================================================================================
+
+**Stages owned by other scripts.** ``stage2_step``, ``embed`` and ``adapter`` call one function of their
+bench script, ``gpu_check_points(device: torch.device, quick: bool) -> list[tuple[str, Callable[[],
+dict]]]``: the (name, run) pairs of the stage in order; ``run()`` returns the result's metrics (flat:
+str/int/float/bool; optional ``status`` in ok/fail/skipped and ``note``). A script that lacks it
+makes its stage an error saying so.
+
+**Peers.** Inf-CL and siglip-kernel are not dependencies and the GPU machine has no internet: their
+wheels travel with the call (``pip download --no-deps inf-cl==1.2.1 siglip-kernel==0.1.2 -d .whl`` here,
+``.whl/`` is git-ignored and named in the call's ``carry``); ``--wheels .whl`` installs them with
+``pip install --no-index --no-deps --target OUT/peer_site`` and puts that folder on the stages' path.
+Without them their rows are ``skipped`` with the reason.
 
 ``--quick`` runs every stage with tiny sizes on CPU with ``TRITON_INTERPRET=1`` (the same code, so
-the check cannot rot; ``tests/test_bench_quick.py`` runs it). ``--stages a,b`` runs a subset.
+the check cannot rot; ``tests/test_bench_quick.py`` runs it).
 
 Stage file schema (``DIR/<stage>.json``, schema id ``llm2clip_fast.gpu_check/1``)::
 
@@ -45,15 +61,15 @@ Stage file schema (``DIR/<stage>.json``, schema id ``llm2clip_fast.gpu_check/1``
                                          # timeout (killed at timeout_s) | skipped | running
       "quick": false,
       "device": "cuda",                  # cuda | cpu
-      "timeout_s": 90.0,
+      "timeout_s": 60.0,
       "elapsed_s": 41.2,                 # wall time of the stage process (null while running)
       "returncode": 0,                   # of the stage process (null if killed or not started)
       "notes": ["..."],                  # free-text remarks (e.g. a part skipped and why)
       "error": null,                     # last lines of the stage's stderr when status is error/timeout
       "results": [                       # one entry per measurement or check, in the order made
-        {"name": "clip bf16 B=8192 D=1024",
+        {"name": "clip bf16 B=8192 D=1024 keep-logits",
          "status": "ok",                 # ok | fail | error | skipped
-         "metrics": {"loss_rel_err": 1e-4, "backend": "triton", ...},   # flat: str | int | float | bool
+         "metrics": {"loss_err": 1e-4, "backend": "triton", ...},   # flat: str | int | float | bool
          "note": ""}
       ]
     }
@@ -90,28 +106,50 @@ if __package__ in (None, ""):
 
 SCHEMA = "llm2clip_fast.gpu_check/1"
 INSTALL = "pip install --no-build-isolation --no-deps -e ."
-TOTAL_BUDGET_S = 495.0  # the sum of the stage timeouts below: the whole run stays under 8.5 minutes
+STAGED_BUDGET_S = 450.0  # the first seven stages together: 7.5 minutes
+DEFAULT_BUDGET_S = 480.0  # the whole run; gpu_tests gets what the others leave of it
+PEER_SITE = "peer_site"
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     title: str
-    timeout_s: float
-    quick_timeout_s: float
-    optional: bool = False
+    budget_s: float  # CUDA run; None-like 0 for "what is left"
+    quick_budget_s: float
 
 
 STAGES = [
-    Stage("env", "environment: GPU, clocks, versions, llm2clip_fast.info", 20, 60),
-    Stage("correctness", "first-call correctness vs float64: losses, adapter, pool, distributed", 85, 120),
-    Stage("gpu_tests", "pytest -m gpu with a per-test time limit", 110, 120),
-    Stage("loss_speed", "matmul rate; fused vs materialised CLIP/SigLIP fwd+bwd", 35, 90),
-    Stage("clip_1m", "CLIP at B=1,048,576: finite, peak memory, sampled LSE check", 60, 60),
-    Stage("adapter_speed", "adapter fused vs eager vs torch.compile: time and activation memory", 85, 120),
-    Stage("adapter_kernels", "each fused adapter kernel vs the torch ops it replaces", 30, 90, optional=True),
-    Stage("models", "8B-shaped Llama embedding throughput; ViT-L/14 stage-2 step", 70, 120, optional=True),
+    Stage("env", "environment: GPU, clocks, versions, llm2clip_fast.info", 10, 60),
+    Stage("correctness", "first-call correctness vs float64: both loss paths, adapter, pool, distributed",
+          60, 180),
+    Stage("loss_compare", "fused losses beside OpenCLIP, one-GEMM plain, Inf-CL, siglip-kernel; per piece",
+          120, 240),
+    Stage("stage2_step", "a stage-2 training step (bench/stage2_throughput.py)", 90, 120),
+    Stage("embed", "frozen-LLM embedding, 16-bit vs 8-bit (bench/embed_throughput.py)", 75, 120),
+    Stage("adapter", "the text adapter (bench/adapter_throughput.py)", 45, 120),
+    Stage("clip_1m", "CLIP at B=1,048,576: path, finite, peak memory, sampled LSE check", 40, 60),
+    Stage("gpu_tests", "pytest -m gpu with a per-test time limit, in the time left", 0, 120),
 ]
+if sum(s.budget_s for s in STAGES) > STAGED_BUDGET_S:
+    raise ValueError("the staged plan must fit 7.5 minutes")
+
+
+def plan_text(budget_s: float, names: list[str] | None = None) -> str:
+    """The stages that would run, in order, with their seconds and the total."""
+    lines = [f"{'stage':14} {'seconds':>8}  what"]
+    staged = 0.0
+    for s in STAGES:
+        if names is not None and s.name not in names:
+            continue
+        if s.budget_s:
+            staged += s.budget_s
+            lines.append(f"{s.name:14} {s.budget_s:8.0f}  {s.title}")
+        else:
+            lines.append(f"{s.name:14} {max(0.0, budget_s - staged):8.0f}  {s.title} (what is left)")
+    lines.append(f"{'total':14} {max(budget_s, staged):8.0f}  (--budget-s {budget_s:.0f}; staged "
+                 f"{staged:.0f} s)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +164,7 @@ class Recorder:
         self.doc: dict[str, Any] = {
             "schema": SCHEMA, "stage": stage.name, "title": stage.title, "status": "running",
             "quick": quick, "device": device,
-            "timeout_s": stage.quick_timeout_s if quick else stage.timeout_s,
+            "timeout_s": stage.quick_budget_s if quick else stage.budget_s,
             "elapsed_s": None, "returncode": None, "notes": [], "error": None, "results": [],
         }
         self.flush()
@@ -183,34 +221,20 @@ class Sizes:
     adapter_d: int
     adapter_out: int
     pool: tuple[int, int, int]
-    speed_b: int
+    compare_b: tuple[int, ...]
+    compare_d: int
+    error_b: int
     matmul_n: int
     big_b: int
     big_d: int
-    adapter_batches: tuple[int, ...]
-    adapter_blocks: int
-    llm: dict[str, int]
-    llm_batch: tuple[int, int]
-    vit_preset: str
-    vit_batch: int
-    stage2_llm_dim: int
-    stage2_embed_dim: int
     reps: int
 
 
 GPU_SIZES = Sizes(loss_b=8192, loss_d=1024, adapter_b=1024, adapter_d=4096, adapter_out=1280,
-                  pool=(64, 256, 4096), speed_b=65536, matmul_n=8192, big_b=1 << 20, big_d=1024,
-                  adapter_batches=(8192, 32768), adapter_blocks=4,
-                  llm=dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate=14336,
-                           vocab=32000),
-                  llm_batch=(32, 256), vit_preset="vit-l-14", vit_batch=1024, stage2_llm_dim=4096,
-                  stage2_embed_dim=1280, reps=5)
+                  pool=(64, 256, 4096), compare_b=(65536, 8192), compare_d=1024, error_b=16384, matmul_n=8192,
+                  big_b=1 << 20, big_d=1024, reps=5)
 QUICK_SIZES = Sizes(loss_b=37, loss_d=24, adapter_b=9, adapter_d=32, adapter_out=16, pool=(3, 7, 24),
-                    speed_b=33, matmul_n=64, big_b=67, big_d=16, adapter_batches=(9,), adapter_blocks=1,
-                    llm=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate=64,
-                             vocab=100),
-                    llm_batch=(2, 8), vit_preset="micro", vit_batch=8, stage2_llm_dim=32, stage2_embed_dim=16,
-                    reps=2)
+                    compare_b=(33,), compare_d=32, error_b=33, matmul_n=64, big_b=67, big_d=16, reps=2)
 
 
 def rel_err(x: Any, ref: Any) -> float:
@@ -280,6 +304,13 @@ def stage_env(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
         for name in ("triton", "transformers", "peft", "bitsandbytes", "webdataset"):
             spec = importlib.util.find_spec(name)
             m[name] = importlib.import_module(name).__version__ if spec else "not installed"
+        from importlib import metadata
+
+        for peer in ("inf-cl", "siglip-kernel"):  # the loss_compare peers (--wheels installs them)
+            try:
+                m[peer] = metadata.version(peer)
+            except metadata.PackageNotFoundError:
+                m[peer] = "not installed"
         import llm2clip_fast
 
         m["llm2clip_fast"] = getattr(llm2clip_fast, "__version__", "?")
@@ -331,7 +362,8 @@ def _clip64(img: Any, txt: Any, scale: Any) -> Any:
 
     logits = scale * img @ txt.T
     labels = torch.arange(img.shape[0], device=img.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    per_image = F.cross_entropy(logits, labels, reduction="none")
+    return (per_image + F.cross_entropy(logits.T, labels, reduction="none")) / 2
 
 
 def _siglip64(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
@@ -340,10 +372,11 @@ def _siglip64(img: Any, txt: Any, scale: Any, bias: Any) -> Any:
 
     logits = scale * img @ txt.T + bias
     labels = 2 * torch.eye(img.shape[0], device=img.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / img.shape[0]
+    return -F.logsigmoid(labels * logits).sum(dim=1)
 
 
-def _loss_check(kind: str, dtype_name: str, dev: Any, b: int, d: int, distributed: bool = False) -> dict:
+def _loss_check(kind: str, dtype_name: str, dev: Any, b: int, d: int, *, reduction: str = "mean",
+                memory_budget: Any = None, distributed: bool = False) -> dict:
     """Fused loss and its gradients vs float64 on the same (low-precision) inputs.
 
     Tolerance (DESIGN.md): the fused error may be at most twice that of the same formula computed
@@ -352,7 +385,7 @@ def _loss_check(kind: str, dtype_name: str, dev: Any, b: int, d: int, distribute
     import torch
     import torch.nn.functional as F
 
-    from llm2clip_fast.ops import _backend
+    from llm2clip_fast.ops import _backend, _chunking
     from llm2clip_fast.ops.clip_loss import clip_loss
     from llm2clip_fast.ops.siglip_loss import siglip_loss
 
@@ -361,8 +394,12 @@ def _loss_check(kind: str, dtype_name: str, dev: Any, b: int, d: int, distribute
     img = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(dev, dtype)
     txt = F.normalize(torch.randn(b, d, generator=g), dim=-1).to(dev, dtype)
     txt = (0.6 * txt + 0.4 * img).to(dtype)  # positives stand out, as in training
+    upstream = (torch.rand(b, generator=g) + 0.5 if reduction == "none" else torch.ones(())).to(dev)
     scale_v, bias_v = (1 / 0.07, None) if kind == "clip" else (10.0, -10.0)
     backend = "triton"  # forced everywhere: a backend that cannot serve raises instead of falling back
+
+    def reduce(per: Any) -> Any:
+        return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
 
     def run(fn: Callable[..., Any], cast: Any) -> tuple[Any, list[Any]]:
         leaves = [img.to(cast).requires_grad_(), txt.to(cast).requires_grad_(),
@@ -371,32 +408,42 @@ def _loss_check(kind: str, dtype_name: str, dev: Any, b: int, d: int, distribute
         if bias_v is not None:
             leaves.append(torch.tensor(bias_v, device=dev, dtype=leaves[2].dtype, requires_grad=True))
         loss = fn(*leaves)
-        return loss.detach(), list(torch.autograd.grad(loss, leaves))
+        return loss.detach(), list(torch.autograd.grad(loss, leaves, upstream.to(loss.dtype)))
 
     _backend.clear_selections()
     if kind == "clip":
-        fused = lambda i, t, s: clip_loss(i, t, s, backend=backend, distributed=distributed)
-        ref = _clip64
+        fused = lambda i, t, s: clip_loss(i, t, s, reduction=reduction, backend=backend,
+                                          distributed=distributed, memory_budget=memory_budget)
+        ref = lambda i, t, s: reduce(_clip64(i, t, s))
     else:
-        fused = lambda i, t, s, c: siglip_loss(i, t, s, c, backend=backend, distributed=distributed)
-        ref = _siglip64
+        fused = lambda i, t, s, c: siglip_loss(i, t, s, c, reduction=reduction, backend=backend,
+                                               distributed=distributed, memory_budget=memory_budget)
+        # OpenCLIP's 'mean' divides the pair-loss total by the number of images.
+        ref = lambda i, t, s, c: (_siglip64(i, t, s, c).sum() / b if reduction == "mean"
+                                  else reduce(_siglip64(i, t, s, c)))
     loss, grads = run(fused, dtype)
-    chosen = _backend.last_selected(f"{kind}_loss")
+    m: dict[str, Any] = {"backend": _backend.last_selected(f"{kind}_loss"),
+                         "path": _chunking.last_path(f"{kind}_loss")}
     loss64, grads64 = run(ref, torch.float64)
     lossp, gradsp = run(ref, dtype)
     names = ["loss", "d_image", "d_text", "d_scale"] + (["d_bias"] if bias_v is not None else [])
-    m: dict[str, Any] = {"backend": chosen}
-    ok = bool(torch.isfinite(loss).item())
+    ok = bool(torch.isfinite(loss).all().item())
     for name, x, r, p in zip(names, [loss, *grads], [loss64, *grads64], [lossp, *gradsp]):
         err, err_p = rel_err(x, r), rel_err(p, r)
         tol = 2 * err_p + 1e-4
         m[f"{name}_err"] = err
         m[f"{name}_torch_{dtype_name}_err"] = err_p
         ok = ok and err <= tol
-    m["loss"] = loss.item()
     m["status"] = "ok" if ok else "fail"
     m["note"] = "tol per value: 2 x plain-torch error in the same precision + 1e-4"
     return m
+
+
+KEEP_ALL = "1TiB"  # a budget that keeps the logits of every size the stage checks
+
+
+def _recompute_budget(b: int) -> int:
+    return 4 * b * b - 1
 
 
 def _adapter_check(dev: Any, sizes: Sizes) -> dict:
@@ -502,10 +549,27 @@ def _distributed_single_rank(rec: Recorder, dev: Any, sizes: Sizes) -> None:
 
 def stage_correctness(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
     b, d = sizes.loss_b, sizes.loss_d
-    for kind in ("clip", "siglip"):
-        for dtype in ("bf16", "fp16"):
-            rec.attempt(f"{kind} {dtype} B={b} D={d} (forced triton)",
-                        lambda kind=kind, dtype=dtype: _loss_check(kind, dtype, dev, b, d))
+    for dtype in ("bf16", "fp16"):
+        for label, budget, reduction in (("keep-logits", KEEP_ALL, "mean"),
+                                         ("recompute", _recompute_budget(b), "none")):
+            rec.attempt(f"clip {dtype} B={b} D={d} {label} {reduction} (forced triton)",
+                        lambda dtype=dtype, budget=budget, reduction=reduction: _loss_check(
+                            "clip", dtype, dev, b, d, reduction=reduction, memory_budget=budget))
+        for label, reduction in (("one-pass", "mean"), ("two-pass", "none")):
+            rec.attempt(f"siglip {dtype} B={b} D={d} {label} {reduction} (forced triton)",
+                        lambda dtype=dtype, reduction=reduction: _loss_check("siglip", dtype, dev, b, d,
+                                                                             reduction=reduction))
+
+    def single_stream() -> dict:
+        os.environ["LLM2CLIP_LOSS_OVERLAP"] = "0"
+        try:
+            m = _loss_check("clip", "bf16", dev, b, d, reduction="sum", memory_budget=_recompute_budget(b))
+        finally:
+            del os.environ["LLM2CLIP_LOSS_OVERLAP"]
+        m["note"] = "LLM2CLIP_LOSS_OVERLAP=0: every epilogue on the main stream; " + m["note"]
+        return m
+
+    rec.attempt(f"clip bf16 B={b} D={d} recompute, one stream (forced triton)", single_stream)
     rec.attempt(f"adapter {sizes.adapter_d}->{sizes.adapter_out} B={sizes.adapter_b} (forced triton)",
                 lambda: _adapter_check(dev, sizes))
     for backend in ("triton", "cuda"):
@@ -579,7 +643,7 @@ def stage_gpu_tests(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# stage: loss_speed
+# stage: loss_compare
 
 
 def _matmul_rate(dev: Any, n: int, reps: int) -> dict:
@@ -592,65 +656,249 @@ def _matmul_rate(dev: Any, n: int, reps: int) -> dict:
     return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms, "tflops": 2 * n**3 / ms / 1e9}
 
 
-def _loss_speed(kind: str, impl: str, dev: Any, b: int, d: int, reps: int, matmul_tflops: float) -> dict:
+def _free(dev: Any) -> None:
+    import gc
+
     import torch
-    import torch.nn.functional as F
 
-    from bench.loss_throughput import openclip_clip_loss, openclip_siglip_loss
-    from llm2clip_fast.ops import _backend
-    from llm2clip_fast.ops.clip_loss import clip_loss
-    from llm2clip_fast.ops.siglip_loss import siglip_loss
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
+
+# The order is the priority: the goal size first, the providers the goals compare next.
+COMPARE_PROVIDERS = {
+    "clip": ["fused", "fused-recompute", "materialised-1gemm-compiled", "inf-cl", "materialised",
+             "materialised-1gemm"],
+    "siglip": ["fused", "siglip-kernel", "materialised"],
+}
+
+
+def _compare_point(kind: str, provider: str, dev: Any, b: int, d: int, sizes: Sizes,
+                   mm_tflops: float) -> dict:
+    """One provider at one size: fwd and bwd time, TFLOP/s counting what it executes, its share of
+    the matmul rate, peak memory, float64 error on the leading rows."""
+    import torch
+
+    from bench.loss_throughput import BIAS, PROVIDERS, SCALE, _fused_factor, float64_errors, make_inputs
+    from llm2clip_fast.ops import _backend, _chunking
+
+    prov = PROVIDERS[kind][provider]
+    dtype_name = "bf16" if dev.type == "cuda" else "fp32"
+    why = prov.unavailable(b, d, dev.type, dtype_name)
+    if why:
+        return {"status": "skipped", "note": why, "flops_counted": prov.convention}
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    img = F.normalize(torch.randn(b, d, device=dev), dim=-1).to(dtype).requires_grad_()
-    txt = F.normalize(torch.randn(b, d, device=dev), dim=-1).to(dtype).requires_grad_()
-    scale = torch.tensor(1 / 0.07 if kind == "clip" else 10.0, device=dev, requires_grad=True)
-    bias = torch.tensor(-10.0, device=dev, requires_grad=True)
-    backend = "triton"
-    if kind == "clip":
-        fn = (lambda: clip_loss(img, txt, scale, backend=backend)) if impl == "fused" else (
-            lambda: openclip_clip_loss(img, txt, scale))
-    else:
-        fn = (lambda: siglip_loss(img, txt, scale, bias, backend=backend)) if impl == "fused" else (
-            lambda: openclip_siglip_loss(img, txt, scale, bias))
+    fn = prov.build(b, d, str(dev))
+    img, txt = (t.requires_grad_() for t in make_inputs(b, d, dev, dtype))
+    scale = torch.tensor(SCALE[kind], device=dev, requires_grad=True)
+    bias = torch.tensor(BIAS, device=dev, requires_grad=True)
     state: dict[str, Any] = {}
 
     def fwd() -> None:
         img.grad = txt.grad = scale.grad = bias.grad = None
-        state["loss"] = fn()
+        state["loss"] = fn(img, txt, scale, bias)
 
     def bwd() -> None:
         state.pop("loss").backward()
 
     _backend.clear_selections()
-    fwd_ms, bwd_ms = Timer(dev).split([fwd, bwd], reps=reps)
+    _chunking.clear_paths()
+    fwd_ms, bwd_ms = Timer(dev).split([fwd, bwd], reps=sizes.reps)
     peak = _peak_mb(lambda: (fwd(), bwd()), dev)
-    flops = (8.0 if impl == "fused" else 6.0) * b * b * d
-    total = fwd_ms + bwd_ms
-    tf = flops / total / 1e9
-    return {"backend": _backend.last_selected(f"{kind}_loss") if impl == "fused" else "torch (materialised)",
-            "fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "total_ms": total, "tflops": tf,
-            "frac_of_matmul": tf / matmul_tflops if matmul_tflops else None, "peak_mb": peak,
-            "flops_counted": "8*B^2*D" if impl == "fused" else "6*B^2*D"}
+    m: dict[str, Any] = {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "total_ms": fwd_ms + bwd_ms, "peak_mb": peak}
+    factor = prov.factor
+    if provider.startswith("fused"):
+        m["backend"] = _backend.last_selected(f"{kind}_loss")
+        m["path"] = _chunking.last_path(f"{kind}_loss")
+        factor = _fused_factor(m["path"], factor)
+    m["flops_counted"] = f"{factor:g}*B^2*D" + (f" ({m['path']})" if "path" in m else "")
+    m["tflops"] = factor * b * b * d / m["total_ms"] / 1e9
+    m["frac_of_matmul"] = m["tflops"] / mm_tflops if mm_tflops else None
+    _free(dev)
+    eb = min(b, sizes.error_b)
+    e_img, e_txt = make_inputs(eb, d, dev, dtype)
+    m.update(float64_errors(kind, prov.build(eb, d, str(dev)), e_img, e_txt), error_b=eb)
+    return m
 
 
-def stage_loss_speed(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
+def _clip_pieces(dev: Any, b: int, d: int, sizes: Sizes) -> list[tuple[str, dict]]:
+    """The fused CLIP loss in pieces at one size: the chunk GEMMs alone against GEMM + epilogue, the
+    forward and the backward, recompute and keep-logits, with the second stream and without."""
+    import torch
+
+    from bench.loss_throughput import make_inputs
+    from llm2clip_fast.fp32_matmul import addmm_fp32_, mm_fp32_out
+    from llm2clip_fast.ops._chunk_schedule import chunk_bounds
+    from llm2clip_fast.ops.clip_loss import clip_lse_backward, clip_lse_forward, plan_clip_chunks
+
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    img, txt = make_inputs(b, d, dev, dtype)
+    s = torch.tensor(1 / 0.07, device=dev)
+    budget = min(_recompute_budget(b), 16 << 30)
+    backend = "triton"
+    plan = plan_clip_chunks(b, b, dev, dtype, backend, needs_grad=False, memory_budget_bytes=budget)
+    bounds = chunk_bounds(b, plan.rows)
+    ws = torch.empty(plan.rows, b, device=dev, dtype=torch.float32)
+    g = torch.rand(plan.rows, b, device=dev).to(dtype)
+    d_image = torch.empty(b, d, device=dev)
+    d_text = torch.zeros(b, d, device=dev)
+    coef = torch.full((b,), 0.5 / b, device=dev)
+
+    def gemms_forward() -> None:
+        for r0, r1 in bounds:
+            mm_fp32_out(img[r0:r1], txt.t(), ws[: r1 - r0])
+
+    def gemms_backward(recompute: bool) -> None:
+        for r0, r1 in bounds:
+            if recompute:
+                mm_fp32_out(img[r0:r1], txt.t(), ws[: r1 - r0])
+            mm_fp32_out(g[: r1 - r0], txt, d_image[r0:r1])
+            addmm_fp32_(d_text, g[: r1 - r0].t(), img[r0:r1])
+
+    row_lse, col_lse = clip_lse_forward(img, txt, s, backend=backend, memory_budget=budget)
+    out: list[tuple[str, dict]] = []
+    flops = 2.0 * b * b * d
+    timer = Timer(dev)
+
+    def rate(ms: float, units: float) -> float:
+        return units * flops / ms / 1e9
+
+    (t_gemm_f,) = timer.split([gemms_forward], reps=sizes.reps)
+    (t_gemm_b,) = timer.split([lambda: gemms_backward(True)], reps=sizes.reps)
+    (t_gemm_bk,) = timer.split([lambda: gemms_backward(False)], reps=sizes.reps)
+    for overlap in ("1", "0"):
+        os.environ["LLM2CLIP_LOSS_OVERLAP"] = overlap
+        try:
+            (t_f,) = timer.split([lambda: clip_lse_forward(img, txt, s, backend=backend,
+                                                           memory_budget=budget)], reps=sizes.reps)
+            (t_b,) = timer.split([lambda: clip_lse_backward(img, txt, s, row_lse, col_lse, coef, coef,
+                                                            backend=backend, memory_budget=budget)],
+                                 reps=sizes.reps)
+        finally:
+            del os.environ["LLM2CLIP_LOSS_OVERLAP"]
+        label = "second stream" if overlap == "1" else "one stream"
+        out.append((f"clip pieces B={b}: forward, {label}",
+                    {"chunk_rows": plan.rows, "chunks": len(bounds), "gemm_ms": t_gemm_f, "gemm_tflops":
+                     rate(t_gemm_f, 1), "with_epilogue_ms": t_f, "tflops": rate(t_f, 1),
+                     "epilogue_overhead": t_f / t_gemm_f - 1}))
+        out.append((f"clip pieces B={b}: backward (recompute), {label}",
+                    {"gemm_ms": t_gemm_b, "gemm_tflops": rate(t_gemm_b, 3), "with_epilogue_ms": t_b,
+                     "tflops": rate(t_b, 3), "epilogue_overhead": t_b / t_gemm_b - 1}))
+    try:
+        _, _, kept = clip_lse_forward(img, txt, s, backend=backend, keep_logits=True, memory_budget=KEEP_ALL)
+    except torch.OutOfMemoryError as exc:
+        out.append((f"clip pieces B={b}: backward (keep-logits)",
+                    {"status": "skipped", "note": str(exc)[:200]}))
+        return out
+    (t_bk,) = timer.split([lambda: clip_lse_backward(img, txt, s, row_lse, col_lse, coef, coef, logits=kept,
+                                                     backend=backend)], reps=sizes.reps)
+    out.append((f"clip pieces B={b}: backward (keep-logits), second stream",
+                {"gemm_ms": t_gemm_bk, "gemm_tflops": rate(t_gemm_bk, 2), "with_epilogue_ms": t_bk,
+                 "tflops": rate(t_bk, 2), "epilogue_overhead": t_bk / t_gemm_bk - 1}))
+    return out
+
+
+def _goals(results: dict[tuple[str, str, int], dict], b: int, d: int, mm_tflops: float, gpu: bool) -> dict:
+    """Issue 24's GPU goals at B, met or missed, from the measured rows (on CPU: computed, not judged)."""
+    def get(kind: str, provider: str) -> dict | None:
+        r = results.get((kind, provider, b))
+        return r if r and r.get("status", "ok") == "ok" and "total_ms" in r else None
+
+    m: dict[str, Any] = {"B": b, "matmul_tflops": mm_tflops}
+    recompute, keep = get("clip", "fused-recompute"), get("clip", "fused")
+    plain, infcl = get("clip", "materialised-1gemm-compiled"), get("clip", "inf-cl")
+    sig, sigk = get("siglip", "fused"), get("siglip", "siglip-kernel")
+    met: list[bool] = []
+    if recompute:
+        m["clip_recompute_frac_8BBD"] = 8.0 * b * b * d / recompute["total_ms"] / 1e9 / mm_tflops
+        met.append(m["clip_recompute_frac_8BBD"] >= 0.70)
+    if recompute and plain:
+        m["recompute_speed_vs_plain"] = plain["total_ms"] / recompute["total_ms"]
+        m["recompute_memory_vs_plain"] = recompute["peak_mb"] / plain["peak_mb"]
+        met += [m["recompute_speed_vs_plain"] >= 0.85, m["recompute_memory_vs_plain"] <= 1 / 8]
+    if keep and plain and keep.get("path") == "keep-logits":
+        m["keep_speed_vs_plain"] = plain["total_ms"] / keep["total_ms"]
+        met.append(m["keep_speed_vs_plain"] >= 1.1)
+    if keep and infcl:
+        m["fused_speed_vs_inf_cl"] = infcl["total_ms"] / keep["total_ms"]
+        met.append(m["fused_speed_vs_inf_cl"] >= 3.0)
+    if sig and sigk:
+        m["siglip_speed_vs_siglip_kernel"] = sigk["total_ms"] / sig["total_ms"]
+        err_ok = all(sig.get(k, 0) <= sigk.get(k, 0) * 1.0001 + 1e-7 for k in ("loss_err", "d_image_err",
+                                                                                "d_text_err"))
+        m["siglip_error_le_siglip_kernel"] = err_ok
+        met += [m["siglip_speed_vs_siglip_kernel"] >= 1.0, err_ok]
+    m["goals_met"] = f"{sum(met)}/{len(met)}"
+    m["status"] = "skipped" if not (gpu and met) else "ok" if all(met) else "fail"
+    m["note"] = ("targets: recompute >= 70 % of matmul (8BBD), >= 0.85x plain compiled at <= 1/8 memory; "
+                 "keep >= 1.1x plain; >= 3x Inf-CL; SigLIP >= siglip-kernel at <= its error")
+    return m
+
+
+def stage_loss_compare(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
     mm = _matmul_rate(dev, sizes.matmul_n, sizes.reps)
     rec.add(f"matmul {mm['dtype']} {sizes.matmul_n}^3", "ok", **mm)
-    b, d = sizes.speed_b, sizes.loss_d
-    results: dict[tuple[str, str], dict] = {}
-    for kind in ("clip", "siglip"):
-        for impl in ("fused", "materialised"):
-            def run(kind: str = kind, impl: str = impl) -> dict:
-                r = _loss_speed(kind, impl, dev, b, d, sizes.reps, mm["tflops"])
-                results[(kind, impl)] = r
-                other = results.get((kind, "fused"))
-                if impl == "materialised" and other:
-                    r["fused_speedup"] = r["total_ms"] / other["total_ms"]
-                return r
+    if quick:
+        rec.note("quick: the torch.compile'd provider is not measured (CPU code generation takes minutes)")
+    results: dict[tuple[str, str, int], dict] = {}
+    d = sizes.compare_d
+    for b in sizes.compare_b:
+        for kind in ("clip", "siglip"):
+            for provider in COMPARE_PROVIDERS[kind]:
+                if quick and "compiled" in provider:
+                    continue
 
-            rec.attempt(f"{kind} {impl} fwd+bwd B={b} D={d}", run)
+                def run(kind: str = kind, provider: str = provider, b: int = b) -> dict:
+                    r = _compare_point(kind, provider, dev, b, d, sizes, mm["tflops"])
+                    results[(kind, provider, b)] = r
+                    return r
+
+                rec.attempt(f"{kind} {provider} fwd+bwd B={b} D={d}", run)
+                _free(dev)
+            if kind == "clip":
+                from llm2clip_fast.kernels import clip_loss as clip_kernels
+
+                rec.add(f"clip epilogue configs B={b}", "ok", **clip_kernels.chosen_configs())
+        from llm2clip_fast.kernels import siglip_loss as siglip_kernels
+
+        rec.add(f"siglip epilogue configs B={b}", "ok", **siglip_kernels.chosen_configs())
+        rec.attempt(f"goals B={b}", lambda b=b: _goals(results, b, d, mm["tflops"], dev.type == "cuda"))
+        for name, metrics in _safe_pieces(rec, dev, b, d, sizes):
+            status = metrics.pop("status", "ok")
+            rec.add(name, status, metrics.pop("note", ""), **metrics)
+        _free(dev)
+
+
+def _safe_pieces(rec: Recorder, dev: Any, b: int, d: int, sizes: Sizes) -> list[tuple[str, dict]]:
+    try:
+        return _clip_pieces(dev, b, d, sizes)
+    except Exception as exc:
+        rec.add(f"clip pieces B={b}", "error", note=f"{type(exc).__name__}: {exc}"[-600:])
+        traceback.print_exc()
+        return []
+
+
+# ------------------------------------------------------------------------------------------------
+# stages owned by other scripts: stage2_step, embed, adapter
+
+
+DELEGATED = {"stage2_step": "bench.stage2_throughput", "embed": "bench.embed_throughput",
+             "adapter": "bench.adapter_throughput"}
+POINTS_FUNCTION = "gpu_check_points"
+
+
+def run_delegated_stage(rec: Recorder, dev: Any, module_name: str, quick: bool) -> None:
+    """Run ``module_name``'s ``gpu_check_points(device, quick)``: (name, run) pairs, one result each."""
+    module = importlib.import_module(module_name)
+    points = getattr(module, POINTS_FUNCTION, None)
+    if points is None:
+        rec.add(f"{module_name}.{POINTS_FUNCTION}", "error",
+                note=f"{module_name.replace('.', '/')}.py defines no {POINTS_FUNCTION}(device, quick); "
+                     "this stage runs what it returns")
+        return
+    for name, run in points(dev, quick):
+        rec.attempt(name, run)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -661,7 +909,7 @@ def stage_clip_1m(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
     import torch
     import torch.nn.functional as F
 
-    from llm2clip_fast.ops import _backend
+    from llm2clip_fast.ops import _backend, _chunking
     from llm2clip_fast.ops.clip_loss import clip_loss, clip_lse_forward
 
     b, d = sizes.big_b, sizes.big_d
@@ -686,11 +934,13 @@ def stage_clip_1m(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
         peak = _peak_mb(step, dev)
         secs = time.perf_counter() - t0
         finite = all(bool(torch.isfinite(t).all()) for t in (state["loss"], img.grad, txt.grad, scale.grad))
-        tf = 8.0 * b * b * d / secs / 1e12
-        return {"status": "ok" if finite else "fail", "backend": _backend.last_selected("clip_loss"),
-                "loss": state["loss"].item(), "finite": finite, "step_s": secs, "tflops": tf,
-                "peak_above_inputs_mb": peak, "inputs_mb": inputs_mb,
-                "note": "first call: includes autotuning/compilation"}
+        path = _chunking.last_path("clip_loss")
+        tf = (6.0 if path == "keep-logits" else 8.0) * b * b * d / secs / 1e12
+        goal = peak is None or peak <= 20 * 1000  # MB: B = 2^20 within 20 GB above the inputs
+        return {"status": "ok" if finite and goal else "fail", "backend": _backend.last_selected("clip_loss"),
+                "path": path, "loss": state["loss"].item(), "finite": finite, "step_s": secs, "tflops": tf,
+                "peak_above_inputs_mb": peak, "inputs_mb": inputs_mb, "goal_20gb_met": goal,
+                "note": "first call: includes the epilogues' compilation; goal: <= 20 GB above the inputs"}
 
     rec.attempt(f"clip fwd+bwd B={b} D={d}", run_step)
     img.grad = txt.grad = scale.grad = None
@@ -714,200 +964,14 @@ def stage_clip_1m(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
     rec.attempt("row/column log-sum-exp vs torch (sampled rows)", lse_sample)
 
 
-# ------------------------------------------------------------------------------------------------
-# stage: adapter_speed
-
-
-def stage_adapter_speed(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
-    from bench.adapter_throughput import adapter_flops, point
-
-    if quick:
-        rec.note("quick: torch.compile is not measured (CPU code generation takes minutes on 2 cores)")
-    order = [(impl, b) for impl in ("fused", "recompute", "eager") for b in sizes.adapter_batches]
-    if not quick:
-        order += [("compile", b) for b in sizes.adapter_batches]  # dearest last: compilation
-    d, n = sizes.adapter_d, sizes.adapter_out
-    fwdbwd: dict[tuple[str, int], float] = {}
-    for impl, b in order:
-        def run(impl: str = impl, b: int = b) -> dict:
-            blocks = sizes.adapter_blocks
-            r = point(impl=impl, batch=b, dim=d, out_dim=n, num_blocks=blocks, expansion=2, device=str(dev),
-                      dtype="bf16" if dev.type == "cuda" else "fp32", budget_s=0.2 if quick else 1.0,
-                      fused_backend="triton")
-            fwdbwd[(impl, b)] = r["fwdbwd_ms"]
-            r["fwdbwd_tflops"] = 3 * adapter_flops(b, d, n, blocks, 2) / r["fwdbwd_ms"] / 1e9
-            r["blocks"] = blocks
-            if ("eager", b) in fwdbwd and impl != "eager":
-                r["speedup_vs_eager"] = fwdbwd[("eager", b)] / r["fwdbwd_ms"]
-            if impl == "eager" and ("fused", b) in fwdbwd:
-                r["fused_speedup_vs_eager"] = r["fwdbwd_ms"] / fwdbwd[("fused", b)]
-            r.pop("peak_above_baseline_mb", None)
-            return r
-
-        rec.attempt(f"adapter {impl} B={b} {d}->{n}", run)
-
-
-def stage_adapter_kernels(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
-    """Each fused adapter kernel against the torch/cuBLAS ops that compute the same, at one block's shapes."""
-    import torch
-    import torch.nn.functional as F
-    from llm2clip_fast.kernels import adapter as K
-
-    b, d = sizes.adapter_batches[0], sizes.adapter_d
-    h = 2 * d
-    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    g = torch.Generator(device="cpu").manual_seed(7)
-
-    def rnd(*shape: int, scale: float = 1.0, dtype: Any = dt) -> Any:
-        return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dtype)
-
-    x, dy = rnd(b, d), rnd(b, d)
-    ln_w, ln_b = rnd(d, scale=0.1, dtype=torch.float32) + 1, rnd(d, scale=0.1, dtype=torch.float32)
-    w1, b1 = rnd(h, d, scale=d ** -0.5), rnd(h, scale=0.1, dtype=torch.float32)
-    w2, b2 = rnd(d, h, scale=h ** -0.5), rnd(d, scale=0.1, dtype=torch.float32)
-    mean, rstd, _ = K.row_stats(x, 1e-5)
-    dz, hh = K.ln_gelu_bwd(x, mean, rstd, ln_w, ln_b, w1, b1, dy, w2)
-
-    def ln_x() -> Any:
-        return F.layer_norm(x.float(), (d,), ln_w, ln_b, 1e-5).to(dt)
-
-    def torch_ln_gelu_bwd() -> Any:
-        z = F.linear(ln_x(), w1, b1.to(dt)).float()
-        dh = (dy @ w2).float()
-        cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))
-        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
-        return (dh * (cdf + z * pdf)).to(dt), (z * cdf).to(dt)
-
-    gemm = 2 * b * d * h
-    cases: list[tuple[str, float, Callable[[], Any], Callable[[], Any]]] = [
-        ("fc1: LN-on-load GEMM + bias + GELU", gemm,
-         lambda: K.fused_linear(x, w1, b1, out_dtype=dt, ln=(mean, rstd, ln_w, ln_b), gelu=True),
-         lambda: F.gelu(F.linear(ln_x(), w1, b1.to(dt)))),
-        ("fc2: GEMM + bias + residual", gemm,
-         lambda: K.fused_linear(hh, w2, b2, out_dtype=dt, residual=x),
-         lambda: F.linear(hh, w2, b2.to(dt)) + x),
-        ("ln_gelu_bwd: recompute z, dy @ W2, GELU'", 2 * gemm,
-         lambda: K.ln_gelu_bwd(x, mean, rstd, ln_w, ln_b, w1, b1, dy, w2), torch_ln_gelu_bwd),
-        ("weight_grad dW1 (LN-on-load)", gemm,
-         lambda: K.weight_grad(dz, x, dot_dtype=dt, ln=(mean, rstd, ln_w, ln_b)),
-         lambda: (dz.t() @ ln_x(), dz.float().sum(0))),
-        ("weight_grad dW2", gemm, lambda: K.weight_grad(dy, hh, dot_dtype=dt),
-         lambda: (dy.t() @ hh, dy.float().sum(0))),
-        ("dLN = dz @ W1 (torch.mm in both)", gemm, lambda: torch.mm(dz, w1), lambda: torch.mm(dz, w1)),
-        ("layernorm_bwd + residual", 0.0,
-         lambda: K.layernorm_bwd(x, mean, rstd, ln_w, dy, dres=dy),
-         lambda: torch.autograd.grad(F.layer_norm(xr, (d,), ln_w, ln_b, 1e-5), (xr,), dy.float())),
-    ]
-    xr = x.float().requires_grad_()
-    reps = 2 if quick else 10
-    for name, flops, fused, ref in cases:
-        def run(fused: Callable[[], Any] = fused, ref: Callable[[], Any] = ref, flops: float = flops) -> dict:
-            t_fused, t_ref = Timer(dev).split([fused, ref], reps=reps)
-            m: dict[str, Any] = {"fused_ms": t_fused, "torch_ms": t_ref, "fused_over_torch": t_fused / t_ref}
-            if flops:
-                m["fused_tflops"] = flops / t_fused / 1e9
-                m["torch_tflops"] = flops / t_ref / 1e9
-            return m
-
-        rec.attempt(f"{name} B={b} d={d} h={h}", run)
-
-
-# ------------------------------------------------------------------------------------------------
-# stage: models
-
-
-def _llm_embed_speed(dev: Any, sizes: Sizes, reps: int, int8: bool) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaModel
-
-    from llm2clip_fast.ops import _backend
-    from llm2clip_fast.ops.masked_mean_pool import masked_mean_pool
-
-    c = sizes.llm
-    config = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden_size"],
-                         intermediate_size=c["intermediate"], num_hidden_layers=c["num_layers"],
-                         num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
-                         max_position_embeddings=4096)
-    config._attn_implementation = "sdpa"
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    t0 = time.perf_counter()
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):  # random init straight on the device: no host copy of 8B weights
-            model = LlamaModel(config).eval()
-    finally:
-        torch.set_default_dtype(prev)
-    if int8:
-        import bitsandbytes as bnb
-
-        def swap(mod: Any) -> None:
-            for name, child in mod.named_children():
-                if isinstance(child, torch.nn.Linear):
-                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, child.bias is not None,
-                                            has_fp16_weights=False, threshold=6.0)
-                    q.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False,
-                                                 has_fp16_weights=False)
-                    setattr(mod, name, q.to(dev))
-                else:
-                    swap(child)
-
-        swap(model)
-    build_s = time.perf_counter() - t0
-    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    bsz, seq = sizes.llm_batch
-    g = torch.Generator(device="cpu").manual_seed(5)
-    ids = torch.randint(3, c["vocab"], (bsz, seq), generator=g).to(dev)
-    lengths = torch.randint(seq // 4, seq + 1, (bsz,), generator=g)
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).to(dev)
-
-    def embed() -> Any:
-        with torch.inference_mode():
-            hidden = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-            return masked_mean_pool(hidden, mask)
-
-    _backend.clear_selections()
-    (ms,) = Timer(dev).split([embed], reps=reps)
-    tokens = int(lengths.sum())
-    return {"precision": "int8" if int8 else str(dtype).replace("torch.", ""), "build_s": build_s,
-            "weights_mb": weights_mb, "batch": bsz, "seq": seq, "ms": ms, "captions_per_s": bsz / ms * 1000,
-            "tokens_per_s": tokens / ms * 1000, "pool_backend": _backend.last_selected("masked_mean_pool"),
-            "note": "random token ids, random weights; attention over padded length, pooling over the mask"}
-
-
-def stage_models(rec: Recorder, dev: Any, sizes: Sizes, quick: bool) -> None:
-    name = "8B-shaped Llama" if not quick else "tiny Llama"
-    rec.attempt(f"{name} embed bf16" if dev.type == "cuda" else f"{name} embed fp32",
-                lambda: _llm_embed_speed(dev, sizes, sizes.reps, int8=False))
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()  # the 8B model is gone: give its memory back before the int8 copy
-    if importlib.util.find_spec("bitsandbytes") is None:
-        rec.add(f"{name} embed int8", "skipped", note="bitsandbytes is not installed")
-    elif dev.type != "cuda":
-        rec.add(f"{name} embed int8", "skipped", note="int8 is measured on CUDA only in this check")
-    else:
-        rec.attempt(f"{name} embed int8", lambda: _llm_embed_speed(dev, sizes, sizes.reps, int8=True))
-
-    def stage2() -> dict:
-        from bench.stage2_throughput import point
-
-        r = point(impl="fused", preset=sizes.vit_preset, batch=sizes.vit_batch, llm_dim=sizes.stage2_llm_dim,
-                  embed_dim=sizes.stage2_embed_dim, device=str(dev),
-                  precision="bf16" if dev.type == "cuda" else "fp32", micro_batch=sizes.vit_batch,
-                  grad_checkpointing=dev.type == "cuda", budget_s=0.3 if quick else 1.0)
-        r.pop("peak_above_baseline_mb", None)
-        r["note"] = "fused adapter + fused CLIP loss + AdamW; cached (random) LLM embeddings"
-        return r
-
-    rec.attempt(f"stage-2 step {sizes.vit_preset} B={sizes.vit_batch}", stage2)
-
-
 STAGE_FUNCS: dict[str, Callable[[Recorder, Any, Sizes, bool], None]] = {
-    "env": stage_env, "correctness": stage_correctness, "gpu_tests": stage_gpu_tests,
-    "loss_speed": stage_loss_speed, "clip_1m": stage_clip_1m, "adapter_speed": stage_adapter_speed,
-    "adapter_kernels": stage_adapter_kernels, "models": stage_models,
+    "env": lambda rec, dev, sizes, quick: stage_env(rec, dev, sizes, quick),
+    "correctness": lambda rec, dev, sizes, quick: stage_correctness(rec, dev, sizes, quick),
+    "loss_compare": lambda rec, dev, sizes, quick: stage_loss_compare(rec, dev, sizes, quick),
+    **{name: (lambda rec, dev, sizes, quick, module=module: run_delegated_stage(rec, dev, module, quick))
+       for name, module in DELEGATED.items()},
+    "clip_1m": lambda rec, dev, sizes, quick: stage_clip_1m(rec, dev, sizes, quick),
+    "gpu_tests": lambda rec, dev, sizes, quick: stage_gpu_tests(rec, dev, sizes, quick),
 }
 
 
@@ -929,12 +993,26 @@ def run_stage(name: str, out: Path, quick: bool) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# parent: runs stages, merges status, writes summary.md
+# parent: installs the peers' wheels, runs stages, merges status, writes summary.md
 
 
-def _child_env(quick: bool) -> dict[str, str]:
+def install_wheels(wheels: Path, out: Path) -> Path:
+    """Install every wheel in ``wheels`` (no index, no dependencies) into ``out/peer_site``."""
+    files = sorted(wheels.glob("*.whl"))
+    if not files:
+        raise FileNotFoundError(f"--wheels {wheels}: no .whl files there (pip download --no-deps "
+                                "inf-cl==1.2.1 siglip-kernel==0.1.2 -d {wheels})")
+    site = out / PEER_SITE
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+           "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, files)]
+    subprocess.run(cmd, check=True)
+    return site
+
+
+def _child_env(quick: bool, site: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    paths = [str(REPO_ROOT), str(site) if site else None, env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     if quick:
         env["TRITON_INTERPRET"] = "1"
         env.setdefault("OMP_NUM_THREADS", "2")
@@ -952,8 +1030,10 @@ def _final_status(doc: dict[str, Any], returncode: int | None, timed_out: bool) 
     return "ok"
 
 
-def launch_stage(stage: Stage, out: Path, quick: bool, timeout_s: float) -> dict[str, Any]:
-    """Run one stage in a fresh process under ``timeout_s``; returns its merged JSON document."""
+def launch_stage(stage: Stage, out: Path, quick: bool, timeout_s: float,
+                 site: Path | None = None) -> dict[str, Any]:
+    """Run one stage in a fresh process under ``timeout_s`` (``site``: the peers' wheels, on its path);
+    returns its merged JSON document."""
     from bench._common import write_json
 
     path = out / f"{stage.name}.json"
@@ -965,8 +1045,8 @@ def launch_stage(stage: Stage, out: Path, quick: bool, timeout_s: float) -> dict
     log = out / f"{stage.name}.log"
     timed_out, rc = False, None
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(quick), cwd=REPO_ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(quick, site),
+                                cwd=REPO_ROOT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -1047,15 +1127,30 @@ def install_problem() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for the stage JSON files, logs and summary.md")
+    parser.add_argument("--out", help="folder for the stage JSON files, logs and summary.md (to run)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on CPU under the Triton interpreter")
     parser.add_argument("--stages", default=None, help="comma-separated subset of " +
                         ",".join(s.name for s in STAGES))
     parser.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="overall limit; optional stages run only if they fit "
-                        f"(default {TOTAL_BUDGET_S:.0f})")
+                        help=f"overall limit in seconds (default {DEFAULT_BUDGET_S:.0f}: the staged "
+                        f"{STAGED_BUDGET_S:.0f} s, gpu_tests gets the rest)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the stages, their seconds and the total; run nothing")
+    parser.add_argument("--wheels", type=Path, default=None,
+                        help="folder of peer wheels (inf-cl, siglip-kernel) to install for the run, no index")
     args = parser.parse_args(argv)
+    names = [s.strip() for s in args.stages.split(",")] if args.stages else [s.name for s in STAGES]
+    unknown = [n for n in names if n not in STAGE_FUNCS]
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; choose from {list(STAGE_FUNCS)}")
+    budget = args.budget_s if args.budget_s is not None else (
+        sum(s.quick_budget_s for s in STAGES) if args.quick else DEFAULT_BUDGET_S)
+    if args.plan:
+        print(plan_text(budget, names))
+        return 0
+    if not args.out:
+        parser.error("--out is required (or --plan)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     problem = install_problem()
@@ -1064,27 +1159,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.stage:
         return run_stage(args.stage, out, args.quick)
-    names = [s.strip() for s in args.stages.split(",")] if args.stages else [s.name for s in STAGES]
-    unknown = [n for n in names if n not in STAGE_FUNCS]
-    if unknown:
-        parser.error(f"--stages: unknown {unknown}; choose from {list(STAGE_FUNCS)}")
-    budget = args.budget_s if args.budget_s is not None else (
-        sum(s.quick_timeout_s for s in STAGES) if args.quick else TOTAL_BUDGET_S)
+    site = install_wheels(args.wheels, out) if args.wheels else None
     t_start = time.perf_counter()
     docs: list[dict[str, Any]] = []
     for stage in [s for s in STAGES if s.name in names]:
-        limit = stage.quick_timeout_s if args.quick else stage.timeout_s
         left = budget - (time.perf_counter() - t_start)
-        if left < limit and stage.optional:
-            doc = skipped_doc(stage, args.quick, f"not enough time left ({left:.0f} s < {limit:.0f} s)")
+        limit = (stage.quick_budget_s if args.quick else stage.budget_s) or left
+        if left <= 5:
+            doc = skipped_doc(stage, args.quick, f"overall budget of {budget:.0f} s spent")
             from bench._common import write_json
 
             write_json(out / f"{stage.name}.json", doc)
-        elif left <= 5:
-            doc = skipped_doc(stage, args.quick, f"overall budget of {budget:.0f} s spent")
         else:
             print(f"== {stage.name} (limit {min(limit, left):.0f} s): {stage.title}", flush=True)
-            doc = launch_stage(stage, out, args.quick, min(limit, left))
+            doc = launch_stage(stage, out, args.quick, min(limit, left), site)
         docs.append(doc)
         write_summary(out, docs, args.quick)
         print(f"   {stage.name}: {doc['status']} in {_fmt(doc.get('elapsed_s'))} s", flush=True)

@@ -10,8 +10,8 @@ Reads every ``*.json`` under each ``--in`` folder (recursively) and recognises i
   rate as the roofline; one figure per (loss, device, dtype, D);
 - ``distributed_memory.py``: the worst rank's peak memory against the global batch, one line per
   (provider, ranks);
-- ``adapter_throughput.py``: fwd+bwd time and activation memory, fused vs eager vs compiled;
-- ``embed_throughput.py``: captions/s and weight memory per precision, padding with and without sorting;
+- ``adapter_throughput.py``: fwd+bwd time, activation memory and fidelity, lean vs eager vs compiled;
+- ``embed_throughput.py``: captions/s, weight memory and fidelity per precision and 8-bit mode;
 - ``train_throughput.py --stage 1`` and ``stage2_throughput.py``: step throughput and step memory;
 - ``gpu_check.py``: its ``summary.md`` verbatim and a line per stage JSON (schema-tolerant);
 - any other bench JSON with a ``rows`` list (e.g. a cache bench): a table.
@@ -61,6 +61,11 @@ COLOURS = {
     "fused-torch": "tab:green",
     "materialised": "tab:red",
     "materialised-compiled": "tab:orange",
+    "materialised-1gemm": "tab:brown",
+    "materialised-1gemm-compiled": "tab:pink",
+    "fused-recompute": "tab:cyan",
+    "inf-cl": "tab:olive",
+    "siglip-kernel": "tab:olive",
     "eager": "tab:red",
     "compile": "tab:orange",
     "plain": "tab:red",
@@ -147,7 +152,7 @@ def classify(data: dict[str, Any]) -> str:
     if (
         bench in (None, "embed_throughput")
         and isinstance(args, dict)
-        and ("precision" in first or "models" in args)
+        and ("mode" in first or "modes" in args)
     ):
         return "embed"
     return "other"
@@ -559,7 +564,7 @@ def _loss_figures(bf: BenchFile, out_dir: Path, used: set[str]) -> tuple[list[Pa
         plots.append(_save(fig, out_dir, f"{bf.path.stem}_{device}_{dtype}_D{dim}_time_memory", used))
 
         fig, (ax,) = _figure(1, f"{loss} loss achieved TFLOP/s — {short}", foot, width=7.5, height=4.6)
-        ax.set_title(f"{where}; fused counts 8·B²·D, materialised 6·B²·D", fontsize=9)
+        ax.set_title(f"{where}; each provider counts the FLOPs it executes (flops_counted)", fontsize=9)
         for provider, pts in by_provider.items():
             ok = [(b, pts[b]["tflops"]) for b in sorted(pts) if _status(pts[b]) == OK]
             if ok:
@@ -578,20 +583,25 @@ def _loss_figures(bf: BenchFile, out_dir: Path, used: set[str]) -> tuple[list[Pa
         ax.legend(fontsize=7)
         plots.append(_save(fig, out_dir, f"{bf.path.stem}_{device}_{dtype}_D{dim}_tflops", used))
 
-        fused, mat = by_provider.get("fused", {}), by_provider.get("materialised", {})
-        common = [b for b in sorted(fused) if b in mat and _status(fused[b]) == OK and _status(mat[b]) == OK]
-        for b in common:
-            f, m = fused[b], mat[b]
-            mem = (
-                f"{m['peak_above_baseline_mb'] / f['peak_above_baseline_mb']:.3g}×"
-                if f["peak_above_baseline_mb"] > MEMORY_FLOOR_MB
-                else f"> {m['peak_above_baseline_mb'] / MEMORY_FLOOR_MB:.3g}× (fused ≤ {MEMORY_FLOOR_MB} MiB)"
-            )
-            ratios.append(
-                f"- {where}, B={b}: materialised/fused time {m['median_ms'] / f['median_ms']:.3g}×, "
-                f"peak memory {mem} ({m['peak_above_baseline_mb']:.4g} vs "
-                f"{f['peak_above_baseline_mb']:.4g} MiB)"
-            )
+        fused = by_provider.get("fused", {})
+        for other, pts in by_provider.items():
+            if other.startswith("fused"):
+                continue
+            common = [b for b in sorted(fused)
+                      if b in pts and _status(fused[b]) == OK and _status(pts[b]) == OK]
+            for b in common:
+                f, m = fused[b], pts[b]
+                mem = (
+                    f"{m['peak_above_baseline_mb'] / f['peak_above_baseline_mb']:.3g}×"
+                    if f["peak_above_baseline_mb"] > MEMORY_FLOOR_MB
+                    else f"> {m['peak_above_baseline_mb'] / MEMORY_FLOOR_MB:.3g}× "
+                    f"(fused ≤ {MEMORY_FLOOR_MB} MiB)"
+                )
+                ratios.append(
+                    f"- {where}, B={b}: {other}/fused time {m['median_ms'] / f['median_ms']:.3g}×, "
+                    f"peak memory {mem} ({m['peak_above_baseline_mb']:.4g} vs "
+                    f"{f['peak_above_baseline_mb']:.4g} MiB)"
+                )
     return plots, ratios
 
 
@@ -620,31 +630,38 @@ def section_loss(files: list[BenchFile], kind: str, out_dir: Path, used: set[str
         parts.append(_source_line(bf))
         parts += [f"![{p.stem}]({_rel(p, out_dir)})" for p in figs]
         if ratios:
-            parts.append("Fused against materialised (OpenCLIP-style), same B:\n\n" + "\n".join(ratios))
+            parts.append("Fused against every other provider, same B (time and memory ratios, "
+                         "other/fused):\n\n" + "\n".join(ratios))
         parts.append(
             md_table(
                 bf.rows,
                 [
                     ("provider", "provider"),
                     ("backend", "backend"),
+                    ("path", "path"),
                     ("B", "B"),
                     ("D", "D"),
                     ("dtype", "dtype"),
                     ("status", "status"),
                     ("median_ms", "fwd+bwd ms"),
+                    ("flops_counted", "FLOPs counted"),
                     ("tflops", "TFLOP/s"),
                     ("peak_above_baseline_mb", "peak above inputs MiB"),
+                    ("loss_err", "loss err vs fp64"),
+                    ("d_image_err", "d_image err vs fp64"),
                 ],
             )
         )
         if bf.data.get("cpu_target"):
             t = bf.data["cpu_target"]
             parts.append(
-                f"CPU target point (B={t.get('B')}, D={t.get('D')}): fused/materialised time "
-                f"{_fmt(t.get('time_ratio_fused_over_materialised'))} "
-                f"(target ≤ {_fmt(t.get('time_target'))}), "
-                f"memory {_fmt(t.get('memory_ratio_fused_over_materialised'))} "
-                f"(target ≤ {_fmt(t.get('memory_target'))})."
+                f"CPU target (B={t.get('B')}, D={t.get('D')}, {t.get('dtype')}): "
+                f"fused ({t.get('fused_path')}) "
+                f"at {_fmt(t.get('speed_vs_plain_compiled'))}× the speed of the compiled one-GEMM loss "
+                f"(target ≥ {_fmt(t.get('speed_target'))}); B={t.get('big_B')} on the recompute path: "
+                f"{_fmt(t.get('big_peak_above_inputs_mb'))} MiB above the inputs' "
+                f"{_fmt(t.get('inputs_mb'))} MiB (the plain loss needs "
+                f"≥ {_fmt(t.get('plain_needs_at_least_mb'))} MiB)."
             )
     return Section(title, "\n\n".join(parts), plots)
 
@@ -791,7 +808,7 @@ def section_distributed(files: list[BenchFile], out_dir: Path, used: set[str]) -
 
 
 def section_adapter(files: list[BenchFile], out_dir: Path, used: set[str]) -> Section:
-    title = "Text adapter: fused vs eager vs compiled (`bench/adapter_throughput.py`)"
+    title = "Text adapter: lean vs eager vs compiled (`bench/adapter_throughput.py`)"
     if not files:
         return Section(
             title,
@@ -807,13 +824,13 @@ def section_adapter(files: list[BenchFile], out_dir: Path, used: set[str]) -> Se
         def config(r: dict[str, Any]) -> str:
             return f"B={r['batch']}\n{r['dim']}→{r.get('out')}"
 
-        # On CPU "fused" dispatches to the torch path (the fused kernels are GPU-only): say so in the legend.
-        fused_backend = next(
-            (r["backend"] for r in bf.rows if r["impl"] == "fused" and r.get("backend")), None
+        # "lean" runs the Triton kernels on CUDA and _C's row kernels on the CPU: the legend says which.
+        lean_backend = next(
+            (r["backend"] for r in bf.rows if r["impl"] == "lean" and r.get("backend")), None
         )
 
-        def impl(r: dict[str, Any], fused_backend: str | None = fused_backend) -> str:
-            return f"fused ({fused_backend})" if r["impl"] == "fused" and fused_backend else r["impl"]
+        def impl(r: dict[str, Any], lean_backend: str | None = lean_backend) -> str:
+            return f"lean ({lean_backend})" if r["impl"] == "lean" and lean_backend else r["impl"]
 
         where = f"{bf.data['device']}, {bf.data['dtype']}, {bf.data.get('num_blocks', '?')} blocks"
         fig, (ax_t, ax_m) = _figure(2, f"Text adapter forward+backward — {short} ({where})", foot)
@@ -850,6 +867,9 @@ def section_adapter(files: list[BenchFile], out_dir: Path, used: set[str]) -> Se
                     ("speedup_vs_eager", "× eager"),
                     ("act_peak_mb", "act. peak MiB"),
                     ("saved_mb", "saved MiB"),
+                    ("saved_vs_eager", "saved / eager"),
+                    ("grad_err", "grad rel. err"),
+                    ("err_vs_eager", "err / eager's"),
                 ],
             )
         )
@@ -860,12 +880,12 @@ def _embed_model(row: dict[str, Any]) -> str:
     return str(row["model"]).replace(" (", "\n(")
 
 
-def _embed_precision(row: dict[str, Any]) -> str:
-    return str(row["precision"])
+def _embed_mode(row: dict[str, Any]) -> str:
+    return str(row["mode"])
 
 
 def section_embed(files: list[BenchFile], out_dir: Path, used: set[str]) -> Section:
-    title = "Caption embedding: precision and length sorting (`bench/embed_throughput.py`)"
+    title = "Caption embedding: precision and 8-bit modes (`bench/embed_throughput.py`)"
     if not files:
         return Section(
             title,
@@ -874,61 +894,33 @@ def section_embed(files: list[BenchFile], out_dir: Path, used: set[str]) -> Sect
         )
     plots, parts = [], []
     for bf in files:
-        _require(
-            bf,
-            ("rows",),
-            ok_rows_need=(
-                "captions_per_s_sorted",
-                "captions_per_s_unsorted",
-                "weights_mb",
-                "pad_frac_sorted",
-                "pad_frac_unsorted",
-            ),
-        )
+        _require(bf, ("rows",), ok_rows_need=("captions_per_s", "weights_mb", "centred_mean"))
         short, foot = _plot_label(bf)
         device = (bf.data.get("args") or {}).get("device", "?")
-        batch = (bf.data.get("args") or {}).get("batch_size", "?")
         palette: dict[str, str] = {}
-        fig, (ax_c, ax_w, ax_p) = _figure(
-            3, f"Caption embedding — {short} ({device}, batch {batch})", foot, width=4.6, height=4.4
+        fig, (ax_c, ax_w, ax_f) = _figure(
+            3, f"Caption embedding — {short} ({device})", foot, width=4.6, height=4.4
         )
-        cats, fast = bar_series(bf.rows, _embed_model, _embed_precision, "captions_per_s_sorted")
-        slow = bar_series(bf.rows, _embed_model, _embed_precision, "captions_per_s_unsorted")[1]
-        speed: dict[str, list[float | str | None]] = {}
-        hatch, colours = {}, {}
-        for precision in fast:
-            for order, values in (("length-sorted", fast[precision]), ("input order", slow[precision])):
-                name = f"{precision}, {order}"
-                speed[name] = values
-                colours[name] = _colour(precision, palette)
-                hatch[name] = "//" if order == "input order" else ""
-        _grouped_bars(
-            ax_c, cats, speed, "captions/s (log)", palette, log=True, hatches=hatch, colours=colours
-        )
+        cats, speed = bar_series(bf.rows, _embed_model, _embed_mode, "captions_per_s")
+        _grouped_bars(ax_c, cats, speed, "captions/s (log)", palette, log=True)
         ax_c.set_title("throughput (higher is better)", fontsize=10)
         _grouped_bars(
             ax_w,
             cats,
-            bar_series(bf.rows, _embed_model, _embed_precision, "weights_mb")[1],
+            bar_series(bf.rows, _embed_model, _embed_mode, "weights_mb")[1],
             "weight memory (MiB, log)",
             palette,
             log=True,
         )
-        ax_w.set_title("weights per precision", fontsize=10)
-        pad = {"input order": [], "length-sorted": []}
-        for cat in cats:
-            row = next((r for r in bf.rows if _embed_model(r) == cat and _status(r) == OK), {})
-            pad["input order"].append(100 * row["pad_frac_unsorted"] if row else None)
-            pad["length-sorted"].append(100 * row["pad_frac_sorted"] if row else None)
+        ax_w.set_title("weights per mode", fontsize=10)
         _grouped_bars(
-            ax_p,
+            ax_f,
             cats,
-            pad,
-            "padded tokens (% of batch positions)",
+            bar_series(bf.rows, _embed_model, _embed_mode, "centred_mean")[1],
+            "centred cosine to fp32 (mean)",
             palette,
-            colours={"input order": "tab:gray", "length-sorted": "tab:blue"},
         )
-        ax_p.set_title("padding (lower is better)", fontsize=10)
+        ax_f.set_title("fidelity (target >= 0.99)", fontsize=10)
         plots.append(_save(fig, out_dir, f"{bf.path.stem}_{device}", used))
         parts += [_source_line(bf), f"![embed]({_rel(plots[-1], out_dir)})"]
         if bf.data.get("partial"):
@@ -938,15 +930,18 @@ def section_embed(files: list[BenchFile], out_dir: Path, used: set[str]) -> Sect
                 bf.rows,
                 [
                     ("model", "model"),
-                    ("precision", "precision"),
+                    ("mode", "mode"),
                     ("status", "status"),
-                    ("captions_per_s_sorted", "captions/s sorted"),
-                    ("captions_per_s_unsorted", "captions/s input order"),
-                    ("pad_frac_unsorted", "pad share input order"),
-                    ("pad_frac_sorted", "pad share sorted"),
+                    ("linear_backend", "linear"),
+                    ("captions_per_s", "captions/s"),
+                    ("speed_vs_bf16", "× bf16"),
                     ("weights_mb", "weights MiB"),
-                    ("int8_over_bf16_weights", "int8/bf16 weights"),
-                    ("peak_above_baseline_mb", "peak above load MiB"),
+                    ("weights_vs_bf16", "weights / bf16"),
+                    ("raw_mean", "raw cos mean"),
+                    ("centred_mean", "centred cos mean"),
+                    ("centred_min", "centred cos min"),
+                    ("kept_16bit", "16-bit layers"),
+                    ("pad_frac", "pad share"),
                 ],
             )
         )

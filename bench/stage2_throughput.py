@@ -559,6 +559,54 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
+
+
+def gpu_check_points(device: torch.device, quick: bool) -> list[tuple[str, Callable[[], dict]]]:
+    """The ``stage2_step`` stage of bench/gpu_check.py: (name, run) pairs, most important first.
+
+    Each runs one point of :data:`GPU_POINTS` (512 images per GPU, bf16, 4096-d cached LLM embeddings,
+    1280-d shared space) in its own process: our step against the best plain step, interleaved, with
+    checkpointing, per-layer compile and the attention kernel chosen as the trainer chooses them; the
+    stage's time limit cuts the list where it must (results are written one by one). ``quick`` (CPU):
+    the micro tower at 16 images. For the full sweep with OpenCLIP's step and the GPU decode rate, see
+    :func:`run_gpu_stage`.
+    """
+    on_gpu = device.type == "cuda"
+    points = parse_points(GPU_POINTS if on_gpu else "micro:16")
+    impls = ["fused", "plain"]
+
+    def measure(tower: str, batch: int) -> dict:
+        if tower.startswith("timm:"):
+            problem = _timm_importable()
+            if problem is not None:
+                return {"status": "skipped", "note": problem}
+        r = run_point_in_subprocess(
+            "bench.stage2_throughput:measure_point",
+            {"tower": tower, "batch": batch, "micro_batch": batch, "llm_dim": 4096 if on_gpu else 32,
+             "embed_dim": 1280 if on_gpu else 16, "device": str(device),
+             "precision": "bf16" if on_gpu else "fp32", "checkpointing": "auto", "compile_tower": "auto",
+             "attention": "auto", "compile_loss": on_gpu, "impls": impls,
+             "budget_s": 5.0 if on_gpu else 0.05, "breakdown_reps": 1},
+            timeout_s=600)
+        if r.get("status") != "ok":
+            return {"status": "error", "note": str(r.get("error", ""))[-400:]}
+        flat: dict = {"matmul_tflops": r["matmul_tflops"], "setup_s": r["setup_s"]}
+        for row in r["rows"]:
+            impl = row["impl"]
+            for key in ("step_ms", "images_per_s", "mfu", "step_peak_mb", "compile_s"):
+                flat[f"{impl}_{key}"] = row[key]
+            if impl == "fused":
+                flat.update(speedup_vs_plain=row.get("speedup_vs_plain"), attention=row["attention"],
+                            grad_checkpointing=row["grad_checkpointing"], compiled=str(row["compiled"]),
+                            loss_backend=row["loss_backend"], adapter_backend=row["adapter_backend"])
+        for part, ms in (r.get("breakdown") or {}).items():
+            if part not in ("tower", "batch", "share") and isinstance(ms, (int, float)):
+                flat[f"part_{part}_ms"] = ms
+        flat["note"] = "ours vs the best plain step (same compiled tower, SDPA, fused AdamW), interleaved"
+        return {k: v for k, v in flat.items() if v is not None}
+
+    return [(f"stage-2 step {t} B={b}", lambda t=t, b=b: measure(t, b)) for t, b in points]
+
+
 if __name__ == "__main__":
     sys.exit(main())
-

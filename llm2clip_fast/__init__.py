@@ -11,7 +11,8 @@ Import layering, lowest first; a module imports only from its own layer or lower
 (``tests/test_import_layers.py`` checks every import, module-level and inside functions):
 
 0. this package and its one-job helpers: ``_extensions``, ``atomic_files``, ``fp32_matmul``,
-   ``cli_exit_codes``, ``third_party_notices``, ``missing_dependency``, ``redaction``;
+   ``cli_exit_codes``, ``third_party_notices``, ``missing_dependency``, ``redaction``,
+   ``safetensors_files``, ``writable_output``;
 1. ``kernels`` (the Triton kernels, ``llm2clip_kernels/``), ``data`` (sources, loaders, caches) and
    ``distributed`` (process set-up and the row collectives);
 2. ``ops`` (backend dispatch, autograd, the CPU/torch implementations, the global-batch losses);

@@ -41,7 +41,7 @@ def run_command_line(main: Callable[[list[str]], int], argv: list[str] | None, p
         if code is None or debug or isinstance(exc, SystemExit):
             raise
         print(redact(f"{program}: error: {str(exc) or type(exc).__name__}"), file=sys.stderr)
-        if code != 130:
+        if code not in (130, 143):  # an interruption, not a failure to debug
             print("(run with --debug or LLM2CLIP_DEBUG=1 for the traceback)", file=sys.stderr)
         return code
 

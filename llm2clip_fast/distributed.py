@@ -16,7 +16,11 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import sys
+import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +30,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "check_collective_device",
+    "collective_threads",
     "destroy_distributed",
     "gather_batch_sizes",
     "gather_rows_with_grad",
@@ -98,6 +103,7 @@ def init_distributed_from_env(backend: str | None = None, timeout_s: float = 180
         raise ValueError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set; launch with torchrun or set them")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    _import_group_capturing_modules()
     if backend not in ("nccl", "gloo", "mpi", "ucc") and ":" not in backend:
         raise ValueError(
             f"backend must be 'nccl', 'gloo', 'mpi', 'ucc' or a device:backend map, got {backend!r}"
@@ -185,10 +191,128 @@ def barrier(group: dist.ProcessGroup | None = None) -> None:
         dist.barrier(group)
 
 
-def destroy_distributed() -> None:
-    """Tear down the default process group if one exists (safe to call more than once)."""
-    if is_distributed():
-        dist.destroy_process_group()
+def _import_group_capturing_modules() -> None:
+    """Import, before the default process group exists, the torch modules that bind it at import time.
+
+    ``torch.distributed.nn.functional`` declares ``def all_gather(tensor, group=group.WORLD)`` and the
+    like: imported after ``init_process_group`` (DDP's constructor imports it), those defaults hold the
+    default group for the life of the process, so ``destroy_process_group`` cannot free it and gloo's
+    worker threads outlive the run into interpreter shutdown (see :func:`destroy_distributed`).
+    Imported first, the defaults are None (the group is looked up per call)."""
+    import torch.distributed.nn
+    import torch.nn.parallel  # noqa: F401
+
+
+# The native threads a live process group runs (gloo's work loop and transport, the store's server);
+# Linux thread names, as /proc/self/task/*/comm gives them.
+_COLLECTIVE_THREAD_NAMES = ("pt_gloo_runloop", "gloo_tcp_loop", "pt_tcpstore_uv")
+
+
+def _collective_tasks() -> dict[str, str]:
+    """``{thread id: name}`` of the process group's native threads in this process (Linux; {} elsewhere)."""
+    found = {}
+    for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        try:
+            with open(f"/proc/self/task/{task}/comm", encoding="utf-8") as f:
+                name = f.read().strip()
+        except OSError:
+            continue  # the thread ended while we looked
+        if name in _COLLECTIVE_THREAD_NAMES:
+            found[task] = name
+    return found
+
+
+def collective_threads() -> list[str]:
+    """Names of the process group's native threads still running in this process (Linux; [] elsewhere)."""
+    return sorted(_collective_tasks().values())
+
+
+def _task_activity(task: str) -> tuple[str, str] | None:
+    """(scheduler state, context switches so far) of one of this process's threads; None once gone."""
+    try:
+        with open(f"/proc/self/task/{task}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/self/task/{task}/status", encoding="ascii", errors="replace") as f:
+            switches = "/".join(line.split()[1] for line in f if "ctxt_switches" in line)
+    except (OSError, IndexError):
+        return None
+    return state, switches
+
+
+def wait_for_idle_collective_threads(timeout_s: float = 2.0, quiet_s: float = 0.02) -> bool:
+    """Wait (at most ``timeout_s``) until the gloo worker threads of a process group that could not be
+    freed are idle: asleep, and not woken once during ``quiet_s`` in which this thread sleeps too.
+
+    This thread sleeps with the GIL released, so a worker that must take the GIL to free a finished
+    collective's tensors gets it and is seen running; a worker still asleep after a quiet interval
+    waits for work that will not come. Returns whether they were seen idle (True when none exists)."""
+    deadline = time.monotonic() + timeout_s
+    before = {t: _task_activity(t) for t, n in _collective_tasks().items() if n == "pt_gloo_runloop"}
+    while before:
+        time.sleep(quiet_s)
+        after = {t: _task_activity(t) for t in before}
+        if all(a is None or (a == b and a[0] == "S") for a, b in ((after[t], before[t]) for t in before)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        before = after
+    return True
+
+
+def _clear_dtensor_caches() -> None:
+    """Empty DTensor's module-level caches (FSDP2 fills them): sharding propagation, redistribution
+    planners and their transform plans are keyed by tensor specs, which hold device meshes, which hold
+    the process group past the model's life. Each is cleared where this torch has it."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    import importlib
+
+    for module, name in (("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+                         ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+                         ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear")):
+        try:
+            target: Any = importlib.import_module(module)
+            for part in name.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError):  # not in this torch: the group may outlive the run (logged)
+            continue
+        target()
+
+
+def destroy_distributed(*, sync: bool = False) -> list[str]:
+    """Tear down the default process group if one exists (safe to call more than once); returns the
+    names of collective threads still running afterwards (:func:`collective_threads`; [] when the group
+    was freed).
+
+    ``sync``: first wait at a barrier until every rank is done with its collectives (a clean end;
+    never after a failure, when some rank may never come).
+
+    Why more than ``destroy_process_group``: a gloo worker thread frees a finished collective's tensors
+    after the rank has moved on, and a barrier keeps the collectives it followed alive until the
+    barrier itself is freed. When those tensors belong to Python objects, freeing them takes the GIL;
+    a thread that asks for it while the interpreter shuts down is ended by Python 3.11 with
+    ``pthread_exit``, which unwinds through a ``noexcept`` C++ destructor: ``std::terminate``,
+    "terminate called without an active exception", SIGABRT after the run's last line. So the group
+    must be freed here, before shutdown: cycles that hold a model wrapper (DDP, FSDP: they hold the
+    group) are collected first, and the group's last reference dropped then joins gloo's threads
+    (torch releases the GIL for that join). The caller must not hold such a wrapper any more. Where
+    something else still holds the group (a torch cache this code does not know), its threads are
+    waited for until idle (:func:`wait_for_idle_collective_threads`) and returned.
+    """
+    if not is_distributed():
+        return []
+    if sync:
+        dist.barrier()
+    _clear_dtensor_caches()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+    left = collective_threads()
+    if left:
+        # Something still holds the group (a torch cache we do not know of): its threads live on, so
+        # at least let them finish what they were doing while the interpreter can still serve them.
+        wait_for_idle_collective_threads()
+    return left
 
 
 def mean_over_ranks(value: float, device: torch.device, group: dist.ProcessGroup | None = None) -> float:

@@ -1,7 +1,9 @@
 """``python -m llm2clip_fast.info``: versions, built extensions, and which backend serves each op here.
 
 For every registered op and for each device/dtype this machine has, prints the backend automatic
-dispatch would pick and, for every other backend, why it would not serve.
+dispatch would pick and, for every other backend, why it would not serve; then the contrastive
+losses' memory budget on each device (ops/_chunking.py: where it comes from, how much) and the path a
+training call of the CLIP loss would take at a few batch sizes (keep-logits or recompute, rows per chunk).
 """
 
 from __future__ import annotations
@@ -97,7 +99,39 @@ def collect() -> dict[str, Any]:
         "ops": table,
         # Which kernel SDPA runs for a vision tower's attention here (run, not predicted).
         "attention": machine_report(),
+        "loss_memory": loss_memory(devices),
     }
+
+
+LOSS_PLAN_BATCHES = (4096, 16384, 65536)
+
+
+def loss_memory(devices: list[torch.device]) -> list[dict[str, Any]]:
+    """Per device: the losses' memory budget, its source, and the CLIP path of a training call at
+    :data:`LOSS_PLAN_BATCHES` (fp32 on CPU, bf16 on CUDA, the backend automatic dispatch picks)."""
+    import os
+
+    from .ops._chunking import BUDGET_ENV, DEFAULT_BUDGET_FRACTION, free_memory_bytes, memory_budget
+    from .ops._overlap import overlap_enabled
+    from .ops.clip_loss import OP_NAME, plan_clip_chunks
+
+    rows = []
+    for dev in devices:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        probe = _backend.registered_ops()[OP_NAME].probe(dev, dtype)
+        backend = next((b for b, why in _backend.explain(OP_NAME, probe) if not why), None)
+        env = os.environ.get(BUDGET_ENV, "").strip()
+        source = f"{BUDGET_ENV}={env}" if env else f"default: {DEFAULT_BUDGET_FRACTION:g} of the free memory"
+        row: dict[str, Any] = {"device": dev.type, "dtype": str(dtype).replace("torch.", ""),
+                               "backend": backend, "budget_bytes": memory_budget(dev), "source": source,
+                               "free_bytes": free_memory_bytes(dev),
+                               "overlap": dev.type == "cuda" and backend == "triton" and overlap_enabled()}
+        if backend is not None:
+            row["clip_paths"] = {
+                str(b): plan_clip_chunks(b, b, dev, dtype, backend, needs_grad=True)._asdict()
+                for b in LOSS_PLAN_BATCHES}
+        rows.append(row)
+    return rows
 
 
 def render(info: dict[str, Any]) -> str:
@@ -120,6 +154,14 @@ def render(info: dict[str, Any]) -> str:
         out.append(f"  sdpa {row['device']:<5} {row['dtype']:<9} -> {row['serves']}")
         for k, why in row["refusals"].items():
             out.append(f"      {k:<10} not used: {'; '.join(why)[:200]}")
+    out += ["", "loss memory budget (memory_budget= / LLM2CLIP_LOSS_MEMORY_BUDGET):"]
+    for row in info["loss_memory"]:
+        out.append(f"  {row['device']:<5} {row['budget_bytes'] / 2**30:.2f} GiB ({row['source']}; "
+                   f"{row['free_bytes'] / 2**30:.2f} GiB free), clip_loss on {row['backend']}"
+                   + (", epilogues on a second stream" if row["overlap"] else ""))
+        for b, plan in row.get("clip_paths", {}).items():
+            path = "keep-logits" if plan["keep_logits"] else "recompute"
+            out.append(f"      B={b:<6} {row['dtype']}: {path}, {plan['rows']} rows per chunk")
     return "\n".join(out)
 
 

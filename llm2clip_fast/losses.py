@@ -52,7 +52,9 @@ class ClipLoss(nn.Module):
     (``process_group``, default group) with :func:`llm2clip_fast.ops.global_batch_losses.clip_loss_global`,
     equal to OpenCLIP's ``local_loss=True, gather_with_grad=True`` (the one multi-process
     combination accepted; see that function for the exact convention); ``use_horovod`` raises
-    ValueError. ``backend`` forces a backend of :func:`llm2clip_fast.ops.clip_loss.clip_loss`.
+    ValueError. ``backend`` forces a backend of :func:`llm2clip_fast.ops.clip_loss.clip_loss`;
+    ``memory_budget`` is its memory budget (bytes or e.g. '8GiB'; default: the environment's or a
+    quarter of the free memory).
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class ClipLoss(nn.Module):
         *,
         backend: str | None = None,
         process_group: Any = None,
+        memory_budget: int | str | None = None,
     ) -> None:
         super().__init__()
         _check_rank_world(rank, world_size, use_horovod)
@@ -83,6 +86,7 @@ class ClipLoss(nn.Module):
         self.use_horovod = use_horovod
         self.backend = backend
         self.process_group = process_group
+        self.memory_budget = memory_budget
 
     def forward(
         self,
@@ -95,7 +99,8 @@ class ClipLoss(nn.Module):
         if distributed:
             _check_process_group(self.rank, self.world_size, self.process_group)
         loss = clip_loss(image_features, text_features, logit_scale, reduction="mean", backend=self.backend,
-                         distributed=distributed, process_group=self.process_group)
+                         memory_budget=self.memory_budget, distributed=distributed,
+                         process_group=self.process_group)
         return {"contrastive_loss": loss} if output_dict else loss
 
 
@@ -115,7 +120,7 @@ class SigLipLoss(nn.Module):
     variants (``dist_impl`` 'bidir', 'shift', 'reduce', 'gather', or ``bidir``) all compute that
     same loss and gradients, so they are accepted and change nothing. ``cache_labels`` changes
     nothing (no labels are built); ``use_horovod`` raises ValueError. ``backend`` forces a backend
-    of :func:`llm2clip_fast.ops.siglip_loss.siglip_loss`.
+    of :func:`llm2clip_fast.ops.siglip_loss.siglip_loss`; ``memory_budget`` caps its chunk workspaces.
     """
 
     _DIST_IMPLS = (None, "bidir", "shift", "reduce", "gather")
@@ -131,6 +136,7 @@ class SigLipLoss(nn.Module):
         *,
         backend: str | None = None,
         process_group: Any = None,
+        memory_budget: int | str | None = None,
     ) -> None:
         super().__init__()
         _check_rank_world(rank, world_size, use_horovod)
@@ -144,6 +150,7 @@ class SigLipLoss(nn.Module):
         self.use_horovod = use_horovod
         self.backend = backend
         self.process_group = process_group
+        self.memory_budget = memory_budget
 
     def forward(
         self,
@@ -157,7 +164,8 @@ class SigLipLoss(nn.Module):
         if distributed:
             _check_process_group(self.rank, self.world_size, self.process_group)
         loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, reduction="mean",
-                           backend=self.backend, distributed=distributed, process_group=self.process_group)
+                           backend=self.backend, memory_budget=self.memory_budget, distributed=distributed,
+                           process_group=self.process_group)
         return {"contrastive_loss": loss} if output_dict else loss
 
 

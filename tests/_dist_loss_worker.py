@@ -33,13 +33,22 @@ def upstream(reduction: str, rank: int, n_local: int) -> torch.Tensor:
 
 
 def cases(world: int) -> list[dict]:
+    """Equal and unequal shards, every reduction (SigLIP: 'mean'/'sum' one-pass, 'none' two-pass), and
+    CLIP both keeping its logits (the default budget at these sizes) and recomputing them (a 1-byte
+    budget: one-row chunks)."""
     equal = [4] * world
     unequal = [3, 5, 2][:world]
     return [
-        {"name": "equal_mean", "sizes": equal, "reduction": "mean", "per_owner_reduce": False},
-        {"name": "unequal_none", "sizes": unequal, "reduction": "none", "per_owner_reduce": False},
+        {"name": "equal_mean", "sizes": equal, "reduction": "mean", "per_owner_reduce": False,
+         "budget": None},
+        {"name": "equal_mean_recompute", "sizes": equal, "reduction": "mean", "per_owner_reduce": False,
+         "budget": 1},
+        {"name": "unequal_none", "sizes": unequal, "reduction": "none", "per_owner_reduce": False,
+         "budget": None},
+        {"name": "unequal_none_recompute", "sizes": unequal, "reduction": "none", "per_owner_reduce": False,
+         "budget": 1},
         {"name": "unequal_sum_per_owner_reduce", "sizes": unequal, "reduction": "sum",
-         "per_owner_reduce": True},
+         "per_owner_reduce": True, "budget": None},
     ]
 
 
@@ -54,6 +63,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from llm2clip_fast import distributed as D
     from llm2clip_fast.losses import ClipLoss
+    from llm2clip_fast.ops._chunking import last_path
     from llm2clip_fast.ops.clip_loss import clip_loss
     from llm2clip_fast.ops.siglip_loss import siglip_loss
 
@@ -71,13 +81,16 @@ def main() -> None:
         for loss_name in ("clip", "siglip"):
             leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_(),
                       torch.tensor(7.0, requires_grad=True), torch.tensor(-3.0, requires_grad=True)]
+            budget = case["budget"]
             if loss_name == "clip":
-                loss = clip_loss(leaves[0], leaves[1], leaves[2], reduction=reduction, distributed=True)
+                loss = clip_loss(leaves[0], leaves[1], leaves[2], reduction=reduction, distributed=True,
+                                 memory_budget=budget)
                 leaves = leaves[:3]
             else:
-                loss = siglip_loss(*leaves, reduction=reduction, distributed=True)
+                loss = siglip_loss(*leaves, reduction=reduction, distributed=True, memory_budget=budget)
             grads = torch.autograd.grad(loss, leaves, up)
             results[(case["name"], loss_name)] = [loss.detach(), *grads]
+            results[(case["name"], loss_name, "path")] = last_path(f"{loss_name}_loss")
     dist.reduce_scatter = real_reduce_scatter
     # The module drop-in: OpenCLIP's constructor arguments for a multi-process run.
     sizes = cases(world)[0]["sizes"]
@@ -85,6 +98,21 @@ def main() -> None:
     start = sum(sizes[:rank])
     module = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
     results[("module", "clip")] = [module(img[start:start + 4].float(), txt[start:start + 4].float(), 7.0)]
+    # OpenCLIP's own ClipLoss(local_loss=True, gather_with_grad=True) (a transcription of 3.3.0) on the
+    # same shards, with this rank's upstream gradient, beside ours on both memory paths.
+    from _open_clip_loss_reference import ClipLoss as OpenClipLoss
+
+    up = upstream("mean", rank, 4).float()
+    shard = (img[start:start + 4].float(), txt[start:start + 4].float())
+    theirs = OpenClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    def ours(budget):
+        return lambda i, t, s: clip_loss(i, t, s, distributed=True, memory_budget=budget)
+
+    for name, fn in (("open_clip", theirs), ("ours_keep", ours("1GiB")), ("ours_recompute", ours(1))):
+        leaves = [shard[0].clone().requires_grad_(), shard[1].clone().requires_grad_(),
+                  torch.tensor(7.0, requires_grad=True)]
+        loss = fn(*leaves)
+        results[("open_clip_check", name)] = [loss.detach(), *torch.autograd.grad(loss, leaves, up)]
     torch.save(results, out_file)
     D.destroy_distributed()
 

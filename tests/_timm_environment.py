@@ -30,6 +30,8 @@ import pytest
 import torch
 
 SKIP_MARK = "timm is not importable"
+HOW_TO_ENABLE = ("run scripts/bootstrap.sh (it installs the pinned timm and torchvision into "
+                 ".venv/timm-site), or set LLM2CLIP_TIMM_SITE to a folder holding them")
 _TORCHVISION_OPS = ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
                     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 _library: torch.library.Library | None = None  # kept alive: dropping it would undefine the ops
@@ -69,7 +71,8 @@ def require_timm() -> ModuleType:
     if site.is_dir() and str(site) not in sys.path:
         sys.path.append(str(site))
     if importlib.util.find_spec("timm") is None:
-        pytest.skip(f"{SKIP_MARK}: not installed in {site} (run scripts/bootstrap.sh)")
+        pytest.skip(f"{SKIP_MARK}: not installed in {site} nor on the path; to run the timm/EVA tests, "
+                    f"{HOW_TO_ENABLE}")
     if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is not None:
         tv_site = Path(importlib.util.find_spec("torchvision").origin).parent.parent
         if not _torchvision_c_loads(tv_site):
@@ -77,4 +80,5 @@ def require_timm() -> ModuleType:
     try:
         return importlib.import_module("timm")
     except Exception as exc:
-        pytest.skip(f"{SKIP_MARK}: import timm failed: {type(exc).__name__}: {exc}")
+        pytest.skip(f"{SKIP_MARK}: import timm failed: {type(exc).__name__}: {exc}; to run the timm/EVA "
+                    f"tests, {HOW_TO_ENABLE}")

@@ -17,19 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import gpu_check  # noqa: E402
 
-BACKENDS = {"triton", "cpu", "torch", "cuda", "reference"}
+BACKENDS = {"triton", "cpu", "torch", "cuda", "reference", "lean"}
 
 # (id, script and extra args, row key naming the implementation, fused values, key of the recorded backend
 # or None for a bench that runs no op)
 BENCHES = [
     ("loss_throughput", ["bench/loss_throughput.py"], "provider", {"fused"}, "backend"),
-    ("adapter_throughput", ["bench/adapter_throughput.py"], "impl", {"fused"}, "backend"),
+    ("adapter_throughput", ["bench/adapter_throughput.py"], "impl", {"lean"}, "backend"),
     ("distributed_memory", ["bench/distributed_memory.py"], "provider", {"global-clip"}, "backend"),
     ("embed_throughput", ["bench/embed_throughput.py"], None, None, "pool_backend"),
     ("stage2_throughput", ["bench/stage2_throughput.py"], "impl", {"fused"}, "loss_backend"),
@@ -91,11 +92,12 @@ def _load_rows(out: Path, proc: subprocess.CompletedProcess) -> list[dict]:
     assert out.exists(), f"no JSON written at {out}\n{proc.stdout[-2000:]}"
     rows = json.loads(out.read_text())["rows"]
     assert rows, "the quick run measured nothing"
-    bad = [r for r in rows if r.get("status") not in ("ok", "unavailable")]
+    # A path or provider that cannot run here (a CUDA-only peer or decoder on CPU) is a row that says why.
+    said_why = [r for r in rows
+                if r.get("status") in ("skipped", "unavailable") and (r.get("reason") or r.get("error"))]
+    bad = [r for r in rows if r.get("status") != "ok" and r not in said_why]
     assert not bad, bad
-    for row in rows:  # a path that cannot run here says why
-        assert row.get("status") == "ok" or row.get("error"), row
-    return rows
+    return [r for r in rows if r.get("status") == "ok"]
 
 
 @pytest.mark.parametrize("name,cmd,impl_key,fused,backend_key", BENCHES, ids=[b[0] for b in BENCHES])
@@ -155,10 +157,13 @@ def test_loss_bench_cuda_defaults_are_bounded(monkeypatch):
 
     assert L._default_sweep("cuda", quick=False) == ([8192, 65536, 1 << 20], [1024], "bf16")
     every = list(L.PROVIDERS["clip"])
-    for b in (8192, 65536):
+    for b in (8192, 65536):  # every contender; the pure-torch backend only on request
         assert L.default_providers_at("cuda", b, every, quick=False) == [
-            "fused", "materialised", "materialised-compiled"]
+            "fused", "fused-recompute", "materialised", "materialised-compiled", "materialised-1gemm",
+            "materialised-1gemm-compiled", "inf-cl"]
     assert L.default_providers_at("cuda", 1 << 20, every, quick=False) == ["fused"]
+    assert L.default_providers_at("cuda", 8192, list(L.PROVIDERS["siglip"]), quick=False) == [
+        "fused", "materialised", "materialised-compiled", "siglip-kernel"]
     # Children share Triton's on-disk autotune cache, so a shape is tuned once, not in every process.
     seen = {}
     monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
@@ -166,3 +171,43 @@ def test_loss_bench_cuda_defaults_are_bounded(monkeypatch):
                         lambda target, kwargs, timeout_s, env: seen.update(env) or {"status": "ok"})
     L.run_point("clip", "fused", 8, 4, "cuda", "bf16", 0.1)
     assert seen == {"TRITON_CACHE_AUTOTUNING": "1"}
+
+
+def test_loss_bench_peers_skip_with_their_reason_and_count_what_they_execute():
+    from bench import loss_throughput as L
+
+    peers = (("clip", "inf-cl", "20*B^2*D"), ("siglip", "siglip-kernel", "6*B^2*D"))
+    for loss, provider, convention in peers:
+        row = L.point(loss, provider, 8, 32, "cpu", "fp32", 0.01, error_batch=0)
+        assert row["status"] == "skipped" and "CUDA tensors only" in row["reason"], row
+        assert row["flops_counted"] == convention
+    assert L.PROVIDERS["clip"]["materialised"].factor == 12  # OpenCLIP as written: two logit GEMMs
+    assert L.PROVIDERS["clip"]["materialised-1gemm-compiled"].factor == 6
+    assert [L._inf_cl_head_dim(d) for d in (1024, 512, 48, 24)] == [256, 256, 16, None]
+    assert L._fused_factor("keep-logits", 8.0) == 6.0 and L._fused_factor("recompute", 8.0) == 8.0
+
+
+def test_loss_bench_float64_errors_and_cpu_target():
+    from bench import loss_throughput as L
+
+    img, txt = L.make_inputs(24, 16, torch.device("cpu"), torch.float32)
+    errors = L.float64_errors("clip", L.PROVIDERS["clip"]["fused"].build(24, 16, "cpu"), img, txt)
+    assert set(errors) == {"loss_err", "d_image_err", "d_text_err", "d_scale_err"}
+    assert max(errors.values()) < 1e-5, errors
+    rows = [{"provider": p, "B": b, "D": 512, "dtype": "fp32", "status": "ok", "median_ms": ms, "path": path,
+             "peak_above_baseline_mb": mb}
+            for p, b, ms, path, mb in (("fused", 8192, 900.0, "keep-logits", 300.0),
+                                       ("materialised-1gemm-compiled", 8192, 1000.0, None, 520.0),
+                                       ("fused-recompute", 32768, 9e4, "recompute", 200.0))]
+    target = L.cpu_target(rows)
+    assert target["speed_vs_plain_compiled"] == pytest.approx(1000 / 900) and target["speed_ok"]
+    assert target["big_memory_over_inputs"] == pytest.approx(200 / 128)
+
+
+def test_loss_bench_interleaved_runs_every_provider_in_turn():
+    from bench import loss_throughput as L
+
+    res = L.interleaved("clip", ["fused", "materialised-1gemm"], 16, 8, "cpu", "fp32", rounds=2)["providers"]
+    assert set(res) == {"fused", "materialised-1gemm"}
+    assert all(len(r["times_ms"]) == 2 and r["min_ms"] <= r["median_ms"] for r in res.values())
+    assert res["fused"]["path"] == "keep-logits" and res["materialised-1gemm"]["path"] is None

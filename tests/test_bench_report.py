@@ -79,7 +79,7 @@ def test_numbers_ratios_and_failures(built):
     # Fused vs materialised at B=1024 in the CLIP fixture: 0.9*16 / (1.0*16) ms, 30 vs 4 MiB.
     assert "B=1024: materialised/fused time 0.9×, peak memory 7.5×" in text
     # A failed point is in the table and its error under it.
-    assert "| materialised | – | 4096 | 64 | fp32 | OOM |" in text
+    assert "| materialised | – | – | 4096 | 64 | fp32 | OOM |" in text
     assert "killed (SIGKILL, likely the OOM killer)" in text
     assert "InductorError: boom" in text
     # The distributed summary and the worst rank of the second file (one rank timed out).

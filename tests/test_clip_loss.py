@@ -1,4 +1,5 @@
-"""Fused CLIP loss: every backend against the materialised reference, primitives, bad input, module."""
+"""Fused CLIP loss: every backend and both memory paths (keep-logits, recompute) against the float64
+reference, the overlapped chunk schedule, primitives, bad input, module."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _deferred_side import DeferredSide, ForgetfulSide, use_side
 
 from llm2clip_fast.losses import ClipLoss
 from llm2clip_fast.ops._backend import BackendUnavailableError
+from llm2clip_fast.ops._chunking import KEEP_LOGITS, RECOMPUTE, last_path
 from llm2clip_fast.ops.clip_loss import clip_loss, clip_lse_backward, clip_lse_forward
 from llm2clip_fast.ops.reference import clip_loss_reference
 
@@ -46,14 +49,25 @@ def _lowp_torch_loss(img, txt, scale, reduction="mean"):
     return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
 
 
-def _check_against_reference(backend, b, d, dtype, reduction="mean", scale_value=14.0, device="cpu"):
+def budget_for(path: str, b: int) -> int | str:
+    """A memory budget that takes ``path`` for a (b, b) loss: ample, or just below the kept logits
+    (which also caps the chunks at a fraction of b rows, so the recompute runs several chunks)."""
+    return "1GiB" if path == KEEP_LOGITS else max(1, 4 * b * b - 1)
+
+
+def _check_against_reference(backend, b, d, dtype, reduction="mean", scale_value=14.0, device="cpu",
+                             path=None):
     img, txt = _features(b, d, dtype, device)
     scale = torch.tensor(scale_value, device=device, dtype=torch.float32)
     g = torch.Generator().manual_seed(1)
     upstream = torch.rand((b,) if reduction == "none" else (), generator=g, dtype=torch.float64) + 0.5
     upstream = upstream.to(device)
-    got = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, reduction=reduction, backend=backend),
+    budget = None if path is None else budget_for(path, b)
+    got = _loss_and_grads(lambda i, t, s: clip_loss(i, t, s, reduction=reduction, backend=backend,
+                                                    memory_budget=budget),
                           img, txt, scale, upstream.float())
+    if path is not None and backend != "reference":
+        assert last_path("clip_loss") == path
     def reference(i, t, s):
         return clip_loss_reference(i.double(), t.double(), s.double(), reduction=reduction)
 
@@ -75,22 +89,25 @@ def _check_against_reference(backend, b, d, dtype, reduction="mean", scale_value
 
 
 # ---- triton (interpreter on CPU, real kernels where CUDA exists) ------------------------------
+# Odd sizes: B = 1, B not a multiple of the 16 x 32 interpreter tiles or of the chunk, D = 1, D not a
+# multiple of 16; every dtype and reduction; both memory paths.
 
-TRITON_CASES = [(1, 3, torch.float32), (7, 64, torch.float16), (65, 96, torch.float32),
-                (130, 3, torch.float16), (130, 64, torch.float32)]
+TRITON_CASES = [
+    (1, 1, torch.float32, "mean", KEEP_LOGITS),
+    (1, 3, torch.float16, "none", RECOMPUTE),
+    (37, 20, torch.float32, "none", RECOMPUTE),
+    (37, 20, torch.bfloat16, "sum", KEEP_LOGITS),
+    (37, 1, torch.float16, "mean", RECOMPUTE),
+    (70, 33, torch.bfloat16, "none", RECOMPUTE),
+    (70, 33, torch.float16, "sum", KEEP_LOGITS),
+    (45, 96, torch.float32, "mean", KEEP_LOGITS),
+]
 
 
-@pytest.mark.parametrize(("b", "d", "dtype"), TRITON_CASES)
-def test_triton_matches_reference(b, d, dtype):
+@pytest.mark.parametrize(("b", "d", "dtype", "reduction", "path"), TRITON_CASES)
+def test_triton_matches_reference(b, d, dtype, reduction, path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check_against_reference("triton", b, d, dtype, device=device)
-
-
-def test_triton_backward_over_several_row_chunks(monkeypatch):
-    # 130 rows against a chunk budget of 64*130 elements (CPU) -> chunks of 64, 64, 2 rows.
-    monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(64 * 130))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    _check_against_reference("triton", 130, 5, torch.float32, reduction="none", device=device)
+    _check_against_reference("triton", b, d, dtype, reduction=reduction, device=device, path=path)
 
 
 def test_triton_primitives_rectangular():
@@ -98,51 +115,98 @@ def test_triton_primitives_rectangular():
     _check_primitives("triton", 37, 70, 20, device)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
+@pytest.mark.parametrize("winner", [0, 1])
+def test_triton_epilogues_right_whichever_warp_config_autotune_picks(monkeypatch, winner):
+    # Every autotune trial runs on the real buffers; the epilogues write only, so the winner's
+    # results do not depend on what the trials left behind.
+    import triton
+    from _autotune_probe import autotuner_with_winner
+    from llm2clip_fast.kernels import clip_loss as kernels
+
+    configs = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)]
+    for name in ("_lse_partials_kernel", "_grad_tile_kernel"):
+        tuned = autotuner_with_winner(getattr(kernels, name), configs, winner=winner)
+        monkeypatch.setattr(kernels, name, tuned)
+    _check_primitives("triton", 41, 35, 12, "cpu")
+    assert kernels._grad_tile_kernel.best_config is configs[winner]
+    assert f"num_warps={configs[winner].num_warps}" in kernels.chosen_configs()["clip_grad_tile"]
+
+
+# ---- the overlapped chunk schedule (side stream simulated on CPU) -------------------------------
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("path", [KEEP_LOGITS, RECOMPUTE])
+def test_overlapped_schedule_matches_reference_with_late_epilogues(monkeypatch, backend, path):
+    # The CUDA side stream replaced by one that runs each epilogue only when waited for: buffer reuse
+    # without the right waits would read overwritten chunks. 61 rows in chunks of 8 (8 * 61 elements).
+    monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(8 * 61))
+    sides = use_side(monkeypatch, DeferredSide)
+    _check_against_reference(backend, 61, 9, torch.float32, reduction="none", path=path)
+    assert len(sides) == 2 and all(side.done == len(side.queue) == 8 for side in sides)
+    assert sides[1].waits >= 8  # the backward waits for each chunk's G before its GEMMs
+
+
+def test_the_deferred_side_catches_a_schedule_without_waits(monkeypatch):
+    monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(8 * 61))
+    use_side(monkeypatch, ForgetfulSide)
+    with pytest.raises(AssertionError):
+        _check_against_reference("torch", 61, 9, torch.float32, reduction="none", path=RECOMPUTE)
+
+
 # ---- C++ backend --------------------------------------------------------------------------------
 
 
 @needs_cpu_ops
+@pytest.mark.parametrize("path", [KEEP_LOGITS, RECOMPUTE])
 @pytest.mark.parametrize(("b", "d", "reduction"), [(1, 3, "mean"), (65, 96, "sum"), (130, 64, "none"),
-                                                   (300, 33, "mean")])
-def test_cpu_matches_reference_fp32(b, d, reduction):
-    _check_against_reference("cpu", b, d, torch.float32, reduction=reduction)
+                                                   (300, 1, "mean")])
+def test_cpu_matches_reference_fp32(b, d, reduction, path):
+    _check_against_reference("cpu", b, d, torch.float32, reduction=reduction, path=path)
 
 
 @needs_cpu_ops
-def test_cpu_matches_reference_bf16(monkeypatch):
+@pytest.mark.parametrize("path", [KEEP_LOGITS, RECOMPUTE])
+def test_cpu_matches_reference_bf16(monkeypatch, path):
     monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(40 * 97))
-    _check_against_reference("cpu", 97, 48, torch.bfloat16, scale_value=50.0)
+    _check_against_reference("cpu", 97, 48, torch.bfloat16, scale_value=50.0, reduction="sum", path=path)
 
 
 @needs_cpu_ops
-def test_cpu_several_chunks_and_large_scale(monkeypatch):
+@pytest.mark.parametrize("path", [KEEP_LOGITS, RECOMPUTE])
+def test_cpu_several_chunks_and_large_scale(monkeypatch, path):
     monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(48 * 203))  # 5 chunks
-    _check_against_reference("cpu", 203, 17, torch.float32, scale_value=100.0)
+    _check_against_reference("cpu", 203, 17, torch.float32, scale_value=100.0, path=path)
 
 
 @needs_cpu_ops
-def test_cpu_gradcheck_float64():
+@pytest.mark.parametrize("path", [KEEP_LOGITS, RECOMPUTE])
+def test_cpu_gradcheck_float64(path):
     img, txt = _features(6, 5, torch.float64)
     scale = torch.tensor(3.0, dtype=torch.float64)
     args = (img.requires_grad_(), txt.requires_grad_(), scale.requires_grad_())
     for reduction in ("mean", "none"):
         def loss(i, t, s, reduction=reduction):
-            return clip_loss(i, t, s, reduction=reduction, backend="cpu")
+            return clip_loss(i, t, s, reduction=reduction, backend="cpu", memory_budget=budget_for(path, 6))
 
         assert torch.autograd.gradcheck(loss, args)
+        assert last_path("clip_loss") == path
 
 
 @needs_cpu_ops
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cpu_ops_opcheck(dtype):
+@pytest.mark.parametrize("keep", [False, True])
+def test_cpu_ops_opcheck(dtype, keep):
     img, txt = _features(9, 6, dtype)
     txt = txt[:7]
     scale = torch.tensor(5.0)
-    row_lse, col_lse = torch.ops.llm2clip_fast.clip_lse_forward(img, txt, scale, 20)
-    torch.library.opcheck(torch.ops.llm2clip_fast.clip_lse_forward.default, (img, txt, scale, 20))
+    row_lse, col_lse, logits = torch.ops.llm2clip_fast.clip_lse_forward(img, txt, scale, 4, keep)
+    assert logits.shape == ((9, 7) if keep else (0, 7))
+    torch.library.opcheck(torch.ops.llm2clip_fast.clip_lse_forward.default, (img, txt, scale, 4, keep))
     coef_r, coef_c = torch.rand(9, dtype=row_lse.dtype), torch.rand(7, dtype=row_lse.dtype)
     torch.library.opcheck(torch.ops.llm2clip_fast.clip_lse_backward.default,
-                          (img, txt, scale, row_lse, col_lse, coef_r, coef_c, 20))
+                          (img, txt, scale, row_lse, col_lse, coef_r, coef_c, logits, 4))
 
 
 @needs_cpu_ops
@@ -234,19 +298,22 @@ def test_cpu_bf16_grads_as_exact_as_torch_backend_at_scale_100(monkeypatch):
 # ---- torch (chunked) and reference backends ----------------------------------------------------
 
 
-@pytest.mark.parametrize(("b", "d", "dtype"), [(1, 3, torch.float32), (65, 96, torch.float32),
-                                               (33, 16, torch.bfloat16)])
-def test_torch_chunked_matches_reference(monkeypatch, b, d, dtype):
+@pytest.mark.parametrize("path", [KEEP_LOGITS, RECOMPUTE])
+@pytest.mark.parametrize(("b", "d", "dtype", "reduction"), [
+    (1, 3, torch.float32, "mean"), (65, 96, torch.float32, "none"), (33, 16, torch.bfloat16, "sum"),
+    (31, 1, torch.float16, "none"), (19, 7, torch.float64, "mean")])
+def test_torch_chunked_matches_reference(monkeypatch, b, d, dtype, reduction, path):
     monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(16 * b))
-    _check_against_reference("torch", b, d, dtype)
+    _check_against_reference("torch", b, d, dtype, reduction=reduction, path=path)
 
 
-def test_torch_gradcheck_float64():
+@pytest.mark.parametrize("path", [KEEP_LOGITS, RECOMPUTE])
+def test_torch_gradcheck_float64(path):
     img, txt = _features(5, 4, torch.float64)
     scale = torch.tensor(2.0, dtype=torch.float64)
     args = (img.requires_grad_(), txt.requires_grad_(), scale.requires_grad_())
-    assert torch.autograd.gradcheck(lambda i, t, s: clip_loss(i, t, s, reduction="sum", backend="torch"),
-                                    args)
+    assert torch.autograd.gradcheck(lambda i, t, s: clip_loss(i, t, s, reduction="sum", backend="torch",
+                                                              memory_budget=budget_for(path, 5)), args)
 
 
 def test_torch_primitives_rectangular():
@@ -301,7 +368,8 @@ def test_automatic_dispatch_on_cpu(monkeypatch):
 
 
 def _check_primitives(backend, m, n, d, device):
-    """M != N: both primitives against the formulas on the materialised matrix, in float64."""
+    """M != N: both primitives against the formulas on the materialised matrix, in float64, with the
+    logits recomputed and kept."""
     img, _ = _features(m, d, torch.float32, device, seed=3)
     txt, _ = _features(n, d, torch.float32, device, seed=4)
     scale = torch.tensor(7.5, device=device)
@@ -311,15 +379,23 @@ def _check_primitives(backend, m, n, d, device):
     x = 7.5 * logits
     torch.testing.assert_close(row_lse.double(), torch.logsumexp(x, 1), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(col_lse.double(), torch.logsumexp(x, 0), atol=2e-5, rtol=1e-5)
+    kept_row, kept_col, kept = clip_lse_forward(img, txt, scale, backend=backend, keep_logits=True,
+                                                memory_budget="1GiB")
+    torch.testing.assert_close(kept_row, row_lse, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(kept_col, col_lse, atol=1e-6, rtol=1e-6)
+    if backend != "reference":
+        torch.testing.assert_close(kept.double(), logits, atol=1e-5, rtol=1e-5)
     g = torch.Generator().manual_seed(5)
     rc = (torch.rand(m, generator=g) - 0.3).to(device)
     cc = (torch.rand(n, generator=g) - 0.3).to(device)
-    d_img, d_txt, d_s = clip_lse_backward(img, txt, scale, row_lse, col_lse, rc, cc, backend=backend)
     gm = (rc.double()[:, None] * torch.exp(x - torch.logsumexp(x, 1, keepdim=True))
           + cc.double()[None, :] * torch.exp(x - torch.logsumexp(x, 0, keepdim=True)))
-    torch.testing.assert_close(d_img.double(), 7.5 * gm @ txt.double(), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(d_txt.double(), 7.5 * gm.t() @ img.double(), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(d_s.double(), (gm * logits).sum(), atol=1e-5, rtol=1e-4)
+    for given in (None, kept):
+        d_img, d_txt, d_s = clip_lse_backward(img, txt, scale, row_lse, col_lse, rc, cc, logits=given,
+                                              backend=backend)
+        torch.testing.assert_close(d_img.double(), 7.5 * gm @ txt.double(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(d_txt.double(), 7.5 * gm.t() @ img.double(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(d_s.double(), (gm * logits).sum(), atol=1e-5, rtol=1e-4)
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -393,6 +469,9 @@ def test_primitive_bad_input():
                           backend="torch")
     with pytest.raises(TypeError, match="share a dtype"):
         clip_lse_forward(img, txt.double(), scale)
+    with pytest.raises(ValueError, match=r"logits must be the \(5, 3\) torch.float32 tensor"):
+        clip_lse_backward(img, txt[:3], scale, row_lse, col_lse, torch.ones(5), torch.ones(3),
+                          logits=torch.zeros(3, 5), backend="torch")
 
 
 # ---- module ----------------------------------------------------------------------------------------
@@ -426,8 +505,18 @@ def test_clip_loss_module_refuses_distributed():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_triton_large(dtype):
-    _check_against_reference(None, 4099, 1024, dtype, scale_value=50.0, device="cuda")
-    _check_against_reference("triton", 2500, 72, dtype, reduction="none", device="cuda")
+    _check_against_reference(None, 4099, 1024, dtype, scale_value=50.0, device="cuda", path=KEEP_LOGITS)
+    _check_against_reference("triton", 2500, 72, dtype, reduction="none", device="cuda", path=RECOMPUTE)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overlap", ["0", "1"])
+def test_gpu_overlapped_and_single_stream_schedules_agree(monkeypatch, overlap):
+    # 3000 rows in chunks of 256: the second stream's epilogues against the single-stream schedule.
+    monkeypatch.setenv("LLM2CLIP_LOSS_OVERLAP", overlap)
+    monkeypatch.setenv("LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS", str(256 * 3000))
+    for path in (KEEP_LOGITS, RECOMPUTE):
+        _check_against_reference("triton", 3000, 136, torch.bfloat16, device="cuda", path=path)
 
 
 @pytest.mark.gpu
@@ -437,88 +526,59 @@ def test_gpu_triton_primitives_and_chunks(monkeypatch):
     _check_against_reference("triton", 3000, 256, torch.bfloat16, device="cuda")
 
 
-# ---- Triton autotuning: a winner other than the last config benchmarked --------------------------
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
-def test_triton_backward_d_scale_right_when_autotune_picks_bigger_tiles(monkeypatch):
-    # The autotuner launches every config on the real buffers, then the winner; partial sums that a
-    # smaller-tile config left behind must not reach d(logit_scale) (first call per shape).
-    import triton
-    from _autotune_probe import autotuner_with_winner
-    from llm2clip_fast.kernels import clip_loss as kernels
-
-    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-    big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-    tuned = autotuner_with_winner(kernels._clip_grad_tile_kernel, [small, big], winner=1)
-    monkeypatch.setattr(kernels, "_clip_grad_tile_kernel", tuned)
-    img, txt = _features(70, 24, torch.float32)
-    scale = torch.tensor(9.0)
-    row_lse, col_lse = clip_lse_forward(img, txt, scale, backend="reference")
-    g = torch.Generator().manual_seed(3)
-    row_coef = torch.rand(70, generator=g, dtype=torch.float64).float()
-    col_coef = torch.rand(70, generator=g, dtype=torch.float64).float()
-    args = (img, txt, scale, row_lse.float(), col_lse.float(), row_coef, col_coef)
-    got = clip_lse_backward(*args, backend="triton")
-    want = clip_lse_backward(*(a.double() for a in args), backend="reference")
-    assert tuned.best_config is big
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="drives the interpreter's autotuner")
-@pytest.mark.parametrize("winner", [0, 1])
-def test_triton_forward_lse_right_whichever_config_autotune_picks(monkeypatch, winner):
-    # Every benchmarked config merges its column LSEs into the same workspace: the winner must start
-    # from the initial -inf workspace, not from what the benchmark runs left there.
-    import triton
-    from _autotune_probe import autotuner_with_winner
-    from llm2clip_fast.kernels import clip_loss as kernels
-
-    small = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-    big = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-    tuned = autotuner_with_winner(kernels._clip_lse_forward_kernel, [small, big], winner=winner)
-    monkeypatch.setattr(kernels, "_clip_lse_forward_kernel", tuned)
-    img, txt = _features(70, 24, torch.float32)
-    scale = torch.tensor(9.0)
-    got = clip_lse_forward(img, txt, scale, backend="triton")
-    want = clip_lse_forward(img.double(), txt.double(), scale.double(), backend="reference")
-    assert tuned.best_config is (small, big)[winner]
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=2e-6)
-
-
 # ---- Triton: 64-bit offsets -----------------------------------------------------------------------
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU views over a sparse virtual allocation")
-def test_triton_kernels_address_rows_past_2_31_elements():
-    # Rows of image, text and the G workspace 2^30 + 64 elements apart: row 2 starts past 2^31, where
-    # int32 offset arithmetic wraps. The buffer is 8 GiB of virtual memory of which a few pages are
-    # touched; int32 offsets would land in its untouched first half and read zeros.
-    from llm2clip_fast.kernels.clip_loss import clip_grad_chunk_triton, clip_lse_forward_triton
+def test_triton_epilogues_address_rows_past_2_31_elements():
+    # Logit and G rows 2^30 + 64 elements apart: row 2 starts past 2^31, where int32 offset
+    # arithmetic wraps. The buffers are 8 + 4 GiB of virtual memory of which a few pages are touched;
+    # int32 offsets would land in their untouched first halves and read zeros.
+    from llm2clip_fast.kernels.clip_loss import clip_grad_tile, clip_lse_partials, merge_partials, tile_counts
 
-    stride, d, n = (1 << 30) + 64, 8, 3
-    base = 1 << 31
+    stride, n = (1 << 30) + 64, 3
     try:
-        buf = torch.empty(base + 2 * stride + 4096, dtype=torch.float16)
+        s_buf = torch.empty(2 * stride + 4096, dtype=torch.float32)
+        g_buf = torch.empty(2 * stride + 4096, dtype=torch.float16)
     except RuntimeError as exc:  # no room for the virtual allocation
-        pytest.skip(f"cannot reserve 8 GiB of virtual memory: {exc}")
-    img = buf.as_strided((3, d), (stride, 1), base)
-    txt = buf.as_strided((n, d), (stride, 1), base + d)
-    g_out = buf.as_strided((3, n), (stride, 1), base + 2 * d)
-    gen = torch.Generator().manual_seed(0)
-    img.copy_(torch.randn(3, d, generator=gen))
-    txt.copy_(torch.randn(n, d, generator=gen))
+        pytest.skip(f"cannot reserve 12 GiB of virtual memory: {exc}")
+    chunk = s_buf.as_strided((3, n), (stride, 1))
+    g_out = g_buf.as_strided((3, n), (stride, 1))
+    logits = torch.randn(3, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    chunk.copy_(logits)
     scale = torch.tensor(2.0)
-    logits = img.double() @ txt.double().t()
-    x = 2.0 * logits
-    want_row, want_col = x.logsumexp(1), x.logsumexp(0)
-    row_lse, col_lse = clip_lse_forward_triton(img, txt, scale)
-    torch.testing.assert_close(row_lse.double(), want_row, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(col_lse.double(), want_col, rtol=1e-5, atol=1e-5)
+    x = 2.0 * chunk.double()
+    n_rb, n_cb = tile_counts(3, n)
+    row_part = torch.empty(2, n_cb, 3)
+    col_part = torch.empty(2, n_rb, n)
+    clip_lse_partials(chunk, scale, row_part, col_part)
+    torch.testing.assert_close(merge_partials(row_part).double(), x.logsumexp(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merge_partials(col_part).double(), x.logsumexp(0), rtol=1e-5, atol=1e-5)
     coef = torch.full((3,), 0.5)
-    d_scale = clip_grad_chunk_triton(img, txt, scale, want_row.float(), want_col.float(), coef, coef, g_out)
-    want_g = 0.5 * ((x - want_row[:, None]).exp() + (x - want_col[None, :]).exp())
+    parts = torch.empty(n_rb * n_cb)
+    row_lse, col_lse = x.logsumexp(1), x.logsumexp(0)
+    clip_grad_tile(chunk, scale, row_lse.float(), col_lse.float(), coef, coef, g_out, parts)
+    want_g = 0.5 * ((x - row_lse[:, None]).exp() + (x - col_lse[None, :]).exp())
     torch.testing.assert_close(g_out.double(), want_g, rtol=2e-3, atol=1e-3)  # G is stored in fp16
-    torch.testing.assert_close(d_scale.double(), (want_g * logits).sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(parts.sum().double(), (want_g * chunk.double()).sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu_ops), "torch", "triton"])
+def test_kept_logits_survive_a_second_backward(backend):
+    # retain_graph: the backward writes G beside the kept logits, never over them.
+    img, txt = _features(29, 7, torch.float32)
+    scale = torch.tensor(9.0, requires_grad=True)
+    leaves = [img.clone().requires_grad_(), txt.clone().requires_grad_(), scale]
+    loss = clip_loss(*leaves, backend=backend, memory_budget="1GiB")
+    assert last_path("clip_loss") == KEEP_LOGITS
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_no_grad_calls_keep_nothing():
+    img, txt = _features(23, 5, torch.float32)
+    with torch.no_grad():
+        clip_loss(img, txt, 5.0, backend="torch", memory_budget="1GiB")
+    assert last_path("clip_loss") == RECOMPUTE  # a forward without a backward has nothing to keep for

@@ -112,7 +112,7 @@ COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
     "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "gather", "scatter",
     "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "barrier",
-    "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list",
+    "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list", "batch_isend_irecv",
 )
 
 
@@ -140,7 +140,9 @@ def install_collective_checks(expected: torch.device, sites: dict[str, int], bad
                 ids = kwargs["device_ids"]
                 if expected.type != "cuda" or ids != [expected.index]:
                     bad.append(f"{site}: barrier(device_ids={ids}) but the trainer runs on {expected}")
-            for t in _tensors((args, kwargs)):
+            # batch_isend_irecv takes P2POp objects: their tensors are what travels.
+            p2p = [op.tensor for op in args[0]] if _name == "batch_isend_irecv" else []
+            for t in _tensors((args, kwargs)) + p2p:
                 if t.device != expected:
                     bad.append(f"{site}: {_name} got a tensor on {t.device}, the trainer runs on {expected}")
                 elif _is_marked(t):
@@ -246,6 +248,7 @@ EXPECTED_SITES = {
     "train.stage2._gather_objects", "distributed.barrier", "distributed.gather_batch_sizes",
     "distributed.all_gather_rows", "distributed.reduce_scatter_rows", "distributed.logsumexp_across_ranks",
     "ops.global_batch_losses.backward", "distributed.mean_over_ranks", "distributed.average_gradients",
+    "ops.global_batch_losses.exchange",
 }
 
 

@@ -100,7 +100,9 @@ def test_llm2clip_hf_release_matches_the_official_forward(tmp_path, input_norm, 
     with torch.no_grad():
         expected_text = adapter(llm, l2_norm=(input_norm or "l2") == "l2")
         expected_image = projection(tower(pixel_values=pixels).pooler_output)
-        assert _max_diff(model.encode_text(llm), expected_text) <= 1e-6
+        # 1e-5: the adapter runs on the lean backend's C++ kernels, which round fp32 differently from
+        # torch's LayerNorm/GELU (a mapping error would be orders of magnitude larger).
+        assert _max_diff(model.encode_text(llm), expected_text) <= 1e-5
         assert _max_diff(model.encode_image(pixels), expected_image) <= 1e-6
         other = adapter(llm, l2_norm=(input_norm or "l2") != "l2")
         assert _max_diff(model.encode_text(llm), other) > 1e-3

@@ -100,7 +100,8 @@ def test_converted_model_matches_the_official_forward(tmp_path, suffix, wrapper,
     with torch.no_grad():
         # fp32, same arithmetic in another order (timm's SDPA, its fused RoPE): 1e-5 on outputs of ~1
         assert _max_diff(model.encode_image(pixels), visual(pixels)) <= 1e-5
-        assert _max_diff(model.encode_text(embeddings), text(embeddings)) <= 1e-6
+        # 1e-5, as for the image side: the lean adapter's C++ kernels round fp32 differently from torch's.
+        assert _max_diff(model.encode_text(embeddings), text(embeddings)) <= 1e-5
     assert model.logit_scale.item() == pytest.approx(4.1)
     provenance = json.loads((out / "conversion.json").read_text())
     assert provenance["from"] == "eva-clip" and provenance["geometry"]["heads"] == 4

@@ -41,11 +41,13 @@ def _loss_pair(m=5, n=7, d=11):
 # ---- opcheck: schema, fake tensors, dispatch of every primitive ------------------------------------
 
 
-def _clip_backward_args(m, n, d):
+def _clip_backward_args(m, n, d, kept=False):
+    """Arguments of a clip_lse_backward op: with the kept (m, n) logits, or an empty tensor."""
     image, text = _loss_pair(m, n, d)
     scale = torch.tensor(2.5)
-    row, col = clip_ops._reference_lse_forward(image, text, scale)
-    return image, text, scale, row, col, _randn(m, seed=3), _randn(n, seed=4)
+    row, col, _ = clip_ops._reference_lse_forward(image, text, scale, 3, False)
+    logits = image @ text.t() if kept else image.new_empty((0, n))
+    return image, text, scale, row, col, _randn(m, seed=3), _randn(n, seed=4), logits, 3
 
 
 def _opcheck_cases():
@@ -54,17 +56,23 @@ def _opcheck_cases():
     hidden = _randn(3, 6, 13, seed=5)
     mask = (_randn(3, 6, seed=6) > 0).to(torch.uint8)
     cases = [
-        ("clip_lse_forward_triton", (image, text, s)),
+        ("clip_lse_forward_triton", (image, text, s, 3, False)),
+        ("clip_lse_forward_triton", (image, text, s, 3, True)),
         ("clip_lse_backward_triton", _clip_backward_args(5, 7, 11)),
-        ("siglip_forward_triton", (image, text, s, b, 1)),
-        ("siglip_backward_triton", (image, text, s, b, _randn(5, seed=7), -2)),
+        ("clip_lse_backward_triton", _clip_backward_args(5, 7, 11, kept=True)),
+        ("siglip_forward_triton", (image, text, s, b, 1, 2)),
+        ("siglip_backward_triton", (image, text, s, b, _randn(5, seed=7), -2, 2)),
+        ("siglip_fused_triton", (image, text, s, b, 0, 2)),
         ("masked_mean_pool_triton", (hidden, mask, True, 1e-12)),
     ]
     cpu = [
-        ("clip_lse_forward", (image, text, s, 3 * 7)),
-        ("clip_lse_backward", (*_clip_backward_args(5, 7, 11), 3 * 7)),
+        ("clip_lse_forward", (image, text, s, 3, False)),
+        ("clip_lse_forward", (image, text, s, 3, True)),
+        ("clip_lse_backward", _clip_backward_args(5, 7, 11)),
+        ("clip_lse_backward", _clip_backward_args(5, 7, 11, kept=True)),
         ("siglip_loss_forward", (image, text, s, b, 1, 2)),
         ("siglip_loss_backward", (image, text, s, b, torch.tensor(0.2), 0, 2)),
+        ("siglip_loss_fused", (image, text, s, b, 0, 2)),
         ("masked_mean_pool_forward", (hidden, mask, False, 1e-12)),
     ]
     return cases + [pytest.param(name, args, marks=needs_cpu_ops) for name, args in cpu]
@@ -75,38 +83,35 @@ def test_opcheck_primitives(name, args):
     torch.library.opcheck(getattr(OPS, name).default, args)
 
 
-def _adapter_weights(d=12, h=24, n=5, blocks=2, seed=8):
-    g = torch.Generator().manual_seed(seed)
-    flat = []
-    for _ in range(blocks):
-        flat += [1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
-                 torch.randn(h, d, generator=g) / d**0.5, 0.1 * torch.randn(h, generator=g),
-                 torch.randn(d, h, generator=g) / h**0.5, 0.1 * torch.randn(d, generator=g)]
-    flat += [1 + 0.1 * torch.randn(d, generator=g), 0.1 * torch.randn(d, generator=g),
-             torch.randn(n, d, generator=g) / d**0.5, 0.1 * torch.randn(n, generator=g)]
-    return flat
+def _adapter_primitive_cases():
+    x = _randn(7, 12, seed=9)
+    gamma, beta = 1 + 0.1 * _randn(12, seed=10), 0.1 * _randn(12, seed=11)
+    xhat = torch.nn.functional.layer_norm(x, (12,)).bfloat16()
+    rstd, dln, dres = 1 + _randn(7, seed=12).abs(), _randn(7, 12, seed=13).bfloat16(), _randn(7, 12, seed=14)
+    z, dh, seed = _randn(7, 24, seed=15).bfloat16(), _randn(7, 24, seed=16).bfloat16(), torch.tensor([5])
+    triton = [
+        ("adapter_layer_norm_fwd_triton", (x, gamma, beta, 1e-5, torch.bfloat16)),
+        ("adapter_layer_norm_bwd_triton", (xhat, rstd, gamma, beta, dln, dres, torch.float32)),
+        ("adapter_layer_norm_bwd_triton", (xhat, rstd, gamma, beta, dln, None, torch.float32)),
+        ("adapter_gelu_dropout_fwd_triton", (z, seed, 0.25)),
+        ("adapter_gelu_dropout_bwd_triton", (z, dh, None, 0.0)),
+        ("adapter_dropout_keep_mask", (seed, 7, 24, 0.25, torch.float32)),
+    ]
+    cpu = [
+        ("adapter_layer_norm_fwd_cpu", (x, gamma, beta, 1e-5, torch.bfloat16)),
+        ("adapter_layer_norm_bwd_cpu", (xhat, rstd, gamma, beta, dln, dres, torch.float32)),
+        ("adapter_gelu_fwd_cpu", (z, (_randn(7, 24, seed=17) > 0).bfloat16(), 1.25)),
+        ("adapter_gelu_bwd_cpu", (z, dh, None, 1.0)),
+    ]
+    needs_row_kernels = pytest.mark.skipif(adapter_ops._cpp_elementwise_problem() is not None,
+                                           reason="llm2clip_fast._C built without the adapter row kernels")
+    return triton + [pytest.param(name, args, marks=needs_row_kernels) for name, args in cpu]
 
 
-def test_opcheck_fused_adapter_forward_and_backward():
-    x, weights = _randn(7, 12, seed=9), _adapter_weights()
-    for keep in (True, False):
-        torch.library.opcheck(OPS.text_adapter_forward_triton.default,
-                              (x, weights, 2, torch.float32, 1e-5, 1e-12, keep))
-    acts = OPS.text_adapter_forward_triton(x, weights, 2, torch.float32, 1e-5, 1e-12, True)
-    torch.library.opcheck(OPS.text_adapter_backward_triton.default,
-                          (_randn(7, 5, seed=10), x, acts[1:], weights, 2, torch.float32, 1e-12))
-
-
-def test_fused_adapter_activations_round_trip_by_name():
-    # The forward op returns the saved state without x and the weights; backward rebuilds it by name.
-    x, weights = _randn(7, 12, seed=9), _adapter_weights()
-    acts = OPS.text_adapter_forward_triton(x, weights, 2, torch.float32, 1e-5, 1e-12, True)[1:]
-    st = adapter_ops._SavedForBackward.from_activations(x, acts, weights, num_blocks=2)
-    assert st.inputs[0] is x and len(st.inputs) == len(st.means) == len(st.rstds) == 3
-    assert all(a is b for a, b in zip(st.activations(), acts))
-    assert adapter_ops._SavedForBackward.from_flat(st.flat(), num_blocks=2).activations() == st.activations()
-    with pytest.raises(RuntimeError, match="activations for 3 blocks"):
-        adapter_ops._SavedForBackward.from_activations(x, acts, weights, num_blocks=3)
+@pytest.mark.parametrize(("name", "args"), _adapter_primitive_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck_adapter_primitives(name, args):
+    torch.library.opcheck(getattr(OPS, name).default, args)
 
 
 # ---- torch.compile(fullgraph=True) of a tiny model per public op ----------------------------------
@@ -233,11 +238,30 @@ def test_masked_mean_pool_compiles_fullgraph(backend, normalize):
     _compare_compiled(_Pooler(backend, normalize), (hidden, mask))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch", "recompute"])
+@pytest.mark.parametrize("backend", ["triton", "lean", "torch", "recompute"])
 def test_text_adapter_compiles_fullgraph(backend):
     torch.manual_seed(0)
     model = TextAdapter(12, 5, num_blocks=2, backend=backend)
     _compare_compiled(model, (_randn(7, 12, seed=15).requires_grad_(),), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["triton", "lean"])
+def test_text_adapter_with_dropout_compiles_fullgraph(backend):
+    # The dropout seeds are drawn inside the graph (torch.randint): with the generator reset before
+    # each run, eager and compiled draw the same masks.
+    torch.manual_seed(0)
+    model = TextAdapter(12, 5, num_blocks=2, dropout=0.3, backend=backend).train()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = _randn(7, 12, seed=15).requires_grad_()
+    results = []
+    for fn in (model, compiled):
+        torch.manual_seed(1)
+        out = fn(x)
+        results.append((out, torch.autograd.grad(out.sum(), [x, *model.parameters()])))
+    (eager, eager_grads), (comp, comp_grads) = results
+    torch.testing.assert_close(comp, eager, atol=1e-4, rtol=1e-4)
+    for got, want in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_no_compiler_disable_left_in_the_ops():

@@ -121,9 +121,9 @@ def test_stage1_runs_where_device_and_precision_say(tiny_text, tmp_path, monkeyp
     seen: list[tuple[str | None, str]] = []
     real_run, real_factory = stage1.distributed_run, stage1.autocast_factory
 
-    def spy_run(spec):
+    def spy_run(spec, **kwargs):
         seen.append(("device", spec))
-        return real_run(spec)
+        return real_run(spec, **kwargs)
 
     def spy_factory(precision, device):
         seen.append((precision, str(device)))

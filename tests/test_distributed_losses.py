@@ -169,6 +169,33 @@ def test_global_losses_match_single_process_on_concatenated_batch(rank_results, 
 
 
 @pytest.mark.distributed
+def test_paths_taken_over_the_ranks(rank_results):
+    world, results = rank_results
+    for r in range(world):
+        assert results[r][("equal_mean", "clip", "path")] == "keep-logits"
+        assert results[r][("equal_mean_recompute", "clip", "path")] == "recompute"
+        assert results[r][("equal_mean", "siglip", "path")] == "one-pass"
+        assert results[r][("unequal_none", "siglip", "path")] == "two-pass"
+
+
+@pytest.mark.distributed
+def test_global_clip_loss_equals_open_clip_local_loss_gather_with_grad(rank_results):
+    # Per rank: OpenCLIP's loss and feature gradients exactly; its logit_scale gradient is rank r's own,
+    # ours the rank average (what DDP's averaging makes of OpenCLIP's, see clip_loss_global).
+    world, results = rank_results
+    theirs = [results[r][("open_clip_check", "open_clip")] for r in range(world)]
+    mean_d_scale = sum(t[3] for t in theirs) / world
+    for r in range(world):
+        for path in ("ours_keep", "ours_recompute"):
+            ours = results[r][("open_clip_check", path)]
+            for name, got, want in zip(("loss", "d_image", "d_text"), ours[:3], theirs[r][:3]):
+                where = f"rank {r} {path} {name}"
+                torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5,
+                                           msg=lambda m, where=where: f"{where}: {m}")
+            torch.testing.assert_close(ours[3], mean_d_scale, atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.distributed
 def test_clip_loss_module_with_world_size(rank_results):
     world, results = rank_results
     sizes = worker.cases(world)[0]["sizes"]

@@ -155,9 +155,15 @@ def test_embed_command_with_packaged_minilm(tmp_path):
     cache = EmbeddingCache.open(out)
     assert cache.caption_names == ["long", "short"] and cache.keys() == [k for k, _ in records]
     assert cache.metadata["max_length"] == 256 and not cache.metadata["load_in_8bit"]
-    enc = LLMTextEncoder.from_pretrained(packaged_minilm_path(), device="cpu")
+    # embed's default precision: bf16 autocast where the CPU has native bf16, else fp32.
+    enc = LLMTextEncoder.from_pretrained(packaged_minilm_path(), device="cpu", precision="auto")
+    assert cache.metadata["precision"] == ("bf16" if enc.autocast is not None else "fp32")
     want = enc.encode([c["long"] for _, c in records], show_progress=False)
-    torch.testing.assert_close(cache.lookup(cache.keys(), "long"), want, atol=1e-5, rtol=1e-5)
+    got = cache.lookup(cache.keys(), "long")
+    if enc.autocast is None:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:  # bf16 rounding depends on the batch a caption was padded in (embed batches per shard)
+        assert torch.nn.functional.cosine_similarity(got, want).min() > 0.9999
     before = _files(out)
     assert main(argv) == 0  # a finished cache: every shard reused, files unchanged
     assert _files(out) == before

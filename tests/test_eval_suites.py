@@ -111,6 +111,9 @@ def make_flickr30k(root: Path) -> Path:
             write_image(root / "flickr30k-images" / f"10{ord(key)}.jpg", VECTORS[key])
     images.append({"filename": "train.jpg", "split": "train", "sentences": [{"raw": "a cat [1 0 0]"}]})
     write_image(root / "flickr30k-images" / "train.jpg", (2, 0, 0))
+    # Karpathy's val split sits beside the test split in the same file and image folder: never read.
+    images.append({"filename": "val.jpg", "split": "val", "sentences": [{"raw": "a dog [0 1 1]"}]})
+    write_image(root / "flickr30k-images" / "val.jpg", (0, 2, 2))
     (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
     return root
 
@@ -125,6 +128,9 @@ def make_coco(root: Path) -> Path:
             write_image(root / "val2014" / name, VECTORS[key])
     images.append({"filepath": "val2014", "filename": "COCO_val2014_restval.jpg", "split": "restval",
                    "sentences": [{"raw": "a dog [0 1 1]"}]})
+    images.append({"filepath": "val2014", "filename": "COCO_val2014_valsplit.jpg", "split": "val",
+                   "sentences": [{"raw": "a bird [1 1 1]"}, {"raw": "a fish [1 0 1]"}]})
+    write_image(root / "val2014" / "COCO_val2014_valsplit.jpg", (1, 1, 1))
     (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
     return root
 
@@ -250,7 +256,7 @@ def test_retrieval_suite_hand_counted(tmp_path, suite):
     make, expected = MAKERS[suite]
     root = make(tmp_path / suite)
     data = read_suite(suite, root)
-    assert len(data.images) == 4  # A, B, C and the missing D (train/restval/extra records not read)
+    assert len(data.images) == 4  # A, B, C and the missing D (train/restval/val/extra records not read)
     result = evaluate_suite(FakeEmbedder(), data, batch_size=2, max_missing_fraction=0.5, progress=False)
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, abs=1e-9), key
@@ -263,6 +269,19 @@ def test_missing_images_past_the_threshold_stop(tmp_path):
     data = read_suite("docci", make_docci(tmp_path / "docci"))
     with pytest.raises(BadDataError, match="1 of 4 images"):
         evaluate_suite(FakeEmbedder(), data, progress=False)  # default 1%
+
+
+@pytest.mark.parametrize("suite", ["flickr30k", "coco"])
+def test_karpathy_suites_read_the_test_split_only(tmp_path, suite):
+    """The fixtures hold train, restval and val images beside the test ones (with their images on disk):
+    only the test split's images and captions are read."""
+    root = MAKERS[suite][0](tmp_path / suite)
+    data = read_suite(suite, root)
+    records = json.loads(next(root.glob("dataset_*.json")).read_text())["images"]
+    test = [r for r in records if r["split"] == "test"]
+    assert [Path(i).name for i in data.image_ids] == [r["filename"] for r in test]
+    assert data.captions == [s["raw"] for r in test for s in r["sentences"]]
+    assert {r["split"] for r in records} >= {"test", "val"}
 
 
 @pytest.mark.parametrize("suite", ["flickr30k", "coco"])

@@ -4,6 +4,7 @@ with a distinct documented code; ``--debug`` or ``LLM2CLIP_DEBUG=1`` shows the t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +14,36 @@ from _stage2_runs import make_demo, stage2_args
 
 from llm2clip_fast.data.bad_data import BadDataError
 from llm2clip_fast.data.embedding_cache import CacheCorruptError, StaleCacheError
+from llm2clip_fast.safetensors_files import DamagedWeightsError
 from llm2clip_fast.train.__main__ import cli, exit_code_for
 from llm2clip_fast.train.checkpoint import CheckpointError
+from llm2clip_fast.train.distributed_failures import DistributedFailure
 from llm2clip_fast.train.run_folder import RunFolderError
+from llm2clip_fast.train.stop_requests import LockTakenOverError, RunPreempted
+from llm2clip_fast.writable_output import OutputNotWritableError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_each_expected_failure_has_its_own_code():
-    cases = [ValueError("x"), FileNotFoundError("x"), RunFolderError("x"), CheckpointError("x"),
+    cases = [ValueError("x"), FileNotFoundError("x"), PermissionError("x"), OutputNotWritableError("x"),
+             RunFolderError("x"), LockTakenOverError("x"), CheckpointError("x"), DamagedWeightsError("x"),
              CacheCorruptError("x"), StaleCacheError("x"), BadDataError("x"), FloatingPointError("x"),
-             KeyboardInterrupt()]
+             DistributedFailure("x", kind="timeout", what="", ranks=[]), KeyboardInterrupt(),
+             RunPreempted("x")]
     codes = [exit_code_for(e) for e in cases]
-    assert codes == [2, 3, 4, 5, 6, 6, 7, 8, 130]
+    assert codes == [2, 3, 3, 3, 4, 4, 5, 5, 6, 6, 7, 8, 10, 130, 143]
     assert exit_code_for(RuntimeError("a bug")) is None and exit_code_for(KeyError("a bug")) is None
+
+
+def test_train_help_lists_every_exit_code(capsys):
+    with pytest.raises(SystemExit):
+        cli(["-h"])
+    text = capsys.readouterr().out
+    for code, words in [(10, "a distributed run failed: a rank was lost"), (143, "stopped by SIGTERM"),
+                        (130, "interrupted (Ctrl-C)"),
+                        (3, "a file or folder that does not exist, or that cannot be read or written")]:
+        assert re.search(rf"^  {code} +{re.escape(words)}", text, re.MULTILINE), (code, text)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. "(base)": the package itself and its one-job helper modules.
 LAYERS = {
     "(base)": 0, "_extensions": 0, "atomic_files": 0, "cli_exit_codes": 0, "fp32_matmul": 0,
-    "third_party_notices": 0, "missing_dependency": 0, "redaction": 0,
+    "third_party_notices": 0, "missing_dependency": 0, "redaction": 0, "safetensors_files": 0,
+    "writable_output": 0,
     "kernels": 1, "data": 1, "distributed": 1,
     "ops": 2,
     "losses": 3,

@@ -146,6 +146,40 @@ def test_pooled_positions_are_llm2vecs(pair):
             assert got_pool[-1].item() == tok.convert_tokens_to_ids("<|eot_id|>")
 
 
+# Few words, many tokens each (strings the tokenizer never saw: one token per byte): the caption passes
+# doc_max_length while max_length does not cut it first, so llm2vec's word cut has to act.
+DENSE = ["xqzjv wkpyq zzxqv jqkzx", "a vkqzw bxqjv", "blue"]
+
+
+@pytest.mark.timeout(120)
+def test_doc_max_length_cuts_token_dense_captions_by_words_like_llm2vec(pair, monkeypatch):
+    """llm2vec cuts a caption over doc_max_length tokens to int(words * doc_max_length / tokens) words
+    until it fits; a cut counted in tokens instead never shortens a caption of fewer words than
+    doc_max_length and loops forever. Bounded here by counting the tokenizer passes."""
+    _, _, model, tok = pair
+    ours = _ours(model, tok, max_length=128, doc_max_length=12)
+    ref = LLM2VecReference(BiModelReference(model), tok, max_length=128, doc_max_length=12)
+    counts = ours._caption_token_counts(DENSE)
+    assert counts[0] > 12 and counts[0] < 128 and len(DENSE[0].split()) < 12  # reaches doc_max_length only
+
+    real, calls = ours._caption_token_counts, {"n": 0}
+
+    def counted(texts):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise AssertionError("the doc_max_length cut does not converge")
+        return real(texts)
+
+    monkeypatch.setattr(ours, "_caption_token_counts", counted)
+    cut = ours._shorten(DENSE)
+    want = [ref._convert_to_str("", t).removeprefix("!@#$%^&*()") for t in DENSE]
+    assert cut == want and cut[0] != DENSE[0]  # llm2vec's own cut, which really shortened the first
+    monkeypatch.undo()
+    got = ours.encode(DENSE, batch_size=2, show_progress=False)
+    expected = ref.encode([["", t] for t in DENSE], batch_size=2, device="cpu")
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
 def test_padding_side_and_batch_do_not_matter(pair):
     """Mixed lengths in one batch: each row equals that text encoded alone, and llm2vec's left padding."""
     _, _, model, tok = pair
@@ -242,7 +276,8 @@ def test_template_flag_on_embed_stage1_eval_and_recorded_in_cache(tmp_path):
     for template in ("auto", "none"):
         out = tmp_path / f"cache-{template}"
         assert main(["embed", "--llm", str(folder), "--data", str(manifest), "--out", str(out), "--dtype",
-                     "fp32", "--captions", "long", "--template", template, "--quiet"]) == 0
+                     "fp32", "--precision", "fp32", "--captions", "long", "--template", template,
+                     "--quiet"]) == 0
         cache = EmbeddingCache.open(out)
         resolved = "llama3" if template == "auto" else "none"
         assert cache.metadata["template"] == resolved and cache.metadata["doc_max_length"] == 400

@@ -97,10 +97,10 @@ def test_bad_device_fails_before_any_process_group(monkeypatch):
 def test_cpu_run_starts_a_gloo_group(no_cuda, monkeypatch):
     seen = []
     monkeypatch.setattr(run_spine.distributed, "init_distributed_from_env",
-                        lambda backend: seen.append(backend))
-    with distributed_run("cpu"):
+                        lambda backend, timeout_s: seen.append((backend, timeout_s)))
+    with distributed_run("cpu", timeout_s=42.0):
         pass
-    assert seen == ["gloo"]  # NCCL exchanges CUDA tensors only
+    assert seen == [("gloo", 42.0)]  # NCCL exchanges CUDA tensors only; --dist-timeout is the group's
 
 
 # ----------------------------------------------------------------------------------------- autocast

@@ -202,3 +202,39 @@ def test_mask_captions(decoder):
     assert torch.equal(labels[picked], ids[picked]) and (masked[picked] == 4).all()
     assert torch.equal(masked[~picked], ids[~picked])
     assert not picked[:, 0].any() and not picked[attn == 0].any()
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tiny_llama, demo, tmp_path,
+                                                                            monkeypatch, capsys):
+    """Issue 29: SIGTERM in a step saves a checkpoint at that step and exits 143; --resume is exact."""
+    import os
+    import signal
+
+    from llm2clip_fast.train.__main__ import cli
+
+    monkeypatch.delenv("LLM2CLIP_DEBUG", raising=False)
+    common = ["--llm", str(tiny_llama), "--data", demo["train"], "--batch-size", "16", "--eval-fraction", "0",
+              "--steps", "3", "--save-every", "10", "--quiet", "--max-length", "96", "--lr", "5e-3"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert cli(["stage1", *common, "--out", str(straight)]) == 0
+    real, calls = stage1.apply_update, {"n": 0}
+
+    def sigterm_in_step_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "no SIGTERM handler"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage1, "apply_update", sigterm_in_step_2)
+    capsys.readouterr()
+    assert cli(["stage1", *common, "--out", str(stopped)]) == 143
+    assert "stopped by SIGTERM after step 2 of 3; checkpoint saved at" in capsys.readouterr().err
+    assert [p.name for p in list_checkpoints(stopped)] == ["step_00000002"]
+    assert not (stopped / "adapter").exists()
+    monkeypatch.undo()
+    assert cli(["stage1", *common, "--out", str(stopped), "--resume"]) == 0
+    a, b = _adapter_state(straight), _adapter_state(stopped)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_jsonl(stopped / "log.jsonl")] == \
+        [r["loss"] for r in read_jsonl(straight / "log.jsonl")]

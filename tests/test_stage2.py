@@ -217,13 +217,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, runs: list[list[str]], errors) -> None:
-    """One rank (a forked child: the parent's imports are reused, which keeps the test fast)."""
+def _rank_main(rank: int, ports: list[int], runs: list[list[str]], errors) -> None:
+    """One rank (a forked child: the parent's imports are reused, which keeps the test fast).
+
+    Each run gets its own rendezvous port, as separate torchrun jobs would: on one port, a rank that
+    finished run k first could reach rank 0's store of run k (not yet torn down) for run k + 1's
+    rendezvous, whose keys it shares, and the ranks would then wait in different collectives."""
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "MASTER_ADDR": "127.0.0.1"})
     torch.set_num_threads(1)  # two ranks share the two cores
     try:
-        for argv in runs:
+        for port, argv in zip(ports, runs, strict=True):
+            os.environ["MASTER_PORT"] = str(port)
             train_main(argv)
     except BaseException:
         import traceback
@@ -257,8 +262,12 @@ def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_pat
     }
     ctx = multiprocessing.get_context("fork")
     errors = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, list(runs.values()), errors)) for r in range(2)]
+    ports: list[int] = []
+    while len(ports) < len(runs):
+        port = _free_port()
+        if port not in ports:
+            ports.append(port)
+    procs = [ctx.Process(target=_rank_main, args=(r, ports, list(runs.values()), errors)) for r in range(2)]
     for p in procs:
         p.start()
     try:

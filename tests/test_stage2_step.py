@@ -89,31 +89,54 @@ def test_our_step_holds_no_more_than_the_plain_step_that_keeps_the_logits():
     assert openclip_mb >= plain_mb
 
 
-def test_loss_and_adapter_keep_no_batch_squared_tensor_for_backward():
-    """What the step's text adapter and loss save for backward: no B x B tensor, O(B) rows in all."""
-    batch = 700
-    model = _model()
-    gen = torch.Generator().manual_seed(2)
-    image = torch.nn.functional.normalize(torch.randn(batch, EMBED, generator=gen), dim=-1).requires_grad_()
-    text_in = torch.randn(batch, LLM_DIM, generator=gen)
-    saved: list[torch.Tensor] = []
+def _saved_for_backward(model, image, text_in) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The activations (not parameters) the step's text adapter and loss save for backward, and the loss."""
     from llm2clip_fast.train.stage2 import contrastive_loss
 
+    saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         text = model.encode_text(text_in, normalize=True)
         loss = contrastive_loss("clip", image, text, model.logit_scale_value(), None)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     activations = {t.untyped_storage().data_ptr(): t for t in saved
                    if t.untyped_storage().data_ptr() not in params}.values()
-    assert max(t.numel() for t in activations) < batch * batch / 4
+    return list(activations), loss
+
+
+@pytest.mark.parametrize("budget", ["1MiB", None], ids=["recompute", "keep-logits"])
+def test_loss_and_adapter_save_at_most_the_kept_logits_for_backward(monkeypatch, budget):
+    """What the step's text adapter and loss save for backward: O(B) rows in all, plus, only where the
+    loss's memory budget lets it keep them (issue 24), the one fp32 B x B logit matrix the plain step
+    also saves; beyond the budget no B x B tensor at all."""
+    from llm2clip_fast.ops import _chunking
+
+    if budget is None:
+        monkeypatch.delenv("LLM2CLIP_LOSS_MEMORY_BUDGET", raising=False)
+    else:
+        monkeypatch.setenv("LLM2CLIP_LOSS_MEMORY_BUDGET", budget)
+    batch = 700
+    model = _model()
+    gen = torch.Generator().manual_seed(2)
+    image = torch.nn.functional.normalize(torch.randn(batch, EMBED, generator=gen), dim=-1).requires_grad_()
+    text_in = torch.randn(batch, LLM_DIM, generator=gen)
+    activations, loss = _saved_for_backward(model, image, text_in)
+    path = _chunking.last_path("clip_loss")
+    assert path == ("recompute" if budget else "keep-logits"), path
+    squares = [t for t in activations if t.numel() >= batch * batch / 4]
+    if budget:
+        assert not squares, [tuple(t.shape) for t in squares]
+    else:  # the kept logits, once, in fp32: nothing else B x B
+        assert [(tuple(t.shape), t.dtype) for t in squares] == [((batch, batch), torch.float32)]
     # O(B) in all: per caption, a few adapter-width rows per block (4 blocks here)
     widest = model.config.llm_dim * model.config.adapter["expansion"]
-    assert sum(t.numel() for t in activations) <= 20 * batch * widest
+    rest = sum(t.numel() for t in activations if t.numel() < batch * batch / 4)
+    assert rest <= 20 * batch * widest
     loss.backward()
     # The same hook sees the plain loss's B x B logits: the test can tell.
-    saved.clear()
+    saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        plain_clip_loss("clip", image, text.detach(), model.logit_scale_value(), None)
+        plain_clip_loss("clip", image, model.encode_text(text_in, normalize=True).detach(),
+                        model.logit_scale_value(), None)
     assert max(t.numel() for t in saved) >= batch * batch
 
 

@@ -25,6 +25,7 @@ CODE = textwrap.dedent("""
     # registered as triton_op, as on a GPU (torch keeps a table of them)
     assert "llm2clip_fast::clip_lse_forward_triton" in triton_library.triton_ops_to_kernels
     assert "llm2clip_fast::siglip_forward_triton" in triton_library.triton_ops_to_kernels
+    assert "llm2clip_fast::adapter_layer_norm_fwd_triton" in triton_library.triton_ops_to_kernels
     torch.manual_seed(0)
     img = F.normalize(torch.randn(37, 16), dim=-1).requires_grad_()
     txt = F.normalize(torch.randn(37, 16), dim=-1).requires_grad_()
@@ -43,8 +44,12 @@ CODE = textwrap.dedent("""
     ref = TextAdapterReference(40, 8, num_blocks=1)
     fused = TextAdapter(40, 8, num_blocks=1, backend="triton")
     fused.load_state_dict(ref.state_dict())
-    x = torch.randn(5, 40)
+    x = torch.randn(5, 40, requires_grad=True)
     torch.testing.assert_close(fused(x), ref(x), atol=1e-5, rtol=1e-5)
+    g = torch.autograd.grad(fused(x).sum(), [x, *fused.parameters()])
+    w = torch.autograd.grad(ref(x).sum(), [x, *ref.parameters()])
+    for a, b in zip(g, w):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     print("ok")
 """)
 

@@ -18,10 +18,11 @@ struct ClipEpilogue {
   // into the running column statistics cmax/csum (n entries each).
   void (*forward_tile)(const float* l, int64_t ld, int64_t rows, int64_t n, float s, float* row_lse, float* cmax,
                        float* csum);
-  // Overwrites one row of raw logits l (n entries) with
+  // Writes into g (n entries; g may be l itself) the row of
   //   G_j = rc * exp(s*l_j - rl) + cc_j * exp(s*l_j - cl_j)
-  // and returns sum_j G_j * l_j.
-  double (*grad_row)(float* l, int64_t n, float s, float rl, float rc, const float* cl, const float* cc);
+  // for one row of raw logits l, and returns sum_j G_j * l_j.
+  double (*grad_row)(const float* l, float* g, int64_t n, float s, float rl, float rc, const float* cl,
+                     const float* cc);
 };
 
 namespace isa_avx512 {

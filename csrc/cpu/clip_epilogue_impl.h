@@ -120,7 +120,8 @@ void forward_tile(const float* l, int64_t ld, int64_t rows, int64_t n, float s, 
   for (int64_t i = 0; i < rows; ++i) row_lse[i] = rmax[i] + std::log(rsum[i]);
 }
 
-double grad_row(float* l, int64_t n, float s, float rl, float rc, const float* cl, const float* cc) {
+double grad_row(const float* l, float* g_out, int64_t n, float s, float rl, float rc, const float* cl,
+                const float* cc) {
   const Vec vs(s), vrl(rl), vrc(rc), zero(0.0f);
   double total = 0.0;
   // Float partial sums over blocks, summed in double: long rows stay accurate.
@@ -135,7 +136,7 @@ double grad_row(float* l, int64_t n, float s, float rl, float rc, const float* c
       Vec g = vrc * vexp(x - vrl) + load_part(cc + j, cnt, 0.0f) * vexp(x - load_part(cl + j, cnt, 0.0f));
       if (cnt < kV) g = Vec::set(zero, g, cnt);
       acc = at::vec::fmadd(g, lv, acc);
-      g.store(l + j, cnt);
+      g.store(g_out + j, cnt);
     }
     total += hsum(acc);
   }

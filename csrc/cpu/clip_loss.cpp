@@ -1,12 +1,16 @@
 // Fused CLIP loss primitives on CPU: row/column log-sum-exp of s * image @ text.T and the gradient
-// that consumes them, without ever holding the M x N logit matrix.
+// that consumes them, holding at most what the caller's memory plan allows of the M x N logits.
 //
-// Rows are processed in chunks of C rows (C * N <= chunk_elements): one at::mm fills a C x N
-// buffer, then a fused epilogue (at::parallel_for) reduces it. Forward: exact row LSE per chunk
-// plus per-thread column (max, sumexp) merged online across chunks, so one GEMM pass suffices.
-// Backward: recompute the chunk, overwrite it in place with
-//   G_ij = row_coef_i * exp(s*l_ij - row_lse_i) + col_coef_j * exp(s*l_ij - col_lse_j),
-// accumulate sum G*l for d_scale, then d_image[chunk] = s * G @ text and
+// Rows are processed in chunks of C rows (chunk_rows from the Python plan, ops/_chunking.py): one
+// at::mm fills a C x N buffer, then a fused epilogue (at::parallel_for) reduces it. Forward: exact row
+// LSE per chunk plus per-thread column (max, sumexp) merged online across chunks, so one GEMM pass
+// suffices. With keep_logits the chunks are the rows of an M x N output that the backward reads
+// instead of recomputing (the keep-logits path: 6 M N D FLOPs in all, as a plain one-GEMM loss);
+// without it one reused buffer (the recompute path: 8 M N D FLOPs, O((M + N) D) memory). Backward:
+// the chunk's logits (kept or recomputed), then
+//   G_ij = row_coef_i * exp(s*l_ij - row_lse_i) + col_coef_j * exp(s*l_ij - col_lse_j)
+// (in place over a recomputed chunk, into a chunk buffer beside kept logits, which stay intact for a
+// second backward), sum G*l for d_scale, then d_image[chunk] = s * G @ text and
 // d_text += s * G.T @ image[chunk].
 //
 // The float epilogues are at::vec kernels compiled per instruction set (clip_epilogue_*.cpp) and
@@ -49,9 +53,9 @@ void check_pair(const at::Tensor& image, const at::Tensor& text, const at::Tenso
               logit_scale.sizes());
 }
 
-int64_t chunk_rows(int64_t m, int64_t n, int64_t chunk_elements) {
-  TORCH_CHECK(chunk_elements > 0, "clip_lse: chunk_elements must be positive, got ", chunk_elements);
-  int64_t c = std::max<int64_t>(1, chunk_elements / std::max<int64_t>(n, 1));
+int64_t chunk_rows_for(int64_t m, int64_t chunk_rows) {
+  TORCH_CHECK(chunk_rows > 0, "clip_lse: chunk_rows must be positive, got ", chunk_rows);
+  int64_t c = chunk_rows;
   // Multiples of the tile height keep the epilogue's tiles full.
   if (c > kClipTileRows) c -= c % kClipTileRows;
   return std::min(c, std::max<int64_t>(m, 1));
@@ -105,8 +109,9 @@ void forward_chunk_double(const at::Tensor& logits, double s, double* row_lse, d
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> clip_lse_forward(const at::Tensor& image_in, const at::Tensor& text_in,
-                                                    const at::Tensor& logit_scale, int64_t chunk_elements) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_forward(const at::Tensor& image_in, const at::Tensor& text_in,
+                                                                const at::Tensor& logit_scale, int64_t chunk_rows,
+                                                                bool keep_logits) {
   check_pair(image_in, text_in, logit_scale);
   const auto acc = acc_type(image_in.scalar_type());
   const at::Tensor image = image_in.to(acc).contiguous();
@@ -114,20 +119,21 @@ std::tuple<at::Tensor, at::Tensor> clip_lse_forward(const at::Tensor& image_in, 
   const int64_t m = image.size(0), n = text.size(0);
   auto opts = image.options().dtype(acc);
   at::Tensor row_lse = at::empty({m}, opts);
+  at::Tensor kept = at::empty({keep_logits ? m : 0, n}, opts);
   if (m == 0 || n == 0) {
     return {row_lse.fill_(-std::numeric_limits<double>::infinity()),
-            at::full({n}, -std::numeric_limits<double>::infinity(), opts)};
+            at::full({n}, -std::numeric_limits<double>::infinity(), opts), kept};
   }
   const int64_t threads = at::get_num_threads();
   at::Tensor cmax = at::full({threads, n}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor csum = at::zeros({threads, n}, opts);
-  const int64_t c = chunk_rows(m, n, chunk_elements);
-  at::Tensor buffer = at::empty({c, n}, image.options());
+  const int64_t c = chunk_rows_for(m, chunk_rows);
+  at::Tensor buffer = keep_logits ? at::Tensor() : at::empty({c, n}, image.options());
   const at::Tensor text_t = text.t();
   const double s = logit_scale.item<double>();
   for (int64_t r0 = 0; r0 < m; r0 += c) {
     const int64_t rows = std::min(c, m - r0);
-    at::Tensor logits = buffer.narrow(0, 0, rows);
+    at::Tensor logits = keep_logits ? kept.narrow(0, r0, rows) : buffer.narrow(0, 0, rows);
     at::mm_out(logits, image.narrow(0, r0, rows), text_t);
     if (acc == at::kDouble) {
       forward_chunk_double(logits, s, row_lse.data_ptr<double>() + r0, cmax.data_ptr<double>(),
@@ -139,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> clip_lse_forward(const at::Tensor& image_in, 
   }
   // Threads that saw no rows hold (-inf, 0): log(0) = -inf drops them from the logsumexp.
   at::Tensor col_lse = at::logsumexp(cmax + at::log(csum), {0});
-  return {row_lse, col_lse};
+  return {row_lse, col_lse, kept};
 }
 
 // ---- backward ----------------------------------------------------------------------------
@@ -147,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> clip_lse_forward(const at::Tensor& image_in, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
     const at::Tensor& image_in, const at::Tensor& text_in, const at::Tensor& logit_scale, const at::Tensor& row_lse_in,
     const at::Tensor& col_lse_in, const at::Tensor& row_coef_in, const at::Tensor& col_coef_in,
-    int64_t chunk_elements) {
+    const at::Tensor& logits_in, int64_t chunk_rows) {
   check_pair(image_in, text_in, logit_scale);
   const auto acc = acc_type(image_in.scalar_type());
   const at::Tensor image = image_in.to(acc).contiguous();
@@ -162,10 +168,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
   const at::Tensor row_coef = row_coef_in.to(acc).contiguous();
   const at::Tensor col_coef = col_coef_in.to(acc).contiguous();
   auto opts = image.options().dtype(acc);
+  const bool kept = logits_in.numel() > 0;
+  TORCH_CHECK(!kept || (logits_in.dim() == 2 && logits_in.size(0) == m && logits_in.size(1) == n &&
+                        logits_in.scalar_type() == acc),
+              "clip_lse_backward: logits must be empty (recompute) or the (", m, ", ", n, ") ", acc,
+              " matrix clip_lse_forward kept, got ", logits_in.sizes(), " ", logits_in.scalar_type());
   if (m == 0 || n == 0) return {at::zeros({m, d}, opts), at::zeros({n, d}, opts), at::zeros({}, opts)};
+  const at::Tensor logits = kept ? logits_in.contiguous() : logits_in;
   at::Tensor d_image = at::empty({m, d}, opts);
   at::Tensor d_text = at::empty({n, d}, opts);
-  const int64_t c = chunk_rows(m, n, chunk_elements);
+  const int64_t c = chunk_rows_for(m, chunk_rows);
   at::Tensor buffer = at::empty({c, n}, image.options());
   const at::Tensor text_t = text.t();
   const double s = logit_scale.item<double>();
@@ -174,29 +186,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
     const int64_t rows = std::min(c, m - r0);
     at::Tensor g = buffer.narrow(0, 0, rows);
     const at::Tensor img_chunk = image.narrow(0, r0, rows);
-    at::mm_out(g, img_chunk, text_t);
+    // Kept logits are read and G goes to the buffer; a recomputed chunk is overwritten in place.
+    at::Tensor chunk = kept ? logits.narrow(0, r0, rows) : g;
+    if (!kept) at::mm_out(g, img_chunk, text_t);
     std::vector<double> partial(rows, 0.0);
     if (acc == at::kDouble) {
-      double* l = g.data_ptr<double>();
+      const double* l = chunk.data_ptr<double>();
+      double* gd = g.data_ptr<double>();
       const double* rl = row_lse.data_ptr<double>() + r0;
       const double* rc = row_coef.data_ptr<double>() + r0;
       const double* cl = col_lse.data_ptr<double>();
       const double* cc = col_coef.data_ptr<double>();
       at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          double* li = l + i * n;
+          const double* li = l + i * n;
+          double* gi = gd + i * n;
           double a = 0.0;
           for (int64_t j = 0; j < n; ++j) {
             const double x = s * li[j];
             const double gij = rc[i] * std::exp(x - rl[i]) + cc[j] * std::exp(x - cl[j]);
             a += gij * li[j];
-            li[j] = gij;
+            gi[j] = gij;
           }
           partial[i] = a;
         }
       });
     } else {
-      float* l = g.data_ptr<float>();
+      const float* l = chunk.data_ptr<float>();
+      float* gf = g.data_ptr<float>();
       const float* rl = row_lse.data_ptr<float>() + r0;
       const float* rc = row_coef.data_ptr<float>() + r0;
       const float* cl = col_lse.data_ptr<float>();
@@ -204,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
       const float sf = static_cast<float>(s);
       const auto& kernels = llm2clip_cpu::clip_epilogue();
       at::parallel_for(0, rows, 8, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) partial[i] = kernels.grad_row(l + i * n, n, sf, rl[i], rc[i], cl, cc);
+        for (int64_t i = i0; i < i1; ++i) partial[i] = kernels.grad_row(l + i * n, gf + i * n, n, sf, rl[i], rc[i], cl, cc);
       });
     }
     for (double p : partial) d_scale += p;
@@ -219,10 +236,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> clip_lse_backward(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llm2clip_fast, m) {
-  m.def("clip_lse_forward(Tensor image, Tensor text, Tensor logit_scale, int chunk_elements) -> (Tensor, Tensor)");
+  m.def(
+      "clip_lse_forward(Tensor image, Tensor text, Tensor logit_scale, SymInt chunk_rows, bool keep_logits) -> "
+      "(Tensor, Tensor, Tensor)");
   m.def(
       "clip_lse_backward(Tensor image, Tensor text, Tensor logit_scale, Tensor row_lse, Tensor col_lse, "
-      "Tensor row_coef, Tensor col_coef, int chunk_elements) -> (Tensor, Tensor, Tensor)");
+      "Tensor row_coef, Tensor col_coef, Tensor logits, SymInt chunk_rows) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llm2clip_fast, CPU, m) {

@@ -1,5 +1,7 @@
 // Fused SigLIP loss on CPU: row chunks of the logit matrix through at::mm, an OpenMP epilogue
-// that turns each chunk into loss sums (forward) or the unweighted pair gradient (backward).
+// that turns each chunk into loss sums (forward), the unweighted pair gradient (backward), or both
+// in one pass (siglip_loss_fused: the loss and its gradients for a mean or sum reduction from one
+// GEMM per chunk, 6 M N D FLOPs in all; the caller scales the gradients by the upstream gradient).
 //
 // Logits z_ij = scale * <image_i, text_j> + bias; the positive of image row i is text column
 // i + offset (offset = this rank's first global row in distributed mode, else 0); the pair term is
@@ -164,10 +166,12 @@ at::Tensor siglip_loss_forward(const at::Tensor& image_in, const at::Tensor& tex
 
 // Overwrites one logit chunk with the unweighted pair gradient g0 = d softplus(-y z) / dz =
 // -y * sigmoid(-y z), in (-1, 1), and returns each row's weighted sum of g0 * <i, t> and of g0
-// (the d(scale) and d(bias) partials). Negatives first, branch-free; then the positive.
-template <typename scalar_t>
+// (the d(scale) and d(bias) partials); with WithLoss also each row's loss sum into loss_out
+// (indexed by global row). Negatives first, branch-free; then the positive.
+template <typename scalar_t, bool WithLoss>
 void backward_chunk(scalar_t* d, int64_t r0, int64_t rows, int64_t N, int64_t offset, double scale, double bias,
-                    const at::opmath_type<scalar_t>* w_p, bool uniform, double* row_ds, double* row_db) {
+                    const at::opmath_type<scalar_t>* w_p, bool uniform, double* row_ds, double* row_db,
+                    at::opmath_type<scalar_t>* loss_out) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Math = MathFor<opmath_t>;
   const opmath_t s = static_cast<opmath_t>(scale);
@@ -175,24 +179,27 @@ void backward_chunk(scalar_t* d, int64_t r0, int64_t rows, int64_t N, int64_t of
   at::parallel_for(0, rows, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       scalar_t* row = d + i * N;
-      double gl_sum = 0.0, g_sum = 0.0;
+      double gl_sum = 0.0, g_sum = 0.0, loss_sum = 0.0;
       const int64_t pos = r0 + i + offset;
       const bool has_pos = pos >= 0 && pos < N;
       const opmath_t l_pos = has_pos ? static_cast<opmath_t>(row[pos]) : opmath_t(0);
       constexpr int64_t kBlock = 1024;
       for (int64_t j0 = 0; j0 < N; j0 += kBlock) {
         const int64_t j1 = std::min(N, j0 + kBlock);
-        opmath_t acc_gl = 0, acc_g = 0;
-#pragma omp simd reduction(+ : acc_gl, acc_g)
+        opmath_t acc_gl = 0, acc_g = 0, acc_loss = 0;
+#pragma omp simd reduction(+ : acc_gl, acc_g, acc_loss)
         for (int64_t j = j0; j < j1; ++j) {
           const opmath_t l = static_cast<opmath_t>(row[j]);
-          const opmath_t g0 = Math::sigmoid(s * l + b);
+          const opmath_t z = s * l + b;
+          const opmath_t g0 = Math::sigmoid(z);
           row[j] = static_cast<scalar_t>(g0);
           acc_gl += g0 * l;
           acc_g += g0;
+          if constexpr (WithLoss) acc_loss += Math::softplus(z);
         }
         gl_sum += acc_gl;
         g_sum += acc_g;
+        loss_sum += acc_loss;
       }
       if (has_pos) {
         const opmath_t z = s * l_pos + b;
@@ -201,7 +208,11 @@ void backward_chunk(scalar_t* d, int64_t r0, int64_t rows, int64_t N, int64_t of
         row[pos] = static_cast<scalar_t>(g_pos);
         gl_sum += static_cast<double>(g_pos - g_neg) * static_cast<double>(l_pos);
         g_sum += static_cast<double>(g_pos - g_neg);
+        if constexpr (WithLoss) {
+          loss_sum += static_cast<double>(Math::softplus(-z)) - static_cast<double>(Math::softplus(z));
+        }
       }
+      if constexpr (WithLoss) loss_out[r0 + i] = static_cast<opmath_t>(loss_sum);
       const double w = static_cast<double>(uniform ? w_p[0] : w_p[r0 + i]);
       row_ds[i] = w * gl_sum;
       row_db[i] = w * g_sum;
@@ -209,9 +220,12 @@ void backward_chunk(scalar_t* d, int64_t r0, int64_t rows, int64_t N, int64_t of
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_backward(
+// The chunk loop of the gradient passes: per chunk the GEMM, backward_chunk, then the two
+// gradient GEMMs. loss (WithLoss) receives each row's loss.
+template <bool WithLoss>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gradient_pass(
     const at::Tensor& image_in, const at::Tensor& text_in, const at::Tensor& scale, const at::Tensor& bias,
-    const at::Tensor& row_weight, int64_t offset, int64_t chunk_rows) {
+    const at::Tensor& row_weight, int64_t offset, int64_t chunk_rows, at::Tensor* loss) {
   check_inputs(image_in, text_in, scale, bias, chunk_rows);
   const at::Tensor image = image_in.contiguous();
   const at::Tensor text = text_in.contiguous();
@@ -229,15 +243,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_backward(
   const double b = bias.item<double>();
   at::Tensor d_image = at::empty({M, D}, acc_opts);
   at::Tensor d_text = at::zeros({N, D}, acc_opts);
+  if (WithLoss) *loss = at::empty({M}, acc_opts);
   double d_scale = 0.0;
   double d_bias = 0.0;
-  std::vector<double> row_ds(std::min(chunk_rows, M)), row_db(std::min(chunk_rows, M));
+  std::vector<double> row_ds(std::min(chunk_rows, std::max<int64_t>(M, 1))),
+      row_db(std::min(chunk_rows, std::max<int64_t>(M, 1)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "siglip_loss_backward", [&] {
     const auto* w_p = weight.const_data_ptr<at::opmath_type<scalar_t>>();
+    auto* loss_p = WithLoss ? loss->mutable_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
     for_each_chunk(image, text.t(), chunk_rows, [&](int64_t r0, int64_t r1, const at::Tensor& g) {
       const int64_t rows = r1 - r0;
-      backward_chunk<scalar_t>(g.mutable_data_ptr<scalar_t>(), r0, rows, N, offset, s, b, w_p, uniform,
-                               row_ds.data(), row_db.data());
+      backward_chunk<scalar_t, WithLoss>(g.mutable_data_ptr<scalar_t>(), r0, rows, N, offset, s, b, w_p, uniform,
+                                         row_ds.data(), row_db.data(), loss_p);
       for (int64_t i = 0; i < rows; ++i) {  // in row order: deterministic
         d_scale += row_ds[i];
         d_bias += row_db[i];
@@ -259,16 +276,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_backward(
   return {d_image, d_text, at::scalar_tensor(d_scale, acc_opts), at::scalar_tensor(d_bias, acc_opts)};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_backward(
+    const at::Tensor& image, const at::Tensor& text, const at::Tensor& scale, const at::Tensor& bias,
+    const at::Tensor& row_weight, int64_t offset, int64_t chunk_rows) {
+  return gradient_pass<false>(image, text, scale, bias, row_weight, offset, chunk_rows, nullptr);
+}
+
+// One pass: each row's loss and the gradients of their plain sum (row weight 1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> siglip_loss_fused(
+    const at::Tensor& image, const at::Tensor& text, const at::Tensor& scale, const at::Tensor& bias,
+    int64_t offset, int64_t chunk_rows) {
+  at::Tensor loss;
+  const at::Tensor one = at::ones({}, image.options().dtype(at::toOpMathType(image.scalar_type())));
+  auto [d_image, d_text, d_scale, d_bias] =
+      gradient_pass<true>(image, text, scale, bias, one, offset, chunk_rows, &loss);
+  return {loss, d_image, d_text, d_scale, d_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llm2clip_fast, m) {
-  m.def("siglip_loss_forward(Tensor image, Tensor text, Tensor scale, Tensor bias, int offset, int chunk_rows) -> Tensor");
+  m.def("siglip_loss_forward(Tensor image, Tensor text, Tensor scale, Tensor bias, int offset, SymInt chunk_rows) -> Tensor");
   m.def(
       "siglip_loss_backward(Tensor image, Tensor text, Tensor scale, Tensor bias, Tensor row_weight, int offset, "
-      "int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+      "SymInt chunk_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "siglip_loss_fused(Tensor image, Tensor text, Tensor scale, Tensor bias, int offset, SymInt chunk_rows) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(llm2clip_fast, CPU, m) {
   m.impl("siglip_loss_forward", &siglip_loss_forward);
   m.impl("siglip_loss_backward", &siglip_loss_backward);
+  m.impl("siglip_loss_fused", &siglip_loss_fused);
 }

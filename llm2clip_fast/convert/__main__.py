@@ -30,9 +30,11 @@ the source.
 Expected failures print one line ``llm2clip_fast.convert: error: ...`` on stderr and exit with:
 
   2  bad arguments or options
-  3  a source file or folder that does not exist
+  3  a source file or folder that does not exist, or a file or folder that cannot be read or written
+     (permissions, a read-only filesystem)
   4  --out already exists (pass --overwrite)
-  5  the source does not match the --from format (unknown/missing keys, shape mismatches)
+  5  the source does not match the --from format (unknown/missing keys, shape mismatches), or a
+     safetensors file of it is damaged or truncated
   9  a package the conversion needs is missing or broken (timm for --from eva-clip)
 
 ``--debug`` or ``LLM2CLIP_DEBUG=1`` shows the traceback of expected failures too.
@@ -243,13 +245,14 @@ def _default(value, default):
 def exit_code_for(exc: BaseException) -> int | None:
     """The documented exit code of an expected failure, None for a bug."""
     from ..missing_dependency import MissingDependencyError
+    from ..safetensors_files import DamagedWeightsError
 
     return code_for(exc, [
         (KeyboardInterrupt, 130),
         (MissingDependencyError, 9),
         (OutputExistsError, 4),
-        (SourceMismatchError, 5),
-        ((FileNotFoundError, NotADirectoryError), 3),
+        ((SourceMismatchError, DamagedWeightsError), 5),
+        ((FileNotFoundError, NotADirectoryError, PermissionError), 3),
         (ValueError, 2),
     ])
 

@@ -26,6 +26,7 @@ import torch
 
 from ..atomic_files import write_json_atomic, write_path_atomic
 from ..models.llm2clip import LLM2CLIPModel
+from ..writable_output import check_writable
 from .errors import OutputExistsError
 from .open_clip_keys import ACTIVATIONS, CONFIG_NAME, PROJ_KEY, OpenClipVisionGeometry, open_clip_from_hf
 
@@ -44,6 +45,7 @@ def export_paths(out: str | os.PathLike[str], overwrite: bool) -> tuple[Path, Pa
             raise OutputExistsError(f"{str(path)!r} is a folder; refusing to replace it with a file")
         if path.exists() and not overwrite:
             raise OutputExistsError(f"{str(path)!r} already exists; pass --overwrite to replace it")
+    check_writable(weights, flag="--out", folder=False)
     return weights, config
 
 

@@ -103,9 +103,9 @@ def load_state_file(path: Path, wrappers: tuple[str, ...] = ("state_dict",)) -> 
     from a training checkpoint (the first of ``wrappers`` it holds, e.g. OpenCLIP's ``state_dict``;
     ``module.`` prefixes)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from ..safetensors_files import read_safetensors
 
-        state: Any = load_file(str(path))
+        state: Any = read_safetensors(path)
     elif path.suffix in PICKLE_SUFFIXES:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -15,18 +15,22 @@ from typing import Any
 
 from ..atomic_files import fsync_dir, replace_dir, write_json_atomic
 from ..models.llm2clip import LLM2CLIPModel
+from ..writable_output import check_writable
 from .errors import OutputExistsError
 
 PROVENANCE_NAME = "conversion.json"
 
 
 def check_output(out: str | os.PathLike[str], overwrite: bool) -> Path:
-    """``out`` as a Path, refusing an existing one unless ``overwrite`` (called before any work)."""
+    """``out`` as a Path, refusing an existing one unless ``overwrite``, and one whose folder cannot
+    take the new folder (:func:`~llm2clip_fast.writable_output.check_writable`; called before any work)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"--out {str(out)!r} already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {str(out)!r} exists and is not a folder; refusing to replace a file")
+    # Written as a temporary folder beside it, then renamed: its parent must take new entries.
+    check_writable(out, flag="--out", folder=False)
     return out
 
 

@@ -54,8 +54,9 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def read_safetensors_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Every tensor of the folder's safetensors weights (single file or shards) and the files read."""
-    from safetensors.torch import load_file
+    """Every tensor of the folder's safetensors weights (single file or shards) and the files read; a
+    damaged file raises :class:`~llm2clip_fast.safetensors_files.DamagedWeightsError` naming it."""
+    from ..safetensors_files import read_safetensors as load_file
 
     single, index = folder / SAFETENSORS_NAME, folder / SAFETENSORS_INDEX_NAME
     if single.is_file():
@@ -91,7 +92,7 @@ def read_safetensors_folder(folder: Path) -> tuple[dict[str, torch.Tensor], list
 def read_safetensors_tensor(folder: Path, key: str) -> torch.Tensor | None:
     """One tensor of the folder's safetensors weights (single file or shards), None when it has no such
     tensor; only that tensor is read."""
-    from safetensors import safe_open
+    from ..safetensors_files import open_safetensors
 
     single, index = folder / SAFETENSORS_NAME, folder / SAFETENSORS_INDEX_NAME
     if single.is_file():
@@ -111,7 +112,7 @@ def read_safetensors_tensor(folder: Path, key: str) -> torch.Tensor | None:
     else:
         raise FileNotFoundError(f"{str(folder)!r} has neither {SAFETENSORS_NAME} nor "
                                 f"{SAFETENSORS_INDEX_NAME}")
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         return f.get_tensor(key) if key in f.keys() else None
 
 

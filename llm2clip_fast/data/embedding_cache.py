@@ -293,6 +293,7 @@ def build_embedding_cache(
     hook: Callable[[str, int], None] | None = None,
     fingerprint: dict[str, Any] | None = None,
     skipped: dict[str, str] | None = None,
+    encoder_options: dict[str, Any] | None = None,
 ) -> Path | None:
     """Encode every caption of ``records`` into a sharded cache under ``out_dir`` (resumable).
 
@@ -318,6 +319,10 @@ def build_embedding_cache(
         skipped: ``{key: reason}`` of records the caller left out (e.g. an empty caption), stored in
             the manifest so consumers can tell them from keys missing by mistake. Read when the
             manifest is written, so it may be filled while ``records`` is consumed.
+        encoder_options: encoder settings that change the vectors but not the cache's layout (the
+            forward's precision, 8-bit quantisation): added to the manifest's metadata, but unlike
+            ``metadata`` not checked against the folder's settings: a change re-encodes the shards
+            through ``fingerprint`` instead of refusing the folder.
 
     Returns the manifest path on rank 0, ``None`` on other ranks.
     """
@@ -338,8 +343,10 @@ def build_embedding_cache(
         barrier()
     if rank != 0:
         return None
-    return _write_manifest(out, n_shards, n_records, _settings(dim, storage, names, shard_size, meta),
-                           fingerprint, dict(skipped or {}))
+    manifest_meta = {**meta, **(encoder_options or {})}
+    return _write_manifest(out, n_shards, n_records,
+                           _settings(dim, storage, names, shard_size, manifest_meta), fingerprint,
+                           dict(skipped or {}))
 
 
 def _check_cache_arguments(caption_names: Sequence[str], *, dim: int, shard_size: int, rank: int,

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -463,6 +464,14 @@ def _lost_share(source: CaptionSource, rank: int, world_size: int) -> tuple[int,
     return lost, note
 
 
+def ignore_sigterm_in_worker(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM: its trainer stops at a step boundary and saves when SLURM sends
+    SIGTERM to every process of a job (see ``train.stop_requests``), and shuts its workers down itself.
+    A worker killed by the signal would break that step with "DataLoader worker exited unexpectedly"
+    (and one that inherited the trainer's handler would raise in the worker)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _dataloader_kwargs(tracker: BadDataTracker, *, num_workers: int, seed: int, pin_memory: bool,
                        prefetch_factor: int | None, multiprocessing_context: str | None) -> dict[str, Any]:
     """The keyword arguments of the loader classes: tracker, workers, pinning and the worker-seed
@@ -472,6 +481,8 @@ def _dataloader_kwargs(tracker: BadDataTracker, *, num_workers: int, seed: int, 
         extra["prefetch_factor"] = prefetch_factor
     if num_workers > 0 and multiprocessing_context is not None:
         extra["multiprocessing_context"] = multiprocessing_context
+    if num_workers > 0:
+        extra["worker_init_fn"] = ignore_sigterm_in_worker
     # DataLoader draws its workers' base seed each epoch from this generator, or from the global torch
     # RNG when it has none: a private one keeps the trainer's dropout stream independent of where a
     # resumed run re-enters the epoch (the batches themselves are seeded per sample, not from it).

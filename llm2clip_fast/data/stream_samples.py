@@ -94,6 +94,8 @@ def iter_shard(
         reason = exc.reason
     except (tarfile.TarError, EOFError) as exc:
         reason = f"the tar data is truncated or damaged ({exc})"
+    except (MemoryError, OverflowError) as exc:  # a header claiming 2**40 bytes, read into memory at once
+        reason = f"a tar header claims more bytes than can be read ({type(exc).__name__}): it is damaged"
     else:
         if pending is not None:
             yield pending

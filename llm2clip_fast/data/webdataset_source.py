@@ -109,7 +109,8 @@ def _index_shard(shard: int, path: str) -> tuple[list[_Sample], str | None]:
 
     tarfile takes a file that ends exactly between two members (what a killed writer leaves), or a
     garbage header, for the end of the archive: only the two zero blocks that close a tar tell a
-    complete shard from one cut there, so they are checked."""
+    complete shard from one cut there, so they are checked. A header claiming an impossible size (a
+    PAX extended header of 2**40 bytes, which tarfile tries to read into memory) is damage too."""
     samples: list[_Sample] = []
     problem = None
     file_size = os.path.getsize(path)
@@ -132,7 +133,9 @@ def _index_shard(shard: int, path: str) -> tuple[list[_Sample], str | None]:
         if closing != bytes(_END_OF_ARCHIVE):
             raise tarfile.ReadError(f"no tar end-of-archive blocks at byte {end} (the file is cut between "
                                     "two members, or a header there is damaged)")
-    except tarfile.ReadError as exc:
+    except (tarfile.ReadError, MemoryError, OverflowError) as exc:
+        if not isinstance(exc, tarfile.ReadError):
+            exc = _impossible_size(exc)
         if not samples:
             raise ValueError(f"shard {path!r} is not a readable uncompressed tar file: {exc}") from None
         problem = (
@@ -142,6 +145,12 @@ def _index_shard(shard: int, path: str) -> tuple[list[_Sample], str | None]:
     for sample in samples:  # a member cut by truncation reads short: drop it, so its sample is flagged bad
         sample.members = {e: (o, n) for e, (o, n) in sample.members.items() if o + n <= file_size}
     return samples, problem
+
+
+def _impossible_size(exc: BaseException) -> tarfile.ReadError:
+    """What tarfile's MemoryError or OverflowError on a header means: a size no shard can hold."""
+    return tarfile.ReadError(f"a tar header claims more bytes than can be read ({type(exc).__name__}); the "
+                             "header is damaged")
 
 
 class _LocalSizes:

@@ -346,9 +346,9 @@ class LLM2CLIPModel(nn.Module):
                         device: str | torch.device = "cpu") -> LLM2CLIPModel:
         """Load a model saved by :meth:`save_pretrained` (weights bit-identical): a local folder, or a
         hub name (``owner/name``) already in the local Hugging Face cache (never downloaded). The global
-        RNG is left untouched."""
-        from safetensors.torch import load_file
-
+        RNG is left untouched. A damaged or truncated ``model.safetensors`` raises
+        :class:`~llm2clip_fast.safetensors_files.DamagedWeightsError` naming it."""
+        from ..safetensors_files import read_safetensors
         from .llm_encoder import resolve_model_path
 
         try:
@@ -368,7 +368,7 @@ class LLM2CLIPModel(nn.Module):
         # Random initialisation of the skeleton must not shift the caller's RNG stream.
         with torch.random.fork_rng(devices=[]):
             model = cls(config)
-        state = load_file(str(weights_file), device=str(device))
+        state = read_safetensors(weights_file, device=str(device))
         result = model.load_state_dict(state, strict=False, assign=True)
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"{weights_file} does not match the config: missing {result.missing_keys[:5]}, "

@@ -13,8 +13,12 @@ Two tokenisation conventions, picked from the model's config:
 - BERT-like encoders follow sentence-transformers: every attended token (``[CLS]``/``[SEP]``
   included) is pooled, and an instruction, if any, is attended but not pooled.
 
-``load_in_8bit=True`` loads the frozen weights as LLM.int8 through bitsandbytes (CPU and CUDA),
-about half the bytes of bf16.
+Frozen-LLM numerics (:meth:`LLMTextEncoder.from_pretrained`): ``quantize="llm-int8"`` (alias
+``load_in_8bit=True``) loads the linear weights as bitsandbytes' LLM.int8 (about half the bytes of
+bf16); ``quantize="w8a8-int8"`` / ``"w8a8-fp8"`` quantise weights and activations to 8 bits
+(:mod:`llm2clip_fast.models.llm_quantization`: per-token activation scales, SmoothQuant, the layers left
+in 16-bit chosen by measured embedding fidelity); ``precision="bf16"`` runs the forward under bf16
+autocast (the default of ``embed`` on CPUs with native bf16, and on CUDA).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ _DEFAULTS: dict[str, Any] = {
     "pooling": "mean", "bidirectional": True, "max_length": 512, "instruction": None, "normalize": False,
     "template": "auto", "doc_max_length": 400,
 }
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 _DTYPE_NAMES = {
     "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -138,6 +143,48 @@ def is_decoder_only(config: Any) -> bool:
     return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
 
 
+def token_budget_batches(sorted_lengths: Sequence[int], batch_size: int,
+                         max_batch_tokens: int | None) -> list[tuple[int, int]]:
+    """``(start, end)`` spans over lengths sorted longest first: each span holds at most ``batch_size``
+    rows and, with ``max_batch_tokens``, at most that many padded tokens (rows x its first, longest,
+    length); a single row longer than the budget still gets a span of its own."""
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < len(sorted_lengths):
+        rows = batch_size
+        if max_batch_tokens is not None:
+            rows = min(rows, max(1, max_batch_tokens // max(1, sorted_lengths[start])))
+        end = min(len(sorted_lengths), start + rows)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``precision`` means on ``device``: "bf16" -> bfloat16, "fp32"/None -> None,
+    "auto" -> bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), else None."""
+    if precision is None or precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "auto":
+        from ..ops._availability import cpu_has_fast_bf16
+
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if native else None
+    raise ValueError(f"precision must be one of {PRECISION_CHOICES} or None, got {precision!r}")
+
+
+def _resolve_quantize(quantize: str, load_in_8bit: bool) -> str:
+    from .llm_quantization import QUANTIZE_CHOICES
+
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    if load_in_8bit and quantize not in ("none", "llm-int8"):
+        raise ValueError(f"load_in_8bit=True is quantize='llm-int8'; it conflicts with quantize={quantize!r}")
+    return "llm-int8" if load_in_8bit else quantize
+
+
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -218,6 +265,7 @@ class LLMTextEncoder(nn.Module):
         template: str = "auto",
         doc_max_length: int = 400,
         name_or_path: str | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -239,6 +287,13 @@ class LLMTextEncoder(nn.Module):
         self.doc_max_length = doc_max_length
         self.instruction = instruction or None
         self.normalize = bool(normalize)
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
+        self.autocast = autocast
+        # Set by from_pretrained: "none", "llm-int8", "w8a8-int8" or "w8a8-fp8", and for w8a8 the report of
+        # llm2clip_fast.models.llm_quantization (layers kept in 16-bit, calibration, fidelity).
+        self.quantize = "none"
+        self.quantization: Any = None
         config = getattr(model, "config", None)
         if config is None and hasattr(model, "get_base_model"):
             config = getattr(model.get_base_model(), "config", None)
@@ -288,6 +343,9 @@ class LLMTextEncoder(nn.Module):
         device: str | torch.device | None = None,
         template: str | None = None,
         doc_max_length: int | None = None,
+        quantize: str = "none",
+        quantize_keep: Sequence[str] | None = None,
+        precision: str | None = None,
     ) -> LLMTextEncoder:
         """Load a model folder (or a hub name from the local cache) as a text encoder.
 
@@ -300,7 +358,14 @@ class LLMTextEncoder(nn.Module):
 
         Args:
             dtype: weights' dtype (for 8-bit: the dtype of the layers that stay unquantised).
-            load_in_8bit: load linear weights as LLM.int8 (bitsandbytes).
+            load_in_8bit: load linear weights as LLM.int8 (bitsandbytes): ``quantize="llm-int8"``.
+            quantize: ``"none"``, ``"llm-int8"`` (bitsandbytes), ``"w8a8-int8"`` or ``"w8a8-fp8"``
+                (8-bit weights and per-token activations, fp8 on GPUs of compute capability 8.9+; see
+                :mod:`llm2clip_fast.models.llm_quantization`). A LoRA must be merged (``merge_lora``).
+            quantize_keep: w8a8: the linear layers to leave in 16-bit, as a previous quantisation
+                recorded (``encoder.quantization.kept_16bit``); None searches them by fidelity.
+            precision: autocast of the forward: ``"bf16"``, ``"fp32"``/None (none) or ``"auto"`` (bf16 on
+                CUDA and on CPUs with native bf16, else none).
             lora: peft adapter folder(s) applied in order: a path, ``"A,B"`` or ``[A, B]`` (LLM2Vec's
                 MNTP then supervised adapters). Each but the last is merged before the next is
                 loaded; ``merge_lora`` merges the last one too.
@@ -315,6 +380,12 @@ class LLMTextEncoder(nn.Module):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         torch_dtype = _parse_dtype(dtype)
+        quantize = _resolve_quantize(quantize, load_in_8bit)
+        if quantize.startswith("w8a8") and lora is not None and not merge_lora:
+            raise ValueError(f"quantize={quantize!r} quantises the merged weights: pass merge_lora=True "
+                             "with lora=")
+        if quantize_keep is not None and not quantize.startswith("w8a8"):
+            raise ValueError(f"quantize_keep applies to the w8a8 modes, not quantize={quantize!r}")
         if pooling is not None and pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
@@ -347,7 +418,7 @@ class LLMTextEncoder(nn.Module):
         kwargs: dict[str, Any] = {"dtype": torch_dtype}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        if load_in_8bit:
+        if quantize == "llm-int8":
             if importlib.util.find_spec("bitsandbytes") is None:
                 raise ValueError("load_in_8bit=True needs bitsandbytes: pip install 'llm2clip_fast[int8]'")
             from transformers import BitsAndBytesConfig
@@ -367,10 +438,16 @@ class LLMTextEncoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         name = (LLM2CLIP_EXTRACTION_NAME if mapped is not None and settings["template"] == "llm2clip"
                 else llm2vec_name_or_path(os.fspath(path), folder))
-        return cls(model, tokenizer, pooling=settings["pooling"], max_length=int(settings["max_length"]),
-                   instruction=settings["instruction"], normalize=bool(settings["normalize"]),
-                   template=settings["template"], doc_max_length=int(settings["doc_max_length"]),
-                   name_or_path=name)
+        encoder = cls(model, tokenizer, pooling=settings["pooling"], max_length=int(settings["max_length"]),
+                      instruction=settings["instruction"], normalize=bool(settings["normalize"]),
+                      template=settings["template"], doc_max_length=int(settings["doc_max_length"]),
+                      name_or_path=name, autocast=resolve_precision(precision, dev))
+        encoder.quantize = quantize
+        if quantize.startswith("w8a8"):
+            from .llm_quantization import quantize_encoder
+
+            encoder.quantization = quantize_encoder(encoder, quantize, keep=quantize_keep)
+        return encoder
 
     @staticmethod
     def _read_saved_settings(folder: Path) -> dict[str, Any]:
@@ -618,13 +695,21 @@ class LLMTextEncoder(nn.Module):
             raise ValueError(
                 f"embed_mask must be (B, L) = {tuple(input_ids.shape)}, got {tuple(embed_mask.shape)}")
         dev = self.device
-        input_ids = input_ids.to(dev)
-        attention_mask = attention_mask.to(dev)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        if dev.type == "cuda" and input_ids.device.type == "cpu":
+            # Pinned sources make these copies asynchronous: no wait on the GPU per batch.
+            input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+            embed_mask = embed_mask.pin_memory() if embed_mask is not None else None
+        input_ids = input_ids.to(dev, non_blocking=True)
+        attention_mask = attention_mask.to(dev, non_blocking=True)
+        amp_dtype = self.autocast or torch.bfloat16
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=self.autocast is not None):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         do_norm = self.normalize if normalize is None else bool(normalize)
         if self.pooling == "mean":
-            pool_mask = attention_mask if embed_mask is None else embed_mask.to(dev) * attention_mask
+            pool_mask = attention_mask
+            if embed_mask is not None:
+                pool_mask = embed_mask.to(dev, non_blocking=True) * attention_mask
             return masked_mean_pool(hidden, pool_mask, normalize=do_norm)
         # last_token: the last attended position of each row, whichever side the padding is on.
         L = attention_mask.shape[1]
@@ -640,35 +725,50 @@ class LLMTextEncoder(nn.Module):
         batch_size: int = 32,
         show_progress: bool = True,
         normalize: bool | None = None,
+        max_batch_tokens: int | None = None,
     ) -> torch.Tensor:
         """Embed ``texts`` without autograd; returns (N, H) fp32 on the CPU in the input order.
 
-        Texts are sorted by token length (longest first) before batching so each batch pads to
-        similar lengths, then the rows are put back in input order.
+        Texts are sorted by token length (longest first) and cut into batches of at most
+        ``batch_size`` captions and, with ``max_batch_tokens``, at most that many padded tokens (rows
+        times the batch's longest caption): long captions go in small batches, short ones in large
+        ones. On CUDA the loop never waits for the GPU: token ids go up from pinned memory and each
+        batch's pooled vectors come back into one pinned buffer asynchronously; the only
+        synchronisation is at the end. The rows are put back in input order.
         """
         texts = self._check_texts(texts)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or not isinstance(
+                max_batch_tokens, int) or max_batch_tokens < 1):
+            raise ValueError(f"max_batch_tokens must be a positive int or None, got {max_batch_tokens!r}")
         out = torch.empty((len(texts), self.embedding_dim), dtype=torch.float32)
         if not texts:
             return out
-        order = self.length_order(texts)
+        lengths = self.token_lengths(texts)
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        spans = token_budget_batches([lengths[i] for i in order], batch_size, max_batch_tokens)
+        cuda = self.device.type == "cuda"
+        # Rows in sorted order; pinned on CUDA so each batch's copy back is asynchronous.
+        sorted_out = torch.empty_like(out, pin_memory=cuda)
         was_training = self.model.training
         self.model.eval()
         try:
-            batches: Iterable[int] = range(0, len(texts), batch_size)
+            batches: Iterable[tuple[int, int]] = spans
             if show_progress:
                 from tqdm.auto import tqdm
 
-                batches = tqdm(batches, total=-(-len(texts) // batch_size), desc="encode", unit="batch")
-            for start in batches:
-                idx = order[start:start + batch_size]
-                enc = self.tokenize([texts[i] for i in idx])
+                batches = tqdm(spans, desc="encode", unit="batch")
+            for start, end in batches:
+                enc = self.tokenize([texts[i] for i in order[start:end]])
                 emb = self.forward(enc["input_ids"], enc["attention_mask"], enc["embed_mask"],
                                    normalize=normalize)
-                out[torch.as_tensor(idx)] = emb.to("cpu", torch.float32)
+                sorted_out[start:end].copy_(emb, non_blocking=cuda)
+            if cuda:
+                torch.cuda.current_stream(self.device).synchronize()
         finally:
             self.model.train(was_training)
+        out[torch.as_tensor(order)] = sorted_out
         return out
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:

@@ -11,8 +11,9 @@ Architecture (both classes, identical parameter names and shapes, so one state_d
 ``proj``: Linear(d -> out_dim) with bias, LayerNorm eps 1e-5. Dropout, when > 0, acts on the hidden
 activation right after GELU (the only place); it is off in ``eval()``.
 
-:class:`TextAdapter` runs through :func:`llm2clip_fast.ops.adapter.text_adapter`, which picks the fused
-Triton kernels on CUDA and the plain-torch path elsewhere (and whenever dropout is active).
+:class:`TextAdapter` runs through :func:`llm2clip_fast.ops.adapter.text_adapter`, whose backends (the
+lean autograd Functions, eager torch, activation checkpointing) compute the same formula with different
+saved state; see that module for which one dispatch picks where.
 :class:`TextAdapterReference` is the plain nn.Module formulation: the ground truth for tests and benches.
 
 Input: ``(B, in_dim)`` of any float dtype; it is cast to the parameters' dtype first (as a caller would
@@ -88,13 +89,6 @@ class _TextAdapterLayout(nn.Module):
         return (f"in_dim={self.in_dim}, out_dim={self.out_dim}, num_blocks={self.num_blocks}, "
                 f"expansion={self.expansion}, dropout={self.dropout_p}, input_norm={self.input_norm!r}")
 
-    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_norm == "l2":
-            x = F.normalize(x, dim=-1, eps=L2_EPS)
-        for block in self.blocks:
-            x = block(x)
-        return self.proj(self.final_norm(x))
-
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of shape (B, {self.in_dim}), got {type(x).__name__}")
@@ -113,16 +107,20 @@ class TextAdapterReference(_TextAdapterLayout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_dim) float -> (B, out_dim) in the parameter (or autocast) dtype."""
-        return self._torch_forward(self._check_input(x))
+        x = self._check_input(x)
+        if self.input_norm == "l2":
+            x = F.normalize(x, dim=-1, eps=L2_EPS)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.final_norm(x))
 
 
 class TextAdapter(_TextAdapterLayout):
-    """The adapter on the fused path (Triton on CUDA; torch on CPU or while dropout is active).
+    """The adapter through the ``text_adapter`` op (:mod:`llm2clip_fast.ops.adapter`).
 
     ``TextAdapter(in_dim, out_dim, num_blocks=4, expansion=2, dropout=0.0, input_norm="l2")``;
     ``forward(x)``: x (B, in_dim) any float dtype -> (B, out_dim). ``backend`` (constructor) forces a
-    backend of the ``text_adapter`` op ("torch", "recompute" or "triton"); None lets dispatch choose.
-    With ``input_norm="none"`` the plain-torch formulation runs (no fused op skips the L2 step).
+    backend of the op ("triton", "lean", "torch" or "recompute"); None lets dispatch choose.
     """
 
     def __init__(self, in_dim: int, out_dim: int, num_blocks: int = 4, expansion: int = 2,
@@ -133,13 +131,12 @@ class TextAdapter(_TextAdapterLayout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_dim) float -> (B, out_dim) in the parameter (or autocast) dtype."""
         x = self._check_input(x)
-        if self.input_norm != "l2":
-            return self._torch_forward(x)
         block_weights = [(b.norm.weight, b.norm.bias, b.fc1.weight, b.fc1.bias, b.fc2.weight, b.fc2.bias)
                          for b in self.blocks]
         head_weights = (self.final_norm.weight, self.final_norm.bias, self.proj.weight, self.proj.bias)
         return adapter_ops.text_adapter(
             x, block_weights, head_weights, ln_eps=LN_EPS, l2_eps=L2_EPS,
+            l2_normalize=self.input_norm == "l2",
             dropout=self.dropout_p, training=self.training, backend=self.backend,
         )
 

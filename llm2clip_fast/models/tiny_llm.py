@@ -77,8 +77,14 @@ def build_tiny_llm(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     seed: int = 0,
+    massive_channels: int = 0,
 ) -> Path:
-    """Save a random ``<family>ForCausalLM`` and its tokenizer to ``folder``; returns the folder."""
+    """Save a random ``<family>ForCausalLM`` and its tokenizer to ``folder``; returns the folder.
+
+    ``massive_channels``: that many hidden dimensions (spread over the width) of the token embeddings
+    are scaled by 100, so the residual stream, and every norm's output, carries LLM-like "massive
+    activations" (Sun et al. 2024): the outlier channels that make per-token 8-bit activations lossy.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(folder)
@@ -93,5 +99,9 @@ def build_tiny_llm(
     vocab = len(AutoTokenizer.from_pretrained(out))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, vocab, **sizes))
+    if massive_channels:
+        channels = torch.linspace(3, hidden_size - 2, massive_channels).long()
+        with torch.no_grad():
+            model.get_input_embeddings().weight[:, channels] *= 100.0
     model.save_pretrained(out)
     return out

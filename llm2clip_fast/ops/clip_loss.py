@@ -1,33 +1,48 @@
-"""Fused CLIP contrastive loss (OpenCLIP ``ClipLoss``) that never materialises the B x B logits.
+"""Fused CLIP contrastive loss (OpenCLIP ``ClipLoss``) that never holds more of the B x B logits
+than its memory budget allows.
 
-Two backend-dispatched primitives do the O(B^2 * D) work; everything else is O(B * D) torch:
+The O(B^2 * D) work is three GEMMs per row chunk of C rows (a C x N workspace), with the
+memory-bound work fused around them:
 
-- :func:`clip_lse_forward`: row and column log-sum-exp of ``s * image @ text.T``.
-- :func:`clip_lse_backward`: with ``G = row_coef * softmax_rows + col_coef * softmax_cols`` (each
-  softmax written through the saved LSEs), ``d_image = s * G @ text``, ``d_text = s * G.T @ image``
-  and ``d_scale = sum G * l``.
+- forward: ``S_c = image_c @ text.T`` (fp32 result), then an epilogue giving the chunk's row
+  log-sum-exp and column partials, merged across chunks into the column log-sum-exp;
+- backward: ``S_c`` again (or the kept chunk), an epilogue writing
+  ``G = row_coef * softmax_rows + col_coef * softmax_cols`` (each through the saved LSEs) and
+  ``sum G * S`` (d logit_scale), then ``d_image_c = s * G @ text`` and ``d_text += s * G.T @ image_c``.
 
-:func:`clip_loss` composes them with the positive-pair (diagonal) terms:
-``loss_i = (row_lse_i + col_lse_i) / 2 - s * <image_i, text_i>``.
+Two memory paths (ops/_chunking.py): with ``keep-logits`` the forward keeps the fp32 chunks and the
+backward skips the recompute (6 * B^2 * D FLOPs, as a plain one-GEMM loss); with ``recompute`` it
+keeps O(B) statistics (8 * B^2 * D FLOPs, O(B * D) memory plus the chunk workspaces). The memory
+budget (``memory_budget=``, ``LLM2CLIP_LOSS_MEMORY_BUDGET``, default a quarter of the free memory)
+decides; ``last_path("clip_loss")`` in ops/_chunking.py says which ran.
+
+Two backend-dispatched primitives do it; the loss adds the positive-pair (diagonal) terms,
+``loss_i = (row_lse_i + col_lse_i) / 2 - s * <image_i, text_i>``:
+
+- :func:`clip_lse_forward`: row and column log-sum-exp of ``s * image @ text.T`` (and the kept logits).
+- :func:`clip_lse_backward`: ``d_image = s * G @ text``, ``d_text = s * G.T @ image`` and
+  ``d_scale = sum G * l``.
 
 Backends (op name ``clip_loss``; force with ``backend=...`` or ``LLM2CLIP_BACKEND_CLIP_LOSS``):
-``triton`` (CUDA tensors; CPU only when forced under TRITON_INTERPRET=1), ``cpu`` (C++ extension,
-float32/bfloat16/float64; its epilogue runs the AVX-512, AVX2 or baseline build the CPU supports,
-or the one ``LLM2CLIP_CPU_ISA`` names), ``torch`` (chunked pure torch, any device and float dtype) and
-``reference`` (materialises the matrix; only when forced). ``LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS``
-overrides the row-chunk workspace size (elements of the C x N buffer).
+``triton`` (CUDA: cuBLAS GEMMs and Triton epilogues, the epilogue of chunk k on a second stream beside
+the GEMM of chunk k+1; CPU only when forced under TRITON_INTERPRET=1), ``cpu`` (C++ extension,
+float32/bfloat16/float64: at::mm chunks and an OpenMP epilogue built for AVX-512, AVX2 or the baseline,
+or the one ``LLM2CLIP_CPU_ISA`` names), ``torch`` (the same chunks in pure torch, any device and float
+dtype) and ``reference`` (materialises the matrix; only when forced).
+``LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS`` sets the preferred chunk workspace (elements of the C x N
+buffer); the budget caps it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from .._extensions import cpu_extension
-from ..fp32_matmul import mm_fp32
 from ._availability import (
     cpu_extension_reasons,
     dtype_reasons,
@@ -36,40 +51,26 @@ from ._availability import (
     triton_half_or_float_reasons,
 )
 from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
-from ._chunking import chunk_elements_from_env
+from ._chunk_schedule import run_gradient_chunks, run_logit_chunks
+from ._chunking import ChunkPlan, chunk_elements_from_env, memory_budget, plan_chunks, record_path
 from ._library import define_op
+from ._overlap import overlap_enabled
 from .loss_inputs import check_pair, check_scale
 from .reference import clip_loss_reference
 
 OP_NAME = "clip_loss"
 _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ENV = "LLM2CLIP_CLIP_LOSS_CHUNK_ELEMENTS"
-# Row-chunk workspace (the C x N buffer). CPU: 8M elements (32 MB fp32) keeps the buffer cheap
-# next to the inputs while the at::mm calls stay large. CUDA: 2 GiB, because every chunk adds an
-# N x D update into d_text; at B = 2^20, D = 1024 that is ~12 GB of memory traffic per chunk, so C
-# must be ~1000 rows for the backward to stay compute-bound.
+# Preferred chunk workspace (elements of C x N). CPU: 8M (32 MB fp32), small next to the inputs while
+# the at::mm calls stay large. CUDA: 2^29 (2 GiB of fp32 logits): C = 8192 rows at B = 65536, and
+# still 512 rows at B = 2^20, where each chunk's N x D update of d_text must not make the backward
+# memory-bound; the budget caps it.
 _CPU_CHUNK_ELEMENTS = 1 << 23
-_CUDA_CHUNK_BYTES = 2 << 30
+_CUDA_CHUNK_ELEMENTS = 1 << 29
 _MIN_CHUNK_ROWS_CUDA = 128
 
 _Pair = tuple[Tensor, Tensor]
 _Triple = tuple[Tensor, Tensor, Tensor]
-
-
-def _chunk_elements(device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    from_env = chunk_elements_from_env(_CHUNK_ENV)
-    if from_env is not None:
-        return from_env
-    if device.type == "cuda":
-        return _CUDA_CHUNK_BYTES // torch.empty((), dtype=dtype).element_size()
-    return _CPU_CHUNK_ELEMENTS
-
-
-def _chunk_rows(m: int, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
-    rows = _chunk_elements(device, dtype) // max(n, 1)
-    if device.type == "cuda":
-        rows = max(rows, _MIN_CHUNK_ROWS_CUDA)
-    return max(1, min(rows, m))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -77,63 +78,63 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# torch backend: chunked, any device and float dtype, fp32 (fp64 for fp64) arithmetic.
+# torch backend: the chunk schedule with torch epilogues, any device and float dtype, fp32 (fp64
+# for fp64) arithmetic and operands.
 
 
-def _torch_lse_forward(image: Tensor, text: Tensor, scale: Tensor) -> _Pair:
+def _torch_lse_forward(image: Tensor, text: Tensor, scale: Tensor, chunk_rows: int,
+                       keep_logits: bool) -> _Triple:
     acc = _acc_dtype(image.dtype)
     m, n = image.shape[0], text.shape[0]
     s = scale.to(acc)
-    text_t = text.to(acc).t()
-    row_lse = torch.empty(m, device=image.device, dtype=acc)
-    col_lse = torch.full((n,), float("-inf"), device=image.device, dtype=acc)
-    step = _chunk_rows(m, n, image.device)
-    for r0 in range(0, m, step):
-        x = torch.mm(image[r0:r0 + step].to(acc), text_t).mul_(s)
-        row_lse[r0:r0 + step] = torch.logsumexp(x, dim=1)
-        col_lse = torch.logaddexp(col_lse, torch.logsumexp(x, dim=0))
-    return row_lse, col_lse
+    row_lse = image.new_empty(m, dtype=acc)
+    col_lse = image.new_full((n,), float("-inf"), dtype=acc)
+
+    def epilogue(chunk: Tensor, r0: int, r1: int) -> None:
+        x = chunk * s
+        row_lse[r0:r1] = torch.logsumexp(x, dim=1)
+        torch.logaddexp(col_lse, torch.logsumexp(x, dim=0), out=col_lse)
+
+    kept = run_logit_chunks(image.to(acc), text.to(acc), chunk_rows, keep_logits, acc, epilogue)
+    return row_lse, col_lse, kept
 
 
 def _torch_lse_backward(
     image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
-    row_coef: Tensor, col_coef: Tensor,
+    row_coef: Tensor, col_coef: Tensor, logits: Tensor, chunk_rows: int,
 ) -> _Triple:
     acc = _acc_dtype(image.dtype)
-    m, n = image.shape[0], text.shape[0]
     s = scale.to(acc)
-    text_acc = text.to(acc)
-    col_lse = col_lse.to(acc)
-    col_coef = col_coef.to(acc)
-    d_image = torch.empty(m, image.shape[1], device=image.device, dtype=acc)
-    d_text = torch.zeros(n, image.shape[1], device=image.device, dtype=acc)
-    d_scale = torch.zeros((), device=image.device, dtype=acc)
-    step = _chunk_rows(m, n, image.device)
-    for r0 in range(0, m, step):
-        img = image[r0:r0 + step].to(acc)
-        logits = torch.mm(img, text_acc.t())
-        x = logits * s
-        g = (row_coef[r0:r0 + step, None].to(acc) * torch.exp(x - row_lse[r0:r0 + step, None].to(acc))
-             + col_coef[None, :] * torch.exp(x - col_lse[None, :]))
-        d_scale += (g * logits).sum()
-        torch.mm(g, text_acc, out=d_image[r0:r0 + step])
-        d_text.addmm_(g.t(), img)
+    row_lse, col_lse = row_lse.to(acc), col_lse.to(acc)
+    row_coef, col_coef = row_coef.to(acc), col_coef.to(acc)
+    d_scale = image.new_zeros((), dtype=acc)
+
+    def epilogue(chunk: Tensor, g: Tensor, r0: int, r1: int) -> None:
+        x = chunk * s
+        torch.sub(x, col_lse, out=g)
+        g.exp_().mul_(col_coef)
+        g.add_(x.sub_(row_lse[r0:r1, None]).exp_().mul_(row_coef[r0:r1, None]))
+        d_scale.add_(torch.dot(g.reshape(-1), chunk.reshape(-1)))
+
+    d_image, d_text = run_gradient_chunks(image.to(acc), text.to(acc), logits, chunk_rows, acc, acc, epilogue)
     return d_image.mul_(s), d_text.mul_(s), d_scale
 
 
 # ---------------------------------------------------------------------------------------------
-# reference backend: the materialised formula (tests, debugging).
+# reference backend: the materialised formula (tests, debugging). It keeps nothing (it has the matrix).
 
 
-def _reference_lse_forward(image: Tensor, text: Tensor, scale: Tensor) -> _Pair:
+def _reference_lse_forward(image: Tensor, text: Tensor, scale: Tensor, chunk_rows: int,
+                           keep_logits: bool) -> _Triple:
     acc = _acc_dtype(image.dtype)
     x = scale.to(acc) * image.to(acc) @ text.to(acc).t()
-    return torch.logsumexp(x, dim=1), torch.logsumexp(x, dim=0)
+    nothing_kept = image.new_empty((0, text.shape[0]), dtype=acc)
+    return torch.logsumexp(x, dim=1), torch.logsumexp(x, dim=0), nothing_kept
 
 
 def _reference_lse_backward(
     image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
-    row_coef: Tensor, col_coef: Tensor,
+    row_coef: Tensor, col_coef: Tensor, logits: Tensor, chunk_rows: int,
 ) -> _Triple:
     acc = _acc_dtype(image.dtype)
     s = scale.to(acc)
@@ -146,36 +147,47 @@ def _reference_lse_backward(
 
 
 # ---------------------------------------------------------------------------------------------
-# cpu backend: llm2clip_fast._C (torch.ops.llm2clip_fast.clip_lse_*).
+# cpu backend: llm2clip_fast._C (torch.ops.llm2clip_fast.clip_lse_*), the same chunk schedule in C++.
 
 
 # bf16 features: the C++ op multiplies float32 copies of them (csrc/cpu/clip_loss.cpp says why),
 # so its gradients are as exact as the torch backend's.
-def _cpu_lse_forward(image: Tensor, text: Tensor, scale: Tensor) -> _Pair:
-    return torch.ops.llm2clip_fast.clip_lse_forward(image, text, scale, _chunk_elements(image.device))
+def _cpu_lse_forward(image: Tensor, text: Tensor, scale: Tensor, chunk_rows: int,
+                     keep_logits: bool) -> _Triple:
+    return torch.ops.llm2clip_fast.clip_lse_forward(image, text, scale, chunk_rows, keep_logits)
 
 
 def _cpu_lse_backward(
     image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
-    row_coef: Tensor, col_coef: Tensor,
+    row_coef: Tensor, col_coef: Tensor, logits: Tensor, chunk_rows: int,
 ) -> _Triple:
-    return torch.ops.llm2clip_fast.clip_lse_backward(
-        image, text, scale, row_lse, col_lse, row_coef, col_coef, _chunk_elements(image.device)
-    )
+    return torch.ops.llm2clip_fast.clip_lse_backward(image, text, scale, row_lse, col_lse, row_coef, col_coef,
+                                                     logits, chunk_rows)
+
+
+def _lse_forward_fake(image: Tensor, text: Tensor, scale: Tensor, chunk_rows: int,
+                      keep_logits: bool) -> _Triple:
+    acc = _acc_dtype(image.dtype)
+    m, n = image.shape[0], text.shape[0]
+    return (image.new_empty(m, dtype=acc), text.new_empty(n, dtype=acc),
+            image.new_empty((m, n) if keep_logits else (0, n), dtype=acc))
+
+
+def _lse_backward_fake(
+    image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
+    row_coef: Tensor, col_coef: Tensor, logits: Tensor, chunk_rows: int,
+) -> _Triple:
+    acc = _acc_dtype(image.dtype)
+    return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
+            image.new_empty((), dtype=acc))
 
 
 def _register_cpu_fakes() -> None:
     """Shape-only versions of the C++ ops, so torch.compile / opcheck can trace them."""
     if cpu_extension() is None or not hasattr(torch.ops.llm2clip_fast, "clip_lse_forward"):
         return
-
-    @torch.library.register_fake("llm2clip_fast::clip_lse_forward")
-    def _(image, text, logit_scale, chunk_elements):
-        return _lse_forward_fake(image, text, logit_scale)
-
-    @torch.library.register_fake("llm2clip_fast::clip_lse_backward")
-    def _(image, text, logit_scale, row_lse, col_lse, row_coef, col_coef, chunk_elements):
-        return _lse_backward_fake(image, text, logit_scale, row_lse, col_lse, row_coef, col_coef)
+    torch.library.register_fake("llm2clip_fast::clip_lse_forward")(_lse_forward_fake)
+    torch.library.register_fake("llm2clip_fast::clip_lse_backward")(_lse_backward_fake)
 
 
 _register_cpu_fakes()
@@ -190,38 +202,42 @@ def _cpu_op_reasons(ctx: DispatchContext) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# triton backend: llm2clip_kernels/clip_loss.py for the tiles, torch.mm (cuBLAS) for the gradient GEMMs.
+# triton backend: cuBLAS (torch.mm, fp32 result) for every product, llm2clip_kernels/clip_loss.py for
+# the epilogues.
 
 
-def _triton_lse_forward_impl(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    from ..kernels.clip_loss import clip_lse_forward_triton
+def _triton_lse_forward_impl(image: Tensor, text: Tensor, scale: Tensor, chunk_rows: int,
+                             keep_logits: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels.clip_loss import clip_lse_partials, merge_partials, tile_counts
 
-    return clip_lse_forward_triton(image, text, scale.to(torch.float32))
+    m, n = image.shape[0], text.shape[0]
+    s = scale.to(torch.float32).reshape(())
+    rows = min(chunk_rows, m)
+    n_rb, n_cb = tile_counts(rows, n)
+    row_lse = image.new_empty(m, dtype=torch.float32)
+    col_lse = image.new_full((n,), float("-inf"), dtype=torch.float32)
+    # Written and read by the epilogues alone (one stream, in order): one set serves every chunk.
+    row_part = image.new_empty((2, n_cb, rows), dtype=torch.float32)
+    col_part = image.new_empty((2, n_rb, n), dtype=torch.float32)
 
+    def epilogue(chunk: Tensor, r0: int, r1: int) -> None:
+        c_rb, c_cb = tile_counts(r1 - r0, n)
+        clip_lse_partials(chunk, s, row_part, col_part)
+        row_lse[r0:r1] = merge_partials(row_part[:, :c_cb, : r1 - r0])
+        torch.logaddexp(col_lse, merge_partials(col_part[:, :c_rb]), out=col_lse)
 
-def _lse_forward_fake(image: Tensor, text: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    acc = _acc_dtype(image.dtype)
-    return image.new_empty(image.shape[0], dtype=acc), text.new_empty(text.shape[0], dtype=acc)
-
-
-def _lse_backward_fake(
-    image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
-    row_coef: Tensor, col_coef: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _acc_dtype(image.dtype)
-    return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
-            image.new_empty((), dtype=acc))
+    kept = run_logit_chunks(image, text, rows, keep_logits, torch.float32, epilogue)
+    return row_lse, col_lse, kept
 
 
 def _triton_lse_backward_impl(
     image: Tensor, text: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor,
-    row_coef: Tensor, col_coef: Tensor,
+    row_coef: Tensor, col_coef: Tensor, logits: Tensor, chunk_rows: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.clip_loss import clip_grad_chunk_triton
+    from ..kernels.clip_loss import clip_grad_tile, tile_counts
 
-    m, d = image.shape
-    n = text.shape[0]
-    s = scale.to(torch.float32)
+    m, n = image.shape[0], text.shape[0]
+    s = scale.to(torch.float32).reshape(())
     row_coef = row_coef.to(torch.float32)
     col_coef = col_coef.to(torch.float32)
     # G is stored in the input dtype; dividing the coefficients by their largest magnitude keeps
@@ -232,22 +248,17 @@ def _triton_lse_backward_impl(
     col_coef = (col_coef / norm).contiguous()
     row_lse = row_lse.to(torch.float32).contiguous()
     col_lse = col_lse.to(torch.float32).contiguous()
-    step = _chunk_rows(m, n, image.device, image.dtype)
-    g_ws = torch.empty(step, n, device=image.device, dtype=image.dtype)
-    d_image = torch.empty(m, d, device=image.device, dtype=torch.float32)
-    d_text = torch.zeros(n, d, device=image.device, dtype=torch.float32)
-    d_scale = torch.zeros((), device=image.device, dtype=torch.float32)
-    for r0 in range(0, m, step):
-        rows = min(step, m - r0)
-        img = image[r0:r0 + rows]
-        g = g_ws[:rows]
-        d_scale += clip_grad_chunk_triton(img, text, s, row_lse[r0:r0 + rows], col_lse,
-                                          row_coef[r0:r0 + rows], col_coef, g)
-        d_image[r0:r0 + rows] = mm_fp32(g, text)
-        if g.dtype == torch.float32:
-            d_text.addmm_(g.t(), img)
-        else:
-            d_text += mm_fp32(g.t(), img)
+    rows = min(chunk_rows, m)
+    n_rb, n_cb = tile_counts(rows, n)
+    parts = image.new_empty(n_rb * n_cb, dtype=torch.float32)
+    d_scale = image.new_zeros((), dtype=torch.float32)
+
+    def epilogue(chunk: Tensor, g: Tensor, r0: int, r1: int) -> None:
+        c_rb, c_cb = tile_counts(r1 - r0, n)
+        clip_grad_tile(chunk, s, row_lse[r0:r1], col_lse, row_coef[r0:r1], col_coef, g, parts)
+        d_scale.add_(parts[: c_rb * c_cb].sum())
+
+    d_image, d_text = run_gradient_chunks(image, text, logits, rows, torch.float32, image.dtype, epilogue)
     factor = s * norm
     return d_image.mul_(factor), d_text.mul_(factor), d_scale * norm
 
@@ -261,28 +272,41 @@ _triton_lse_backward = define_op("clip_lse_backward_triton", _triton_lse_backwar
 
 
 class ClipLseImpl(NamedTuple):
-    """A backend's pair of primitives (see :func:`clip_lse_forward` / :func:`clip_lse_backward`)."""
+    """A backend's pair of primitives (see :func:`clip_lse_forward` / :func:`clip_lse_backward`).
+
+    ``forward(image, text, scale, chunk_rows, keep_logits) -> (row_lse, col_lse, logits)`` and
+    ``backward(image, text, scale, row_lse, col_lse, row_coef, col_coef, logits, chunk_rows)``;
+    ``logits`` is the kept (M, N) fp32 matrix, or an empty (0, N) tensor (recompute).
+    """
 
     forward: Any
     backward: Any
+    # Bytes per element of the chunk workspaces alive at once: the logit chunk plus the G chunk.
+    workspace_elem_bytes: Callable[[torch.dtype], int]
 
 
 def _probe(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
     return (torch.zeros(4, 8, device=device, dtype=dtype), torch.zeros(4, 8, device=device, dtype=dtype))
 
 
+def _acc_bytes(dtype: torch.dtype) -> int:
+    return 8 if dtype == torch.float64 else 4
+
+
 register_op(
     OP_NAME,
     [
-        Backend("triton", ClipLseImpl(_triton_lse_forward, _triton_lse_backward),
+        Backend("triton", ClipLseImpl(_triton_lse_forward, _triton_lse_backward,
+                                      lambda dt: 4 + torch.empty((), dtype=dt).element_size()),
                 functools.partial(triton_half_or_float_reasons, module="clip_loss"),
-                "Triton tiles: one-pass row+column LSE; backward recompute + cuBLAS GEMMs"),
-        Backend("cpu", ClipLseImpl(_cpu_lse_forward, _cpu_lse_backward), _cpu_op_reasons,
-                "C++: at::mm row chunks with a fused OpenMP epilogue"),
-        Backend("torch", ClipLseImpl(_torch_lse_forward, _torch_lse_backward), floating_dtype_reasons,
-                "chunked pure torch"),
-        Backend("reference", ClipLseImpl(_reference_lse_forward, _reference_lse_backward), reference_reasons,
-                "materialised formula (ops/reference.py); forced only"),
+                "cuBLAS logit chunks (fp32 result) + Triton epilogues, overlapped on a second stream"),
+        Backend("cpu", ClipLseImpl(_cpu_lse_forward, _cpu_lse_backward, lambda dt: 2 * _acc_bytes(dt)),
+                _cpu_op_reasons, "C++: at::mm row chunks with a fused OpenMP epilogue"),
+        Backend("torch", ClipLseImpl(_torch_lse_forward, _torch_lse_backward, lambda dt: 3 * _acc_bytes(dt)),
+                floating_dtype_reasons, "the same row chunks in pure torch"),
+        Backend("reference", ClipLseImpl(_reference_lse_forward, _reference_lse_backward,
+                                         lambda dt: 3 * _acc_bytes(dt)),
+                reference_reasons, "materialised formula (ops/reference.py); forced only"),
     ],
     description="symmetric InfoNCE (CLIP) loss without the B x B matrix",
     probe=_probe,
@@ -290,33 +314,74 @@ register_op(
 
 
 # ---------------------------------------------------------------------------------------------
-# input checks
+# the memory plan
 
 
-def _select(image: Tensor, text: Tensor, backend: str | None) -> Backend:
-    return record_selection(OP_NAME, select_backend(OP_NAME, [image, text], backend=backend))
+def _preferred_chunk_elements(device: torch.device) -> int:
+    from_env = chunk_elements_from_env(_CHUNK_ENV)
+    if from_env is not None:
+        return from_env
+    return _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
+
+
+def plan_clip_chunks(m: int, n: int, device: torch.device, dtype: torch.dtype, backend: str, *,
+                     needs_grad: bool, memory_budget_bytes: int | str | None = None) -> ChunkPlan:
+    """Rows per chunk and keep-or-recompute for an (m, n) CLIP logit matrix served by ``backend``.
+
+    ``needs_grad``: only a call whose backward will run keeps logits. The budget is
+    :func:`llm2clip_fast.ops._chunking.memory_budget` of ``memory_budget_bytes``.
+    """
+    impl: ClipLseImpl = _select_by_name(backend).run
+    overlapping = device.type == "cuda" and backend == "triton" and overlap_enabled()
+    return plan_chunks(
+        m, n, workspace_elements=_preferred_chunk_elements(device),
+        workspace_elem_bytes=impl.workspace_elem_bytes(dtype), kept_elem_bytes=_acc_bytes(dtype),
+        buffers=2 if overlapping else 1, budget=memory_budget(device, memory_budget_bytes),
+        min_rows=_MIN_CHUNK_ROWS_CUDA if device.type == "cuda" else 1,
+        want_keep=needs_grad and backend != "reference",
+    )
+
+
+def _select_by_name(name: str) -> Backend:
+    from ._backend import registered_ops
+
+    return registered_ops()[OP_NAME].get(name)
 
 
 # ---------------------------------------------------------------------------------------------
 # public primitives
 
 
-def clip_lse_forward(
-    image: Tensor, text: Tensor, logit_scale: Tensor, *, backend: str | None = None
-) -> _Pair:
-    """Row and column log-sum-exp of ``logit_scale * image @ text.T``, without the (M, N) matrix.
+def _select(image: Tensor, text: Tensor, backend: str | None) -> Backend:
+    return record_selection(OP_NAME, select_backend(OP_NAME, [image, text], backend=backend))
 
-    image: (M, D), text: (N, D), M != N allowed, same floating dtype and device. logit_scale: 0-dim
-    tensor (the multiplier s). Returns ``row_lse`` (M,) and ``col_lse`` (N,) in float32 (float64
-    for float64 inputs). Extra memory: O((M + N) * D + M + N) plus a bounded tile workspace. No
-    autograd.
-    """
+
+def _check_primitive_pair(image: Tensor, text: Tensor) -> None:
     check_pair(image, text, "image", "text", same_batch=False)
     if image.dtype != text.dtype:
         raise TypeError(f"image and text must share a dtype, got {image.dtype} and {text.dtype}")
+
+
+def clip_lse_forward(
+    image: Tensor, text: Tensor, logit_scale: Tensor, *, backend: str | None = None,
+    keep_logits: bool = False, memory_budget: int | str | None = None,
+) -> _Pair | _Triple:
+    """Row and column log-sum-exp of ``logit_scale * image @ text.T`` in row chunks.
+
+    image: (M, D), text: (N, D), M != N allowed, same floating dtype and device. logit_scale: 0-dim
+    tensor (the multiplier s). Returns ``row_lse`` (M,) and ``col_lse`` (N,) in float32 (float64
+    for float64 inputs). ``keep_logits=True`` also returns the (M, N) unscaled logits (fp32/fp64)
+    for :func:`clip_lse_backward` when they fit ``memory_budget`` (ops/_chunking.py), else an empty
+    (0, N) tensor. Extra memory otherwise: O((M + N) * D) plus the chunk workspaces. No autograd.
+    """
+    _check_primitive_pair(image, text)
     scale = check_scale(logit_scale, image.device).detach()
-    impl = _select(image, text, backend).run
-    return impl.forward(image.detach().contiguous(), text.detach().contiguous(), scale)
+    chosen = _select(image, text, backend)
+    plan = plan_clip_chunks(image.shape[0], text.shape[0], image.device, image.dtype, chosen.name,
+                            needs_grad=keep_logits, memory_budget_bytes=memory_budget)
+    row_lse, col_lse, logits = chosen.run.forward(image.detach().contiguous(), text.detach().contiguous(),
+                                                  scale, plan.rows, plan.keep_logits)
+    return (row_lse, col_lse, logits) if keep_logits else (row_lse, col_lse)
 
 
 def clip_lse_backward(
@@ -328,19 +393,20 @@ def clip_lse_backward(
     row_coef: Tensor,
     col_coef: Tensor,
     *,
+    logits: Tensor | None = None,
     backend: str | None = None,
+    memory_budget: int | str | None = None,
 ) -> _Triple:
-    """Gradient contraction of the CLIP LSE terms, recomputing the similarity tiles.
+    """Gradient contraction of the CLIP LSE terms, from kept logits or recomputing each chunk.
 
     With ``l = image @ text.T`` and
     ``G_ij = row_coef_i * exp(s*l_ij - row_lse_i) + col_coef_j * exp(s*l_ij - col_lse_j)``
     returns ``d_image = s * G @ text`` (M, D), ``d_text = s * G.T @ image`` (N, D) and
     ``d_scale = sum_ij G_ij * l_ij`` (0-dim), all float32 (float64 for float64 inputs).
-    row_lse, row_coef: (M,); col_lse, col_coef: (N,). No autograd.
+    row_lse, row_coef: (M,); col_lse, col_coef: (N,). logits: what :func:`clip_lse_forward` kept
+    (None or empty: recompute). No autograd.
     """
-    check_pair(image, text, "image", "text", same_batch=False)
-    if image.dtype != text.dtype:
-        raise TypeError(f"image and text must share a dtype, got {image.dtype} and {text.dtype}")
+    _check_primitive_pair(image, text)
     m, n = image.shape[0], text.shape[0]
     for name, t, size in (("row_lse", row_lse, m), ("col_lse", col_lse, n), ("row_coef", row_coef, m),
                           ("col_coef", col_coef, n)):
@@ -349,11 +415,20 @@ def clip_lse_backward(
             raise ValueError(f"{name} must be a tensor of shape ({size},), got {shape}")
         if t.device != image.device:
             raise ValueError(f"{name} is on {t.device} but image is on {image.device}")
+    acc = _acc_dtype(image.dtype)
+    if logits is None or logits.numel() == 0:
+        logits = image.new_empty((0, n), dtype=acc)
+    elif logits.shape != (m, n) or logits.dtype != acc or logits.device != image.device:
+        raise ValueError(f"logits must be the ({m}, {n}) {acc} tensor clip_lse_forward kept on "
+                         f"{image.device}, got {tuple(logits.shape)} {logits.dtype} on {logits.device}")
     scale = check_scale(logit_scale, image.device).detach()
-    impl = _select(image, text, backend).run
-    return impl.backward(image.detach().contiguous(), text.detach().contiguous(), scale,
-                         row_lse.detach().contiguous(), col_lse.detach().contiguous(),
-                         row_coef.detach().contiguous(), col_coef.detach().contiguous())
+    chosen = _select(image, text, backend)
+    plan = plan_clip_chunks(m, n, image.device, image.dtype, chosen.name, needs_grad=False,
+                            memory_budget_bytes=memory_budget)
+    return chosen.run.backward(image.detach().contiguous(), text.detach().contiguous(), scale,
+                               row_lse.detach().contiguous(), col_lse.detach().contiguous(),
+                               row_coef.detach().contiguous(), col_coef.detach().contiguous(),
+                               logits.detach().contiguous(), plan.rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,22 +446,23 @@ def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
 class _ClipLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, image: Tensor, text: Tensor, scale: Tensor, reduction: str,
-                impl: ClipLseImpl) -> Tensor:
+                impl: ClipLseImpl, chunk_rows: int, keep_logits: bool) -> Tensor:
         acc = _acc_dtype(image.dtype)
         s = scale.detach().to(acc)
-        row_lse, col_lse = impl.forward(image, text, s)
+        row_lse, col_lse, logits = impl.forward(image, text, s, chunk_rows, keep_logits)
         # Positive pairs: the diagonal <image_i, text_i>, O(B * D).
         diag = torch.einsum("bd,bd->b", image.to(acc), text.to(acc))
         per_sample = 0.5 * (row_lse + col_lse) - s * diag
-        ctx.save_for_backward(image, text, s, row_lse, col_lse, diag)
+        ctx.save_for_backward(image, text, s, row_lse, col_lse, diag, logits)
         ctx.reduction = reduction
         ctx.impl = impl
+        ctx.chunk_rows = chunk_rows
         ctx.scale_dtype = scale.dtype
         return _reduce(per_sample, reduction)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        image, text, s, row_lse, col_lse, diag = ctx.saved_tensors
+        image, text, s, row_lse, col_lse, diag, logits = ctx.saved_tensors
         acc = s.dtype
         b = image.shape[0]
         grad_out = grad_out.to(acc)
@@ -397,7 +473,8 @@ class _ClipLossFunction(torch.autograd.Function):
         else:
             g = grad_out
         coef = (0.5 * g).contiguous()
-        d_image, d_text, d_scale = ctx.impl.backward(image, text, s, row_lse, col_lse, coef, coef)
+        d_image, d_text, d_scale = ctx.impl.backward(image, text, s, row_lse, col_lse, coef, coef, logits,
+                                                     ctx.chunk_rows)
         # Positive-pair terms, in place: no extra (B, D) temporaries next to the gradients.
         gs = (g * s)[:, None]
         d_image.addcmul_(gs, text.to(acc), value=-1)
@@ -407,6 +484,8 @@ class _ClipLossFunction(torch.autograd.Function):
             d_image.to(image.dtype) if ctx.needs_input_grad[0] else None,
             d_text.to(text.dtype) if ctx.needs_input_grad[1] else None,
             d_scale.to(ctx.scale_dtype) if ctx.needs_input_grad[2] else None,
+            None,
+            None,
             None,
             None,
         )
@@ -419,10 +498,11 @@ def clip_loss(
     *,
     reduction: str = "mean",
     backend: str | None = None,
+    memory_budget: int | str | None = None,
     distributed: bool = False,
     process_group: Any = None,
 ) -> Tensor:
-    """Symmetric InfoNCE loss of OpenCLIP's ``ClipLoss``, without materialising the B x B logits.
+    """Symmetric InfoNCE loss of OpenCLIP's ``ClipLoss``, within a memory budget.
 
     Args:
         image_features: (B, D) float tensor (float32, float16, bfloat16 or float64).
@@ -432,6 +512,10 @@ def clip_loss(
         reduction: 'mean' (OpenCLIP's value), 'sum', or 'none' for the per-sample (B,) losses
             ``(CE(logits[i], i) + CE(logits.T[i], i)) / 2``.
         backend: force a backend ('triton', 'cpu', 'torch', 'reference'); default automatic.
+        memory_budget: bytes (int, or a string such as '8GiB') the loss may hold beyond O(B * D):
+            the fp32 logits are kept for the backward (no recompute) when they fit, else each chunk
+            is recomputed. Default: ``LLM2CLIP_LOSS_MEMORY_BUDGET``, else a quarter of the free
+            device memory (CPU: of the available RAM) at the call. See ops/_chunking.py.
         distributed: compute the global-batch loss across the ranks of ``process_group`` (the
             default group when None); each rank passes its local features. See
             :func:`llm2clip_fast.ops.global_batch_losses.clip_loss_global` for the exact convention.
@@ -450,7 +534,7 @@ def clip_loss(
         from .global_batch_losses import clip_loss_global
 
         return clip_loss_global(image_features, text_features, logit_scale, reduction=reduction,
-                                process_group=process_group, backend=backend)
+                                process_group=process_group, backend=backend, memory_budget=memory_budget)
     check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
@@ -458,7 +542,14 @@ def clip_loss(
     scale = check_scale(logit_scale, image_features.device)
     chosen = _select(image_features, text_features, backend)
     if chosen.name == "reference":
+        record_path(OP_NAME, "materialised")
         out = clip_loss_reference(image_features, text_features, scale, reduction=reduction)
         return out.double() if image_features.dtype == torch.float64 else out
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (image_features, text_features, scale))
+    b = image_features.shape[0]
+    plan = plan_clip_chunks(b, b, image_features.device, image_features.dtype, chosen.name,
+                            needs_grad=needs_grad, memory_budget_bytes=memory_budget)
+    record_path(OP_NAME, plan.path)
     return _ClipLossFunction.apply(image_features.contiguous(), text_features.contiguous(), scale, reduction,
-                                   chosen.run)
+                                   chosen.run, plan.rows, plan.keep_logits)

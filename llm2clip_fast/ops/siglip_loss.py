@@ -4,26 +4,38 @@ With ``z_ij = s * <image_i, text_j> + b`` and the positive of image row ``i`` at
 ``i + offset`` (``y = +1`` there, ``-1`` elsewhere), the loss is
 ``sum_ij softplus(-y_ij * z_ij)`` divided by the number of images (OpenCLIP's convention).
 
-Two backend-dispatched primitives do the O(M * N * D) work:
+The logits are walked in row chunks (a C x N workspace): a GEMM per chunk (cuBLAS with an fp32 result
+on CUDA) and an epilogue over it. SigLIP has no normaliser, so two paths (ops/_chunking.py records
+which ran, ``last_path("siglip_loss")``):
 
-- :func:`siglip_forward_rows`: each image row's summed pair loss, (M,). One pass over the tiles:
-  unlike CLIP there is no normaliser to find first.
-- :func:`siglip_backward`: recomputes each tile once; returns d_image, d_text, d_scale and d_bias
-  for per-row upstream weights.
+- ``one-pass``: gradients needed and reduction 'mean' or 'sum': the forward computes each chunk's
+  loss and its logit gradient in the same epilogue, then both gradient GEMMs; the backward only
+  rescales what the forward saved (O(B * D)). 6 * B^2 * D FLOPs in all.
+- ``two-pass``: reduction 'none' or no gradients: the forward computes the loss alone, the backward
+  recomputes each chunk with the per-row upstream weights (8 * B^2 * D with a backward).
+
+Primitives (backend-dispatched):
+
+- :func:`siglip_forward_rows`: each image row's summed pair loss, (M,).
+- :func:`siglip_backward`: recomputes each tile once; d_image, d_text, d_scale, d_bias for per-row
+  upstream weights.
+- :func:`siglip_forward_backward`: rows and the gradients of their plain sum, from one pass.
 
 ``offset`` is what the distributed global-batch loss needs (a rank's images against every rank's
 texts, its positives at its own global rows); the single-process loss uses 0.
 
 Backends (op name ``siglip_loss``; force with ``backend=...`` or ``LLM2CLIP_BACKEND_SIGLIP_LOSS``):
-``triton`` (CUDA; CPU only when forced under TRITON_INTERPRET=1), ``cpu`` (C++ extension, float32,
-bfloat16, float16, float64), ``torch`` (chunked pure torch) and ``reference`` (materialises the
-matrix; only when forced). ``LLM2CLIP_SIGLIP_LOSS_CHUNK_ELEMENTS`` overrides the row-chunk
-workspace size (elements of the C x N buffer).
+``triton`` (CUDA: cuBLAS GEMMs and a Triton epilogue, overlapped on a second stream; CPU only when
+forced under TRITON_INTERPRET=1), ``cpu`` (C++ extension, float32, bfloat16, float16, float64),
+``torch`` (the same chunks in pure torch) and ``reference`` (materialises the matrix; only when
+forced). ``LLM2CLIP_SIGLIP_LOSS_CHUNK_ELEMENTS`` sets the preferred chunk workspace (elements of the
+C x N buffer); the memory budget (``memory_budget=``, ``LLM2CLIP_LOSS_MEMORY_BUDGET``) caps it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -39,36 +51,35 @@ from ._availability import (
     reference_reasons,
     triton_half_or_float_reasons,
 )
-from ._backend import Backend, DispatchContext, record_selection, register_op, select_backend
-from ._chunking import chunk_elements_from_env
+from ._backend import Backend, DispatchContext, record_selection, register_op, registered_ops, select_backend
+from ._chunk_schedule import run_gradient_chunks, run_logit_chunks
+from ._chunking import ChunkPlan, chunk_elements_from_env, memory_budget, plan_chunks, record_path
 from ._library import define_op
+from ._overlap import overlap_enabled
 from .loss_inputs import check_bias, check_pair, check_scale
 
 OP_NAME = "siglip_loss"
+ONE_PASS = "one-pass"
+TWO_PASS = "two-pass"
 _REDUCTIONS = ("mean", "sum", "none")
 _CHUNK_ENV = "LLM2CLIP_SIGLIP_LOSS_CHUNK_ELEMENTS"
-# Row-chunk workspace, in elements of the C x N buffer: CPU 8M (32 MB fp32) keeps the buffer small
-# next to the inputs while the at::mm calls stay large; CUDA 256M (512 MB bf16) keeps C large enough
-# that the d_text accumulation per chunk does not make the backward memory-bound.
+# Preferred chunk workspace, in elements of the C x N buffer: CPU 8M (32 MB fp32) keeps the buffer
+# small next to the inputs while the at::mm calls stay large; CUDA 2^29 (C = 8192 rows at B = 65536)
+# keeps C large enough that the d_text accumulation per chunk does not make the backward memory-bound.
 _CPU_CHUNK_ELEMENTS = 1 << 23
-_CUDA_CHUNK_ELEMENTS = 1 << 28
+_CUDA_CHUNK_ELEMENTS = 1 << 29
+_MIN_CHUNK_ROWS_CUDA = 128
 
 _Quad = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-def _chunk_elements(device: torch.device) -> int:
-    from_env = chunk_elements_from_env(_CHUNK_ENV)
-    if from_env is not None:
-        return from_env
-    return _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
-
-
-def _chunk_rows(m: int, n: int, device: torch.device) -> int:
-    return max(1, min(m, _chunk_elements(device) // max(n, 1)))
+_Five = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc_bytes(dtype: torch.dtype) -> int:
+    return 8 if dtype == torch.float64 else 4
 
 
 def _positive_index(m: int, n: int, offset: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -81,67 +92,75 @@ def _positive_index(m: int, n: int, offset: int, device: torch.device) -> tuple[
     return rows, rows + offset
 
 
-def _weights_column(row_weight: Tensor, r0: int, r1: int) -> Tensor:
-    return row_weight if row_weight.dim() == 0 else row_weight[r0:r1, None]
-
-
 # ---------------------------------------------------------------------------------------------
-# torch backend: chunked, any device and float dtype, fp32 (fp64 for fp64) arithmetic.
+# torch backend: the chunk schedule with torch epilogues, any device and float dtype, fp32 (fp64 for
+# fp64) arithmetic and operands.
 
 
-def _signed_logits(image_chunk: Tensor, text_t: Tensor, s: Tensor, b: Tensor, r0: int, offset: int) -> _Quad:
-    """Logits of a row chunk, their sign-flipped version -y*z, and the chunk's positive index."""
-    dots = torch.mm(image_chunk, text_t)
-    z = dots * s + b
-    pr, pc = _positive_index(dots.shape[0], dots.shape[1], r0 + offset, dots.device)
-    signed = z.clone()
+def _signed_logits(chunk: Tensor, s: Tensor, b: Tensor, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-y * z of a logit chunk whose row 0 has its positive at column ``offset``, and that positive index."""
+    signed = chunk * s + b
+    pr, pc = _positive_index(chunk.shape[0], chunk.shape[1], offset, chunk.device)
     signed[pr, pc] = -signed[pr, pc]
-    return dots, signed, pr, pc
+    return signed, pr, pc
 
 
-def _torch_forward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int) -> Tensor:
+def _torch_forward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int, chunk_rows: int) -> Tensor:
     acc = _acc_dtype(image.dtype)
-    m, n = image.shape[0], text.shape[0]
-    text_t = text.to(acc).t()
-    out = torch.empty(m, device=image.device, dtype=acc)
-    step = _chunk_rows(m, n, image.device)
-    for r0 in range(0, m, step):
-        img = image[r0:r0 + step].to(acc)
-        _, signed, _, _ = _signed_logits(img, text_t, s.to(acc), b.to(acc), r0, offset)
-        out[r0:r0 + step] = F.softplus(signed).sum(dim=1)
+    s, b = s.to(acc), b.to(acc)
+    out = image.new_empty(image.shape[0], dtype=acc)
+
+    def epilogue(chunk: Tensor, r0: int, r1: int) -> None:
+        signed, _, _ = _signed_logits(chunk, s, b, r0 + offset)
+        out[r0:r1] = F.softplus(signed).sum(dim=1)
+
+    run_logit_chunks(image.to(acc), text.to(acc), chunk_rows, False, acc, epilogue)
     return out
 
 
-def _torch_backward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor,
-                    offset: int) -> _Quad:
+def _torch_gradients(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor, offset: int,
+                     chunk_rows: int, with_loss: bool) -> _Five:
     acc = _acc_dtype(image.dtype)
-    m, n = image.shape[0], text.shape[0]
     s, b, row_weight = s.to(acc), b.to(acc), row_weight.to(acc)
-    text_acc = text.to(acc)
-    d_image = torch.empty(m, image.shape[1], device=image.device, dtype=acc)
-    d_text = torch.zeros(n, image.shape[1], device=image.device, dtype=acc)
-    d_scale = torch.zeros((), device=image.device, dtype=acc)
-    d_bias = torch.zeros((), device=image.device, dtype=acc)
-    step = _chunk_rows(m, n, image.device)
-    for r0 in range(0, m, step):
-        img = image[r0:r0 + step].to(acc)
-        dots, signed, pr, pc = _signed_logits(img, text_acc.t(), s, b, r0, offset)
+    uniform = row_weight.dim() == 0
+    rows_out = image.new_empty(image.shape[0] if with_loss else 0, dtype=acc)
+    sums = image.new_zeros(2, dtype=acc)
+
+    def epilogue(chunk: Tensor, g: Tensor, r0: int, r1: int) -> None:
+        signed, pr, pc = _signed_logits(chunk, s, b, r0 + offset)
+        if with_loss:
+            rows_out[r0:r1] = F.softplus(signed).sum(dim=1)
         # d softplus(-y z) / dz = -y * sigmoid(-y z)
-        g = torch.sigmoid(signed)
+        torch.sigmoid(signed, out=g)
         g[pr, pc] = -g[pr, pc]
-        g.mul_(_weights_column(row_weight, r0, r0 + img.shape[0]))
-        d_scale += (g * dots).sum()
-        d_bias += g.sum()
-        torch.mm(g, text_acc, out=d_image[r0:r0 + step])
-        d_text.addmm_(g.t(), img)
-    return d_image.mul_(s), d_text.mul_(s), d_scale, d_bias
+        w = row_weight if uniform else row_weight[r0:r1, None]
+        weighted = g * w
+        sums[0] += torch.dot(weighted.reshape(-1), chunk.reshape(-1))
+        sums[1] += weighted.sum()
+
+    d_image, d_text = run_gradient_chunks(
+        image.to(acc), text.to(acc), image.new_empty((0, text.shape[0]), dtype=acc), chunk_rows, acc, acc,
+        epilogue, row_weight=None if uniform else row_weight)
+    factor = s * row_weight if uniform else s
+    return rows_out, d_image.mul_(factor), d_text.mul_(factor), sums[0].clone(), sums[1].clone()
+
+
+def _torch_backward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor, offset: int,
+                    chunk_rows: int) -> _Quad:
+    return _torch_gradients(image, text, s, b, row_weight, offset, chunk_rows, with_loss=False)[1:]
+
+
+def _torch_fused(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int, chunk_rows: int) -> _Five:
+    one = torch.ones((), device=image.device, dtype=_acc_dtype(image.dtype))
+    return _torch_gradients(image, text, s, b, one, offset, chunk_rows, with_loss=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # reference backend: the materialised formula (tests, debugging).
 
 
-def _reference_forward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int) -> Tensor:
+def _reference_forward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int,
+                       chunk_rows: int) -> Tensor:
     acc = _acc_dtype(image.dtype)
     z = s.to(acc) * image.to(acc) @ text.to(acc).t() + b.to(acc)
     y = -torch.ones_like(z)
@@ -151,20 +170,27 @@ def _reference_forward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset
 
 
 def _reference_backward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor,
-                        offset: int) -> _Quad:
+                        offset: int, chunk_rows: int) -> _Quad:
     acc = _acc_dtype(image.dtype)
     with torch.enable_grad():
         img = image.to(acc).detach().requires_grad_()
         txt = text.to(acc).detach().requires_grad_()
         s_ = s.to(acc).detach().requires_grad_()
         b_ = b.to(acc).detach().requires_grad_()
-        rows = _reference_forward(img, txt, s_, b_, offset)
+        rows = _reference_forward(img, txt, s_, b_, offset, chunk_rows)
         total = (rows * row_weight.to(acc)).sum()
         return torch.autograd.grad(total, (img, txt, s_, b_))
 
 
+def _reference_fused(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int,
+                     chunk_rows: int) -> _Five:
+    one = torch.ones((), device=image.device, dtype=_acc_dtype(image.dtype))
+    return (_reference_forward(image, text, s, b, offset, chunk_rows),
+            *_reference_backward(image, text, s, b, one, offset, chunk_rows))
+
+
 # ---------------------------------------------------------------------------------------------
-# cpu backend: llm2clip_fast._C (torch.ops.llm2clip_fast.siglip_loss_*).
+# cpu backend: llm2clip_fast._C (torch.ops.llm2clip_fast.siglip_loss_*), the same chunks in C++.
 
 
 def _cpu_operands(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,31 +202,46 @@ def _cpu_operands(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
     return image, text
 
 
-def _cpu_forward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int) -> Tensor:
+def _cpu_forward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int, chunk_rows: int) -> Tensor:
     image, text = _cpu_operands(image, text)
-    rows = _chunk_rows(image.shape[0], text.shape[0], image.device)
-    return torch.ops.llm2clip_fast.siglip_loss_forward(image, text, s, b, offset, rows)
+    return torch.ops.llm2clip_fast.siglip_loss_forward(image, text, s, b, offset, chunk_rows)
 
 
 def _cpu_backward(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor,
-                  offset: int) -> _Quad:
+                  offset: int, chunk_rows: int) -> _Quad:
     image, text = _cpu_operands(image, text)
-    rows = _chunk_rows(image.shape[0], text.shape[0], image.device)
-    return torch.ops.llm2clip_fast.siglip_loss_backward(image, text, s, b, row_weight, offset, rows)
+    return torch.ops.llm2clip_fast.siglip_loss_backward(image, text, s, b, row_weight, offset, chunk_rows)
+
+
+def _cpu_fused(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int, chunk_rows: int) -> _Five:
+    image, text = _cpu_operands(image, text)
+    return torch.ops.llm2clip_fast.siglip_loss_fused(image, text, s, b, offset, chunk_rows)
+
+
+def _rows_fake(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int, chunk_rows: int) -> Tensor:
+    return image.new_empty(image.shape[0], dtype=_acc_dtype(image.dtype))
+
+
+def _grads_fake(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor,
+                offset: int, chunk_rows: int) -> _Quad:
+    acc = _acc_dtype(image.dtype)
+    return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
+            image.new_empty((), dtype=acc), image.new_empty((), dtype=acc))
+
+
+def _fused_fake(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int, chunk_rows: int) -> _Five:
+    one = image.new_empty((), dtype=_acc_dtype(image.dtype))
+    return (_rows_fake(image, text, s, b, offset, chunk_rows),
+            *_grads_fake(image, text, s, b, one, offset, chunk_rows))
 
 
 def _register_cpu_fakes() -> None:
     """Shape-only versions of the C++ ops, so torch.compile / opcheck can trace them."""
-    if cpu_extension() is None or not hasattr(torch.ops.llm2clip_fast, "siglip_loss_forward"):
+    if cpu_extension() is None or not hasattr(torch.ops.llm2clip_fast, "siglip_loss_fused"):
         return
-
-    @torch.library.register_fake("llm2clip_fast::siglip_loss_forward")
-    def _(image, text, scale, bias, offset, chunk_rows):
-        return _rows_fake(image, text, scale, bias, offset)
-
-    @torch.library.register_fake("llm2clip_fast::siglip_loss_backward")
-    def _(image, text, scale, bias, row_weight, offset, chunk_rows):
-        return _grads_fake(image, text, scale, bias, row_weight, offset)
+    torch.library.register_fake("llm2clip_fast::siglip_loss_forward")(_rows_fake)
+    torch.library.register_fake("llm2clip_fast::siglip_loss_backward")(_grads_fake)
+    torch.library.register_fake("llm2clip_fast::siglip_loss_fused")(_fused_fake)
 
 
 _register_cpu_fakes()
@@ -210,56 +251,94 @@ def _cpu_op_reasons(ctx: DispatchContext) -> list[str]:
     why = cpu_extension_reasons(ctx) + dtype_reasons(
         ctx, (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     )
-    if not why and not hasattr(torch.ops.llm2clip_fast, "siglip_loss_forward"):
+    if not why and not hasattr(torch.ops.llm2clip_fast, "siglip_loss_fused"):
         why.append("llm2clip_fast._C was built without the siglip_loss ops; rebuild with "
                    "`python setup.py build_ext --inplace`")
     return why
 
 
 # ---------------------------------------------------------------------------------------------
-# triton backend: llm2clip_kernels/siglip_loss.py.
+# triton backend: cuBLAS (torch.mm, fp32 result) for every product, llm2clip_kernels/siglip_loss.py for
+# the epilogue.
 
 
-def _rows_fake(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int) -> Tensor:
-    return image.new_empty(image.shape[0], dtype=_acc_dtype(image.dtype))
+def _triton_forward_impl(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int,
+                         chunk_rows: int) -> Tensor:
+    from ..kernels.siglip_loss import siglip_tile, tile_counts
+
+    m, n = image.shape[0], text.shape[0]
+    s32, b32 = s.to(torch.float32).reshape(()), b.to(torch.float32).reshape(())
+    rows = min(chunk_rows, m)
+    loss_part = image.new_empty((tile_counts(rows, n)[1], rows), dtype=torch.float32)
+    out = image.new_empty(m, dtype=torch.float32)
+
+    def epilogue(chunk: Tensor, r0: int, r1: int) -> None:
+        siglip_tile(chunk, s32, b32, r0 + offset, loss_part=loss_part)
+        out[r0:r1] = loss_part[: tile_counts(r1 - r0, n)[1], : r1 - r0].sum(0)
+
+    run_logit_chunks(image, text, rows, False, torch.float32, epilogue)
+    return out
 
 
-def _grads_fake(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor,
-                offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    acc = _acc_dtype(image.dtype)
-    return (image.new_empty(image.shape, dtype=acc), text.new_empty(text.shape, dtype=acc),
-            image.new_empty((), dtype=acc), image.new_empty((), dtype=acc))
+def _triton_gradients(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor, offset: int,
+                      chunk_rows: int, with_loss: bool) -> _Five:
+    from ..kernels.siglip_loss import siglip_tile, tile_counts
 
+    m, n = image.shape[0], text.shape[0]
+    s32, b32 = s.to(torch.float32).reshape(()), b.to(torch.float32).reshape(())
+    weight = row_weight.to(torch.float32)
+    uniform = weight.dim() == 0
+    rows = min(chunk_rows, m)
+    n_rb, n_cb = tile_counts(rows, n)
+    loss_part = image.new_empty((n_cb, rows), dtype=torch.float32) if with_loss else None
+    parts = image.new_empty((n_rb * n_cb, 2), dtype=torch.float32)
+    rows_out = image.new_empty(m if with_loss else 0, dtype=torch.float32)
+    sums = image.new_zeros(2, dtype=torch.float32)
+    # The kernel weighs the d_scale/d_bias partials only: g stays unweighted, in (-1, 1).
+    kernel_weight = weight.reshape(1) if uniform else weight.contiguous()
 
-def _triton_forward_impl(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int) -> Tensor:
-    from ..kernels.siglip_loss import siglip_forward_rows
+    def epilogue(chunk: Tensor, g: Tensor, r0: int, r1: int) -> None:
+        c_rb, c_cb = tile_counts(r1 - r0, n)
+        w = kernel_weight if uniform else kernel_weight[r0:r1]
+        siglip_tile(chunk, s32, b32, r0 + offset, loss_part=loss_part, g_out=g, weight=w, parts=parts)
+        if with_loss:
+            rows_out[r0:r1] = loss_part[:c_cb, : r1 - r0].sum(0)
+        sums.add_(parts[: c_rb * c_cb].sum(0))
 
-    # A custom op's output must own its storage (the launcher may return a view of its workspace).
-    return siglip_forward_rows(image, text, s, b, offset).clone()
+    d_image, d_text = run_gradient_chunks(
+        image, text, image.new_empty((0, n), dtype=torch.float32), rows, torch.float32, image.dtype, epilogue,
+        row_weight=None if uniform else weight)
+    factor = s32 * weight if uniform else s32
+    return rows_out, d_image.mul_(factor), d_text.mul_(factor), sums[0].clone(), sums[1].clone()
 
 
 def _triton_backward_impl(image: Tensor, text: Tensor, s: Tensor, b: Tensor, row_weight: Tensor,
-                          offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels.siglip_loss import siglip_backward
+                          offset: int, chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _triton_gradients(image, text, s, b, row_weight, offset, chunk_rows, with_loss=False)[1:]
 
-    workspace = _chunk_elements(image.device) * image.element_size()
-    d_image, d_text, d_scale, d_bias = siglip_backward(image, text, s, b, row_weight, offset,
-                                                       workspace_bytes=workspace)
-    # d_scale and d_bias are views of one buffer; outputs of a custom op must not alias.
-    return d_image, d_text, d_scale.clone(), d_bias.clone()
+
+def _triton_fused_impl(image: Tensor, text: Tensor, s: Tensor, b: Tensor, offset: int,
+                       chunk_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    one = torch.ones((), device=image.device, dtype=torch.float32)
+    return _triton_gradients(image, text, s, b, one, offset, chunk_rows, with_loss=True)
 
 
 # torch.library ops (llm2clip_fast::siglip_*_triton): torch.compile traces a loss that calls them
 # without a graph break, and Inductor sees their kernels (see ops/_library.py).
 _triton_forward = define_op("siglip_forward_triton", _triton_forward_impl, _rows_fake, triton=True)
 _triton_backward = define_op("siglip_backward_triton", _triton_backward_impl, _grads_fake, triton=True)
+_triton_fused = define_op("siglip_fused_triton", _triton_fused_impl, _fused_fake, triton=True)
 
 
 class SigLipImpl(NamedTuple):
-    """A backend's pair of primitives (see :func:`siglip_forward_rows` / :func:`siglip_backward`)."""
+    """A backend's primitives (see :func:`siglip_forward_rows`, :func:`siglip_backward`,
+    :func:`siglip_forward_backward`), each taking the rows per chunk last."""
 
     forward: Any
     backward: Any
+    fused: Any
+    # Bytes per element of the chunk workspaces alive at once: the logit chunk plus the G chunk.
+    workspace_elem_bytes: Callable[[torch.dtype], int]
 
 
 def _probe(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -269,15 +348,18 @@ def _probe(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, ...]:
 register_op(
     OP_NAME,
     [
-        Backend("triton", SigLipImpl(_triton_forward, _triton_backward),
+        Backend("triton", SigLipImpl(_triton_forward, _triton_backward, _triton_fused,
+                                     lambda dt: 4 + torch.empty((), dtype=dt).element_size()),
                 functools.partial(triton_half_or_float_reasons, module="siglip_loss"),
-                "Triton tiles: one-pass forward; backward recompute into a chunk workspace + cuBLAS GEMMs"),
-        Backend("cpu", SigLipImpl(_cpu_forward, _cpu_backward), _cpu_op_reasons,
+                "cuBLAS logit chunks (fp32 result) + a Triton epilogue, overlapped on a second stream"),
+        Backend("cpu", SigLipImpl(_cpu_forward, _cpu_backward, _cpu_fused, _acc_bytes), _cpu_op_reasons,
                 "C++: at::mm row chunks with a fused OpenMP epilogue"),
-        Backend("torch", SigLipImpl(_torch_forward, _torch_backward), floating_dtype_reasons,
-                "chunked pure torch"),
-        Backend("reference", SigLipImpl(_reference_forward, _reference_backward), reference_reasons,
-                "materialised formula (ops/reference.py); forced only"),
+        Backend("torch", SigLipImpl(_torch_forward, _torch_backward, _torch_fused,
+                                    lambda dt: 4 * _acc_bytes(dt)),
+                floating_dtype_reasons, "the same row chunks in pure torch"),
+        Backend("reference", SigLipImpl(_reference_forward, _reference_backward, _reference_fused,
+                                        lambda dt: 4 * _acc_bytes(dt)),
+                reference_reasons, "materialised formula (ops/reference.py); forced only"),
     ],
     description="sigmoid (SigLIP) loss without the B x B matrix",
     probe=_probe,
@@ -285,7 +367,22 @@ register_op(
 
 
 # ---------------------------------------------------------------------------------------------
-# input checks
+# the memory plan and input checks
+
+
+def plan_siglip_chunks(m: int, n: int, device: torch.device, dtype: torch.dtype, backend: str,
+                       memory_budget_bytes: int | str | None = None) -> ChunkPlan:
+    """Rows per chunk for an (m, n) SigLIP logit matrix served by ``backend``, within the budget."""
+    impl: SigLipImpl = registered_ops()[OP_NAME].get(backend).run
+    from_env = chunk_elements_from_env(_CHUNK_ENV)
+    preferred = from_env if from_env is not None else (
+        _CUDA_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS)
+    overlapping = device.type == "cuda" and backend == "triton" and overlap_enabled()
+    return plan_chunks(m, n, workspace_elements=preferred,
+                       workspace_elem_bytes=impl.workspace_elem_bytes(dtype),
+                       kept_elem_bytes=_acc_bytes(dtype), buffers=2 if overlapping else 1,
+                       budget=memory_budget(device, memory_budget_bytes),
+                       min_rows=_MIN_CHUNK_ROWS_CUDA if device.type == "cuda" else 1)
 
 
 def _check_offset(offset: Any) -> int:
@@ -304,13 +401,18 @@ def _select(image: Tensor, text: Tensor, backend: str | None) -> Backend:
     return record_selection(OP_NAME, select_backend(OP_NAME, [image, text], backend=backend))
 
 
+def _rows_for(image: Tensor, text: Tensor, chosen: Backend, budget: int | str | None) -> int:
+    m, n = image.shape[0], text.shape[0]
+    return plan_siglip_chunks(m, n, image.device, image.dtype, chosen.name, budget).rows
+
+
 # ---------------------------------------------------------------------------------------------
 # public primitives
 
 
 def siglip_forward_rows(
     image: Tensor, text: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float, *,
-    offset: int = 0, backend: str | None = None,
+    offset: int = 0, backend: str | None = None, memory_budget: int | str | None = None,
 ) -> Tensor:
     """Each image row's summed SigLIP pair loss, without the (M, N) logit matrix.
 
@@ -322,13 +424,15 @@ def siglip_forward_rows(
     _check_primitive_inputs(image, text)
     s = check_scale(logit_scale, image.device).detach()
     b = check_bias(logit_bias, image.device).detach()
-    impl = _select(image, text, backend).run
-    return impl.forward(image.detach().contiguous(), text.detach().contiguous(), s, b, _check_offset(offset))
+    chosen = _select(image, text, backend)
+    return chosen.run.forward(image.detach().contiguous(), text.detach().contiguous(), s, b,
+                              _check_offset(offset), _rows_for(image, text, chosen, memory_budget))
 
 
 def siglip_backward(
     image: Tensor, text: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float,
     row_weight: Tensor, *, offset: int = 0, backend: str | None = None,
+    memory_budget: int | str | None = None,
 ) -> _Quad:
     """Gradients of ``sum_i row_weight_i * rows_i`` (rows from :func:`siglip_forward_rows`).
 
@@ -345,10 +449,28 @@ def siglip_backward(
         raise ValueError(f"row_weight is on {row_weight.device} but image is on {image.device}")
     s = check_scale(logit_scale, image.device).detach()
     b = check_bias(logit_bias, image.device).detach()
-    impl = _select(image, text, backend).run
+    chosen = _select(image, text, backend)
     weight = row_weight.detach().to(_acc_dtype(image.dtype)).contiguous()
-    return impl.backward(image.detach().contiguous(), text.detach().contiguous(), s, b, weight,
-                         _check_offset(offset))
+    return chosen.run.backward(image.detach().contiguous(), text.detach().contiguous(), s, b, weight,
+                               _check_offset(offset), _rows_for(image, text, chosen, memory_budget))
+
+
+def siglip_forward_backward(
+    image: Tensor, text: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float, *,
+    offset: int = 0, backend: str | None = None, memory_budget: int | str | None = None,
+) -> _Five:
+    """:func:`siglip_forward_rows` and :func:`siglip_backward` with unit row weights, in one pass.
+
+    Returns rows (M,), d_image (M, D), d_text (N, D), d_scale, d_bias: the loss rows and the
+    gradients of their sum, float32 (float64 for float64 inputs), one GEMM pass over the chunks
+    for the loss and the logit gradient. No autograd.
+    """
+    _check_primitive_inputs(image, text)
+    s = check_scale(logit_scale, image.device).detach()
+    b = check_bias(logit_bias, image.device).detach()
+    chosen = _select(image, text, backend)
+    return chosen.run.fused(image.detach().contiguous(), text.detach().contiguous(), s, b,
+                            _check_offset(offset), _rows_for(image, text, chosen, memory_budget))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,17 +494,18 @@ def row_weights_for(grad_out: Tensor, reduction: str, m: int) -> Tensor:
     return grad_out
 
 
-class _SigLipLossFunction(torch.autograd.Function):
+class _SigLipTwoPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, reduction: str,
-                impl: SigLipImpl) -> Tensor:
+                impl: SigLipImpl, chunk_rows: int) -> Tensor:
         acc = _acc_dtype(image.dtype)
         s = scale.detach().to(acc)
         b = bias.detach().to(acc)
-        rows = impl.forward(image, text, s, b, 0)
+        rows = impl.forward(image, text, s, b, 0, chunk_rows)
         ctx.save_for_backward(image, text, s, b)
         ctx.reduction = reduction
         ctx.impl = impl
+        ctx.chunk_rows = chunk_rows
         ctx.param_dtypes = (scale.dtype, bias.dtype)
         return _reduce(rows, reduction)
 
@@ -390,7 +513,7 @@ class _SigLipLossFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         image, text, s, b = ctx.saved_tensors
         weight = row_weights_for(grad_out.to(s.dtype), ctx.reduction, image.shape[0]).contiguous()
-        d_image, d_text, d_scale, d_bias = ctx.impl.backward(image, text, s, b, weight, 0)
+        d_image, d_text, d_scale, d_bias = ctx.impl.backward(image, text, s, b, weight, 0, ctx.chunk_rows)
         need = ctx.needs_input_grad
         return (
             d_image.to(image.dtype) if need[0] else None,
@@ -399,7 +522,32 @@ class _SigLipLossFunction(torch.autograd.Function):
             d_bias.to(ctx.param_dtypes[1]) if need[3] else None,
             None,
             None,
+            None,
         )
+
+
+class _SigLipOnePass(torch.autograd.Function):
+    """'mean' / 'sum' with gradients: the forward computes them, the backward rescales (O(B * D) saved)."""
+
+    @staticmethod
+    def forward(ctx: Any, image: Tensor, text: Tensor, scale: Tensor, bias: Tensor, reduction: str,
+                impl: SigLipImpl, chunk_rows: int) -> Tensor:
+        acc = _acc_dtype(image.dtype)
+        s = scale.detach().to(acc)
+        b = bias.detach().to(acc)
+        rows, d_image, d_text, d_scale, d_bias = impl.fused(image, text, s, b, 0, chunk_rows)
+        ctx.save_for_backward(d_image, d_text, d_scale, d_bias)
+        ctx.reduction = reduction
+        ctx.dtypes = (image.dtype, text.dtype, scale.dtype, bias.dtype)
+        return _reduce(rows, reduction)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        weight = row_weights_for(grad_out.to(saved[0].dtype), ctx.reduction, saved[0].shape[0])
+        grads = [(g * weight).to(dt) if need else None
+                 for g, dt, need in zip(saved, ctx.dtypes, ctx.needs_input_grad)]
+        return (*grads, None, None, None)
 
 
 def siglip_loss(
@@ -410,6 +558,7 @@ def siglip_loss(
     *,
     reduction: str = "mean",
     backend: str | None = None,
+    memory_budget: int | str | None = None,
     distributed: bool = False,
     process_group: Any = None,
 ) -> Tensor:
@@ -425,8 +574,11 @@ def siglip_loss(
             gradient) or a positive float.
         logit_bias: the additive bias: a finite 0-dim tensor (gets a gradient) or a float.
         reduction: 'mean' (OpenCLIP's value: total / B), 'sum', or 'none' for the (B,) per-image
-            row sums.
+            row sums. With gradients, 'mean' and 'sum' compute them in the forward's pass over the
+            logits (one-pass); 'none' recomputes in the backward (two-pass).
         backend: force a backend ('triton', 'cpu', 'torch', 'reference'); default automatic.
+        memory_budget: bytes (int, or a string such as '8GiB') that caps the chunk workspaces;
+            default ``LLM2CLIP_LOSS_MEMORY_BUDGET``, else a quarter of the free memory (ops/_chunking.py).
         distributed: compute the global-batch loss across the ranks of ``process_group`` (the
             default group when None); each rank passes its local features. See
             :func:`llm2clip_fast.ops.global_batch_losses.siglip_loss_global` for the exact convention.
@@ -442,7 +594,8 @@ def siglip_loss(
         from .global_batch_losses import siglip_loss_global
 
         return siglip_loss_global(image_features, text_features, logit_scale, logit_bias,
-                                  reduction=reduction, process_group=process_group, backend=backend)
+                                  reduction=reduction, process_group=process_group, backend=backend,
+                                  memory_budget=memory_budget)
     check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
     if image_features.dtype != text_features.dtype:
         common = torch.promote_types(image_features.dtype, text_features.dtype)
@@ -450,5 +603,11 @@ def siglip_loss(
     scale = check_scale(logit_scale, image_features.device)
     bias = check_bias(logit_bias, image_features.device)
     chosen = _select(image_features, text_features, backend)
-    return _SigLipLossFunction.apply(image_features.contiguous(), text_features.contiguous(), scale, bias,
-                                     reduction, chosen.run)
+    rows = _rows_for(image_features, text_features, chosen, memory_budget)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (image_features, text_features, scale, bias))
+    one_pass = needs_grad and reduction != "none"
+    record_path(OP_NAME, ONE_PASS if one_pass else TWO_PASS)
+    function = _SigLipOnePass if one_pass else _SigLipTwoPass
+    return function.apply(image_features.contiguous(), text_features.contiguous(), scale, bias, reduction,
+                          chosen.run, rows)

@@ -12,16 +12,24 @@ Each sub-command lives in ``llm2clip_fast.train.<name>`` and exposes ``add_argum
 Expected failures print one line ``llm2clip_fast.train CMD: error: ...`` on stderr and exit with:
 
   2  bad arguments or options (also argparse's own usage errors)
-  3  a file or folder that does not exist
+  3  a file or folder that does not exist, or that cannot be read or written (permissions, a
+     read-only filesystem; eval checks its --out before computing anything)
   4  --out already holds a run (pass --resume or --overwrite), or another run is using the folder
-     (--out, or embed's cache; the message names it, --overwrite and --resume included)
-  5  a damaged checkpoint, or --resume with no usable checkpoint
+     (--out, or embed's cache; the message names it, --overwrite and --resume included), or took
+     over this run's lock while it ran (it stops after the current step, writing nothing more)
+  5  a damaged checkpoint or model file (a truncated model.safetensors), or --resume with no usable
+     checkpoint
   6  a damaged embedding cache, or one built from other captions than the data's, or (eval) an LLM
      whose files differ from those recorded with the model (--allow-llm-change to go on)
   7  too much bad data (more than --max-bad-fraction of the samples)
   8  the loss became inf/nan
   9  a package the trainer needs is not installed (pip install 'llm2clip_fast[train]')
-  130 interrupted (Ctrl-C)
+  10 a distributed run failed: a rank was lost, or a collective (or the start-up rendezvous) waited
+     longer than --dist-timeout; every waiting rank names the collective and the ranks to blame
+  130 interrupted (Ctrl-C): stops at once; --resume continues from the last checkpoint
+  143 stopped by SIGTERM (how SLURM and Kubernetes pre-empt): every rank stops after the same step
+     and a checkpoint is saved there (--resume continues exactly); outside the training steps the
+     run stops at once
 
 Anything else is a bug and shows its traceback (exit 1). ``--debug`` (anywhere on the command line) or
 ``LLM2CLIP_DEBUG=1`` shows the traceback of expected failures too. :func:`main` raises instead of
@@ -114,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m llm2clip_fast.train COMMAND ...; commands: {', '.join(SUBCOMMANDS)}",
               file=sys.stderr)
         return 2
-    return int(importlib.import_module(f"llm2clip_fast.train.{args.command}").run(args) or 0)
+    from .stop_requests import handling_sigterm
+
+    with handling_sigterm():  # SIGTERM: stop after the current step, saved (exit 143)
+        return int(importlib.import_module(f"llm2clip_fast.train.{args.command}").run(args) or 0)
 
 
 def exit_code_for(exc: BaseException) -> int | None:
@@ -127,17 +138,23 @@ def exit_code_for(exc: BaseException) -> int | None:
     from ..data.bad_data import BadDataError
     from ..data.embedding_cache import CacheCorruptError, StaleCacheError
     from ..models.llm_fingerprint import LLMChangedError
+    from ..safetensors_files import DamagedWeightsError
+    from ..writable_output import OutputNotWritableError
     from .checkpoint import CheckpointError
+    from .distributed_failures import DistributedFailure
     from .folder_lock import FolderLockedError
     from .run_folder import RunFolderError
+    from .stop_requests import SIGTERM_EXIT_CODE, RunPreempted
 
     return code_for(exc, [
+        (RunPreempted, SIGTERM_EXIT_CODE),
+        (DistributedFailure, 10),
         ((RunFolderError, FolderLockedError), 4),
-        (CheckpointError, 5),
+        ((CheckpointError, DamagedWeightsError), 5),
         ((CacheCorruptError, StaleCacheError, LLMChangedError), 6),
         (BadDataError, 7),
         (FloatingPointError, 8),
-        ((FileNotFoundError, NotADirectoryError), 3),
+        ((FileNotFoundError, NotADirectoryError, PermissionError, OutputNotWritableError), 3),
         (ValueError, 2),
     ])
 

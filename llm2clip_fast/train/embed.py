@@ -1,8 +1,14 @@
 """``python -m llm2clip_fast.train embed``: encode every caption with the frozen LLM into the cache.
 
 Reads ``(key, captions)`` from a caption source without decoding images, encodes each shard's
-captions with :class:`~llm2clip_fast.models.llm_encoder.LLMTextEncoder` (length-sorted batches,
-optionally LLM.int8 weights) and writes :mod:`llm2clip_fast.data.embedding_cache`. Rerunning the same
+captions with :class:`~llm2clip_fast.models.llm_encoder.LLMTextEncoder` (length-sorted batches cut by
+a token budget, no per-batch wait on the GPU) and writes :mod:`llm2clip_fast.data.embedding_cache`.
+The LLM's numerics: ``--precision`` (autocast: bf16 by default on CUDA and on CPUs with native bf16)
+and ``--quantize`` (``llm-int8``, bitsandbytes, also spelt ``--load-in-8bit``; ``w8a8-int8`` /
+``w8a8-fp8``, 8-bit weights and per-token activations, the 16-bit layers chosen by measured fidelity:
+:mod:`llm2clip_fast.models.llm_quantization`). Both are recorded in the manifest's metadata (what
+``eval`` re-encodes captions with) and in the encoder fingerprint: a cache encoded with other numerics
+is re-encoded, with a message saying what changed. Rerunning the same
 command after a kill resumes: finished shards are skipped. Rerunning it after the captions changed, or
 after the LLM's (or LoRA's) weight files changed at the same path, re-encodes exactly the shards whose
 inputs changed and says which. Records with an empty caption are skipped, counted as bad data
@@ -15,6 +21,7 @@ filesystem, checked at start (:mod:`~llm2clip_fast.train.shared_folder`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -25,11 +32,22 @@ import torch
 
 from .. import distributed
 from ..data.bad_data import DEFAULT_MAX_FRACTION, BadDataTracker
-from ..data.embedding_cache import build_embedding_cache, storage_dtype_name
+from ..data.embedding_cache import MANIFEST_NAME, build_embedding_cache, storage_dtype_name
+from ..models.llm_encoder import PRECISION_CHOICES, resolve_precision
+from ..models.llm_quantization import QUANTIZE_CHOICES
 from ..models.prompt_templates import TEMPLATE_CHOICES
 from ..redaction import redact
+from ..writable_output import check_writable
+from . import distributed_failures
 from .device_flags import add_device_argument
-from .run_spine import distributed_run, hold_folder, options_config, resolve_device, write_run_config
+from .run_spine import (
+    add_distributed_arguments,
+    distributed_run,
+    hold_folder,
+    options_config,
+    resolve_device,
+    write_run_config,
+)
 from .shared_folder import check_shared_folder
 
 logger = logging.getLogger(__name__)
@@ -50,19 +68,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "without the captions they came from (recorded in the cache; stage 2 then warns "
                              "that it cannot check the cache against its data)")
     parser.add_argument("--out", required=True, help="cache folder (created; an unfinished one is resumed)")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none",
+                        help="8-bit inference of the LLM: llm-int8 (bitsandbytes' LLM.int8 weights), "
+                             "w8a8-int8 / w8a8-fp8 (8-bit weights and per-token activations; fp8 on GPUs of "
+                             "compute capability 8.9+; the layers left in 16-bit are chosen by measured "
+                             "embedding fidelity and recorded in the cache)")
     parser.add_argument("--load-in-8bit", action="store_true",
-                        help="load the LLM's linear weights as LLM.int8")
+                        help="the same as --quantize llm-int8 (load the LLM's linear weights as LLM.int8)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="autocast of the LLM's forward (not the weights' dtype): auto (bf16 on CUDA and "
+                             "on CPUs with native bf16, AVX512-BF16 or AMX; else none), bf16, or fp32 (none)")
     parser.add_argument("--dtype", choices=["fp16", "fp32", "int8"], default="fp16",
                         help="the dtype the embeddings are stored in (not the LLM's: that is "
                              "--model-dtype); int8: one byte per value plus a float32 scale per embedding "
                              "(about half of fp16), read back as float32 by stage 2")
     parser.add_argument("--model-dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                        help="the LLM's weight dtype, which it also computes in (stage1 calls it --dtype; "
-                             "embed runs no autocast, so it has no --precision) (default: bf16 on CUDA, "
-                             "fp32 on CPU)")
-    parser.add_argument("--batch-size", type=int, default=64,
+                        help="the LLM's weight dtype (stage1 calls it --dtype; the forward's autocast is "
+                             "--precision) (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=256,
                         help="captions per forward pass of the LLM, on each rank (an encode batch: it "
-                             "changes speed and memory, not the embeddings)")
+                             "changes speed and memory, not the embeddings); at most: the token budget below "
+                             "cuts batches of long captions smaller")
+    parser.add_argument("--max-batch-tokens", type=int, default=16384,
+                        help="at most this many padded tokens per forward pass (captions x the batch's "
+                             "longest one, after sorting by length): long captions go in small batches")
     parser.add_argument("--shard-size", type=int, default=10_000, help="records per cache shard")
     parser.add_argument("--captions", default=None, help="comma-separated caption names (default: all)")
     parser.add_argument("--instruction", default=None, help="prefix attended but not pooled")
@@ -79,6 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "saved with the LLM, else 400, llm2vec's; LLM2CLIP encodes with 512)")
     parser.add_argument("--normalize", action="store_true", help="store L2-normalised embeddings")
     add_device_argument(parser)
+    add_distributed_arguments(parser)
     parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_FRACTION,
                         help="stop when more than this fraction of records has an empty caption "
                         "(default 1%%)")
@@ -100,9 +130,12 @@ def embed(
     data: str,
     out: str | Path,
     load_in_8bit: bool = False,
+    quantize: str = "none",
+    precision: str = "auto",
     dtype: str = "fp16",
     model_dtype: str | None = None,
-    batch_size: int = 64,
+    batch_size: int = 256,
+    max_batch_tokens: int | None = 16384,
     shard_size: int = 10_000,
     captions: list[str] | None = None,
     instruction: str | None = None,
@@ -126,20 +159,28 @@ def embed(
     this one."""
     _positive("batch-size", batch_size)
     _positive("shard-size", shard_size)
+    if max_batch_tokens is not None:
+        _positive("max-batch-tokens", max_batch_tokens)
+    if load_in_8bit and quantize not in ("none", "llm-int8"):
+        raise ValueError(f"--load-in-8bit is --quantize llm-int8; it conflicts with --quantize {quantize}")
+    quantize = "llm-int8" if load_in_8bit else quantize
     storage = storage_dtype_name(dtype)
+    check_writable(out, flag="--out", folder=True)
     # Rank 0 locks the cache folder before any rank writes into it: two embed runs on one cache would
     # write the same shards and manifest.
     with hold_folder(out, main=distributed.get_rank() == 0, what="an embed run", say=logger.warning):
         return _embed_locked(
-            llm=llm, data=data, out=out, load_in_8bit=load_in_8bit, storage=storage, model_dtype=model_dtype,
-            batch_size=batch_size, shard_size=shard_size, captions=captions, instruction=instruction,
+            llm=llm, data=data, out=out, quantize=quantize, precision=precision, storage=storage,
+            model_dtype=model_dtype, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+            shard_size=shard_size, captions=captions, instruction=instruction,
             lora=lora, pooling=pooling, max_length=max_length, normalize=normalize, device=device,
             template=template, progress=progress, hook=hook, max_bad_fraction=max_bad_fraction,
             config=config, doc_max_length=doc_max_length)
 
 
-def _embed_locked(*, llm: str, data: str, out: str | Path, load_in_8bit: bool, storage: str,
-                  model_dtype: str | None, batch_size: int, shard_size: int, captions: list[str] | None,
+def _embed_locked(*, llm: str, data: str, out: str | Path, quantize: str, precision: str, storage: str,
+                  model_dtype: str | None, batch_size: int, max_batch_tokens: int | None, shard_size: int,
+                  captions: list[str] | None,
                   instruction: str | None, lora: str | None, pooling: str | None, max_length: int | None,
                   normalize: bool, device: str | None, template: str | None, progress: bool,
                   hook: Callable[[str, int], None] | None, max_bad_fraction: float,
@@ -149,33 +190,43 @@ def _embed_locked(*, llm: str, data: str, out: str | Path, load_in_8bit: bool, s
     from ..models.llm_encoder import LLMTextEncoder
 
     # Before the LLM loads: ranks on several nodes must write into one folder that rank 0 can merge.
+    distributed_failures.at("start-up: checking that every rank sees the cache folder (broadcast, "
+                            "all-gather, barriers)")
     check_shared_folder(out)
     dev = resolve_device(device)
     compute = model_dtype or ("bf16" if dev.type == "cuda" else "fp32")
+    autocast = "bf16" if resolve_precision(precision, dev) is not None else "fp32"
     source = open_source(data, require_images=False)  # captions only: text-only manifests are fine
     names = _caption_names(source, captions)
     encoder = LLMTextEncoder.from_pretrained(
-        llm, dtype=compute, load_in_8bit=load_in_8bit, instruction=instruction, lora=lora,
+        llm, dtype=compute, quantize=quantize, precision=autocast, instruction=instruction, lora=lora,
         merge_lora=lora is not None, pooling=pooling, max_length=max_length, normalize=normalize, device=dev,
         template=template, doc_max_length=doc_max_length,
     )
     rank, world = distributed.get_rank(), distributed.get_world_size()
-    metadata = cache_metadata(encoder, llm=llm, lora=lora, load_in_8bit=load_in_8bit, compute=compute,
-                              data=data)
+    metadata = cache_metadata(encoder, llm=llm, lora=lora, load_in_8bit=quantize == "llm-int8",
+                              compute=compute, data=data)
+    options = encoder_options(encoder)
+    fingerprint = encoder_fingerprint(metadata, llm=llm, lora=lora, options=options)
+    _say_what_changed(Path(out), fingerprint)
     reporter = _ShardReporter(rank, progress, hook)
     bad = BadDataTracker(max_bad_fraction)
+    distributed_failures.at("encoding this rank's shards, then the barrier until every rank has written "
+                            "its own")
     manifest = build_embedding_cache(
         _caption_records(source, names, bad),
-        lambda texts: encoder.encode(texts, batch_size=batch_size, show_progress=False),
+        lambda texts: encoder.encode(texts, batch_size=batch_size, show_progress=False,
+                                     max_batch_tokens=max_batch_tokens),
         out, caption_names=names, dim=encoder.embedding_dim, dtype=storage, shard_size=shard_size,
         metadata=metadata, rank=rank, world_size=world, barrier=distributed.barrier, hook=reporter,
-        fingerprint=encoder_fingerprint(metadata, llm=llm, lora=lora), skipped=bad.bad_keys,
+        fingerprint=fingerprint, skipped=bad.bad_keys, encoder_options=options,
     )
     if manifest is None:
         return None
     resolved = embed_settings(metadata, llm=llm, data=data, out=out, dtype=storage, batch_size=batch_size,
                               shard_size=shard_size, captions=names, lora=lora, device=dev,
                               max_bad_fraction=max_bad_fraction, world_size=world)
+    resolved.update(options, max_batch_tokens=max_batch_tokens)
     write_run_config(Path(out), {**(config or {}), **resolved})
     if bad.bad:
         logger.warning("[embed] skipped %d record(s) with an empty or missing caption (not in the cache; "
@@ -211,16 +262,60 @@ def cache_metadata(encoder: Any, *, llm: str, lora: str | None, load_in_8bit: bo
     }
 
 
-def encoder_fingerprint(metadata: dict[str, Any], *, llm: str, lora: str | None) -> dict[str, Any]:
+def encoder_options(encoder: Any) -> dict[str, Any]:
+    """The encoder's numerics as the manifest records them (keys ``LLMTextEncoder.from_pretrained``
+    takes, so ``eval`` loads the LLM the same way): ``precision`` ("bf16" or "fp32"), ``quantize``, and
+    for w8a8 ``quantize_keep`` (the layers left in 16-bit) and ``quantization`` (the full report)."""
+    options: dict[str, Any] = {"precision": "bf16" if encoder.autocast is not None else "fp32",
+                               "quantize": encoder.quantize}
+    if encoder.quantization is not None:
+        report = encoder.quantization.as_dict()
+        options["quantize_keep"] = list(report["kept_16bit"])
+        options["quantization"] = report
+    return options
+
+
+def encoder_fingerprint(metadata: dict[str, Any], *, llm: str, lora: str | None,
+                        options: dict[str, Any] | None = None) -> dict[str, Any]:
     """What makes the embeddings: the encoding settings and the weight files' contents, so a model
-    replaced at the same path re-encodes every shard instead of reusing stale vectors."""
+    replaced at the same path re-encodes every shard instead of reusing stale vectors.
+
+    ``options`` (:func:`encoder_options`): bf16 autocast adds ``precision``, w8a8 adds ``quantization``
+    (mode, smoothing, calibration hash, layers kept in 16-bit); the defaults of earlier versions (fp32,
+    no w8a8) add nothing, so their caches keep their fingerprint."""
     from ..models.llm_fingerprint import llm_weights_fingerprint
 
     encoding = ("load_in_8bit", "model_dtype", "pooling", "instruction", "max_length", "normalize",
                 "bidirectional", "template", "doc_max_length")
+    settings = {k: metadata[k] for k in encoding}
+    options = options or {}
+    if options.get("precision") == "bf16":
+        settings["precision"] = "bf16"
+    if options.get("quantization") is not None:
+        report = options["quantization"]
+        settings["quantization"] = {k: report[k] for k in ("mode", "smoothing_alpha", "calibration_sha256",
+                                                          "kept_16bit")}
     # A LoRA chain ("A,B") is one folder per adapter, each part of what makes the vectors. The same
     # hashes go with the stage-2 model, and eval checks its LLM against them.
-    return {"weights": llm_weights_fingerprint(llm, lora), "settings": {k: metadata[k] for k in encoding}}
+    return {"weights": llm_weights_fingerprint(llm, lora), "settings": settings}
+
+
+def _say_what_changed(out: Path, fingerprint: dict[str, Any]) -> None:
+    """Log which encoder settings differ from those a finished cache in ``out`` was encoded with (its
+    shards are then re-encoded, each with its own message)."""
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        old = (json.loads(path.read_text()).get("encoder_fingerprint") or {}).get("settings") or {}
+    except (OSError, ValueError):
+        return
+    new = fingerprint["settings"]
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        what = ", ".join(f"{k}: {old.get(k, '(default)')} -> {new.get(k, '(default)')}" for k in changed)
+        logger.info("[embed] %s was encoded with other encoder settings (%s); its shards are re-encoded",
+                    out, what)
 
 
 def _caption_records(source: Any, names: list[str],
@@ -297,10 +392,11 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"embed needs {' and '.join(missing)} (or --import-llm2clip DIR to import "
                          "LLM2CLIP's precomputed embeddings)")
-    with distributed_run(args.device) as place:
+    with distributed_run(args.device, timeout_s=args.dist_timeout) as place:
         embed(
-            llm=args.llm, data=args.data, out=args.out, load_in_8bit=args.load_in_8bit, dtype=args.dtype,
-            model_dtype=args.model_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
+            llm=args.llm, data=args.data, out=args.out, load_in_8bit=args.load_in_8bit,
+            quantize=args.quantize, precision=args.precision, dtype=args.dtype, model_dtype=args.model_dtype,
+            batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens, shard_size=args.shard_size,
             captions=[c.strip() for c in args.captions.split(",") if c.strip()] if args.captions else None,
             instruction=args.instruction, lora=args.lora, pooling=args.pooling, max_length=args.max_length,
             normalize=args.normalize, device=str(place.device), template=args.template,

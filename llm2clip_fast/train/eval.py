@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from llm2clip_fast import atomic_files
+from llm2clip_fast.models.llm_quantization import QUANTIZE_CHOICES
 from llm2clip_fast.models.prompt_templates import TEMPLATE_CHOICES
 from llm2clip_fast.redaction import redact
 from llm2clip_fast.train.device_flags import add_device_argument
@@ -43,6 +44,7 @@ from llm2clip_fast.train.retrieval_metrics import (
     zero_shot_accuracy,
 )
 from llm2clip_fast.train.run_spine import resolve_device
+from llm2clip_fast.writable_output import OutputNotWritableError, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +62,17 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
-                      template: str | None = None, device: str | torch.device | None = None, *,
-                      allow_llm_change: bool = False) -> Any:
+                      template: str | None = None, device: str | torch.device | None = None,
+                      quantize: str | None = None, *, allow_llm_change: bool = False) -> Any:
     """The frozen ``LLMTextEncoder`` an llm-adapter model reads captions through; None for a model
     with its own (clip) text tower.
 
     The path and encoder options (pooling, max length, instruction, compute dtype, ...) come from the
     model's config (``config.llm``: the embedding cache's settings, which stage 2 records, with the LLM
     folder under ``model`` or ``path``); ``llm`` overrides the path and ``template`` the recorded
-    prompt template; ``device`` where the LLM runs (default: its loader's).
+    prompt template; ``device`` where the LLM runs (default: its loader's). The recorded precision and
+    8-bit quantisation (``precision``, ``quantize``, ``quantize_keep``) are reproduced unless ``quantize``
+    overrides the mode (``"none"``, ``"llm-int8"``, ``"w8a8-int8"``, ``"w8a8-fp8"``).
 
     Before loading, the LLM's files are checked against the fingerprint the model recorded
     (:func:`~llm2clip_fast.models.llm_fingerprint.check_llm_unchanged`): an LLM retrained in place
@@ -94,6 +98,12 @@ def load_text_encoder(model: Any, llm: str | os.PathLike[str] | None = None,
     options = {k: v for k, v in recorded.items() if k in accepted and k != "path" and v is not None}
     if template is not None:
         options["template"] = template
+    if quantize is not None:
+        if options.get("quantize", "llm-int8" if options.get("load_in_8bit") else "none") != quantize:
+            # Another mode than the cache's: its 16-bit layer list does not apply.
+            options.pop("quantize_keep", None)
+        options["quantize"] = quantize
+        options.pop("load_in_8bit", None)
     if device is not None:
         options["device"] = device
     encoder = LLMTextEncoder.from_pretrained(str(path), **options)
@@ -209,17 +219,17 @@ def format_results_table(rows: dict[str, dict[str, Any]], ks: Sequence[int] = DE
 def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str | None = None,
                        caption: str = "long", batch_size: int = 64, encoder: Any = None,
                        ks: Sequence[int] = DEFAULT_KS, image_root_only: bool = False,
-                       template: str | None = None,
-                       device: str | torch.device | None = None,
-                       allow_llm_change: bool = False,
+                       template: str | None = None, device: str | torch.device | None = None,
+                       quantize: str | None = None, allow_llm_change: bool = False,
                        encoding_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a saved model and a caption source and evaluate (the ``eval`` sub-command's work).
 
     ``encoder`` reuses an already loaded LLM (the pipeline evaluates two splits with one load).
     ``image_root_only``: manifest image paths outside the manifest's folder are bad samples.
     ``device``: where the model and the LLM run (None: the model on the CPU, the LLM where its loader
-    puts it). ``allow_llm_change``: evaluate even when the LLM's files differ from those the model
-    recorded (see :func:`load_text_encoder`). ``encoding_overrides``: encoding settings (``max_length``,
+    puts it). ``quantize``: the LLM's 8-bit mode instead of the one its cache recorded.
+    ``allow_llm_change``: evaluate even when the LLM's files differ from those the model recorded (see
+    :func:`load_text_encoder`). ``encoding_overrides``: encoding settings (``max_length``,
     ``doc_max_length``) that replace those the model recorded (``--max-length``, ``--doc-max-length``,
     ``--recipe llm2clip``).
     """
@@ -237,7 +247,7 @@ def evaluate_model_dir(model_dir: str | os.PathLike[str], data: str, *, llm: str
         raise ValueError(f"--caption {caption!r} is not a caption of {data}; captions found: "
                          f"{source.caption_names}")
     if encoder is None:
-        encoder = load_text_encoder(model, llm, template=template, device=device,
+        encoder = load_text_encoder(model, llm, template=template, device=device, quantize=quantize,
                                     allow_llm_change=allow_llm_change)
     recorded = model.config.llm or {}
     text_path = (f"LLM {llm or recorded.get('model') or recorded.get('path')}" if encoder is not None
@@ -282,6 +292,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc-max-length", type=int, default=None,
                         help="llm2vec's caption length cap (default: what the model's embedding cache "
                              "recorded; LLM2CLIP encodes with 512)")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                        help="8-bit inference of the LLM that embeds the captions (see embed --quantize); "
+                             "default: what the model's embedding cache recorded")
+    parser.add_argument("--load-in-8bit", dest="quantize", action="store_const", const="llm-int8",
+                        help="the same as --quantize llm-int8")
     parser.add_argument("--caption", default="long", help="caption name used for retrieval (default: long)")
     parser.add_argument("--batch-size", type=int, default=64, help="images/captions per forward (default 64)")
     parser.add_argument("--out", default=None,
@@ -328,10 +343,13 @@ def run_suites_command(args: argparse.Namespace, device: torch.device) -> int:
         raise ValueError("--suite needs --root DIR (the suite's folder, or with --suite all their parent)")
     if args.workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.workers}")
-    embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device,
-                             allow_llm_change=args.allow_llm_change,
-                             encoding_overrides=encoding_overrides(args))
+
     out = Path(args.out) if args.out else Path(args.model) / "eval"
+    check_writable(out, flag="--out" if args.out else "the results folder (default MODEL/eval; --out)",
+                   folder=True)  # before hours of embedding, not after
+    embedder = ModelEmbedder(args.model, llm=args.llm, template=args.template, device=device,
+                             quantize=getattr(args, "quantize", None), allow_llm_change=args.allow_llm_change,
+                             encoding_overrides=encoding_overrides(args))
     _log(f"model {args.model} on {device}; text path: {embedder.text_path}")
     results = run_suites(embedder, args.suite, args.root, out=out, model_name=str(args.model),
                          classnames=args.classnames, templates=args.templates, batch_size=args.batch_size,
@@ -362,10 +380,16 @@ def run(args: argparse.Namespace) -> int:
         return run_suites_command(args, device)
     if args.data is None:
         raise ValueError("eval needs --data SOURCE or --suite NAME --root DIR")
+    if args.out:  # before the model loads and everything is embedded, not after
+        if Path(args.out).is_dir():
+            raise OutputNotWritableError(f"--out {args.out!r} is a folder; --data writes one JSON file: give "
+                                         "its path")
+        check_writable(args.out, flag="--out", folder=False)
     _log(f"model {args.model} on {device}")
     results = evaluate_model_dir(args.model, args.data, llm=args.llm, caption=args.caption,
                                  batch_size=args.batch_size, image_root_only=args.image_root_only,
                                  template=getattr(args, "template", None), device=device,
+                                 quantize=getattr(args, "quantize", None),
                                  allow_llm_change=getattr(args, "allow_llm_change", False),
                                  encoding_overrides=encoding_overrides(args))
     print(format_results_table({Path(args.model).name or str(args.model): results}))

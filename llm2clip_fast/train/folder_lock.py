@@ -107,7 +107,7 @@ def _process_state(pid: int) -> str | None:
     return "alive"
 
 
-def _machine_id() -> str:
+def machine_id() -> str:
     """What tells this machine (and pid namespace) apart from others that may share a host name:
     the kernel's boot id and the pid namespace. Processes are only judged by pid on the same one."""
     parts = []
@@ -182,16 +182,19 @@ class FolderLock:
             ``LLM2CLIP_LOCK_HEARTBEAT_SECONDS``).
 
     Use as a context manager, or :meth:`acquire` / :meth:`release`. ``lost`` becomes True when the
-    heartbeat finds the lock taken over by another process (logged as an error).
+    heartbeat finds the lock taken over by another process (logged as an error), and ``on_lost`` is
+    then called once, from the heartbeat thread, with the new holder's description (the trainers ask
+    their run to stop at the next step boundary, :mod:`.stop_requests`).
     """
 
     def __init__(self, folder: str | os.PathLike[str], *, what: str = "a run",
                  say: Callable[[str], None] | None = None, stale_after: float | None = None,
-                 heartbeat: float | None = None) -> None:
+                 heartbeat: float | None = None, on_lost: Callable[[str], None] | None = None) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
         self.what = what
         self.say = say or logger.warning
+        self.on_lost = on_lost
         self.stale_after = (stale_after if stale_after is not None
                             else _seconds_from_env("LLM2CLIP_LOCK_STALE_SECONDS", STALE_AFTER_SECONDS))
         self.heartbeat = (heartbeat if heartbeat is not None
@@ -213,7 +216,7 @@ class FolderLock:
         now = time.time()
         pid = os.getpid()
         return {"what": self.what, "host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
-                "machine": _machine_id(), "started_at": now, "started": _iso(now), "heartbeat": now,
+                "machine": machine_id(), "started_at": now, "started": _iso(now), "heartbeat": now,
                 "token": self.token}
 
     def read(self) -> dict[str, Any] | None:
@@ -274,7 +277,7 @@ class FolderLock:
             age = max(0.0, time.time() - float(holder.get("heartbeat")))
         except (TypeError, ValueError):
             age = float("inf")
-        same_machine = (holder.get("machine") == _machine_id() and holder.get("host") == socket.gethostname())
+        same_machine = (holder.get("machine") == machine_id() and holder.get("host") == socket.gethostname())
         pid = holder.get("pid")
         if same_machine and isinstance(pid, int):
             state = _process_state(pid)
@@ -344,14 +347,27 @@ class FolderLock:
         self._thread.start()
 
     def beat(self) -> bool:
-        """Rewrite the lock's heartbeat now; False (and ``lost`` set) when another process holds it."""
-        current = self.read()
+        """Rewrite the lock's heartbeat now; False (and ``lost`` set) when another process holds it or
+        the file is gone. A file caught half-written (not JSON yet) is left for the next beat: losing the
+        lock stops the run."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            current = None
+        else:
+            try:
+                current = json.loads(text)
+            except ValueError:
+                return True
+            current = current if isinstance(current, dict) else {}
         if current is None or current.get("token") != self.token:
             if not self.lost:
                 self.lost = True
                 holder = describe_holder(current) if current else "nobody (the lock file is gone)"
                 logger.error("the lock on %s is no longer this run's: it is held by %s. Two runs may now "
                              "write the folder; stop one of them", self.folder, holder)
+                if self.on_lost is not None:
+                    self.on_lost(f"it is held by {holder}")
             return False
         self._record["heartbeat"] = time.time()
         tmp = self.path.with_name(f".{LOCK_NAME}.{uuid.uuid4().hex[:8]}.tmp")

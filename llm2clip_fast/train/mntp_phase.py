@@ -6,7 +6,9 @@ MNTP, merged into the weights, then a fresh LoRA for the contrastive phase. :fun
 does exactly that inside one ``stage1`` command: ``--mntp-steps`` optimizer steps of MNTP on the
 ``--mntp-data`` passages (same LoRA shape, lr, schedule and clipping as the run), then the adapter
 is merged and the merged model saved to ``<out>/mntp/merged``, which the contrastive phase loads as
-its base. A finished phase is reused by ``--resume`` (and by a rerun); an interrupted one restarts.
+its base. A finished phase is reused by ``--resume`` (and by a rerun); an interrupted one restarts
+(it saves no checkpoints: asked to stop, by SIGTERM or a lost folder lock, its ranks stop after the
+same step and say so).
 
 ``--mntp-data``: a ``.txt`` file (one passage per non-empty line) or a manifest / shard spec whose
 caption fields are the passages (text-only manifests are fine).
@@ -29,6 +31,9 @@ import torch
 
 from .. import distributed as dist_helpers
 from ..atomic_files import replace_dir
+from . import distributed_failures
+from .stop_requests import REQUESTS as STOP_REQUESTS
+from .stop_requests import RunPreempted, agreed_stop, lock_taken_over
 
 MNTP_DIR = "mntp"
 
@@ -128,15 +133,31 @@ def run_mntp_phase(args: argparse.Namespace, device: torch.device, out: Path,
     batches = _text_batches(texts, args.batch_size // world, args.seed, rank, world)
     say(f"stage1: MNTP phase, {args.mntp_steps} steps on {len(texts)} passages of {args.mntp_data}")
     training.built.peft_model.train()
-    for step in range(1, args.mntp_steps + 1):
-        loss = _mntp_batch_loss(args, training, next(batches), step, rank, device)
-        _mntp_update(args, training, loss, step, device)
+    with STOP_REQUESTS.deferred():
+        for step in range(1, args.mntp_steps + 1):
+            distributed_failures.at(f"MNTP step {step}: the gradient and loss all-reduces")
+            loss = _mntp_batch_loss(args, training, next(batches), step, rank, device)
+            _mntp_update(args, training, loss, step, device)
+            _stop_if_asked(args, out, step, device)
+    distributed_failures.at("MNTP phase end: the barrier while rank 0 merges and saves the MNTP model")
     if rank == 0:
         _save_merged(args, training.built, final, device)
         say(f"stage1: MNTP adapter merged, saved to {final}")
     dist_helpers.barrier()
     del training
     return final
+
+
+def _stop_if_asked(args: argparse.Namespace, out: Path, step: int, device: torch.device) -> None:
+    """At the boundary after MNTP ``step``, the ranks agree whether to stop (one tiny all-reduce)."""
+    distributed_failures.at(f"MNTP step {step}: the stop-flag all-reduce at the step boundary")
+    stop = agreed_stop(device)
+    if stop is None:
+        return
+    if stop.lock_lost:
+        raise lock_taken_over(out, step, stop.note)
+    raise RunPreempted(f"stopped by SIGTERM after MNTP step {step} of {args.mntp_steps}; the MNTP phase "
+                       "saves no checkpoints, so --resume starts it again")
 
 
 def _read_batchable_texts(args: argparse.Namespace, world: int) -> list[str]:

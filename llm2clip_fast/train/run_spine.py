@@ -4,8 +4,11 @@ what its own step computes.
 A trainer's ``run`` reads as these steps, in this order; each is one function here:
 
 1. :func:`distributed_run` (a context manager): resolve ``--device`` (:func:`resolve_device`), start
-   the process group under ``torchrun`` (gloo for a CPU run, NCCL for CUDA), bind this rank to its GPU,
-   check that collectives get tensors on that device; tear the group down when the run ends, however.
+   the process group under ``torchrun`` (gloo for a CPU run, NCCL for CUDA) with ``--dist-timeout``
+   (:func:`add_distributed_arguments`), bind this rank to its GPU, check that collectives get tensors
+   on that device, start the rank ledger (:mod:`.distributed_failures`); turn a failed collective into
+   one line naming the ranks to blame; tear the group down when the run ends, however, so that none of
+   its threads outlives the run.
 2. :func:`locked_out_folder` (a context manager): on every rank before anything heavy loads, ``--out``
    may be used as asked (``--resume`` / ``--overwrite``; :mod:`.run_folder`, :func:`check_out_folder`);
    then rank 0 takes the folder's lock for the life of the run (:mod:`.folder_lock`), before any rank
@@ -26,11 +29,14 @@ holds and how it is restored, and what they save at the end.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +48,14 @@ from .. import distributed
 from ..atomic_files import write_json_atomic
 from ..data.stream_transport import is_stream_url
 from ..redaction import redact, redact_value
+from ..writable_output import check_writable
+from . import distributed_failures
 from .checkpoint import Checkpoint, load_latest_usable
 from .folder_lock import FolderLock
 from .run_folder import RunFolderError, check_run_folder, new_run_id, prepare_run_folder
 from .run_log import JsonlLog, TrainProgress, plot_loss_curve
 from .scalar_reporters import ScalarReporters
+from .stop_requests import REQUESTS as STOP_REQUESTS
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,8 @@ PATH_OPTIONS = ("data", "embeddings", "init_model", "vision_path", "llm", "mntp_
 RESOLVED_PATHS = "resolved_paths"
 _GLOB_OR_BRACE = set("{*?[")
 _DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda)(:\d+)?$")
+# torch's own default: long enough for rank 0 to save an 8B model while the others wait at a barrier.
+DEFAULT_DIST_TIMEOUT_S = 1800.0
 
 Say = Callable[[str], None]
 
@@ -113,23 +124,86 @@ def resolve_device(spec: str | None, *, flag: str = "--device") -> torch.device:
     return torch.device("cuda", index)
 
 
+def dist_timeout_seconds(text: str) -> float:
+    """``--dist-timeout``'s value: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def add_distributed_arguments(group: Any) -> argparse.Action:
+    """``--dist-timeout SECONDS`` on ``group``: every sub-command that starts a process group takes it."""
+    return group.add_argument(
+        "--dist-timeout", type=dist_timeout_seconds, default=DEFAULT_DIST_TIMEOUT_S, metavar="SECONDS",
+        help="under torchrun: how long the start-up rendezvous and every collective wait for the other "
+             "ranks before the run stops with one line naming the collective and the ranks that did not "
+             "come (exit 10); it must exceed the longest wait of a rank for another, such as rank 0 "
+             "saving the final model (default: 1800)")
+
+
 @contextlib.contextmanager
-def distributed_run(device_spec: str | None, *, flag: str = "--device") -> Iterator[RunPlace]:
-    """Resolve the device, start the process group torchrun asks for, bind this rank to its GPU and
-    check the collectives' device; yields the :class:`RunPlace`. A process group this call started is
-    torn down when the block ends, normally or not; one the caller had already started is left alone."""
+def distributed_run(device_spec: str | None, *, flag: str = "--device",
+                    timeout_s: float = DEFAULT_DIST_TIMEOUT_S) -> Iterator[RunPlace]:
+    """Resolve the device, start the process group torchrun asks for (``timeout_s``: its collectives'
+    and rendezvous' time limit, ``--dist-timeout``), bind this rank to its GPU, check the collectives'
+    device and open the rank ledger; yields the :class:`RunPlace`.
+
+    A failed or timed-out collective leaving the block becomes a
+    :class:`~.distributed_failures.DistributedFailure` naming the collective and the ranks to blame.
+    A process group this call started is torn down when the block ends, normally (after a barrier:
+    every rank is done) or not; one the caller had already started is left alone. The block must drop
+    its model wrappers (DDP, FSDP) before it ends: they hold the group
+    (:func:`~llm2clip_fast.distributed.destroy_distributed` says why that matters)."""
     device = resolve_device(device_spec, flag=flag)
     started_here = not distributed.is_distributed()
+    STOP_REQUESTS.reset()  # a lock lost by an earlier run of this process is not this run's
+    clean = False
     try:
         # --device cpu on a GPU node: gloo, since NCCL exchanges CUDA tensors only.
-        distributed.init_distributed_from_env(backend="gloo" if device.type == "cpu" else None)
+        distributed.init_distributed_from_env(backend="gloo" if device.type == "cpu" else None,
+                                              timeout_s=timeout_s)
+        if started_here:
+            distributed_failures.open_ledger(timeout_s)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         distributed.check_collective_device(device)  # every collective takes tensors on `device`
         yield RunPlace(device, distributed.get_rank(), distributed.get_world_size())
+        clean = True
+    except BaseException as exc:
+        if not started_here:
+            raise
+        # Failing: a SIGTERM now (torchrun stops the other ranks when one dies) only records a request,
+        # so the line printed says why the run failed, not that it was stopped.
+        with STOP_REQUESTS.deferred():
+            failure = distributed_failures.explain(exc)
+            # The failed frames' locals (a DDP model holds the process group) must not keep the group
+            # alive past the teardown.
+            traceback.clear_frames(exc.__traceback__)
+            _end_process_group(sync=False)
+        if failure is not None:
+            raise failure from exc
+        raise
     finally:
-        if started_here:
-            distributed.destroy_distributed()
+        if started_here and clean:
+            _end_process_group(sync=True)
+
+
+def _end_process_group(*, sync: bool) -> None:
+    """Tear down the process group this run started; a group that cannot be freed is reported."""
+    if not distributed.is_distributed():
+        distributed_failures.close_ledger()
+        return
+    if sync:
+        distributed_failures.at("end of run: the closing barrier")
+    distributed_failures.close_ledger()
+    left = distributed.destroy_distributed(sync=sync)
+    if left:
+        logger.debug("the process group's threads still run after its teardown (%s): something still "
+                     "holds the group; waited for them to be idle", ", ".join(left))
 
 
 def autocast_factory(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -152,10 +226,12 @@ def autocast_factory(precision: str, device: torch.device) -> Callable[[], conte
 
 
 def check_out_folder(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
-    """``--out`` as a Path, after checking (read-only, on every rank, before anything heavy) that it
-    may be used as asked; raises :class:`~.run_folder.RunFolderError` or ValueError otherwise."""
+    """``--out`` as a Path, after checking (on every rank, before anything heavy) that it may be used
+    as asked and can be written; raises :class:`~.run_folder.RunFolderError`, ValueError or
+    :class:`~llm2clip_fast.writable_output.OutputNotWritableError` otherwise."""
     out = Path(out)
     check_run_folder(out, resume=resume, overwrite=overwrite)
+    check_writable(out, flag="--out", folder=True)
     return out
 
 
@@ -170,7 +246,8 @@ def hold_folder(folder: str | Path, *, main: bool, what: str, say: Say,
     torchrun: every rank must enter it."""
     lock, failure = None, None
     if main:
-        lock = FolderLock(folder, what=what, say=say)
+        # Taken over by another run while this one lives: the trainers stop at the next step boundary.
+        lock = FolderLock(folder, what=what, say=say, on_lost=STOP_REQUESTS.request_lock_lost)
         try:
             lock.acquire()
             if check is not None:
@@ -178,6 +255,8 @@ def hold_folder(folder: str | Path, *, main: bool, what: str, say: Say,
         except Exception as exc:  # every rank must hear of it, whatever it is
             lock.release()
             failure = exc
+    distributed_failures.at(f"start-up: rank 0 takes the lock on {folder}, the other ranks wait for its "
+                            "verdict (broadcast)")
     message = _rank0_verdict(None if failure is None else str(failure))
     if failure is not None:
         raise failure
@@ -394,9 +473,11 @@ def finish_run(out: Path, *, plot_title: str, summary: dict[str, Any], say: Say,
 
 __all__ = [
     "CONFIG_NAME",
+    "DEFAULT_DIST_TIMEOUT_S",
     "PRECISIONS",
     "RunPlace",
     "RunStart",
+    "add_distributed_arguments",
     "autocast_factory",
     "check_out_folder",
     "check_resume_config",

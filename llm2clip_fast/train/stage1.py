@@ -42,7 +42,8 @@ from ..data.caption_source import CaptionSource
 from ..data.loader import build_loader, sample_rng
 from ..data.sources import open_source
 from ..models.prompt_templates import TEMPLATE_CHOICES
-from .checkpoint import latest_checkpoint, restore_rng_state, save_checkpoint
+from . import distributed_failures
+from .checkpoint import checkpoint_dir, latest_checkpoint, restore_rng_state, save_checkpoint
 from .cra import caption_pairs, encoder_cra
 from .device_flags import add_device_argument, add_precision_argument
 from .flag_aliases import add_hidden_switch_alias
@@ -58,6 +59,7 @@ from .run_spine import (
     RESOLVED_PATHS,
     RunPlace,
     RunStart,
+    add_distributed_arguments,
     autocast_factory,
     distributed_run,
     finish_run,
@@ -70,6 +72,8 @@ from .run_spine import (
     write_run_config,
 )
 from .scalar_reporters import add_report_to_argument, check_report_to
+from .stop_requests import REQUESTS as STOP_REQUESTS
+from .stop_requests import agreed_stop, lock_taken_over, preempted
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +212,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--out", required=True, help="run folder")
     add_device_argument(g)
+    add_distributed_arguments(g)
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--resume", action="store_true",
@@ -582,7 +587,7 @@ def train_stage1(args: argparse.Namespace) -> Stage1Result:
     with warnings.catch_warnings():
         # bitsandbytes warns on every int8 matmul that fp32 activations are cast to fp16.
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-        with distributed_run(args.device) as place:
+        with distributed_run(args.device, timeout_s=args.dist_timeout) as place:
             resolve_recipe(args)
             check_options(args, place.world_size)
             with locked_out_folder(place, args.out, resume=args.resume, overwrite=args.overwrite, say=_say,
@@ -753,6 +758,7 @@ def write_stage1_config(run: Stage1Run, source_size: int) -> None:
 
 def measure_cra_before(run: Stage1Run) -> None:
     """On rank 0, unless a resumed checkpoint carries it: caption retrieval accuracy before training."""
+    distributed_failures.at("start-up: the barrier while rank 0 measures CRA before training")
     if run.place.main and run.eval_pairs and run.cra_before is None:
         run.cra_before = encoder_cra(run.training.built.encoder, run.eval_pairs)
         _say(f"CRA before training {run.cra_before:.4f} on {len(run.eval_pairs)} pairs")
@@ -859,6 +865,7 @@ def apply_update(run: Stage1Run, local_loss: float, step: int, phase: str) -> tu
 
 def save_run_checkpoint(run: Stage1Run, step: int) -> None:
     """Checkpoint the trainable tensors, optimizer, schedule and data position (rank 0 writes)."""
+    distributed_failures.at(f"checkpoint at step {step}: the barrier while rank 0 writes it")
     if run.place.main:
         training, loader = run.training, run.loader
         save_checkpoint(run.out, step=step, epoch=loader.epoch, batch_index=loader.next_batch,
@@ -871,29 +878,51 @@ def save_run_checkpoint(run: Stage1Run, step: int) -> None:
 
 def train_loop(run: Stage1Run, log: JsonlLog, progress: TrainProgress) -> Stage1LoopState:
     """Optimizer steps until the plan's total (MNTP warm-up steps first): log every ``--log-every``
-    steps and the last, checkpoint every ``--save-every`` steps and at the end."""
-    args, total = run.args, run.plan.total_steps
+    steps and the last, checkpoint every ``--save-every`` steps and at the end. After each step the
+    ranks agree whether to stop (one tiny all-reduce) before anything of it is written: a lost lock
+    stops without writing (the folder is another run's), SIGTERM saves a checkpoint at that step."""
+    total, save_every = run.plan.total_steps, run.args.save_every
     state = Stage1LoopState(step=run.start.step, epoch=run.start.epoch)
     batches = _micro_batches(run.loader, run.start.epoch, run.start.batch_index, run.plan.usable_slots)
     run.training.built.peft_model.train()
-    while state.step < total:
-        t0 = time.perf_counter()
-        phase = "mntp" if state.step < args.mntp_steps else "contrastive"
-        local_loss, captions = accumulate_gradients(run, batches, state, phase == "mntp")
-        step_loss, grad_norm, lr = apply_update(run, local_loss, state.step, phase)
-        state.step += 1
-        state.losses.append(step_loss)
-        state.captions += captions
-        rate = progress.update(captions, loss=step_loss, lr=lr)
-        if state.step % args.log_every == 0 or state.step == total:
-            scale_now = run.training.scale_module()
-            scale_now = float(scale_now.detach()) if isinstance(scale_now, torch.Tensor) else scale_now
-            log.log({"step": state.step, "phase": phase, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                     "scale": float(scale_now), "epoch": state.epoch, "captions_per_s": rate,
-                     "step_time_s": time.perf_counter() - t0})
-        if state.step % args.save_every == 0 or state.step == total:
-            save_run_checkpoint(run, state.step)
+    with STOP_REQUESTS.deferred():
+        while state.step < total:
+            record = run_one_step(run, batches, state, progress)
+            distributed_failures.at(f"step {state.step}: the stop-flag all-reduce at the step boundary")
+            stop = agreed_stop(run.place.device)
+            if stop is not None and stop.lock_lost:
+                raise lock_taken_over(run.out, state.step, stop.note)
+            if record is not None:
+                log.log(record)
+            if stop is not None or state.step % save_every == 0 or state.step == total:
+                save_run_checkpoint(run, state.step)
+            if stop is not None:
+                raise preempted(state.step, total, checkpoint_dir(run.out, state.step))
     return state
+
+
+def run_one_step(run: Stage1Run, batches: Iterator, state: Stage1LoopState,
+                 progress: TrainProgress) -> dict[str, Any] | None:
+    """One optimizer step (MNTP warm-up or contrastive): its micro-batches and the update; returns its
+    ``log.jsonl`` record when this step is logged (every ``--log-every`` and the last), else None."""
+    args, total = run.args, run.plan.total_steps
+    t0 = time.perf_counter()
+    phase = "mntp" if state.step < args.mntp_steps else "contrastive"
+    distributed_failures.at(f"step {state.step + 1} ({phase}): the gradient and loss all-reduces"
+                            + (" and the key all-gather" if phase == "contrastive" else ""))
+    local_loss, captions = accumulate_gradients(run, batches, state, phase == "mntp")
+    step_loss, grad_norm, lr = apply_update(run, local_loss, state.step, phase)
+    state.step += 1
+    state.losses.append(step_loss)
+    state.captions += captions
+    rate = progress.update(captions, loss=step_loss, lr=lr)
+    if state.step % args.log_every == 0 or state.step == total:
+        scale_now = run.training.scale_module()
+        scale_now = float(scale_now.detach()) if isinstance(scale_now, torch.Tensor) else scale_now
+        return {"step": state.step, "phase": phase, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                "scale": float(scale_now), "epoch": state.epoch, "captions_per_s": rate,
+                "step_time_s": time.perf_counter() - t0}
+    return None
 
 
 def finish_stage1(run: Stage1Run, state: Stage1LoopState) -> Stage1Result:
@@ -901,6 +930,8 @@ def finish_stage1(run: Stage1Run, state: Stage1LoopState) -> Stage1Result:
     ``summary.json`` and the closing line."""
     args, out = run.args, run.out
     elapsed = time.perf_counter() - state.t_start
+    distributed_failures.at("end of run: the barrier while rank 0 measures CRA and saves the adapter and the "
+                            "merged model")
     cra_after = None
     merged_encoder = None
     if run.place.main:

@@ -53,7 +53,8 @@ from ..models.attention_kernels import KERNELS as ATTENTION_KERNELS
 from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, VisionTower, build_vision_tower
 from ..redaction import redact_value
-from .checkpoint import save_checkpoint
+from . import distributed_failures
+from .checkpoint import checkpoint_dir, save_checkpoint
 from .device_flags import add_device_argument, add_precision_argument
 from .flag_aliases import add_hidden_alias
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
@@ -61,6 +62,7 @@ from .recipes import STAGE2_RECIPES, explicitly_given, mark_recipe_defaults, res
 from .run_spine import (
     RunPlace,
     RunStart,
+    add_distributed_arguments,
     autocast_factory,
     distributed_run,
     finish_run,
@@ -73,6 +75,8 @@ from .run_spine import (
     write_run_config,
 )
 from .scalar_reporters import add_report_to_argument, check_report_to
+from .stop_requests import REQUESTS as STOP_REQUESTS
+from .stop_requests import AgreedStop, agreed_stop, lock_taken_over, preempted
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +253,7 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 under torchrun")
     add_device_argument(train)
+    add_distributed_arguments(train)
     train.add_argument("--cache-verify", choices=("full", "size"), default="full",
                        help="check the cache's shard checksums (full) or only their shapes (size, fast)")
 
@@ -1132,6 +1137,8 @@ class LoopState:
 def save_run_checkpoint(run: Stage2Run, step: int, epoch: int, next_batch: int) -> None:
     """Checkpoint the run (collective: every rank's RNG, bad-data counts and loader position are
     gathered; rank 0 writes, atomically, keeping ``--keep-checkpoints``)."""
+    distributed_failures.at(f"checkpoint at step {step}: gathering every rank's state (all_gather_object), "
+                            "then the barrier while rank 0 writes it")
     device = run.place.device
     model_state, opt_state = _full_state(run.model, run.args, run.opt.optimizer)
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -1223,27 +1230,24 @@ def log_record(run: Stage2Run, state: LoopState, grad_norm: float, lr: float, ra
 
 def train_loop(run: Stage2Run, log: Any, progress: Any) -> LoopState:
     """Optimizer steps until the plan's total: log every ``--log-every`` steps (and the first and
-    last), checkpoint every ``--save-every`` and at the end; stop on a non-finite loss."""
-    args, total = run.args, run.plan.total_steps
+    last), checkpoint every ``--save-every`` and at the end; stop on a non-finite loss. After each step
+    the ranks agree whether to stop (:func:`agreed_stop_after`) before anything of it is written."""
+    total, save_every = run.plan.total_steps, run.args.save_every
     state = LoopState(step=run.start.step, pos=(run.start.epoch, run.start.batch_index))
     stream = batch_stream(run.loader, run.start.epoch, run.start.batch_index)
     run.model.train()
-    while state.step < total:
-        t0 = time.perf_counter()
-        micro = next_micro_batches(run, stream, state)
-        state.loss, grad_norm, lr = optimizer_step(run, micro)
-        state.step_seconds.append(time.perf_counter() - t0)
-        state.step += 1
-        n_images = sum(mb.size for mb in micro) * run.place.world_size
-        state.images_done += n_images
-        rate = progress.update(n_images, loss=state.loss, lr=lr)
-        if not math.isfinite(state.loss):
-            raise FloatingPointError(f"stage2: loss is {state.loss} at step {state.step}; lower --lr or "
-                                     "check the data")
-        if state.step % args.log_every == 0 or state.step == total or state.step == 1:
-            log.log(log_record(run, state, grad_norm, lr, rate, time.perf_counter() - t0))
-        if args.save_every and state.step % args.save_every == 0 and state.step < total:
-            save_run_checkpoint(run, state.step, *state.pos)
+    with STOP_REQUESTS.deferred():
+        while state.step < total:
+            record = run_one_step(run, stream, state, progress)
+            stop = agreed_stop_after(run, state.step)
+            if stop is not None and stop.lock_lost:  # the folder is another run's now: write nothing
+                raise lock_taken_over(run.out, state.step, stop.note)
+            if record is not None:
+                log.log(record)
+            if stop is not None or (save_every and state.step % save_every == 0 and state.step < total):
+                save_run_checkpoint(run, state.step, *state.pos)
+            if stop is not None:  # SIGTERM: saved above, at the step every rank stopped after
+                raise preempted(state.step, total, checkpoint_dir(run.out, state.step))
     # The loader checks at each epoch's end; a run ending mid-epoch checks what it saw.
     run.loader.bad_data.check_end_of_epoch()
     save_run_checkpoint(run, state.step, *state.pos)
@@ -1260,10 +1264,39 @@ def step_time_summary(seconds: list[float]) -> dict[str, float]:
     return {"first_step_s": seconds[0], "median_step_s": steady, "warmup_s": max(0.0, seconds[0] - steady)}
 
 
+def agreed_stop_after(run: Stage2Run, step: int) -> AgreedStop | None:
+    """Whether the ranks stop after ``step`` (SIGTERM, a lost lock): one tiny all-reduce."""
+    distributed_failures.at(f"step {step}: the stop-flag all-reduce at the step boundary")
+    return agreed_stop(run.place.device)
+
+
+def run_one_step(run: Stage2Run, stream: Iterator, state: LoopState, progress: Any) -> dict[str, Any] | None:
+    """One optimizer step (its micro-batches, the update); returns its ``log.jsonl`` record when this
+    step is logged (every ``--log-every``, the first and the last), None otherwise. Writes nothing."""
+    args, total = run.args, run.plan.total_steps
+    distributed_failures.at(f"step {state.step + 1}: batch sizes (all-reduce), the global-batch loss "
+                            "(all-gather, reduce-scatter, all-reduce) and the gradient all-reduce")
+    t0 = time.perf_counter()
+    micro = next_micro_batches(run, stream, state)
+    state.loss, grad_norm, lr = optimizer_step(run, micro)
+    state.step_seconds.append(time.perf_counter() - t0)
+    state.step += 1
+    n_images = sum(mb.size for mb in micro) * run.place.world_size
+    state.images_done += n_images
+    rate = progress.update(n_images, loss=state.loss, lr=lr)
+    if not math.isfinite(state.loss):
+        raise FloatingPointError(f"stage2: loss is {state.loss} at step {state.step}; lower --lr or "
+                                 "check the data")
+    if state.step % args.log_every == 0 or state.step == total or state.step == 1:
+        return log_record(run, state, grad_norm, lr, rate, time.perf_counter() - t0)
+    return None
+
+
 def finish_stage2(run: Stage2Run, state: LoopState) -> None:
     """Save the model to ``OUT/model`` (collective under FSDP), then on rank 0 ``loss.png``,
     ``summary.json``, the bad-data summary and the final line."""
     elapsed = time.perf_counter() - state.t_start
+    distributed_failures.at("end of run: the barrier while rank 0 saves the model")
     model_state, _ = _full_state(run.model, run.args)
     if run.place.main:
         out = run.out
@@ -1284,33 +1317,40 @@ def run(args: argparse.Namespace) -> int:
     """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
     resolve_recipe(args, STAGE2_RECIPES)
     _check_options(args)
-    with distributed_run(args.device) as place, locked_out_folder(
+    with distributed_run(args.device, timeout_s=args.dist_timeout) as place, locked_out_folder(
             place, args.out, resume=args.resume, overwrite=args.overwrite, say=_say,
             what="a stage2 run") as out:
-        resolve_batch_size(args, place.world_size)
-        data = open_train_data(args)
-        model = build_run_model(args, data, place.device)
-        setup = configure_step(args, model, place.device, place.world_size)
-        plan = plan_steps(args, len(data.source), place.world_size)
-        loader = build_train_loader(args, data, model, place)
-        opt = build_optimisation(args, model, plan, place, setup)
-        config = stage2_config(args, plan, data, place.world_size)
-        start = start_or_resume(out, resume=args.resume, config=config, must_match=RESUME_MUST_MATCH,
-                                say=_say)
-        restore_from_checkpoint(start, args, model, opt, loader, place)
-        prepare_out_folder(place, out, resume=args.resume, overwrite=args.overwrite, say=_say)
-        if place.main:
-            write_run_config(out, {**config, "model": model.config.to_dict(), "step": setup.as_dict()})
-            for line in setup.summary_lines():
-                _say(line)
-        stage2 = Stage2Run(args, place, out, data, model, loader, opt, plan, config, start,
-                           autocast_factory(args.precision, place.device))
-        with open_run_log(place, out, start=start, report_to=args.report_to, config=config,
-                          total_steps=plan.total_steps, unit_name="images", desc="stage2",
-                          progress=not args.no_progress) as (log, progress):
-            state = train_loop(stage2, log, progress)
-        finish_stage2(stage2, state)
+        # In a function of its own: its model wrappers (DDP, FSDP hold the process group) are gone
+        # when the process group is torn down.
+        train(args, place, out)
     return 0
+
+
+def train(args: argparse.Namespace, place: RunPlace, out: Path) -> None:
+    """The run inside its process group and locked ``--out``: set up, train, save (see :func:`run`)."""
+    resolve_batch_size(args, place.world_size)
+    data = open_train_data(args)
+    model = build_run_model(args, data, place.device)
+    setup = configure_step(args, model, place.device, place.world_size)
+    plan = plan_steps(args, len(data.source), place.world_size)
+    loader = build_train_loader(args, data, model, place)
+    opt = build_optimisation(args, model, plan, place, setup)
+    config = stage2_config(args, plan, data, place.world_size)
+    start = start_or_resume(out, resume=args.resume, config=config, must_match=RESUME_MUST_MATCH,
+                            say=_say)
+    restore_from_checkpoint(start, args, model, opt, loader, place)
+    prepare_out_folder(place, out, resume=args.resume, overwrite=args.overwrite, say=_say)
+    if place.main:
+        write_run_config(out, {**config, "model": model.config.to_dict(), "step": setup.as_dict()})
+        for line in setup.summary_lines():
+            _say(line)
+    stage2 = Stage2Run(args, place, out, data, model, loader, opt, plan, config, start,
+                       autocast_factory(args.precision, place.device))
+    with open_run_log(place, out, start=start, report_to=args.report_to, config=config,
+                      total_steps=plan.total_steps, unit_name="images", desc="stage2",
+                      progress=not args.no_progress) as (log, progress):
+        state = train_loop(stage2, log, progress)
+    finish_stage2(stage2, state)
 
 
 __all__ = ["add_arguments", "run", "train_step"]

@@ -70,14 +70,14 @@ class ModelEmbedder:
     """A saved ``LLM2CLIPModel`` as a :class:`SuiteEmbedder`.
 
     The frozen LLM (llm-adapter models) is loaded only when texts must actually be embedded, so a run
-    served from the cache never loads it. ``llm``/``template`` override what the model's config
-    recorded, as in ``train eval --data``; ``encoder`` reuses an already loaded ``LLMTextEncoder``;
+    served from the cache never loads it. ``llm``/``template``/``quantize`` override what the model's
+    config recorded, as in ``train eval --data``; ``encoder`` reuses an already loaded ``LLMTextEncoder``;
     ``allow_llm_change`` lets an LLM whose files differ from those the model recorded embed texts.
     """
 
     def __init__(self, model_dir: str | os.PathLike[str], *, llm: str | None = None,
                  template: str | None = None, device: str | torch.device = "cpu",
-                 encoder: Any = None, allow_llm_change: bool = False,
+                 encoder: Any = None, quantize: str | None = None, allow_llm_change: bool = False,
                  encoding_overrides: dict[str, Any] | None = None) -> None:
         from llm2clip_fast.models.llm2clip import CONFIG_NAME, WEIGHTS_NAME, LLM2CLIPModel
         from llm2clip_fast.train.run_spine import resolve_device
@@ -89,7 +89,7 @@ class ModelEmbedder:
         if encoding_overrides:  # --max-length / --doc-max-length / --recipe llm2clip replace the recorded
             self.model.config.llm = {**(self.model.config.llm or {}), **encoding_overrides}
         self._model_files = _file_stats([self.model_dir / CONFIG_NAME, self.model_dir / WEIGHTS_NAME])
-        self._llm, self._template, self._encoder = llm, template, encoder
+        self._llm, self._template, self._encoder, self._quantize = llm, template, encoder, quantize
         self._allow_llm_change = allow_llm_change
 
     @property
@@ -105,7 +105,8 @@ class ModelEmbedder:
             from llm2clip_fast.train.eval import load_text_encoder
 
             self._encoder = load_text_encoder(self.model, self._llm, template=self._template,
-                                              device=self.device, allow_llm_change=self._allow_llm_change)
+                                              device=self.device, quantize=self._quantize,
+                                              allow_llm_change=self._allow_llm_change)
         return self._encoder
 
     def identity(self, side: str) -> dict[str, Any]:
@@ -122,6 +123,7 @@ class ModelEmbedder:
             adapters = [a.strip() for a in lora.split(",") if a.strip()] if isinstance(lora, str) else []
             ident["llm"] = {
                 "settings": recorded, "override_path": self._llm, "override_template": self._template,
+                **({"override_quantize": self._quantize} if self._quantize is not None else {}),
                 "files": folder_stats(resolve_model_path(path)) if path else None,
                 "lora_files": [folder_stats(a) for a in adapters if Path(a).exists()],
             }

@@ -56,6 +56,11 @@ def read_karpathy(name: str, root: str | Path, split: str = "test") -> Retrieval
         if blip is None or split != "test":
             raise SuiteLayoutError(name, path, LAYOUTS[name])
         path, records = blip, _blip_records(name, blip)
+    if not isinstance(records, list):
+        raise ValueError(f"{name}: {path}: 'images' must be a list of image records, got "
+                         f"{type(records).__name__}")
+    for i, record in enumerate(records):
+        _check_record(name, path, i, record)
     wanted = [r for r in records if r.get("split") == split]
     if not wanted:
         raise SuiteLayoutError(name, path, LAYOUTS[name], f"no images with split {split!r}")
@@ -76,6 +81,28 @@ def read_karpathy(name: str, root: str | Path, split: str = "test") -> Retrieval
     if not images:
         raise SuiteLayoutError(name, path, LAYOUTS[name], f"no images with split {split!r} and captions")
     return RetrievalSuite(name, root, images, ids, captions, owner, skipped)
+
+
+def _check_record(name: str, path: Path, index: int, record: object) -> None:
+    """A ValueError naming the file and the record unless ``record`` is a Karpathy image record:
+    ``filename`` (and ``filepath``, ``split`` where present) strings, ``sentences`` a list of
+    ``{"raw": caption}`` objects."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{name}: {path}: images[{index}] is not a Karpathy image record: {what}")
+
+    if not isinstance(record, dict):
+        raise bad(f"expected an object, got {type(record).__name__}")
+    for key in ("filename", "filepath", "split"):
+        if (key in record or key == "filename") and not isinstance(record.get(key), str):
+            raise bad(f"{key!r} must be a string, got {type(record.get(key)).__name__}")
+    sentences = record.get("sentences", [])
+    if not isinstance(sentences, list):
+        raise bad(f"'sentences' must be a list of {{\"raw\": caption}} objects, got "
+                  f"{type(sentences).__name__}")
+    for j, sentence in enumerate(sentences):
+        if not isinstance(sentence, dict) or not isinstance(sentence.get("raw", ""), str):
+            raise bad(f"sentences[{j}] must be an object whose 'raw' is the caption string, got "
+                      f"{sentence!r:.80}")
 
 
 def _image_dir(name: str, root: Path, records: list[dict], probe: int = 20) -> Path:

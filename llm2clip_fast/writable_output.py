@@ -1,0 +1,48 @@
+"""Whether an output path can be written, found out before any work is done.
+
+``eval`` used to embed every image and caption and only then fail on ``--out`` with a
+``PermissionError`` traceback. :func:`check_writable` probes the place first: it creates (and removes)
+a temporary file in the output's folder, or in the nearest folder above it that exists, which tells a
+read-only filesystem, missing permissions, a root-squashed NFS mount or a file standing where a folder
+must be, whoever runs it (``os.access`` says yes to root on all of them). Nothing is created but
+that one temporary file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+class OutputNotWritableError(PermissionError):
+    """An output path cannot be written (the message names the option and why)."""
+
+
+def check_writable(path: str | os.PathLike[str], *, flag: str, folder: bool) -> Path:
+    """``path`` as a Path, after checking that it can be written: a folder to create or write into
+    (``folder``), else an entry to create or replace in its folder (a file, or a folder renamed into
+    place: atomic writes put a temporary beside it). Raises :class:`OutputNotWritableError` naming
+    ``flag`` otherwise."""
+    path = Path(path)
+    target = path if folder else path.parent
+    probe_in = target
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise OutputNotWritableError(f"{flag} {str(path)!r} cannot be written: {str(probe_in)!r} is a file, "
+                                     "not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe_in, prefix=".llm2clip_fast-write-check-")
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise OutputNotWritableError(f"{flag} {str(path)!r} cannot be written: {why} in {str(probe_in)!r} "
+                                     "(choose another place, or fix its permissions)") from None
+    os.close(fd)
+    os.unlink(name)
+    return path
+
+
+__all__ = ["OutputNotWritableError", "check_writable"]
