@@ -39,6 +39,7 @@ from ..atomic_files import write_json_atomic
 from ..ops.masked_mean_pool import masked_mean_pool
 from .bidirectional import set_bidirectional
 from .llm2vec_checkpoints import apply_lora_chain, map_llm2vec_encoder, normalize_lora_list
+from .llm_family import is_decoder_only
 from .prompt_templates import (
     LLM2CLIP_EXTRACTION_NAME,
     TEMPLATE_CHOICES,
@@ -126,21 +127,6 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
             f"model {name!r} is neither a local folder nor in the local Hugging Face cache "
             f"({type(exc).__name__}); download it first (huggingface-cli download {name}) and pass the folder"
         ) from exc
-
-
-def is_decoder_only(config: Any) -> bool:
-    """True for causal-LM families (Llama, Mistral, Qwen2, Gemma...), False for BERT-like encoders."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    kind = getattr(config, "model_type", None)
-    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return False  # BERT & co. also have a causal-LM head class, but they are encoders
-    if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        return True
-    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
 
 
 def token_budget_batches(sorted_lengths: Sequence[int], batch_size: int,

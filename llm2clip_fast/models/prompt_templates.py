@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .llm_family import is_decoder_only
+
 
 @dataclass(frozen=True)
 class PromptTemplate:
@@ -70,6 +72,10 @@ _LLM2VEC_NAMES = {
 
 # The name LLM2CLIP's extraction forces on its released Llama-3 LLM (llm2clip/data/extract_embedding.py).
 LLM2CLIP_EXTRACTION_NAME = "meta-llama/Meta-Llama-3-8B-Instruct"
+# LLM2CLIP's caption encoding (llm2clip/data/extract_embedding.py at cba3b45ba3d9: LLM2Vec(...,
+# max_length=512, doc_max_length=512), the Llama-3 template its forced name selects): the defaults of
+# embed's and eval's ``--recipe llm2clip`` and of a converted LLM2CLIP checkpoint's recorded LLM.
+LLM2CLIP_ENCODING = {"max_length": 512, "doc_max_length": 512, "template": "llm2clip"}
 
 
 def llm2vec_name_or_path(path: str, folder: Any = None) -> str:
@@ -122,7 +128,6 @@ def detect_template(tokenizer: Any, config: Any) -> str:
     template markup; then its end-of-turn special token (a chat model's EOS: base Llama-3 ends with
     ``<|end_of_text|>`` and gets no template, as in llm2vec). BERT-like configs always get ``"none"``.
     """
-    from .llm_encoder import is_decoder_only
 
     if config is not None and not is_decoder_only(config):
         return "none"
@@ -151,7 +156,6 @@ def resolve_template(template: str, tokenizer: Any, config: Any, name_or_path: s
     takes ``config._name_or_path`` (a model built in memory, as llm2vec would see it). Encoders
     (BERT-like configs) always get ``"none"``.
     """
-    from .llm_encoder import is_decoder_only
 
     if not isinstance(template, str):
         raise TypeError(f"template must be a str, got {type(template).__name__}")

@@ -356,7 +356,8 @@ def build_trainable_encoder(args: argparse.Namespace, device: torch.device) -> T
     """Load the LLM (8-bit if asked), make it bidirectional, add LoRA, wrap it in an LLMTextEncoder."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..models.llm_encoder import LLMTextEncoder, is_decoder_only, resolve_model_path
+    from ..models.llm_encoder import LLMTextEncoder, resolve_model_path
+    from ..models.llm_family import is_decoder_only
 
     folder = resolve_model_path(args.llm)
     config = AutoConfig.from_pretrained(folder)
