@@ -7,12 +7,12 @@ provider has run once at a tiny size (so library loading and gloo set-up are not
 step's time.
 
 Providers:
-- ``global-clip``: :func:`llm2clip_fast.ops.global_batch_losses.clip_loss_global` (texts gathered, one fused
+- ``global-clip``: :func:`llm2clip_fast.ops.clip_loss.clip_loss_global` (texts gathered, one fused
   pass over local rows x global columns, column LSE partials all-reduced, text gradients
   reduce-scattered).
 - ``openclip-clip``: OpenCLIP ``ClipLoss(local_loss=True, gather_with_grad=True)``: all features
   gathered with autograd, two B_local x B_global logit matrices.
-- ``global-siglip``: :func:`llm2clip_fast.ops.global_batch_losses.siglip_loss_global`.
+- ``global-siglip``: :func:`llm2clip_fast.ops.siglip_loss.siglip_loss_global`.
 - ``openclip-siglip``: OpenCLIP ``SigLipLoss(dist_impl="gather")``: texts gathered with autograd,
   one B_local x B_local logit block per rank, all kept for the backward.
 
@@ -93,13 +93,13 @@ def openclip_siglip_gather(img: torch.Tensor, txt: torch.Tensor, scale: torch.Te
 
 
 def _global_clip(img, txt, scale, bias):
-    from llm2clip_fast.ops.global_batch_losses import clip_loss_global
+    from llm2clip_fast.ops.clip_loss import clip_loss_global
 
     return clip_loss_global(img, txt, scale)
 
 
 def _global_siglip(img, txt, scale, bias):
-    from llm2clip_fast.ops.global_batch_losses import siglip_loss_global
+    from llm2clip_fast.ops.siglip_loss import siglip_loss_global
 
     return siglip_loss_global(img, txt, scale, bias)
 

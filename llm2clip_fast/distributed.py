@@ -7,7 +7,7 @@
   the device the trainer runs on, and that device must be one the process group exchanges (NCCL:
   this rank's CUDA device only). Trainers check their device once after set-up and then build every
   collective's tensors on it (``device=``), never on the default (CPU) device.
-- Row collectives for the global-batch losses (:mod:`llm2clip_fast.ops.global_batch_losses`):
+- Row collectives for the global-batch losses (the ring in :mod:`llm2clip_fast.ops.global_batch_ring`):
   :func:`gather_batch_sizes`, :func:`all_gather_rows`, :func:`reduce_scatter_rows`,
   :func:`logsumexp_across_ranks`, and :func:`gather_rows_with_grad` (all-gather forward,
   reduce-scatter backward) for losses that gather keys with their gradient.

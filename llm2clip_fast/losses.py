@@ -49,7 +49,7 @@ class ClipLoss(nn.Module):
     The constructor takes OpenCLIP's keyword arguments. ``local_loss``, ``gather_with_grad`` and
     ``cache_labels`` change nothing in a single process (there are no labels to cache here).
     ``world_size > 1`` computes the global-batch loss over the torch.distributed group
-    (``process_group``, default group) with :func:`llm2clip_fast.ops.global_batch_losses.clip_loss_global`,
+    (``process_group``, default group) with :func:`llm2clip_fast.ops.clip_loss.clip_loss_global`,
     equal to OpenCLIP's ``local_loss=True, gather_with_grad=True`` (the one multi-process
     combination accepted; see that function for the exact convention); ``use_horovod`` raises
     ValueError. ``backend`` forces a backend of :func:`llm2clip_fast.ops.clip_loss.clip_loss`;
@@ -116,7 +116,7 @@ class SigLipLoss(nn.Module):
 
     The constructor takes OpenCLIP's arguments. ``world_size > 1`` computes each rank's images
     against the texts of every rank in the torch.distributed group (``process_group``, default
-    group) with :func:`llm2clip_fast.ops.global_batch_losses.siglip_loss_global`; OpenCLIP's exchange
+    group) with :func:`llm2clip_fast.ops.siglip_loss.siglip_loss_global`; OpenCLIP's exchange
     variants (``dist_impl`` 'bidir', 'shift', 'reduce', 'gather', or ``bidir``) all compute that
     same loss and gradients, so they are accepted and change nothing. ``cache_labels`` changes
     nothing (no labels are built); ``use_horovod`` raises ValueError. ``backend`` forces a backend

@@ -247,8 +247,8 @@ EXPECTED_SITES = {
     "train.stage2.equalise_across_ranks", "train.stage2.global_loss", "train.stage2.average_replicated_grads",
     "train.stage2._gather_objects", "distributed.barrier", "distributed.gather_batch_sizes",
     "distributed.all_gather_rows", "distributed.reduce_scatter_rows", "distributed.logsumexp_across_ranks",
-    "ops.global_batch_losses.backward", "distributed.mean_over_ranks", "distributed.average_gradients",
-    "ops.global_batch_losses.exchange",
+    "ops.clip_loss.backward", "distributed.mean_over_ranks", "distributed.average_gradients",
+    "ops.global_batch_ring.exchange",
 }
 
 

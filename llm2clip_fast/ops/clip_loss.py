@@ -40,9 +40,11 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .._extensions import cpu_extension
+from ..distributed import all_gather_rows, logsumexp_across_ranks
 from ._availability import (
     cpu_extension_reasons,
     dtype_reasons,
@@ -55,6 +57,14 @@ from ._chunk_schedule import run_gradient_chunks, run_logit_chunks
 from ._chunking import ChunkPlan, chunk_elements_from_env, memory_budget, plan_chunks, record_path
 from ._library import define_op
 from ._overlap import overlap_enabled
+from .global_batch_ring import (
+    Ring,
+    checked_features,
+    local_batch_sizes,
+    local_row_weights,
+    ring_over_text_pieces,
+    ring_reduce_scatter,
+)
 from .loss_inputs import check_pair, check_scale
 from .reference import clip_loss_reference
 
@@ -518,7 +528,7 @@ def clip_loss(
             device memory (CPU: of the available RAM) at the call. See ops/_chunking.py.
         distributed: compute the global-batch loss across the ranks of ``process_group`` (the
             default group when None); each rank passes its local features. See
-            :func:`llm2clip_fast.ops.global_batch_losses.clip_loss_global` for the exact convention.
+            :func:`clip_loss_global` for the exact convention.
             Passing a ``process_group`` implies ``distributed=True``.
 
     Returns:
@@ -531,8 +541,6 @@ def clip_loss(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if distributed or process_group is not None:
-        from .global_batch_losses import clip_loss_global
-
         return clip_loss_global(image_features, text_features, logit_scale, reduction=reduction,
                                 process_group=process_group, backend=backend, memory_budget=memory_budget)
     check_pair(image_features, text_features, "image_features", "text_features", same_batch=True)
@@ -553,3 +561,125 @@ def clip_loss(
     record_path(OP_NAME, plan.path)
     return _ClipLossFunction.apply(image_features.contiguous(), text_features.contiguous(), scale, reduction,
                                    chosen.run, plan.rows, plan.keep_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP over the global batch of all ranks (the ring: ops/global_batch_ring.py)
+
+
+class _ClipLossGlobal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, reduction, backend, group, sizes, budget):  # type: ignore[override]
+        ring = Ring(group, sizes)
+        acc = torch.float64 if image.dtype == torch.float64 else torch.float32
+        s = scale.detach().to(acc)
+        chosen = _select(image, text, backend)
+        n_all = sum(sizes)
+        plan = plan_clip_chunks(image.shape[0], n_all, image.device, image.dtype, chosen.name,
+                                needs_grad=any(ctx.needs_input_grad[:3]), memory_budget_bytes=budget)
+        record_path("clip_loss", plan.path)
+        row_lses: list[torch.Tensor] = []
+        col_lse_part = image.new_empty(n_all, dtype=acc)
+        kept: dict[int, torch.Tensor] = {}
+
+        def compute(p: int, piece: torch.Tensor) -> None:
+            row_lse, col_lse, logits = chosen.run.forward(image, piece, s, plan.rows, plan.keep_logits)
+            row_lses.append(row_lse)
+            col_lse_part[ring.rows(p)] = col_lse
+            kept[p] = logits
+
+        text_all = ring_over_text_pieces(ring, text, compute)
+        row_lse = torch.logsumexp(torch.stack(row_lses), dim=0)
+        col_lse = logsumexp_across_ranks(col_lse_part, group)
+        diag = torch.einsum("bd,bd->b", image.to(acc), text.to(acc))
+        own = ring.rows(ring.rank)
+        per_sample = 0.5 * (row_lse + col_lse[own]) - s * diag
+        ctx.save_for_backward(image, text, text_all, s, row_lse, col_lse, diag,
+                              *(kept[p] for p in range(ring.world)))
+        ctx.reduction, ctx.impl, ctx.ring, ctx.rows = reduction, chosen.run, ring, plan.rows
+        ctx.scale_dtype = scale.dtype
+        if reduction == "mean":
+            return per_sample.mean()
+        return per_sample.sum() if reduction == "sum" else per_sample
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        image, text, text_all, s, row_lse, col_lse, diag, *kept = ctx.saved_tensors
+        ring: Ring = ctx.ring
+        g = local_row_weights(grad_out.to(s.dtype), ctx.reduction, image.shape[0]).contiguous()
+        coef = 0.5 * g
+        # Text j's term (its column LSE) belongs to the rank owning text j, with that rank's upstream
+        # gradient: the column coefficients are every rank's row coefficients, gathered (O(B)).
+        col_coef = all_gather_rows(coef, ring.sizes, ring.group)
+        d_image = torch.zeros(image.shape, device=image.device, dtype=s.dtype)
+        d_scale = torch.zeros((), device=image.device, dtype=s.dtype)
+
+        def contribution(p: int) -> torch.Tensor:
+            cols = ring.rows(p)
+            col_lse_p, col_coef_p = col_lse[cols].contiguous(), col_coef[cols].contiguous()
+            d_img, d_txt, d_s = ctx.impl.backward(image, text_all[cols], s, row_lse, col_lse_p, coef,
+                                                  col_coef_p, kept[p], ctx.rows)
+            d_image.add_(d_img)
+            d_scale.add_(d_s)
+            return d_txt
+
+        d_text = ring_reduce_scatter(ring, contribution)
+        gs = (g * s)[:, None]
+        d_image = d_image - gs * text.to(s.dtype)
+        d_text = d_text - gs * image.to(s.dtype)
+        d_scale = d_scale - (g * diag).sum()
+        # The blocks of all ranks together give d(sum_r L_r)/d(scale); each rank returns the rank
+        # average, which is what gradient averaging (DDP) makes of OpenCLIP's per-rank values.
+        dist.all_reduce(d_scale, group=ring.group)
+        d_scale = d_scale / ring.world
+        need = ctx.needs_input_grad
+        return (
+            d_image.to(image.dtype) if need[0] else None,
+            d_text.to(text.dtype) if need[1] else None,
+            d_scale.to(ctx.scale_dtype) if need[2] else None,
+            None, None, None, None, None,
+        )
+
+
+# Collectives and host-side batch sizes: eager only (ops/global_batch_ring.py's docstring).
+@torch.compiler.disable
+def clip_loss_global(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    reduction: str = "mean",
+    process_group: dist.ProcessGroup | None = None,
+    backend: str | None = None,
+    memory_budget: int | str | None = None,
+) -> torch.Tensor:
+    """Symmetric CLIP loss over the global batch of all ranks, from each rank's local features.
+
+    Convention (equal to OpenCLIP's ``ClipLoss(local_loss=True, gather_with_grad=True)`` on the
+    same shards). Global batch = concatenation of the ranks' batches in rank order; rank r holds
+    rows ``offset_r .. offset_r + B_r - 1``. Rank r's loss is
+    ``L_r = mean_{i in r} (CE_i(image_i vs all texts) + CE_i(text_i vs all images)) / 2``
+    ('sum': the sum, 'none': the (B_r,) per-sample values). Backward is collective (every rank
+    must call it) and gives
+    - image/text features of rank r: ``d(sum_q g_q * L_q) / d(features_r)`` where g_q is rank q's
+      upstream gradient: exactly OpenCLIP's gradients (they flow back through the gather), and
+      with equal B_r and g_q = 1, W times the gradient of the single-process loss on the
+      concatenated batch; DDP's averaging turns them into that gradient;
+    - logit_scale: ``(1/W) * d(sum_q g_q * L_q) / d(scale)`` on every rank: the rank average of
+      OpenCLIP's per-rank gradients, i.e. identical after DDP averages the parameter's gradient
+      (the per-rank split would need a second pass over the tiles).
+
+    Work and memory per rank: the texts travel a ring of point-to-point transfers that overlap the
+    compute (ops/global_batch_ring.py); one pass over the (B_r x B_global) logit chunks gives row LSEs
+    locally and column-LSE partials combined across ranks with two O(B_global) all_reduces; the
+    backward reads the kept chunks or recomputes them (``memory_budget``, as in
+    :func:`llm2clip_fast.ops.clip_loss.clip_loss`) and returns text gradients to their owners
+    around the ring. Unequal local batch sizes are supported. Any torch.distributed backend with
+    point-to-point operations (NCCL, gloo). Not initialised: raises RuntimeError.
+    """
+
+    image_features, text_features = checked_features(image_features, text_features, reduction, process_group)
+    scale = check_scale(logit_scale, image_features.device)
+    sizes = local_batch_sizes(image_features, process_group)
+    return _ClipLossGlobal.apply(image_features.contiguous(), text_features.contiguous(), scale, reduction,
+                                 backend, process_group, sizes, memory_budget)

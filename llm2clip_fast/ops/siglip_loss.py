@@ -39,10 +39,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._extensions import cpu_extension
+from ..distributed import reduce_scatter_rows
 from ._availability import (
     cpu_extension_reasons,
     cpu_has_fast_bf16,
@@ -56,6 +58,13 @@ from ._chunk_schedule import run_gradient_chunks, run_logit_chunks
 from ._chunking import ChunkPlan, chunk_elements_from_env, memory_budget, plan_chunks, record_path
 from ._library import define_op
 from ._overlap import overlap_enabled
+from .global_batch_ring import (
+    Ring,
+    checked_features,
+    local_batch_sizes,
+    ring_over_text_pieces,
+    ring_reduce_scatter,
+)
 from .loss_inputs import check_bias, check_pair, check_scale
 
 OP_NAME = "siglip_loss"
@@ -581,7 +590,7 @@ def siglip_loss(
             default ``LLM2CLIP_LOSS_MEMORY_BUDGET``, else a quarter of the free memory (ops/_chunking.py).
         distributed: compute the global-batch loss across the ranks of ``process_group`` (the
             default group when None); each rank passes its local features. See
-            :func:`llm2clip_fast.ops.global_batch_losses.siglip_loss_global` for the exact convention.
+            :func:`siglip_loss_global` for the exact convention.
             Passing a ``process_group`` implies ``distributed=True``.
 
     Returns:
@@ -591,8 +600,6 @@ def siglip_loss(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if distributed or process_group is not None:
-        from .global_batch_losses import siglip_loss_global
-
         return siglip_loss_global(image_features, text_features, logit_scale, logit_bias,
                                   reduction=reduction, process_group=process_group, backend=backend,
                                   memory_budget=memory_budget)
@@ -611,3 +618,132 @@ def siglip_loss(
     function = _SigLipOnePass if one_pass else _SigLipTwoPass
     return function.apply(image_features.contiguous(), text_features.contiguous(), scale, bias, reduction,
                           chosen.run, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# SigLIP over the global batch of all ranks (the ring: ops/global_batch_ring.py)
+
+
+class _SigLipLossGlobal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, reduction, backend, group, sizes, budget):  # type: ignore[override]
+        ring = Ring(group, sizes)
+        acc = torch.float64 if image.dtype == torch.float64 else torch.float32
+        s = scale.detach().to(acc)
+        b = bias.detach().to(acc)
+        chosen = _select(image, text, backend)
+        rows_per_chunk = plan_siglip_chunks(image.shape[0], sum(sizes), image.device, image.dtype,
+                                            chosen.name, budget).rows
+        one_pass = reduction != "none" and any(ctx.needs_input_grad[:4])
+        record_path("siglip_loss", ONE_PASS if one_pass else TWO_PASS)
+        own_offset = ring.offsets[ring.rank]
+        rows = image.new_zeros(image.shape[0], dtype=acc)
+        # One-pass: this rank's gradients of its plain row sum; the text part per piece, reduced to
+        # the owners in the backward, once each rank's upstream gradient is known.
+        d_image = image.new_zeros(image.shape, dtype=acc) if one_pass else None
+        d_text_all = image.new_empty((sum(sizes), image.shape[1]), dtype=acc) if one_pass else None
+        d_params = image.new_zeros(2, dtype=acc)
+
+        def compute(p: int, piece: torch.Tensor) -> None:
+            offset = own_offset - ring.offsets[p]  # this rank's positives are in its own piece only
+            if not one_pass:
+                rows.add_(chosen.run.forward(image, piece, s, b, offset, rows_per_chunk))
+                return
+            r, d_img, d_txt, d_s, d_b = chosen.run.fused(image, piece, s, b, offset, rows_per_chunk)
+            rows.add_(r)
+            d_image.add_(d_img)
+            d_text_all[ring.rows(p)] = d_txt
+            d_params[0] += d_s
+            d_params[1] += d_b
+
+        text_all = ring_over_text_pieces(ring, text, compute)
+        if one_pass:
+            ctx.save_for_backward(d_image, d_text_all, d_params)
+        else:
+            ctx.save_for_backward(image, text_all, s, b)
+        ctx.one_pass, ctx.reduction, ctx.impl = one_pass, reduction, chosen.run
+        ctx.ring, ctx.rows = ring, rows_per_chunk
+        ctx.dtypes = (image.dtype, text.dtype, scale.dtype, bias.dtype)
+        if reduction == "mean":
+            return rows.sum() / image.shape[0]
+        return rows.sum() if reduction == "sum" else rows
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        ring: Ring = ctx.ring
+        if ctx.one_pass:
+            d_image, d_text_all, d_params = ctx.saved_tensors
+            weight = row_weights_for(grad_out.to(d_image.dtype), ctx.reduction, d_image.shape[0])
+            d_image, d_params = d_image * weight, d_params * weight
+            d_text = reduce_scatter_rows(d_text_all * weight, ring.sizes, ring.group)
+        else:
+            image, text_all, s, b = ctx.saved_tensors
+            weight = row_weights_for(grad_out.to(s.dtype), ctx.reduction, image.shape[0]).contiguous()
+            d_image = torch.zeros(image.shape, device=image.device, dtype=s.dtype)
+            d_params = torch.zeros(2, device=image.device, dtype=s.dtype)
+            own_offset = ring.offsets[ring.rank]
+
+            def contribution(p: int) -> torch.Tensor:
+                offset = own_offset - ring.offsets[p]
+                d_img, d_txt, d_s, d_b = ctx.impl.backward(image, text_all[ring.rows(p)], s, b, weight,
+                                                           offset, ctx.rows)
+                d_image.add_(d_img)
+                d_params[0] += d_s
+                d_params[1] += d_b
+                return d_txt
+
+            d_text = ring_reduce_scatter(ring, contribution)
+        need = ctx.needs_input_grad
+        dt_image, dt_text, dt_scale, dt_bias = ctx.dtypes
+        return (
+            d_image.to(dt_image) if need[0] else None,
+            d_text.to(dt_text) if need[1] else None,
+            d_params[0].to(dt_scale) if need[2] else None,
+            d_params[1].to(dt_bias) if need[3] else None,
+            None, None, None, None, None,
+        )
+
+
+# Collectives and host-side batch sizes: eager only (ops/global_batch_ring.py's docstring).
+@torch.compiler.disable
+def siglip_loss_global(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+    *,
+    reduction: str = "mean",
+    process_group: dist.ProcessGroup | None = None,
+    backend: str | None = None,
+    memory_budget: int | str | None = None,
+) -> torch.Tensor:
+    """SigLIP loss of each rank's images against the texts of all ranks (OpenCLIP ``SigLipLoss``).
+
+    Convention (equal to OpenCLIP's ``SigLipLoss(rank, world_size)`` with or without
+    ``bidir``, on the same shards). Global batch = concatenation of the ranks' batches in rank
+    order; rank r's images are positives with their own texts only. Rank r's loss is
+    ``L_r = sum_{i in r, all j} softplus(-y_ij * (s * <image_i, text_j> + b)) / B_r``
+    ('sum': without the division, 'none': the (B_r,) per-image row sums). Backward is collective
+    (every rank must call it) and gives
+    - image features of rank r: ``g_r * dL_r / d(image_r)``;
+    - text features of rank r: ``d(sum_q g_q * L_q) / d(text_r)`` (every rank's images saw them),
+      returned to the owner by a reduce-scatter;
+    - logit_scale, logit_bias: ``g_r * dL_r / d(.)``, rank r's own gradient, exactly as OpenCLIP.
+    (g_q is rank q's upstream gradient.) These are OpenCLIP's gradients, which its ring exchange
+    routes back to the owners the same way.
+
+    Per rank: the texts travel a ring that overlaps the compute (ops/global_batch_ring.py). With gradients
+    and 'mean' or 'sum', each piece's loss and gradients come from one pass (the one-pass path of
+    :func:`llm2clip_fast.ops.siglip_loss.siglip_loss`) and the backward scales them and reduces the
+    text gradients to their owners; 'none' or no gradients: a loss pass, then a recomputing backward
+    whose text gradients travel the ring. The block itself is never held. Unequal local batch sizes
+    are supported. Any torch.distributed backend with point-to-point operations (NCCL, gloo). Not
+    initialised: raises RuntimeError.
+    """
+
+    image_features, text_features = checked_features(image_features, text_features, reduction, process_group)
+    scale = check_scale(logit_scale, image_features.device)
+    bias = check_bias(logit_bias, image_features.device)
+    sizes = local_batch_sizes(image_features, process_group)
+    return _SigLipLossGlobal.apply(image_features.contiguous(), text_features.contiguous(), scale, bias,
+                                   reduction, backend, process_group, sizes, memory_budget)
