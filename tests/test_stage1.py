@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from llm2clip_fast.train import stage1
+from llm2clip_fast.train import stage1, trainable_encoder
 from llm2clip_fast.train.checkpoint import list_checkpoints
 from llm2clip_fast.train.lora_targets import resolve_lora_targets
 from llm2clip_fast.train.mntp import IGNORE_INDEX, mask_captions
@@ -184,7 +184,7 @@ def test_resolve_lora_targets_auto_and_explicit(tiny_llama):
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(tiny_llama)
-    assert resolve_lora_targets(model, None) == list(stage1.resolve_lora_targets(model, ["auto"]))
+    assert resolve_lora_targets(model, None) == list(trainable_encoder.resolve_lora_targets(model, ["auto"]))
     assert resolve_lora_targets(model, ["auto"]) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                      "up_proj", "down_proj"]
     assert resolve_lora_targets(model, ["q_proj", "v_proj", "q_proj"]) == ["q_proj", "v_proj"]

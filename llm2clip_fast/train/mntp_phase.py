@@ -187,7 +187,7 @@ def _build_mntp_training(args: argparse.Namespace, device: torch.device) -> _Mnt
     over the LoRA weights and the ``--schedule`` over ``--mntp-steps`` steps, without warm-up."""
     from .mntp import mask_token_id
     from .optim import adamw_param_groups, build_scheduler
-    from .stage1 import build_trainable_encoder
+    from .trainable_encoder import build_trainable_encoder
 
     built = build_trainable_encoder(args, device)
     named = [(n, p) for n, p in built.peft_model.named_parameters() if p.requires_grad]
@@ -220,8 +220,8 @@ def _mntp_update(args: argparse.Namespace, training: _MntpTraining, loss: torch.
                  device: torch.device) -> None:
     """Backward, average gradients and loss over the ranks, clip, update, schedule; stops with
     ``NonFiniteTrainingError`` before a non-finite update is kept."""
+    from .non_finite import NonFiniteTrainingError, all_params_finite
     from .optim import clip_grad_norm
-    from .stage1 import NonFiniteTrainingError, all_params_finite
 
     params = training.params
     loss.backward()
