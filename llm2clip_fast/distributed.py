@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "logsumexp_across_ranks",
     "mean_over_ranks",
     "reduce_scatter_rows",
+    "resolve_device",
     "shard_indices",
 ]
 
@@ -66,6 +68,38 @@ def get_local_rank() -> int:
     """This process's rank on its node (torchrun's ``LOCAL_RANK``; 0 when unset)."""
     local = _env_int("LOCAL_RANK")
     return 0 if local is None else local
+
+
+_DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda)(:\d+)?$")
+
+
+def resolve_device(spec: str | None, *, flag: str = "--device") -> torch.device:
+    """The torch device a ``--device`` value names.
+
+    ``auto`` (or None): this rank's GPU (``cuda:LOCAL_RANK`` under torchrun, ``cuda:0`` alone) when CUDA
+    is available, else the CPU. ``cpu``. ``cuda``: this rank's GPU. ``cuda:N``: that GPU. Raises
+    ValueError naming ``flag`` for any other value, or when CUDA is asked for but absent (or N is not a
+    visible device).
+    """
+    text = "auto" if spec is None else str(spec).strip().lower()
+    match = _DEVICE_SPEC.match(text)
+    if match is None or (match.group(1) != "cuda" and match.group(2)):
+        raise ValueError(f"{flag} must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    kind = match.group(1)
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        kind = "cuda"
+    if not torch.cuda.is_available():
+        raise ValueError(f"{flag} {spec} asked for, but no CUDA device is available (use {flag} cpu or auto)")
+    # Under torchrun each rank drives its own GPU, not all of them cuda:0.
+    index = int(match.group(2)[1:]) if match.group(2) else get_local_rank()
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {spec}: GPU {index} asked for, but {torch.cuda.device_count()} CUDA "
+                         "device(s) are visible")
+    return torch.device("cuda", index)
 
 
 def init_distributed_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:

@@ -1,10 +1,10 @@
 """``--device`` and ``--precision``: one spelling, meaning and help text in every sub-command.
 
 ``stage1``, ``embed``, ``stage2`` and ``eval`` take ``--device``, resolved by
-:func:`~.run_spine.resolve_device`; ``stage1`` and ``stage2`` take ``--precision``, the autocast of
-their forward passes (:func:`~.run_spine.autocast_factory`). Flags that sound alike but set something
-else say so in their help: ``stage1 --dtype`` and ``embed --model-dtype`` are the LLM's weight dtype,
-``embed --dtype`` the dtype the embeddings are stored in.
+:func:`llm2clip_fast.distributed.resolve_device`; ``stage1`` and ``stage2`` take ``--precision``, the
+autocast of their forward passes (:func:`~.run_spine.autocast_factory`). Flags that sound alike but
+set something else say so in their help: ``stage1 --dtype`` and ``embed --model-dtype`` are the LLM's
+weight dtype, ``embed --dtype`` the dtype the embeddings are stored in.
 """
 
 from __future__ import annotations

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import re
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import torch
 from .. import distributed
 from ..atomic_files import write_json_atomic
 from ..data.stream_transport import is_stream_url
+from ..distributed import resolve_device
 from ..redaction import redact, redact_value
 from ..writable_output import check_writable
 from . import distributed_failures
@@ -70,7 +70,6 @@ _NOT_SETTINGS = frozenset({"command", "recipe_origin"})
 PATH_OPTIONS = ("data", "embeddings", "init_model", "vision_path", "llm", "mntp_data", "eval_data")
 RESOLVED_PATHS = "resolved_paths"
 _GLOB_OR_BRACE = set("{*?[")
-_DEVICE_SPEC = re.compile(r"^(auto|cpu|cuda)(:\d+)?$")
 # torch's own default: long enough for rank 0 to save an 8B model while the others wait at a barrier.
 DEFAULT_DIST_TIMEOUT_S = 1800.0
 
@@ -93,35 +92,6 @@ class RunPlace:
     def main(self) -> bool:
         """Rank 0: the process that writes the run folder, logs and saves."""
         return self.rank == 0
-
-
-def resolve_device(spec: str | None, *, flag: str = "--device") -> torch.device:
-    """The torch device a ``--device`` value names.
-
-    ``auto`` (or None): this rank's GPU (``cuda:LOCAL_RANK`` under torchrun, ``cuda:0`` alone) when CUDA
-    is available, else the CPU. ``cpu``. ``cuda``: this rank's GPU. ``cuda:N``: that GPU. Raises
-    ValueError naming ``flag`` for any other value, or when CUDA is asked for but absent (or N is not a
-    visible device).
-    """
-    text = "auto" if spec is None else str(spec).strip().lower()
-    match = _DEVICE_SPEC.match(text)
-    if match is None or (match.group(1) != "cuda" and match.group(2)):
-        raise ValueError(f"{flag} must be auto, cpu, cuda or cuda:N, got {spec!r}")
-    kind = match.group(1)
-    if kind == "cpu":
-        return torch.device("cpu")
-    if kind == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        kind = "cuda"
-    if not torch.cuda.is_available():
-        raise ValueError(f"{flag} {spec} asked for, but no CUDA device is available (use {flag} cpu or auto)")
-    # Under torchrun each rank drives its own GPU, not all of them cuda:0.
-    index = int(match.group(2)[1:]) if match.group(2) else distributed.get_local_rank()
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"{flag} {spec}: GPU {index} asked for, but {torch.cuda.device_count()} CUDA "
-                         "device(s) are visible")
-    return torch.device("cuda", index)
 
 
 def dist_timeout_seconds(text: str) -> float:
