@@ -226,13 +226,14 @@ if __name__ == "__main__":
             "llm2clip_fast.models",
             "llm2clip_fast.data",
             "llm2clip_fast.train",
-            "llm2clip_fast.train.eval_suites",
+            "llm2clip_fast.eval",
+            "llm2clip_fast.eval.suites",
             # Not code: the ImageNet class names and OpenAI prompt templates the imagenet suite reads at
             # run time. Listed as a package (data only) so setuptools installs it without ambiguity.
-            "llm2clip_fast.train.eval_suites.data",
+            "llm2clip_fast.eval.suites.data",
             "llm2clip_fast.kernels",
         ],
-        package_data={"llm2clip_fast.train.eval_suites.data": ["*.txt", "*.md"]},
+        package_data={"llm2clip_fast.eval.suites.data": ["*.txt", "*.md"]},
         # The Triton kernels live in llm2clip_kernels/, not kernels/: a top-level kernels/ folder is
         # importable as `kernels` whenever Python runs from the repository root (python -m ...), and
         # bitsandbytes imports the PyPI package of that name, printing a load failure on every run.

@@ -428,8 +428,8 @@ def retrieval_check(out_dir: str | Path, modes: list[str], llm: str | None = Non
                     seed: int = 0) -> list[dict]:
     """Stage-2 retrieval on caches made with each mode against the 16-bit (bf16) cache's (see the module
     docstring); returns one row per mode with val R@1/5 and ``within_one_image``."""
+    from llm2clip_fast.eval.held_out import evaluate_model_dir
     from llm2clip_fast.models.llm_encoder import packaged_minilm_path
-    from llm2clip_fast.train.eval import evaluate_model_dir
     from llm2clip_fast.train.pipeline import (
         FULL,
         StageClock,

@@ -23,7 +23,9 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llm2clip_fast.train.eval import evaluate_model_dir, load_text_encoder, write_json_atomic
+from llm2clip_fast.eval.held_out import evaluate_model_dir
+from llm2clip_fast.eval.results_files import write_json_atomic
+from llm2clip_fast.eval.text_encoder import load_text_encoder
 from llm2clip_fast.train.pipeline import (
     FULL,
     QUICK,

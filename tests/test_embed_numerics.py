@@ -72,7 +72,7 @@ def test_fp32_cache_of_an_older_version_keeps_its_fingerprint():
 
 
 def test_eval_reloads_the_llm_with_the_recorded_numerics(tmp_path):
-    from llm2clip_fast.train.eval import load_text_encoder
+    from llm2clip_fast.eval.text_encoder import load_text_encoder
 
     llm, data = write_tiny_llama(tmp_path / "llm"), write_pairs(tmp_path, 6)
     out = tmp_path / "cache"

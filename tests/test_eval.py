@@ -6,7 +6,7 @@ import pytest
 import torch
 from _tiny_llm2clip import tiny_clip_tower_model
 
-from llm2clip_fast.train.retrieval_metrics import (
+from llm2clip_fast.eval.retrieval_metrics import (
     caption_retrieval_accuracy,
     cosine_similarity_matrix,
     image_text_retrieval,
@@ -108,8 +108,8 @@ def test_eval_command_on_a_saved_model(tmp_path, capsys):
     import json
 
     from llm2clip_fast.data.sources import open_source
+    from llm2clip_fast.eval.held_out import collect_eval_set, evaluate
     from llm2clip_fast.train.__main__ import main
-    from llm2clip_fast.train.eval import collect_eval_set, evaluate
 
     manifest = _write_tiny_manifest(tmp_path)
     model = tiny_clip_tower_model().eval()
@@ -134,7 +134,7 @@ def test_eval_command_on_a_saved_model(tmp_path, capsys):
         assert results[key] == pytest.approx(value, abs=1e-6), key
     assert results["cra"] == pytest.approx(caption_retrieval_accuracy(shorts, texts), abs=1e-6)
     # Zero-shot counted by hand: an image is right when its own class's prompt is the most similar.
-    from llm2clip_fast.train.eval import ZERO_SHOT_TEMPLATE
+    from llm2clip_fast.eval.held_out import ZERO_SHOT_TEMPLATE
 
     classes = sorted(set(eval_set["labels"]))
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_eval_command_on_a_saved_model(tmp_path, capsys):
 
 
 def test_eval_bad_arguments(tmp_path):
-    from llm2clip_fast.train.eval import evaluate_model_dir
+    from llm2clip_fast.eval.held_out import evaluate_model_dir
 
     manifest = _write_tiny_manifest(tmp_path)
     tiny_clip_tower_model().save_pretrained(tmp_path / "model")
@@ -167,8 +167,8 @@ def test_float_noise_below_the_tolerance_is_a_tie():
 def test_eval_device_means_what_it_means_in_the_trainers(tmp_path, monkeypatch):
     import json
 
+    from llm2clip_fast.eval.suites import ModelEmbedder
     from llm2clip_fast.train.__main__ import main
-    from llm2clip_fast.train.eval_suites import ModelEmbedder
 
     manifest = _write_tiny_manifest(tmp_path)
     tiny_clip_tower_model().save_pretrained(tmp_path / "model")

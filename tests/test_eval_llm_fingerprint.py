@@ -125,7 +125,7 @@ def test_a_changed_llm_has_the_exit_code_of_stale_embeddings():
 
 
 def test_suites_check_the_llm_before_embedding_texts(trained, tmp_path):
-    from llm2clip_fast.train.eval_suites import ModelEmbedder
+    from llm2clip_fast.eval.suites import ModelEmbedder
 
     llm = trained["llm"]
     saved = (llm / "config.json").read_text()

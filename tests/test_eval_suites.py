@@ -20,7 +20,12 @@ import torch
 from _tiny_llm2clip import tiny_clip_tower_model
 
 from llm2clip_fast.data.bad_data import BadDataError
-from llm2clip_fast.train.eval_suites import (
+from llm2clip_fast.eval.retrieval_metrics import (
+    multi_caption_retrieval,
+    multi_positive_hit_rates,
+    topk_hit_rates,
+)
+from llm2clip_fast.eval.suites import (
     SUITES,
     SuiteLayoutError,
     evaluate_suite,
@@ -28,12 +33,7 @@ from llm2clip_fast.train.eval_suites import (
     read_suite,
     run_suites,
 )
-from llm2clip_fast.train.eval_suites.class_folders import imagenet_class_names, openai_imagenet_templates
-from llm2clip_fast.train.retrieval_metrics import (
-    multi_caption_retrieval,
-    multi_positive_hit_rates,
-    topk_hit_rates,
-)
+from llm2clip_fast.eval.suites.class_folders import imagenet_class_names, openai_imagenet_templates
 
 # -- the fake embedder ----------------------------------------------------------------------------
 
@@ -204,7 +204,7 @@ def make_imagenet(root: Path) -> tuple[Path, Path, Path]:
 @pytest.fixture(autouse=True)
 def first_four_sharegpt4v_records(monkeypatch):
     """The suite reads the first 1,000 records; the miniature has 4 before the ones it must not read."""
-    from llm2clip_fast.train.eval_suites import sharegpt4v
+    from llm2clip_fast.eval.suites import sharegpt4v
 
     monkeypatch.setattr(sharegpt4v, "N_RECORDS", 4)
 
@@ -308,7 +308,7 @@ def test_reader_details(tmp_path):
     assert urban.skipped == {"image/7.jpg": "no caption file"}
     share = read_suite("sharegpt4v-1k", make_sharegpt4v(tmp_path / "share", extra=2))
     assert len(share.images) == 4  # 6 records, the suite reads the first N_RECORDS (4 here)
-    from llm2clip_fast.train.eval_suites.sharegpt4v import read_sharegpt4v
+    from llm2clip_fast.eval.suites.sharegpt4v import read_sharegpt4v
 
     assert [p.name for p in read_sharegpt4v(tmp_path / "share", n_records=2).images] == \
         ["000000000000.jpg", "000000000001.jpg"]
@@ -478,10 +478,10 @@ def test_eval_suite_command_errors(tmp_path):
 def test_llm_adapter_model_reads_captions_through_its_llm_and_caches(tmp_path, monkeypatch):
     from _tiny_llama import write_tiny_llama
 
+    from llm2clip_fast.eval import text_encoder as eval_module
+    from llm2clip_fast.eval.suites import ModelEmbedder
     from llm2clip_fast.models.llm2clip import LLM2CLIPConfig, LLM2CLIPModel
     from llm2clip_fast.models.vision import VisionTower
-    from llm2clip_fast.train import eval as eval_module
-    from llm2clip_fast.train.eval_suites import ModelEmbedder
 
     llm = write_tiny_llama(tmp_path / "llm")
     torch.manual_seed(0)
@@ -534,8 +534,8 @@ def test_suite_on_a_model_converted_from_a_released_checkpoint(tmp_path):
 
     from llm2clip_fast.convert.__main__ import main as convert_main
     from llm2clip_fast.data.image_transforms import clip_image_transform
+    from llm2clip_fast.eval import text_encoder as eval_module
     from llm2clip_fast.models.llm2clip import LLM2CLIPModel
-    from llm2clip_fast.train import eval as eval_module
     from llm2clip_fast.train.__main__ import main as train_main
 
     llm = write_tiny_llama(tmp_path / "llm")  # hidden size 32: the adapter's input
@@ -587,8 +587,8 @@ def test_suite_on_a_converted_eva_clip_checkpoint_and_after_stage2_from_it(tmp_p
 
     from llm2clip_fast.convert.__main__ import main as convert_main
     from llm2clip_fast.data.demo import write_demo
+    from llm2clip_fast.eval import text_encoder as eval_module
     from llm2clip_fast.models.llm2clip import LLM2CLIPModel
-    from llm2clip_fast.train import eval as eval_module
     from llm2clip_fast.train.__main__ import main as train_main
 
     llm = write_tiny_llama(tmp_path / "llm")  # hidden size 32: the adapter's input

@@ -13,9 +13,10 @@ import torch
 def test_quick_pipeline_end_to_end(tmp_path, capsys):
     from safetensors.torch import load_file
 
+    from llm2clip_fast.eval.held_out import evaluate_model_dir
+    from llm2clip_fast.eval.text_encoder import load_text_encoder
     from llm2clip_fast.models.llm2clip import LLM2CLIPModel
     from llm2clip_fast.train.__main__ import main
-    from llm2clip_fast.train.eval import evaluate_model_dir, load_text_encoder
     from llm2clip_fast.train.pipeline import QUICK
 
     run_dir = tmp_path / "run"

@@ -2,7 +2,7 @@
 
 LLM2CLIP's stage-1 metric: every short caption queries the set of long captions, and a hit is its
 own long caption ranked first (top-1, cosine similarity). Ties are scored by their expectation
-(see :mod:`llm2clip_fast.train.retrieval_metrics`), so a collapsed encoder scores ``1/N``, not 1.
+(see :mod:`llm2clip_fast.eval.retrieval_metrics`), so a collapsed encoder scores ``1/N``, not 1.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..data.caption_source import CaptionSource
-from .retrieval_metrics import caption_retrieval_accuracy
+from ..eval.retrieval_metrics import caption_retrieval_accuracy
 
 
 def caption_pairs(source: CaptionSource, short: str, long: str, *,

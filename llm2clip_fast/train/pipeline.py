@@ -35,7 +35,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llm2clip_fast.train.eval import DEFAULT_KS, evaluate_model_dir, load_text_encoder, write_json_atomic
+from llm2clip_fast.eval.held_out import DEFAULT_KS, evaluate_model_dir
+from llm2clip_fast.eval.results_files import write_json_atomic
+from llm2clip_fast.eval.text_encoder import load_text_encoder
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ def run_suites(embedder: SuiteEmbedder, suite: str, root: str | os.PathLike[str]
     Every suite is read (and its layout checked) before anything is embedded. Embeddings are cached
     under ``out/cache`` unless ``cache`` is False.
     """
-    from llm2clip_fast.train.eval import write_json_atomic
+    from ..results_files import write_json_atomic
 
     options = {"classnames": classnames, "templates": templates}
     if suite == "all":

@@ -24,7 +24,7 @@ FOLDERS_LAYOUT = ("  ROOT/<class folder>/<images>   one folder per class (or und
 
 
 def packaged_lines(name: str) -> list[str]:
-    """Lines of a data file shipped in ``eval_suites/data`` (see data/SOURCE.md)."""
+    """Lines of a data file shipped in ``eval/suites/data`` (see data/SOURCE.md)."""
     text = resources.files(__package__).joinpath("data").joinpath(name).read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
 

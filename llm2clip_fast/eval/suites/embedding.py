@@ -79,8 +79,8 @@ class ModelEmbedder:
                  template: str | None = None, device: str | torch.device = "cpu",
                  encoder: Any = None, quantize: str | None = None, allow_llm_change: bool = False,
                  encoding_overrides: dict[str, Any] | None = None) -> None:
+        from llm2clip_fast.distributed import resolve_device
         from llm2clip_fast.models.llm2clip import CONFIG_NAME, WEIGHTS_NAME, LLM2CLIPModel
-        from llm2clip_fast.train.run_spine import resolve_device
 
         # A name (auto, cpu, cuda, cuda:N) means what --device means in every sub-command.
         self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
@@ -102,7 +102,7 @@ class ModelEmbedder:
     @property
     def encoder(self) -> Any:
         if self._encoder is None and self.model.config.text_tower == "llm-adapter":
-            from llm2clip_fast.train.eval import load_text_encoder
+            from llm2clip_fast.eval.text_encoder import load_text_encoder
 
             self._encoder = load_text_encoder(self.model, self._llm, template=self._template,
                                               device=self.device, quantize=self._quantize,

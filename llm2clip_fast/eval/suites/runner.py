@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llm2clip_fast.data.bad_data import BadDataError
-from llm2clip_fast.train.retrieval_metrics import multi_caption_retrieval, topk_accuracy
+from llm2clip_fast.eval.retrieval_metrics import multi_caption_retrieval, topk_accuracy
 
 from .embedding import SuiteEmbedder, embed_images, embed_texts
 from .registry import Suite
