@@ -19,7 +19,11 @@ Import layering, lowest first; a module imports only from its own layer or lower
 3. ``losses`` (OpenCLIP-style modules);
 4. ``models`` (towers, adapter, LLM encoder, LLM2CLIPModel);
 5. ``convert`` (released checkpoints in and out);
-6. ``train`` (the command lines) and ``info``; ``bench/`` sits outside the package, above all.
+6. ``eval`` (held-out and benchmark evaluation of saved models, usable without the trainer);
+7. ``train`` (the trainers and the command lines, ``eval``'s included) and ``info``; ``bench/`` sits
+   outside the package, above all.
+
+No modules import each other in a circle, of any length (the same test checks it).
 """
 
 from __future__ import annotations
