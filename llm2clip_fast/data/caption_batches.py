@@ -95,7 +95,7 @@ class CaptionBatches(IterableDataset):
         *,
         batch_size: int,
         transform: ImageTransform | None,
-        caption: str | list[str] | CaptionMix | None,
+        caption: CaptionMix | None,
         rank: int,
         world_size: int,
         seed: int,
@@ -136,13 +136,8 @@ class CaptionBatches(IterableDataset):
         return max(0, len(self.batches()) - self.start_batch)
 
     def _choose_caption(self, key: str, captions: dict[str, str]) -> tuple[str, str]:
-        if isinstance(self.caption, str) and self.caption != "random":
-            return self.caption, captions[self.caption]
-        if isinstance(self.caption, CaptionMix):
-            name = self.caption.choose(sample_rng(self.seed, self.epoch, key, "caption"))
-            return name, captions[name]
-        names = self.source.caption_names if self.caption == "random" else self.caption
-        name = sample_rng(self.seed, self.epoch, key, "caption").choice(names)
+        """(name, text) of the caption ``self.caption`` draws for sample ``key`` this epoch."""
+        name = self.caption.choose(sample_rng(self.seed, self.epoch, key, "caption"))
         return name, captions[name]
 
     def build_batch(self, batch_index: int, indices: np.ndarray) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from .caption_batches import (
     rank_batches,
     sample_rng,
 )
-from .caption_mix import CaptionMix, check_mix_names
+from .caption_mix import CaptionMix
 from .caption_source import CaptionSource
 from .image_transforms import ClipImageTransform, clip_image_transform
 from .reduced_decode import DecodeRequest
@@ -68,10 +68,11 @@ def build_loader(
         batch_size: samples per batch slot (bad samples make a batch smaller).
         image_size: side S of ``pixel_values`` (3, S, S).
         train: random resized crop (``crop_scale``) instead of centre crop; also the default ``shuffle``.
-        caption: "random" (uniform over ``source.caption_names`` per visit), one caption name, a list of
-            names to choose among uniformly, a :class:`~.caption_mix.CaptionMix` (names drawn by weight,
-            e.g. ``parse_caption_spec("short:0.5,long:0.5")``), or None (no chosen caption;
-            ``all_captions`` still present).
+        caption: which caption each sample trains on: a :class:`~.caption_mix.CaptionMix`, or its
+            ``--caption`` text (``"random"``: uniform over ``source.caption_names`` per visit; one caption
+            name; a weighted mix such as ``"short:0.5,long:0.5"``), or a list of names to pick among
+            uniformly; None for no chosen caption (``all_captions`` still present). Checked against the
+            source's captions (:meth:`~.caption_mix.CaptionMix.resolve`).
         with_images: decode images into ``pixel_values``; False gives caption-only batches (fast).
         rank, world_size: this process's place among the data-parallel ranks.
         num_workers: DataLoader worker processes (0 = load in this process).
@@ -104,7 +105,7 @@ def build_loader(
     source = _as_source(source)
     _check_layout(batch_size=batch_size, image_size=image_size, world_size=world_size, rank=rank,
                   num_workers=num_workers, seed=seed, epoch=epoch, start_batch=start_batch)
-    caption = _checked_caption(caption, source)
+    caption = _caption_mix(caption, source)
     streaming = getattr(source, "streaming", False)
     _check_source_can_feed(source, world_size, shuffle_buffer)
     if with_images:
@@ -153,24 +154,17 @@ def _check_layout(*, batch_size: int, image_size: int, world_size: int, rank: in
     check_int("start_batch", start_batch, minimum=0)
 
 
-def _checked_caption(caption: str | Sequence[str] | CaptionMix | None,
-                     source: CaptionSource) -> str | list[str] | CaptionMix | None:
-    """The caption choice, a sequence made a list, every name it may pick checked against the source."""
-    if isinstance(caption, CaptionMix):
-        check_mix_names(caption, source.caption_names, "the source", flag="caption")
-    elif caption is not None and not isinstance(caption, str):
-        caption = list(caption)
-        if not caption:
-            raise ValueError("caption as a list must name at least one caption")
-    names = [caption] if isinstance(caption, str) and caption != "random" else caption
-    if isinstance(names, list):
-        unknown = [n for n in names if n not in source.caption_names]
-        if unknown:
-            raise ValueError(
-                f"caption {unknown} not among the source's captions {source.caption_names} "
-                "(or use 'random' or None)"
-            )
-    return caption
+def _caption_mix(caption: str | Sequence[str] | CaptionMix | None,
+                 source: CaptionSource) -> CaptionMix | None:
+    """``caption`` as the :class:`CaptionMix` the batches draw from (a string parsed as ``--caption``
+    is, a list as the uniform pick among its names), resolved against the source's captions."""
+    if caption is None:
+        return None
+    if isinstance(caption, str):
+        caption = CaptionMix.parse(caption, flag="caption")
+    elif not isinstance(caption, CaptionMix):
+        caption = CaptionMix.among(list(caption))
+    return caption.resolve(source.caption_names, "the source", flag="caption")
 
 
 def _check_source_can_feed(source: CaptionSource, world_size: int, shuffle_buffer: int) -> None:
