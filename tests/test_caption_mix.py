@@ -12,15 +12,21 @@ import pytest
 from _stage2_runs import final_state, logged_losses, make_demo, stage2_args, stop_stage2_in_step
 
 from llm2clip_fast.data import build_loader, open_source
-from llm2clip_fast.data.caption_mix import CaptionMix, CaptionSpecError, parse_caption_spec
+from llm2clip_fast.data.caption_mix import CaptionMix, CaptionSpecError
 from llm2clip_fast.data.loader import sample_rng
 from llm2clip_fast.train import stage2
 from llm2clip_fast.train.__main__ import main as train_main
 
 
-def test_single_names_and_random_stay_plain_strings():
-    assert parse_caption_spec("long") == "long"
-    assert parse_caption_spec(" random ") == "random"
+def test_single_names_and_random_are_mixes_that_draw_as_before():
+    # These were plain strings before CaptionMix carried every shape; what they draw is pinned in
+    # test_caption_draw_pins.py. A single name always trains on itself; 'random' names the data's captions.
+    long = CaptionMix.parse("long")
+    assert long.names == ("long",) and long.weights == (1.0,) and long.text == "long"
+    assert long.choose(sample_rng(0, 0, "k", "caption")) == "long"
+    random = CaptionMix.parse(" random ")
+    assert random.is_random and not random.resolved and random.text == " random "
+    assert random.resolve(["short", "long"]) == CaptionMix.among(["short", "long"])
 
 
 @pytest.mark.parametrize("spec, names, weights", [
@@ -31,7 +37,7 @@ def test_single_names_and_random_stay_plain_strings():
     ("short:1e-3,long:1e-3", ("short", "long"), (0.5, 0.5)),
 ])
 def test_mixes_are_normalised_in_the_order_given(spec, names, weights):
-    mix = parse_caption_spec(spec)
+    mix = CaptionMix.parse(spec)
     assert isinstance(mix, CaptionMix) and mix.names == names
     assert mix.weights == pytest.approx(weights, abs=1e-12) and sum(mix.weights) == pytest.approx(1.0)
 
@@ -51,12 +57,12 @@ def test_mixes_are_normalised_in_the_order_given(spec, names, weights):
 ])
 def test_bad_specs_name_the_flag_and_the_problem(spec, match):
     with pytest.raises(CaptionSpecError, match=match) as err:
-        parse_caption_spec(spec)
+        CaptionMix.parse(spec)
     assert str(err.value).startswith("--caption")
 
 
 def test_the_draw_is_the_first_uniform_against_the_cumulative_weights():
-    mix = parse_caption_spec("short:1,long:3")
+    mix = CaptionMix.parse("short:1,long:3")
     keys = [f"k{i}" for i in range(4000)]
     for key in keys[:50]:
         u = sample_rng(7, 2, key, "caption").random()
@@ -84,7 +90,7 @@ def _batches(source, mix, **kw):
 
 
 def test_loader_draws_each_sample_from_its_seed_and_resumes_exactly(source):
-    mix = parse_caption_spec("short:0.5,long:0.5")
+    mix = CaptionMix.parse("short:0.5,long:0.5")
     for epoch in (0, 1):
         full = _batches(source, mix, epoch=epoch)
         chosen = {k: n for _, keys, names, _ in full for k, n in zip(keys, names)}
@@ -96,7 +102,7 @@ def test_loader_draws_each_sample_from_its_seed_and_resumes_exactly(source):
         assert resumed == full[3:]
     with pytest.raises(CaptionSpecError, match=r"caption 'short:0.5,large:0.5': 'large' is not a caption of "
                                                r"the source; it has \['short', 'long', 'medium'\]"):
-        build_loader(source, batch_size=BATCH, with_images=False, caption=parse_caption_spec("short,large"))
+        build_loader(source, batch_size=BATCH, with_images=False, caption=CaptionMix.parse("short,large"))
 
 
 def test_streamed_shards_draw_the_same_per_sample_captions(tmp_path):
@@ -115,7 +121,7 @@ def test_streamed_shards_draw_the_same_per_sample_captions(tmp_path):
                     info = tarfile.TarInfo(member)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    mix = parse_caption_spec("short:0.3,long:0.7")
+    mix = CaptionMix.parse("short:0.3,long:0.7")
     stream = open_source(str(tmp_path / "d-{0..1}.tar"), streaming=True)
     loader = build_loader(stream, batch_size=4, with_images=False, seed=3, epoch=1, caption=mix)
     chosen = {k: n for b in loader for k, n in zip(b["keys"], b["caption_names"])}

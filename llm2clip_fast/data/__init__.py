@@ -26,6 +26,9 @@ label_column="label", bad_data=None) -> CaptionSource``
 ``build_loader(source, *, batch_size, image_size=224, train=True, caption="random", with_images=True,
 rank=0, world_size=1, num_workers=0, seed=0, epoch=0, start_batch=0, drop_last=False, bad_data=None,
 ...) -> CaptionLoader`` (a ``torch.utils.data.DataLoader``)
+    ``caption`` is a :class:`~.caption_mix.CaptionMix` or its ``--caption`` text (a caption name,
+    ``"random"``, a weighted mix ``"short:0.5,long:0.5"``), a list of names to pick among uniformly, or
+    None; ``CaptionMix.parse(text)`` reads the flag once, ``.resolve(names)`` checks it against data.
     Batches are dicts: ``keys`` list[str]; ``pixel_values`` float32 (B, 3, S, S) when
     ``with_images``; ``captions`` / ``caption_names`` list[str] (the chosen caption and its name per
     sample) when ``caption`` is not None; ``all_captions`` list[dict[str, str]]; ``labels``

@@ -33,7 +33,7 @@ import numpy as np
 from torch.utils.data import get_worker_info
 
 from .bad_data import BadDataTracker, BadSampleError
-from .loader import CaptionBatches, CaptionLoader, sample_rng
+from .caption_batches import CaptionBatches, CaptionLoader, sample_rng
 from .stream_samples import ShardError, StreamSample, iter_shard
 from .stream_source import StreamingWebDatasetSource, lost_note
 

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.caption_mix import CaptionMix, check_mix_names, parse_caption_spec
+from ..data.caption_mix import CaptionMix
 from ..data.image_transforms import image_transform_for
 from ..distributed import barrier, get_world_size, is_distributed
 from ..models.attention_kernels import KERNELS as ATTENTION_KERNELS
@@ -334,7 +334,6 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.lr <= 0 or args.wd < 0:
         raise ValueError(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.wd}")
     check_report_to(args.report_to)
-    parse_caption_spec(args.caption)  # its syntax, before any data is read (names are checked later)
     if not 0 < args.llrd <= 1:
         raise ValueError(f"--llrd must be in (0, 1], got {args.llrd}")
     for flag, beta in (("beta1", getattr(args, "beta1", 0.9)), ("beta2", args.beta2)):
@@ -450,33 +449,6 @@ def check_batch_in_cache(cache: Any, batch: dict[str, Any], caption_names: list[
                          "data")
     if cache.has_caption_fingerprints and not cache.metadata.get("captions_unverified"):
         cache.check_captions(zip(batch["keys"], batch["all_captions"]), caption_names)
-
-
-def resolve_caption(caption: str, source: Any, cache: Any | None
-                    ) -> tuple[str | list[str] | CaptionMix, list[str], dict[str, float]]:
-    """(what the loader picks from, the caption names that may be picked, the resolved mix
-    ``{name: probability}`` recorded in the run config)."""
-    from ..data.caption_names import resolve_caption_name
-
-    spec = parse_caption_spec(caption)
-    if isinstance(spec, CaptionMix):  # 'short'/'long' find the official shortSV_/longSV_captions keys
-        spec = CaptionMix(tuple(resolve_caption_name(n, source.caption_names) for n in spec.names),
-                          spec.weights)
-        check_mix_names(spec, source.caption_names, "the data")
-        return spec, list(spec.names), spec.as_dict()
-    if spec == "random":
-        names = list(source.caption_names)
-        if cache is not None:
-            names = [n for n in names if n in cache.caption_names]
-            if not names:
-                raise ValueError(f"no caption name is both in the data {source.caption_names} and in the "
-                                 f"embedding cache {list(cache.caption_names)}")
-        return names, names, CaptionMix.uniform(names).as_dict()
-    spec = resolve_caption_name(spec, source.caption_names)
-    if spec not in source.caption_names:
-        raise ValueError(f"--caption {spec!r} is not a caption of the data; it has {source.caption_names} "
-                         "(or use 'random', or a weighted mix like 'short:0.5,long:0.5')")
-    return spec, [spec], {spec: 1.0}
 
 
 def llm_provenance(cache_metadata: dict[str, Any],
@@ -845,24 +817,28 @@ def _say(message: str) -> None:
 
 @dataclass
 class TrainData:
-    """The run's data: the caption source, the embedding cache (None for the clip text tower), what
-    the loader picks captions from, the names it may pick, the resolved mix and the cache's LLM."""
+    """The run's data: the caption source, the embedding cache (None for the clip text tower), the
+    ``--caption`` mix resolved against the data (what the loader draws from) and the cache's LLM."""
 
     source: Any
     cache: Any | None
-    loader_caption: str | list[str] | CaptionMix
-    caption_names: list[str]
-    caption_mix: dict[str, float]
+    caption: CaptionMix
     llm_info: dict[str, Any]
+
+    @property
+    def caption_names(self) -> list[str]:
+        """The captions a sample may train on (each must be cached)."""
+        return list(self.caption.names)
 
     @property
     def streamed(self) -> bool:
         return bool(getattr(self.source, "streaming", False))
 
 
-def open_train_data(args: argparse.Namespace) -> TrainData:
-    """Open ``--data`` and ``--embeddings``, resolve ``--caption`` and check that the cache holds the
-    data's captions: every key up front, or, for streamed data, each batch as it arrives."""
+def open_train_data(args: argparse.Namespace, caption: CaptionMix) -> TrainData:
+    """Open ``--data`` and ``--embeddings``, resolve ``caption`` (``--caption``, parsed) against them and
+    check that the cache holds the data's captions: every key up front, or, for streamed data, each batch
+    as it arrives."""
     from ..data.sources import open_source
     from ..data.stream_transport import TransportPolicy
 
@@ -874,20 +850,22 @@ def open_train_data(args: argparse.Namespace) -> TrainData:
         _say(f"--data: {source.describe()}")
     cache = open_cache(args.embeddings, args.cache_verify) if args.text_tower == "llm-adapter" else None
     try:
-        loader_caption, caption_names, caption_mix = resolve_caption(args.caption, source, cache)
+        # 'random' picks among the captions that are both in the data and in the cache.
+        caption = caption.resolve(source.caption_names, "the data",
+                                  also_in=list(cache.caption_names) if cache is not None else None)
     except ValueError as exc:
         if (getattr(args, "recipe_origin", None) or {}).get("caption") == "recipe":
             raise ValueError(f"{exc} (--caption {args.caption} came from --recipe {args.recipe}; give "
                              "--caption to override it)") from None
         raise
-    data = TrainData(source, cache, loader_caption, caption_names, caption_mix, {})
+    data = TrainData(source, cache, caption, {})
     if cache is not None:
         if data.streamed:
-            check_cache_names(cache, caption_names)
+            check_cache_names(cache, data.caption_names)
             _say("streamed --data: each batch is checked against the embedding cache as it arrives (keys "
                  "present, captions unchanged) instead of reading every shard up front")
         else:
-            check_cache_covers(cache, source, caption_names)
+            check_cache_covers(cache, source, data.caption_names)
         data.llm_info = llm_provenance(cache.metadata, cache.manifest.get("encoder_fingerprint"))
     return data
 
@@ -1030,7 +1008,7 @@ def build_train_loader(args: argparse.Namespace, data: TrainData, model: LLM2CLI
     transform = image_transform_for(model.preprocessing, train=True, scale=crop_scale,
                                     output=getattr(args, "pixel_dtype", "float32"))
     return build_loader(data.source, batch_size=args.batch_size, image_size=model.image_size, train=True,
-                        caption=data.loader_caption, rank=place.rank, world_size=place.world_size,
+                        caption=data.caption, rank=place.rank, world_size=place.world_size,
                         num_workers=args.num_workers, seed=args.seed, drop_last=True, crop_scale=crop_scale,
                         bad_data=args.max_bad_fraction, pin_memory=place.device.type == "cuda",
                         transform=transform, shuffle_buffer=args.shuffle_buffer, decode=decode,
@@ -1069,7 +1047,7 @@ def stage2_config(args: argparse.Namespace, plan: StepPlan, data: TrainData, wor
     config["settings_from"] = settings_from(args)
     config.update({"total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
                    "global_batch": args.batch_size * world * args.grad_accum,
-                   "caption_mix": data.caption_mix})
+                   "caption_mix": data.caption.as_dict()})
     if hasattr(data.source, "as_dict"):
         config["data_mix"] = data.source.as_dict()
     return config
@@ -1317,19 +1295,23 @@ def run(args: argparse.Namespace) -> int:
     """Train; returns 0. Raises ValueError/FileNotFoundError with a clear message on bad set-up."""
     resolve_recipe(args, STAGE2_RECIPES)
     _check_options(args)
+    # --caption's one parse (its syntax, before any data is read; open_train_data resolves its names).
+    # args.caption keeps the text: config.json records it as given.
+    caption = CaptionMix.parse(args.caption)
     with distributed_run(args.device, timeout_s=args.dist_timeout) as place, locked_out_folder(
             place, args.out, resume=args.resume, overwrite=args.overwrite, say=_say,
             what="a stage2 run") as out:
         # In a function of its own: its model wrappers (DDP, FSDP hold the process group) are gone
         # when the process group is torn down.
-        train(args, place, out)
+        train(args, caption, place, out)
     return 0
 
 
-def train(args: argparse.Namespace, place: RunPlace, out: Path) -> None:
-    """The run inside its process group and locked ``--out``: set up, train, save (see :func:`run`)."""
+def train(args: argparse.Namespace, caption: CaptionMix, place: RunPlace, out: Path) -> None:
+    """The run inside its process group and locked ``--out``: set up, train, save (see :func:`run`);
+    ``caption`` is ``--caption`` parsed."""
     resolve_batch_size(args, place.world_size)
-    data = open_train_data(args)
+    data = open_train_data(args, caption)
     model = build_run_model(args, data, place.device)
     setup = configure_step(args, model, place.device, place.world_size)
     plan = plan_steps(args, len(data.source), place.world_size)
