@@ -24,11 +24,6 @@ LAYERS = {
 }
 # None: the global-batch losses live in ops/ on top of distributed's collectives.
 ALLOWED_UPWARD: set[tuple[str, str]] = set()
-# TEMPORARY, issue 30: the branch that parses --caption once into CaptionMix (item 3) breaks this
-# circle; delete the entry when that branch lands. Nothing else may be added here.
-CYCLES_BEING_BROKEN_ON_ANOTHER_BRANCH: set[frozenset[str]] = {
-    frozenset({"llm2clip_fast.data.loader", "llm2clip_fast.data.stream_loader"}),
-}
 
 
 def _modules() -> dict[str, Path]:
@@ -178,6 +173,6 @@ def _describe(graph: dict[str, set[str]], component: set[str]) -> str:
 
 def test_no_modules_import_each_other_in_a_circle():
     graph = _import_graph()
-    circles = [c for c in _circles(graph) if frozenset(c) not in CYCLES_BEING_BROKEN_ON_ANOTHER_BRANCH]
+    circles = _circles(graph)
     described = sorted(_describe(graph, c) for c in circles)
     assert not circles, f"{len(circles)} import circle(s):\n" + "\n".join(described)
