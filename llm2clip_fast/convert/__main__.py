@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.llm is not None:
         trained_on_llm2clip = provenance.get("from") == "llm2clip-hf" or (
             provenance.get("from") == "eva-clip" and "kind" not in provenance)
-        from ..train.recipes import LLM2CLIP_ENCODING
+        from ..models.prompt_templates import LLM2CLIP_ENCODING
 
         defaults = dict(LLM2CLIP_ENCODING) if trained_on_llm2clip else {}
         model.config.llm = {**recorded_llm(args.llm), **defaults, **encoding}

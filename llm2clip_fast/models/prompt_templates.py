@@ -70,6 +70,10 @@ _LLM2VEC_NAMES = {
 
 # The name LLM2CLIP's extraction forces on its released Llama-3 LLM (llm2clip/data/extract_embedding.py).
 LLM2CLIP_EXTRACTION_NAME = "meta-llama/Meta-Llama-3-8B-Instruct"
+# LLM2CLIP's caption encoding (llm2clip/data/extract_embedding.py at cba3b45ba3d9: LLM2Vec(...,
+# max_length=512, doc_max_length=512), the Llama-3 template its forced name selects): the defaults of
+# embed's and eval's ``--recipe llm2clip`` and of a converted LLM2CLIP checkpoint's recorded LLM.
+LLM2CLIP_ENCODING = {"max_length": 512, "doc_max_length": 512, "template": "llm2clip"}
 
 
 def llm2vec_name_or_path(path: str, folder: Any = None) -> str:

@@ -63,6 +63,8 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..models.prompt_templates import LLM2CLIP_ENCODING
+
 
 @dataclass(frozen=True)
 class RecipeTable:
@@ -133,9 +135,6 @@ STAGE2_RECIPES = RecipeTable(
     yields_to={"global_batch_size": ("batch_size",), "epochs": ("steps",)},
 )
 
-# LLM2CLIP's caption encoding (llm2clip/data/extract_embedding.py at cba3b45ba3d9: LLM2Vec(...,
-# max_length=512, doc_max_length=512), the Llama-3 template its forced name selects), for embed and eval.
-LLM2CLIP_ENCODING = {"max_length": 512, "doc_max_length": 512, "template": "llm2clip"}
 ENCODING_HELP = ("named defaults: llm2clip = LLM2CLIP's caption encoding (llm2clip/data/"
                  "extract_embedding.py: max length 512, doc_max_length 512, the template LLM2CLIP's copy of "
                  "llm2vec chooses, with the Meta-Llama-3-8B-Instruct name its extraction forces on the "
