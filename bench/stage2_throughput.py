@@ -109,10 +109,6 @@ def openclip_clip_loss(kind: str, image: torch.Tensor, text: torch.Tensor, logit
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-# Kept for callers of the previous version of this bench (bench/gpu_check.py's models stage).
-materialised_clip_loss = plain_clip_loss
-
-
 # ---------------------------------------------------------------------------------------------------------
 # One point: a model, its optimizer, the three steps
 
@@ -352,20 +348,6 @@ def measure_point(tower: str, batch: int, micro_batch: int, llm_dim: int, embed_
                                "sum_of_parts_ms": sum(parts.values()),
                                "share": {k: v / total for k, v in parts.items()}}
     return result
-
-
-def point(impl: str, preset: str, batch: int, llm_dim: int, embed_dim: int, device: str, precision: str,
-          micro_batch: int, grad_checkpointing: bool, budget_s: float) -> dict:
-    """One implementation at one point (the interface bench/gpu_check.py's models stage calls): the row of
-    :func:`measure_point` with ``grad_checkpointing`` full (True) or chosen by memory (False)."""
-    r = measure_point(preset, batch, micro_batch, llm_dim, embed_dim, device, precision,
-                      "full" if grad_checkpointing else "auto", "auto", "auto", impl == "plain", [impl],
-                      budget_s, breakdown_reps=1)
-    return {**r["rows"][0], "matmul_tflops": r["matmul_tflops"], "flops": r["flops"]["total"]}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Sweeps
 
 
 def parse_points(spec: str) -> list[tuple[str, int]]:

@@ -63,8 +63,7 @@ def test_fp32_cache_of_an_older_version_keeps_its_fingerprint():
             "bidirectional", "template", "doc_max_length")
     meta = dict.fromkeys(keys)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("llm2clip_fast.train.embed.weights_fingerprint", lambda *a: {})
-        mp.setattr("llm2clip_fast.models.llm_encoder.resolve_model_path", lambda p: p)
+        mp.setattr("llm2clip_fast.models.llm_fingerprint.llm_weights_fingerprint", lambda *a: {})
         old = encoder_fingerprint(meta, llm="x", lora=None)
         now = encoder_fingerprint(meta, llm="x", lora=None, options={"precision": "fp32"})
         bf16 = encoder_fingerprint(meta, llm="x", lora=None, options={"precision": "bf16"})

@@ -652,7 +652,8 @@ def test_embed_recipe_llm2clip_encodes_as_llm2clips_extraction(tmp_path):
                                 for i, c in enumerate(captions)))
     out = tmp_path / "cache"
     assert train_main(["embed", "--llm", str(release), "--data", str(manifest), "--out", str(out), "--dtype",
-                       "fp32", "--recipe", "llm2clip", "--quiet", "--device", "cpu"]) == 0
+                       "fp32", "--recipe", "llm2clip", "--quiet", "--device", "cpu",
+                       "--precision", "fp32"]) == 0  # the transcription runs fp32; auto is bf16 on AMX CPUs
     cache = EmbeddingCache.open(out)
     meta = cache.metadata
     assert (meta["max_length"], meta["doc_max_length"], meta["template"]) == (512, 512, "llama3")
@@ -668,9 +669,9 @@ def test_embed_recipe_llm2clip_encodes_as_llm2clips_extraction(tmp_path):
 
     with pytest.raises(ValueError, match="'doc_max_length': 400"):
         embed(llm=str(release), data=str(manifest), out=out, dtype="fp32", template="llm2clip",
-              max_length=512, doc_max_length=400, device="cpu", progress=False)
+              max_length=512, doc_max_length=400, device="cpu", progress=False, precision="fp32")
     embed(llm=str(release), data=str(manifest), out=tmp_path / "cut", dtype="fp32", template="llm2clip",
-          max_length=512, doc_max_length=400, device="cpu", progress=False)
+          max_length=512, doc_max_length=400, device="cpu", progress=False, precision="fp32")
     cut = EmbeddingCache.open(tmp_path / "cut")
     assert cut.metadata["doc_max_length"] == 400
     assert not torch.allclose(cut.lookup(["k1"], "long"), got[1:2], atol=1e-4)
