@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import _repo_path  # noqa: F401  (bench/_repo_path.py: the repository root on sys.path)
 
 from bench._common import (
     add_common_args,

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import _repo_path  # noqa: F401  (bench/_repo_path.py: the repository root on sys.path)
 
 from bench._common import (
     machine_description,

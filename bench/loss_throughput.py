@@ -63,14 +63,13 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import _repo_path  # noqa: F401  (bench/_repo_path.py: the repository root on sys.path)
 
 from bench._common import (
     add_common_args,

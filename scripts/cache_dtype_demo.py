@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):
+if __package__ in (None, ""):  # the idiom of bench/_repo_path.py, which a file in scripts/ cannot import
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llm2clip_fast.eval.held_out import evaluate_model_dir
