@@ -24,6 +24,33 @@ Import layering, lowest first; a module imports only from its own layer or lower
    outside the package, above all.
 
 No modules import each other in a circle, of any length (the same test checks it).
+
+Where one op lives. Each op is split only where the language or the device changes (Python dispatch,
+Triton, C++, CUDA) and its pieces are named after it: the losses and the pool by the op's full name,
+``text_adapter`` by ``adapter`` and ``w8a8_linear`` by ``quantize`` / ``int8`` (noted below; the
+renames would touch every importer for no change in meaning).
+
+- ``clip_loss`` / ``siglip_loss``: ``ops/<op>.py`` (input checks, backend dispatch, autograd, the torch
+  and chunked paths, ``<op>_global`` over the global batch; launchers as ``torch.ops.llm2clip_fast.*``);
+  ``llm2clip_kernels/<op>.py`` (Triton, installed as ``llm2clip_fast.kernels``); ``csrc/cpu/<op>.cpp``
+  (C++ CPU; CLIP's vectorised epilogues in ``csrc/cpu/clip_epilogue_*``); ``ops/reference.py``
+  (``<op>_reference``, plain torch, what tests compare with); ``ops/global_batch_ring.py`` (the rank
+  ring both global-batch losses share); ``losses.py`` (``ClipLoss`` / ``SigLipLoss``, OpenCLIP-style
+  modules); shared pieces: ``ops/loss_inputs.py`` (argument checks), ``ops/_chunking.py``,
+  ``ops/_chunk_schedule.py``, ``ops/_overlap.py``.
+- ``masked_mean_pool``: ``ops/masked_mean_pool.py``, ``llm2clip_kernels/masked_mean_pool.py``,
+  ``csrc/cpu/masked_mean_pool.cpp``, ``csrc/cuda/masked_mean_pool.cu`` (the one raw CUDA kernel),
+  ``masked_mean_pool_reference`` in ``ops/reference.py``.
+- ``text_adapter``: ``ops/adapter.py``, ``llm2clip_kernels/adapter.py``, ``csrc/cpu/adapter_cpu.cpp``
+  (on the row kernels ``csrc/cpu/row_kernels_*``); module and reference: ``TextAdapter`` /
+  ``TextAdapterReference`` in ``models/text_adapter.py``.
+- ``w8a8_linear`` (8-bit frozen-LLM GEMMs): ``ops/w8a8_linear.py``, ``llm2clip_kernels/quantize.py``
+  (row quantise / dequantise around the GEMM), ``csrc/cpu/int8_cpu.cpp`` (on the same row kernels); its
+  ``torch`` backend is the reference; the modules that use it: ``models/w8a8.py``.
+
+Tests: ``tests/test_<op>.py``; benchmarks: ``bench/loss_throughput.py`` (both losses),
+``bench/adapter_throughput.py``, ``bench/embed_throughput.py`` (pool, 8-bit); ``python -m
+llm2clip_fast.info`` lists each op's backends.
 """
 
 from __future__ import annotations
