@@ -1,4 +1,4 @@
-// Headers the at::vec headers pull in, included by the per-ISA epilogue files *before* their
+// Headers the at::vec headers pull in, included by every per-ISA build (CLIP epilogues, row kernels) *before* its
 // `#pragma GCC target`: inline functions defined here are then compiled for the baseline ISA, so
 // an out-of-line copy the linker may pick for the whole extension never holds AVX-512 code. Only
 // code in at::vec's CPU_CAPABILITY namespace and llm2clip_cpu::isa_* gets the wider ISA.
