@@ -13,7 +13,7 @@ from llm2clip_fast.train import stage2
 from llm2clip_fast.train.__main__ import cli
 
 if os.environ.get("RANK") == os.environ.get("LLM2CLIP_TEST_SIGNAL_RANK", "1"):
-    _real, _calls = stage2.optimizer_step, {"n": 0}
+    _real, _calls = stage2.train_step, {"n": 0}
     _step = int(os.environ.get("LLM2CLIP_TEST_SIGNAL_STEP", "3"))
     _signal = getattr(signal, os.environ["LLM2CLIP_TEST_SIGNAL"])
 
@@ -23,7 +23,7 @@ if os.environ.get("RANK") == os.environ.get("LLM2CLIP_TEST_SIGNAL_RANK", "1"):
             os.kill(os.getpid(), _signal)
         return _real(*args, **kwargs)
 
-    stage2.optimizer_step = _signalled
+    stage2.train_step = _signalled
 
 if __name__ == "__main__":
     sys.exit(cli(sys.argv[1:]))

@@ -48,7 +48,7 @@ def _in_step(step: int, action, rank_to: int = 1):
             return
         from llm2clip_fast.train import stage2
 
-        real, calls = stage2.optimizer_step, {"n": 0}
+        real, calls = stage2.train_step, {"n": 0}
 
         def patched(*args, **kwargs):
             calls["n"] += 1
@@ -56,7 +56,7 @@ def _in_step(step: int, action, rank_to: int = 1):
                 action()
             return real(*args, **kwargs)
 
-        stage2.optimizer_step = patched
+        stage2.train_step = patched
     return prepare
 
 

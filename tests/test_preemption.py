@@ -48,7 +48,7 @@ def _sigterm_self() -> None:
 
 
 def _in_step(monkeypatch, step: int, action) -> None:
-    real, calls = stage2.optimizer_step, {"n": 0}
+    real, calls = stage2.train_step, {"n": 0}
 
     def patched(*args, **kwargs):
         calls["n"] += 1
@@ -56,7 +56,7 @@ def _in_step(monkeypatch, step: int, action) -> None:
             action()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage2, "optimizer_step", patched)
+    monkeypatch.setattr(stage2, "train_step", patched)
 
 
 def _error_lines(err: str) -> list[str]:
@@ -110,7 +110,7 @@ def test_two_ranks_stop_after_the_same_step_when_one_gets_sigterm(demo, tmp_path
 
     def prepare(rank: int) -> None:
         if rank == 1:  # only rank 1 is signalled, inside its step 2; rank 0 learns it at the boundary
-            real, calls = stage2.optimizer_step, {"n": 0}
+            real, calls = stage2.train_step, {"n": 0}
 
             def patched(*args, **kwargs):
                 calls["n"] += 1
@@ -118,7 +118,7 @@ def test_two_ranks_stop_after_the_same_step_when_one_gets_sigterm(demo, tmp_path
                     os.kill(os.getpid(), signal.SIGTERM)
                 return real(*args, **kwargs)
 
-            stage2.optimizer_step = patched
+            stage2.train_step = patched
 
     argv = stage2_args(demo, out, "--device", "cpu", "--save-every", "0", "--num-workers", "2",
                        "--dist-timeout", "60", batch=4, steps=6)

@@ -217,7 +217,9 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tiny
               "--steps", "3", "--save-every", "10", "--quiet", "--max-length", "96", "--lr", "5e-3"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert cli(["stage1", *common, "--out", str(straight)]) == 0
-    real, calls = stage1.apply_update, {"n": 0}
+    from llm2clip_fast.train import training_loop
+
+    real, calls = training_loop.apply_update, {"n": 0}
 
     def sigterm_in_step_2(*args, **kwargs):
         calls["n"] += 1
@@ -226,7 +228,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resume_is_exact(tiny
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage1, "apply_update", sigterm_in_step_2)
+    monkeypatch.setattr(training_loop, "apply_update", sigterm_in_step_2)
     capsys.readouterr()
     assert cli(["stage1", *common, "--out", str(stopped)]) == 143
     assert "stopped by SIGTERM after step 2 of 3; checkpoint saved at" in capsys.readouterr().err

@@ -22,7 +22,7 @@ Expected failures print one line ``llm2clip_fast.train CMD: error: ...`` on stde
   6  a damaged embedding cache, or one built from other captions than the data's, or (eval) an LLM
      whose files differ from those recorded with the model (--allow-llm-change to go on)
   7  too much bad data (more than --max-bad-fraction of the samples)
-  8  the loss became inf/nan
+  8  a loss, gradient or weight became inf/nan (nothing of that step is saved)
   9  a package the trainer needs is not installed (pip install 'llm2clip_fast[train]')
   10 a distributed run failed: a rank was lost, or a collective (or the start-up rendezvous) waited
      longer than --dist-timeout; every waiting rank names the collective and the ranks to blame

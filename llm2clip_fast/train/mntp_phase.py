@@ -8,7 +8,8 @@ does exactly that inside one ``stage1`` command: ``--mntp-steps`` optimizer step
 is merged and the merged model saved to ``<out>/mntp/merged``, which the contrastive phase loads as
 its base. A finished phase is reused by ``--resume`` (and by a rerun); an interrupted one restarts
 (it saves no checkpoints: asked to stop, by SIGTERM or a lost folder lock, its ranks stop after the
-same step and say so).
+same step and say so). Its steps follow the one training loop's rules (:mod:`.training_loop`); the
+logged ones (step 1, every ``--log-every``, the last) go to ``<out>/mntp/log.jsonl``.
 
 ``--mntp-data``: a ``.txt`` file (one passage per non-empty line) or a manifest / shard spec whose
 caption fields are the passages (text-only manifests are fine).
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import random
 import uuid
@@ -32,10 +32,12 @@ import torch
 from .. import distributed as dist_helpers
 from ..atomic_files import replace_dir
 from . import distributed_failures
-from .stop_requests import REQUESTS as STOP_REQUESTS
-from .stop_requests import RunPreempted, agreed_stop, lock_taken_over
+from .run_log import JsonlLog
+from .stop_requests import RunPreempted
+from .training_loop import LoopRules, MicroBatches, StepDone, StepWork, accumulate_separately, run_steps
 
 MNTP_DIR = "mntp"
+MNTP_LOG_NAME = "log.jsonl"  # in MNTP_DIR: the phase's logged steps, as the run's own log.jsonl
 
 
 def read_mntp_texts(spec: str) -> list[str]:
@@ -70,11 +72,6 @@ def _text_batches(texts: list[str], per_rank: int, seed: int, rank: int, world: 
             rows = order[start + rank * per_rank: start + (rank + 1) * per_rank]
             yield [texts[i] for i in rows]
         epoch += 1
-
-
-def _stopped(step: int, what: str) -> str:
-    return (f"stage 1 stopped at MNTP step {step}: {what}; the MNTP phase saves nothing until it finishes. "
-            "Lower --lr or check --mntp-data")
 
 
 def _save_merged(args: argparse.Namespace, built: Any, final: Path, device: torch.device) -> None:
@@ -133,12 +130,10 @@ def run_mntp_phase(args: argparse.Namespace, device: torch.device, out: Path,
     batches = _text_batches(texts, args.batch_size // world, args.seed, rank, world)
     say(f"stage1: MNTP phase, {args.mntp_steps} steps on {len(texts)} passages of {args.mntp_data}")
     training.built.peft_model.train()
-    with STOP_REQUESTS.deferred():
-        for step in range(1, args.mntp_steps + 1):
-            distributed_failures.at(f"MNTP step {step}: the gradient and loss all-reduces")
-            loss = _mntp_batch_loss(args, training, next(batches), step, rank, device)
-            _mntp_update(args, training, loss, step, device)
-            _stop_if_asked(args, out, step, device)
+    rules = LoopRules(total_steps=args.mntp_steps, grad_accum=1, max_grad_norm=args.max_grad_norm,
+                      log_every=args.log_every, save_every=0)
+    with JsonlLog(final.parent / MNTP_LOG_NAME, resume_step=None, enabled=rank == 0) as log:
+        run_steps(MntpSteps(args, training, batches, device, out), rules, 0, log)
     distributed_failures.at("MNTP phase end: the barrier while rank 0 merges and saves the MNTP model")
     if rank == 0:
         _save_merged(args, training.built, final, device)
@@ -148,16 +143,65 @@ def run_mntp_phase(args: argparse.Namespace, device: torch.device, out: Path,
     return final
 
 
-def _stop_if_asked(args: argparse.Namespace, out: Path, step: int, device: torch.device) -> None:
-    """At the boundary after MNTP ``step``, the ranks agree whether to stop (one tiny all-reduce)."""
-    distributed_failures.at(f"MNTP step {step}: the stop-flag all-reduce at the step boundary")
-    stop = agreed_stop(device)
-    if stop is None:
-        return
-    if stop.lock_lost:
-        raise lock_taken_over(out, step, stop.note)
-    raise RunPreempted(f"stopped by SIGTERM after MNTP step {step} of {args.mntp_steps}; the MNTP phase "
-                       "saves no checkpoints, so --resume starts it again")
+class MntpSteps:
+    """The MNTP phase as the training loop (:mod:`.training_loop`) takes it: one batch of passages
+    per step (no accumulation), its masked-token loss, ``mntp/log.jsonl``'s fields and no
+    checkpoints (asked to stop, the phase stops after the step and saves nothing)."""
+
+    name = "stage 1's MNTP phase"
+
+    def __init__(self, args: argparse.Namespace, training: _MntpTraining, batches: Iterator[list[str]],
+                 device: torch.device, out: Path) -> None:
+        self.args, self.training, self.device, self.out = args, training, device, out
+        self.trainable = self.hand_synced = training.params
+        self.optimizer, self.scheduler = training.optimizer, training.scheduler
+        self._batches = batches
+        self._rank, self._world = dist_helpers.get_rank(), dist_helpers.get_world_size()
+        self._steps_done = 0
+
+    def step_label(self, step: int) -> str:
+        return f"MNTP step {step}"
+
+    def collectives(self, step: int) -> str:
+        return f"MNTP step {step}: the gradient and loss all-reduces"
+
+    def next_micro_batch(self) -> list[str]:
+        return next(self._batches)
+
+    def forward_backward(self, micro: MicroBatches) -> StepWork:
+        step = self._steps_done + 1  # the mask is seeded by (seed, step, rank)
+        units = 0
+
+        def loss_of(texts: list[str]) -> torch.Tensor:
+            nonlocal units
+            units += len(texts) * self._world
+            return _mntp_batch_loss(self.args, self.training, texts, step, self._rank, self.device)
+
+        local_loss = accumulate_separately(micro, loss_of)
+        return StepWork(dist_helpers.mean_over_ranks(local_loss, self.device), units)
+
+    def after_update(self) -> None:
+        pass
+
+    def finished(self, done: StepDone) -> None:
+        self._steps_done = done.step
+
+    def log_fields(self, done: StepDone) -> dict[str, Any]:
+        return {"step": done.step, "phase": "mntp", "loss": done.loss, "lr": done.lr,
+                "grad_norm": done.grad_norm, "step_time_s": done.seconds}
+
+    def save_checkpoint(self, step: int) -> None:
+        return None  # the phase is short; an interrupted one starts again
+
+    def last_checkpoint(self) -> None:
+        return None
+
+    def before_final_checkpoint(self) -> None:
+        pass
+
+    def preempted(self, step: int, total: int, checkpoint: Any) -> RunPreempted:
+        return RunPreempted(f"stopped by SIGTERM after MNTP step {step} of {total}; the MNTP phase saves no "
+                            "checkpoints, so --resume starts it again")
 
 
 def _read_batchable_texts(args: argparse.Namespace, world: int) -> list[str]:
@@ -214,24 +258,3 @@ def _mntp_batch_loss(args: argparse.Namespace, training: _MntpTraining, texts: l
                                 generator=gen, decoder=built.decoder)
     hidden = built.peft_model(input_ids=ids.to(device), attention_mask=enc["attention_mask"].to(device))
     return mntp_loss(hidden.last_hidden_state, labels.to(device), built.head, decoder=built.decoder)
-
-
-def _mntp_update(args: argparse.Namespace, training: _MntpTraining, loss: torch.Tensor, step: int,
-                 device: torch.device) -> None:
-    """Backward, average gradients and loss over the ranks, clip, update, schedule; stops with
-    ``NonFiniteTrainingError`` before a non-finite update is kept."""
-    from .non_finite import NonFiniteTrainingError, all_params_finite
-    from .optim import clip_grad_norm
-
-    params = training.params
-    loss.backward()
-    dist_helpers.average_gradients(params)
-    value = dist_helpers.mean_over_ranks(float(loss.detach()), device)
-    grad_norm = clip_grad_norm(params, args.max_grad_norm)
-    if not (math.isfinite(value) and math.isfinite(grad_norm)):
-        raise NonFiniteTrainingError(_stopped(step, f"loss {value}, gradient norm {grad_norm}"))
-    training.optimizer.step()
-    if not all_params_finite(params):
-        raise NonFiniteTrainingError(_stopped(step, "the optimizer update made weights non-finite"))
-    training.scheduler.step()
-    training.optimizer.zero_grad(set_to_none=True)

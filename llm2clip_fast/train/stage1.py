@@ -51,8 +51,8 @@ from .hard_negative_loss import hard_negative_nll_loss
 from .holdout import split_holdout
 from .mntp import mask_captions, mask_token_id, mntp_loss
 from .mntp_phase import contrastive_phase_args, run_mntp_phase
-from .non_finite import NonFiniteTrainingError, all_params_finite
-from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .non_finite import NonFiniteTrainingError  # noqa: F401 - stage1.NonFiniteTrainingError, what it raises
+from .optim import SCHEDULES, adamw_param_groups, build_scheduler
 from .recipes import mark_recipe_defaults, resolve_recipe
 from .run_log import JsonlLog, TrainProgress
 from .run_spine import (
@@ -72,9 +72,9 @@ from .run_spine import (
     write_run_config,
 )
 from .scalar_reporters import add_report_to_argument, check_report_to
-from .stop_requests import REQUESTS as STOP_REQUESTS
-from .stop_requests import agreed_stop, lock_taken_over, preempted
+from .stop_requests import preempted
 from .trainable_encoder import TrainableEncoder, build_trainable_encoder
+from .training_loop import LoopRules, MicroBatches, StepDone, StepWork, accumulate_separately, run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="run folder")
     add_device_argument(g)
     add_distributed_arguments(g)
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N optimizer steps")
+    g.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N optimizer steps (0: only after the last step)")
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest usable checkpoint in --out (an error if there is none)")
@@ -250,10 +251,10 @@ def check_options(args: argparse.Namespace, world_size: int = 1) -> None:
               f"(got {args.batch_size})")
     if args.batch_size % world_size:
         _fail(f"--batch-size {args.batch_size} must be divisible by the number of processes ({world_size})")
-    for name in ("grad_accum", "lora_r", "save_every", "log_every", "max_length", "eval_size"):
+    for name in ("grad_accum", "lora_r", "log_every", "max_length", "eval_size"):
         if getattr(args, name) < 1:
             _fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("mntp_steps", "warmup_steps", "num_workers", "seed", "keep_checkpoints"):
+    for name in ("mntp_steps", "warmup_steps", "num_workers", "seed", "keep_checkpoints", "save_every"):
         if getattr(args, name) < 0:
             _fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.steps is not None and args.steps < 1:
@@ -431,13 +432,6 @@ def stage1_config(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # training
-
-
-def _non_finite_message(out: Path, step: int, phase: str, what: str) -> str:
-    last = latest_checkpoint(out)
-    kept = f"the last good checkpoint {last} is kept" if last is not None else "no checkpoint was saved yet"
-    return (f"stage 1 stopped at step {step} ({phase}): {what}. The step's update was not saved; {kept}. "
-            "Lower --lr, keep --max-grad-norm on, or check the data around this step, then --resume")
 
 
 def _micro_batches(loader: Any, epoch: int, start_batch: int,
@@ -700,45 +694,81 @@ def contrastive_batch_loss(run: Stage1Run, batch: dict[str, Any], shorts: list[s
     return contrastive_loss(query, key, scale(), args.loss)
 
 
-def accumulate_gradients(run: Stage1Run, batches: Iterator, state: Stage1LoopState,
-                         mntp: bool) -> tuple[float, int]:
-    """Forward and backward of the step's ``--grad-accum`` micro-batches; returns this rank's mean
-    loss and the captions the step covered over all ranks."""
-    args = run.args
-    step_loss, captions = 0.0, 0
-    for _ in range(args.grad_accum):
-        batch, state.epoch = next(batches)
-        shorts, longs, flip = _batch_pairs(batch, args, state.epoch)
-        with run.autocast():
-            if mntp:
-                loss = mntp_batch_loss(run, shorts, longs, state.step)
-            else:
-                loss = contrastive_batch_loss(run, batch, shorts, longs, flip, state.epoch)
-        (loss / args.grad_accum).backward()
-        step_loss += float(loss.detach()) / args.grad_accum
-        captions += 2 * len(shorts) * run.place.world_size
-    return step_loss, captions
+class Stage1Steps:
+    """Stage 1 as the training loop (:mod:`.training_loop`) takes it: the MNTP warm-up steps
+    (``--mntp-steps``, on the captions) then the contrastive ones, their micro-batches and losses,
+    ``log.jsonl``'s fields and the checkpoints."""
 
+    name = "stage 1"
 
-def apply_update(run: Stage1Run, local_loss: float, step: int, phase: str) -> tuple[float, float, float]:
-    """Average gradients and loss over the ranks, clip, update, schedule; stops with
-    :class:`NonFiniteTrainingError` before a non-finite update is kept. Returns (loss, grad norm, lr)."""
-    training, device = run.training, run.place.device
-    trainable = training.trainable
-    dist_helpers.average_gradients(trainable)
-    loss = dist_helpers.mean_over_ranks(local_loss, device)
-    grad_norm = clip_grad_norm(trainable, run.args.max_grad_norm)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise NonFiniteTrainingError(_non_finite_message(run.out, step + 1, phase,
-                                                         f"loss {loss}, gradient norm {grad_norm}"))
-    lr = training.optimizer.param_groups[0]["lr"]
-    training.optimizer.step()
-    if not all_params_finite(trainable):
-        raise NonFiniteTrainingError(_non_finite_message(
-            run.out, step + 1, phase, f"the optimizer update (lr {lr}) made trainable weights non-finite"))
-    training.scheduler.step()
-    training.optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, lr
+    def __init__(self, run: Stage1Run, state: Stage1LoopState) -> None:
+        self.run, self.state = run, state
+        self.device, self.out = run.place.device, run.out
+        self.trainable = run.training.trainable
+        self.hand_synced = self.trainable  # no DDP wrapper: the loop averages every LoRA gradient
+        self.optimizer, self.scheduler = run.training.optimizer, run.training.scheduler
+        self._batches = _micro_batches(run.loader, run.start.epoch, run.start.batch_index,
+                                       run.plan.usable_slots)
+
+    def phase(self, step: int) -> str:
+        return "mntp" if step <= self.run.args.mntp_steps else "contrastive"
+
+    def step_label(self, step: int) -> str:
+        return f"step {step} ({self.phase(step)})"
+
+    def collectives(self, step: int) -> str:
+        return (f"{self.step_label(step)}: the gradient and loss all-reduces"
+                + (" and the key all-gather" if self.phase(step) == "contrastive" else ""))
+
+    def next_micro_batch(self) -> tuple[dict[str, Any], int]:
+        return next(self._batches)
+
+    def forward_backward(self, micro: MicroBatches) -> StepWork:
+        """The step's micro-batches of caption pairs: MNTP or contrastive loss, backward of each."""
+        run, state, args = self.run, self.state, self.run.args
+        mntp = self.phase(state.step + 1) == "mntp"
+        captions = 0
+
+        def loss_of(item: tuple[dict[str, Any], int]) -> torch.Tensor:
+            nonlocal captions
+            batch, state.epoch = item
+            shorts, longs, flip = _batch_pairs(batch, args, state.epoch)
+            captions += 2 * len(shorts) * run.place.world_size
+            with run.autocast():
+                if mntp:
+                    return mntp_batch_loss(run, shorts, longs, state.step)
+                return contrastive_batch_loss(run, batch, shorts, longs, flip, state.epoch)
+
+        local_loss = accumulate_separately(micro, loss_of)
+        return StepWork(dist_helpers.mean_over_ranks(local_loss, self.device), captions)
+
+    def after_update(self) -> None:
+        pass
+
+    def finished(self, done: StepDone) -> None:
+        self.state.step = done.step
+        self.state.losses.append(done.loss)
+        self.state.captions += done.units
+
+    def log_fields(self, done: StepDone) -> dict[str, Any]:
+        scale_now = self.run.training.scale_module()
+        scale_now = float(scale_now.detach()) if isinstance(scale_now, torch.Tensor) else scale_now
+        return {"step": done.step, "phase": self.phase(done.step), "loss": done.loss, "lr": done.lr,
+                "grad_norm": done.grad_norm, "scale": float(scale_now), "epoch": self.state.epoch,
+                "captions_per_s": done.rate, "step_time_s": done.seconds}
+
+    def save_checkpoint(self, step: int) -> Path:
+        save_run_checkpoint(self.run, step)
+        return checkpoint_dir(self.out, step)
+
+    def last_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.out)
+
+    def before_final_checkpoint(self) -> None:
+        self.run.loader.bad_data.check_end_of_epoch()  # a run shorter than an epoch: what it saw
+
+    def preempted(self, step: int, total: int, checkpoint: Any) -> Exception:
+        return preempted(step, total, checkpoint)
 
 
 def save_run_checkpoint(run: Stage1Run, step: int) -> None:
@@ -754,53 +784,21 @@ def save_run_checkpoint(run: Stage1Run, step: int) -> None:
     dist_helpers.barrier()
 
 
+def loop_rules(args: argparse.Namespace, total_steps: int) -> LoopRules:
+    """Stage 1's options as the training loop's rules."""
+    return LoopRules(total_steps=total_steps, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
+                     log_every=args.log_every, save_every=args.save_every)
+
+
 def train_loop(run: Stage1Run, log: JsonlLog, progress: TrainProgress) -> Stage1LoopState:
-    """Optimizer steps until the plan's total (MNTP warm-up steps first): log every ``--log-every``
-    steps and the last, checkpoint every ``--save-every`` steps and at the end. After each step the
-    ranks agree whether to stop (one tiny all-reduce) before anything of it is written: a lost lock
-    stops without writing (the folder is another run's), SIGTERM saves a checkpoint at that step."""
-    total, save_every = run.plan.total_steps, run.args.save_every
+    """The plan's optimizer steps (MNTP warm-up steps first) under the training loop's rules
+    (:mod:`.training_loop`: step 1, every ``--log-every`` and the last logged; a checkpoint every
+    ``--save-every`` steps and after the last; SIGTERM and a lost lock stop at a step boundary)."""
     state = Stage1LoopState(step=run.start.step, epoch=run.start.epoch)
-    batches = _micro_batches(run.loader, run.start.epoch, run.start.batch_index, run.plan.usable_slots)
     run.training.built.peft_model.train()
-    with STOP_REQUESTS.deferred():
-        while state.step < total:
-            record = run_one_step(run, batches, state, progress)
-            distributed_failures.at(f"step {state.step}: the stop-flag all-reduce at the step boundary")
-            stop = agreed_stop(run.place.device)
-            if stop is not None and stop.lock_lost:
-                raise lock_taken_over(run.out, state.step, stop.note)
-            if record is not None:
-                log.log(record)
-            if stop is not None or state.step % save_every == 0 or state.step == total:
-                save_run_checkpoint(run, state.step)
-            if stop is not None:
-                raise preempted(state.step, total, checkpoint_dir(run.out, state.step))
+    rules = loop_rules(run.args, run.plan.total_steps)
+    run_steps(Stage1Steps(run, state), rules, run.start.step, log, progress)
     return state
-
-
-def run_one_step(run: Stage1Run, batches: Iterator, state: Stage1LoopState,
-                 progress: TrainProgress) -> dict[str, Any] | None:
-    """One optimizer step (MNTP warm-up or contrastive): its micro-batches and the update; returns its
-    ``log.jsonl`` record when this step is logged (every ``--log-every`` and the last), else None."""
-    args, total = run.args, run.plan.total_steps
-    t0 = time.perf_counter()
-    phase = "mntp" if state.step < args.mntp_steps else "contrastive"
-    distributed_failures.at(f"step {state.step + 1} ({phase}): the gradient and loss all-reduces"
-                            + (" and the key all-gather" if phase == "contrastive" else ""))
-    local_loss, captions = accumulate_gradients(run, batches, state, phase == "mntp")
-    step_loss, grad_norm, lr = apply_update(run, local_loss, state.step, phase)
-    state.step += 1
-    state.losses.append(step_loss)
-    state.captions += captions
-    rate = progress.update(captions, loss=step_loss, lr=lr)
-    if state.step % args.log_every == 0 or state.step == total:
-        scale_now = run.training.scale_module()
-        scale_now = float(scale_now.detach()) if isinstance(scale_now, torch.Tensor) else scale_now
-        return {"step": state.step, "phase": phase, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                "scale": float(scale_now), "epoch": state.epoch, "captions_per_s": rate,
-                "step_time_s": time.perf_counter() - t0}
-    return None
 
 
 def finish_stage1(run: Stage1Run, state: Stage1LoopState) -> Stage1Result:
@@ -860,7 +858,6 @@ def _train_stage1(args: argparse.Namespace, place: RunPlace, out: Path) -> Stage
                       total_steps=plan.total_steps, unit_name="captions", desc="stage1",
                       progress=not args.quiet) as (log, progress):
         state = train_loop(run, log, progress)
-    run.loader.bad_data.check_end_of_epoch()  # a run shorter than an epoch: the fraction of what it saw
     return finish_stage1(run, state)
 
 

@@ -54,10 +54,10 @@ from ..models.llm2clip import MAX_LOG_LOGIT_SCALE, LLM2CLIPConfig, LLM2CLIPModel
 from ..models.vision import VISION_PRESETS, VisionTower, build_vision_tower
 from ..redaction import redact_value
 from . import distributed_failures
-from .checkpoint import checkpoint_dir, save_checkpoint
+from .checkpoint import checkpoint_dir, latest_checkpoint, save_checkpoint
 from .device_flags import add_device_argument, add_precision_argument
 from .flag_aliases import add_hidden_alias
-from .optim import SCHEDULES, adamw_param_groups, build_scheduler, clip_grad_norm
+from .optim import SCHEDULES, adamw_param_groups, build_scheduler
 from .recipes import STAGE2_RECIPES, explicitly_given, mark_recipe_defaults, resolve_recipe
 from .run_spine import (
     RunPlace,
@@ -75,8 +75,8 @@ from .run_spine import (
     write_run_config,
 )
 from .scalar_reporters import add_report_to_argument, check_report_to
-from .stop_requests import REQUESTS as STOP_REQUESTS
-from .stop_requests import AgreedStop, agreed_stop, lock_taken_over, preempted
+from .stop_requests import preempted
+from .training_loop import LoopRules, MicroBatches, StepDone, StepWork, run_steps
 
 logger = logging.getLogger(__name__)
 
@@ -1129,20 +1129,17 @@ def save_run_checkpoint(run: Stage2Run, step: int, epoch: int, next_batch: int) 
     barrier()
 
 
-def next_micro_batches(run: Stage2Run, stream: Iterator, state: LoopState) -> list[MicroBatch]:
-    """The step's ``--grad-accum`` micro-batches on the device: each trimmed to the smallest rank's
-    batch, checked against the cache when streamed, its text side as the text tower takes it."""
+def next_micro_batch(run: Stage2Run, stream: Iterator, state: LoopState) -> MicroBatch:
+    """The next micro-batch on the device: trimmed to the smallest rank's batch, checked against the
+    cache when streamed, its text side as the text tower takes it."""
     device, cache = run.place.device, run.data.cache
-    micro = []
-    for _ in range(run.args.grad_accum):
-        batch, *pos = next(stream)
-        state.pos = tuple(pos)
-        pixels_to_device(batch, run.model.preprocessing, device, run.loader.bad_data)
-        state.trimmed += equalise_across_ranks(batch, device)
-        if run.data.streamed and cache is not None:
-            check_batch_in_cache(cache, batch, run.data.caption_names)
-        micro.append(MicroBatch(batch["pixel_values"], text_inputs_of(batch, run.model, cache, device)))
-    return micro
+    batch, *pos = next(stream)
+    state.pos = tuple(pos)
+    pixels_to_device(batch, run.model.preprocessing, device, run.loader.bad_data)
+    state.trimmed += equalise_across_ranks(batch, device)
+    if run.data.streamed and cache is not None:
+        check_batch_in_cache(cache, batch, run.data.caption_names)
+    return MicroBatch(batch["pixel_values"], text_inputs_of(batch, run.model, cache, device))
 
 
 def pixels_to_device(batch: dict[str, Any], preprocessing: Any, device: torch.device, bad_data: Any) -> None:
@@ -1176,59 +1173,90 @@ def pixels_to_device(batch: dict[str, Any], preprocessing: Any, device: torch.de
     batch["pixel_values"] = pixels
 
 
-def optimizer_step(run: Stage2Run, micro: list[MicroBatch]) -> tuple[float, float, float]:
-    """One optimizer step over the micro-batches: forward/backward (:func:`train_step`), gradient
-    clipping, the update, the schedule, the logit-scale clamp. Returns (global loss, grad norm, lr)."""
-    model, opt, device = run.model, run.opt, run.place.device
-    loss = global_loss(train_step(opt.wrapped, micro, run.args.loss, run.autocast, device),
-                       sum(mb.size for mb in micro), device)
-    if opt.fsdp:
-        average_replicated_grads(replicated_scalars(model))
-    grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], run.args.grad_clip)
-    lr = opt.optimizer.param_groups[0]["lr"] / opt.optimizer.param_groups[0].get("lr_scale", 1.0)
-    opt.optimizer.step()
-    opt.optimizer.zero_grad(set_to_none=True)
-    opt.scheduler.step()
-    with torch.no_grad():
-        model.logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
-    return loss, grad_norm, lr
+class Stage2Steps:
+    """Stage 2 as the training loop (:mod:`.training_loop`) takes it: its micro-batches, the
+    global-batch forward and backward over all of them (:func:`train_step`), the logit-scale clamp
+    after each update, ``log.jsonl``'s fields and the checkpoints."""
 
+    name = "stage 2"
 
-def log_record(run: Stage2Run, state: LoopState, grad_norm: float, lr: float, rate: float,
-               step_s: float) -> dict[str, Any]:
-    """The ``log.jsonl`` record of the step just done."""
-    model = run.model
-    record = {"step": state.step, "epoch": state.pos[0], "loss": state.loss, "lr": lr,
-              "grad_norm": grad_norm, "logit_scale": float(model.logit_scale_value().detach()),
-              "images_per_s": rate, "step_s": step_s}
-    if model.logit_bias is not None:
-        record["logit_bias"] = float(model.logit_bias.detach())
-    return record
+    def __init__(self, run: Stage2Run, state: LoopState) -> None:
+        self.run, self.state = run, state
+        self.out, self.device = run.out, run.place.device
+        self.trainable = [p for p in run.model.parameters() if p.requires_grad]
+        # DDP and FSDP synchronise the gradients in the backward (the replicated logit scale/bias of
+        # FSDP are averaged by the step itself, see forward_backward): nothing is left to the loop.
+        self.hand_synced: list[nn.Parameter] = []
+        self.optimizer, self.scheduler = run.opt.optimizer, run.opt.scheduler
+        self._stream = batch_stream(run.loader, run.start.epoch, run.start.batch_index)
+
+    def step_label(self, step: int) -> str:
+        return f"step {step}"
+
+    def collectives(self, step: int) -> str:
+        return (f"step {step}: batch sizes (all-reduce), the global-batch loss (all-gather, reduce-scatter, "
+                "all-reduce) and the gradient all-reduce")
+
+    def next_micro_batch(self) -> MicroBatch:
+        return next_micro_batch(self.run, self._stream, self.state)
+
+    def forward_backward(self, micro: MicroBatches) -> StepWork:
+        """Forward and backward of all the step's micro-batches at once (:func:`train_step`: the
+        negatives span all of them); returns the global-batch loss."""
+        run, device = self.run, self.device
+        batches = list(micro)
+        size = sum(mb.size for mb in batches)
+        loss = global_loss(train_step(run.opt.wrapped, batches, run.args.loss, run.autocast, device), size,
+                           device)
+        if run.opt.fsdp:
+            average_replicated_grads(replicated_scalars(run.model))
+        return StepWork(loss, size * run.place.world_size)
+
+    def after_update(self) -> None:
+        with torch.no_grad():
+            self.run.model.logit_scale.clamp_(0, MAX_LOG_LOGIT_SCALE)
+
+    def finished(self, done: StepDone) -> None:
+        state = self.state
+        state.step, state.loss = done.step, done.loss
+        state.step_seconds.append(done.seconds)
+        state.images_done += done.units
+
+    def log_fields(self, done: StepDone) -> dict[str, Any]:
+        model = self.run.model
+        record = {"step": done.step, "epoch": self.state.pos[0], "loss": done.loss, "lr": done.lr,
+                  "grad_norm": done.grad_norm, "logit_scale": float(model.logit_scale_value().detach()),
+                  "images_per_s": done.rate, "step_s": done.seconds}
+        if model.logit_bias is not None:
+            record["logit_bias"] = float(model.logit_bias.detach())
+        return record
+
+    def save_checkpoint(self, step: int) -> Path:
+        save_run_checkpoint(self.run, step, *self.state.pos)
+        return checkpoint_dir(self.out, step)
+
+    def last_checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.out)
+
+    def before_final_checkpoint(self) -> None:
+        # The loader checks at each epoch's end; a run ending mid-epoch checks what it saw.
+        self.run.loader.bad_data.check_end_of_epoch()
+
+    def preempted(self, step: int, total: int, checkpoint: Any) -> Exception:
+        return preempted(step, total, checkpoint)
 
 
 def train_loop(run: Stage2Run, log: Any, progress: Any) -> LoopState:
-    """Optimizer steps until the plan's total: log every ``--log-every`` steps (and the first and
-    last), checkpoint every ``--save-every`` and at the end; stop on a non-finite loss. After each step
-    the ranks agree whether to stop (:func:`agreed_stop_after`) before anything of it is written."""
-    total, save_every = run.plan.total_steps, run.args.save_every
+    """The plan's optimizer steps under the training loop's rules (:mod:`.training_loop`: a
+    non-finite loss or gradient stops the run before the update; step 1, every ``--log-every`` and
+    the last logged; a checkpoint every ``--save-every`` steps (0: none) and after the last; SIGTERM
+    and a lost lock stop at a step boundary)."""
     state = LoopState(step=run.start.step, pos=(run.start.epoch, run.start.batch_index))
-    stream = batch_stream(run.loader, run.start.epoch, run.start.batch_index)
+    args = run.args
+    rules = LoopRules(total_steps=run.plan.total_steps, grad_accum=args.grad_accum,
+                      max_grad_norm=args.grad_clip, log_every=args.log_every, save_every=args.save_every)
     run.model.train()
-    with STOP_REQUESTS.deferred():
-        while state.step < total:
-            record = run_one_step(run, stream, state, progress)
-            stop = agreed_stop_after(run, state.step)
-            if stop is not None and stop.lock_lost:  # the folder is another run's now: write nothing
-                raise lock_taken_over(run.out, state.step, stop.note)
-            if record is not None:
-                log.log(record)
-            if stop is not None or (save_every and state.step % save_every == 0 and state.step < total):
-                save_run_checkpoint(run, state.step, *state.pos)
-            if stop is not None:  # SIGTERM: saved above, at the step every rank stopped after
-                raise preempted(state.step, total, checkpoint_dir(run.out, state.step))
-    # The loader checks at each epoch's end; a run ending mid-epoch checks what it saw.
-    run.loader.bad_data.check_end_of_epoch()
-    save_run_checkpoint(run, state.step, *state.pos)
+    run_steps(Stage2Steps(run, state), rules, run.start.step, log, progress)
     return state
 
 
@@ -1240,34 +1268,6 @@ def step_time_summary(seconds: list[float]) -> dict[str, float]:
         return {"first_step_s": seconds[0]} if seconds else {}
     steady = sorted(seconds[1:])[len(seconds[1:]) // 2]
     return {"first_step_s": seconds[0], "median_step_s": steady, "warmup_s": max(0.0, seconds[0] - steady)}
-
-
-def agreed_stop_after(run: Stage2Run, step: int) -> AgreedStop | None:
-    """Whether the ranks stop after ``step`` (SIGTERM, a lost lock): one tiny all-reduce."""
-    distributed_failures.at(f"step {step}: the stop-flag all-reduce at the step boundary")
-    return agreed_stop(run.place.device)
-
-
-def run_one_step(run: Stage2Run, stream: Iterator, state: LoopState, progress: Any) -> dict[str, Any] | None:
-    """One optimizer step (its micro-batches, the update); returns its ``log.jsonl`` record when this
-    step is logged (every ``--log-every``, the first and the last), None otherwise. Writes nothing."""
-    args, total = run.args, run.plan.total_steps
-    distributed_failures.at(f"step {state.step + 1}: batch sizes (all-reduce), the global-batch loss "
-                            "(all-gather, reduce-scatter, all-reduce) and the gradient all-reduce")
-    t0 = time.perf_counter()
-    micro = next_micro_batches(run, stream, state)
-    state.loss, grad_norm, lr = optimizer_step(run, micro)
-    state.step_seconds.append(time.perf_counter() - t0)
-    state.step += 1
-    n_images = sum(mb.size for mb in micro) * run.place.world_size
-    state.images_done += n_images
-    rate = progress.update(n_images, loss=state.loss, lr=lr)
-    if not math.isfinite(state.loss):
-        raise FloatingPointError(f"stage2: loss is {state.loss} at step {state.step}; lower --lr or "
-                                 "check the data")
-    if state.step % args.log_every == 0 or state.step == total or state.step == 1:
-        return log_record(run, state, grad_norm, lr, rate, time.perf_counter() - t0)
-    return None
 
 
 def finish_stage2(run: Stage2Run, state: LoopState) -> None:
