@@ -225,7 +225,9 @@ if __name__ == "__main__":
             "llm2clip_fast.ops",
             "llm2clip_fast.models",
             "llm2clip_fast.data",
+            "llm2clip_fast.convert",
             "llm2clip_fast.train",
+            "llm2clip_fast.train.cli",
             "llm2clip_fast.eval",
             "llm2clip_fast.eval.suites",
             # Not code: the ImageNet class names and OpenAI prompt templates the imagenet suite reads at

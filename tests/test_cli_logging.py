@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from llm2clip_fast.train.cli_logging import ROOT_LOGGER, setup_cli_logging
+from llm2clip_fast.train.cli.cli_logging import ROOT_LOGGER, setup_cli_logging
 
 
 def test_rank_0_logs_everything_other_ranks_only_warnings(monkeypatch, capsys):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from llm2clip_fast.train.__main__ import cli, parse_args
-from llm2clip_fast.train.config_file import ConfigFileError
+from llm2clip_fast.train.cli.config_file import ConfigFileError
 
 
 def _write(tmp_path, name, text):
@@ -33,7 +33,7 @@ def test_yaml_config_for_embed_and_stage1(tmp_path):
     assert (args.llm, args.batch_size, args.quiet) == ("m", 3, True)
     cfg1 = _write(tmp_path, "s1.yml", "llm: m\ndata: d\nout: o\nrecipe: llm2clip\nlr: 1.0e-3\n")
     args1 = parse_args(["stage1", "--config", cfg1])
-    from llm2clip_fast.train.recipes import resolve_recipe
+    from llm2clip_fast.train.cli.recipes import resolve_recipe
 
     origin = resolve_recipe(args1)
     # the file's lr counts as given: the recipe fills the rest, not lr

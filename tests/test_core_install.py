@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llm2clip_fast.train.dependencies import OPTIONAL_TRAIN_MODULES, TRAIN_MODULES
+from llm2clip_fast.train.cli.dependencies import OPTIONAL_TRAIN_MODULES, TRAIN_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = [*TRAIN_MODULES, *OPTIONAL_TRAIN_MODULES, "triton", "sentence_transformers", "accelerate",

@@ -15,7 +15,7 @@ from llm2clip_fast.train.__main__ import (
     add_subcommand_options,
     parse_args,
 )
-from llm2clip_fast.train.device_flags import DEVICE_HELP, PRECISION_HELP
+from llm2clip_fast.train.cli.device_flags import DEVICE_HELP, PRECISION_HELP
 
 REQUIRED = {
     "stage1": ["--llm", "m", "--data", "d", "--out", "o"],
@@ -88,7 +88,7 @@ def test_config_files_with_the_old_key_still_work(tmp_path, content, precision):
 
 
 def test_an_unknown_config_key_lists_only_the_current_flags(tmp_path):
-    from llm2clip_fast.train.config_file import ConfigFileError
+    from llm2clip_fast.train.cli.config_file import ConfigFileError
 
     cfg = tmp_path / "s1.json"
     cfg.write_text(json.dumps({"autocast": True}))

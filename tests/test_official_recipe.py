@@ -266,7 +266,7 @@ def test_vision_timm_loads_a_local_checkpoint_with_its_logit_scale(tmp_path):
 
 def _stage2_recipe(*argv: str):
     from llm2clip_fast.train.__main__ import parse_args
-    from llm2clip_fast.train.recipes import STAGE2_RECIPES, resolve_recipe
+    from llm2clip_fast.train.cli.recipes import STAGE2_RECIPES, resolve_recipe
 
     args = parse_args(["stage2", "--data", "d", "--out", "o", "--embeddings", "c", *argv])
     resolve_recipe(args, STAGE2_RECIPES)
@@ -444,7 +444,7 @@ def _stage1_args(*argv: str):
     import argparse
 
     from llm2clip_fast.train import stage1
-    from llm2clip_fast.train.recipes import resolve_recipe
+    from llm2clip_fast.train.cli.recipes import resolve_recipe
 
     parser = argparse.ArgumentParser()
     stage1.add_arguments(parser)
@@ -680,8 +680,8 @@ def test_embed_recipe_llm2clip_encodes_as_llm2clips_extraction(tmp_path):
 
 def test_eval_and_convert_take_the_encoding_settings(tmp_path):
     from llm2clip_fast.train.__main__ import parse_args
+    from llm2clip_fast.train.cli.recipes import EVAL_RECIPES, resolve_recipe
     from llm2clip_fast.train.eval import encoding_overrides
-    from llm2clip_fast.train.recipes import EVAL_RECIPES, resolve_recipe
 
     args = parse_args(["eval", "--model", "m", "--data", "d", "--recipe", "llm2clip"])
     resolve_recipe(args, EVAL_RECIPES)

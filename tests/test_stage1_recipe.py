@@ -155,7 +155,7 @@ def test_hardneg_and_query_side_instructions_in_stage1(tiny, text_manifest, tmp_
 
 
 def test_llm2clip_recipe_defaults_flags_override_and_settings_saved(tiny, text_manifest, tmp_path):
-    from llm2clip_fast.train.recipes import resolve_recipe
+    from llm2clip_fast.train.cli.recipes import resolve_recipe
 
     def parsed(*argv):
         parser = argparse.ArgumentParser()

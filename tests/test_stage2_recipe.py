@@ -14,7 +14,7 @@ from _stage2_runs import make_demo
 from llm2clip_fast.train import stage2
 from llm2clip_fast.train.__main__ import main as train_main
 from llm2clip_fast.train.__main__ import parse_args
-from llm2clip_fast.train.recipes import STAGE2_RECIPES, resolve_recipe
+from llm2clip_fast.train.cli.recipes import STAGE2_RECIPES, resolve_recipe
 
 BASE = ["stage2", "--data", "d", "--out", "o", "--embeddings", "c"]
 OFFICIAL = {"lr": 1e-5, "llrd": 0.85, "wd": 0.05, "grad_clip": 5.0, "warmup": 0, "global_batch_size": 4096,

@@ -45,9 +45,9 @@ import sys
 
 from ..cli_exit_codes import code_for, redacting_excepthook, run_command_line
 from ..missing_dependency import MissingDependencyError
-from .cli_logging import setup_cli_logging
-from .config_file import add_config_argument, expand_config_argument
-from .dependencies import require_train_packages
+from .cli.cli_logging import setup_cli_logging
+from .cli.config_file import add_config_argument, expand_config_argument
+from .cli.dependencies import require_train_packages
 
 SUBCOMMANDS = {
     "pipeline": "run every stage on the built-in demo set (the default)",

@@ -39,7 +39,7 @@ from ..models.prompt_templates import TEMPLATE_CHOICES
 from ..redaction import redact
 from ..writable_output import check_writable
 from . import distributed_failures
-from .device_flags import add_device_argument
+from .cli.device_flags import add_device_argument
 from .run_spine import (
     add_distributed_arguments,
     distributed_run,
@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop when more than this fraction of records has an empty caption "
                         "(default 1%%)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
-    from .recipes import EMBED_RECIPES, mark_recipe_defaults
+    from .cli.recipes import EMBED_RECIPES, mark_recipe_defaults
 
     mark_recipe_defaults(parser, EMBED_RECIPES)
 
@@ -379,7 +379,7 @@ def embed_settings(metadata: dict[str, Any], *, llm: str, data: str, out: str | 
 
 def run(args: argparse.Namespace) -> int:
     """``python -m llm2clip_fast.train embed``: the cache of ``--data``'s captions in ``--out``."""
-    from .recipes import EMBED_RECIPES, resolve_recipe
+    from .cli.recipes import EMBED_RECIPES, resolve_recipe
 
     resolve_recipe(args, EMBED_RECIPES)
     if args.doc_max_length is not None:

@@ -36,8 +36,8 @@ from llm2clip_fast.eval.held_out import evaluate_model_dir, format_results_table
 from llm2clip_fast.eval.results_files import write_json_atomic
 from llm2clip_fast.models.llm_quantization import QUANTIZE_CHOICES
 from llm2clip_fast.models.prompt_templates import TEMPLATE_CHOICES
-from llm2clip_fast.train.device_flags import add_device_argument
-from llm2clip_fast.train.flag_aliases import add_hidden_alias
+from llm2clip_fast.train.cli.device_flags import add_device_argument
+from llm2clip_fast.train.cli.flag_aliases import add_hidden_alias
 from llm2clip_fast.writable_output import OutputNotWritableError, check_writable
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "undecodable (default 0.01); fewer are left out and reported")
     add_hidden_alias(parser, "--no-progress", parser.add_argument(
         "--quiet", dest="no_progress", action="store_true", help="--suite: no progress bars"))
-    from .recipes import EVAL_RECIPES, mark_recipe_defaults
+    from .cli.recipes import EVAL_RECIPES, mark_recipe_defaults
 
     mark_recipe_defaults(parser, EVAL_RECIPES)
 
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     # Resolved before anything loads: --device cuda without CUDA is a one-line error, as in the trainers.
     device = resolve_device(args.device)
-    from .recipes import EVAL_RECIPES, resolve_recipe
+    from .cli.recipes import EVAL_RECIPES, resolve_recipe
 
     resolve_recipe(args, EVAL_RECIPES)
     encoding_overrides(args)  # checked before anything loads

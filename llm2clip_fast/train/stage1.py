@@ -44,16 +44,16 @@ from ..data.sources import open_source
 from ..models.prompt_templates import TEMPLATE_CHOICES
 from . import distributed_failures
 from .checkpoint import checkpoint_dir, latest_checkpoint, restore_rng_state, save_checkpoint
+from .cli.device_flags import add_device_argument, add_precision_argument
+from .cli.flag_aliases import add_hidden_switch_alias
+from .cli.recipes import mark_recipe_defaults, resolve_recipe
 from .cra import caption_pairs, encoder_cra
-from .device_flags import add_device_argument, add_precision_argument
-from .flag_aliases import add_hidden_switch_alias
 from .hard_negative_loss import hard_negative_nll_loss
 from .holdout import split_holdout
 from .mntp import mask_captions, mask_token_id, mntp_loss
 from .mntp_phase import contrastive_phase_args, run_mntp_phase
 from .non_finite import NonFiniteTrainingError  # noqa: F401 - stage1.NonFiniteTrainingError, what it raises
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler
-from .recipes import mark_recipe_defaults, resolve_recipe
 from .run_log import JsonlLog, TrainProgress
 from .run_spine import (
     RESOLVED_PATHS,

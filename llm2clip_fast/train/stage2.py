@@ -55,10 +55,10 @@ from ..models.vision import VISION_PRESETS, VisionTower, build_vision_tower
 from ..redaction import redact_value
 from . import distributed_failures
 from .checkpoint import checkpoint_dir, latest_checkpoint, save_checkpoint
-from .device_flags import add_device_argument, add_precision_argument
-from .flag_aliases import add_hidden_alias
+from .cli.device_flags import add_device_argument, add_precision_argument
+from .cli.flag_aliases import add_hidden_alias
+from .cli.recipes import STAGE2_RECIPES, explicitly_given, mark_recipe_defaults, resolve_recipe
 from .optim import SCHEDULES, adamw_param_groups, build_scheduler
-from .recipes import STAGE2_RECIPES, explicitly_given, mark_recipe_defaults, resolve_recipe
 from .run_spine import (
     RunPlace,
     RunStart,

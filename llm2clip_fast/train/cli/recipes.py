@@ -63,7 +63,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models.prompt_templates import LLM2CLIP_ENCODING
+from ...models.prompt_templates import LLM2CLIP_ENCODING
 
 
 @dataclass(frozen=True)

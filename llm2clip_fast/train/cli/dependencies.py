@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..missing_dependency import MissingDependencyError
+from ...missing_dependency import MissingDependencyError
 
 # import name -> PyPI distribution. Needed by every sub-command (models, data, progress, checkpoints).
 TRAIN_MODULES = {

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from ..redaction import redact
+from ...redaction import redact
 
 ROOT_LOGGER = "llm2clip_fast"
 _HANDLER_NAME = "llm2clip_fast.cli"

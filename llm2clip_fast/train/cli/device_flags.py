@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .run_spine import PRECISIONS
+from ..run_spine import PRECISIONS
 
 DEVICE_HELP = ("where the run executes: auto (this rank's GPU when CUDA is available, else the CPU), cpu, "
                "cuda (this rank's GPU under torchrun) or cuda:N")
