@@ -1,16 +1,12 @@
-"""One rank of the distributed-loss tests (run as a script by tests/test_distributed_losses.py).
+"""One rank of the distributed-loss tests (tests/test_distributed_losses.py runs :func:`rank_results` on
+gloo ranks with ``_ranks.run_on_ranks``).
 
 Every rank builds the same global batch from fixed seeds, keeps its shard, runs the global CLIP and
-SigLIP losses with a rank-specific upstream gradient and saves loss and gradients for the parent
+SigLIP losses with a rank-specific upstream gradient and returns loss and gradients for the parent
 test to compare with a single-process computation on the concatenated batch.
-
-Usage: python _dist_loss_worker.py RANK WORLD_SIZE PORT OUT_FILE
 """
 
 from __future__ import annotations
-
-import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -56,18 +52,13 @@ def _refuse_reduce_scatter(*args, **kwargs):
     raise RuntimeError("ProcessGroupGloo does not support reduce_scatter")
 
 
-def main() -> None:
-    rank, world, port, out_file = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=port)
-    torch.set_num_threads(1)
-    from llm2clip_fast import distributed as D
+def rank_results(rank: int, world: int) -> dict:
+    """This rank's losses and gradients for every case, keyed by (case, loss); the process group is up."""
     from llm2clip_fast.losses import ClipLoss
     from llm2clip_fast.ops._chunking import last_path
     from llm2clip_fast.ops.clip_loss import clip_loss
     from llm2clip_fast.ops.siglip_loss import siglip_loss
 
-    assert D.init_distributed_from_env(backend="gloo", timeout_s=60)
     results = {}
     real_reduce_scatter = dist.reduce_scatter
     for case in cases(world):
@@ -113,9 +104,4 @@ def main() -> None:
                   torch.tensor(7.0, requires_grad=True)]
         loss = fn(*leaves)
         results[("open_clip_check", name)] = [loss.detach(), *torch.autograd.grad(loss, leaves, up)]
-    torch.save(results, out_file)
-    D.destroy_distributed()
-
-
-if __name__ == "__main__":
-    main()
+    return results

@@ -1,29 +1,49 @@
-"""Multi-rank runs of the ``python -m llm2clip_fast.train`` command line for the distributed reliability
-tests, bounded in time whatever happens to the ranks (imported by test modules, not a test module).
+"""The one way tests start several ranks (imported by test modules, not a test module).
 
+Every multi-rank test goes through here, so ranks get the same environment (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, one thread each) and a broken rank fails its test
+instead of hanging it.
+
+- :func:`run_on_ranks`: ``fn(rank)`` on forked ranks, its return values back in the parent; with
+  ``group=True`` (default) a gloo process group is up around ``fn``, with ``group=False`` ``fn`` starts
+  its own (e.g. by running the trainer, see :func:`run_in_turn`).
+- :func:`run_in_turn`: on a rank, ``main(argv)`` for several runs in turn, each on its own rendezvous
+  port (:func:`free_ports`).
 - :func:`fork_cli_ranks`: each rank a forked child calling :func:`llm2clip_fast.train.__main__.cli`
   (the parent's imports are reused: a second or two per run). ``prepare(rank)`` runs in the child first,
   e.g. to make that rank stop itself at a chosen step. Children leave with ``os._exit`` (no interpreter
   shutdown), so teardown at exit is tested with :func:`spawn_cli_ranks`.
 - :func:`spawn_cli_ranks`: each rank a real ``python -m llm2clip_fast.train`` process, as torchrun starts
-  them (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), exiting the normal way.
+  them, exiting the normal way.
+- :func:`free_port` / :func:`free_ports`: the rendezvous ports, also for tests that start ``torchrun``
+  themselves.
 
-Both return a :class:`RankResult` per rank: its exit status (negative: killed by that signal) and what it
-printed. A rank still running at the deadline is killed with SIGKILL and reported with status None.
+The CLI launchers return a :class:`RankResult` per rank: its exit status (negative: killed by that
+signal) and what it printed. A rank still running at the deadline is killed with SIGKILL and reported
+with status None.
+
+One rendezvous port per run: when the same ranks run one job after another on one port, a rank that
+finished run k first can reach rank 0's store of run k (not yet torn down) for run k + 1's rendezvous,
+whose keys it shares, and the ranks then wait in different collectives. Separate torchrun jobs never
+share a store; neither do runs here.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
+import queue
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,15 +55,110 @@ class RankResult:
     output: str
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 (all sockets stay bound until every port is taken, so
+    the kernel cannot hand the same port out twice)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """One free TCP port on 127.0.0.1: the rendezvous port of one run."""
+    return free_ports(1)[0]
 
 
 def _rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port)}
+
+
+def _run_on_rank(rank: int, world: int, port: int, fn: Callable[[int], Any], group: bool, results,
+                 errors) -> None:
+    os.environ.update(_rank_env(rank, world, port))
+    import torch
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    from llm2clip_fast import distributed as D
+
+    try:
+        if group:
+            assert D.init_distributed_from_env(backend="gloo", timeout_s=120)
+        # Plain pickle bytes: the queue's own pickler would pass tensors as shared memory handles,
+        # which die with the child before the parent reads them.
+        results.put((rank, pickle.dumps(fn(rank))))
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+    finally:
+        D.destroy_distributed()
+
+
+def run_on_ranks(fn: Callable[[int], Any], world: int = 2, *, group: bool = True,
+                 timeout_s: float = 300.0) -> list[Any]:
+    """``[fn(0), ..., fn(world - 1)]``, each called on its own forked rank.
+
+    ``group=True``: a gloo process group of the ``world`` ranks is up while ``fn`` runs. ``group=False``:
+    only the environment is set (``MASTER_PORT`` a fresh port), ``fn`` starts and ends process groups
+    itself. ``fn``'s results travel back pickled, so they must pickle (tensors do). A rank that raises,
+    dies or outlives ``timeout_s`` fails with an AssertionError carrying every rank's traceback.
+    """
+    ctx = multiprocessing.get_context("fork")
+    results, errors = ctx.Queue(), ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_run_on_rank, args=(r, world, port, fn, group, results, errors))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, Any] = {}
+    problems: list[str] = []
+    try:
+        # Drain results before joining (a child blocks on exit until its queued data is read); stop
+        # early when a rank died, rather than waiting out the timeout.
+        deadline = time.monotonic() + timeout_s
+        while len(got) < world and time.monotonic() < deadline:
+            try:
+                rank, value = results.get(timeout=0.5)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+                continue
+            got[rank] = pickle.loads(value)
+        if len(got) < world and time.monotonic() >= deadline:
+            problems.append(f"timed out after {timeout_s:.0f}s")
+        for p in procs:
+            p.join(timeout=30 if len(got) == world else 1)  # a rank left behind may hang in a collective
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    while not errors.empty():
+        problems.append(errors.get())
+    if len(got) != world or any(p.exitcode != 0 for p in procs):
+        why = "\n".join(problems) or f"exit codes {[p.exitcode for p in procs]}"
+        raise AssertionError(f"a rank failed or timed out:\n{why}")
+    return [got[r] for r in range(world)]
+
+
+def run_in_turn(main: Callable[[list[str]], Any], runs: Iterable[Sequence[str]],
+                ports: Sequence[int]) -> None:
+    """On a rank of :func:`run_on_ranks` (``group=False``): ``main(argv)`` for each run in turn, run i
+    rendezvousing on ``ports[i]`` (take them with :func:`free_ports` in the parent, so every rank uses
+    the same ones). A run that finds a process group still up (stage 2 keeps its group) reuses it."""
+    runs = list(runs)
+    if len(ports) != len(runs):
+        raise ValueError(f"ports must hold one port per run ({len(runs)}), got {len(ports)}")
+    for port, argv in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
+        main(list(argv))
 
 
 def _forked_rank(rank: int, world: int, port: int, argv: list[str], log: str,

@@ -27,8 +27,6 @@ trainers and of the distributed losses (so a test that silently intercepted noth
 from __future__ import annotations
 
 import functools
-import os
-import socket
 import sys
 import traceback
 from pathlib import Path
@@ -42,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _ranks import free_port, free_ports, run_in_turn, run_on_ranks
 from _stage2_runs import bag_of_words, stage2_args
 
 import llm2clip_fast
@@ -173,7 +172,7 @@ def test_check_collective_device_refuses_a_device_the_group_does_not_exchange():
     from llm2clip_fast.ops.clip_loss import clip_loss
 
     check_collective_device("meta")  # single process: no collectives, nothing to check
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         check_collective_device("cpu")
         with pytest.raises(ValueError, match=r"tensors on meta, but the process group's backend 'gloo'"):
@@ -208,38 +207,18 @@ def _stage1_args(data: Path, out: Path, *extra: str) -> list[str]:
             "--lora-r", "2", "--num-workers", "0", *extra]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, ports: list[int], runs: list[list[str]], results) -> None:
-    """One rank (forked: the parent's imports are reused). Reports (sites, violations, error).
-
-    Each run gets its own port: stage 1 tears its process group down at the end, and a new group
-    on the old port could meet the old store still closing."""
-    from llm2clip_fast.distributed import destroy_distributed
+def _rank_main(rank: int, runs: list[list[str]], ports: list[int]) -> tuple[dict[str, int], list[str]]:
+    """One rank (forked: the parent's imports are reused): every run in turn, each on its own port (stage
+    1 tears its process group down at the end, and a new group on the old port could meet the old store
+    still closing). Returns (sites, violations)."""
     from llm2clip_fast.train.__main__ import main as train_main
 
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1"})
-    torch.set_num_threads(1)  # two ranks share the two cores
     sites: dict[str, int] = {}
     bad: list[str] = []
-    error = None
-    try:
-        install_collective_checks(torch.device("cpu"), sites, bad)  # every run passes --device cpu
-        with PlacementTracker():
-            for argv, port in zip(runs, ports):
-                if not dist.is_initialized():
-                    os.environ["MASTER_PORT"] = str(port)
-                train_main(argv)
-    except BaseException:
-        error = f"rank {rank}: {traceback.format_exc()}"
-    finally:
-        destroy_distributed()
-        results.put((rank, sites, bad, error))
+    install_collective_checks(torch.device("cpu"), sites, bad)  # every run passes --device cpu
+    with PlacementTracker():
+        run_in_turn(train_main, runs, ports)
+    return sites, bad
 
 
 # Where the library hands tensors to collectives; each must be seen at least once in the runs.
@@ -253,27 +232,8 @@ EXPECTED_SITES = {
 
 
 def _run_two_ranks(runs: list[list[str]]) -> list[tuple[dict[str, int], list[str]]]:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    results = ctx.Queue()
-    ports = [_free_port() for _ in runs]
-    procs = [ctx.Process(target=_rank_main, args=(r, ports, runs, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    out: dict[int, tuple] = {}
-    try:
-        for _ in procs:
-            rank, sites, bad, error = results.get(timeout=300)
-            assert error is None, error
-            out[rank] = (sites, bad)
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    return [out[r] for r in sorted(out)]
+    return run_on_ranks(functools.partial(_rank_main, runs=runs, ports=free_ports(len(runs))), world=2,
+                        group=False)
 
 
 @pytest.mark.distributed

@@ -21,7 +21,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from _rank_processes import REPO, fork_cli_ranks, free_port, spawn_cli_ranks
+from _ranks import REPO, fork_cli_ranks, free_port, spawn_cli_ranks
 from _stage2_runs import make_demo, stage2_args
 
 from llm2clip_fast.train.__main__ import add_subcommand_options, exit_code_for, parse_args

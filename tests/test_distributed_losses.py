@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
+import functools
 
+import _distributed_loss_rank as worker
 import pytest
 import torch
 import torch.nn.functional as F
+from _ranks import run_on_ranks
 
 from llm2clip_fast import distributed as D
 
@@ -51,42 +48,13 @@ def test_shard_indices_bad_input():
 
 # ---- global-batch losses across processes (gloo) --------------------------------------------------
 
-WORKER = Path(__file__).with_name("_dist_loss_worker.py")
-sys.path.insert(0, str(WORKER.parent))
-import _dist_loss_worker as worker  # noqa: E402
-
 WORKER_TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_ranks(world: int, tmp_path: Path) -> list[dict]:
-    """Launch ``world`` worker processes; a hang or a crash fails the test instead of blocking CI."""
-    port = str(_free_port())
-    outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), port, str(outs[r])], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    deadline = time.monotonic() + WORKER_TIMEOUT_S
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed workers (world={world}) did not finish within {WORKER_TIMEOUT_S}s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r][-4000:] if r < len(logs) else ''}"
-    return [torch.load(o) for o in outs]
+def _run_ranks(world: int) -> list[dict]:
+    """Every case on ``world`` gloo ranks; a hang or a crash fails the test instead of blocking CI."""
+    return run_on_ranks(functools.partial(worker.rank_results, world=world), world=world,
+                        timeout_s=WORKER_TIMEOUT_S)
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -146,9 +114,9 @@ def _expected_siglip(sizes, reduction, world):
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
-def rank_results(request, tmp_path_factory):
+def rank_results(request):
     world = request.param
-    return world, _run_ranks(world, tmp_path_factory.mktemp(f"world{world}"))
+    return world, _run_ranks(world)
 
 
 @pytest.mark.distributed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _fork_ranks import run_on_ranks  # pytest puts tests/ on sys.path
+from _ranks import run_on_ranks
 
 SIZES = [3, 4]
 DIM = 8

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _fork_ranks import run_on_ranks
+from _ranks import run_on_ranks
 from _stage2_runs import make_demo, stage2_args
 
 from llm2clip_fast.train import folder_lock as fl

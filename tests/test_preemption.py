@@ -19,7 +19,7 @@ import time
 
 import pytest
 import torch
-from _rank_processes import fork_cli_ranks
+from _ranks import fork_cli_ranks
 from _stage2_runs import final_state, logged_losses, make_demo, stage2_args
 
 from llm2clip_fast.data import build_loader

@@ -3,7 +3,7 @@ before any work (two gloo ranks, each given its own ``--out`` to simulate node-l
 
 from __future__ import annotations
 
-from _fork_ranks import run_on_ranks
+from _ranks import run_on_ranks
 
 from llm2clip_fast.train.shared_folder import MARKER_DIR, UnsharedFolderError, check_shared_folder
 

@@ -12,7 +12,7 @@ import argparse
 
 import pytest
 import torch
-from _fork_ranks import run_on_ranks
+from _ranks import run_on_ranks
 from _tiny_llama import write_pairs, write_tiny_llama
 
 from llm2clip_fast.train import stage1

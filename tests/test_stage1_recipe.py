@@ -231,28 +231,11 @@ def test_mntp_data_phase_is_merged_before_the_contrastive_phase(tiny, text_manif
 def test_hard_negative_loss_over_two_ranks_is_llm2vecs_global_batch_loss(tmp_path):
     """Mean of the ranks' losses = llm2vec's loss on the global batch; the ranks' input gradients,
     averaged over ranks as the trainer averages parameter gradients, = its gradients."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from _dist_hardneg_worker import global_batch
+    from _hard_negative_rank import global_batch, rank_results
     from _llm2vec_0_2_3_reference import HardNegativeNLLLoss
+    from _ranks import run_on_ranks
 
-    worker = Path(__file__).with_name("_dist_hardneg_worker.py")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(stage1.__file__).parents[2]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(worker), str(r), "2", port, str(outs[r])], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    for proc in procs:
-        output, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, output
-    results = [torch.load(o) for o in outs]
+    results = run_on_ranks(lambda rank: rank_results(rank, 2), world=2, timeout_s=240)
     q, p, n = (t.requires_grad_(True) for t in global_batch(2, 3, 2))
     want = HardNegativeNLLLoss(scale=5.0)(q, p, n)
     grads = torch.autograd.grad(want, (q, p, n))

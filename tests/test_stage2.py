@@ -8,12 +8,11 @@ similar embeddings and the run has signal to learn from, without any LLM.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from _ranks import free_ports, run_in_turn, run_on_ranks
 from _stage2_runs import DIM, N_TRAIN, bag_of_words, final_state, stage2_args, stop_stage2_in_step
 
 from llm2clip_fast.data.demo import write_demo
@@ -211,41 +210,9 @@ def test_bad_setups_fail_at_start_with_clear_errors(demo, tmp_path, case):
 DISTRIBUTED_COMMON = ("--save-every", "0", "--caption", "random")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, ports: list[int], runs: list[list[str]], errors) -> None:
-    """One rank (a forked child: the parent's imports are reused, which keeps the test fast).
-
-    Each run gets its own rendezvous port, as separate torchrun jobs would: on one port, a rank that
-    finished run k first could reach rank 0's store of run k (not yet torn down) for run k + 1's
-    rendezvous, whose keys it shares, and the ranks would then wait in different collectives."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1"})
-    torch.set_num_threads(1)  # two ranks share the two cores
-    try:
-        for port, argv in zip(ports, runs, strict=True):
-            os.environ["MASTER_PORT"] = str(port)
-            train_main(argv)
-    except BaseException:
-        import traceback
-
-        errors.put(f"rank {rank}: {traceback.format_exc()}")
-        raise
-    finally:
-        from llm2clip_fast.distributed import destroy_distributed
-
-        destroy_distributed()
-
-
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_path):
-    import multiprocessing
-
     train_main(stage2_args(demo, tmp_path / "single", *DISTRIBUTED_COMMON, steps=3, batch=8))
     runs = {  # each: the same 8-image global batch per step as the single process
         # DDP with static_graph (auto: on without accumulation) and 10 KB buckets (many all-reduces, each
@@ -260,26 +227,10 @@ def test_two_rank_gloo_equals_one_process_on_the_same_global_batch(demo, tmp_pat
         "fsdp_ckpt": stage2_args(demo, tmp_path / "fsdp_ckpt", *DISTRIBUTED_COMMON, "--fsdp",
                                  "--grad-checkpointing", steps=3, batch=4),
     }
-    ctx = multiprocessing.get_context("fork")
-    errors = ctx.Queue()
-    ports: list[int] = []
-    while len(ports) < len(runs):
-        port = _free_port()
-        if port not in ports:
-            ports.append(port)
-    procs = [ctx.Process(target=_rank_main, args=(r, ports, list(runs.values()), errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=300)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    messages = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
-    why = "\n".join(messages) or f"exit codes {[p.exitcode for p in procs]}"
-    assert all(p.exitcode == 0 for p in procs), why
+    # Each run on its own rendezvous port, as separate torchrun jobs would (see tests/_ranks.py).
+    ports = free_ports(len(runs))
+    run_on_ranks(lambda rank: run_in_turn(train_main, runs.values(), ports), world=2, group=False,
+                 timeout_s=600)
 
     single = final_state(tmp_path / "single")
     log1 = [json.loads(x)["loss"] for x in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
