@@ -1,12 +1,14 @@
-"""Embedding cache and the embed step: order, exact resume after a kill, corruption detection,
-rank sharding, and the CLI path end to end with the packaged MiniLM."""
+"""Embedding cache: order, exact resume after a kill, corruption detection, rank sharding; and integrity
+of its keys (a tampered keys file, changed keys on resume and duplicate keys are caught: each would
+otherwise pair embeddings with the wrong captions without any error). The embed command itself:
+test_embed_command.py; int8 storage: test_embedding_cache_int8.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 
-import numpy as np
 import pytest
 import torch
 
@@ -140,31 +142,66 @@ def test_float16_overflow_is_refused(tmp_path):
                               caption_names=NAMES, dim=DIM)
 
 
-def test_embed_command_with_packaged_minilm(tmp_path):
-    from llm2clip_fast.models.llm_encoder import LLMTextEncoder, packaged_minilm_path
-    from llm2clip_fast.train.__main__ import main
+# ---- keys integrity ------------------------------------------------------------------------------------
 
-    records = _records(7)
-    manifest = tmp_path / "captions.jsonl"
-    manifest.write_text("".join(json.dumps({"key": k, "image": f"{k}.png", **c}) + "\n" for k, c in records))
-    out = tmp_path / "cache"
-    argv = ["embed", "--llm", str(packaged_minilm_path()), "--data", str(manifest), "--out", str(out),
-            "--dtype", "fp32", "--batch-size", "3", "--shard-size", "3", "--captions", "long,short",
-            "--quiet"]
-    assert main(argv) == 0
-    cache = EmbeddingCache.open(out)
-    assert cache.caption_names == ["long", "short"] and cache.keys() == [k for k, _ in records]
-    assert cache.metadata["max_length"] == 256 and not cache.metadata["load_in_8bit"]
-    # embed's default precision: bf16 autocast where the CPU has native bf16, else fp32.
-    enc = LLMTextEncoder.from_pretrained(packaged_minilm_path(), device="cpu", precision="auto")
-    assert cache.metadata["precision"] == ("bf16" if enc.autocast is not None else "fp32")
-    want = enc.encode([c["long"] for _, c in records], show_progress=False)
-    got = cache.lookup(cache.keys(), "long")
-    if enc.autocast is None:
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    else:  # bf16 rounding depends on the batch a caption was padded in (embed batches per shard)
-        assert torch.nn.functional.cosine_similarity(got, want).min() > 0.9999
-    before = _files(out)
-    assert main(argv) == 0  # a finished cache: every shard reused, files unchanged
-    assert _files(out) == before
-    assert np.load(out / "shard-00000.npy", mmap_mode="r").shape == (3, 2, 384)
+
+KEYED_DIM = 4
+
+
+def _keyed_records(keys):
+    return [(k, {"short": f"short {k}", "long": f"long {k}"}) for k in keys]
+
+
+def _keyed_encode(texts):
+    rows = [torch.randn(KEYED_DIM, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
+            for t in texts]
+    return torch.stack(rows)
+
+
+def _build_keyed(out, keys, **kw):
+    return build_embedding_cache(iter(_keyed_records(keys)), _keyed_encode, out, caption_names=NAMES,
+                                 dim=KEYED_DIM, dtype="float32", shard_size=3, **kw)
+
+
+KEYS = [f"k{i}" for i in range(8)]  # shards of 3, 3, 2
+
+
+def test_swapped_keys_in_a_keys_file_fail_the_checksum_on_open(tmp_path):
+    _build_keyed(tmp_path, KEYS)
+    keys_file = tmp_path / "shard-00001.keys.json"
+    swapped = json.loads(keys_file.read_text())
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    keys_file.write_text(json.dumps(swapped))  # still valid, same length: only the checksum can tell
+    with pytest.raises(CacheCorruptError, match=r"keys file .*shard-00001\.keys\.json is corrupt"):
+        EmbeddingCache.open(tmp_path)
+
+
+def test_resume_redoes_a_shard_whose_keys_changed(tmp_path):
+    _build_keyed(tmp_path, KEYS)
+    renamed = list(KEYS)
+    renamed[4] = "new4"  # shard 1 keeps its size; only its keys differ
+    events = []
+    _build_keyed(tmp_path, renamed, hook=lambda e, s: events.append((e, s)))
+    assert sorted(events) == sorted([("skipped", 0), ("encoded", 1), ("written", 1), ("skipped", 2)])
+    cache = EmbeddingCache.open(tmp_path)
+    assert cache.keys() == renamed and "k4" not in cache
+    torch.testing.assert_close(cache.lookup(["new4"], "long"), _keyed_encode(["long new4"]), rtol=0, atol=0)
+
+
+def test_duplicate_keys_are_refused_when_building(tmp_path):
+    with pytest.raises(ValueError, match="duplicate key 'k1'"):
+        _build_keyed(tmp_path, ["k0", "k1", "k2", "k3", "k1"])  # the repeat lands in another shard
+
+
+def test_duplicate_keys_across_shards_are_refused_on_open(tmp_path):
+    _build_keyed(tmp_path, KEYS)
+    # A cache whose keys file repeats a key of another shard, with every checksum made consistent,
+    # as a buggy writer or a hand-merged cache would leave it.
+    keys_file = tmp_path / "shard-00001.keys.json"
+    payload = json.dumps(["k3", "k0", "k5"]).encode()
+    keys_file.write_bytes(payload)
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    manifest["shards"][1]["keys_file_sha256"] = hashlib.sha256(payload).hexdigest()
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(CacheCorruptError, match=r"key 'k0' appears twice"):
+        EmbeddingCache.open(tmp_path)
