@@ -8,7 +8,7 @@ The public names below are imported on first use, so ``import llm2clip_fast`` st
 not import transformers or Triton).
 
 Import layering, lowest first; a module imports only from its own layer or lower ones
-(``tests/test_import_layers.py`` checks every import, module-level and inside functions):
+(``tests/core/test_import_layers.py`` checks every import, module-level and inside functions):
 
 0. this package and its one-job helpers: ``_extensions``, ``atomic_files``, ``fp32_matmul``,
    ``cli_exit_codes``, ``third_party_notices``, ``missing_dependency``, ``redaction``,

@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 
 from bench import report
 
-FIXTURES = Path(__file__).parent / "fixtures" / "bench"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "bench"
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from llm2clip_fast.train.run_folder import RunFolderError
 from llm2clip_fast.train.stop_requests import LockTakenOverError, RunPreempted
 from llm2clip_fast.writable_output import OutputNotWritableError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_each_expected_failure_has_its_own_code():

@@ -27,7 +27,7 @@ from llm2clip_fast.train.__main__ import main as train_main
 from llm2clip_fast.train.folder_lock import LOCK_NAME, FolderLock, FolderLockedError
 from llm2clip_fast.train.run_folder import RunFolderError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _foreign_lock(folder: Path, *, heartbeat_age: float, host: str = "gpu-node-17") -> dict:

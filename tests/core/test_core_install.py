@@ -15,7 +15,7 @@ import pytest
 
 from llm2clip_fast.train.dependencies import OPTIONAL_TRAIN_MODULES, TRAIN_MODULES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HIDDEN = [*TRAIN_MODULES, *OPTIONAL_TRAIN_MODULES, "triton", "sentence_transformers", "accelerate",
           "pybind11"]
 

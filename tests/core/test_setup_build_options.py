@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def setup_py():
-    path = Path(__file__).resolve().parents[1] / "setup.py"
+    path = Path(__file__).resolve().parents[2] / "setup.py"
     spec = importlib.util.spec_from_file_location("llm2clip_fast_setup", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # not __main__: setup() is not called

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_test_has_a_generous_time_limit(request):
@@ -31,7 +31,7 @@ def test_a_hanging_test_fails_instead_of_stalling_the_suite(tmp_path):
 def test_timm_skips_say_how_to_enable_them_and_are_counted(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "CI"}
     env["LLM2CLIP_TIMM_SITE"] = str(tmp_path / "no-timm-here")
-    run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_vision_timm.py", "-q", "-p",
+    run = subprocess.run([sys.executable, "-m", "pytest", "tests/models/test_vision_timm.py", "-q", "-p",
                           "no:cacheprovider"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     skipped = re.search(r"(\d+) skipped", run.stdout)
     assert run.returncode == 0 and skipped, run.stdout

@@ -27,7 +27,7 @@ from llm2clip_fast.data.embedding_int8 import (
     quantize_shard,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench.cache_throughput import llm_like_embeddings
 
 DIM = 37

@@ -19,7 +19,7 @@ from llm2clip_fast.data.loader import build_loader
 from llm2clip_fast.data.sources import open_source
 from llm2clip_fast.ops.adapter import text_adapter
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _png(path: Path, size=(8, 8), color=(200, 30, 30)) -> None:

@@ -31,7 +31,7 @@ from PIL import Image
 from llm2clip_fast.data import BadDataError, build_loader, open_source
 from llm2clip_fast.data.stream_transport import ShardStream, TransportError, TransportPolicy
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZES = [5, 4, 6, 5, 3, 5]  # uneven shards, 28 samples
 N = sum(SIZES)
 NAMES = [f"d-{i:03d}.tar" for i in range(len(SIZES))]

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
 from _ranks import free_port, free_ports, run_in_turn, run_on_ranks
 from _stage2_runs import bag_of_words, stage2_args
 

@@ -19,7 +19,7 @@ from _stage2_runs import final_state, logged_losses, make_demo, stage2_args, sto
 
 from llm2clip_fast.train.__main__ import main as train_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench._common import cpu_peak_allocated_mb
 from bench.stage2_throughput import openclip_clip_loss, plain_clip_loss
