@@ -49,7 +49,7 @@ wheels travel with the call (``pip download --no-deps inf-cl==1.2.1 siglip-kerne
 Without them their rows are ``skipped`` with the reason.
 
 ``--quick`` runs every stage with tiny sizes on CPU with ``TRITON_INTERPRET=1`` (the same code, so
-the check cannot rot; ``tests/test_bench_quick.py`` runs it).
+the check cannot rot; ``tests/bench/test_bench_quick.py`` runs it).
 
 Stage file schema (``DIR/<stage>.json``, schema id ``llm2clip_fast.gpu_check/1``)::
 

@@ -8,7 +8,7 @@ The public names below are imported on first use, so ``import llm2clip_fast`` st
 not import transformers or Triton).
 
 Import layering, lowest first; a module imports only from its own layer or lower ones
-(``tests/test_import_layers.py`` checks every import, module-level and inside functions):
+(``tests/core/test_import_layers.py`` checks every import, module-level and inside functions):
 
 0. this package and its one-job helpers: ``_extensions``, ``atomic_files``, ``fp32_matmul``,
    ``cli_exit_codes``, ``third_party_notices``, ``missing_dependency``, ``redaction``,
@@ -33,7 +33,8 @@ renames would touch every importer for no change in meaning).
 - ``clip_loss`` / ``siglip_loss``: ``ops/<op>.py`` (input checks, backend dispatch, autograd, the torch
   and chunked paths, ``<op>_global`` over the global batch; launchers as ``torch.ops.llm2clip_fast.*``);
   ``llm2clip_kernels/<op>.py`` (Triton, installed as ``llm2clip_fast.kernels``); ``csrc/cpu/<op>.cpp``
-  (C++ CPU; CLIP's vectorised epilogues in ``csrc/cpu/clip_epilogue_*``); ``ops/reference.py``
+  (C++ CPU; CLIP's vectorised epilogues in ``csrc/cpu/clip_epilogue_*``, built once per ISA with
+  ``csrc/cpu/isa_*.h``); ``ops/reference.py``
   (``<op>_reference``, plain torch, what tests compare with); ``ops/global_batch_ring.py`` (the rank
   ring both global-batch losses share); ``losses.py`` (``ClipLoss`` / ``SigLipLoss``, OpenCLIP-style
   modules); shared pieces: ``ops/loss_inputs.py`` (argument checks), ``ops/_chunking.py``,
@@ -48,7 +49,7 @@ renames would touch every importer for no change in meaning).
   (row quantise / dequantise around the GEMM), ``csrc/cpu/int8_cpu.cpp`` (on the same row kernels); its
   ``torch`` backend is the reference; the modules that use it: ``models/w8a8.py``.
 
-Tests: ``tests/test_<op>.py``; benchmarks: ``bench/loss_throughput.py`` (both losses),
+Tests: ``tests/ops/test_<op>.py``; benchmarks: ``bench/loss_throughput.py`` (both losses),
 ``bench/adapter_throughput.py``, ``bench/embed_throughput.py`` (pool, 8-bit); ``python -m
 llm2clip_fast.info`` lists each op's backends.
 """

@@ -1,5 +1,5 @@
 """A transcription of OpenCLIP's ``ClipLoss`` with ``gather_features``, the global-batch CLIP loss is
-tested against over gloo ranks (tests/_dist_loss_worker.py).
+tested against over gloo ranks (tests/_distributed_loss_rank.py).
 
 Source: the PyPI wheel ``open_clip_torch-3.3.0-py3-none-any.whl``, ``open_clip/loss.py`` (MIT licence,
 Copyright (c) 2012-2021 Gabriel Ilharco, Mitchell Wortsman, Nicholas Carlini, Rohan Taori, Achal Dave,

@@ -1,7 +1,7 @@
 """``python tests/_signal_in_step.py ARGS...``: ``python -m llm2clip_fast.train ARGS...`` in which the rank
 ``LLM2CLIP_TEST_SIGNAL_RANK`` sends itself signal ``LLM2CLIP_TEST_SIGNAL`` (a name: SIGKILL, SIGSTOP, ...)
 at the start of its optimizer step ``LLM2CLIP_TEST_SIGNAL_STEP`` of stage 2. For the torchrun tests of
-tests/test_distributed_failures.py; not a test module."""
+tests/cli/test_distributed_failures.py; not a test module."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ PER_TEST_TIMEOUT_S = 30.0
 def gpu_test_files() -> list[str]:
     """Test files that carry the ``gpu`` marker (collecting only them keeps the stage short)."""
     files = []
-    for path in sorted((REPO_ROOT / "tests").glob("test_*.py")):
+    for path in sorted((REPO_ROOT / "tests").rglob("test_*.py")):
         text = path.read_text()
         if "mark.gpu" in text:
             files.append(str(path.relative_to(REPO_ROOT)))
