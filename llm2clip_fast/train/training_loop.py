@@ -34,7 +34,7 @@ and its checkpoint); :func:`run_steps` runs the steps under these rules, the sam
    collective the others waited in.
 
 Nothing evaluates periodically inside the loop: stage 1 measures caption retrieval before and after
-the steps; stage 2 leaves evaluation to ``python -m llm2clip_fast.eval`` on the saved model.
+the steps; stage 2 leaves evaluation to ``python -m llm2clip_fast.train eval`` on the saved model.
 """
 
 from __future__ import annotations
