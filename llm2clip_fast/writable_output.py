@@ -19,6 +19,16 @@ class OutputNotWritableError(PermissionError):
     """An output path cannot be written (the message names the option and why)."""
 
 
+# Every rank of a distributed run probes its output folder at start-up, while rank 0 may be checking that
+# the same folder holds no run: the run-folder checks skip these names (:func:`is_write_probe`).
+WRITE_PROBE_PREFIX = ".llm2clip_fast-write-check-"
+
+
+def is_write_probe(name: str) -> bool:
+    """Whether ``name`` is the short-lived file :func:`check_writable` creates and removes."""
+    return name.startswith(WRITE_PROBE_PREFIX)
+
+
 def check_writable(path: str | os.PathLike[str], *, flag: str, folder: bool) -> Path:
     """``path`` as a Path, after checking that it can be written: a folder to create or write into
     (``folder``), else an entry to create or replace in its folder (a file, or a folder renamed into
@@ -35,14 +45,14 @@ def check_writable(path: str | os.PathLike[str], *, flag: str, folder: bool) -> 
         raise OutputNotWritableError(f"{flag} {str(path)!r} cannot be written: {str(probe_in)!r} is a file, "
                                      "not a folder")
     try:
-        fd, name = tempfile.mkstemp(dir=probe_in, prefix=".llm2clip_fast-write-check-")
+        fd, name = tempfile.mkstemp(dir=probe_in, prefix=WRITE_PROBE_PREFIX)
     except OSError as exc:
         why = exc.strerror or type(exc).__name__
         raise OutputNotWritableError(f"{flag} {str(path)!r} cannot be written: {why} in {str(probe_in)!r} "
                                      "(choose another place, or fix its permissions)") from None
     os.close(fd)
-    os.unlink(name)
+    Path(name).unlink(missing_ok=True)
     return path
 
 
-__all__ = ["OutputNotWritableError", "check_writable"]
+__all__ = ["WRITE_PROBE_PREFIX", "OutputNotWritableError", "check_writable", "is_write_probe"]

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..atomic_files import is_leftover_temporary
+from ..writable_output import is_write_probe
 from .checkpoint import CHECKPOINTS_DIRNAME
 from .folder_lock import is_lock_file
 
@@ -64,7 +65,9 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
         raise RunFolderError(f"--out {out} is a file, not a folder")
     if resume or overwrite or not out.is_dir():
         return
-    entries = [p for p in out.iterdir() if not is_leftover_temporary(p.name) and not is_lock_file(p.name)]
+    # Another rank's write probe (writable_output) may stand in the folder for an instant: not a run.
+    entries = [p for p in out.iterdir()
+               if not (is_leftover_temporary(p.name) or is_lock_file(p.name) or is_write_probe(p.name))]
     if entries:
         raise RunFolderError(f"--out {out} already holds a run ({_describe(entries)}); pass --resume to "
                              "continue it, --overwrite to delete it and start over, or choose another --out")
@@ -77,7 +80,7 @@ def prepare_run_folder(out: Path, *, resume: bool, overwrite: bool, say: Callabl
     out.mkdir(parents=True, exist_ok=True)
     clean_leftover_temporaries(out, say)
     if overwrite:
-        entries = sorted(p for p in out.iterdir() if not is_lock_file(p.name))
+        entries = sorted(p for p in out.iterdir() if not (is_lock_file(p.name) or is_write_probe(p.name)))
         if entries:
             say(f"--overwrite: removing {_describe(entries)} from {out}")
             for p in entries:

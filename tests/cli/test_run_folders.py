@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,35 @@ def test_leftover_temporaries_of_a_killed_save_are_removed_and_reported(tmp_path
     (out / ".tmp-x").mkdir()
     prepare_run_folder(out, resume=False, overwrite=False, say=said.append)
     assert list(out.iterdir()) == []
+
+
+def test_another_ranks_write_probe_is_not_a_run(tmp_path, monkeypatch):
+    """Under torchrun every rank probes --out (writable_output.check_writable) while rank 0 checks that the
+    folder holds no run: a probe standing there for that instant is neither a run nor something --overwrite
+    removes (the rank that made it removes it, and must find it). Seen as a failed two-rank stage 2 in CI."""
+    from llm2clip_fast.train.run_folder import check_run_folder
+    from llm2clip_fast.writable_output import WRITE_PROBE_PREFIX, check_writable
+
+    out = tmp_path / "run"
+    out.mkdir()
+    probe = out / f"{WRITE_PROBE_PREFIX}ab12cd"
+    probe.write_bytes(b"")
+    check_run_folder(out, resume=False, overwrite=False)
+    said: list[str] = []
+    prepare_run_folder(out, resume=False, overwrite=True, say=said.append)
+    assert probe.exists() and said == []
+    (out / "log.jsonl").write_text("{}")
+    with pytest.raises(RunFolderError, match=r"log\.jsonl"):
+        check_run_folder(out, resume=False, overwrite=False)
+    # The probing rank tolerates its probe having gone (removed by anything else in the meantime).
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_gone(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        Path(name).unlink()
+        return fd, name
+
+    monkeypatch.setattr("llm2clip_fast.writable_output.tempfile.mkstemp", mkstemp_then_gone)
+    assert check_writable(out, flag="--out", folder=True) == out
