@@ -325,6 +325,23 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
     return path
 
 
+def run_cases_within_budget(cases: Sequence[tuple[str, Callable[[], dict]]], budget_s: float,
+                            path: str | os.PathLike, doc: dict[str, Any]) -> None:
+    """Run ``(name, measure)`` cases in order into ``doc["results"]`` (ok with its metrics, error with the
+    exception, skipped once ``budget_s`` seconds have passed), rewriting ``path`` after every case so a run
+    cut short keeps what it measured (the benches' ``run_gpu_stage``)."""
+    start = time.monotonic()
+    for name, fn in cases:
+        if time.monotonic() - start > budget_s:
+            doc["results"].append({"name": name, "status": "skipped", "note": "budget spent"})
+            continue
+        try:
+            doc["results"].append({"name": name, "status": "ok", "metrics": fn()})
+        except Exception as exc:  # one failed case must not lose the others' numbers
+            doc["results"].append({"name": name, "status": "error", "error": f"{type(exc).__name__}: {exc}"})
+        write_json(path, doc)
+
+
 def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from bench._common import (
     mark_memory_baseline,
     measured_matmul_tflops,
     print_table,
+    run_cases_within_budget,
     run_point_in_subprocess,
     tflops,
     time_fn,
@@ -302,16 +302,7 @@ def run_gpu_stage(budget_s: float, out_dir: str | Path, quick: bool = False) -> 
     doc: dict[str, Any] = {"bench": "adapter_gpu", "device": str(device), "quick": quick,
                            "machine": machine_description(), "results": []}
     path = Path(out_dir) / "adapter_gpu.json"
-    start = time.monotonic()
-    for name, fn in [*gpu_speed_cases(device, quick), *gpu_kernel_cases(device, quick)]:
-        if time.monotonic() - start > budget_s:
-            doc["results"].append({"name": name, "status": "skipped", "note": "budget spent"})
-            continue
-        try:
-            doc["results"].append({"name": name, "status": "ok", "metrics": fn()})
-        except Exception as exc:  # one failed case must not lose the others' numbers
-            doc["results"].append({"name": name, "status": "error", "error": f"{type(exc).__name__}: {exc}"})
-        write_json(path, doc)
+    run_cases_within_budget(gpu_check_points(device, quick), budget_s, path, doc)
     write_json(path, doc)
     return doc
 

@@ -58,6 +58,7 @@ from bench._common import (
     machine_description,
     mark_memory_baseline,
     print_table,
+    run_cases_within_budget,
     run_point_in_subprocess,
     write_json,
 )
@@ -408,15 +409,7 @@ def run_gpu_stage(budget_s: float, out_dir: str | Path, quick: bool = False) -> 
     start = time.monotonic()
     doc["results"] += [{"name": name, "status": "skipped", "note": why}
                        for name, why in gpu_skipped(device, quick)]
-    for name, fn in gpu_cases(device, quick):
-        if time.monotonic() - start > budget_s:
-            doc["results"].append({"name": name, "status": "skipped", "note": "budget spent"})
-            continue
-        try:
-            doc["results"].append({"name": name, "status": "ok", "metrics": fn()})
-        except Exception as exc:  # one failed case must not lose the others' numbers
-            doc["results"].append({"name": name, "status": "error", "error": f"{type(exc).__name__}: {exc}"})
-        write_json(path, doc)
+    run_cases_within_budget(gpu_cases(device, quick), budget_s, path, doc)
     if device.type == "cuda" and time.monotonic() - start < budget_s:
         doc["fidelity"] = run_cpu_or_gpu_points(device, ["bf16", "w8a8-fp8", "w8a8-int8"], 64, 256, 16384, 1,
                                                 quick=False, out=None)
