@@ -18,8 +18,9 @@ the run folder (default ``runs/demo-<UTC timestamp>``), with the wall and CPU se
 
 Where the time goes on CPU: the stage-1 steps (forward + backward of MiniLM on 16 short + 16 long
 captions of up to ~200 tokens) and the two stage-2 runs (a 4-layer ViT on 64 px images, batch 64; the
-baseline also trains its text transformer). The default sizes aim at about 10 minutes on 2
-uncontended cores; the embed step and the evaluations are forward passes only and cost much less.
+baseline also trains its text transformer). The default sizes stay within 10 minutes on 2
+uncontended cores (3 min measured on an AMX Xeon, 2026-12-06); the embed step and the evaluations are
+forward passes only and cost much less.
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ class DemoSizes:
     adapter_blocks: int = 1
 
 
-# FULL is sized for about 10 minutes on 2 uncontended CPU cores (module docstring: where the time
-# goes); QUICK only checks that every stage runs and learns something.
+# FULL is sized to stay within 10 minutes on 2 uncontended CPU cores (3 min measured, 2026-12-06; module
+# docstring: where the time goes); QUICK only checks that every stage runs and learns something.
 #
 # adapter_blocks: the official TextProj has 4 residual blocks, trained on 4096-d embeddings of ~13M
 # captions for 20 epochs. At demo scale (384-d MiniLM, 1,500 images, 150 steps) those 4 blocks (2.4M

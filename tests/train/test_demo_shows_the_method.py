@@ -2,8 +2,8 @@
 R@1 beats the 77-token baseline's by at least 30 points while its zero-shot accuracy is no lower, both
 systems trained on the same data, captions and steps.
 
-The full demo takes about 10 minutes on 2 quiet CPU cores, too long for every test run: it runs when
-``LLM2CLIP_DEMO_TEST=1`` (``LLM2CLIP_DEMO_SEED`` picks the seed, default 0).
+The full demo takes about 3 minutes on 2 quiet CPU cores (more under load), too long for every test run:
+it runs when ``LLM2CLIP_DEMO_TEST=1`` (``LLM2CLIP_DEMO_SEED`` picks the seed, default 0).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("LLM2CLIP_DEMO_TEST") != "1",
-                    reason="the full demo takes ~10 min on 2 cores: set LLM2CLIP_DEMO_TEST=1 to run it")
+                    reason="the full demo takes minutes on 2 cores: set LLM2CLIP_DEMO_TEST=1 to run it")
 def test_demo_long_caption_gain_without_losing_zero_shot(tmp_path):
     from llm2clip_fast.train.__main__ import main
 
