@@ -12,7 +12,7 @@ Import layering, lowest first; a module imports only from its own layer or lower
 
 0. this package and its one-job helpers: ``_extensions``, ``atomic_files``, ``fp32_matmul``,
    ``cli_exit_codes``, ``third_party_notices``, ``missing_dependency``, ``redaction``,
-   ``safetensors_files``, ``writable_output``;
+   ``safetensors_files``, ``writable_output``, ``device_memory``;
 1. ``kernels`` (the Triton kernels, ``llm2clip_kernels/``), ``data`` (sources, loaders, caches) and
    ``distributed`` (process set-up and the row collectives);
 2. ``ops`` (backend dispatch, autograd, the CPU/torch implementations, the global-batch losses);

@@ -111,7 +111,8 @@ def loss_memory(devices: list[torch.device]) -> list[dict[str, Any]]:
     :data:`LOSS_PLAN_BATCHES` (fp32 on CPU, bf16 on CUDA, the backend automatic dispatch picks)."""
     import os
 
-    from .ops._chunking import BUDGET_ENV, DEFAULT_BUDGET_FRACTION, free_memory_bytes, memory_budget
+    from .device_memory import free_memory_bytes
+    from .ops._chunking import BUDGET_ENV, DEFAULT_BUDGET_FRACTION, memory_budget
     from .ops._overlap import overlap_enabled
     from .ops.clip_loss import OP_NAME, plan_clip_chunks
 

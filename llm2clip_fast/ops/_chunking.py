@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..device_memory import free_memory_bytes
+
 BUDGET_ENV = "LLM2CLIP_LOSS_MEMORY_BUDGET"
 KEEP_LOGITS = "keep-logits"
 RECOMPUTE = "recompute"
@@ -66,24 +68,6 @@ def parse_bytes(value: int | str, name: str) -> int:
     if match is None or unit not in _UNITS:
         raise ValueError(f"{name} must be a byte count such as 1073741824, '512MiB' or '8GB', got {value!r}")
     return int(float(match.group(1)) * _UNITS[unit])
-
-
-def _available_ram_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """What is free for new tensors on ``device`` right now (CUDA: the driver's count; CPU: RAM)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return _available_ram_bytes()
 
 
 def _resolve_budget(device_type: str, device_index: int | None, budget: int | str | None) -> int:

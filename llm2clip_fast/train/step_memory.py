@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..device_memory import free_and_total_bytes
+
 MODES = ("auto", "none", "selective", "full")
 # Kept free of the estimate: allocator fragmentation, cuBLAS/cuDNN workspaces, NCCL buffers.
 _MARGIN_FRACTION = 0.10
@@ -131,25 +133,9 @@ def device_budget_bytes(device: torch.device, state_bytes: int) -> tuple[int, in
     """(bytes the step's activations may use, bytes the device has free now): the free memory (CUDA:
     ``mem_get_info``; CPU: ``MemAvailable``) less ``state_bytes`` not yet allocated (gradients, optimizer
     state) and a margin of 10% of the device (at least 1 GiB) for workspaces and fragmentation."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-    else:
-        free = total = _mem_available_bytes()
+    free, total = free_and_total_bytes(device)
     margin = max(_MARGIN_MIN_BYTES, int(_MARGIN_FRACTION * total))
     return max(0, free - state_bytes - margin), free
-
-
-def _mem_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {
     "(base)": 0, "_extensions": 0, "atomic_files": 0, "cli_exit_codes": 0, "fp32_matmul": 0,
     "third_party_notices": 0, "missing_dependency": 0, "redaction": 0, "safetensors_files": 0,
-    "writable_output": 0,
+    "writable_output": 0, "device_memory": 0,
     "kernels": 1, "data": 1, "distributed": 1,
     "ops": 2,
     "losses": 3,
