@@ -5,13 +5,16 @@ from __future__ import annotations
 import io
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
 from .bad_data import BadDataTracker, BadSampleError
 from .records import Record
 from .reduced_decode import DECODED_FROM, DecodeRequest
+
+T = TypeVar("T")
 
 
 def decode_image(key: str, data: bytes, min_side: int | DecodeRequest | None = None) -> Image.Image:
@@ -193,38 +196,35 @@ class CaptionSource(ABC):
                 out[self.key_at(i)] = label
         return out
 
-    def iter_captions(self, bad_data: BadDataTracker | None = None) -> Iterator[tuple[str, dict[str, str]]]:
-        """Yield ``(key, {name: caption})`` in source order without touching images.
+    def iter_good(self, fetch: Callable[[int], T],
+                  bad_data: BadDataTracker | None = None) -> Iterator[tuple[int, T]]:
+        """Yield ``(index, fetch(index))`` in source order for every sample ``fetch`` can read.
 
-        Samples with a missing or empty caption are skipped and counted in ``bad_data`` (default:
-        ``self.bad_data``), which raises :class:`~.bad_data.BadDataError` past its threshold.
+        A sample whose ``fetch`` raises :class:`~.bad_data.BadSampleError` is skipped and counted in
+        ``bad_data`` (default: ``self.bad_data``), which raises :class:`~.bad_data.BadDataError` past its
+        threshold.
         """
         tracker = bad_data if bad_data is not None else self.bad_data
         for i in range(len(self)):
             tracker.add_seen()
             try:
-                captions = self.captions_at(i)
+                value = fetch(i)
             except BadSampleError as bad:
                 tracker.add_bad(bad.key, bad.reason)
                 tracker.check()
                 continue
+            yield i, value
+
+    def iter_captions(self, bad_data: BadDataTracker | None = None) -> Iterator[tuple[str, dict[str, str]]]:
+        """Yield ``(key, {name: caption})`` in source order without touching images; samples with a
+        missing or empty caption are skipped and counted (:meth:`iter_good`)."""
+        for i, captions in self.iter_good(self.captions_at, bad_data):
             yield self.key_at(i), captions
 
     def iter_records(self, bad_data: BadDataTracker | None = None) -> Iterator[Record]:
-        """Yield every good :class:`Record` (image decoded to RGB) in source order.
-
-        Bad samples (missing/undecodable image, empty caption) are skipped and counted in
-        ``bad_data`` (default: ``self.bad_data``), which raises past its threshold.
-        """
-        tracker = bad_data if bad_data is not None else self.bad_data
-        for i in range(len(self)):
-            tracker.add_seen()
-            try:
-                record = self.record_at(i)
-            except BadSampleError as bad:
-                tracker.add_bad(bad.key, bad.reason)
-                tracker.check()
-                continue
+        """Yield every good :class:`Record` (image decoded to RGB) in source order; bad samples (missing
+        or undecodable image, empty caption) are skipped and counted (:meth:`iter_good`)."""
+        for _, record in self.iter_good(self.record_at, bad_data):
             yield record
 
     def __repr__(self) -> str:

@@ -156,7 +156,6 @@ def import_llm2clip_embeddings(*, out: str | Path, data: str | None, folder: str
 
 def _records_from_data(data: str, folder: str | None, max_bad_fraction: float):
     """(rows, {data name: tar name}, dim, tars read): rows are (key, data captions, (captions, dim))."""
-    from ..data.caption_source import BadSampleError
     from ..data.sources import open_source
 
     source = open_source(data, require_images=False)
@@ -170,14 +169,7 @@ def _records_from_data(data: str, folder: str | None, max_bad_fraction: float):
     expected = [str(embedding_tar_for(shard, tars.folder)) for shard in _data_shards(source)]
 
     def rows() -> Iterator[tuple[str, dict[str, str], np.ndarray]]:
-        for i in range(len(source)):
-            bad.add_seen()
-            try:
-                captions = source.captions_at(i)
-            except BadSampleError as exc:
-                bad.add_bad(exc.key, exc.reason)
-                bad.check()
-                continue
+        for i, captions in source.iter_good(source.captions_at, bad):
             shard, raw_key = _sample_location(source, i)
             tar = tars.tar_for(shard)
             try:
