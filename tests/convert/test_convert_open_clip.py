@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from _open_clip_reference import build_vision_tower, clip_state_dict
+from _open_clip_tower import EMBED_DIM, VISION_CFG, _tower
 from safetensors.torch import load_file, save_file
 
 from llm2clip_fast.convert.__main__ import cli, main
@@ -17,22 +18,8 @@ from llm2clip_fast.convert.errors import OutputExistsError, SourceMismatchError
 from llm2clip_fast.models.image_preprocessing import CLIP_MEAN, CLIP_STD, ImagePreprocessing
 from llm2clip_fast.models.llm2clip import LLM2CLIPModel
 
-# 4 heads of width 8 (not OpenCLIP's default head width 64), an MLP ratio that is not 4.
-VISION_CFG = {"image_size": 16, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8, "mlp_ratio": 1.5}
-EMBED_DIM, LLM_DIM, HEADS = 12, 8, 4
+LLM_DIM, HEADS = 8, 4
 ACTS = {"quick_gelu": True, "gelu": False}
-
-
-def _tower(quick_gelu: bool, seed: int = 0, vision_cfg: dict | None = None):
-    """An OpenCLIP ViT (eval) with non-default LayerNorm affines and biases, so a swapped or skipped
-    tensor shows in the outputs."""
-    torch.manual_seed(seed)
-    visual = build_vision_tower(EMBED_DIM, vision_cfg or VISION_CFG, quick_gelu=quick_gelu).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in visual.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return visual
 
 
 def _write_hub(folder: Path, state: dict[str, torch.Tensor], model_cfg: dict | None = None,

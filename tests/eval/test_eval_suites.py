@@ -527,9 +527,9 @@ def test_suite_on_a_model_converted_from_a_released_checkpoint(tmp_path):
     """An HF-format LLM2CLIP release (official key names, tiny sizes) -> convert -> eval --suite: the
     numbers equal the metric on the official adapter's forward over the LLM's pooled embeddings."""
     from _llm2clip_official_reference import TextProj
+    from _llm2clip_release import EMBED_DIM, VISION, _perturb, _release_state, _write_release
     from _tiny_llama import write_tiny_llama
     from PIL import Image
-    from test_convert import EMBED_DIM, VISION, _perturb, _release_state, _write_release
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from llm2clip_fast.convert.__main__ import main as convert_main
@@ -580,9 +580,9 @@ def test_suite_on_a_converted_eva_clip_checkpoint_and_after_stage2_from_it(tmp_p
     from _timm_environment import require_timm
 
     require_timm()  # puts timm's torchvision on the path too, for the official eval transform
+    from _eva_clip_checkpoint import TINY, _config_file, _official, _state, _write
     from _tiny_llama import write_tiny_llama
     from PIL import Image
-    from test_convert_eva_clip import TINY, _config_file, _official, _state, _write
     from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
     from llm2clip_fast.convert.__main__ import main as convert_main

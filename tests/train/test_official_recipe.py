@@ -78,7 +78,7 @@ def test_hf_clip_and_open_clip_conversions_keep_the_pretrained_logit_scale(tmp_p
 
     # an OpenCLIP state dict (the transcription-tested layout of test_convert_open_clip)
     from _open_clip_reference import clip_state_dict
-    from test_convert_open_clip import _tower
+    from _open_clip_tower import _tower
 
     state = clip_state_dict(_tower(True))
     state["logit_scale"] = torch.tensor(4.25)
@@ -117,7 +117,7 @@ def test_llm2clip_hf_defaults_to_the_training_codes_l2_and_says_so(tmp_path, cap
     _llm2clip_official_reference); the default follows it, records it as an assumption, and the
     conversion and eval say so."""
     from _llm2clip_official_reference import TextProj
-    from test_convert import _release_parts, _release_state, _write_release
+    from _llm2clip_release import _release_parts, _release_state, _write_release
 
     from llm2clip_fast.convert.input_norm_notice import warn_if_input_norm_assumed
 
@@ -151,8 +151,8 @@ def test_llm2clip_hf_defaults_to_the_training_codes_l2_and_says_so(tmp_path, cap
 def _plain_eva_clip(seed: int = 0):
     """A tiny pretrained EVA-CLIP as baaivision ships it: visual.* (q_bias/v_bias, a CLIP head of 12), a
     CLIP text tower under text.*, the RoPE tables and a trained logit_scale."""
+    from _eva_clip_checkpoint import TINY
     from _eva_clip_reference import build_visual
-    from test_convert_eva_clip import TINY
 
     torch.manual_seed(seed)
     visual = build_visual(12, TINY["vision_cfg"]).eval()
@@ -172,10 +172,10 @@ def _plain_eva_clip(seed: int = 0):
 
 
 def test_plain_eva_clip_converts_as_the_official_load_checkpoint_loads_it(tmp_path, capsys):
+    from _eva_clip_checkpoint import TINY, _config_file
     from _llm2clip_official_reference import TextProj
     from _llm2clip_training_reference import init_head
     from _timm_environment import require_timm
-    from test_convert_eva_clip import TINY, _config_file
 
     require_timm()
     visual, state = _plain_eva_clip()
@@ -230,8 +230,8 @@ def test_plain_eva_clip_converts_as_the_official_load_checkpoint_loads_it(tmp_pa
 
 
 def test_vision_timm_loads_a_local_checkpoint_with_its_logit_scale(tmp_path):
+    from _eva_clip_checkpoint import TINY
     from _timm_environment import require_timm
-    from test_convert_eva_clip import TINY
 
     from llm2clip_fast.convert.eva_clip_vision import geometry_from_model_config
     from llm2clip_fast.models.vision import VisionTower
@@ -694,7 +694,7 @@ def test_eval_and_convert_take_the_encoding_settings(tmp_path):
     plain = parse_args(["eval", "--model", "m", "--data", "d"])
     resolve_recipe(plain, EVAL_RECIPES)
     assert encoding_overrides(plain) == {} and plain.template is None  # what the model recorded
-    from test_convert import _release_parts, _release_state, _write_release
+    from _llm2clip_release import _release_parts, _release_state, _write_release
 
     src = _write_release(tmp_path / "rel", _release_state(*_release_parts()))
     convert_main(["--from", "llm2clip-hf", str(src), "--out", str(tmp_path / "a"), "--llm", "L",
@@ -809,8 +809,8 @@ def test_deepspeed_checkpoint_converts_without_running_pickled_code(tmp_path):
     import sys
     from collections import OrderedDict
 
+    from _eva_clip_checkpoint import _config_file, _official, _state, _write
     from _timm_environment import require_timm
-    from test_convert_eva_clip import _config_file, _official, _state, _write
 
     from llm2clip_fast.convert.deepspeed_checkpoint import Opaque, load_deepspeed_model_states
 
