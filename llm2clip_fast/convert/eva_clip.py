@@ -163,17 +163,8 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
                                   f"(the LLM2CLIP adapter) tensors, found e.g. {sorted(state)[:5]}")
     geometry, geometry_from = resolve_geometry(state, model, model_config)
     text = adapter_geometry(state, TEXT_PREFIX)
-    config = LLM2CLIPConfig(
-        vision={"kind": "timm", "config": geometry.timm_config(),
-                "preprocessing": ImagePreprocessing(geometry.image_size).to_dict()},
-        embed_dim=geometry.embed_dim,
-        text_tower="llm-adapter",
-        llm_dim=text.llm_dim,
-        adapter={"num_blocks": text.num_blocks, "expansion": text.expansion, "dropout": 0.0,
-                 "input_norm": input_norm},
-        loss="clip",
-        projection_bias=True,
-    )
+    config = _model_config(geometry, geometry.embed_dim, text.llm_dim, text.num_blocks, text.expansion,
+                           input_norm)
     from .strict_mapping import apply_plan
 
     plan = vision_plan(geometry, uses_separate_qv_bias(state))
@@ -181,11 +172,7 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
     plan["logit_scale"] = "logit_scale"
     result = apply_plan(state, plan, skeleton_shapes(config), drop=is_rope_table, what=where)
     converted = assemble_model(config, result.tensors)
-    # Before any --dtype cast: timm's RoPE buffer would be rounded with the weights, and the source's
-    # tables (in its own dtype) would then no longer match tables that are right.
-    rope_tables = check_rope_tables(state, converted.vision.model.rope.get_embed(), where)
-    if dtype is not None:
-        converted.to(dtype)
+    rope_tables = _check_rope_then_cast(converted, state, where, dtype)
     provenance = {
         "from": "eva-clip",
         "source": str(path.resolve()),
@@ -201,6 +188,29 @@ def convert_eva_clip(source: str | Path, *, model: str | None = None, model_conf
     if deepspeed is not None:
         provenance["deepspeed"] = deepspeed
     return converted, provenance
+
+
+def _model_config(geometry: EvaVisionGeometry, embed_dim: int, llm_dim: int, num_blocks: int, expansion: int,
+                  input_norm: str) -> LLM2CLIPConfig:
+    """The LLM2CLIP model an EVA02 tower of ``geometry`` becomes: the timm tower with its preprocessing, a
+    biased projection to ``embed_dim``, the official adapter from ``llm_dim`` and the CLIP loss."""
+    return LLM2CLIPConfig(
+        vision={"kind": "timm", "config": geometry.timm_config(),
+                "preprocessing": ImagePreprocessing(geometry.image_size).to_dict()},
+        embed_dim=embed_dim, text_tower="llm-adapter", llm_dim=llm_dim,
+        adapter={"num_blocks": num_blocks, "expansion": expansion, "dropout": 0.0, "input_norm": input_norm},
+        loss="clip", projection_bias=True)
+
+
+def _check_rope_then_cast(converted: LLM2CLIPModel, state: dict[str, torch.Tensor], where: str,
+                          dtype: torch.dtype | None) -> list[str]:
+    """The source's RoPE tables checked against the built tower's, then the ``--dtype`` cast. In that
+    order: cast first, timm's RoPE buffer would be rounded with the weights, and the source's tables (in
+    its own dtype) would then no longer match tables that are right."""
+    rope_tables = check_rope_tables(state, converted.vision.model.rope.get_embed(), where)
+    if dtype is not None:
+        converted.to(dtype)
+    return rope_tables
 
 
 def _convert_plain(path: Path, state: dict[str, torch.Tensor], model: str | None,
@@ -238,14 +248,8 @@ def _convert_plain(path: Path, state: dict[str, torch.Tensor], model: str | None
     elif embed_dim is None:
         embed_dim = geometry.embed_dim
     check_new_head_sizes(llm_dim, embed_dim, keep_projection)
-    config = LLM2CLIPConfig(
-        vision={"kind": "timm", "config": geometry.timm_config(),
-                "preprocessing": ImagePreprocessing(geometry.image_size).to_dict()},
-        embed_dim=embed_dim, text_tower="llm-adapter", llm_dim=llm_dim,
-        adapter={"num_blocks": new.get("adapter_blocks", 4), "expansion": new.get("adapter_expansion", 2),
-                 "dropout": 0.0,
-                 "input_norm": input_norm},
-        loss="clip", projection_bias=True)
+    config = _model_config(geometry, embed_dim, llm_dim, new.get("adapter_blocks", 4),
+                           new.get("adapter_expansion", 2), input_norm)
     plan = vision_plan(geometry, uses_separate_qv_bias(state))
     fresh = [k for k in skeleton_shapes(config) if not k.startswith("vision.")]
     if keep_projection:
@@ -269,9 +273,7 @@ def _convert_plain(path: Path, state: dict[str, torch.Tensor], model: str | None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             init_official_head(converted.visual_projection)
-    rope_tables = check_rope_tables(state, converted.vision.model.rope.get_embed(), where)
-    if dtype is not None:
-        converted.to(dtype)
+    rope_tables = _check_rope_then_cast(converted, state, where, dtype)
     provenance = {
         "from": "eva-clip",
         "kind": "plain EVA-CLIP (pretrained tower; new adapter and head)",
